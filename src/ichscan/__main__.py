@@ -1,0 +1,5 @@
+import sys
+
+from ichscan.cli import main
+
+sys.exit(main())
