@@ -1,0 +1,784 @@
+"""DICOM in, Hounsfield units and the metadata later stages need out.
+
+Numpy and pydicom only: nothing here imports torch, so reading a study stays light.
+
+Choices worth knowing (docs/contracts.md has the records' fields):
+
+* **HU** come from the modality LUT: ``stored * RescaleSlope + RescaleIntercept`` (float32). A missing
+  slope is 1, a missing intercept 0.
+* **RSNA corrupted intercept**: some RSNA 2019 slices hold the signed HU written into 12 unsigned bits with
+  an intercept near 0. Where a CT has BitsStored 12, PixelRepresentation 0 and RescaleIntercept > -100,
+  the stored values get +1000, those reaching 4096 get -4096, and the intercept becomes -1000. The fix
+  is recorded as ``"rsna_intercept"`` in ``CTSlice.fixes``; it is never applied to other modalities.
+* **MONOCHROME1** says "low values are displayed white, after the VOI (window) step"; it is a display
+  instruction, not part of the modality LUT. The HU of a MONOCHROME1 CT are therefore
+  ``stored * slope + intercept`` exactly as for MONOCHROME2 (inverting them would turn air into bone),
+  and the inversion happens where pictures are made: ``ichscan.windows`` always maps high HU to bright,
+  so a MONOCHROME1 slice looks like its MONOCHROME2 twin. ``CTSlice.photometric`` keeps the original.
+* **Enhanced (multi-frame) CT** is split into one ``CTSlice`` per frame. Position, orientation, pixel
+  spacing, thickness, rescale and window come from the per-frame functional groups, falling back to the
+  shared groups and then the top-level attributes. Frames share the file's SOP instance UID and are
+  told apart by ``frame`` (0-based); their ``image_id`` is ``<sop_uid>_<frame>``.
+* **Series** are grouped by SeriesInstanceUID; duplicate SOP instances (same UID and frame) keep the
+  first file in path order; localizers (ImageType LOCALIZER) and slices whose orientation or size differs
+  from the series majority are dropped; slices are sorted by ``position . normal`` with the normal turned
+  so its largest component is positive (inferior to superior for axial), falling back to InstanceNumber
+  when a slice lacks geometry or positions repeat. Every dropped file is reported with its reason.
+* **Paths inside zips** read as ``archive.zip/member/name.dcm``; ``read_slice`` accepts such paths too.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+import struct
+import zipfile
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from ichscan.errors import (
+    ColourImageError,
+    IchscanError,
+    NoPixelDataError,
+    NotCTError,
+    NotDicomError,
+    PixelDataError,
+    SeriesError,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CTSlice",
+    "CTSeries",
+    "SkippedFile",
+    "StoredPixels",
+    "StudyScan",
+    "find_series",
+    "read_pixels",
+    "read_series",
+    "read_slice",
+    "read_slices",
+]
+
+RSNA_FIX = "rsna_intercept"
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
+_CT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy converted enhanced CT
+}
+_RSNA_STEM = re.compile(r"^ID_[0-9a-fA-F]+$")
+_ORIENTATION_TOLERANCE_DEG = 1.0
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class CTSlice:
+    """One CT image: Hounsfield units (or None when read headers-only) and the metadata later stages use."""
+
+    path: str
+    hu: np.ndarray | None
+    patient_id: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    sop_uid: str = ""
+    position: tuple[float, float, float] | None = None
+    orientation: tuple[float, float, float, float, float, float] | None = None
+    spacing: tuple[float, float] | None = None  # (row, column) mm
+    thickness: float | None = None
+    instance_number: int | None = None
+    rows: int = 0
+    columns: int = 0
+    kernel: str = ""
+    kvp: float | None = None
+    window_center: float | None = None  # first of WindowCenter
+    window_width: float | None = None
+    image_type: tuple[str, ...] = ()
+    modality: str = ""
+    fixes: tuple[str, ...] = ()
+    frame: int | None = None  # 0-based frame of a split multi-frame object
+    # beyond the first contract: all values of a multi-valued window, the original photometric
+    window_centers: tuple[float, ...] = ()
+    window_widths: tuple[float, ...] = ()
+    photometric: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+
+    @property
+    def image_id(self) -> str:
+        """RSNA's ``ID_<hex>`` when the file stem looks like one, else the SOP instance UID (+ ``_<frame>``)."""
+        stem = Path(self.path).stem
+        if _RSNA_STEM.match(stem):
+            return stem
+        return self.sop_uid if self.frame is None else f"{self.sop_uid}_{self.frame}"
+
+    @property
+    def normal(self) -> np.ndarray | None:
+        """Unit slice normal (row x column direction cosines), or None without orientation."""
+        return None if self.orientation is None else _normal(self.orientation)
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file (or frame) left out, and why, in one line a person can act on."""
+
+    path: str
+    reason: str
+    kind: str = ""  # error class or rule name: NotDicomError, duplicate, localizer, ...
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class CTSeries:
+    """Slices of one series, sorted along the slice normal (inferior to superior for axial)."""
+
+    slices: tuple[CTSlice, ...]
+    series_uid: str
+    study_uid: str = ""
+    patient_id: str = ""
+    ordered_by: str = "position"  # "position" | "instance_number"
+    tilt_degrees: float = 0.0  # angle between the stacking direction and the slice normal
+    skipped: tuple[SkippedFile, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def volume(self) -> np.ndarray:
+        """float32 (N, H, W) HU; slices read headers-only are read now (one decode per file)."""
+        cache: dict[str, list[CTSlice]] = {}
+        planes = []
+        for s in self.slices:
+            if s.hu is None:
+                if s.path not in cache:
+                    cache[s.path] = _read_source(_source_for(s.path), pixels=True, allow_non_ct=True)
+                got = cache[s.path]
+                s = got[s.frame or 0] if len(got) > 1 else got[0]
+            planes.append(s.hu)
+        if not planes:
+            raise SeriesError(f"series {self.series_uid} has no slices", None)
+        return np.stack(planes).astype(np.float32, copy=False)
+
+    @property
+    def z(self) -> np.ndarray | None:
+        """Position of each slice along the (sorted) normal in mm, or None without geometry."""
+        n = _series_normal(self.slices)
+        if n is None or any(s.position is None for s in self.slices):
+            return None
+        return np.array([np.dot(s.position, n) for s in self.slices])
+
+    @property
+    def slice_spacing(self) -> float | None:
+        """Median distance between neighbouring slices along the normal (mm)."""
+        z = self.z
+        if z is None or len(z) < 2:
+            return None
+        return float(np.median(np.abs(np.diff(z))))
+
+    @property
+    def pixel_spacing(self) -> tuple[float, float] | None:
+        return self.slices[0].spacing if self.slices else None
+
+    @property
+    def thickness(self) -> float | None:
+        return self.slices[0].thickness if self.slices else None
+
+    @property
+    def fixes(self) -> tuple[str, ...]:
+        return tuple(sorted({f for s in self.slices for f in s.fixes}))
+
+    @property
+    def description(self) -> str:
+        return self.slices[0].series_description if self.slices else ""
+
+
+@dataclass(frozen=True)
+class StudyScan:
+    """What ``find_series`` found: usable series and every file (or frame) left out, with reasons."""
+
+    series: tuple[CTSeries, ...]
+    skipped: tuple[SkippedFile, ...]
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.series)
+
+
+@dataclass(frozen=True, eq=False)
+class StoredPixels:
+    """Stored values before the modality LUT, with what turns them into HU.
+
+    ``windows.load_windows`` folds ``hu_of`` into a lookup table so a slice goes from stored integers to
+    window bytes without a float image; ``hu()`` gives the same numbers as ``read_slice(...).hu``.
+    """
+
+    path: str
+    stored: np.ndarray  # (H, W) integer (or float) as decoded
+    slope: float
+    intercept: float
+    fixes: tuple[str, ...] = ()
+
+    def hu_of(self, values: np.ndarray) -> np.ndarray:
+        """The modality LUT (and RSNA fix when recorded) applied to any array of stored values -> float32."""
+        return _modality_lut(values, self.slope, self.intercept, RSNA_FIX in self.fixes)
+
+    def hu(self) -> np.ndarray:
+        return self.hu_of(self.stored)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A file on disk or a zip member already in memory; ``path`` is what messages show."""
+
+    path: str
+    data: bytes | None = None
+
+    def open(self):
+        return io.BytesIO(self.data) if self.data is not None else open(self.path, "rb")
+
+    def size(self) -> int:
+        return len(self.data) if self.data is not None else os.path.getsize(self.path)
+
+    def head(self, n: int = 132) -> bytes:
+        if self.data is not None:
+            return self.data[:n]
+        with open(self.path, "rb") as fh:
+            return fh.read(n)
+
+
+def _source_for(path: str | os.PathLike) -> _Source:
+    """A path on disk, or ``archive.zip/inner/name`` pointing into a zip."""
+    text = os.fspath(path)
+    if os.path.exists(text):
+        if os.path.isdir(text):
+            raise IchscanError("is a folder; use find_series/read_series (or `ichscan inspect`) for folders", text)
+        return _Source(text)
+    parts = Path(text).parts
+    for i in range(len(parts) - 1, 0, -1):
+        outer = Path(*parts[:i])
+        if outer.is_file() and zipfile.is_zipfile(outer):
+            member = "/".join(parts[i:])
+            try:
+                with zipfile.ZipFile(outer) as zf:
+                    return _Source(text, zf.read(member))
+            except KeyError:
+                break
+    raise IchscanError("no such file; check the path", text)
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    if head[128:132] == b"DICM":
+        return False
+    return head[:4] == b"PK\x03\x04" or path.suffix.lower() == ".zip"
+
+
+def _iter_sources(path: str | os.PathLike) -> Iterator[_Source | SkippedFile]:
+    root = Path(path)
+    if not root.exists():
+        yield _source_for(root)  # a zip member path, or a clear "no such file"
+        return
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for f in files:
+        if not _is_zip(f):
+            yield _Source(str(f))
+            continue
+        try:
+            with zipfile.ZipFile(f) as zf:
+                for info in sorted(zf.infolist(), key=lambda i: i.filename):
+                    if not info.is_dir():
+                        yield _Source(f"{f}/{info.filename}", zf.read(info))
+        except (zipfile.BadZipFile, OSError) as err:
+            yield SkippedFile(str(f), f"unreadable zip archive ({err}); re-create the archive", "BadZipFile")
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _dcmread(src: _Source, *, pixels: bool) -> Dataset:
+    head = src.head()
+    if head[128:132] == b"DICM":
+        force = False
+    elif head[:2] in (b"\x02\x00", b"\x08\x00") and len(head) >= 8:
+        force = True  # a dataset written without preamble: group 0002/0008 first
+    else:
+        raise NotDicomError("not a DICOM file (no 'DICM' marker at byte 128); remove it or export as DICOM", src.path)
+    try:
+        with src.open() as fh:
+            ds = pydicom.dcmread(fh, force=force, defer_size=None if pixels else 1024)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        raise NotDicomError(f"cannot be parsed as DICOM ({_first_line(err)}); re-export the file", src.path) from err
+    if force and "SOPInstanceUID" not in ds and "Rows" not in ds:
+        raise NotDicomError("not a DICOM file (no DICOM header found); remove it or export as DICOM", src.path)
+    return ds
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _check_image(ds: Dataset, path: str, allow_non_ct: bool) -> None:
+    if not any(t in ds for t in _PIXEL_TAGS):
+        sop = ds.get("SOPClassUID")
+        kind = UID(sop).name if sop else ("DICOMDIR" if "DirectoryRecordSequence" in ds else "object")
+        raise NoPixelDataError(f"no pixel data (a {kind}, not an image); nothing to read here", path)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if samples != 1 or not photometric.startswith("MONOCHROME"):
+        raise ColourImageError(
+            f"colour image ({photometric}, {samples} samples per pixel); CT is greyscale - "
+            "this is a screenshot or secondary capture, use the original CT series",
+            path,
+        )
+    modality = str(ds.get("Modality", "")).upper()
+    if modality == "CT" or allow_non_ct:
+        return
+    if not modality and str(ds.get("SOPClassUID", "")) in _CT_SOP_CLASSES:
+        return
+    raise NotCTError(
+        f"modality is {modality or 'missing'}, not CT; HU windows make no sense for it - "
+        "pass --any-modality (allow_non_ct=True) to read it anyway",
+        path,
+    )
+
+
+def _floats(value) -> tuple[float, ...]:
+    if value is None or value == "":
+        return ()
+    items = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+    out = []
+    for v in items:
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            try:  # RSNA writes some windows as '00040' or with stray characters
+                out.append(float(str(v).strip().strip("\x00")))
+            except ValueError:
+                return ()
+    return tuple(out)
+
+
+def _float(value) -> float | None:
+    f = _floats(value)
+    return f[0] if f else None
+
+
+def _int(value) -> int | None:
+    f = _float(value)
+    return None if f is None or not math.isfinite(f) else int(f)
+
+
+def _group_value(ds: Dataset, frame_group: Dataset | None, sequence: str, keyword: str):
+    """A value from the per-frame group, else the shared group, else the top level (enhanced objects)."""
+    for groups in (frame_group, _first(ds.get("SharedFunctionalGroupsSequence"))):
+        if groups is not None and sequence in groups:
+            item = _first(groups.get(sequence))
+            if item is not None and keyword in item:
+                return item.get(keyword)
+    return ds.get(keyword)
+
+
+def _first(seq):
+    try:
+        return seq[0] if seq else None
+    except (TypeError, IndexError):
+        return None
+
+
+def _frame_meta(ds: Dataset, frame: int | None) -> dict:
+    fg = None
+    if frame is not None:
+        fg = _first(ds.get("PerFrameFunctionalGroupsSequence", [])[frame : frame + 1])
+
+    def get(seq, kw):
+        return _group_value(ds, fg, seq, kw) if frame is not None else ds.get(kw)
+
+    position = _floats(get("PlanePositionSequence", "ImagePositionPatient"))
+    orientation = _floats(get("PlaneOrientationSequence", "ImageOrientationPatient"))
+    spacing = _floats(get("PixelMeasuresSequence", "PixelSpacing"))
+    centers = _floats(get("FrameVOILUTSequence", "WindowCenter"))
+    widths = _floats(get("FrameVOILUTSequence", "WindowWidth"))
+    instance = _int(ds.get("InstanceNumber"))
+    image_type = tuple(str(v) for v in (ds.get("ImageType") or ()))
+    if frame is not None:
+        in_stack = _int(_group_value(ds, fg, "FrameContentSequence", "InStackPositionNumber"))
+        instance = in_stack if in_stack is not None else frame + 1
+        frame_type = _group_value(ds, fg, "CTImageFrameTypeSequence", "FrameType")
+        if frame_type:
+            image_type = tuple(str(v) for v in frame_type)
+    return dict(
+        position=position if len(position) == 3 else None,
+        orientation=orientation if len(orientation) == 6 else None,
+        spacing=spacing[:2] if len(spacing) >= 2 else None,
+        thickness=_float(get("PixelMeasuresSequence", "SliceThickness")),
+        slope=_float(get("PixelValueTransformationSequence", "RescaleSlope")),
+        intercept=_float(get("PixelValueTransformationSequence", "RescaleIntercept")),
+        window_centers=centers,
+        window_widths=widths,
+        instance_number=instance,
+        image_type=image_type,
+    )
+
+
+def _needs_rsna_fix(ds: Dataset, intercept: float | None) -> bool:
+    return (
+        str(ds.get("Modality", "")).upper() == "CT"
+        and _int(ds.get("BitsStored")) == 12
+        and _int(ds.get("PixelRepresentation")) == 0
+        and intercept is not None
+        and intercept > -100
+    )
+
+
+def _modality_lut(stored: np.ndarray, slope: float, intercept: float, rsna: bool) -> np.ndarray:
+    if rsna:
+        # the corrupted files hold HU mod 4096 in 12 unsigned bits: undo the wrap, intercept -1000
+        x = stored.astype(np.int32) + 1000
+        x[x >= 4096] -= 4096
+        stored, intercept = x, -1000.0
+    hu = stored.astype(np.float32)
+    if slope != 1.0:
+        hu *= np.float32(slope)
+    if intercept != 0.0:
+        hu += np.float32(intercept)
+    return hu
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts:
+        return UID(ts)
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+
+
+def _stored_array(ds: Dataset, path: str, size: int) -> np.ndarray:
+    """Decoded stored values, (H, W) or (F, H, W); errors become one-line PixelDataErrors."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = max(1, _int(ds.get("NumberOfFrames")) or 1)
+    bits = _int(ds.get("BitsAllocated")) or 0
+    signed = _int(ds.get("PixelRepresentation")) == 1
+    ts = _transfer_syntax(ds)
+    if (
+        "PixelData" in ds
+        and not ts.is_encapsulated
+        and ts.is_little_endian
+        and bits in (8, 16, 32)
+        and rows
+        and cols
+    ):
+        # native little endian: the bytes are the array (pydicom's own result, without its overhead)
+        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+        raw = ds.PixelData
+        count = rows * cols * frames
+        if len(raw) < count * dtype.itemsize:
+            raise PixelDataError(
+                f"pixel data is truncated ({len(raw)} of {count * dtype.itemsize} bytes); "
+                "the file is incomplete - copy or export it again",
+                path,
+            )
+        arr = np.frombuffer(raw, dtype=dtype, count=count)
+        return arr.reshape((frames, rows, cols) if frames > 1 else (rows, cols))
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # pydicom raises several kinds; all mean "these pixels cannot be used"
+        text = _first_line(err)
+        if "less than expected" in text or "truncat" in text.lower():
+            raise PixelDataError(
+                f"pixel data is truncated ({text}); the file is incomplete - copy or export it again", path
+            ) from err
+        raise PixelDataError(
+            f"pixel data cannot be decoded ({ts.name}: {text}); install pydicom's decoders "
+            "(pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle, pyjpegls) or re-export uncompressed",
+            path,
+        ) from err
+    return arr
+
+
+def _header_truncated(ds: Dataset, src: _Source) -> str | None:
+    """Headers-only check: a native pixel element that runs past the end of the file."""
+    elem = ds.get_item(0x7FE00010, keep_deferred=True)
+    length = getattr(elem, "length", None)
+    tell = getattr(elem, "value_tell", None)
+    if length is None or tell is None or length == 0xFFFFFFFF:
+        return None
+    if tell + length > src.size():
+        return f"pixel data is truncated ({src.size() - tell} of {length} bytes); the file is incomplete - copy it again"
+    return None
+
+
+def _slices_from(ds: Dataset, src: _Source, pixels: bool) -> list[CTSlice]:
+    n_frames = _int(ds.get("NumberOfFrames")) or 1
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    frames: list[int | None] = list(range(n_frames)) if (n_frames > 1 or enhanced) else [None]
+    stored = None
+    if pixels:
+        stored = _stored_array(ds, src.path, n_frames)
+        if stored.ndim == 2:
+            stored = stored[None]
+    else:
+        problem = _header_truncated(ds, src)
+        if problem:
+            raise PixelDataError(problem, src.path)
+    common = dict(
+        path=src.path,
+        patient_id=str(ds.get("PatientID", "")),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        rows=int(ds.get("Rows", 0) or 0),
+        columns=int(ds.get("Columns", 0) or 0),
+        kernel=" ".join(str(v) for v in _as_list(ds.get("ConvolutionKernel"))),
+        kvp=_float(ds.get("KVP")),
+        modality=str(ds.get("Modality", "")),
+        photometric=str(ds.get("PhotometricInterpretation", "")),
+        series_number=_int(ds.get("SeriesNumber")),
+        series_description=str(ds.get("SeriesDescription", "")),
+    )
+    out = []
+    for i, frame in enumerate(frames):
+        meta = _frame_meta(ds, frame)
+        slope = meta.pop("slope")
+        intercept = meta.pop("intercept")
+        fixes = ()
+        if _needs_rsna_fix(ds, intercept):
+            fixes = (RSNA_FIX,)
+        hu = None
+        if stored is not None:
+            hu = _modality_lut(stored[i], 1.0 if slope is None else slope, intercept or 0.0, bool(fixes))
+        centers, widths = meta["window_centers"], meta["window_widths"]
+        out.append(
+            CTSlice(
+                hu=hu,
+                frame=frame,
+                fixes=fixes,
+                window_center=centers[0] if centers else None,
+                window_width=widths[0] if widths else None,
+                **meta,
+                **common,
+            )
+        )
+    return out
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return list(value)
+    return [value]
+
+
+def _read_source(src: _Source, *, pixels: bool, allow_non_ct: bool) -> list[CTSlice]:
+    ds = _dcmread(src, pixels=pixels)
+    _check_image(ds, src.path, allow_non_ct)
+    return _slices_from(ds, src, pixels)
+
+
+def read_slices(
+    path: str | os.PathLike, *, pixels: bool = True, allow_non_ct: bool = False
+) -> list[CTSlice]:
+    """Every image in one file: one slice, or one per frame of a multi-frame (enhanced) CT."""
+    return _read_source(_source_for(path), pixels=pixels, allow_non_ct=allow_non_ct)
+
+
+def read_slice(path: str | os.PathLike, *, pixels: bool = True, allow_non_ct: bool = False) -> CTSlice:
+    """One CT slice with HU (float32) and metadata. Multi-frame files: use ``read_slices``."""
+    slices = read_slices(path, pixels=pixels, allow_non_ct=allow_non_ct)
+    if len(slices) != 1:
+        raise PixelDataError(
+            f"multi-frame object with {len(slices)} frames; use read_slices() or read_series() to split it",
+            os.fspath(path),
+        )
+    return slices[0]
+
+
+def read_pixels(path: str | os.PathLike, *, allow_non_ct: bool = False) -> StoredPixels:
+    """Stored values of a single-frame slice plus its modality LUT (the fast path behind load_windows)."""
+    src = _source_for(path)
+    ds = _dcmread(src, pixels=True)
+    _check_image(ds, src.path, allow_non_ct)
+    if (_int(ds.get("NumberOfFrames")) or 1) > 1:
+        raise PixelDataError("multi-frame object; use read_slices() to split it into slices", src.path)
+    meta = _frame_meta(ds, 0 if "PerFrameFunctionalGroupsSequence" in ds else None)
+    stored = _stored_array(ds, src.path, 1)
+    stored = stored[0] if stored.ndim == 3 else stored
+    slope = 1.0 if meta["slope"] is None else meta["slope"]
+    intercept = meta["intercept"] or 0.0
+    fixes = (RSNA_FIX,) if _needs_rsna_fix(ds, meta["intercept"]) else ()
+    return StoredPixels(src.path, stored, slope, intercept, fixes)
+
+
+# ----------------------------------------------------------------------------------------------- series
+
+
+def _normal(orientation) -> np.ndarray:
+    o = np.asarray(orientation, dtype=float)
+    n = np.cross(o[:3], o[3:])
+    norm = np.linalg.norm(n)
+    if norm == 0:
+        return n
+    n = n / norm
+    # turn the normal so its largest component is positive: axial stacks run inferior -> superior
+    return -n if n[np.argmax(np.abs(n))] < 0 else n
+
+
+def _series_normal(slices: Iterable[CTSlice]) -> np.ndarray | None:
+    for s in slices:
+        if s.orientation is not None:
+            n = _normal(s.orientation)
+            if np.linalg.norm(n) > 0:
+                return n
+    return None
+
+
+def _assemble(series_uid: str, slices: list[CTSlice]) -> tuple[CTSeries | None, list[SkippedFile]]:
+    """Deduplicate, drop localizers and odd ones out, sort; returns the series (or None) and what was dropped."""
+    skipped: list[SkippedFile] = []
+
+    def drop(s: CTSlice, reason: str, kind: str):
+        where = s.path if s.frame is None else f"{s.path} (frame {s.frame})"
+        skipped.append(SkippedFile(where, reason, kind))
+
+    seen: dict[tuple[str, int | None], str] = {}
+    kept = []
+    for s in sorted(slices, key=lambda s: (s.path, s.frame or 0)):
+        key = (s.sop_uid, s.frame)
+        if s.sop_uid and key in seen:
+            drop(s, f"duplicate SOP instance {s.sop_uid} (same as {seen[key]}); kept the first copy", "duplicate")
+            continue
+        seen[key] = s.path
+        kept.append(s)
+
+    rest = []
+    for s in kept:
+        if any(t.upper() in ("LOCALIZER", "SCOUT", "TOPOGRAM") for t in s.image_type):
+            kinds = "\\".join(s.image_type)
+            drop(s, f"localizer/scout image (ImageType {kinds}); not part of the volume", "localizer")
+        else:
+            rest.append(s)
+    kept = rest
+
+    with_geom = [s for s in kept if s.orientation is not None]
+    if with_geom:
+        normals = np.array([_normal(s.orientation) for s in with_geom])
+        agree = np.abs(normals @ normals.T) >= math.cos(math.radians(_ORIENTATION_TOLERANCE_DEG))
+        ref = normals[int(np.argmax(agree.sum(axis=1)))]
+        rest = []
+        for s in kept:
+            if s.orientation is None:
+                drop(s, "no ImageOrientationPatient while the rest of the series has one", "orientation")
+            elif abs(float(_normal(s.orientation) @ ref)) < math.cos(math.radians(_ORIENTATION_TOLERANCE_DEG)):
+                drop(s, "orientation differs from the series majority (a localizer or reformat?)", "orientation")
+            else:
+                rest.append(s)
+        kept = rest
+
+    if kept:
+        size = Counter((s.rows, s.columns) for s in kept).most_common(1)[0][0]
+        rest = []
+        for s in kept:
+            if (s.rows, s.columns) != size:
+                drop(s, f"image size {s.rows}x{s.columns} differs from the series ({size[0]}x{size[1]})", "size")
+            else:
+                rest.append(s)
+        kept = rest
+    if not kept:
+        return None, skipped
+
+    normal = _series_normal(kept)
+    ordered_by, tilt = "instance_number", 0.0
+    if normal is not None and all(s.position is not None for s in kept):
+        z = [float(np.dot(s.position, normal)) for s in kept]
+        if len({round(v, 3) for v in z}) == len(z):
+            order = np.argsort(z, kind="stable")
+            kept = [kept[i] for i in order]
+            ordered_by = "position"
+            if len(kept) > 1:
+                d = np.subtract(kept[-1].position, kept[0].position)
+                cos = min(1.0, abs(float(d @ normal)) / float(np.linalg.norm(d)))
+                tilt = round(math.degrees(math.acos(cos)), 3)
+        else:
+            log.info("series %s: repeated slice positions; ordered by InstanceNumber", series_uid)
+    if ordered_by == "instance_number":
+        kept.sort(key=lambda s: (s.instance_number is None, s.instance_number or 0, s.path, s.frame or 0))
+    first = kept[0]
+    series = CTSeries(
+        slices=tuple(kept),
+        series_uid=series_uid,
+        study_uid=first.study_uid,
+        patient_id=first.patient_id,
+        ordered_by=ordered_by,
+        tilt_degrees=tilt,
+        skipped=tuple(skipped),
+    )
+    return series, skipped
+
+
+def find_series(path: str | os.PathLike, *, pixels: bool = False, allow_non_ct: bool = False) -> StudyScan:
+    """Every usable series in a file, folder (recursive) or zip, and every file left out with its reason.
+
+    ``pixels=False`` reads headers only (fast for inspecting large folders; truncation of uncompressed
+    pixel data is still caught); ``CTSeries.volume()`` reads the pixels later.
+    """
+    groups: dict[str, list[CTSlice]] = defaultdict(list)
+    skipped: list[SkippedFile] = []
+    for src in _iter_sources(path):
+        if isinstance(src, SkippedFile):
+            skipped.append(src)
+            continue
+        try:
+            for s in _read_source(src, pixels=pixels, allow_non_ct=allow_non_ct):
+                groups[s.series_uid].append(s)
+        except IchscanError as err:
+            skipped.append(SkippedFile(src.path, err.reason, type(err).__name__))
+            log.debug("skipped %s", err)
+    found = []
+    for uid, slices in groups.items():
+        series, dropped = _assemble(uid, slices)
+        skipped.extend(dropped)
+        if series is not None:
+            found.append(series)
+    found.sort(key=lambda s: (s.patient_id, s.study_uid, s.slices[0].series_number or 0, s.series_uid))
+    return StudyScan(series=tuple(found), skipped=tuple(skipped))
+
+
+def read_series(
+    path: str | os.PathLike,
+    *,
+    series_uid: str | None = None,
+    pixels: bool = True,
+    allow_non_ct: bool = False,
+) -> CTSeries:
+    """The one series in a file, folder or zip (``series_uid`` picks one when there are several)."""
+    scan = find_series(path, pixels=pixels, allow_non_ct=allow_non_ct)
+    found = [s for s in scan.series if series_uid is None or s.series_uid == series_uid]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        why = "; ".join(f"{Path(k.path).name}: {k.reason}" for k in scan.skipped[:3])
+        what = f"no series {series_uid}" if series_uid else "no usable CT series"
+        raise SeriesError(f"{what} found ({len(scan.skipped)} files skipped{': ' + why if why else ''})", path)
+    uids = ", ".join(f"{s.series_uid} ({len(s)} slices)" for s in found)
+    raise SeriesError(f"{len(found)} series found ({uids}); pass series_uid= to choose one", path)
