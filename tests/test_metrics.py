@@ -1,0 +1,396 @@
+"""ichscan.metrics: agreement with scikit-learn, Table 1 arithmetic, patient bootstrap, thresholds, inputs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from ichscan import metrics as m
+from ichscan.errors import DataError
+from ichscan.labels import LABELS, LOSS_WEIGHTS
+
+
+def random_case(seed: int, n: int = 300, ties: bool = False):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(int)
+    p = np.clip(0.35 * y + 0.65 * rng.random(n), 0.001, 0.999)
+    if ties:  # coarse scores: many tied values, the case AUC implementations most often get wrong
+        p = np.round(p, 1).clip(0.001, 0.999)
+    w = rng.integers(0, 4, n).astype(float)
+    return y, p, w
+
+
+# ---- agreement with scikit-learn -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (2, False), (3, True)])
+def test_binary_metrics_agree_with_sklearn(seed, ties):
+    y, p, w = random_case(seed, ties=ties)
+    pred = (p >= 0.5).astype(int)
+    for weights in (None, w):
+        assert m.accuracy(y, pred, weights) == pytest.approx(skm.accuracy_score(y, pred, sample_weight=weights), abs=1e-9)
+        assert m.precision(y, pred, weights) == pytest.approx(skm.precision_score(y, pred, sample_weight=weights), abs=1e-9)
+        assert m.recall(y, pred, weights) == pytest.approx(skm.recall_score(y, pred, sample_weight=weights), abs=1e-9)
+        assert m.roc_auc(y, p, weights) == pytest.approx(skm.roc_auc_score(y, p, sample_weight=weights), abs=1e-9)
+        assert m.log_loss(y, p, weights) == pytest.approx(skm.log_loss(y, p, sample_weight=weights), abs=1e-9)
+        tn, fp, fn, tp = skm.confusion_matrix(y, pred, sample_weight=weights).ravel()
+        assert m.confusion_counts(y, pred, weights) == pytest.approx((tp, fp, fn, tn), abs=1e-9)
+
+
+def test_weighted_log_loss_is_rsna_formula_and_agrees_with_sklearn():
+    rng = np.random.default_rng(7)
+    y = (rng.random((250, 6)) < 0.2).astype(int)
+    p = rng.uniform(0.01, 0.99, (250, 6))
+    # Every row has all six labels, so the per-row weighted mean then row mean equals the weighted mean of
+    # per-label log losses.
+    expected = sum(wt * skm.log_loss(y[:, j], p[:, j]) for j, wt in enumerate(LOSS_WEIGHTS)) / sum(LOSS_WEIGHTS)
+    assert m.weighted_log_loss(y, p) == pytest.approx(expected, abs=1e-9)
+    per_row = -(y * np.log(p) + (1 - y) * np.log(1 - p)) @ np.array(LOSS_WEIGHTS) / 7.0
+    assert m.weighted_log_loss(y, p) == pytest.approx(per_row.mean(), abs=1e-12)
+    assert LOSS_WEIGHTS[LABELS.index("any")] == 2.0
+
+
+def test_log_loss_clips_at_eps():
+    assert m.log_loss([1], [0.0]) == pytest.approx(-math.log(1e-15))
+    assert m.log_loss([0], [1.0]) == pytest.approx(-math.log(1e-15), rel=1e-3)  # log1p(-(1 - 1e-15))
+    assert math.isfinite(m.weighted_log_loss(np.ones((2, 6)), np.zeros((2, 6))))
+
+
+def test_undefined_metrics_are_nan_not_errors():
+    assert math.isnan(m.roc_auc([0, 0, 0], [0.1, 0.2, 0.3]))
+    assert math.isnan(m.roc_auc([1, 1], [0.1, 0.2]))
+    assert math.isnan(m.recall([0, 0], [1, 0]))
+    assert math.isnan(m.precision([1, 0], [0, 0]))
+
+
+def test_evaluate_point_estimates_agree_with_sklearn():
+    rng = np.random.default_rng(11)
+    y = (rng.random((400, 6)) < 0.25).astype(int)
+    p = np.clip(0.3 * y + 0.7 * rng.random((400, 6)), 0.001, 0.999)
+    thresholds = dict(zip(LABELS, (0.5, 0.4, 0.45, 0.5, 0.55, 0.6)))
+    ev = m.evaluate(y, p, thresholds=thresholds, n_bootstrap=0)
+    for j, name in enumerate(LABELS):
+        row, pred = ev[name], (p[:, j] >= thresholds[name]).astype(int)
+        assert row.threshold == thresholds[name]
+        assert row.pos == y[:, j].sum() and row.neg == (1 - y[:, j]).sum()
+        assert row.acc.value == pytest.approx(skm.accuracy_score(y[:, j], pred), abs=1e-9)
+        assert row.prec.value == pytest.approx(skm.precision_score(y[:, j], pred), abs=1e-9)
+        assert row.rec.value == pytest.approx(skm.recall_score(y[:, j], pred), abs=1e-9)
+        assert row.auc.value == pytest.approx(skm.roc_auc_score(y[:, j], p[:, j]), abs=1e-9)
+        assert row.log_loss.value == pytest.approx(skm.log_loss(y[:, j], p[:, j]), abs=1e-9)
+        assert row.auc.low is None  # no bootstrap asked for
+    assert ev.weighted_log_loss.value == pytest.approx(m.weighted_log_loss(y, p), abs=1e-12)
+    assert [r.label for r in ev.per_label] == list(LABELS)
+
+
+def test_evaluate_accepts_dataframes_by_label_name():
+    rng = np.random.default_rng(3)
+    y = pd.DataFrame((rng.random((50, 6)) < 0.4).astype(int), columns=LABELS)
+    p = pd.DataFrame(rng.random((50, 6)), columns=LABELS)
+    shuffled = m.evaluate(y[list(reversed(LABELS))], p[list(reversed(LABELS))], n_bootstrap=0)
+    plain = m.evaluate(y.to_numpy(), p.to_numpy(), n_bootstrap=0)
+    assert shuffled["subdural"].auc == plain["subdural"].auc
+
+
+# ---- the paper's Table 1, reconstructed ------------------------------------------------------------
+
+# The paper (an RSNA-2019 Kaggle model, 31st of 1345 teams, tested untuned on 401 hospital head CT series)
+# is not available here, so these are NOT its numbers. They are a self-consistent worked example of a Table 1
+# on 401 series, derived from the confusion counts below and rounded to three decimals as a table would be:
+#
+#   label             POS n (%)    NEG n (%)    PREC   REC    ACC     TP  FP  FN  TN
+#   any               110 (27.4)   291 (72.6)   0.878  0.918  0.943  101  14   9 277
+#   epidural            6 (1.5)    395 (98.5)   0.667  0.333  0.988    2   1   4 394
+#   intraparenchymal   52 (13.0)   349 (87.0)   0.820  0.788  0.950   41   9  11 340
+#   intraventricular   31 (7.7)    370 (92.3)   0.818  0.871  0.975   27   6   4 364
+#   subarachnoid       44 (11.0)   357 (89.0)   0.714  0.682  0.935   30  12  14 345
+#   subdural           47 (11.7)   354 (88.3)   0.814  0.745  0.950   35   8  12 346
+TABLE1 = {
+    # label: (POS, NEG, PREC, REC, ACC) as published, (TP, FP, FN, TN) behind them
+    "any": ((110, 291, 0.878, 0.918, 0.943), (101, 14, 9, 277)),
+    "epidural": ((6, 395, 0.667, 0.333, 0.988), (2, 1, 4, 394)),
+    "intraparenchymal": ((52, 349, 0.820, 0.788, 0.950), (41, 9, 11, 340)),
+    "intraventricular": ((31, 370, 0.818, 0.871, 0.975), (27, 6, 4, 364)),
+    "subarachnoid": ((44, 357, 0.714, 0.682, 0.935), (30, 12, 14, 345)),
+    "subdural": ((47, 354, 0.814, 0.745, 0.950), (35, 8, 12, 346)),
+}
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_table1_confusion_counts_reconstructed_and_accuracy_checks(label):
+    (pos, neg, prec, rec, acc), counts = TABLE1[label]
+    assert pos + neg == 401
+    c = m.confusion_from_summary(pos, neg, prec, rec, decimals=3)
+    assert tuple(c) == counts and all(isinstance(v, int) for v in c)
+    assert round(c.accuracy, 3) == acc
+    assert round(c.precision, 3) == prec and round(c.recall, 3) == rec
+    # The published figures pin the counts down: no other integer pair rounds to the same PREC and REC.
+    fits = [(tp, fp) for tp, fp in itertools.product(range(pos + 1), range(neg + 1))
+            if tp + fp and round(tp / pos, 3) == rec and round(tp / (tp + fp), 3) == prec]
+    assert fits == [counts[:2]]
+    # The same counts through evaluate give the same row.
+    y = np.r_[np.ones(pos), np.zeros(neg)]
+    calls = np.r_[np.ones(counts[0]), np.zeros(counts[2]), np.ones(counts[1]), np.zeros(counts[3])]
+    ev = m.evaluate(y[:, None], calls[:, None], labels=(label,), n_bootstrap=0)
+    assert round(ev[label].acc.value, 3) == acc and round(ev[label].pos_pct, 1) == round(100 * pos / 401, 1)
+
+
+def test_confusion_from_summary_rejects_inconsistent_and_handles_no_calls():
+    with pytest.raises(ValueError, match="precision"):
+        m.confusion_from_summary(110, 291, 0.8799, 0.9182, decimals=4)
+    assert tuple(m.confusion_from_summary(5, 396, None, 0.0)) == (0, 0, 5, 396)
+    assert tuple(m.confusion_from_summary(0, 401, None, None)) == (0, 0, 0, 401)
+
+
+# ---- NA with a reason --------------------------------------------------------------------------------
+
+
+def test_label_without_positives_or_negatives_gives_na_with_reason():
+    rng = np.random.default_rng(5)
+    y = (rng.random((60, 6)) < 0.5).astype(int)
+    y[:, 1] = 0  # epidural: no positives
+    y[:, 2] = 1  # intraparenchymal: no negatives
+    p = rng.random((60, 6))
+    p[:, 3] = 0.1  # intraventricular: nothing called positive
+    ev = m.evaluate(y, p, groups=np.arange(60) // 2, n_bootstrap=50)
+    epi, iph, ivh = ev["epidural"], ev["intraparenchymal"], ev["intraventricular"]
+    assert epi.auc.na and "no positive cases" in epi.auc.reason and "AUC undefined" in epi.auc.reason
+    assert epi.rec.na and "recall undefined" in epi.rec.reason
+    assert epi.acc.value is not None and epi.log_loss.value is not None
+    assert iph.auc.na and "no negative cases" in iph.auc.reason
+    assert iph.prec.value == 1.0 and iph.rec.value is not None
+    assert ivh.prec.na and "precision undefined" in ivh.prec.reason
+    assert ev["any"].auc.value is not None and ev["any"].auc.low is not None
+    json.dumps(ev.to_dict())  # NA serialises as null
+
+
+# ---- bootstrap over patients ---------------------------------------------------------------------
+
+
+def clustered(seed: int, patients: int = 120):
+    """Several series per patient, strongly correlated within patient (as repeat scans are)."""
+    rng = np.random.default_rng(seed)
+    per = rng.integers(1, 4, patients)
+    groups = np.repeat(np.arange(patients), per)
+    base_y = (rng.random((patients, 6)) < 0.35).astype(int)
+    base_p = np.clip(0.3 * base_y + 0.7 * rng.random((patients, 6)), 0, 1)
+    y = base_y[groups]
+    p = np.clip(base_p[groups] + 0.02 * rng.standard_normal((len(groups), 6)), 0, 1)
+    return y, p, groups.astype(str)
+
+
+def test_bootstrap_cis_contain_point_and_are_seeded():
+    y, p, g = clustered(0)
+    ev = m.evaluate(y, p, groups=g, n_bootstrap=300, seed=4)
+    for row in ev.per_label:
+        for name in m.METRICS:
+            est = getattr(row, name)
+            assert est.low <= est.value <= est.high, (row.label, name, est)
+            assert est.n_resamples == 300
+    assert ev.weighted_log_loss.low <= ev.weighted_log_loss.value <= ev.weighted_log_loss.high
+    assert ev.resampling_unit == "patient" and ev.n_units == 120
+    again = m.evaluate(y, p, groups=g, n_bootstrap=300, seed=4)
+    other = m.evaluate(y, p, groups=g, n_bootstrap=300, seed=5)
+    assert again.per_label == ev.per_label
+    assert other["any"].auc.low != ev["any"].auc.low
+
+
+def test_bootstrap_resamples_patients_not_rows():
+    y, p, g = clustered(1)
+    k = 4  # every patient's rows copied k times: no new patients, so no new information
+    y4, p4, g4 = np.tile(y, (k, 1)), np.tile(p, (k, 1)), np.tile(g, k)
+    grouped = m.evaluate(y, p, groups=g, n_bootstrap=400, seed=0)
+    grouped4 = m.evaluate(y4, p4, groups=g4, n_bootstrap=400, seed=0)
+    rows4 = m.evaluate(y4, p4, groups=None, n_bootstrap=400, seed=0)
+    assert rows4.resampling_unit == "row"
+    for name in LABELS:
+        for metric in ("auc", "acc", "log_loss"):
+            a, a4, r4 = (getattr(ev[name], metric) for ev in (grouped, grouped4, rows4))
+            assert a4.value == pytest.approx(a.value, abs=1e-12)
+            # Patient resampling: the copies travel together, so the interval is unchanged...
+            assert (a4.low, a4.high) == pytest.approx((a.low, a.high), abs=1e-12)
+            # ...whereas row resampling mistakes copies for new patients and shrinks it (~1/sqrt(k)).
+            assert (r4.high - r4.low) < 0.75 * (a.high - a.low), (name, metric)
+
+
+def test_bootstrap_weighted_auc_matches_sklearn_sample_weight():
+    # A resample is a weight vector; check the weighted AUC/log loss used inside the bootstrap directly.
+    y, p, w = random_case(9, ties=True)
+    assert m.roc_auc(y, p, w) == pytest.approx(skm.roc_auc_score(y, p, sample_weight=w), abs=1e-9)
+    assert m.weighted_log_loss(np.c_[y, y], np.c_[p, p], labels=("any", "epidural"), sample_weight=w) == \
+        pytest.approx(skm.log_loss(y, p, sample_weight=w), abs=1e-9)
+
+
+# ---- operating points ----------------------------------------------------------------------------
+
+
+def brute_force(y, s, method, target=0.9):
+    best = None
+    for t in sorted(set(s), reverse=True):
+        call = s >= t
+        sens, spec = call[y == 1].mean(), (~call[y == 0]).mean()
+        if method == "youden":
+            if best is None or sens + spec - 1 > best[1] + 1e-12:
+                best = (t, sens + spec - 1)
+        elif sens >= target:
+            return t
+    return best[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_thresholds_match_brute_force(seed):
+    y, p, _ = random_case(seed, ties=seed == 1)
+    assert m.choose_threshold(y, p, method="youden")[0] == pytest.approx(brute_force(y, p, "youden"))
+    t, info = m.choose_threshold(y, p, method="sensitivity", target=0.9)
+    assert t == pytest.approx(brute_force(y, p, "sensitivity", 0.9))
+    assert info["sensitivity"] >= 0.9 and m.recall(y, p >= t) == pytest.approx(info["sensitivity"])
+
+
+def test_thresholds_saved_loaded_and_applied(tmp_path):
+    rng = np.random.default_rng(2)
+    y = (rng.random((200, 6)) < 0.3).astype(int)
+    y[:, 1] = 0  # no epidural in validation: keeps the default, with a note
+    p = np.clip(0.3 * y + 0.7 * rng.random((200, 6)), 0, 1)
+    points = m.choose_thresholds(y, p, method="sensitivity", target=0.8)
+    assert points.thresholds["epidural"] == 0.5 and "epidural" in points.notes
+    path = m.save_thresholds(points, tmp_path / "thresholds.json")
+    doc = json.loads(path.read_text())
+    assert doc["method"] == "sensitivity" and set(doc["thresholds"]) == set(LABELS)
+    loaded = m.load_thresholds(path)
+    assert loaded == points.thresholds == m.parse_thresholds(str(path))
+    calls = m.apply_thresholds(p, loaded)
+    for j, name in enumerate(LABELS):
+        assert (calls[:, j] == (p[:, j] >= loaded[name])).all()
+    ev = m.evaluate(y, p, thresholds=loaded, n_bootstrap=0)
+    assert ev["any"].rec.value >= 0.8
+    assert m.parse_thresholds("0.3") == dict.fromkeys(LABELS, 0.3)
+
+
+def test_bad_thresholds_file_is_data_error(tmp_path):
+    bad = tmp_path / "t.json"
+    bad.write_text(json.dumps({"method": "youden", "thresholds": {"any": 0.5}}))
+    with pytest.raises(DataError, match="t.json.*no threshold for epidural"):
+        m.load_thresholds(bad)
+    with pytest.raises(DataError, match="not found"):
+        m.load_thresholds(tmp_path / "missing.json")
+    with pytest.raises(DataError):
+        m.parse_thresholds("1.5")
+
+
+# ---- reading predictions and labels ----------------------------------------------------------------
+
+
+def write_series(tmp_path, n=40, seed=0, drop_pred=0, extra_pred=0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 6)) < 0.3).astype(int)
+    p = np.clip(0.3 * y + 0.7 * rng.random((n, 6)), 0, 1)
+    uids = [f"1.2.3.{i}" for i in range(n)]
+    patients = [f"P{i // 2:03d}" for i in range(n)]
+    labels = pd.DataFrame({"patient_id": patients, "study_uid": [f"9.{i}" for i in range(n)],
+                           "series_uid": uids, "n_slices": 32})
+    for j, name in enumerate(LABELS):
+        labels[name] = y[:, j]
+    keep = slice(drop_pred, n)
+    pred = pd.DataFrame({"patient_id": patients[keep], "study_uid": labels.study_uid[keep],
+                         "series_uid": uids[keep], "n_slices": 32})
+    for j, name in enumerate(LABELS):
+        pred[f"prob_{name}"] = p[keep, j]
+    for name in LABELS:
+        pred[f"pred_{name}"] = (pred[f"prob_{name}"] >= 0.5).astype(int)
+        pred[f"key_slice_{name}"] = "1.2.840.1"
+    if extra_pred:
+        extra = pred.head(extra_pred).copy()
+        extra["series_uid"] = [f"7.7.{i}" for i in range(extra_pred)]
+        pred = pd.concat([pred, extra])
+    pred = pred.iloc[::-1]  # order must not matter: the join is by series_uid
+    labels.to_csv(tmp_path / "series_labels.csv", index=False)
+    pred.to_csv(tmp_path / "series_pred.csv", index=False)
+    return tmp_path / "series_pred.csv", tmp_path / "series_labels.csv", y, p
+
+
+def test_series_predictions_join_labels_by_series_uid(tmp_path):
+    pred, labels, y, p = write_series(tmp_path, drop_pred=4)
+    data = m.load_eval_data(pred, labels)
+    assert data.level == "series" and len(data.ids) == 36
+    assert data.source["n_labels_without_prediction"] == 4
+    order = [int(u.split(".")[-1]) for u in data.ids]
+    np.testing.assert_array_equal(data.y_true, y[order])
+    np.testing.assert_allclose(data.y_prob, p[order], atol=1e-12)
+    assert data.groups[0] == f"P{order[0] // 2:03d}"
+    ev = m.evaluate_files(pred, labels, n_bootstrap=20)
+    assert ev.level == "series" and ev.n_units == 18 and ev.source["n_matched"] == 36
+
+
+def test_series_errors_name_the_file(tmp_path):
+    pred, labels, *_ = write_series(tmp_path, extra_pred=3)
+    with pytest.raises(DataError, match=r"series_pred\.csv: 3 of 43 series.*no row in"):
+        m.load_series(pred, labels)
+    frame = pd.read_csv(labels).drop(columns=["subdural"])
+    frame.to_csv(labels, index=False)
+    with pytest.raises(DataError, match=r"series_labels\.csv: series labels lacks column\(s\) subdural"):
+        m.load_series(pred, labels)
+    with pytest.raises(DataError, match="not found"):
+        m.load_series(tmp_path / "nope.csv", labels)
+
+
+def rsna_long(images, values, with_any_last=True):
+    rows = []
+    for image, vals in zip(images, values):
+        for name in LABELS[1:] + ("any",):
+            rows.append((f"{image}_{name}", vals[LABELS.index(name)]))
+    return pd.DataFrame(rows, columns=["ID", "Label"])
+
+
+def test_kaggle_submission_against_rsna_labels_with_duplicates(tmp_path):
+    rng = np.random.default_rng(4)
+    images = [f"ID_{i:09x}" for i in range(30)]
+    y = (rng.random((30, 6)) < 0.3).astype(int)
+    p = rng.random((30, 6)).round(4)
+    truth = rsna_long(images + ["ID_extra"], np.r_[y, np.zeros((1, 6), int)])
+    truth = pd.concat([truth, truth.head(7)])  # stage_2_train.csv repeats some rows verbatim
+    truth.to_csv(tmp_path / "labels.csv", index=False)
+    sub = rsna_long(images, p).sample(frac=1, random_state=0)
+    sub.to_csv(tmp_path / "submission.csv", index=False)
+    data = m.load_eval_data(tmp_path / "submission.csv", tmp_path / "labels.csv")
+    assert data.level == "slice" and data.groups is None
+    assert data.source["pred_format"] == "kaggle_submission"
+    assert data.source["n_labels_without_prediction"] == 1
+    order = [images.index(i) for i in data.ids]
+    np.testing.assert_array_equal(data.y_true, y[order])
+    np.testing.assert_allclose(data.y_prob, p[order])
+    # Image-level resampling is recorded as such; a groups file restores patient resampling.
+    assert m.evaluate_files(tmp_path / "submission.csv", tmp_path / "labels.csv", n_bootstrap=0).resampling_unit == "row"
+    pd.DataFrame({"image_id": images, "patient_id": [f"P{i // 3}" for i in range(30)]}).to_csv(
+        tmp_path / "index.csv", index=False)
+    ev = m.evaluate_files(tmp_path / "submission.csv", tmp_path / "labels.csv",
+                          groups_path=tmp_path / "index.csv", n_bootstrap=10)
+    assert ev.resampling_unit == "patient" and ev.n_units == 10
+    # Conflicting repeats are an error, naming the labels file.
+    bad = pd.concat([truth, pd.DataFrame({"ID": [f"{images[0]}_any"], "Label": [1 - y[0, 0]]})])
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"bad\.csv: 1 image\(s\) have conflicting"):
+        m.load_slices(tmp_path / "submission.csv", tmp_path / "bad.csv")
+
+
+def test_slice_csv_against_rsna_labels_uses_patient_ids(tmp_path):
+    rng = np.random.default_rng(6)
+    images = [f"ID_{i:09x}" for i in range(24)]
+    y = (rng.random((24, 6)) < 0.4).astype(int)
+    rsna_long(images, y).to_csv(tmp_path / "labels.csv", index=False)
+    pred = pd.DataFrame({"patient_id": [f"P{i // 8}" for i in range(24)], "study_uid": "1", "series_uid": "2",
+                         "sop_uid": [f"3.{i}" for i in range(24)], "image_id": images,
+                         "slice_index": range(24), "z": np.arange(24) * 5.0})
+    for j, name in enumerate(LABELS):
+        pred[f"prob_{name}"] = rng.random(24)
+    pred.to_csv(tmp_path / "slices.csv", index=False)
+    ev = m.evaluate_files(tmp_path / "slices.csv", tmp_path / "labels.csv", level="slice", n_bootstrap=10)
+    assert ev.level == "slice" and ev.n_units == 3 and ev.resampling_unit == "patient"
+    pred.drop(columns=["prob_epidural"]).to_csv(tmp_path / "slices.csv", index=False)
+    with pytest.raises(DataError, match=r"slices\.csv.*prob_epidural"):
+        m.load_slices(tmp_path / "slices.csv", tmp_path / "labels.csv")
