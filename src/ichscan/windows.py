@@ -1,0 +1,207 @@
+"""CT windows: HU -> channels a network (or a person) can look at.
+
+A window maps ``[level - width/2, level + width/2]`` linearly onto ``[0, 1]`` (uint8: 0..255, rounded),
+clipping outside; high HU is always bright, whatever the file's photometric interpretation (see
+``ichscan.dicom`` on MONOCHROME1). Several windows stack into channels.
+
+Resizing keeps the aspect ratio: the image is scaled so its longer side is ``size`` (bilinear, Pillow,
+antialiased when shrinking) and centred on a square filled with the windowed value of air (-1000 HU).
+Windowing happens before resizing, in both the float and the uint8 path, so both agree to within one
+grey level, and ``load_windows`` gives exactly ``window_image(read_slice(path).hu)``.
+
+``load_windows(path)`` is the fast path used by the benchmark and the training cache: for integer stored
+values it builds, per window, a lookup table stored value -> output with the modality LUT (and the RSNA
+fix) folded in, and indexes it with the raw pixels, so no float image is ever made.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "AIR_HU",
+    "PAPER_WINDOWS",
+    "PRESETS",
+    "Window",
+    "get_windows",
+    "load_windows",
+    "resize_keep_aspect",
+    "window_image",
+    "window_stored",
+]
+
+AIR_HU = -1000.0
+
+
+@dataclass(frozen=True)
+class Window:
+    """A CT window: ``level`` (centre) and ``width`` in HU."""
+
+    name: str
+    level: float
+    width: float
+
+    @property
+    def low(self) -> float:
+        return self.level - self.width / 2
+
+    @property
+    def high(self) -> float:
+        return self.level + self.width / 2
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "level": self.level, "width": self.width}
+
+
+PRESETS: dict[str, Window] = {
+    w.name: w
+    for w in (
+        Window("brain", 40, 80),
+        Window("blood", 80, 200),  # the paper's "subdural" window
+        Window("soft_tissue", 40, 380),
+        Window("bone", 600, 2800),
+    )
+}
+PAPER_WINDOWS: tuple[str, ...] = ("brain", "blood", "soft_tissue")
+
+WindowSpec = str | Window | dict
+
+
+def get_windows(windows: WindowSpec | Iterable[WindowSpec] = PAPER_WINDOWS) -> tuple[Window, ...]:
+    """Preset names, ``Window`` objects or ``{name, level, width}`` dicts (as in checkpoints) -> Windows."""
+    if isinstance(windows, (str, Window, dict)):
+        windows = [windows]
+    out = []
+    for w in windows:
+        if isinstance(w, Window):
+            out.append(w)
+        elif isinstance(w, dict):
+            out.append(Window(str(w["name"]), float(w["level"]), float(w["width"])))
+        elif w in PRESETS:
+            out.append(PRESETS[w])
+        else:
+            raise ValueError(f"unknown window {w!r}; presets are {', '.join(PRESETS)}")
+    if not out:
+        raise ValueError("no windows given")
+    return tuple(out)
+
+
+def _apply(hu: np.ndarray, w: Window, dtype) -> np.ndarray:
+    """One window on float32 HU; the same float32 operations whether ``hu`` is an image or a LUT domain."""
+    x = hu.astype(np.float32, copy=False) - np.float32(w.low)
+    if np.dtype(dtype) == np.uint8:
+        x *= np.float32(255.0 / w.width)
+        np.clip(x, 0, 255, out=x)
+        x += np.float32(0.5)
+        return x.astype(np.uint8)
+    x *= np.float32(1.0 / w.width)
+    np.clip(x, 0, 1, out=x)
+    return x
+
+
+def _check_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.uint8), np.dtype(np.float32)):
+        raise ValueError(f"dtype must be uint8 or float32, not {dt}")
+    return dt
+
+
+def resize_keep_aspect(image: np.ndarray, size: int, fill: float) -> np.ndarray:
+    """(H, W) uint8 or float32 -> (size, size): longer side scaled to ``size``, centred, padded with ``fill``."""
+    h, w = image.shape
+    if h == w == size:
+        return image
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) != (h, w):
+        from PIL import Image  # only when resizing is needed
+
+        if image.dtype == np.uint8:
+            image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+        else:
+            img = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+            image = np.asarray(img.resize((nw, nh), Image.BILINEAR))
+    if (nh, nw) == (size, size):
+        return image
+    out = np.full((size, size), fill, dtype=image.dtype)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = image
+    return out
+
+
+def _finish(channels: list[np.ndarray], windows: Sequence[Window], size: int | None, dtype) -> np.ndarray:
+    if size is not None:
+        air = np.full(1, AIR_HU, np.float32)
+        channels = [
+            resize_keep_aspect(c, int(size), _apply(air, w, dtype)[0].item()) for c, w in zip(channels, windows)
+        ]
+    return np.stack(channels)
+
+
+def window_image(
+    hu: np.ndarray,
+    windows: WindowSpec | Iterable[WindowSpec] = PAPER_WINDOWS,
+    size: int | None = 512,
+    dtype=np.uint8,
+) -> np.ndarray:
+    """HU (H, W) -> (C, size, size) in ``dtype`` (uint8 0..255 or float32 0..1); ``size=None`` keeps H, W."""
+    dt = _check_dtype(dtype)
+    ws = get_windows(windows)
+    hu = np.asarray(hu)
+    if hu.ndim != 2:
+        raise ValueError(f"expected one (H, W) slice, got shape {hu.shape}")
+    return _finish([_apply(hu, w, dt) for w in ws], ws, size, dt)
+
+
+@functools.lru_cache(maxsize=64)
+def _lut(stored_dtype: str, slope: float, intercept: float, fixes: tuple, window: Window, dtype: str) -> np.ndarray:
+    """stored value -> windowed output for every value of an 8/16-bit stored type (memoised, pure)."""
+    from ichscan.dicom import StoredPixels
+
+    sd = np.dtype(stored_dtype)
+    domain = np.arange(2 ** (8 * sd.itemsize), dtype=np.uint32).astype(f"u{sd.itemsize}").view(sd)
+    hu = StoredPixels("", domain, slope, intercept, fixes).hu()
+    table = _apply(hu, window, np.dtype(dtype))
+    table.flags.writeable = False
+    return table
+
+
+def window_stored(
+    pixels,
+    windows: WindowSpec | Iterable[WindowSpec] = PAPER_WINDOWS,
+    size: int | None = 512,
+    dtype=np.uint8,
+) -> np.ndarray:
+    """``ichscan.dicom.StoredPixels`` -> (C, size, size) through per-window lookup tables when they win."""
+    dt = _check_dtype(dtype)
+    ws = get_windows(windows)
+    stored = pixels.stored
+    if stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2:
+        if not stored.dtype.isnative:
+            stored = stored.astype(stored.dtype.newbyteorder("="))
+        index = stored.view(f"u{stored.dtype.itemsize}")  # the bit pattern indexes the table
+        key = (stored.dtype.str, float(pixels.slope), float(pixels.intercept), tuple(pixels.fixes))
+        channels = [_lut(*key, w, dt.str).take(index) for w in ws]
+    else:
+        hu = pixels.hu()
+        channels = [_apply(hu, w, dt) for w in ws]
+    return _finish(channels, ws, size, dt)
+
+
+def load_windows(
+    path: str | os.PathLike,
+    windows: WindowSpec | Iterable[WindowSpec] = PAPER_WINDOWS,
+    size: int | None = 512,
+    dtype=np.uint8,
+    *,
+    allow_non_ct: bool = False,
+) -> np.ndarray:
+    """DICOM file -> (C, size, size) windowed image, the fast way (no float HU image is made)."""
+    from ichscan.dicom import read_pixels
+
+    return window_stored(read_pixels(path, allow_non_ct=allow_non_ct), windows, size, dtype)
