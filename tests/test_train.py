@@ -1,0 +1,163 @@
+"""Training: the loss, learning on a tiny set, exact resume, presets and the CLI's config plumbing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ichscan.augment import AugmentConfig
+from ichscan.labels import LABELS
+from ichscan.model import load_checkpoint
+from ichscan.train import (
+    EpochSampler,
+    TrainConfig,
+    resolve_precision,
+    train,
+    validation_metrics,
+    weighted_log_loss,
+)
+
+torch.set_num_threads(2)
+
+
+class BlobSet(torch.utils.data.Dataset):
+    """Tiny images where each label has its own bright square, so a small CNN can learn them."""
+
+    labels = LABELS
+
+    def __init__(self, n: int = 48, size: int = 32, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.targets = (rng.random((n, len(LABELS))) < 0.4).astype(np.float32)
+        self.targets[:, 0] = self.targets[:, 1:].max(axis=1)
+        self.images = (rng.random((n, 3, size, size)) * 40).astype(np.uint8)
+        cell = size // 4
+        for i in range(n):
+            for j in range(1, len(LABELS)):
+                if self.targets[i, j]:
+                    r, c = divmod(j - 1, 3)
+                    self.images[i, j % 3, r * cell + 4 : r * cell + 4 + cell, c * cell + 2 : c * cell + 2 + cell] = 230
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.images[i]), torch.from_numpy(self.targets[i])
+
+
+def tiny_config(**kw) -> TrainConfig:
+    base = dict(preset="quick", arch="resnet10t", image_size=32, epochs=2, batch_size=8, lr=3e-3,
+                pretrained=False, precision="fp32", workers=0, warmup_steps=2, state_every=0, device="cpu")
+    base.update(kw)
+    return TrainConfig.from_preset("quick", **base)
+
+
+def test_weighted_log_loss_equals_hand_computation():
+    logits = torch.tensor([[0.3, -1.2, 2.0, 0.0, -0.5, 1.5], [-2.0, 0.7, -0.1, 1.1, 0.2, -3.0]])
+    targets = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 0, 1, 1, 0]], dtype=torch.float32)
+    weights = [2, 1, 1, 1, 1, 1]
+    total, wsum = 0.0, 0.0
+    for i in range(2):
+        for j in range(6):
+            p = 1 / (1 + math.exp(-float(logits[i, j])))
+            y = float(targets[i, j])
+            total += weights[j] * -(y * math.log(p) + (1 - y) * math.log(1 - p))
+            wsum += weights[j]
+    assert float(weighted_log_loss(logits, targets, weights)) == pytest.approx(total / wsum, rel=1e-6)
+    # Unknown labels (NaN) count for nothing.
+    t2 = targets.clone()
+    t2[1, 3] = float("nan")
+    kept = total - weights[3] * -math.log(1 / (1 + math.exp(-1.1)))
+    assert float(weighted_log_loss(logits, t2, weights)) == pytest.approx(kept / (wsum - 1), rel=1e-6)
+
+
+def test_validation_metrics_auc_and_single_class():
+    rng = np.random.default_rng(0)
+    targets = (rng.random((40, 6)) < 0.5).astype(np.float32)
+    targets[:, 1] = 0  # no positives: AUC undefined
+    logits = targets * 2 - 1 + rng.normal(0, 0.1, targets.shape)
+    m = validation_metrics(logits.astype(np.float32), targets, LABELS)
+    assert m["val_auc"]["epidural"] is None
+    assert m["val_auc"]["any"] == pytest.approx(1.0)
+
+
+def test_epoch_sampler_partitions_and_resumes():
+    s = [EpochSampler(10, seed=3, rank=r, world_size=3) for r in range(3)]
+    for x in s:
+        x.set_epoch(1)
+    parts = [x.order() for x in s]
+    assert sorted(set(sum(parts, []))) == list(range(10))
+    assert all(len(p) == 4 for p in parts)
+    s[0].set_epoch(1, start=2)
+    assert list(s[0]) == parts[0][2:]
+    s[0].set_epoch(2)
+    assert s[0].order() != parts[0]
+
+
+def test_presets():
+    paper = TrainConfig.from_preset("paper")
+    assert (paper.arch, paper.image_size, paper.epochs) == ("seresnext50_32x4d", 512, 3)
+    assert paper.augment == AugmentConfig()
+    assert paper.augment.rotation == 30.0
+    quick = TrainConfig.from_preset("quick", seed=5)
+    assert quick.image_size <= 160 and quick.seed == 5
+    assert TrainConfig.from_dict(quick.to_dict()) == quick
+    from ichscan.windows import PAPER_WINDOWS
+
+    assert tuple(paper.windows) == tuple(PAPER_WINDOWS)
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+
+
+def test_loss_falls_and_tiny_set_is_overfitted(tmp_path):
+    data = BlobSet(n=32)
+    config = tiny_config(epochs=14, batch_size=8, lr=3e-3, augment=AugmentConfig.none())
+    result = train(config, data, data, tmp_path / "run")
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0] * 0.5
+    final = result.history[-1]
+    assert final["val_auc_mean"] > 0.95
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == config.epochs
+    assert set(json.loads(lines[-1])["val_auc"]) == set(LABELS)
+    model, meta = load_checkpoint(result.best)
+    assert meta["image_size"] == 32 and meta["labels"] == list(LABELS)
+    assert meta["metrics"]["val_loss"] == min(h["val_loss"] for h in result.history)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    data = BlobSet(n=28, seed=1)
+    val = BlobSet(n=8, seed=2)
+    config = tiny_config(epochs=2, batch_size=8)
+    full = train(config, data, val, tmp_path / "full")
+    # Interrupted mid-epoch (step 4 of 3 per epoch: second epoch), then resumed twice over.
+    part = train(config, data, val, tmp_path / "part", stop_after_steps=4)
+    assert part.interrupted and part.global_step == 4
+    again = train(config, data, val, tmp_path / "part", resume=True, stop_after_steps=5)
+    assert again.interrupted
+    done = train(config, data, val, tmp_path / "part", resume=True)
+    assert done.global_step == full.global_step
+    a, _ = load_checkpoint(full.last)
+    b, _ = load_checkpoint(done.last)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert [h["train_loss"] for h in full.history] == [h["train_loss"] for h in done.history]
+    assert len((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_refuses_changed_config(tmp_path):
+    data = BlobSet(n=16)
+    config = tiny_config(epochs=1)
+    train(config, data, None, tmp_path / "r", stop_after_steps=1)
+    from ichscan.errors import IchscanError
+
+    with pytest.raises(IchscanError, match="lr"):
+        train(tiny_config(epochs=1, lr=1.0), data, None, tmp_path / "r", resume=True)
