@@ -1,0 +1,144 @@
+"""``ichscan predict``: probabilities for every selected series under a path, written to --out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """\
+examples:
+  ichscan predict study.zip --checkpoint runs/demo/ensemble.json --out preds/
+  ichscan predict rsna/stage_2_test --checkpoint model.json --out sub/ --all-series
+  ichscan predict scans/ --checkpoint model.json --out preds/ --tta flip,shift --thresholds thr.json
+
+outputs in --out: slices.csv, series.csv, submission.csv (Kaggle ID,Label), predictions.json,
+skipped.csv (bad files and rejected series, one line each). Finished series are kept in --out/work;
+rerunning the same command resumes where an interrupted run stopped.
+Research software, not a medical device.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="predict hemorrhage probabilities for CT series (file, folder, zip, RSNA test folder)",
+        description="Per-slice and per-series probabilities for the six ICH labels, with TTA and ensembles.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", help="a DICOM file, series or study folder, zip, or flat RSNA folder of ID_*.dcm")
+    p.add_argument("--checkpoint", "-c", required=True, help="checkpoint .json/.safetensors or ensemble manifest")
+    p.add_argument("--out", "-o", required=True, help="output folder (created; reused to resume)")
+    m = p.add_argument_group("model")
+    m.add_argument("--tta", default="identity,hflip",
+                   help="views or groups, comma separated: identity, hflip, shift_left/right/up/down, zoom_in/out; "
+                        "groups none, flip, shift, zoom, all (default: identity,hflip)")
+    m.add_argument("--aggregation", choices=("max", "topk", "noisy_or"), default="max",
+                   help="slices to series: max (default), mean of the top k, or noisy-OR")
+    m.add_argument("--top-k", type=int, default=3, help="k for --aggregation topk (default 3)")
+    m.add_argument("--thresholds", help='JSON {"method": ..., "thresholds": {label: t}}; 0.5 otherwise')
+    m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    m.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
+    m.add_argument("--batch-size", type=int, default=32, help="images per forward pass, TTA views included")
+    s = p.add_argument_group("series selection (what a triage product reads)")
+    s.add_argument("--min-slices", type=int, default=10, help="fewer slices: rejected (default 10)")
+    s.add_argument("--max-obliquity", type=float, default=30.0,
+                   help="max angle in degrees between slice normal and head-foot axis (default 30)")
+    s.add_argument("--allow-non-axial", action="store_true", help="predict sagittal/coronal/oblique series too")
+    s.add_argument("--max-tilt", type=float, default=30.0, help="max gantry tilt in degrees (default 30)")
+    s.add_argument("--modality", action="append", help="accepted modality (repeatable; default CT)")
+    s.add_argument("--exclude-image-type", action="append", metavar="WORD",
+                   help="reject series whose ImageType has WORD (repeatable; replaces the localizer list)")
+    s.add_argument("--exclude-description", action="append", metavar="TEXT",
+                   help="reject series whose description contains TEXT (repeatable; replaces the default list)")
+    s.add_argument("--all-series", action="store_true",
+                   help="no selection rules: predict every series (an RSNA test folder needs every image)")
+    s.add_argument("--any-modality", action="store_true", help="read non-CT DICOM images too")
+    r = p.add_argument_group("batch runs")
+    r.add_argument("--max-series", type=int, help="stop after predicting this many new series; rerun to resume")
+    r.add_argument("--restart", action="store_true", help="discard finished series in --out/work and start over")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _rules(args):
+    from ichscan.predict import SelectionRules
+
+    if args.all_series:
+        return SelectionRules.permissive()
+    base = SelectionRules()
+    return SelectionRules(
+        min_slices=args.min_slices,
+        require_axial=not args.allow_non_axial,
+        max_obliquity=args.max_obliquity,
+        max_tilt=args.max_tilt,
+        modalities=tuple(args.modality) if args.modality else base.modalities,
+        exclude_image_types=tuple(args.exclude_image_type) if args.exclude_image_type else base.exclude_image_types,
+        exclude_descriptions=(tuple(args.exclude_description) if args.exclude_description
+                              else base.exclude_descriptions),
+    )
+
+
+def run(args) -> int:
+    from ichscan.predict import Predictor, load_thresholds, predict_path
+
+    try:
+        predictor = Predictor.from_checkpoint(
+            args.checkpoint, device=args.device, tta=args.tta, precision=args.precision,
+            batch_size=args.batch_size, aggregation=args.aggregation, top_k=args.top_k)
+    except ValueError as err:
+        print(f"ichscan predict: error: {err}", file=sys.stderr)
+        return 2
+    thresholds = load_thresholds(args.thresholds)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="series", desc="predict", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(event):
+        if bar is not None:
+            bar.total = event.total
+            bar.n = event.done
+            bar.set_postfix_str(event.status, refresh=False)
+            bar.refresh()
+
+    print(f"model: {len(predictor.describe()['members'])} checkpoint(s), {predictor.image_size} px, "
+          f"TTA {'+'.join(predictor.tta)}, {predictor.precision}, aggregation {predictor.aggregation}",
+          file=sys.stderr)
+    try:
+        result = predict_path(args.input, args.out, predictor, rules=_rules(args), thresholds=thresholds,
+                              progress=progress, max_series=args.max_series, restart=args.restart,
+                              allow_non_ct=args.any_modality)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    for item in result.skipped + result.failed:
+        print(f"skipped {item.path}: {item.reason}", file=sys.stderr)
+    for r in result.rejected:
+        print(f"not predicted: series {r.series_uid} ({r.n_slices} slices): {r.detail} [{r.rule}]", file=sys.stderr)
+    done = result.n_predicted + result.n_resumed
+    print(f"{done} series predicted ({result.n_resumed} resumed), {len(result.rejected)} rejected, "
+          f"{len(result.skipped) + len(result.failed)} files/series skipped", file=sys.stderr)
+    if not result.complete:
+        print(f"stopped early; rerun the same command to resume (finished series are in {args.out}/work)",
+              file=sys.stderr)
+        return 0
+    if done == 0:
+        print("no series predicted; see skipped.csv", file=sys.stderr)
+    _print_findings(result.predictions, thresholds)
+    for name, path in result.outputs.items():
+        print(f"{name}: {path}")
+    return 0 if done else 1
+
+
+def _print_findings(predictions, thresholds, limit: int = 20) -> None:
+    for p in predictions[:limit]:
+        found = [name for name, yes in p.decisions(thresholds).items() if yes and name != "any"]
+        any_p = p.prob("any")
+        text = ", ".join(f"{n} {p.prob(n):.2f} (slice {p.key_slice(n).index})" for n in found) or "no subtype"
+        print(f"series {p.series_uid} ({p.n_slices} slices): any {any_p:.2f}; {text}")
+    if len(predictions) > limit:
+        print(f"... {len(predictions) - limit} more series in series.csv")
