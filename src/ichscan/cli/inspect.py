@@ -1,0 +1,109 @@
+"""``ichscan inspect``: what is in a file, folder or zip - series found and files skipped, with reasons."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """\
+examples:
+  ichscan inspect scan.dcm
+  ichscan inspect study_folder/            (recursive)
+  ichscan inspect study.zip --json > study.json
+  ichscan inspect pet_ct/ --any-modality   (read non-CT images too)
+
+Headers only: quick on large folders; truncated uncompressed pixel data is still caught.
+Exit status 0 when at least one usable series was found, 1 otherwise.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="list the CT series in a DICOM file, folder or zip, and skipped files with reasons",
+        description="Series (UIDs, slices, spacing, thickness, ordering, tilt, fixes) and skipped files.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", help="a DICOM file, a folder (searched recursively) or a .zip")
+    p.add_argument("--json", action="store_true", help="print JSON for machines instead of a table")
+    p.add_argument("--any-modality", action="store_true", help="accept non-CT images (MR, NM, ...)")
+    p.set_defaults(func=run)
+
+
+def _fmt(v, spec=".2f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (tuple, list)):
+        return "x".join(format(x, spec) for x in v)
+    return format(v, spec)
+
+
+def scan_to_dict(path: str, scan) -> dict:
+    series = []
+    for s in scan.series:
+        first = s.slices[0]
+        series.append(
+            {
+                "patient_id": s.patient_id,
+                "study_uid": s.study_uid,
+                "series_uid": s.series_uid,
+                "series_number": first.series_number,
+                "description": s.description,
+                "modality": first.modality,
+                "n_slices": len(s),
+                "rows": first.rows,
+                "columns": first.columns,
+                "pixel_spacing": list(s.pixel_spacing) if s.pixel_spacing else None,
+                "slice_spacing": s.slice_spacing,
+                "thickness": s.thickness,
+                "ordered_by": s.ordered_by,
+                "tilt_degrees": s.tilt_degrees,
+                "fixes": list(s.fixes),
+                "kernel": first.kernel,
+                "window": [first.window_center, first.window_width],
+                "skipped": len(s.skipped),
+            }
+        )
+    return {
+        "path": path,
+        "usable": scan.usable,
+        "series": series,
+        "skipped": [{"path": k.path, "reason": k.reason, "kind": k.kind} for k in scan.skipped],
+    }
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def run(args) -> int:
+    from ichscan.dicom import find_series
+
+    scan = find_series(args.path, pixels=False, allow_non_ct=args.any_modality)
+    info = scan_to_dict(args.path, scan)
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        print()
+        return 0 if scan.usable else 1
+    if info["series"]:
+        header = ["#", "series UID", "patient", "slices", "size", "pixel mm", "gap mm", "thick mm",
+                  "ordered by", "tilt", "fixes", "description"]
+        rows = [
+            [i + 1, s["series_uid"], s["patient_id"] or "-", s["n_slices"], f"{s['rows']}x{s['columns']}",
+             _fmt(s["pixel_spacing"], ".3f"), _fmt(s["slice_spacing"]), _fmt(s["thickness"]),
+             s["ordered_by"], _fmt(s["tilt_degrees"], ".1f"), ",".join(s["fixes"]) or "-", s["description"] or "-"]
+            for i, s in enumerate(info["series"])
+        ]
+        print(f"{len(rows)} series in {args.path}")
+        print(_table(rows, header))
+    else:
+        print(f"no usable CT series in {args.path}")
+    if scan.skipped:
+        print(f"\n{len(scan.skipped)} skipped:")
+        for k in scan.skipped:
+            print(f"  {k.path}: {k.reason}")
+    return 0 if scan.usable else 1
