@@ -503,7 +503,7 @@ def _stored_array(ds: Dataset, path: str, size: int) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except Exception as err:  # pydicom raises several kinds; all mean "these pixels cannot be used"
-        text = _first_line(err)
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
         if "less than expected" in text or "truncat" in text.lower():
             raise PixelDataError(
                 f"pixel data is truncated ({text}); the file is incomplete - copy or export it again", path

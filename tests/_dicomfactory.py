@@ -1,0 +1,101 @@
+"""Writes small, real DICOM CT files with pydicom, one knob per quirk the reader must cope with."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
+
+
+def head_phantom(rows: int = 64, cols: int = 64) -> np.ndarray:
+    """HU: air -1000 outside, skull 1000, brain 30 inside, a spot of blood 60 and a spot of water 0."""
+    y, x = np.mgrid[:rows, :cols]
+    r = np.hypot((y - rows / 2) / (rows / 2), (x - cols / 2) / (cols / 2))
+    hu = np.full((rows, cols), -1000.0)
+    hu[r < 0.85] = 1000.0
+    hu[r < 0.75] = 30.0
+    hu[rows // 2 - 2 : rows // 2 + 2, cols // 2 - 2 : cols // 2 + 2] = 60.0
+    hu[rows // 3 - 1 : rows // 3 + 1, cols // 2 - 1 : cols // 2 + 1] = 0.0
+    return hu
+
+
+def write_ct(
+    path: str | os.PathLike,
+    hu: np.ndarray | None = None,
+    *,
+    stored: np.ndarray | None = None,
+    slope: float = 1.0,
+    intercept: float | None = -1024.0,
+    bits_stored: int = 16,
+    signed: bool = True,
+    series_uid: str = "1.2.826.0.1.3680043.8.498.10",
+    sop_uid: str | None = None,
+    study_uid: str = STUDY_UID,
+    patient_id: str = "PHANTOM1",
+    position: tuple | None = (-16.0, -16.0, 0.0),
+    orientation: tuple | None = (1, 0, 0, 0, 1, 0),
+    spacing=(0.5, 0.5),
+    thickness: float = 5.0,
+    instance: int | None = 1,
+    image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+    photometric: str = "MONOCHROME2",
+    window_center=40,
+    window_width=80,
+    modality: str = "CT",
+    transfer_syntax=ExplicitVRLittleEndian,
+) -> Path:
+    """One CT slice. ``stored`` is written as-is; otherwise it is (hu - intercept) / slope, rounded."""
+    if stored is None:
+        hu = head_phantom() if hu is None else np.asarray(hu, dtype=float)
+        stored = np.round((hu - (intercept or 0.0)) / slope)
+    stored = np.asarray(stored).astype(np.int16 if signed else np.uint16)
+    rows, cols = stored.shape
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.PatientID, ds.Modality, ds.SeriesNumber = patient_id, modality, 1
+    ds.ImageType = list(image_type)
+    if position is not None:
+        ds.ImagePositionPatient = [float(v) for v in position]
+    if orientation is not None:
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+    if instance is not None:
+        ds.InstanceNumber = instance
+    ds.PixelSpacing = [float(v) for v in spacing]
+    ds.SliceThickness = thickness
+    ds.KVP, ds.ConvolutionKernel = 120, "H30s"
+    if window_center is not None:
+        ds.WindowCenter, ds.WindowWidth = window_center, window_width
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = int(signed)
+    ds.RescaleSlope = slope
+    if intercept is not None:
+        ds.RescaleIntercept = intercept
+    ds.PixelData = stored.tobytes()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_series(folder, n: int = 5, *, z0: float = 0.0, step: float = 5.0, **kw) -> list[Path]:
+    """``n`` axial slices, z = z0, z0 + step, ...; file names do not follow the z order."""
+    folder = Path(folder)
+    paths = []
+    for i in range(n):
+        pos = (-16.0, -16.0, z0 + i * step)
+        paths.append(write_ct(folder / f"img_{(i * 7919) % 1000:03d}.dcm", position=pos, instance=i + 1, **kw))
+    return paths
