@@ -1,0 +1,142 @@
+"""Series assembly: grouping, ordering along the normal, tilt, localizers, duplicates, bad files, zips."""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+
+from _dicomfactory import head_phantom, write_ct, write_series
+from ichscan.dicom import find_series, read_series, read_slice
+from ichscan.errors import SeriesError
+
+A, B = "1.2.826.0.1.3680043.8.498.100", "1.2.826.0.1.3680043.8.498.200"
+
+
+def kinds(scan) -> dict[str, str]:
+    return {k.path.rsplit("/", 1)[-1]: k.kind for k in scan.skipped}
+
+
+def test_two_series_mixed_and_shuffled(tmp_path):
+    write_series(tmp_path, 6, series_uid=A, z0=10.0, step=5.0)
+    for i, z in enumerate(random.Random(3).sample([0.0, 2.5, 5.0, 7.5], 4)):
+        write_ct(tmp_path / f"b_{i}.dcm", series_uid=B, position=(0.0, 0.0, z), instance=10 - i)
+    scan = find_series(tmp_path)
+    assert scan.usable and scan.skipped == ()
+    by_uid = {s.series_uid: s for s in scan.series}
+    a, b = by_uid[A], by_uid[B]
+    assert len(a) == 6 and len(b) == 4
+    assert [s.position[2] for s in a.slices] == [10.0, 15.0, 20.0, 25.0, 30.0, 35.0]
+    assert [s.position[2] for s in b.slices] == [0.0, 2.5, 5.0, 7.5]
+    assert a.ordered_by == b.ordered_by == "position"
+    assert a.slice_spacing == 5.0 and b.slice_spacing == 2.5 and a.tilt_degrees == 0.0
+    assert all(s.hu is None for s in a.slices)  # headers only by default
+    with pytest.raises(SeriesError, match="2 series found"):
+        read_series(tmp_path)
+    one = read_series(tmp_path, series_uid=B)
+    vol = one.volume()
+    assert vol.shape == (4, 64, 64) and vol.dtype == np.float32
+    np.testing.assert_array_equal(vol[0], head_phantom())
+
+
+def test_flipped_normal_still_runs_inferior_to_superior(tmp_path):
+    # orientation (-1,0,0, 0,1,0) has normal (0,0,-1): sorting must not follow it blindly
+    for i, z in enumerate([30.0, 10.0, 20.0]):
+        write_ct(tmp_path / f"{i}.dcm", series_uid=A, position=(0.0, 0.0, z), orientation=(-1, 0, 0, 0, 1, 0))
+    series = read_series(tmp_path, pixels=False)
+    assert [s.position[2] for s in series.slices] == [10.0, 20.0, 30.0]
+
+
+def test_instance_number_fallback(tmp_path):
+    for i, n in enumerate([3, 1, 2]):
+        write_ct(tmp_path / f"{i}.dcm", series_uid=A, position=None, instance=n)
+    series = read_series(tmp_path, pixels=False)
+    assert series.ordered_by == "instance_number"
+    assert [s.instance_number for s in series.slices] == [1, 2, 3]
+
+
+def test_gantry_tilt(tmp_path):
+    tilt = 15.0
+    c, s = math.cos(math.radians(tilt)), math.sin(math.radians(tilt))
+    zs = [12.0, 0.0, 24.0, 6.0, 18.0]
+    for i, z in enumerate(zs):  # the table moves along z; the image planes are tilted about x
+        write_ct(tmp_path / f"t{i}.dcm", series_uid=A, position=(-16.0, -16.0, z), orientation=(1, 0, 0, 0, c, -s),
+                 instance=i + 1)
+    series = read_series(tmp_path, pixels=False)
+    assert series.ordered_by == "position"
+    assert [x.position[2] for x in series.slices] == sorted(zs)
+    assert series.tilt_degrees == pytest.approx(15.0, abs=0.01)
+    assert series.slice_spacing == pytest.approx(6.0 * c)  # distance between planes, along the normal
+
+
+def test_localizer_duplicate_and_bad_files_are_reported(tmp_path, testdata):
+    paths = write_series(tmp_path, 4, series_uid=A)
+    write_ct(tmp_path / "scout.dcm", series_uid=A, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+             position=(0.0, -100.0, 0.0), orientation=(0, 1, 0, 0, 0, -1))
+    write_ct(tmp_path / "sagittal.dcm", series_uid=A, orientation=(0, 1, 0, 0, 0, -1))  # no LOCALIZER flag
+    shutil.copy(paths[0], tmp_path / "zz_copy.dcm")  # same SOP instance again
+    truncated = write_ct(tmp_path / "truncated.dcm", series_uid=A, position=(0.0, 0.0, 99.0))
+    truncated.write_bytes(truncated.read_bytes()[:-500])
+    shutil.copy(testdata("test-SR.dcm"), tmp_path / "report.dcm")
+    (tmp_path / "README.txt").write_text("exported by a PACS\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    for pixels in (False, True):
+        scan = find_series(tmp_path, pixels=pixels)
+        assert len(scan.series) == 1 and len(scan.series[0]) == 4
+        assert kinds(scan) == {
+            "scout.dcm": "localizer",
+            "sagittal.dcm": "orientation",
+            "zz_copy.dcm": "duplicate",
+            "truncated.dcm": "PixelDataError",
+            "report.dcm": "NoPixelDataError",
+            "README.txt": "NotDicomError",
+            ".DS_Store": "NotDicomError",
+        }
+        reasons = {k.path.rsplit("/", 1)[-1]: k.reason for k in scan.skipped}
+        assert "truncated" in reasons["truncated.dcm"] and "duplicate SOP" in reasons["zz_copy.dcm"]
+        assert {k.kind for k in scan.series[0].skipped} == {"localizer", "orientation", "duplicate"}
+
+
+def test_only_junk_is_not_usable(tmp_path):
+    (tmp_path / "notes.txt").write_text("nothing here")
+    scan = find_series(tmp_path)
+    assert not scan.usable and kinds(scan) == {"notes.txt": "NotDicomError"}
+    with pytest.raises(SeriesError, match="no usable CT series"):
+        read_series(tmp_path)
+
+
+def test_non_ct_in_folder_needs_allow(tmp_path):
+    write_series(tmp_path, 3, series_uid=A, modality="MR")
+    assert not find_series(tmp_path).usable
+    assert len(find_series(tmp_path, allow_non_ct=True).series[0]) == 3
+
+
+def test_zip_is_read_in_memory(tmp_path):
+    folder = tmp_path / "study"
+    write_series(folder, 3, series_uid=A, z0=-5.0)
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(folder.iterdir()):
+            zf.write(p, f"DICOM/{p.name}")
+        zf.writestr("DICOM/README.txt", "hello")
+    scan = find_series(archive)
+    assert len(scan.series) == 1 and kinds(scan) == {"README.txt": "NotDicomError"}
+    series = scan.series[0]
+    assert series.slices[0].path.startswith(str(archive) + "/DICOM/")
+    assert [s.position[2] for s in series.slices] == [-5.0, 0.0, 5.0]
+    vol = series.volume()  # read lazily from the zip
+    np.testing.assert_array_equal(vol[1], read_slice(folder / series.slices[1].path.rsplit("/", 1)[-1]).hu)
+    # a zip inside a folder is opened too
+    assert len(find_series(tmp_path).series) == 1 and len(find_series(tmp_path).series[0]) == 3
+
+
+def test_single_file_series(tmp_path):
+    path = write_ct(tmp_path / "one.dcm", series_uid=A)
+    series = read_series(path)
+    assert len(series) == 1 and series.ordered_by == "position" and series.slice_spacing is None
+    assert series.volume().shape == (1, 64, 64)
