@@ -274,8 +274,14 @@ def test_thresholds_saved_loaded_and_applied(tmp_path):
 
 def test_bad_thresholds_file_is_data_error(tmp_path):
     bad = tmp_path / "t.json"
-    bad.write_text(json.dumps({"method": "youden", "thresholds": {"any": 0.5}}))
-    with pytest.raises(DataError, match="t.json.*no threshold for epidural"):
+    bad.write_text(json.dumps({"method": "youden", "thresholds": {"any": 0.3}}))
+    # Same reading as ichscan.predict: labels left out get 0.5.
+    assert m.load_thresholds(bad) == {**dict.fromkeys(LABELS, 0.5), "any": 0.3}
+    bad.write_text(json.dumps({"method": "youden", "thresholds": {"anything": 0.3}}))
+    with pytest.raises(DataError, match=r"t\.json: unknown label"):
+        m.load_thresholds(bad)
+    bad.write_text(json.dumps({"method": "youden", "thresholds": {"any": 1.3}}))
+    with pytest.raises(DataError, match=r"t\.json: bad thresholds"):
         m.load_thresholds(bad)
     with pytest.raises(DataError, match="not found"):
         m.load_thresholds(tmp_path / "missing.json")

@@ -604,7 +604,11 @@ def save_thresholds(points: OperatingPoints | Mapping[str, float], path: str | o
 
 
 def load_thresholds(path: str | os.PathLike, labels: Sequence[str] = LABELS) -> dict[str, float]:
-    """Thresholds for every label from a thresholds file; DataError naming the file if unusable."""
+    """Thresholds for every label from a thresholds file; DataError naming the file if unusable.
+
+    Read exactly as ``ichscan.predict`` reads it, so one file gives the same calls in both places: a label
+    the file leaves out gets 0.5 (logged), an unknown label or a value outside [0, 1] is an error.
+    """
     try:
         doc = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -613,8 +617,16 @@ def load_thresholds(path: str | os.PathLike, labels: Sequence[str] = LABELS) -> 
         raise DataError(f"not a readable JSON thresholds file ({err})", path) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("thresholds"), dict):
         raise DataError('expected JSON {"method": ..., "thresholds": {label: threshold}}', path)
+    given = doc["thresholds"]
+    unknown = [name for name in given if name not in labels]
+    if unknown:
+        raise DataError(f"unknown label(s) {', '.join(map(repr, unknown))} in thresholds; expected "
+                        f"{', '.join(labels)}", path)
+    left_out = [name for name in labels if name not in given]
+    if left_out:
+        log.warning("%s: no threshold for %s; using 0.5", path, ", ".join(left_out))
     try:
-        return resolve_thresholds(doc["thresholds"], labels)
+        return resolve_thresholds({name: given.get(name, 0.5) for name in labels}, labels)
     except (TypeError, ValueError) as err:
         raise DataError(f"bad thresholds: {err}", path) from None
 
@@ -750,8 +762,23 @@ def _join(pred: pd.DataFrame, truth: pd.DataFrame, key: str, pred_path, labels_p
 
 def detect_level(pred_path: str | os.PathLike, labels_path: str | os.PathLike) -> str:
     """``slice`` when either file is per image (an ``image_id`` or RSNA ``ID`` column), else ``series``."""
-    columns = set(_read_table(pred_path, "predictions").columns) | set(_read_table(labels_path, "labels").columns)
+    columns = _columns(pred_path, "predictions") | _columns(labels_path, "labels")
     return "slice" if {"image_id", "ID"} & columns else "series"
+
+
+def _columns(path: str | os.PathLike, what: str) -> set[str]:
+    """Column names only: RSNA's label file has millions of rows, not worth reading twice."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} file not found", path)
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            return set(pq.read_schema(path).names)
+        return {str(c).strip() for c in pd.read_csv(path, nrows=0).columns}
+    except Exception as err:
+        raise DataError(f"cannot read {what} ({type(err).__name__}: {err})", path) from None
 
 
 def load_series(

@@ -1,0 +1,77 @@
+"""``ichscan evaluate``: Table 1 and Figure 1 for predictions against labels."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """\
+examples:
+  ichscan evaluate --pred preds/series.csv --labels phantoms/series_labels.csv --out eval/
+  ichscan evaluate --pred preds/slices.csv --labels stage_2_train.csv --level slice --out eval/
+  ichscan evaluate --pred submission.csv --labels stage_2_train.csv --groups index.parquet --out eval/
+  ichscan evaluate --pred test/series.csv --labels series_labels.csv --thresholds val_thresholds.json
+
+--level series (the paper's setting): predict's series.csv against series_labels.csv, joined on
+series_uid. --level slice (the competition's): predict's slices.csv or a Kaggle submission against RSNA
+labels (ID_<image>_<label>,Label), joined on image_id. --level auto picks by the columns.
+A finding is called when prob >= threshold; the pred_<label> columns of series.csv are not used, so the
+table always follows --thresholds. CIs resample patients (patient_id from the files or --groups).
+
+outputs in --out: table1.md, table1.csv, table1.json, roc.png, roc.svg (and report.html with --html).
+Research software, not a medical device.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="Table 1 (ACC, PREC, REC, AUC, LOG_LOSS with patient-bootstrap CIs) and ROC curves",
+        description="Evaluate predictions against labels: the paper's Table 1 and Figure 1.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--pred", required=True, help="series.csv, slices.csv or a Kaggle submission from predict")
+    p.add_argument("--labels", required=True, help="series_labels.csv, or RSNA labels (ID,Label) for slices")
+    p.add_argument("--level", choices=("auto", "series", "slice"), default="auto",
+                   help="series or slice evaluation (default auto: by the files' columns)")
+    p.add_argument("--thresholds", default="0.5",
+                   help="a number for every label, or a thresholds JSON from `ichscan thresholds` (default 0.5)")
+    p.add_argument("--groups", help="CSV/Parquet with image_id and patient_id (slice level, when the "
+                                    "predictions and labels carry no patient_id)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples of patients for the CIs; 0 for none (default 1000)")
+    p.add_argument("--ci", type=float, default=0.95, help="confidence level (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--out", "-o", default="eval", help="output folder (default ./eval)")
+    p.add_argument("--html", action="store_true", help="also write report.html (one file, images inlined)")
+    p.add_argument("--quiet", "-q", action="store_true", help="do not print Table 1")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ichscan.errors import DataError
+    from ichscan.metrics import evaluate_files, parse_thresholds
+    from ichscan.report import write_report
+
+    if args.bootstrap < 0:
+        raise DataError("--bootstrap must be 0 or more")
+    if not 0.0 < args.ci < 1.0:
+        raise DataError("--ci must lie between 0 and 1, e.g. 0.95")
+    thresholds = parse_thresholds(args.thresholds)
+    ev = evaluate_files(args.pred, args.labels, level=args.level, groups_path=args.groups,
+                        thresholds=thresholds, n_bootstrap=args.bootstrap, ci=args.ci, seed=args.seed)
+    paths = write_report(ev, args.out, html_name="report.html" if args.html else None)
+    if not args.quiet:
+        from ichscan.report import table1_markdown
+
+        print(table1_markdown(ev), end="")
+    missing = ev.source.get("n_labels_without_prediction", 0)
+    if missing:
+        print(f"note: {missing} labelled {'series' if ev.level == 'series' else 'images'} in {args.labels} "
+              "have no prediction and are not in the table", file=sys.stderr)
+    if ev.resampling_unit == "row" and args.bootstrap:
+        print("note: no patient_id found, so the bootstrap resampled rows; CIs are too narrow if patients "
+              "have several rows (pass --groups)", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

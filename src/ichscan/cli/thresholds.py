@@ -1,0 +1,56 @@
+"""``ichscan thresholds``: per-label operating points chosen on validation predictions."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+examples:
+  ichscan thresholds --pred val/series.csv --labels series_labels.csv --method youden --out thresholds.json
+  ichscan thresholds --pred val/series.csv --labels series_labels.csv --method sensitivity --target 0.9 \\
+      --out thresholds.json
+  ichscan evaluate --pred test/series.csv --labels series_labels.csv --thresholds thresholds.json
+
+youden: the threshold maximising sensitivity + specificity - 1 on the validation set.
+sensitivity: the highest threshold whose validation sensitivity is at least --target.
+A label without positive or negative validation cases keeps --default, noted in the file.
+Choose thresholds on validation data, never on the test set you report.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "thresholds",
+        help="choose per-label thresholds on validation predictions (Youden J or target sensitivity)",
+        description="Per-label operating points, saved as JSON for `ichscan evaluate` and `ichscan predict`.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--pred", required=True, help="validation predictions (series.csv, slices.csv, submission)")
+    p.add_argument("--labels", required=True, help="labels for them (series_labels.csv or RSNA ID,Label)")
+    p.add_argument("--level", choices=("auto", "series", "slice"), default="auto", help="default auto")
+    p.add_argument("--method", choices=("youden", "sensitivity"), default="youden", help="default youden")
+    p.add_argument("--target", type=float, default=0.9, help="sensitivity for --method sensitivity (default 0.9)")
+    p.add_argument("--default", type=float, default=0.5, help="threshold for labels that cannot be tuned")
+    p.add_argument("--out", "-o", default="thresholds.json", help="output JSON (default thresholds.json)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ichscan.errors import DataError
+    from ichscan.metrics import choose_thresholds, load_eval_data, save_thresholds
+
+    if args.method == "sensitivity" and not 0.0 < args.target <= 1.0:
+        raise DataError("--target must lie in (0, 1], e.g. 0.9")
+    data = load_eval_data(args.pred, args.labels, level=args.level)
+    points = choose_thresholds(data.y_true, data.y_prob, labels=data.labels, method=args.method,
+                               target=args.target, default=args.default,
+                               source={**data.source, "n": len(data.ids)})
+    path = save_thresholds(points, args.out)
+    for name, t in points.thresholds.items():
+        d = points.details.get(name)
+        how = (f"sensitivity {d['sensitivity']:.3f}, specificity {d['specificity']:.3f}" if d
+               else points.notes[name])
+        print(f"{name:17s} {t:.4f}  ({how})")
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,443 @@
+"""Report: Table 1 (Markdown, CSV, JSON), Figure 1 (ROC curves, PNG and SVG) and a one-file HTML report.
+
+Everything is drawn from an ``ichscan.metrics.Evaluation``; nothing here computes a metric of its own
+except the ROC curve points the figure plots. matplotlib is imported inside the plotting functions and
+used through ``Figure`` objects (Agg canvas), never pyplot, so no global backend state is touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import pandas as pd
+
+from ichscan.metrics import METRICS, Estimate, Evaluation, _write_text
+
+log = logging.getLogger(__name__)
+
+COLUMNS: dict[str, str] = {"acc": "ACC", "prec": "PREC", "rec": "REC", "auc": "AUC", "log_loss": "LOG_LOSS"}
+DISCLAIMER = "Research software, not a medical device: not for diagnosis or triage of patients."
+
+ImageSource = Union[bytes, str, os.PathLike]
+
+# --------------------------------------------------------------------------------------------------
+# Table 1
+# --------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "NA" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def format_estimate(est: Estimate, digits: int = 3) -> str:
+    """``0.912 (0.871-0.944)``; ``NA`` when undefined; the point alone when there is no CI."""
+    if est.value is None:
+        return "NA"
+    if est.low is None or est.high is None:
+        return _fmt(est.value, digits)
+    return f"{_fmt(est.value, digits)} ({_fmt(est.low, digits)}\u2013{_fmt(est.high, digits)})"
+
+
+def _notes(ev: Evaluation) -> list[tuple[str, str]]:
+    """(cell, reason) for every NA value or missing CI, in table order."""
+    out = []
+    for row in ev.per_label:
+        for name in METRICS:
+            est = getattr(row, name)
+            if est.reason:
+                out.append((f"{row.label} {COLUMNS[name]}", est.reason))
+    if ev.weighted_log_loss.reason:
+        out.append(("weighted log loss", ev.weighted_log_loss.reason))
+    return out
+
+
+def table1_frame(ev: Evaluation, digits: int = 3) -> pd.DataFrame:
+    """Table 1 as display strings, one row per label in ``ev.labels`` order."""
+    rows = []
+    for row in ev.per_label:
+        cells = {"Label": row.label,
+                 "POS n (%)": f"{row.pos} ({row.pos_pct:.1f}%)",
+                 "NEG n (%)": f"{row.neg} ({row.neg_pct:.1f}%)"}
+        for name, header in COLUMNS.items():
+            cells[header] = format_estimate(getattr(row, name), digits)
+        rows.append(cells)
+    return pd.DataFrame(rows)
+
+
+def _unit_words(ev: Evaluation) -> tuple[str, str]:
+    rows = {"series": "series", "slice": "images"}.get(ev.level, "cases")
+    units = {"patient": "patients", "row": rows}[ev.resampling_unit]
+    return rows, units
+
+
+def table1_caption(ev: Evaluation) -> str:
+    """One paragraph saying what the numbers are: level, counts, thresholds, CI method."""
+    rows, units = _unit_words(ev)
+    thresholds = set(ev.thresholds.values())
+    if len(thresholds) == 1:
+        at = f"threshold {thresholds.pop():g} for every label"
+    else:
+        at = "per-label thresholds " + ", ".join(f"{k} {v:.3g}" for k, v in ev.thresholds.items())
+    text = (f"Table 1. {ev.level.capitalize()}-level results on {ev.n} {rows}"
+            + (f" from {ev.n_units} patients" if ev.resampling_unit == "patient" else "")
+            + f"; a finding is called when its probability is at or above the {at}.")
+    if ev.n_bootstrap:
+        text += (f" Brackets: {ev.ci:.0%} percentile bootstrap CI, {ev.n_bootstrap} resamples of {units}"
+                 f" (seed {ev.seed}).")
+        if ev.resampling_unit == "row":
+            text += f" No patient IDs were given, so {rows} were resampled as if independent."
+    return text
+
+
+def _weighted_line(ev: Evaluation, digits: int) -> str:
+    return ("Weighted log loss (RSNA 2019; `any` weighted 2, each subtype 1, probabilities clipped at 1e-15): "
+            f"{format_estimate(ev.weighted_log_loss, digits)}")
+
+
+def table1_markdown(ev: Evaluation, digits: int = 3) -> str:
+    """Table 1 in Markdown with its caption, the weighted log loss and a note for every NA."""
+    frame = table1_frame(ev, digits)
+    notes = _notes(ev)
+    marks = {cell: i + 1 for i, (cell, _) in enumerate(notes)}
+    lines = [table1_caption(ev), "", "| " + " | ".join(frame.columns) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(frame.columns) - 1)) + "|"]
+    for _, cells in frame.iterrows():
+        out = []
+        for header, text in cells.items():
+            mark = marks.get(f"{cells['Label']} {header}")
+            out.append(f"{text} [{mark}]" if mark else str(text))
+        lines.append("| " + " | ".join(out) + " |")
+    lines += ["", _weighted_line(ev, digits)]
+    if notes:
+        lines += [""] + [f"[{i + 1}] {cell}: {reason}" for i, (cell, reason) in enumerate(notes)]
+    return "\n".join(lines) + "\n"
+
+
+def table1_records(ev: Evaluation) -> list[dict[str, Any]]:
+    """Table 1 as numbers, one dict per label, then one row ``weighted_log_loss`` (CSV layout)."""
+    records = []
+    for row in ev.per_label:
+        rec: dict[str, Any] = {"label": row.label, "threshold": row.threshold, "n": row.n,
+                               "pos": row.pos, "pos_pct": row.pos_pct, "neg": row.neg, "neg_pct": row.neg_pct,
+                               "tp": row.tp, "fp": row.fp, "fn": row.fn, "tn": row.tn}
+        for name in METRICS:
+            est = getattr(row, name)
+            rec.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high,
+                        f"{name}_note": est.reason})
+        records.append(rec)
+    w = ev.weighted_log_loss
+    records.append({"label": "weighted_log_loss", "n": ev.n, "log_loss": w.value, "log_loss_low": w.low,
+                    "log_loss_high": w.high, "log_loss_note": w.reason})
+    return records
+
+
+def write_table1(ev: Evaluation, out_dir: str | os.PathLike, *, stem: str = "table1",
+                 digits: int = 3) -> dict[str, Path]:
+    """``<stem>.md``, ``<stem>.csv`` and ``<stem>.json`` (the full ``Evaluation.to_dict``) in ``out_dir``."""
+    out = Path(out_dir)
+    frame = pd.DataFrame(table1_records(ev))
+    return {
+        "md": _write_text(out / f"{stem}.md", table1_markdown(ev, digits)),
+        "csv": _write_text(out / f"{stem}.csv", frame.to_csv(index=False, float_format="%.6g")),
+        "json": _write_text(out / f"{stem}.json", json.dumps(_jsonable(ev.to_dict()), indent=2) + "\n"),
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(obj) else float(obj)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# Figure 1
+# --------------------------------------------------------------------------------------------------
+
+
+def _auc_legend(est: Estimate, ci: float, digits: int) -> str:
+    if est.low is None or est.high is None:
+        return _fmt(est.value, digits)
+    return f"{_fmt(est.value, digits)} ({ci:.0%} CI {_fmt(est.low, digits)}\u2013{_fmt(est.high, digits)})"
+
+
+def roc_figure(ev: Evaluation, *, digits: int = 3, ncols: int = 3):
+    """Figure 1: one ROC panel per label (``any`` first), AUC and CI in each legend, operating point marked.
+
+    Returns a ``matplotlib.figure.Figure`` (Agg canvas); a label without both classes gets a panel that
+    says why there is no curve.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    nrows = math.ceil(len(ev.labels) / ncols)
+    fig = Figure(figsize=(4.0 * ncols, 4.0 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    rows_word, _ = _unit_words(ev)
+    for ax, row, j in zip(axes, ev.per_label, range(len(ev.labels))):
+        ax.plot([0, 1], [0, 1], ls=":", lw=1, color="0.6")
+        ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal",
+               xlabel="1 \u2212 specificity (FPR)", ylabel="sensitivity (TPR)")
+        ax.set_title(f"{row.label} (POS {row.pos} of {row.n})", fontsize=11)
+        ax.grid(alpha=0.3)
+        if row.auc.na:
+            ax.text(0.5, 0.5, f"no ROC curve:\n{row.auc.reason}", ha="center", va="center", fontsize=9,
+                    wrap=True, transform=ax.transAxes)
+            continue
+        fpr, tpr, _ = roc_curve(ev.y_true[:, j], ev.y_prob[:, j])
+        ax.plot(fpr, tpr, lw=2, color="C0", label=f"AUC {_auc_legend(row.auc, ev.ci, digits)}")
+        spec = row.tn / row.neg
+        ax.plot([1 - spec], [row.tp / row.pos], "o", color="C3", ms=6,
+                label=f"threshold {row.threshold:.3g}: sens {row.tp / row.pos:.2f}, spec {spec:.2f}")
+        ax.legend(loc="lower right", fontsize=8.5, frameon=True)
+    for ax in axes[len(ev.labels):]:
+        ax.set_axis_off()
+    fig.suptitle(f"Figure 1. ROC curves, {ev.level}-level, {ev.n} {rows_word}", fontsize=12)
+    return fig
+
+
+def write_roc(ev: Evaluation, out_dir: str | os.PathLike, *, stem: str = "roc",
+              formats: Sequence[str] = ("png", "svg"), dpi: int = 150) -> dict[str, Path]:
+    """Figure 1 as ``<stem>.png`` and ``<stem>.svg`` (or the ``formats`` asked for) in ``out_dir``."""
+    import matplotlib
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    # Fixed hash salt, no date and a fresh figure per format (constrained layout depends on the
+    # renderer that drew it last): the same evaluation gives byte-identical SVGs.
+    with matplotlib.rc_context({"svg.hashsalt": "ichscan", "svg.fonttype": "path"}):
+        for fmt in formats:
+            fig = roc_figure(ev)
+            path = out / f"{stem}.{fmt}"
+            tmp = out / f".{stem}.tmp.{fmt}"
+            meta = {"Date": None} if fmt in ("svg", "pdf") else {"Software": "ichscan"}
+            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
+            os.replace(tmp, path)
+            paths[fmt] = path
+    return paths
+
+
+def _figure_png(fig, dpi: int = 110) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML report
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SeriesEntry:
+    """One series in the HTML report, as the predict side or the demo describes it.
+
+    ``probs`` maps label to probability. ``findings`` lists what to show as found; None derives it from
+    the evaluation's thresholds. ``key_slice`` is a PNG/JPEG (bytes or a path) or a mapping caption ->
+    image (e.g. the key slice in three windows). ``truth`` optionally maps label to 0/1.
+    """
+
+    series_uid: str
+    probs: Mapping[str, float]
+    patient_id: str | None = None
+    study_uid: str | None = None
+    findings: Sequence[str] | None = None
+    key_slice: ImageSource | Mapping[str, ImageSource] | None = None
+    truth: Mapping[str, int] | None = None
+    note: str | None = None
+
+
+def _data_uri(image: ImageSource) -> tuple[str | None, str | None]:
+    """(data URI, problem): images are inlined so the report is one file."""
+    if isinstance(image, (bytes, bytearray)):
+        data = bytes(image)
+    else:
+        try:
+            data = Path(image).read_bytes()
+        except OSError as err:
+            return None, f"image not readable: {image} ({err.strerror or err})"
+    if data.startswith(b"\x89PNG"):
+        mime = "image/png"
+    elif data.startswith(b"\xff\xd8"):
+        mime = "image/jpeg"
+    elif data.lstrip().startswith(b"<svg") or data.lstrip().startswith(b"<?xml"):
+        mime = "image/svg+xml"
+    else:
+        return None, "not a PNG, JPEG or SVG image"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", None
+
+
+def _img(image: ImageSource, caption: str, css: str = "") -> str:
+    uri, problem = _data_uri(image)
+    esc = html.escape
+    if uri is None:
+        log.warning("HTML report: %s", problem)
+        return f'<figure class="missing"><figcaption>{esc(caption)}: {esc(problem)}</figcaption></figure>'
+    return (f'<figure><img src="{uri}" alt="{esc(caption)}" {css}>'
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def _table1_html(ev: Evaluation, digits: int) -> str:
+    frame = table1_frame(ev, digits)
+    notes = _notes(ev)
+    marks = {cell: i + 1 for i, (cell, _) in enumerate(notes)}
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in frame.columns)
+    body = []
+    for _, cells in frame.iterrows():
+        tds = []
+        for header, text in cells.items():
+            mark = marks.get(f"{cells['Label']} {header}")
+            sup = f"<sup>{mark}</sup>" if mark else ""
+            cls = ' class="na"' if text == "NA" else ""
+            tds.append(f"<td{cls}>{esc(str(text))}{sup}</td>")
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    foot = "".join(f"<li value=\"{i + 1}\">{esc(cell)}: {esc(reason)}</li>" for i, (cell, reason) in enumerate(notes))
+    return (f"<table class=\"t1\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            + (f"<ol class=\"notes\">{foot}</ol>" if foot else ""))
+
+
+def _coerce_entry(entry: SeriesEntry | Mapping[str, Any]) -> SeriesEntry:
+    if isinstance(entry, SeriesEntry):
+        return entry
+    known = SeriesEntry.__dataclass_fields__
+    return SeriesEntry(**{k: v for k, v in entry.items() if k in known})
+
+
+def _series_html(entry: SeriesEntry, ev: Evaluation) -> str:
+    esc = html.escape
+    findings = entry.findings
+    if findings is None:
+        findings = [name for name in ev.labels
+                    if name in entry.probs and entry.probs[name] >= ev.thresholds.get(name, 0.5)]
+    shown = [f for f in findings if f != "any"] or (["any"] if "any" in findings else [])
+    verdict = ", ".join(shown) if shown else "no hemorrhage called"
+    rows = []
+    for name in ev.labels:
+        if name not in entry.probs:
+            continue
+        p = float(entry.probs[name])
+        called = name in findings
+        truth = "" if entry.truth is None or name not in entry.truth else ("yes" if entry.truth[name] else "no")
+        rows.append(f"<tr class=\"{'pos' if called else ''}\"><td>{esc(name)}</td><td>{p:.3f}</td>"
+                    f"<td><span class=\"bar\" style=\"width:{100 * p:.0f}px\"></span></td>"
+                    f"<td>{'called' if called else ''}</td>"
+                    + (f"<td>{truth}</td>" if entry.truth is not None else "") + "</tr>")
+    truth_head = "<th>truth</th>" if entry.truth is not None else ""
+    images = entry.key_slice
+    if images is None:
+        figures = ""
+    elif isinstance(images, Mapping):
+        figures = "".join(_img(img, str(caption), 'class="slice"') for caption, img in images.items())
+    else:
+        figures = _img(images, "key slice", 'class="slice"')
+    ids = " &middot; ".join(esc(f"{k} {v}") for k, v in (("patient", entry.patient_id),
+                                                         ("study", entry.study_uid)) if v)
+    note = f"<p class=\"note\">{esc(entry.note)}</p>" if entry.note else ""
+    return (f"<section class=\"series\"><h3>Series {esc(entry.series_uid)}</h3>"
+            f"<p class=\"ids\">{ids}</p><p class=\"verdict\">Findings: <b>{esc(verdict)}</b></p>{note}"
+            f"<div class=\"row\"><table class=\"probs\"><thead><tr><th>label</th><th>probability</th><th></th>"
+            f"<th>call</th>{truth_head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            f"<div class=\"images\">{figures}</div></div></section>")
+
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} .disclaimer{background:#fff4e5;border-left:4px solid #f0a020;padding:.5em 1em}
+table{border-collapse:collapse;margin:.5em 0} th,td{padding:.25em .6em;border-bottom:1px solid #ddd}
+.t1 td{text-align:right;font-variant-numeric:tabular-nums} .t1 td:first-child{text-align:left}
+td.na{color:#a33} .notes{font-size:12px;color:#555} .caption{color:#444}
+img.roc{max-width:100%} .series{border-top:2px solid #ccc;margin-top:1.5em}
+.series .row{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}
+.images{display:flex;gap:.5em;flex-wrap:wrap} img.slice{width:256px;image-rendering:pixelated;background:#000}
+figure{margin:0} figcaption{font-size:12px;color:#555;text-align:center} figure.missing{color:#a33}
+.bar{display:inline-block;height:10px;background:#4a7fb5} tr.pos td{font-weight:600} .ids{color:#666;margin:0}
+"""
+
+
+def html_report(
+    ev: Evaluation,
+    series: Iterable[SeriesEntry | Mapping[str, Any]] | None = None,
+    *,
+    title: str = "ichscan evaluation",
+    roc_png: ImageSource | None = None,
+    extra: Mapping[str, str] | None = None,
+    digits: int = 3,
+) -> str:
+    """A self-contained HTML page: Table 1, the weighted log loss, Figure 1 and one section per series.
+
+    Images (Figure 1 and every key slice) are embedded as base64, so the page is a single file.
+    ``roc_png`` reuses an already written Figure 1; otherwise it is drawn here. ``extra`` adds
+    "name: text" lines to the summary (e.g. the model and data the demo used).
+    """
+    esc = html.escape
+    if roc_png is None:
+        import matplotlib
+
+        with matplotlib.rc_context({"svg.hashsalt": "ichscan"}):
+            roc_png = _figure_png(roc_figure(ev))
+    rows_word, _ = _unit_words(ev)
+    summary = {"level": ev.level, rows_word: str(ev.n),
+               "patients": str(ev.n_units) if ev.resampling_unit == "patient" else "unknown",
+               "thresholds": ", ".join(f"{k} {v:.3g}" for k, v in ev.thresholds.items())}
+    for key in ("pred", "labels"):
+        if key in ev.source:
+            summary[f"{key} file"] = str(ev.source[key])
+    summary.update(extra or {})
+    dl = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary.items())
+    entries = [_coerce_entry(e) for e in (series or [])]
+    sections = "".join(_series_html(e, ev) for e in entries)
+    figure = _img(roc_png, "ROC curves per label", 'class="roc"')
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{esc(title)}</h1><p class=\"disclaimer\">{esc(DISCLAIMER)}</p>"
+        f"<table class=\"summary\">{dl}</table>"
+        f"<h2>Table 1</h2><p class=\"caption\">{esc(table1_caption(ev))}</p>{_table1_html(ev, digits)}"
+        f"<p>{esc(_weighted_line(ev, digits).replace('`', ''))}</p>"
+        f"<h2>Figure 1</h2>{figure}"
+        + (f"<h2>Series ({len(entries)})</h2>{sections}" if entries else "")
+        + "</body></html>\n"
+    )
+
+
+def write_html_report(ev: Evaluation, path: str | os.PathLike,
+                      series: Iterable[SeriesEntry | Mapping[str, Any]] | None = None, **kwargs) -> Path:
+    """Write ``html_report(ev, series, **kwargs)`` to ``path`` (one file, images inlined)."""
+    return _write_text(path, html_report(ev, series, **kwargs))
+
+
+def write_report(
+    ev: Evaluation,
+    out_dir: str | os.PathLike,
+    series: Iterable[SeriesEntry | Mapping[str, Any]] | None = None,
+    *,
+    html_name: str | None = "report.html",
+    **html_kwargs,
+) -> dict[str, Path]:
+    """Everything at once: table1.md/.csv/.json, roc.png/.svg and (unless ``html_name`` is None) the HTML."""
+    paths = {f"table1_{k}": v for k, v in write_table1(ev, out_dir).items()}
+    paths.update({f"roc_{k}": v for k, v in write_roc(ev, out_dir).items()})
+    if html_name:
+        html_kwargs.setdefault("roc_png", paths["roc_png"])
+        paths["html"] = write_html_report(ev, Path(out_dir) / html_name, series, **html_kwargs)
+    return paths

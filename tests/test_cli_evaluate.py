@@ -1,0 +1,48 @@
+"""``ichscan evaluate`` and ``ichscan thresholds`` through the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from ichscan.cli import main
+from ichscan.labels import LABELS
+from test_metrics import write_series
+
+
+def test_thresholds_then_evaluate(tmp_path, capsys):
+    val = tmp_path / "val"
+    val.mkdir()
+    pred, labels, *_ = write_series(val, n=60, seed=1)
+    thr = tmp_path / "thresholds.json"
+    assert main(["thresholds", "--pred", str(pred), "--labels", str(labels), "--method", "sensitivity",
+                 "--target", "0.8", "--out", str(thr)]) == 0
+    doc = json.loads(thr.read_text())
+    assert doc["method"] == "sensitivity" and doc["target"] == 0.8 and set(doc["thresholds"]) == set(LABELS)
+
+    test = tmp_path / "test"
+    test.mkdir()
+    pred, labels, *_ = write_series(test, n=40, seed=2, drop_pred=2)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--thresholds", str(thr),
+                 "--bootstrap", "50", "--out", str(out), "--html"]) == 0
+    captured = capsys.readouterr()
+    assert "| Label | POS n (%)" in captured.out and "Weighted log loss" in captured.out
+    assert "2 labelled series" in captured.err
+    names = {p.name for p in out.iterdir()}
+    assert {"table1.md", "table1.csv", "table1.json", "roc.png", "roc.svg", "report.html"} <= names
+    result = json.loads((out / "table1.json").read_text())
+    assert result["level"] == "series" and result["n"] == 38 and result["n_units"] == 19
+    assert result["thresholds"] == doc["thresholds"]
+    table = pd.read_csv(out / "table1.csv")
+    assert list(table["label"]) == [*LABELS, "weighted_log_loss"]
+
+
+def test_evaluate_reports_data_errors(tmp_path, capsys):
+    pred, labels, *_ = write_series(tmp_path, extra_pred=2)
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err
+    assert "ichscan evaluate: error:" in err and "series_pred.csv" in err and "2 of 42 series" in err
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--thresholds", "2"]) == 1
+    assert "thresholds must lie in [0, 1]" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""ichscan.report: Table 1 in Markdown/CSV/JSON, Figure 1, the one-file HTML report."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ichscan import metrics as m
+from ichscan import report as r
+from ichscan.labels import LABELS
+
+
+@pytest.fixture(scope="module")
+def ev():
+    rng = np.random.default_rng(0)
+    n = 120
+    y = (rng.random((n, 6)) < 0.3).astype(int)
+    y[:, 1] = 0  # epidural absent: NA cells with reasons
+    p = np.clip(0.35 * y + 0.65 * rng.random((n, 6)), 0, 1)
+    return m.evaluate(y, p, groups=np.arange(n) // 2, n_bootstrap=100, level="series",
+                      thresholds=dict(zip(LABELS, (0.5, 0.5, 0.4, 0.5, 0.5, 0.6))))
+
+
+def test_markdown_table(ev):
+    md = r.table1_markdown(ev)
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| Label"))
+    assert header == "| Label | POS n (%) | NEG n (%) | ACC | PREC | REC | AUC | LOG_LOSS |"
+    body = [line.split(" | ")[0].strip("| ") for line in lines if line.startswith("| ") and line is not header]
+    assert body == list(LABELS)
+    any_row = next(line for line in lines if line.startswith("| any |"))
+    auc = ev["any"].auc
+    assert f"{auc.value:.3f} ({auc.low:.3f}\u2013{auc.high:.3f})" in any_row
+    assert f"{ev['any'].pos} ({ev['any'].pos_pct:.1f}%)" in any_row
+    epi = next(line for line in lines if line.startswith("| epidural |"))
+    assert "NA [" in epi
+    assert re.search(r"^\[\d\] epidural AUC: no positive cases of epidural: AUC undefined$", md, re.M)
+    assert "Weighted log loss" in md and f"{ev.weighted_log_loss.value:.3f}" in md
+    assert "120 series from 60 patients" in md and "per-label thresholds" in md
+
+
+def test_csv_and_json_carry_numbers_and_cis(ev, tmp_path):
+    paths = r.write_table1(ev, tmp_path)
+    assert {p.name for p in paths.values()} == {"table1.md", "table1.csv", "table1.json"}
+    table = pd.read_csv(paths["csv"]).set_index("label")
+    assert list(table.index) == [*LABELS, "weighted_log_loss"]
+    for name in LABELS:
+        row = ev[name]
+        assert table.loc[name, "pos"] == row.pos and table.loc[name, "tp"] == row.tp
+        assert table.loc[name, "threshold"] == row.threshold
+        if not row.auc.na:
+            assert table.loc[name, "auc"] == pytest.approx(row.auc.value, rel=1e-5)
+            assert table.loc[name, "auc_low"] == pytest.approx(row.auc.low, rel=1e-5)
+    assert np.isnan(table.loc["epidural", "auc"]) and "AUC undefined" in table.loc["epidural", "auc_note"]
+    assert table.loc["weighted_log_loss", "log_loss"] == pytest.approx(ev.weighted_log_loss.value, rel=1e-5)
+    doc = json.loads(paths["json"].read_text())
+    assert doc["weighted_log_loss"]["value"] == pytest.approx(ev.weighted_log_loss.value)
+    assert doc["weighted_log_loss"]["low"] <= doc["weighted_log_loss"]["value"] <= doc["weighted_log_loss"]["high"]
+    assert doc["bootstrap"] == {"n": 100, "ci": 0.95, "seed": 0, "method": "percentile"}
+    assert doc["resampling_unit"] == "patient" and doc["loss_weights"]["any"] == 2.0
+    epi = next(x for x in doc["per_label"] if x["label"] == "epidural")
+    assert epi["auc"]["value"] is None and "AUC undefined" in epi["auc"]["reason"]
+
+
+def test_roc_figure_panels_and_files(ev, tmp_path):
+    fig = r.roc_figure(ev)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title().split(" (")[0] for ax in panels] == list(LABELS)
+    legend = [t.get_text() for t in panels[0].get_legend().get_texts()]
+    auc = ev["any"].auc
+    assert legend[0] == f"AUC {auc.value:.3f} (95% CI {auc.low:.3f}\u2013{auc.high:.3f})"
+    assert panels[1].get_legend() is None  # epidural: no curve, a note instead
+    assert any("AUC undefined" in t.get_text() for t in panels[1].texts)
+    paths = r.write_roc(ev, tmp_path)
+    assert paths["png"].read_bytes().startswith(b"\x89PNG")
+    svg = paths["svg"].read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    again = r.write_roc(ev, tmp_path / "again", formats=("svg",))
+    assert again["svg"].read_bytes() == paths["svg"].read_bytes()  # reproducible
+
+
+def test_html_report_is_one_file(ev, tmp_path):
+    png = (tmp_path / "k.png")
+    png.write_bytes(r._figure_png(r.roc_figure(ev), dpi=20))
+    entries = [
+        r.SeriesEntry(series_uid="1.2.3", probs=dict(zip(LABELS, ev.y_prob[0])), patient_id="P001",
+                      key_slice={"brain": png, "blood": png.read_bytes(), "soft tissue": png},
+                      truth=dict(zip(LABELS, ev.y_true[0]))),
+        {"series_uid": "<script>alert(1)</script>", "probs": {"any": 0.9, "subdural": 0.8},
+         "findings": ["any", "subdural"], "key_slice": tmp_path / "missing.png"},
+    ]
+    path = r.write_html_report(ev, tmp_path / "report.html", entries, title="demo")
+    text = path.read_text()
+    srcs = re.findall(r'src="([^"]*)"', text)
+    assert len(srcs) == 4 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    base64.b64decode(srcs[0].split(",", 1)[1], validate=True)
+    assert "<script>" not in text and "&lt;script&gt;" in text
+    assert "image not readable" in text  # a missing image is reported in place, not fatal
+    assert "Findings: <b>subdural</b>" in text
+    assert "Table 1" in text and "not a medical device" in text
+    assert "href=" not in text  # nothing linked from outside
+
+
+def test_write_report_writes_everything(ev, tmp_path):
+    paths = r.write_report(ev, tmp_path / "out")
+    assert {p.name for p in paths.values()} == {"table1.md", "table1.csv", "table1.json", "roc.png",
+                                                "roc.svg", "report.html"}
