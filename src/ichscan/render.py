@@ -67,7 +67,7 @@ def contact_sheet(
         raise SeriesError("nothing to render: no slices", None)
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    tile = tile or max(96, min(512, 1024 // cols))
+    tile = tile or max(96, min(512, 768 // cols))
     labels = list(labels) if labels is not None else [str(i) for i in range(n)]
     pad, head = 6, 28
     title_h = 26 if title else 0
