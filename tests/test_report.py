@@ -106,6 +106,26 @@ def test_html_report_is_one_file(ev, tmp_path):
     assert "href=" not in text  # nothing linked from outside
 
 
+def test_key_slice_pngs_three_windows():
+    hu = np.full((64, 48), -1000.0, dtype=np.float32)
+    hu[10:50, 8:40] = 40.0  # brain
+    hu[20:30, 15:25] = 70.0  # blood
+    pngs = r.key_slice_pngs(hu, size=32, caption="key")
+    assert list(pngs) == ["key brain 40/80", "key blood 80/200", "key soft tissue 40/380"]
+    from PIL import Image
+    import io
+
+    img = Image.open(io.BytesIO(pngs["key brain 40/80"]))
+    assert img.size == (32, 32) and img.mode == "L"
+    entry = r.SeriesEntry("1.2", {"any": 0.7}, key_slice=pngs)
+    assert r._series_html(entry, _ev_stub()).count("data:image/png;base64,") == 3
+
+
+def _ev_stub():
+    y = np.array([[1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]] * 3)
+    return m.evaluate(y, np.clip(y * 0.8 + 0.1, 0, 1), n_bootstrap=0)
+
+
 def test_write_report_writes_everything(ev, tmp_path):
     paths = r.write_report(ev, tmp_path / "out")
     assert {p.name for p in paths.values()} == {"table1.md", "table1.csv", "table1.json", "roc.png",

@@ -266,6 +266,28 @@ class SeriesEntry:
     note: str | None = None
 
 
+def key_slice_pngs(hu: np.ndarray, windows=None, *, size: int | None = 256,
+                   caption: str = "") -> dict[str, bytes]:
+    """A key slice (HU, H x W) as one grayscale PNG per window, keyed ``"<caption> <window> L/W"``.
+
+    The default windows are the paper's three (brain, blood, soft tissue); pass the result as
+    ``SeriesEntry.key_slice``.
+    """
+    from PIL import Image
+
+    from ichscan.windows import PAPER_WINDOWS, get_windows, window_image
+
+    ws = get_windows(PAPER_WINDOWS if windows is None else windows)
+    channels = window_image(hu, ws, size=size, dtype=np.uint8)
+    out = {}
+    for w, channel in zip(ws, channels):
+        buf = io.BytesIO()
+        Image.fromarray(channel, mode="L").save(buf, format="PNG", optimize=True)
+        name = f"{caption} {w.name.replace('_', ' ')} {w.level:g}/{w.width:g}".strip()
+        out[name] = buf.getvalue()
+    return out
+
+
 def _data_uri(image: ImageSource) -> tuple[str | None, str | None]:
     """(data URI, problem): images are inlined so the report is one file."""
     if isinstance(image, (bytes, bytearray)):
