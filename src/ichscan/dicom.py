@@ -315,6 +315,9 @@ def _iter_sources(path: str | os.PathLike) -> Iterator[_Source | SkippedFile]:
 
 
 def _dcmread(src: _Source, *, pixels: bool) -> Dataset:
+    if pixels and src.data is None:
+        with open(src.path, "rb") as fh:  # one read: pydicom then parses from memory
+            src = _Source(src.path, fh.read())
     head = src.head()
     if head[128:132] == b"DICM":
         force = False
@@ -621,12 +624,16 @@ def read_pixels(path: str | os.PathLike, *, allow_non_ct: bool = False) -> Store
     _check_image(ds, src.path, allow_non_ct)
     if (_int(ds.get("NumberOfFrames")) or 1) > 1:
         raise PixelDataError("multi-frame object; use read_slices() to split it into slices", src.path)
-    meta = _frame_meta(ds, 0 if "PerFrameFunctionalGroupsSequence" in ds else None)
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        meta = _frame_meta(ds, 0)
+        slope, intercept = meta["slope"], meta["intercept"]
+    else:  # only what the modality LUT needs: this is the hot path of the training cache
+        slope, intercept = _float(ds.get("RescaleSlope")), _float(ds.get("RescaleIntercept"))
     stored = _stored_array(ds, src.path, 1)
     stored = stored[0] if stored.ndim == 3 else stored
-    slope = 1.0 if meta["slope"] is None else meta["slope"]
-    intercept = meta["intercept"] or 0.0
-    fixes = (RSNA_FIX,) if _needs_rsna_fix(ds, meta["intercept"]) else ()
+    fixes = (RSNA_FIX,) if _needs_rsna_fix(ds, intercept) else ()
+    slope = 1.0 if slope is None else slope
+    intercept = intercept or 0.0
     return StoredPixels(src.path, stored, slope, intercept, fixes)
 
 

@@ -186,7 +186,13 @@ def window_stored(
             stored = stored.astype(stored.dtype.newbyteorder("="))
         index = stored.view(f"u{stored.dtype.itemsize}")  # the bit pattern indexes the table
         key = (stored.dtype.str, float(pixels.slope), float(pixels.intercept), tuple(pixels.fixes))
-        channels = [_lut(*key, w, dt.str).take(index) for w in ws]
+        index = index.astype(np.intp)  # once, not once per window inside take()
+        out = np.empty((len(ws), *index.shape), dtype=dt)
+        for c, w in enumerate(ws):
+            np.take(_lut(*key, w, dt.str), index, out=out[c])
+        if size is None or out.shape[1:] == (size, size):
+            return out
+        channels = list(out)
     else:
         hu = pixels.hu()
         channels = [_apply(hu, w, dt) for w in ws]
