@@ -161,3 +161,33 @@ def test_resume_refuses_changed_config(tmp_path):
 
     with pytest.raises(IchscanError, match="lr"):
         train(tiny_config(epochs=1, lr=1.0), data, None, tmp_path / "r", resume=True)
+
+
+def test_cli_index_cache_train_and_ensemble(tmp_path, capsys):
+    from test_data import make_rsna_folder
+
+    from ichscan.cli import main
+    from ichscan.model import load_ensemble
+
+    make_rsna_folder(tmp_path / "train", patients=6, slices=3)
+    make_rsna_folder(tmp_path / "val", patients=2, slices=3)
+    assert main(["index", str(tmp_path / "train"), "--workers", "1", "--no-progress"]) == 0
+    assert (tmp_path / "train" / "ichscan_index.parquet").is_file()
+    assert main(["cache", str(tmp_path / "train"), "--out", str(tmp_path / "c32"), "--size", "32",
+                 "--workers", "1", "--no-progress"]) == 0
+    common = ["--preset", "quick", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--no-progress",
+              "--precision", "fp32", "--workers", "0", "--io-workers", "1", "--device", "cpu"]
+    assert main(["train", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--out", str(tmp_path / "a"),
+                 "--cache", str(tmp_path / "c32"), "--seed", "0", *common]) == 0
+    err = capsys.readouterr().err
+    assert "preset quick" in err and "resnet10t" in err and "best checkpoint" in err
+    # The second model on a patient fold of the same folder, averaged with the first.
+    assert main(["train", str(tmp_path / "train"), "--out", str(tmp_path / "b"), "--fold", "1", "--folds", "3",
+                 "--seed", "1", "--ensemble-with", str(tmp_path / "a" / "best.json"), *common]) == 0
+    manifest = json.loads((tmp_path / "b" / "ensemble.json").read_text())
+    assert [m["checkpoint"] for m in manifest["members"]] == ["../a/best.json", "best.json"]
+    ens = load_ensemble(tmp_path / "b" / "ensemble.json")
+    assert len(ens.members) == 2 and ens.image_size == 32
+    meta = json.loads((tmp_path / "b" / "best.json").read_text())
+    assert meta["config"]["seed"] == 1 and meta["data"]["validation"].startswith("fold 1 of 3")
+    assert meta["data"]["train"]["images"] + meta["data"]["val"]["images"] == 18

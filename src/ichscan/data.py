@@ -330,8 +330,12 @@ def assign_folds(frame: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> np.nda
         y = np.zeros(len(frame), int)  # nothing to stratify on
     folds = np.full(len(frame), -1, dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(frame)), y, groups.to_numpy())):
-        folds[val_idx] = k
+    import warnings
+
+    with warnings.catch_warnings():  # small sets: "least populated class has only n members" is expected
+        warnings.simplefilter("ignore", UserWarning)
+        for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(frame)), y, groups.to_numpy())):
+            folds[val_idx] = k
     return folds
 
 

@@ -323,11 +323,9 @@ def _lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def _window_records(names: Sequence[str]) -> list[dict[str, Any]]:
-    try:
-        from ichscan.windows import PRESETS as WINDOWS
-    except ImportError:  # pragma: no cover - windows is part of the package
-        return [{"name": n} for n in names]
-    return [{"name": WINDOWS[n].name, "level": WINDOWS[n].level, "width": WINDOWS[n].width} for n in names]
+    from ichscan.windows import get_windows
+
+    return [w.to_dict() for w in get_windows(names)]
 
 
 def _rng_state(aug_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
@@ -614,3 +612,128 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device, lab
     if progress:
         progress(TrainProgress("val", epoch, epochs, 1, 1, 0, metrics["val_loss"], None, None, metrics))
     return metrics
+
+
+# ------------------------------------------------------------------------------------- folders, end to end
+
+
+@dataclass
+class RunInputs:
+    """Where a run's data comes from; every path optional but ``data``."""
+
+    data: str | os.PathLike  # RSNA-layout folder: labels.csv / stage_2_train.csv + images/
+    val_data: str | os.PathLike | None = None  # a separate validation folder (else fold ``config.fold``)
+    labels_csv: str | os.PathLike | None = None
+    index: str | os.PathLike | None = None  # header index Parquet (default <data>/ichscan_index.parquet)
+    val_index: str | os.PathLike | None = None
+    cache: str | os.PathLike | None = None  # uint8 image cache folder, built or finished when needed
+    val_cache: str | os.PathLike | None = None
+    io_workers: int | None = None  # processes for indexing and caching (default: all cores)
+
+
+FOLD_SEED = 0  # folds are a property of the data, the same for every run and training seed
+
+
+def prepare_datasets(config: TrainConfig, inputs: RunInputs, *, report: Callable[[str], None] | None = None,
+                     progress: Callable[[str, int, int], None] | None = None):
+    """(train_set, val_set, data_summary) for ``inputs``: labels joined to the header index, split by
+    ``val_data`` or by patient-grouped fold ``config.fold`` of ``config.n_folds``, optionally cached."""
+    from ichscan.data import SliceDataset, assign_folds, build_cache, load_labelled
+
+    say = report or (lambda line: log.info("%s", line))
+
+    def step(name: str):
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
+    train_data = load_labelled(inputs.data, labels_csv=inputs.labels_csv, index_cache=inputs.index,
+                               workers=inputs.io_workers, progress=step("index"), labels=config.labels)
+    for line in train_data.lines():
+        say(line)
+    frame = train_data.frame
+    summary: dict[str, Any] = {"source": os.fspath(inputs.data), "missing_files": train_data.missing[:100],
+                               "label_conflicts": len(train_data.label_report.conflicts)}
+    if inputs.val_data is not None:
+        val_data = load_labelled(inputs.val_data, index_cache=inputs.val_index, workers=inputs.io_workers,
+                                 progress=step("index val"), labels=config.labels)
+        for line in val_data.lines():
+            say(line)
+        train_frame, val_frame = frame, val_data.frame
+        summary["validation"] = os.fspath(inputs.val_data)
+    else:
+        folds = assign_folds(frame, config.n_folds, seed=FOLD_SEED)
+        if not 0 <= config.fold < config.n_folds:
+            raise DataError(f"fold {config.fold} is not in 0..{config.n_folds - 1}")
+        train_frame, val_frame = frame[folds != config.fold], frame[folds == config.fold]
+        summary["validation"] = f"fold {config.fold} of {config.n_folds} (grouped by patient, stratified on any)"
+        overlap = set(train_frame["patient_id"]) & set(val_frame["patient_id"])
+        assert not overlap, "folds must not share patients"
+    if len(train_frame) == 0:
+        raise DataError("no labelled images to train on", inputs.data)
+    caches = []
+    for root, part, name in ((inputs.cache, train_frame, "cache"), (inputs.val_cache, val_frame, "cache val")):
+        if root is not None:
+            result = build_cache(part, root, config.image_size, config.windows, workers=inputs.io_workers,
+                                 progress=step(name)) if _cache_needs_work(root, part) else None
+            if result is not None:
+                for line in result.lines()[:6]:
+                    say(line)
+        caches.append(root)
+    if inputs.cache is not None and inputs.val_cache is None and inputs.val_data is None:
+        caches[1] = inputs.cache  # one folder's cache: a fold split reads validation from it too
+    train_set = SliceDataset(train_frame, config.image_size, config.windows, config.labels, cache=caches[0])
+    val_set = SliceDataset(val_frame, config.image_size, config.windows, config.labels, cache=caches[1]) \
+        if len(val_frame) else None
+    summary["train"] = train_set.summary()
+    summary["val"] = val_set.summary() if val_set is not None else None
+    return train_set, val_set, summary
+
+
+def _cache_needs_work(root: str | os.PathLike, frame) -> bool:
+    from ichscan.data import DONE, ImageCache
+
+    try:
+        cache = ImageCache(root)
+    except DataError:
+        return True
+    status = cache.status
+    rows = [cache.row_of.get(i, -1) for i in frame["image_id"].astype(str)]
+    return any(r < 0 or status[r] != DONE for r in rows)
+
+
+def run_training(config: TrainConfig, inputs: RunInputs, out_dir: str | os.PathLike, *, resume: bool = False,
+                 ensemble_with: Sequence[str | os.PathLike] = (), ensemble_out: str | os.PathLike | None = None,
+                 progress: Callable[[TrainProgress], None] | None = None,
+                 data_progress: Callable[[str, int, int], None] | None = None,
+                 report: Callable[[str], None] | None = None, stop_after_steps: int | None = None) -> TrainResult:
+    """Index, split, cache (when asked) and train on an RSNA-layout folder; what ``ichscan train`` runs.
+
+    ``ensemble_with``: checkpoints (or ensemble manifests) trained before, e.g. the paper's first model;
+    a manifest naming them and this run's best checkpoint is written to ``ensemble_out``
+    (default ``<out_dir>/ensemble.json``).
+    """
+    train_set, val_set, summary = prepare_datasets(config, inputs, report=report, progress=data_progress)
+    result = train(config, train_set, val_set, out_dir, resume=resume, progress=progress,
+                   stop_after_steps=stop_after_steps, data_summary=summary)
+    if ensemble_with and not result.interrupted and result.best is not None:
+        from ichscan.model import write_ensemble
+
+        members: list[Path] = []
+        for item in ensemble_with:
+            members += _checkpoints_in(Path(item))
+        target = Path(ensemble_out) if ensemble_out else Path(out_dir) / "ensemble.json"
+        write_ensemble(target, [*members, result.best])
+        (report or (lambda line: log.info("%s", line)))(f"ensemble manifest: {target}")
+    return result
+
+
+def _checkpoints_in(path: Path) -> list[Path]:
+    """A checkpoint JSON/stem, or every member of an ensemble manifest, as checkpoint JSON paths."""
+    from ichscan.model import ENSEMBLE_KIND, checkpoint_paths
+
+    if path.is_dir():
+        path = path / "best.json"
+    if path.suffix == ".json" and path.is_file():
+        record = json.loads(path.read_text())
+        if record.get("kind") == ENSEMBLE_KIND:
+            return [path.parent / m["checkpoint"] for m in record["members"]]
+    return [checkpoint_paths(path)[1]]
