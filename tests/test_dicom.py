@@ -258,3 +258,30 @@ def test_ingest_does_not_import_torch():
     code = "import sys, ichscan.dicom, ichscan.windows, ichscan.render; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_jpeg_baseline_8bit_ct(tmp_path):
+    # an 8-bit lossy JPEG CT (some exports do this): HU must follow pydicom's own decode + modality LUT
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from ichscan.windows import load_windows, window_image
+
+    path = write_ct(tmp_path / "plain.dcm", head_phantom(64, 64))
+    ds = pydicom.dcmread(path)
+    stored = np.clip((head_phantom(64, 64) + 1024) / 8, 0, 255).astype(np.uint8)  # 8 HU per grey level
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", quality=95)
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 8, -1024
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(tmp_path / "jpeg.dcm")
+    s = read_slice(tmp_path / "jpeg.dcm")
+    np.testing.assert_array_equal(s.hu, pydicom_hu(tmp_path / "jpeg.dcm"))
+    assert abs(float(s.hu[0, 0]) - (-1000)) <= 16 and abs(float(s.hu[32, 32]) - 60) <= 16
+    np.testing.assert_array_equal(load_windows(tmp_path / "jpeg.dcm"), window_image(s.hu))  # 8-bit lookup table
