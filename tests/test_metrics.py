@@ -333,6 +333,19 @@ def test_series_predictions_join_labels_by_series_uid(tmp_path):
     assert ev.level == "series" and ev.n_units == 18 and ev.source["n_matched"] == 36
 
 
+def test_series_patients_from_labels_else_predictions(tmp_path, caplog):
+    pred, labels, *_ = write_series(tmp_path)
+    frame = pd.read_csv(labels, dtype=str)
+    frame.drop(columns=["patient_id"]).to_csv(labels, index=False)
+    data = m.load_series(pred, labels)
+    assert data.source["groups_from"] == str(pred) and len(set(data.groups)) == 20
+    frame["patient_id"] = "X" + frame["patient_id"]
+    frame.to_csv(labels, index=False)
+    data = m.load_series(pred, labels)
+    assert data.source["groups_from"] == str(labels) and data.groups[0].startswith("X")
+    assert "different patient_id" in caplog.text
+
+
 def test_series_errors_name_the_file(tmp_path):
     pred, labels, *_ = write_series(tmp_path, extra_pred=3)
     with pytest.raises(DataError, match=r"series_pred\.csv: 3 of 43 series.*no row in"):

@@ -130,3 +130,20 @@ def test_write_report_writes_everything(ev, tmp_path):
     paths = r.write_report(ev, tmp_path / "out")
     assert {p.name for p in paths.values()} == {"table1.md", "table1.csv", "table1.json", "roc.png",
                                                 "roc.svg", "report.html"}
+
+
+def test_series_entries_from_evaluation(ev):
+    uid = ev.ids[3]
+    entries = r.series_entries(ev, {uid: b"\x89PNG..."}, details={uid: {"study_uid": "9.9", "note": "n"}})
+    assert len(entries) == ev.n and entries[3].key_slice == b"\x89PNG..." and entries[3].study_uid == "9.9"
+    assert entries[0].probs["any"] == pytest.approx(ev.y_prob[0, 0]) and entries[0].truth["any"] == ev.y_true[0, 0]
+    assert entries[0].patient_id == ev.groups[0] and entries[0].key_slice is None
+
+
+def test_splice_markdown(tmp_path):
+    doc = tmp_path / "README.md"
+    doc.write_text("# x\n<!-- ichscan:table1 -->\nold\n<!-- /ichscan:table1 -->\nrest\n")
+    r.splice_markdown(doc, "table1", "| a |\n")
+    assert doc.read_text() == "# x\n<!-- ichscan:table1 -->\n| a |\n<!-- /ichscan:table1 -->\nrest\n"
+    with pytest.raises(ValueError, match="markers"):
+        r.splice_markdown(doc, "figure1", "x")

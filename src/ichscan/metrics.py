@@ -760,6 +760,25 @@ def _join(pred: pd.DataFrame, truth: pd.DataFrame, key: str, pred_path, labels_p
     return merged, unmatched_labels
 
 
+def _patients(merged: pd.DataFrame, pred_path, labels_path) -> tuple[np.ndarray | None, str | None]:
+    """Patient per row from the labels file (``patient_id_truth``), else the predictions (``patient_id``).
+
+    A source counts only if every row has a value. When both have one and they disagree, the files
+    probably describe different data; say so.
+    """
+    sources = [(c, origin) for c, origin in (("patient_id_truth", labels_path), ("patient_id", pred_path))
+               if c in merged.columns and (merged[c].astype(str).str.strip() != "").all()]
+    if len(sources) == 2:
+        differ = merged["patient_id_truth"].astype(str) != merged["patient_id"].astype(str)
+        if differ.any():
+            log.warning("%d row(s) have a different patient_id in %s than in %s; using the labels' IDs",
+                        int(differ.sum()), pred_path, labels_path)
+    if not sources:
+        return None, None
+    column, origin = sources[0]
+    return merged[column].astype(str).to_numpy(dtype=str), str(origin)
+
+
 def detect_level(pred_path: str | os.PathLike, labels_path: str | os.PathLike) -> str:
     """``slice`` when either file is per image (an ``image_id`` or RSNA ``ID`` column), else ``series``."""
     columns = _columns(pred_path, "predictions") | _columns(labels_path, "labels")
@@ -797,19 +816,16 @@ def load_series(
     _unique_ids(pred, "series_uid", pred_path, "the series predictions")
     _unique_ids(truth, "series_uid", labels_path, "the series labels")
     keep = ["series_uid", *labels] + (["patient_id"] if "patient_id" in truth.columns else [])
-    merged, unmatched = _join(pred, truth[keep], "series_uid", pred_path, labels_path, "series")
+    truth = truth[keep].rename(columns={"patient_id": "patient_id_truth"})
+    merged, unmatched = _join(pred, truth, "series_uid", pred_path, labels_path, "series")
     y_prob = _numbers(merged, prob_cols, pred_path, "series prediction", binary=False)
     y_true = _numbers(merged, list(labels), labels_path, "series label", binary=True)
-    groups = None
-    for column in ("patient_id_truth", "patient_id"):
-        if column in merged.columns and (merged[column] != "").all():
-            groups = merged[column].to_numpy(dtype=str)
-            break
+    groups, groups_from = _patients(merged, pred_path, labels_path)
     return EvalData(
         level="series", ids=merged["series_uid"].to_numpy(dtype=str), y_true=y_true, y_prob=y_prob,
         groups=groups, labels=labels,
         source={"pred": str(pred_path), "labels": str(labels_path), "key": "series_uid",
-                "n_pred": len(pred), "n_labels": len(truth), "n_matched": len(merged),
+                "groups_from": groups_from, "n_pred": len(pred), "n_labels": len(truth), "n_matched": len(merged),
                 "n_labels_without_prediction": unmatched},
     )
 
@@ -826,7 +842,7 @@ def load_slices(
     Predictions: predict's slice CSV (``image_id`` and ``prob_<label>`` columns) or a Kaggle submission
     (``ID,Label`` with ``ID_<image>_<label>``). Labels: RSNA ``ID,Label`` (repeated rows dropped) or a
     table with ``image_id`` and one column per label (the data index). Patients for the bootstrap come
-    from a ``patient_id`` column in the predictions, the labels, or ``groups_path`` (any CSV/Parquet with
+    from a ``patient_id`` column in the labels, the predictions, or ``groups_path`` (any CSV/Parquet with
     ``image_id`` and ``patient_id``, such as the data index); without one each image is its own unit.
     """
     labels = tuple(labels)
@@ -848,15 +864,12 @@ def load_slices(
         truth[list(labels)] = truth[list(labels)].astype(str)
         _unique_ids(truth, "image_id", labels_path, "the labels")
     keep = ["image_id", *labels] + (["patient_id"] if "patient_id" in truth.columns else [])
-    merged, unmatched = _join(pred, truth[keep], "image_id", pred_path, labels_path, "image")
+    truth = truth[keep].rename(columns={"patient_id": "patient_id_truth"})
+    merged, unmatched = _join(pred, truth, "image_id", pred_path, labels_path, "image")
     y_prob = _numbers(merged, [f"prob_{name}" for name in labels], pred_path, "slice prediction", binary=False)
     y_true = _numbers(merged, list(labels), labels_path, "label", binary=True)
 
-    groups, groups_from = None, None
-    for column, origin in (("patient_id", str(pred_path)), ("patient_id_truth", str(labels_path))):
-        if column in merged.columns and (merged[column].astype(str) != "").all():
-            groups, groups_from = merged[column].to_numpy(dtype=str), origin
-            break
+    groups, groups_from = _patients(merged, pred_path, labels_path)
     if groups is None and groups_path is not None:
         table = _read_table(groups_path, "patient groups")
         _require(table, ["image_id", "patient_id"], groups_path, "patient groups")

@@ -266,6 +266,45 @@ class SeriesEntry:
     note: str | None = None
 
 
+def series_entries(
+    ev: Evaluation,
+    key_slices: Mapping[str, ImageSource | Mapping[str, ImageSource]] | None = None,
+    *,
+    details: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[SeriesEntry]:
+    """One ``SeriesEntry`` per evaluated row (series), with its probabilities, truth and patient.
+
+    ``key_slices`` maps a series UID (``ev.ids``) to its image(s); ``details`` maps a series UID to extra
+    ``SeriesEntry`` fields (``study_uid``, ``note``, ``findings``). Findings follow ``ev.thresholds``.
+    """
+    out = []
+    for i, uid in enumerate(ev.ids):
+        uid = str(uid)
+        extra = dict((details or {}).get(uid, {}))
+        patient = str(ev.groups[i]) if ev.resampling_unit == "patient" else None
+        out.append(SeriesEntry(
+            series_uid=uid, probs=dict(zip(ev.labels, map(float, ev.y_prob[i]))),
+            truth=dict(zip(ev.labels, map(int, ev.y_true[i]))), patient_id=extra.pop("patient_id", patient),
+            key_slice=(key_slices or {}).get(uid), **extra,
+        ))
+    return out
+
+
+def splice_markdown(path: str | os.PathLike, name: str, block: str) -> Path:
+    """Replace the text between ``<!-- ichscan:NAME -->`` and ``<!-- /ichscan:NAME -->`` in ``path``.
+
+    For documents that show generated results (the README's Table 1): the numbers are pasted by code,
+    never typed. Raises ValueError when the markers are missing.
+    """
+    path = Path(path)
+    text = path.read_text()
+    start, end = f"<!-- ichscan:{name} -->", f"<!-- /ichscan:{name} -->"
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"{path}: no {start} ... {end} markers to replace")
+    return _write_text(path, text[: i + len(start)] + "\n" + block.strip("\n") + "\n" + text[j:])
+
+
 def key_slice_pngs(hu: np.ndarray, windows=None, *, size: int | None = 256,
                    caption: str = "") -> dict[str, bytes]:
     """A key slice (HU, H x W) as one grayscale PNG per window, keyed ``"<caption> <window> L/W"``.
