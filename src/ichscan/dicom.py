@@ -315,10 +315,13 @@ def _iter_sources(path: str | os.PathLike) -> Iterator[_Source | SkippedFile]:
 
 
 def _dcmread(src: _Source, *, pixels: bool) -> Dataset:
-    if pixels and src.data is None:
-        with open(src.path, "rb") as fh:  # one read: pydicom then parses from memory
-            src = _Source(src.path, fh.read())
-    head = src.head()
+    try:
+        if pixels and src.data is None:
+            with open(src.path, "rb") as fh:  # one read: pydicom then parses from memory
+                src = _Source(src.path, fh.read())
+        head = src.head()
+    except OSError as err:
+        raise IchscanError(f"cannot be read ({err.strerror or err}); check permissions", src.path) from err
     if head[128:132] == b"DICM":
         force = False
     elif head[:2] in (b"\x02\x00", b"\x08\x00") and len(head) >= 8:
@@ -761,6 +764,10 @@ def find_series(path: str | os.PathLike, *, pixels: bool = False, allow_non_ct: 
         except IchscanError as err:
             skipped.append(SkippedFile(src.path, err.reason, type(err).__name__))
             log.debug("skipped %s", err)
+        except Exception as err:  # a batch goes on: one odd file must not stop a study scan
+            log.warning("unexpected error reading %s", src.path, exc_info=True)
+            reason = f"could not be read ({type(err).__name__}: {_first_line(err)}); please report this file"
+            skipped.append(SkippedFile(src.path, reason, type(err).__name__))
     found = []
     for uid, slices in groups.items():
         series, dropped = _assemble(uid, slices)
