@@ -33,12 +33,11 @@ def random_case(seed: int, n: int = 300, ties: bool = False):
 def test_binary_metrics_agree_with_sklearn(seed, ties):
     y, p, w = random_case(seed, ties=ties)
     pred = (p >= 0.5).astype(int)
+    pairs = [(m.accuracy, skm.accuracy_score, pred), (m.precision, skm.precision_score, pred),
+             (m.recall, skm.recall_score, pred), (m.roc_auc, skm.roc_auc_score, p), (m.log_loss, skm.log_loss, p)]
     for weights in (None, w):
-        assert m.accuracy(y, pred, weights) == pytest.approx(skm.accuracy_score(y, pred, sample_weight=weights), abs=1e-9)
-        assert m.precision(y, pred, weights) == pytest.approx(skm.precision_score(y, pred, sample_weight=weights), abs=1e-9)
-        assert m.recall(y, pred, weights) == pytest.approx(skm.recall_score(y, pred, sample_weight=weights), abs=1e-9)
-        assert m.roc_auc(y, p, weights) == pytest.approx(skm.roc_auc_score(y, p, sample_weight=weights), abs=1e-9)
-        assert m.log_loss(y, p, weights) == pytest.approx(skm.log_loss(y, p, sample_weight=weights), abs=1e-9)
+        for ours, theirs, x in pairs:
+            assert ours(y, x, weights) == pytest.approx(theirs(y, x, sample_weight=weights), abs=1e-9), ours
         tn, fp, fn, tp = skm.confusion_matrix(y, pred, sample_weight=weights).ravel()
         assert m.confusion_counts(y, pred, weights) == pytest.approx((tp, fp, fn, tn), abs=1e-9)
 
@@ -384,7 +383,8 @@ def test_kaggle_submission_against_rsna_labels_with_duplicates(tmp_path):
     np.testing.assert_array_equal(data.y_true, y[order])
     np.testing.assert_allclose(data.y_prob, p[order])
     # Image-level resampling is recorded as such; a groups file restores patient resampling.
-    assert m.evaluate_files(tmp_path / "submission.csv", tmp_path / "labels.csv", n_bootstrap=0).resampling_unit == "row"
+    plain = m.evaluate_files(tmp_path / "submission.csv", tmp_path / "labels.csv", n_bootstrap=0)
+    assert plain.resampling_unit == "row"
     pd.DataFrame({"image_id": images, "patient_id": [f"P{i // 3}" for i in range(30)]}).to_csv(
         tmp_path / "index.csv", index=False)
     ev = m.evaluate_files(tmp_path / "submission.csv", tmp_path / "labels.csv",

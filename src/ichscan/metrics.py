@@ -929,3 +929,19 @@ def evaluate_files(
     return evaluate(data.y_true, data.y_prob, groups=data.groups, ids=data.ids, labels=data.labels,
                     thresholds=thresholds, n_bootstrap=n_bootstrap, ci=ci, seed=seed, level=data.level,
                     source=data.source)
+
+
+def choose_thresholds_files(
+    pred_path: str | os.PathLike,
+    labels_path: str | os.PathLike,
+    *,
+    level: str = "auto",
+    method: str = "youden",
+    target: float = 0.9,
+    default: float = 0.5,
+    labels: Sequence[str] = LABELS,
+) -> OperatingPoints:
+    """``load_eval_data`` on validation files, then ``choose_thresholds``; save with ``save_thresholds``."""
+    data = load_eval_data(pred_path, labels_path, level=level, labels=labels)
+    return choose_thresholds(data.y_true, data.y_prob, labels=data.labels, method=method, target=target,
+                             default=default, source={**data.source, "level": data.level, "n": len(data.ids)})

@@ -38,14 +38,14 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ichscan.errors import DataError
-    from ichscan.metrics import choose_thresholds, load_eval_data, save_thresholds
+    from ichscan.metrics import choose_thresholds_files, save_thresholds
 
     if args.method == "sensitivity" and not 0.0 < args.target <= 1.0:
         raise DataError("--target must lie in (0, 1], e.g. 0.9")
-    data = load_eval_data(args.pred, args.labels, level=args.level)
-    points = choose_thresholds(data.y_true, data.y_prob, labels=data.labels, method=args.method,
-                               target=args.target, default=args.default,
-                               source={**data.source, "n": len(data.ids)})
+    if not 0.0 <= args.default <= 1.0:
+        raise DataError("--default must lie in [0, 1]")
+    points = choose_thresholds_files(args.pred, args.labels, level=args.level, method=args.method,
+                                     target=args.target, default=args.default)
     path = save_thresholds(points, args.out)
     for name, t in points.thresholds.items():
         d = points.details.get(name)
