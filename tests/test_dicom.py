@@ -285,3 +285,18 @@ def test_jpeg_baseline_8bit_ct(tmp_path):
     np.testing.assert_array_equal(s.hu, pydicom_hu(tmp_path / "jpeg.dcm"))
     assert abs(float(s.hu[0, 0]) - (-1000)) <= 16 and abs(float(s.hu[32, 32]) - 60) <= 16
     np.testing.assert_array_equal(load_windows(tmp_path / "jpeg.dcm"), window_image(s.hu))  # 8-bit lookup table
+
+
+def test_dataset_without_preamble_or_file_meta(tmp_path):
+    # some exporters write the bare dataset (implicit VR little endian), no 128-byte preamble, no 'DICM'
+    import io
+
+    ds = pydicom.dcmread(write_ct(tmp_path / "full.dcm"))
+    del ds.file_meta
+    ds.preamble = None
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True)
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(buf.getvalue())
+    assert bare.read_bytes()[128:132] != b"DICM"
+    np.testing.assert_array_equal(read_slice(bare).hu, head_phantom())

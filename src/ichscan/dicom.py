@@ -479,7 +479,7 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
 
 
-def _stored_array(ds: Dataset, path: str, size: int) -> np.ndarray:
+def _stored_array(ds: Dataset, path: str) -> np.ndarray:
     """Decoded stored values, (H, W) or (F, H, W); errors become one-line PixelDataErrors."""
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = max(1, _int(ds.get("NumberOfFrames")) or 1)
@@ -540,7 +540,7 @@ def _slices_from(ds: Dataset, src: _Source, pixels: bool) -> list[CTSlice]:
     frames: list[int | None] = list(range(n_frames)) if (n_frames > 1 or enhanced) else [None]
     stored = None
     if pixels:
-        stored = _stored_array(ds, src.path, n_frames)
+        stored = _stored_array(ds, src.path)
         if stored.ndim == 2:
             stored = stored[None]
     else:
@@ -632,7 +632,7 @@ def read_pixels(path: str | os.PathLike, *, allow_non_ct: bool = False) -> Store
         slope, intercept = meta["slope"], meta["intercept"]
     else:  # only what the modality LUT needs: this is the hot path of the training cache
         slope, intercept = _float(ds.get("RescaleSlope")), _float(ds.get("RescaleIntercept"))
-    stored = _stored_array(ds, src.path, 1)
+    stored = _stored_array(ds, src.path)
     stored = stored[0] if stored.ndim == 3 else stored
     fixes = (RSNA_FIX,) if _needs_rsna_fix(ds, intercept) else ()
     slope = 1.0 if slope is None else slope
