@@ -88,6 +88,15 @@ def test_evaluate_point_estimates_agree_with_sklearn():
     assert [r.label for r in ev.per_label] == list(LABELS)
 
 
+def test_evaluate_rejects_bad_input():
+    with pytest.raises(ValueError, match="no rows"):
+        m.evaluate(np.zeros((0, 6)), np.zeros((0, 6)))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        m.evaluate(np.full((3, 6), 2), np.zeros((3, 6)))
+    with pytest.raises(ValueError, match="groups"):
+        m.evaluate(np.zeros((3, 6)), np.zeros((3, 6)), groups=[1, 2])
+
+
 def test_evaluate_accepts_dataframes_by_label_name():
     rng = np.random.default_rng(3)
     y = pd.DataFrame((rng.random((50, 6)) < 0.4).astype(int), columns=LABELS)

@@ -434,6 +434,8 @@ def evaluate(
     if n_bootstrap < 0:
         raise ValueError("n_bootstrap must be >= 0")
     n = len(y)
+    if n == 0:
+        raise ValueError("no rows to evaluate")
     if groups is None:
         groups_arr = np.arange(n).astype(str)
         unit = "row"
