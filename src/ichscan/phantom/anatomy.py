@@ -1,0 +1,452 @@
+"""A head in Hounsfield units, built slice by slice from soft shapes.
+
+Frames: the *head frame* has X towards the patient's left, Y towards the back (posterior) and z upwards
+in millimetres, with z = 0 near the orbitomeatal line and the inner table's vertex at ``HeadShape.top``.
+Image rows run anterior to posterior and columns right to left of the patient (standard axial display,
+ImageOrientationPatient 1/0/0/0/1/0); the head frame is the image frame rotated and shifted in plane.
+
+The whole series is computed at once as ``(n, H, W)`` float32 arrays, and structures that exist only
+over a band of levels are computed only on the slices of that band.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ichscan.phantom.geometry import capsule, ellipse, ellipse_distance, paint, ramp, segment_distance, wrap_angle
+
+# Tissue codes of ``Anatomy.tissue``: what mostly fills each voxel.
+AIR, SOFT, FAT, BONE, CSF, VENTRICLE, GREY, WHITE, CALCIUM, METAL, SINUS, GLOBE, DURA, BLOOD = range(14)
+TISSUE_NAMES = (
+    "air", "soft_tissue", "fat", "bone", "csf", "ventricle", "grey_matter", "white_matter",
+    "calcification", "metal", "sinus_air", "globe", "dura", "blood",
+)
+PARENCHYMA = (GREY, WHITE)
+CSF_SPACES = (CSF,)
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """One patient's head: sizes in mm, tissue densities in HU. Shared by a patient's studies."""
+
+    a: float  # inner-table half-width (left-right) at the widest level
+    b: float  # inner-table half-length (front-back)
+    top: float  # z of the inner table at the vertex
+    widest: float  # z of the widest section
+    skull: float  # vault thickness
+    scalp: float
+    atrophy: float  # 0.8 young .. 1.6 old: ventricles, sulci and extra-axial CSF grow with it
+    grey: float
+    white: float
+    csf: float
+    coronal: float  # suture angles from the front, radians
+    lambdoid: float
+    gyri: float  # sulci around the hemisphere
+    age: int
+
+
+def sample_head(rng: np.random.Generator) -> HeadShape:
+    atrophy = float(rng.uniform(0.8, 1.6))
+    return HeadShape(
+        a=float(rng.uniform(61, 71)),
+        b=float(rng.uniform(78, 90)),
+        top=float(rng.uniform(102, 118)),
+        widest=float(rng.uniform(38, 50)),
+        skull=float(rng.uniform(5.0, 7.5)),
+        scalp=float(rng.uniform(4.0, 7.0)),
+        atrophy=atrophy,
+        grey=float(rng.uniform(37, 45)),
+        white=float(rng.uniform(21, 28)),
+        csf=float(rng.uniform(2, 12)),
+        coronal=float(np.deg2rad(rng.uniform(50, 62))),
+        lambdoid=float(np.deg2rad(rng.uniform(122, 138))),
+        gyri=float(rng.uniform(22, 28)),
+        age=int(np.clip(20 + (atrophy - 0.8) * 75 + rng.normal(0, 6), 18, 95)),
+    )
+
+
+@dataclass
+class Frame:
+    """Where the pixels of one series lie in the head frame."""
+
+    rows: int
+    cols: int
+    spacing: float  # mm per pixel, square pixels
+    thickness: float
+    z: np.ndarray  # (n,) slice centres, head frame
+    angle: float  # in-plane rotation of the head, radians
+    shift: tuple[float, float]  # head centre in the image frame (mm from the image centre)
+    X: np.ndarray = field(repr=False, default=None)  # (1, H, W) head frame
+    Y: np.ndarray = field(repr=False, default=None)
+    x_img: np.ndarray = field(repr=False, default=None)  # (1, H, W) image frame, mm from the centre
+    y_img: np.ndarray = field(repr=False, default=None)
+
+    def __post_init__(self):
+        x = (np.arange(self.cols, dtype=np.float32) - (self.cols - 1) / 2) * self.spacing
+        y = (np.arange(self.rows, dtype=np.float32) - (self.rows - 1) / 2) * self.spacing
+        self.x_img = x[None, None, :] + np.zeros((1, self.rows, 1), np.float32)
+        self.y_img = y[None, :, None] + np.zeros((1, 1, self.cols), np.float32)
+        c, s = np.float32(np.cos(self.angle)), np.float32(np.sin(self.angle))
+        dx = self.x_img - np.float32(self.shift[0])
+        dy = self.y_img - np.float32(self.shift[1])
+        self.X = c * dx + s * dy
+        self.Y = -s * dx + c * dy
+
+    @property
+    def n(self) -> int:
+        return len(self.z)
+
+
+def make_frame(rng, head: HeadShape, n: int, rows: int, cols: int, thickness: float) -> Frame:
+    fov = float(rng.uniform(215, 255))
+    coverage = (n - 1) * thickness
+    full = head.top + head.skull + head.scalp + 38.0  # foramen magnum to the top of the scalp
+    if coverage >= full:
+        z0 = -38.0 - rng.uniform(0, min(25.0, coverage - full + 1))
+    else:  # thin or few slices: a random band that stays on the head
+        z0 = rng.uniform(-38.0, max(-37.9, head.top + head.skull + head.scalp - coverage))
+    z = (z0 + thickness * np.arange(n)).astype(np.float32)
+    return Frame(
+        rows=rows, cols=cols, spacing=fov / max(rows, cols), thickness=thickness, z=z,
+        angle=float(np.deg2rad(rng.normal(0, 6))),
+        shift=(float(rng.normal(0, 6)), float(rng.normal(-4, 6))),
+    )
+
+
+@dataclass(frozen=True)
+class MassEffect:
+    """Brain pushed away from a lesion: midline shift of ``mm`` towards the side opposite ``side``."""
+
+    side: float  # +1 lesion on the patient's left, -1 right
+    mm: float
+    y: float  # front-back centre of the push
+    z: float
+    z_half: float
+
+
+@dataclass
+class Anatomy:
+    hu: np.ndarray  # (n, H, W) float32
+    tissue: np.ndarray  # (n, H, W) uint8 codes
+    depth: np.ndarray  # (n, H, W) mm inside the inner table (negative outside)
+    sector: np.ndarray  # (n, H, W) uint8: skull bone over each point, 1..6 (see ``sector_of``), 0 base
+    cerebrum: np.ndarray  # (n, H, W) bool: supratentorial cavity, where convexity lesions can lie
+    side_x: np.ndarray  # (1, H, W) head-frame X
+    sulcal_effacement: np.ndarray | None = None
+
+
+def profile(z, z0, z1):
+    """Half-ellipse profile over the band z0..z1: 1 at its centre, 0 at and beyond its ends."""
+    c = 0.5 * (z0 + z1)
+    h = 0.5 * (z1 - z0)
+    return np.sqrt(np.clip(1 - ((z - c) / h) ** 2, 0, 1)).astype(np.float32)
+
+
+def cranial_scale(head: HeadShape, z):
+    """Relative size of the supratentorial cavity at level z (1 at the widest level, 0 at the vertex)."""
+    up = np.clip((z - head.widest) / (head.top - head.widest), 0, 1)
+    down = np.clip((head.widest - z) / (head.widest + 20.0), 0, 1)
+    return np.where(z >= head.widest, np.sqrt(np.clip(1 - up**2, 0, 1)), 1 - 0.30 * down**1.6).astype(np.float32)
+
+
+def sector_of(head: HeadShape, phi, z):
+    """Skull bone over a point: 1/4 frontal, 2/5 parietal, 3/6 occipital (right/left).
+
+    Sutures (coronal, lambdoid, and the sagittal suture between the parietals high up) bound the bones.
+    Midline separates sides for the frontal and occipital bones too: a simplification that keeps every
+    bone on one side.
+    """
+    a = np.abs(phi)
+    bone = np.where(a < head.coronal, 1, np.where(a < head.lambdoid, 2, 3)).astype(np.uint8)
+    high = z > head.widest + 0.35 * (head.top - head.widest)
+    # High up the parietals meet at the sagittal suture and the occipital bone is below the cut.
+    bone = np.where(high & (bone == 3), 2, bone)
+    return bone + np.where(phi >= 0, 3, 0).astype(np.uint8)
+
+
+def suture_angles(head: HeadShape, z):
+    """Angles of the sutures crossing a slice at level z (radians from the front, +left)."""
+    angles = [head.coronal, -head.coronal]
+    if z > head.widest + 0.35 * (head.top - head.widest):
+        angles.append(np.pi)
+    else:
+        angles += [head.lambdoid, -head.lambdoid]
+    return angles
+
+
+def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect | None = None,
+          calcified: dict | None = None) -> Anatomy:
+    """Render the head over the series. ``calcified`` names physiological calcifications to draw."""
+    calcified = calcified or {}
+    n, H, W = fr.n, fr.rows, fr.cols
+    X, Y = fr.X, fr.Y
+    z = fr.z[:, None, None]
+    ps = fr.spacing
+    w = np.float32(max(ps, 0.35))  # partial-volume ramp
+    hu = np.full((n, H, W), -1000.0, np.float32)
+    tissue = np.zeros((n, H, W), np.uint8)
+    phi = np.arctan2(X, -Y)  # 0 at the front, +pi/2 on the patient's left
+
+    # Through-plane smear: a surface at slope dr/dz smears over thickness * |dr/dz| in plane.
+    s = cranial_scale(head, z)
+    ds = np.abs(np.gradient(cranial_scale(head, fr.z), fr.z)) if n > 1 else np.zeros(1, np.float32)
+    smear = np.sqrt(w**2 + (np.minimum(ds * head.a * fr.thickness, 25.0)[:, None, None]) ** 2).astype(np.float32)
+
+    A = head.a * s
+    B = head.b * s
+    base = z < 12.0
+    # ---- outer contours: scalp and skull (vault), the face and skull base below
+    tb = np.where(z < 20, head.skull * (1 + 0.03 * np.clip(20 - z, 0, 40)), head.skull)  # thicker at base
+    A_out_sk = np.where(base, head.a * float(cranial_scale(head, np.float32(12.0))), A) + tb
+    B_out_sk = np.where(base, head.b * float(cranial_scale(head, np.float32(12.0))), B) + tb
+    # The vault's outer surface reaches beyond the inner vertex by the skull thickness.
+    above = z > head.top
+    cap = np.sqrt(np.clip(1 - ((z - head.top) / (head.skull + 0.1)) ** 2, 0, 1))
+    A_out_sk = np.where(above, (head.a * 0.25 + head.skull) * cap, A_out_sk)
+    B_out_sk = np.where(above, (head.b * 0.3 + head.skull) * cap, B_out_sk)
+    capsc = np.sqrt(np.clip(1 - ((z - head.top) / (head.skull + head.scalp + 0.1)) ** 2, 0, 1))
+    A_head = np.where(above, (head.a * 0.3 + head.skull + head.scalp) * capsc, A_out_sk + head.scalp)
+    B_head = np.where(above, (head.b * 0.35 + head.skull + head.scalp) * capsc, B_out_sk + head.scalp)
+    bottom = z < -45
+    A_head = np.where(bottom, A_head * 0.85, A_head)
+    nose = ellipse(X, Y, 0, -B_head + 3, 9, 14, w) * ((z > -40) & (z < 0))
+    scalp = np.maximum(ellipse(X, Y, 0, 0, A_head, B_head, smear), nose)
+    paint(hu, tissue, float(rng.uniform(20, 45)), scalp, SOFT)
+    fat = ellipse(X, Y, 0, 0, A_head - 1.2, B_head - 1.2, smear) * np.clip(1.0 - 0.4 * np.float32(above), 0, 1)
+    paint(hu, tissue, float(rng.uniform(-110, -70)), fat * 0.8, FAT)
+    muscle = ellipse(X, Y, 0, 0, A_head - 2.5, B_head - 2.5, smear)
+    paint(hu, tissue, float(rng.uniform(30, 50)), muscle, SOFT)
+
+    # ---- intracranial compartments (union of soft ellipses); depth = mm inside the inner table
+    sup = ~base[:, 0, 0] & (fr.z < head.top)
+    depth = np.full((n, H, W), -100.0, np.float32)
+    cerebrum = np.zeros((n, H, W), bool)
+    if sup.any():
+        d = -ellipse_distance(X, Y, 0, 0, A[sup], B[sup])
+        depth[sup] = d
+        cerebrum[sup] = d > 0
+    midfossa = np.nonzero((fr.z > -16) & (fr.z < 12.0))[0]
+    if len(midfossa):
+        zm = fr.z[midfossa][:, None, None]
+        t = np.clip((zm + 16) / 28.0, 0, 1)
+        sc12 = float(cranial_scale(head, np.float32(12.0)))
+        parts = []
+        for sx in (-1, 1):  # temporal lobes in the middle cranial fossae
+            parts.append(-ellipse_distance(X, Y, sx * 0.55 * head.a, -0.12 * head.b, (0.18 + 0.22 * t) * head.a,
+                                           (0.22 + 0.18 * t) * head.b))
+        # frontal lobes over the orbital roofs, above the orbits
+        tf = np.clip((zm - 0) / 12.0, 0, 1)
+        parts.append(np.where(tf > 0, -ellipse_distance(X, Y, 0, -0.55 * head.b, 0.55 * head.a * tf + 0.01,
+                                                        0.32 * head.b * tf + 0.01), -100))
+        # near the top of this band the compartments merge into the cerebrum
+        parts.append(-ellipse_distance(X, Y, 0, 0, head.a * sc12 * t**3 + 0.01, head.b * sc12 * t**3 + 0.01))
+        d = np.max(np.stack(parts), axis=0)
+        depth[midfossa] = np.maximum(depth[midfossa], d)
+        cerebrum[midfossa] |= d > 0
+    pf = np.nonzero((fr.z > -42) & (fr.z < 20))[0]
+    pf_c = (0.0, 0.42 * head.b)
+    if len(pf):
+        zp = fr.z[pf][:, None, None]
+        p = profile(zp, -44, 22)
+        d = -ellipse_distance(X, Y, pf_c[0], pf_c[1], 0.62 * head.a * p, 0.42 * head.b * p)
+        # above the tentorium (z > 8) the occipital lobes take over: the posterior fossa shrinks away
+        d = np.where(zp > 8, np.minimum(d, -ellipse_distance(X, Y, 0, pf_c[1], 0.2 * head.a, 0.25 * head.b)), d)
+        depth[pf] = np.maximum(depth[pf], d)
+        pf_depth = d
+    # ---- skull: outer table, diploe and inner table around the cavity; a cap above the inner vertex
+    cortical = float(rng.uniform(1300, 1800))
+    diploe = float(rng.uniform(350, 700))
+    capfrac = ellipse(X, Y, 0, 0, A_out_sk, B_out_sk, smear) * above
+    paint(hu, tissue, cortical, np.maximum(ramp(-(depth + tb), smear), capfrac), BONE)
+    paint(hu, tissue, diploe, ramp(-(depth + tb - 1.8), smear) * ramp(depth + 1.3, w) * (tb > 4.0))
+    # Skull base: dense petrous ridges and clivus, sinuses and orbits carved out of bone and soft tissue.
+    lo = np.nonzero(fr.z < 12.0)[0]
+    if len(lo):
+        zl = fr.z[lo][:, None, None]
+        h_l, t_l = hu[lo], tissue[lo]
+        orbit_band = profile(zl, -22, 8)
+        for sx in (-1, 1):
+            # orbit: fat cone with the globe at its front
+            paint(h_l, t_l, -90.0, ellipse(X, Y, sx * 0.36 * head.a, -0.78 * head.b, 16 * orbit_band, 20 * orbit_band, w), FAT)
+            g = profile(zl, -16, 2)
+            paint(h_l, t_l, 12.0, ellipse(X, Y, sx * 0.38 * head.a, -0.95 * head.b, 11.5 * g, 11.5 * g, w), GLOBE)
+            paint(h_l, t_l, 110.0, ellipse(X, Y, sx * 0.38 * head.a, -1.08 * head.b, 4 * g, 1.6 * g, w))
+            # maxillary sinus (lowest slices) and mastoid air cells
+            m = profile(zl, -48, -14)
+            paint(h_l, t_l, 900.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m + 1.5 * (m > 0), 17 * m + 1.5 * (m > 0), w), BONE)
+            paint(h_l, t_l, -950.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m, 17 * m, w), SINUS)
+            mc = profile(zl, -30, 0)
+            cells = ellipse(X, Y, sx * 0.78 * head.a, 0.22 * head.b, 8 * mc, 9 * mc, w)
+            cells = cells * (0.55 + 0.45 * np.sin(X * 1.3) * np.sin(Y * 1.1) > 0.55)
+            paint(h_l, t_l, -700.0, cells, SINUS)
+            # petrous ridge: dense bar from the side towards the clivus, between middle and posterior fossae
+            pr = profile(zl, -22, 6)
+            paint(h_l, t_l, 1600.0, capsule(X, Y, sx * 0.75 * head.a, 0.20 * head.b, sx * 0.15 * head.a,
+                                           -0.02 * head.b, 4.5 * pr + 0.01, w), BONE)
+        e = profile(zl, -22, 10)
+        paint(h_l, t_l, 700.0, ellipse(X, Y, 0, -0.62 * head.b, 11 * e + 1.5 * (e > 0), 12 * e + 1.5 * (e > 0), w), BONE)
+        eth = ellipse(X, Y, 0, -0.62 * head.b, 11 * e, 12 * e, w) * (np.sin(X * 0.9) * np.sin(Y * 0.9) > -0.6)
+        paint(h_l, t_l, -900.0, eth, SINUS)  # ethmoid air cells
+        paint(h_l, t_l, 300.0, ellipse(X, Y, 0, -0.62 * head.b, 0.9 * e, 12 * e, w))  # septum
+        sp = profile(zl, -12, 8)
+        paint(h_l, t_l, 900.0, ellipse(X, Y, 0, -0.28 * head.b, 9 * sp + 2 * (sp > 0), 8 * sp + 2 * (sp > 0), w), BONE)
+        paint(h_l, t_l, -900.0, ellipse(X, Y, 0, -0.28 * head.b, 9 * sp, 8 * sp, w), SINUS)  # sphenoid
+        cl = profile(zl, -40, 0)
+        paint(h_l, t_l, 800.0, ellipse(X, Y, 0, -0.05 * head.b, 6 * cl + .01, 9 * cl + .01, w, angle=0.0), BONE)  # clivus
+        hu[lo], tissue[lo] = h_l, t_l
+    fs = np.nonzero((fr.z > 2) & (fr.z < 32))[0]
+    if len(fs):
+        zf = fr.z[fs][:, None, None]
+        p = profile(zf, 2, 32)
+        h_f, t_f = hu[fs], tissue[fs]
+        Bi = head.b * cranial_scale(head, zf)
+        paint(h_f, t_f, -950.0, ellipse(X, Y, 0, -Bi - head.skull * 0.55 - 1.5 * p, 13 * p, 3.5 * p + 0.01, w), SINUS)
+        hu[fs], tissue[fs] = h_f, t_f
+
+    inside = ramp(-depth, smear)
+
+    # Sutures: narrow fibrous gaps through the vault, zig-zagging a little.
+    vault = np.nonzero((fr.z > 0) & (fr.z < head.top + head.skull))[0]
+    R = np.hypot(X, Y)
+    for i in vault:
+        for ang in suture_angles(head, float(fr.z[i])):
+            wig = 0.8 * np.sin(R[0] * 2.3 + ang * 7)
+            arc = np.abs(wrap_angle(phi[0] - ang)) * R[0]
+            gap = ramp(np.abs(arc - wig) - 0.5, w) * (depth[i] > -head.skull - 2) * (depth[i] < 0.5)
+            paint(hu[i], tissue[i], 150.0, gap * 0.85)
+
+    # Intracranial contents: CSF first, then the brain inside an extra-axial CSF layer.
+    extra = 0.8 + 1.4 * (head.atrophy - 0.8)
+    paint(hu, tissue, head.csf, inside, CSF)
+    brain = ramp(extra - depth, smear)
+    paint(hu, tissue, head.grey, brain, GREY)
+
+    # Mass effect: deep structures and the midline pushed away from a lesion.
+    Xw = X
+    efface = None
+    if mass is not None and mass.mm > 0:
+        zprof = np.exp(-0.5 * ((z - mass.z) / max(mass.z_half, 1.0)) ** 2)
+        push = mass.mm * zprof * np.exp(-0.5 * ((Y - mass.y) / 55.0) ** 2)
+        Xw = X + mass.side * push * np.clip(1 - np.abs(X) / (head.a * 1.1), 0, 1)
+        efface = np.clip(zprof * np.exp(-0.5 * ((X + mass.side * head.a) ** 2 + (Y - mass.y) ** 2) / 30.0**2) * 1.5, 0, 1)
+
+    # Cortex, gyri and sulci (supratentorial): a folding pattern around the hemisphere.
+    zz = fr.z[:, None, None]
+    rphase = rng.uniform(0, 2 * np.pi, 3)
+    psi = head.gyri * phi + 0.35 * zz + rphase[0] + 1.2 * np.sin(3 * phi + 0.05 * zz + rphase[1]) \
+        + 0.6 * np.sin(7 * phi - 0.08 * zz + rphase[2])
+    g = np.cos(psi)
+    period = 2 * np.pi * np.maximum(R, 5) / head.gyri
+    arc = np.abs(wrap_angle(psi - np.pi)) / (2 * np.pi) * period
+    sulcus_w = (0.8 + 1.6 * (head.atrophy - 0.8)) * np.float32(1.0)
+    if efface is not None:
+        sulcus_w = sulcus_w * (1 - 0.85 * efface)
+    sulc_depth = 11.0 + 3 * (head.atrophy - 0.8)
+    cortex = 2.6
+    wm_depth = extra + cortex + (sulc_depth * 0.75) * ((1 - g) / 2) ** 1.3
+    white = ramp(wm_depth - depth, w) * (cerebrum | (depth > 0))
+    paint(hu, tissue, head.white, white * np.float32(1.0), WHITE)
+    sul = ramp(arc - sulcus_w / 2, w) * ramp(depth - (extra + sulc_depth * (0.75 + 0.5 * np.cos(1.7 * psi / head.gyri * 5))), w)
+    paint(hu, tissue, head.csf, sul * (cerebrum & (z >= 12)), CSF)
+
+    # Interhemispheric fissure with the falx; deep structures by level (mostly on warped coordinates).
+    supr = np.nonzero(sup)[0]
+    if len(supr):
+        zs = fr.z[supr][:, None, None]
+        Bs = B[supr]
+        Xs = Xw[supr] if Xw.shape[0] > 1 else Xw
+        h_s, t_s = hu[supr], tissue[supr]
+        high = zs > head.widest + 22
+        ih = (np.abs(Y) > 0.36 * Bs) | high
+        fiss = ramp(np.abs(Xs) - (0.8 + 0.9 * (head.atrophy - 0.8)), w) * ih * (depth[supr] > 0)
+        paint(h_s, t_s, head.csf, fiss, CSF)
+        falx = ramp(np.abs(Xs) - 0.35, w) * ih * (depth[supr] > 0.5)
+        paint(h_s, t_s, 52.0, falx * 0.9, DURA)
+        v = head.atrophy
+        def band(z0, z1):
+            return profile(zs, z0, z1)
+        ventricles = np.zeros_like(h_s)
+        wl = head.widest
+        for sx in (-1, 1):
+            fh = band(wl - 22, wl + 8)
+            ventricles = np.maximum(ventricles, ellipse(Xs, Y, sx * (2.2 + 2.6 * v), -0.22 * head.b, 3.5 * v * fh + .01,
+                                                        (9 + 4 * v) * fh + .01, w, angle=sx * 0.35))
+            body = band(wl + 2, wl + 34)
+            ventricles = np.maximum(ventricles, ellipse(Xs, Y, sx * (5 + 2.5 * v), 0.02 * head.b, 3.2 * v * body + .01,
+                                                        22 * body + .01, w, angle=-sx * 0.12))
+            atr = band(wl - 22, wl + 10)
+            ventricles = np.maximum(ventricles, ellipse(Xs, Y, sx * (13 + 3 * v), 0.33 * head.b, 4.5 * v * atr + .01,
+                                                        8.5 * v * atr + .01, w, angle=sx * 0.5))
+        third = band(wl - 32, wl - 4)
+        ventricles = np.maximum(ventricles, ellipse(Xs, Y, 0, 0.02 * head.b, (0.6 + 1.2 * v) * third + .01,
+                                                    10 * third + .01, w))
+        # deep grey nuclei, drawn before the ventricles carve their margins
+        bgb = band(wl - 26, wl + 4)
+        for sx in (-1, 1):
+            paint(h_s, t_s, head.grey - 1, ellipse(Xs, Y, sx * 0.33 * head.a, -0.02 * head.b, 5.5 * bgb + .01,
+                                                   13 * bgb + .01, w, angle=sx * 0.25), GREY)
+            paint(h_s, t_s, head.grey, ellipse(Xs, Y, sx * (6 + 3 * v), 0.12 * head.b, 6.5 * bgb + .01, 9 * bgb + .01, w),
+                  GREY)
+            paint(h_s, t_s, head.grey, ellipse(Xs, Y, sx * (6.5 + 3.2 * v), -0.17 * head.b, 4 * bgb + .01,
+                                               6.5 * bgb + .01, w), GREY)
+            # insula and Sylvian fissure
+            sy = band(6, wl + 6)
+            x_out = sx * head.a * float(cranial_scale(head, np.float32(30.0)))
+            syl = ramp(segment_distance(Xs, Y, x_out, -0.08 * head.b, x_out * 0.62, 0.05 * head.b)
+                       - (1.0 + 0.9 * v) * sy, w) * (sy > 0.05)
+            paint(h_s, t_s, head.csf, syl * (depth[supr] > 0), CSF)
+        # basal cisterns: suprasellar star and the ring around the midbrain
+        cb = band(4, 26)
+        rr = np.hypot(Xs, Y + 0.12 * head.b)
+        th = np.arctan2(Xs, Y + 0.12 * head.b)
+        star = ramp(rr - (7 + 2 * v) * cb * (1 + 0.22 * np.cos(5 * th)), w) * (cb > 0.05)
+        paint(h_s, t_s, head.csf, star, CSF)
+        ring = ellipse(Xs, Y, 0, 0.11 * head.b, (12.5 + 1.5 * v) * cb + .01, (11 + 1.5 * v) * cb + .01, w)
+        paint(h_s, t_s, head.csf, ring, CSF)
+        mid = ellipse(Xs, Y, 0, 0.10 * head.b, 10.5 * cb + .01, 9 * cb + .01, w)
+        paint(h_s, t_s, head.white + 4, mid, WHITE)
+        paint(h_s, t_s, head.csf, ventricles, VENTRICLE)
+        # choroid plexus in the atria
+        for sx in (-1, 1):
+            atr = band(wl - 18, wl + 4)
+            chp = ellipse(Xs, Y, sx * (13 + 3 * v), 0.36 * head.b, 2.5 * atr + .01, 3.5 * atr + .01, w)
+            val = float(calcified.get("choroid", 0.0)) or head.grey
+            paint(h_s, t_s, val, chp, CALCIUM if val > 100 else None)
+            if "basal_ganglia" in calcified:
+                paint(h_s, t_s, float(calcified["basal_ganglia"]),
+                      ellipse(Xs, Y, sx * 0.30 * head.a, 0.0, 2.2 * bgb + .01, 3.0 * bgb + .01, w), CALCIUM)
+        if "pineal" in calcified:
+            pb = band(wl - 24, wl - 12)
+            paint(h_s, t_s, float(calcified["pineal"]), ellipse(Xs, Y, 0, 0.25 * head.b, 2.8 * pb + .01,
+                                                                  2.8 * pb + .01, w), CALCIUM)
+        if "falx" in calcified:
+            fb = band(wl + 20, wl + 55)
+            paint(h_s, t_s, float(calcified["falx"]), ellipse(Xs, Y, 0, -0.45 * head.b, 1.1 * fb + .01,
+                                                                5 * fb + .01, w) * ih, CALCIUM)
+        hu[supr], tissue[supr] = h_s, t_s
+
+    # Posterior fossa: cerebellum, brainstem, fourth ventricle, cisterns.
+    if len(pf):
+        zp = fr.z[pf][:, None, None]
+        h_p, t_p = hu[pf], tissue[pf]
+        dpf = pf_depth
+        inpf = (dpf > 0) & (np.abs(Y - pf_c[1]) < 0.5 * head.b) & (Y > 0.02 * head.b)
+        v = head.atrophy
+        bs = profile(zp, -48, 12)
+        paint(h_p, t_p, head.grey + 1, ramp(1.5 - dpf, w) * inpf, GREY)
+        paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.12 * head.b, (12.5 + v) * bs + .01, (10.5 + v) * bs + .01, w) * inpf,
+              CSF)
+        paint(h_p, t_p, head.white + 5, ellipse(X, Y, 0, 0.12 * head.b, 11 * bs + .01, 9 * bs + .01, w), WHITE)
+        fv = profile(zp, -22, 10)
+        paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.28 * head.b, (4 + 1.5 * v) * fv + .01, (2.5 + v) * fv + .01, w),
+              VENTRICLE)
+        cm = profile(zp, -42, -8)
+        paint(h_p, t_p, head.csf, ellipse(X, Y, 0, pf_c[1] + 0.28 * head.b, (4 + 3 * v) * cm + .01, 6 * cm + .01, w)
+              * inpf, CSF)
+        hu[pf], tissue[pf] = h_p, t_p
+
+    sector = np.where(depth > -30, sector_of(head, phi, z), 0).astype(np.uint8)
+    return Anatomy(hu=hu, tissue=tissue, depth=depth, sector=sector, cerebrum=cerebrum & (depth > 0),
+                   side_x=X, sulcal_effacement=efface)

@@ -1,0 +1,97 @@
+"""What the scanner and the patient add: blur, noise, metal streaks, beam hardening, motion.
+
+Each function takes the series volume (n, H, W) in HU and changes it in place or returns a new one;
+randomness comes from the generator passed in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from ichscan.phantom import anatomy as an
+from ichscan.phantom.anatomy import Frame, HeadShape
+from ichscan.phantom.geometry import capsule, ellipse, paint
+
+
+def scanner_blur(hu: np.ndarray, fr: Frame, sharpness_mm: float) -> np.ndarray:
+    """The reconstruction kernel's point spread: a Gaussian of ``sharpness_mm`` in plane."""
+    sigma = sharpness_mm / fr.spacing
+    if sigma < 0.15:
+        return hu
+    return ndimage.gaussian_filter(hu, sigma=(0, sigma, sigma), mode="nearest", truncate=3.0)
+
+
+def add_noise(hu: np.ndarray, fr: Frame, sigma_hu: float, rng: np.random.Generator) -> None:
+    """Correlated quantum noise of ``sigma_hu`` at 0.5 mm pixels (higher in the dense skull base).
+
+    Coarser pixels average several native ones, so the noise they show is lower, as on a real image
+    reduced to that size: sigma scales as sqrt(0.5 mm / spacing) (correlated grain averages less than
+    white noise would)."""
+    sigma_hu = sigma_hu * min(1.0, float(np.sqrt(0.5 / fr.spacing)))
+    white = rng.standard_normal(hu.shape, dtype=np.float32)
+    corr = 0.6  # pixels: CT noise is blotchy rather than white
+    noise = ndimage.gaussian_filter(white, sigma=(0, corr, corr), mode="wrap", truncate=3.0)
+    k = np.exp(-0.5 * (np.arange(-2, 3) / corr) ** 2)
+    k /= k.sum()
+    noise *= np.float32(1.0 / np.sum(k**2))  # back to unit variance: (sum k^2)^2 in two dimensions
+    level = np.where(fr.z < 10, 1.35, 1.0).astype(np.float32)[:, None, None]
+    inside = hu > -900  # air outside the head is not noisy in a way anyone reads
+    hu += np.where(inside, noise * np.float32(sigma_hu) * level, noise * np.float32(2.0))
+
+
+def beam_hardening(hu: np.ndarray, head: HeadShape, fr: Frame, anat: an.Anatomy, strength: float) -> None:
+    """Dark bands between the petrous bones across the posterior fossa (the Hounsfield bar)."""
+    idx = np.nonzero((fr.z > -25) & (fr.z < 12))[0]
+    X, Y = fr.X[0], fr.Y[0]
+    for i in idx:
+        p = float(an.profile(np.float32(fr.z[i]), -25, 12))
+        band = np.exp(-0.5 * ((Y - 0.18 * head.b - 0.1 * np.abs(X)) / 5.0) ** 2) * np.exp(-0.5 * (X / 40) ** 2)
+        streak = 0.5 * np.cos(np.arctan2(Y - 0.2 * head.b, X) * 14) * np.exp(-np.hypot(X, Y - 0.2 * head.b) / 35)
+        hu[i] -= (strength * p * (band + streak) * (anat.depth[i] > 0)).astype(np.float32)
+
+
+def metal_shunt(hu: np.ndarray, tissue: np.ndarray, head: HeadShape, fr: Frame, rng: np.random.Generator) -> dict:
+    """A ventricular shunt: burr-hole valve in the skull, catheter to the frontal horn, streaks from metal."""
+    side = float(rng.choice([-1.0, 1.0]))
+    z0 = head.widest + float(rng.uniform(-5, 25))
+    ang = side * float(rng.uniform(0.5, 1.9))
+    X, Y = fr.X[0], fr.Y[0]
+    s = float(an.cranial_scale(head, np.float32(z0)))
+    px, py = np.sin(ang) * (head.a * s + head.skull * 0.5), -np.cos(ang) * (head.b * s + head.skull * 0.5)
+    tx, ty = side * 4.5, -0.2 * head.b
+    idx = np.nonzero(np.abs(fr.z - z0) < 9)[0]
+    w = max(fr.spacing, 0.35)
+    for i in idx:
+        zz = float(fr.z[i]) - z0
+        valve = ellipse(X, Y, px, py, 3.0, 3.0, w) * (abs(zz) < 5)
+        cath = capsule(X, Y, px, py, tx, ty, 0.9, w) * (abs(zz) < 8)
+        frac = np.maximum(valve, cath * 0.9)
+        paint(hu[i], tissue[i], 2800.0, frac, an.METAL)
+        # Streaks: bright and dark lines through the metal, fading with distance.
+        strength = float(rng.uniform(60, 160)) * (1.0 if abs(zz) < 5 else 0.4)
+        r = np.hypot(X - px, Y - py)
+        th = np.arctan2(Y - py, X - px)
+        for k in range(6):
+            a = float(rng.uniform(0, np.pi))
+            dist = np.abs(np.sin(th - a)) * r
+            sign = 1.0 if k % 2 else -1.0
+            hu[i] += (sign * strength * np.exp(-0.5 * (dist / 1.2) ** 2) * np.exp(-r / 60)).astype(np.float32)
+    return {"side": "left" if side > 0 else "right", "z": round(z0, 1)}
+
+
+def motion(hu: np.ndarray, fr: Frame, rng: np.random.Generator) -> list[int]:
+    """Smear a short run of slices along a random direction, with a faint ghost."""
+    n = fr.n
+    start = int(rng.integers(0, max(1, n - 3)))
+    run = list(range(start, min(n, start + int(rng.integers(1, 5)))))
+    ang = float(rng.uniform(0, np.pi))
+    length_px = float(rng.uniform(2.0, 6.0)) / fr.spacing * 1.0
+    offs = np.linspace(-length_px / 2, length_px / 2, 5)
+    for i in run:
+        acc = np.zeros_like(hu[i])
+        for o in offs:
+            acc += np.roll(hu[i], (int(round(o * np.sin(ang))), int(round(o * np.cos(ang)))), axis=(0, 1))
+        ghost = np.roll(hu[i], (int(round(length_px * np.sin(ang))), int(round(length_px * np.cos(ang)))), axis=(0, 1))
+        hu[i] = 0.9 * acc / len(offs) + 0.1 * ghost
+    return run

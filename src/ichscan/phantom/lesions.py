@@ -1,0 +1,225 @@
+"""The five hemorrhage subtypes: where each may lie, its shape, its density, and its mask.
+
+A lesion is planned first (``plan_lesion``: geometry in the head frame, density, mass effect) so that the
+anatomy can be drawn already displaced by it; it is painted afterwards (``paint_lesion``) on the drawn
+anatomy, where its mask is cut to the compartment it belongs to: epidural and subdural blood to the
+cavity under the inner table, subarachnoid blood to CSF spaces, intraventricular blood to the ventricles,
+intraparenchymal blood to grey and white matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ichscan.phantom import anatomy as an
+from ichscan.phantom.anatomy import Anatomy, Frame, HeadShape, MassEffect
+from ichscan.phantom.geometry import ramp, wrap_angle
+
+MARGIN = np.deg2rad(7.0)  # an epidural stays this far from the sutures that bound it
+
+
+@dataclass(frozen=True)
+class Lesion:
+    subtype: str
+    kind: str  # acute / subacute / chronic (subdural), basal / convexity (SAH), layering / cast (IVH), ...
+    z: float  # centre level, mm
+    z_half: float  # half extent along z, mm
+    hu: float
+    side: float = 1.0  # +1 patient's left
+    params: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        out = {"subtype": self.subtype, "kind": self.kind, "z": round(self.z, 1), "z_half": round(self.z_half, 1),
+               "hu": round(self.hu, 1), "side": "left" if self.side > 0 else "right"}
+        out.update({k: (round(float(v), 3) if isinstance(v, (float, np.floating)) else v)
+                    for k, v in self.params.items() if k != "internal"})
+        return out
+
+    def mass_effect(self, head: HeadShape) -> MassEffect | None:
+        mm = float(self.params.get("mass_mm", 0.0))
+        if mm <= 0:
+            return None
+        y = float(self.params.get("y", 0.0))
+        return MassEffect(side=-self.side, mm=mm, y=y, z=self.z, z_half=max(self.z_half, 15.0))
+
+
+def _vault_range(head: HeadShape, fr: Frame, lo: float, hi: float, rng, half: float):
+    """A centre level inside [lo, hi] and inside the covered slices (so that the lesion is seen)."""
+    zlo = max(lo, float(fr.z.min()) + 0.5 * fr.thickness)
+    zhi = min(hi, float(fr.z.max()) - 0.5 * fr.thickness)
+    if zhi <= zlo:
+        zlo, zhi = float(fr.z.min()), float(fr.z.max())
+    return float(rng.uniform(zlo, zhi))
+
+
+def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generator) -> Lesion:
+    side = float(rng.choice([-1.0, 1.0]))
+    high = head.widest + 0.35 * (head.top - head.widest)
+    if subtype == "epidural":
+        bone = rng.choice(["temporoparietal", "frontal", "occipital"], p=[0.6, 0.25, 0.15])
+        z_half = float(rng.uniform(9, 24))
+        if bone == "frontal":
+            lo_a, hi_a = 0.0, head.coronal
+            z = _vault_range(head, fr, 22, head.top - 20, rng, z_half)
+        elif bone == "occipital":
+            lo_a, hi_a = head.lambdoid, np.pi
+            z = _vault_range(head, fr, 18, high - z_half - 3, rng, z_half)
+        else:
+            lo_a, hi_a = head.coronal, head.lambdoid
+            z = _vault_range(head, fr, 15, head.top - 18, rng, z_half)
+        lo_a, hi_a = lo_a + MARGIN, hi_a - MARGIN
+        half = 0.5 * (hi_a - lo_a) * float(rng.uniform(0.45, 0.95))
+        centre = float(rng.uniform(lo_a + half, hi_a - half))
+        thick = float(rng.choice([rng.uniform(4, 9), rng.uniform(9, 24)], p=[0.3, 0.7]))
+        hu = float(rng.uniform(58, 85))
+        return Lesion("epidural", "acute", z, z_half, hu, side, {
+            "phi": side * centre, "phi_half": half, "thickness": thick, "sector_bounds": (float(lo_a - MARGIN),
+                                                                                          float(hi_a + MARGIN)),
+            "fracture": bool(rng.random() < 0.6), "swirl": bool(rng.random() < 0.2),
+            "mass_mm": thick * 0.45, "y": float(-np.cos(centre) * head.b)})
+    if subtype == "subdural":
+        kind = str(rng.choice(["acute", "subacute", "chronic", "acute_on_chronic"], p=[0.55, 0.17, 0.18, 0.10]))
+        hu = {"acute": rng.uniform(55, 82), "subacute": rng.uniform(36, 48), "chronic": rng.uniform(8, 24),
+              "acute_on_chronic": rng.uniform(10, 22)}[kind]
+        half = float(np.deg2rad(rng.uniform(45, 75)))
+        suture = head.coronal if rng.random() < 0.7 else head.lambdoid
+        centre = suture + float(rng.uniform(-0.5, 0.5)) * half
+        centre = float(np.clip(centre, np.deg2rad(9) + half * 0.4, np.pi - np.deg2rad(9) - half * 0.4))
+        z_half = float(rng.uniform(18, 45))
+        z = _vault_range(head, fr, 25, head.top - 15, rng, z_half)
+        thick = float(rng.choice([rng.uniform(3, 7), rng.uniform(7, 18)], p=[0.35, 0.65]))
+        return Lesion("subdural", kind, z, z_half, float(hu), side, {
+            "phi": side * centre, "phi_half": half, "thickness": thick, "suture": float(suture),
+            "mass_mm": thick * 0.55, "y": float(-np.cos(centre) * head.b)})
+    if subtype == "subarachnoid":
+        kind = str(rng.choice(["basal", "convexity"], p=[0.5, 0.5]))
+        hu = float(rng.uniform(55, 80))
+        if kind == "basal":
+            z_half = float(rng.uniform(15, 28))
+            z = _vault_range(head, fr, 6, head.widest, rng, z_half)
+            return Lesion("subarachnoid", kind, z, z_half, hu, side, {"radius": float(rng.uniform(45, 70))})
+        z_half = float(rng.uniform(10, 25))
+        z = _vault_range(head, fr, 25, head.top - 12, rng, z_half)
+        return Lesion("subarachnoid", kind, z, z_half, hu, side, {
+            "phi": side * float(rng.uniform(0.4, 2.6)), "phi_half": float(np.deg2rad(rng.uniform(25, 60))),
+            "depth": float(rng.uniform(10, 20))})
+    if subtype == "intraventricular":
+        kind = str(rng.choice(["layering", "cast"], p=[0.6, 0.4]))
+        z_half = float(rng.uniform(12, 30))
+        z = _vault_range(head, fr, head.widest - 22, head.widest + 15, rng, z_half)
+        return Lesion("intraventricular", kind, z, z_half, float(rng.uniform(58, 85)), side,
+                      {"level": float(rng.uniform(0.3, 0.65)), "bilateral": bool(rng.random() < 0.6)})
+    if subtype == "intraparenchymal":
+        kind = str(rng.choice(["basal_ganglia", "lobar"], p=[0.45, 0.55]))
+        r = float(rng.choice([rng.uniform(4, 8), rng.uniform(8, 22)], p=[0.3, 0.7]))
+        if kind == "basal_ganglia":
+            z = _vault_range(head, fr, head.widest - 20, head.widest, rng, r)
+            x, y = side * 0.3 * head.a, float(rng.uniform(-0.08, 0.1)) * head.b
+        else:
+            z = _vault_range(head, fr, 22, head.top - 22, rng, r)
+            ang = float(rng.uniform(-2.8, 2.8))
+            s = float(an.cranial_scale(head, np.float32(z)))
+            rad = float(rng.uniform(0.35, 0.7))
+            x, y = np.sin(ang) * head.a * s * rad, -np.cos(ang) * head.b * s * rad
+            side = 1.0 if x >= 0 else -1.0
+        return Lesion("intraparenchymal", kind, z, r * float(rng.uniform(0.7, 1.2)), float(rng.uniform(60, 85)), side, {
+            "x": float(x), "y": float(y), "radius": r, "oedema": float(rng.uniform(1.5, 6)),
+            "mass_mm": max(0.0, r - 8) * 0.6, "lobes": [float(v) for v in rng.uniform(0, 2 * np.pi, 3)]})
+    raise ValueError(f"unknown subtype {subtype!r}")
+
+
+def _zprof(fr: Frame, les: Lesion):
+    """(n, 1, 1) half-ellipse profile of the lesion along z, with the slices it touches."""
+    zp = an.profile(fr.z, les.z - les.z_half, les.z + les.z_half)
+    return zp[:, None, None], np.nonzero(zp > 0)[0]
+
+
+def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np.random.Generator) -> np.ndarray:
+    """Draw the lesion into ``anat`` (HU and tissue) and return its boolean mask (n, H, W)."""
+    n = fr.n
+    mask = np.zeros(anat.hu.shape, bool)
+    zp, idx = _zprof(fr, les)
+    if len(idx) == 0:
+        return mask
+    X, Y = fr.X[0], fr.Y[0]
+    phi = np.arctan2(X, -Y)
+    w = max(fr.spacing, 0.35)
+    p = les.params
+    for i in idx:
+        hu, tissue, depth = anat.hu[i], anat.tissue[i], anat.depth[i]
+        zi = float(zp[i, 0, 0])
+        if les.subtype in ("epidural", "subdural"):
+            dphi = wrap_angle(phi - p["phi"]) / p["phi_half"]
+            if les.subtype == "epidural":  # biconvex lens
+                h = p["thickness"] * np.clip(zi**2 - dphi**2, 0, None)
+            else:  # crescent following the inner table, thickest in its middle
+                h = p["thickness"] * np.sqrt(np.clip(1 - dphi**2, 0, None)) * zi
+            region = (ramp(depth - h, w) >= 0.5) & (depth > 0) & anat.cerebrum[i] & (np.abs(dphi) < 1)
+            if les.subtype == "epidural":
+                lo, hi = p["sector_bounds"]
+                region &= (np.abs(phi) > lo + 1e-3) & (np.abs(phi) < hi - 1e-3) & (np.sign(phi) == les.side)
+            else:
+                region &= np.sign(X) == les.side
+            value = np.full(hu.shape, les.hu, np.float32)
+            if les.kind == "acute_on_chronic":  # fresh blood layers in the dependent part
+                value = np.where(fr.y_img[0] > np.percentile(fr.y_img[0][region], 55) if region.any() else 0,
+                                 float(rng.uniform(55, 75)), les.hu).astype(np.float32)
+            if p.get("swirl"):
+                value = value - 18 * (np.sin(X * 0.6) * np.sin(Y * 0.6) > 0.6)
+            hu[region] = value[region]
+            tissue[region] = an.BLOOD
+            mask[i] = region
+            if les.subtype == "epidural" and p.get("fracture") and region.any():
+                f_ang = p["phi"] + 0.3 * p["phi_half"] * np.sign(np.sin(p["phi"] * 7))
+                arc = np.abs(wrap_angle(phi - f_ang)) * np.hypot(X, Y)
+                line = (ramp(arc - 0.45, w) >= 0.35) & (depth < 0.5) & (depth > -head.skull * 3 - 3) \
+                    & (tissue == an.BONE)
+                hu[line] = np.minimum(hu[line], 60.0)
+                # scalp swelling over the fracture
+                swell = (np.abs(dphi) < 0.8) & (depth < -head.skull * 1.2) & (depth > -head.skull - head.scalp - 7) \
+                    & (hu < 20)
+                hu[swell] = float(rng.uniform(40, 60))
+                tissue[swell] = an.SOFT
+        elif les.subtype == "subarachnoid":
+            csf = tissue == an.CSF
+            if les.kind == "basal":
+                sel = np.hypot(X, Y + 0.05 * head.b) < p["radius"] * (0.6 + 0.4 * zi)
+            else:
+                dphi = wrap_angle(phi - p["phi"]) / p["phi_half"]
+                sel = (np.abs(dphi) < zi) & (depth < p["depth"]) & (np.sign(X) == np.sign(p["phi"]))
+            region = csf & sel & (depth > 0)
+            hu[region] = les.hu - 10 * (1 - zi)
+            tissue[region] = an.BLOOD
+            mask[i] = region
+        elif les.subtype == "intraventricular":
+            vent = tissue == an.VENTRICLE
+            if not p["bilateral"]:
+                vent &= (np.sign(X) == les.side) | (np.abs(X) < 3)
+            if les.kind == "layering":
+                yv = fr.y_img[0][vent]
+                if yv.size == 0:
+                    continue
+                level = np.quantile(yv, 1 - p["level"])
+                region = vent & (fr.y_img[0] >= level)
+            else:
+                region = vent
+            hu[region] = les.hu
+            tissue[region] = an.BLOOD
+            mask[i] = region
+        elif les.subtype == "intraparenchymal":
+            dx, dy = X - p["x"], Y - p["y"]
+            dz = (float(fr.z[i]) - les.z) / max(les.z_half, 1e-3) * p["radius"]
+            th = np.arctan2(dy, dx)
+            a0, a1, a2 = p["lobes"]
+            rmod = p["radius"] * (1 + 0.18 * np.sin(3 * th + a0) + 0.1 * np.sin(5 * th + a1) + 0.06 * np.sin(2 * th + a2))
+            rr = np.sqrt(dx**2 + dy**2 + dz**2)
+            paren = (tissue == an.GREY) | (tissue == an.WHITE)
+            core = (rr < rmod) & paren
+            rim = (rr < rmod + p["oedema"]) & ~core & paren & (depth > 1.5)
+            hu[rim] = np.minimum(hu[rim], float(head.white) - 8)
+            hu[core] = les.hu
+            tissue[core] = an.BLOOD
+            mask[i] = core
+    return mask

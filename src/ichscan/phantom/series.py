@@ -1,0 +1,88 @@
+"""One phantom series, in memory: HU volume, lesion masks, anatomy and what was drawn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ichscan.labels import SUBTYPES
+from ichscan.phantom import anatomy as an
+from ichscan.phantom import artifacts, lesions
+from ichscan.phantom.anatomy import Frame, HeadShape
+
+# Painted in this order; a later lesion covers an earlier one where they meet.
+PAINT_ORDER = ("subarachnoid", "intraventricular", "intraparenchymal", "subdural", "epidural")
+CONFOUNDERS = ("pineal", "choroid", "basal_ganglia", "falx", "metal", "motion")
+
+
+@dataclass
+class PhantomSeries:
+    """A generated series. ``hu`` holds exactly the values written (integers, clipped to what the file
+    can store); ``masks[subtype]`` is True where that blood is; ``tissue`` is the anatomy before lesions."""
+
+    hu: np.ndarray  # (n, H, W) float32, integral values
+    masks: dict[str, np.ndarray]
+    tissue: np.ndarray  # (n, H, W) uint8, anatomy.TISSUE_NAMES codes
+    depth: np.ndarray  # (n, H, W) mm inside the inner table
+    sector: np.ndarray  # (n, H, W) skull bone over each point
+    frame: Frame
+    head: HeadShape
+    lesions: list[lesions.Lesion]
+    confounders: dict = field(default_factory=dict)
+    noise_sigma: float = 0.0
+
+    def slice_labels(self) -> np.ndarray:
+        """(n, 5) uint8 in ``SUBTYPES`` order: a slice is positive exactly when its mask has voxels."""
+        return np.stack([self.masks[s].any(axis=(1, 2)) for s in SUBTYPES], axis=1).astype(np.uint8)
+
+    def series_labels(self) -> dict[str, int]:
+        lab = self.slice_labels().any(axis=0)
+        out = {s: int(v) for s, v in zip(SUBTYPES, lab)}
+        return {"any": int(lab.any()), **out}
+
+
+def sample_confounders(rng: np.random.Generator, rate: float = 0.35) -> dict:
+    """Findings that are not blood. About ``rate`` of series carry at least one."""
+    if rng.random() >= rate:
+        return {}
+    chosen = rng.choice(len(CONFOUNDERS), size=int(rng.integers(1, 4)), replace=False,
+                        p=np.array([0.25, 0.2, 0.12, 0.13, 0.12, 0.18]))
+    out = {}
+    for k in sorted(int(c) for c in chosen):
+        name = CONFOUNDERS[k]
+        if name in ("pineal", "choroid", "basal_ganglia", "falx"):
+            out[name] = float(rng.uniform(100, 400))
+        else:
+            out[name] = True
+    return out
+
+
+def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Generator, *, n: int, rows: int,
+                cols: int, thickness: float, confounders: dict, hu_range: tuple[float, float] = (-1024, 3071),
+                ) -> PhantomSeries:
+    fr = an.make_frame(rng, head, n, rows, cols, thickness)
+    planned = [lesions.plan_lesion(s, head, fr, rng) for s in sorted(subtypes, key=PAINT_ORDER.index)]
+    pushes = [m for m in (les.mass_effect(head) for les in planned) if m is not None]
+    mass = max(pushes, key=lambda m: m.mm) if pushes else None
+    calc = {k: v for k, v in confounders.items() if k in ("pineal", "choroid", "basal_ganglia", "falx")}
+    anat = an.build(head, fr, rng, mass=mass, calcified=calc)
+    tissue0 = anat.tissue.copy()
+    masks = {s: np.zeros(anat.hu.shape, bool) for s in SUBTYPES}
+    for les in planned:
+        m = lesions.paint_lesion(les, head, fr, anat, rng)
+        for other in SUBTYPES:  # later paint covers earlier blood
+            masks[other] &= ~m
+        masks[les.subtype] |= m
+    drawn = dict(confounders)
+    if confounders.get("metal"):
+        drawn["metal"] = artifacts.metal_shunt(anat.hu, anat.tissue, head, fr, rng)
+    artifacts.beam_hardening(anat.hu, head, fr, anat, float(rng.uniform(5, 25)))
+    hu = artifacts.scanner_blur(anat.hu, fr, float(rng.uniform(0.45, 0.8)))
+    if confounders.get("motion"):
+        drawn["motion"] = artifacts.motion(hu, fr, rng)
+    sigma = float(3.0 + 5.0 * rng.beta(1.3, 2.6))  # 3-8 HU, mostly 3-5
+    artifacts.add_noise(hu, fr, sigma, rng)
+    np.clip(np.rint(hu, out=hu), hu_range[0], hu_range[1], out=hu)
+    return PhantomSeries(hu=hu, masks=masks, tissue=tissue0, depth=anat.depth, sector=anat.sector, frame=fr,
+                         head=head, lesions=planned, confounders=drawn, noise_sigma=sigma)
