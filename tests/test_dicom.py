@@ -13,7 +13,7 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from _dicomfactory import head_phantom, write_ct
-from ichscan.dicom import read_pixels, read_series, read_slice, read_slices
+from ichscan.dicom import find_series, read_pixels, read_series, read_slice, read_slices
 from ichscan.errors import (
     ColourImageError,
     IchscanError,
@@ -106,6 +106,11 @@ def test_enhanced_multiframe_ct_is_split_per_frame(testdata):
     assert len(series) == 2 and series.ordered_by == "position"
     assert [s.position[2] for s in series.slices] == [-159.0, -149.0]  # inferior to superior
     assert series.volume().shape == (2, 512, 512) and series.slice_spacing == 10.0
+    lazy = find_series(path).series[0]  # headers only: frames decoded when the volume is asked for
+    assert all(s.hu is None for s in lazy.slices)
+    np.testing.assert_array_equal(lazy.volume(), series.volume())
+    with pytest.raises(PixelDataError, match="multi-frame"):
+        read_pixels(path)
 
 
 # ------------------------------------------------------------------------------------------ refusals
