@@ -1,0 +1,69 @@
+"""``ichscan predict`` end to end on a tiny phantom set with a tiny untrained checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from ichscan.cli import main
+from ichscan.labels import LABELS
+from ichscan.model import build_model, save_checkpoint, write_ensemble
+from ichscan.windows import PAPER_WINDOWS, PRESETS
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ichscan.phantom import generate_dataset
+
+    root = tmp_path_factory.mktemp("cli_predict")
+    generate_dataset(root / "data", studies=3, seed=5, size=64, slices=(5, 6), layout="series")
+    meta = {"windows": [PRESETS[w].to_dict() for w in PAPER_WINDOWS], "image_size": 32}
+    ckpts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ckpts.append(save_checkpoint(root / f"m{seed}", build_model("test_efficientnet"), meta))
+    manifest = write_ensemble(root / "ensemble.json", ckpts)
+    return root, manifest
+
+
+def test_cli_predict_study_folders_with_ensemble_and_resume(setup, capsys):
+    root, manifest = setup
+    data = root / "data"
+    base = [str(data), "--checkpoint", str(manifest), "--min-slices", "3", "--no-progress"]
+    out = root / "out"
+    assert main(["predict", *base, "--out", str(out), "--max-series", "1"]) == 0
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert main(["predict", *base, "--out", str(out), "--tta", "flip,zoom"]) == 1  # another config: refused
+    assert "another configuration" in capsys.readouterr().err
+    assert main(["predict", *base, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "3 series predicted (1 resumed)" in captured.err
+    series = pd.read_csv(out / "series.csv")
+    assert len(series) == 3 and series.n_slices.min() >= 5
+    assert set(series.columns) >= {f"key_slice_{n}" for n in LABELS}
+    doc = json.loads((out / "predictions.json").read_text())
+    assert doc["config"]["tta"] == ["identity", "hflip"] and len(doc["config"]["members"]) == 2
+    assert str(out / "series.csv") in captured.out
+
+
+def test_cli_predict_rejects_series_and_reports_bad_files(setup, tmp_path, capsys):
+    root, manifest = setup
+    thresholds = tmp_path / "thr.json"
+    thresholds.write_text(json.dumps({"method": "fixed", "thresholds": {n: 0.0 for n in LABELS}}))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.dcm").write_bytes(b"\0" * 200)
+    import shutil
+
+    shutil.copytree(root / "data", tmp_path / "in" / "data")
+    code = main(["predict", str(tmp_path / "in"), "--checkpoint", str(manifest), "--out", str(tmp_path / "o"),
+                 "--min-slices", "6", "--thresholds", str(thresholds), "--aggregation", "topk", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "broken.dcm" in err and "[min_slices]" in err
+    series = pd.read_csv(tmp_path / "o" / "series.csv")
+    assert (series[[f"pred_{n}" for n in LABELS]] == 1).all().all()  # every label positive at threshold 0
+    skipped = pd.read_csv(tmp_path / "o" / "skipped.csv")
+    assert "broken.dcm" in " ".join(skipped.path.dropna()) and (skipped.kind == "series").any()
