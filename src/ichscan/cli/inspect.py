@@ -90,10 +90,11 @@ def run(args) -> int:
         print()
         return 0 if scan.usable else 1
     if info["series"]:
-        header = ["#", "series UID", "patient", "slices", "size", "pixel mm", "gap mm", "thick mm",
+        header = ["#", "series UID", "patient", "mod", "slices", "size", "pixel mm", "gap mm", "thick mm",
                   "ordered by", "tilt", "fixes", "description"]
         rows = [
-            [i + 1, s["series_uid"], s["patient_id"] or "-", s["n_slices"], f"{s['rows']}x{s['columns']}",
+            [i + 1, s["series_uid"], s["patient_id"] or "-", s["modality"] or "-", s["n_slices"],
+             f"{s['rows']}x{s['columns']}",
              _fmt(s["pixel_spacing"], ".3f"), _fmt(s["slice_spacing"]), _fmt(s["thickness"]),
              s["ordered_by"], _fmt(s["tilt_degrees"], ".1f"), ",".join(s["fixes"]) or "-", s["description"] or "-"]
             for i, s in enumerate(info["series"])
