@@ -140,3 +140,20 @@ def test_single_file_series(tmp_path):
     series = read_series(path)
     assert len(series) == 1 and series.ordered_by == "position" and series.slice_spacing is None
     assert series.volume().shape == (1, 64, 64)
+
+
+def test_corrupt_zip_member_is_reported_and_others_read(tmp_path):
+    good = write_ct(tmp_path / "src" / "a.dcm", series_uid=A)
+    archive = tmp_path / "in" / "study.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.write(good, "a.dcm")
+        zf.writestr("b.dcm", good.read_bytes().replace(b"PHANTOM1", b"PHANTOM2"))
+    data = bytearray(archive.read_bytes())
+    at = data.find(b"PHANTOM2")
+    data[at] ^= 0xFF  # flip a byte in b.dcm's stored data: its CRC no longer matches
+    archive.write_bytes(bytes(data))
+    (tmp_path / "in" / "broken.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    scan = find_series(tmp_path / "in")
+    assert len(scan.series) == 1 and scan.series[0].slices[0].path.endswith("study.zip/a.dcm")
+    assert kinds(scan) == {"b.dcm": "BadZipFile", "broken.zip": "BadZipFile"}

@@ -303,12 +303,21 @@ def _iter_sources(path: str | os.PathLike) -> Iterator[_Source | SkippedFile]:
             yield _Source(str(f))
             continue
         try:
-            with zipfile.ZipFile(f) as zf:
-                for info in sorted(zf.infolist(), key=lambda i: i.filename):
-                    if not info.is_dir():
-                        yield _Source(f"{f}/{info.filename}", zf.read(info))
+            zf = zipfile.ZipFile(f)
         except (zipfile.BadZipFile, OSError) as err:
             yield SkippedFile(str(f), f"unreadable zip archive ({err}); re-create the archive", "BadZipFile")
+            continue
+        with zf:
+            for info in sorted(zf.infolist(), key=lambda i: i.filename):
+                if info.is_dir():
+                    continue
+                name = f"{f}/{info.filename}"
+                try:
+                    data = zf.read(info)
+                except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as err:
+                    yield SkippedFile(name, f"cannot be extracted ({err}); re-create the archive", "BadZipFile")
+                    continue
+                yield _Source(name, data)
 
 
 # ----------------------------------------------------------------------------------------------- reading
