@@ -11,7 +11,7 @@ from ichscan.labels import LABELS
 from test_metrics import write_series
 
 
-def test_thresholds_then_evaluate(tmp_path, capsys):
+def test_thresholds_then_evaluate(tmp_path, capsys, caplog):
     val = tmp_path / "val"
     val.mkdir()
     pred, labels, *_ = write_series(val, n=60, seed=1)
@@ -29,7 +29,7 @@ def test_thresholds_then_evaluate(tmp_path, capsys):
                  "--bootstrap", "50", "--out", str(out), "--html"]) == 0
     captured = capsys.readouterr()
     assert "| Label | POS n (%)" in captured.out and "Weighted log loss" in captured.out
-    assert "2 labelled series" in captured.err
+    assert "2 of 40 series(s)" in caplog.text and "have no prediction" in caplog.text
     names = {p.name for p in out.iterdir()}
     assert {"table1.md", "table1.csv", "table1.json", "roc.png", "roc.svg", "report.html"} <= names
     result = json.loads((out / "table1.json").read_text())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 EPILOG = """\
 examples:
@@ -66,12 +65,6 @@ def run(args: argparse.Namespace) -> int:
         from ichscan.report import table1_markdown
 
         print(table1_markdown(ev), end="")
-    missing = ev.source.get("n_labels_without_prediction", 0)
-    if missing:
-        print(f"note: {missing} labelled {'series' if ev.level == 'series' else 'images'} in {args.labels} "
-              "have no prediction and are not in the table", file=sys.stderr)
-    if ev.resampling_unit == "row" and args.bootstrap:
-        print("note: no patient_id found, so the bootstrap resampled rows; CIs are too narrow if patients "
-              "have several rows (pass --groups)", file=sys.stderr)
+    # Labels without predictions and image-level resampling are logged as warnings by ichscan.metrics.
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
