@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     except IchscanError as err:
         print(f"ichscan {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `ichscan inspect --json | head`: the reader left; say nothing more.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"ichscan {args.command}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
         return 130

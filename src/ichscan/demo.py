@@ -1,0 +1,236 @@
+"""The one-command demo: phantoms -> two models -> TTA + ensemble prediction -> Table 1, Figure 1, HTML.
+
+Every step goes through the same library calls a user makes on real data (``ichscan phantom``,
+``ichscan train``, ``ichscan predict``, ``ichscan thresholds``, ``ichscan evaluate``); the demo only
+chooses small settings that fit 2 CPU cores and 15 minutes. Each step keeps its outputs and is skipped
+when they are already complete, so an interrupted demo resumes where it stopped.
+
+Research software, not a medical device: a model trained on phantoms says nothing about patients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ichscan.errors import IchscanError
+from ichscan.labels import LABELS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo. The defaults fit the README's promise: 2 CPU cores, under 15 minutes."""
+
+    seed: int = 2019
+    train_studies: int = 240
+    val_studies: int = 60
+    test_studies: int = 80
+    size: int = 128  # phantoms are rendered at the training size: no resampling on the way in
+    slices: tuple[int, int] = (24, 32)
+    thickness: float = 5.0
+    preset: str = "quick"
+    epochs: int | None = None  # None: the preset's
+    model_seeds: tuple[int, int] = (0, 1)  # the paper's final model averages two models
+    tta: str = "flip"
+    threshold_method: str = "youden"  # operating points chosen on the validation phantoms
+    n_bootstrap: int = 1000
+    workers: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    report: Path
+    table1: Path
+    roc: Path
+    aucs: dict[str, float | None]
+    weighted_log_loss: float | None
+    seconds: dict[str, float]
+
+
+def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
+             say: Callable[[str], None] | None = None, restart: bool = False) -> DemoResult:
+    """Run (or resume) the demo under ``out_dir``; ``say`` receives one line per step."""
+    from ichscan.metrics import choose_thresholds_files, evaluate_files, save_thresholds
+    from ichscan.phantom import generate_dataset
+    from ichscan.predict import Predictor, predict_path
+    from ichscan.report import series_entries, write_report
+    from ichscan.train import PRESET_REASONS, RunInputs, TrainConfig, run_training
+
+    config = config or DemoConfig()
+    say = say or (lambda line: log.info("%s", line))
+    out = Path(out_dir)
+    if restart and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = out / "demo_config.json"
+    wanted = json.loads(json.dumps(config.to_dict()))
+    wanted.pop("workers")
+    if stamp.is_file() and json.loads(stamp.read_text()) != wanted:
+        raise IchscanError("this folder holds a demo run with other settings; use --restart or another --out", out)
+    stamp.write_text(json.dumps(wanted, indent=1) + "\n")
+    seconds: dict[str, float] = {}
+
+    # 1. Phantoms: three independent populations (distinct seeds, so distinct patients) = a patient split.
+    t0 = time.perf_counter()
+    sets = {"train": config.train_studies, "val": config.val_studies, "test": config.test_studies}
+    for i, (name, studies) in enumerate(sets.items()):
+        target = out / "phantoms" / name
+        if (target / "manifest.json").is_file():
+            say(f"phantoms/{name}: already generated")
+            continue
+        summary = generate_dataset(target, studies=studies, seed=config.seed * 10 + i, size=config.size,
+                                   slices=config.slices, thickness=config.thickness, workers=config.workers)
+        pos = ", ".join(f"{k} {v}" for k, v in summary.series_positive.items())
+        say(f"phantoms/{name}: {summary.series} series, {summary.slices} slices, {summary.patients} patients "
+            f"({pos} positive series) in {summary.seconds:.0f} s")
+    _check_patient_split(out / "phantoms", list(sets))
+    seconds["phantoms"] = time.perf_counter() - t0
+
+    # 2. Two models, the paper's final model being their average.
+    t0 = time.perf_counter()
+    base = TrainConfig.from_preset(config.preset, epochs=config.epochs)
+    say(f"models: {base.arch} at {base.image_size} px, {base.epochs} epochs, seeds {list(config.model_seeds)} "
+        f"-- {PRESET_REASONS.get(config.preset, config.preset)} (the paper: seresnext50_32x4d at 512 px "
+        f"from ImageNet, which cannot be downloaded here and would take hours on a CPU)")
+    inputs = RunInputs(data=out / "phantoms" / "train", val_data=out / "phantoms" / "val",
+                       io_workers=config.workers)
+    members: list[Path] = []
+    for k, model_seed in enumerate(config.model_seeds):
+        run_dir = out / "models" / f"model_{'ab'[k] if k < 2 else k}"
+        best = run_dir / "best.json"
+        members.append(best)
+        if (run_dir / "done.json").is_file() and best.is_file():
+            say(f"{run_dir.name}: already trained")
+            continue
+        cfg = dataclasses.replace(base, seed=model_seed)
+        resume = (run_dir / "resume.pt").is_file()
+        t1 = time.perf_counter()
+        result = run_training(cfg, inputs, run_dir, resume=resume, progress=_epoch_reporter(say, run_dir.name),
+                              report=lambda line: log.info("%s", line))
+        if result.interrupted or result.best is None:
+            raise IchscanError("training stopped before it finished; rerun the demo to resume", run_dir)
+        (run_dir / "done.json").write_text(json.dumps({"seconds": time.perf_counter() - t1}) + "\n")
+    from ichscan.model import write_ensemble
+
+    manifest = write_ensemble(out / "models" / "ensemble.json", members)
+    say(f"ensemble: {manifest} averages {len(members)} models")
+    seconds["train"] = time.perf_counter() - t0
+
+    # 3. Predict validation and test series with TTA and the ensemble.
+    t0 = time.perf_counter()
+    predictor = Predictor.from_checkpoint(manifest, tta=config.tta)
+    runs = {}
+    for name in ("val", "test"):
+        runs[name] = predict_path(out / "phantoms" / name / "images", out / "predictions" / name, predictor)
+        if not runs[name].complete:
+            raise IchscanError("prediction stopped early; rerun the demo to resume", out / "predictions" / name)
+        say(f"predictions/{name}: {len(runs[name].predictions)} series ({runs[name].n_resumed} resumed), "
+            f"TTA {'+'.join(predictor.tta)}, {len(runs[name].skipped)} files skipped")
+    seconds["predict"] = time.perf_counter() - t0
+
+    # 4. Operating points on validation, then the paper's evaluation on the held-out test phantoms.
+    t0 = time.perf_counter()
+    points = choose_thresholds_files(out / "predictions" / "val" / "series.csv",
+                                     out / "phantoms" / "val" / "series_labels.csv",
+                                     level="series", method=config.threshold_method)
+    thresholds_path = save_thresholds(points, out / "thresholds.json")
+    ev = evaluate_files(out / "predictions" / "test" / "series.csv", out / "phantoms" / "test" / "series_labels.csv",
+                        level="series", thresholds=thresholds_path, n_bootstrap=config.n_bootstrap,
+                        seed=config.seed)
+    report_dir = out / "report"
+    entries = series_entries(ev, _key_slices(runs["test"].predictions, ev.thresholds, predictor.windows,
+                                              out / "phantoms" / "test" / "images"))
+    extra = {
+        "data": f"synthetic phantoms (seed {config.seed}): {config.train_studies} train, {config.val_studies} "
+                f"validation, {config.test_studies} test studies, {config.size} px",
+        "model": f"ensemble of {len(members)} x {base.arch} at {base.image_size} px ({config.preset} preset), "
+                 f"TTA {'+'.join(predictor.tta)}, series = max over slices",
+        "operating points": f"{config.threshold_method} on the validation phantoms",
+        "warning": "phantom-trained: says nothing about patients",
+    }
+    paths = write_report(ev, report_dir, entries, title="ichscan demo: held-out phantom series", extra=extra)
+    seconds["evaluate"] = time.perf_counter() - t0
+    aucs = {m.label: m.auc.value for m in ev.per_label}
+    wll = ev.weighted_log_loss.value
+    summary = {"config": config.to_dict(), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+               "auc": aucs, "weighted_log_loss": wll, "thresholds": ev.thresholds,
+               "outputs": {k: str(v) for k, v in paths.items()}}
+    (out / "demo.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return DemoResult(out, paths["html"], paths["table1_md"], paths["roc_png"], aucs, wll, seconds)
+
+
+def _check_patient_split(root: Path, names: list[str]) -> None:
+    import pandas as pd
+
+    seen: dict[str, str] = {}
+    for name in names:
+        for patient in pd.read_csv(root / name / "series_labels.csv", dtype=str)["patient_id"].unique():
+            if patient in seen and seen[patient] != name:
+                raise IchscanError(f"patient {patient} is in both {seen[patient]} and {name}", root)
+            seen[patient] = name
+
+
+def _epoch_reporter(say: Callable[[str], None], name: str):
+    def progress(p) -> None:
+        if p.phase != "epoch":
+            return
+        m = p.metrics or {}
+        line = f"{name}: epoch {p.epoch + 1}/{p.epochs}, train loss {m['train_loss']:.4f}"
+        if m.get("val_loss") is not None:
+            line += f", val weighted log loss {m['val_loss']:.4f} (slices)"
+        if (m.get("val_auc") or {}).get("any") is not None:
+            line += f", val slice AUC any {m['val_auc']['any']:.3f}"
+        say(line + f", {m['train_images_per_s']:.0f} images/s")
+
+    return progress
+
+
+def _key_slices(predictions, thresholds: dict[str, float], windows, folder: Path) -> dict[str, dict[str, bytes]]:
+    """Per series: the slice that drove its strongest finding (``any`` when none), in the model's windows."""
+    from ichscan.dicom import find_series, read_slice
+    from ichscan.report import key_slice_pngs
+
+    # One headers-only scan tells where each SOP instance lives, whatever the folder layout.
+    where = {s.sop_uid: s.path for series in find_series(folder, pixels=False).series for s in series.slices}
+    out: dict[str, dict[str, bytes]] = {}
+    for p in predictions:
+        found = [lab for lab in LABELS[1:] if p.prob(lab) >= thresholds.get(lab, 0.5)]
+        label = max(found, key=p.prob) if found else "any"
+        key = p.key_slice(label)
+        path = where.get(key.sop_uid)
+        if path is None:
+            log.warning("key slice %s of series %s not found under %s", key.sop_uid, p.series_uid, folder)
+            continue
+        caption = f"{label} key slice {key.index + 1}/{p.n_slices}"
+        out[p.series_uid] = key_slice_pngs(read_slice(path).hu, windows, size=192, caption=caption)
+    return out
+
+
+def update_readme(result: DemoResult, readme: str | os.PathLike) -> Path:
+    """Paste the demo's Table 1 and Figure 1 into ``readme`` between ``<!-- ichscan:demo -->`` markers.
+
+    Figure 1 is copied next to the README (``docs/images/demo_roc.png``) so that the page shows it.
+    """
+    from ichscan.report import splice_markdown
+
+    readme = Path(readme)
+    figure = readme.parent / "docs" / "images" / "demo_roc.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.roc, figure)
+    block = (result.table1.read_text().strip() + "\n\n"
+             + f"![Figure 1: ROC curves per label on the held-out phantom series]({figure.relative_to(readme.parent)})")
+    return splice_markdown(readme, "demo", block)
