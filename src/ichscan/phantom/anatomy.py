@@ -215,8 +215,8 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     scalp = np.maximum(ellipse(X, Y, 0, 0, A_head, B_head, smear), nose)
     paint(hu, tissue, float(rng.uniform(20, 45)), scalp, SOFT)
     fat = ellipse(X, Y, 0, 0, A_head - 1.2, B_head - 1.2, smear) * np.clip(1.0 - 0.4 * np.float32(above), 0, 1)
-    paint(hu, tissue, float(rng.uniform(-110, -70)), fat * 0.8, FAT)
-    muscle = ellipse(X, Y, 0, 0, A_head - 2.5, B_head - 2.5, smear)
+    paint(hu, tissue, float(rng.uniform(-110, -70)), fat * 0.6)
+    muscle = ellipse(X, Y, 0, 0, A_head - 1.2 - 0.35 * head.scalp, B_head - 1.2 - 0.35 * head.scalp, smear)
     paint(hu, tissue, float(rng.uniform(30, 50)), muscle, SOFT)
 
     # ---- intracranial compartments (union of soft ellipses); depth = mm inside the inner table
@@ -335,8 +335,9 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     # Cortex, gyri and sulci (supratentorial): a folding pattern around the hemisphere.
     zz = fr.z[:, None, None]
     rphase = rng.uniform(0, 2 * np.pi, 3)
+    bend = 0.09 * np.clip(depth, 0, 20) * np.sin(5 * phi + 0.04 * zz + rphase[2])  # sulci curve as they deepen
     psi = head.gyri * phi + 0.35 * zz + rphase[0] + 1.2 * np.sin(3 * phi + 0.05 * zz + rphase[1]) \
-        + 0.6 * np.sin(7 * phi - 0.08 * zz + rphase[2])
+        + 0.6 * np.sin(7 * phi - 0.08 * zz + rphase[2]) + bend
     g = np.cos(psi)
     period = 2 * np.pi * np.maximum(R, 5) / head.gyri
     arc = np.abs(wrap_angle(psi - np.pi)) / (2 * np.pi) * period

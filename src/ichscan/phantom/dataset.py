@@ -21,7 +21,6 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from pydicom.uid import generate_uid
 
 from ichscan import __version__
 from ichscan.errors import IchscanError
@@ -112,7 +111,8 @@ def _hex(*parts) -> str:
 
 
 def _uid(*parts) -> str:
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A UID under the 2.25 root (a 128-bit integer, as from a UUID) derived from the seed, not random."""
+    return "2.25." + str(int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:32], 16))
 
 
 def _subtypes(rng: np.random.Generator, prev: dict[str, float]) -> tuple[str, ...]:

@@ -125,7 +125,8 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
             x, y = np.sin(ang) * head.a * s * rad, -np.cos(ang) * head.b * s * rad
             side = 1.0 if x >= 0 else -1.0
         return Lesion("intraparenchymal", kind, z, r * float(rng.uniform(0.7, 1.2)), float(rng.uniform(60, 85)), side, {
-            "x": float(x), "y": float(y), "radius": r, "oedema": float(rng.uniform(1.5, 6)),
+            "x": float(x), "y": float(y), "radius": r, "oedema": float(rng.uniform(2, 8)),
+            "oedema_drop": float(rng.uniform(6, 14)),
             "mass_mm": max(0.0, r - 8) * 0.6, "lobes": [float(v) for v in rng.uniform(0, 2 * np.pi, 3)]})
     raise ValueError(f"unknown subtype {subtype!r}")
 
@@ -153,9 +154,9 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
         if les.subtype in ("epidural", "subdural"):
             dphi = wrap_angle(phi - p["phi"]) / p["phi_half"]
             if les.subtype == "epidural":  # biconvex lens
-                h = p["thickness"] * np.clip(zi**2 - dphi**2, 0, None)
+                h = p["thickness"] * np.sqrt(np.clip(zi**2 - dphi**2, 0, None))
             else:  # crescent following the inner table, thickest in its middle
-                h = p["thickness"] * np.sqrt(np.clip(1 - dphi**2, 0, None)) * zi
+                h = p["thickness"] * np.clip(1 - dphi**2, 0, None) ** 0.7 * zi
             region = (ramp(depth - h, w) >= 0.5) & (depth > 0) & anat.cerebrum[i] & (np.abs(dphi) < 1)
             if les.subtype == "epidural":
                 lo, hi = p["sector_bounds"]
@@ -163,9 +164,9 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
             else:
                 region &= np.sign(X) == les.side
             value = np.full(hu.shape, les.hu, np.float32)
-            if les.kind == "acute_on_chronic":  # fresh blood layers in the dependent part
-                value = np.where(fr.y_img[0] > np.percentile(fr.y_img[0][region], 55) if region.any() else 0,
-                                 float(rng.uniform(55, 75)), les.hu).astype(np.float32)
+            if les.kind == "acute_on_chronic" and region.any():  # fresh blood layers in the dependent part
+                level = np.percentile(fr.y_img[0][region], 55)
+                value = np.where(fr.y_img[0] > level, float(p.get("fresh", 65.0)), les.hu).astype(np.float32)
             if p.get("swirl"):
                 value = value - 18 * (np.sin(X * 0.6) * np.sin(Y * 0.6) > 0.6)
             hu[region] = value[region]
@@ -197,11 +198,12 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
             vent = tissue == an.VENTRICLE
             if not p["bilateral"]:
                 vent &= (np.sign(X) == les.side) | (np.abs(X) < 3)
-            if les.kind == "layering":
+            if les.kind == "layering":  # blood settles in the occipital horns: a horizontal fluid level
+                vent &= Y > 0.12 * head.b
                 yv = fr.y_img[0][vent]
                 if yv.size == 0:
                     continue
-                level = np.quantile(yv, 1 - p["level"])
+                level = yv.max() - p["level"] * (yv.max() - yv.min())
                 region = vent & (fr.y_img[0] >= level)
             else:
                 region = vent
@@ -218,7 +220,8 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
             paren = (tissue == an.GREY) | (tissue == an.WHITE)
             core = (rr < rmod) & paren
             rim = (rr < rmod + p["oedema"]) & ~core & paren & (depth > 1.5)
-            hu[rim] = np.minimum(hu[rim], float(head.white) - 8)
+            if core.any():
+                hu[rim] = np.minimum(hu[rim], float(head.white) - p.get("oedema_drop", 10.0))
             hu[core] = les.hu
             tissue[core] = an.BLOOD
             mask[i] = core

@@ -69,8 +69,13 @@ def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Gener
     anat = an.build(head, fr, rng, mass=mass, calcified=calc)
     tissue0 = anat.tissue.copy()
     masks = {s: np.zeros(anat.hu.shape, bool) for s in SUBTYPES}
-    for les in planned:
+    for k, les in enumerate(planned):
         m = lesions.paint_lesion(les, head, fr, anat, rng)
+        for _ in range(8):  # a lesion that found no room on these slices is planned again
+            if m.any():
+                break
+            les = planned[k] = lesions.plan_lesion(les.subtype, head, fr, rng)
+            m = lesions.paint_lesion(les, head, fr, anat, rng)
         for other in SUBTYPES:  # later paint covers earlier blood
             masks[other] &= ~m
         masks[les.subtype] |= m

@@ -1,0 +1,258 @@
+"""Phantoms: files read back through ichscan.dicom with the HU generated, labels agree with masks,
+anatomy in HU, subtype geometry, and a trivial feature that does not solve the task."""
+
+from __future__ import annotations
+
+import csv
+import filecmp
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import UID
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+from ichscan.dicom import find_series, read_slice
+from ichscan.errors import IchscanError
+from ichscan.labels import LABELS, RSNA_CSV_ORDER, SUBTYPES
+from ichscan.phantom import anatomy as an
+from ichscan.phantom import generate_dataset, parse_prevalence, plan_dataset, render_series, writer
+from ichscan.phantom.series import make_series
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantoms")
+    summary = generate_dataset(out, 6, seed=3, size=64, slices=(8, 10), masks=True,
+                               prevalence={"any": 0.8})
+    return out, summary
+
+
+def _labels_csv(path: Path) -> dict[str, int]:
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["ID", "Label"]
+    return {r[0]: int(r[1]) for r in rows[1:]}
+
+
+def test_files_read_back_with_generated_hu(small_set):
+    out, summary = small_set
+    plans = plan_dataset(6, 3, size=64, slices=(8, 10), prevalence={"any": 0.8})
+    assert summary.slices == sum(p.n_slices for p in plans)
+    for plan in plans:
+        ps = render_series(plan)
+        for k, iid in enumerate(plan.image_ids):
+            s = read_slice(out / "images" / f"{iid}.dcm")
+            assert s.image_id == iid
+            assert (s.patient_id, s.study_uid, s.series_uid, s.sop_uid) == (
+                plan.patient_id, plan.study_uid, plan.series_uid, plan.sop_uids[k])
+            assert s.hu.shape == (plan.rows, plan.cols)
+            np.testing.assert_array_equal(s.hu, ps.hu[k])
+            assert s.thickness == pytest.approx(5.0)
+            assert s.position[2] == pytest.approx(plan.header["table_z"] + ps.frame.z[k], abs=1e-3)
+
+
+def test_labels_agree_with_masks(small_set):
+    out, _ = small_set
+    labels = _labels_csv(out / "labels.csv")
+    with open(out / "series_labels.csv") as f:
+        series_rows = {r["series_uid"]: r for r in csv.DictReader(f)}
+    assert list(next(iter(series_rows.values())))[:4] == ["patient_id", "study_uid", "series_uid", "n_slices"]
+    masks = sorted((out / "masks").glob("*.npz"))
+    assert len(masks) == len(series_rows) == 6
+    n_positive, mixed = 0, 0
+    for path in masks:
+        npz = np.load(path)
+        row = series_rows[path.stem]
+        assert int(row["n_slices"]) == len(npz["image_ids"])
+        per_slice = []
+        for k, iid in enumerate(npz["image_ids"]):
+            has = {s: bool(((npz["masks"][k] >> j) & 1).any()) for j, s in enumerate(SUBTYPES)}
+            has["any"] = any(has.values())
+            per_slice.append(has)
+            for name in RSNA_CSV_ORDER:
+                assert labels.pop(f"{iid}_{name}") == int(has[name])
+        for name in LABELS:
+            assert int(row[name]) == int(any(s[name] for s in per_slice))
+        if row["any"] == "1":
+            n_positive += 1
+            assert sum(s["any"] for s in per_slice) > 0
+            mixed += sum(s["any"] for s in per_slice) < len(per_slice)
+    assert not labels  # no label rows without an image
+    assert n_positive >= 2 and mixed >= 1  # lesions span runs of slices: slice labels differ from series labels
+
+
+@pytest.mark.parametrize("name", sorted(writer.ENCODINGS))
+def test_every_encoding_round_trips(tmp_path, name):
+    enc = writer.ENCODINGS[name]
+    rng = np.random.default_rng(0)
+    lo, hi = enc.hu_range
+    hu = rng.integers(int(lo), int(hi) + 1, size=(2, 16, 16)).astype(np.float32)
+    hu[0, 0, :2] = lo, hi
+    plan = plan_dataset(1, 0, size=32, slices=(2, 2))[0]
+    header = writer.SeriesHeader(
+        patient_id="ID_0", patient_name="P", patient_sex="M", patient_age=50, study_uid=plan.study_uid,
+        series_uid=plan.series_uid, frame_uid=plan.frame_uid, study_date="20200101", study_time="120000",
+        accession="A1", series_number=2, thickness=5.0, spacing=0.5, rows=16, cols=16, origin_xy=(-4.0, -4.0),
+        table_z=0.0, encoding=enc, window=("40", "80"), kernel="H30s", manufacturer="x", kvp=120.0,
+        reverse_instances=True)
+    paths = [str(tmp_path / f"ID_00{k}.dcm") for k in range(2)]
+    writer.write_series(paths, hu, np.array([0.0, 5.0]), list(plan.sop_uids), header)
+    for k, p in enumerate(paths):
+        ds = dcmread(p)
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+        assert (ds.BitsStored, ds.PixelRepresentation) == (enc.bits_stored, int(enc.signed))
+        assert ds.InstanceNumber == 2 - k
+        s = read_slice(p)
+        np.testing.assert_array_equal(s.hu, hu[k])
+        if name == "rsna_corrupt":
+            assert float(ds.RescaleIntercept) > -100 and s.fixes == ("rsna_intercept",)
+            # read naively, the wrapped values are not HU: air would come out as bone
+            assert not np.array_equal(ds.pixel_array.astype(np.float32) + float(ds.RescaleIntercept), hu[k])
+        else:
+            assert s.fixes == ()
+
+
+def test_same_seed_same_files_whatever_the_workers(tmp_path):
+    a = generate_dataset(tmp_path / "a", 3, seed=9, size=40, slices=(4, 5), workers=1)
+    b = generate_dataset(tmp_path / "b", 3, seed=9, size=40, slices=(4, 5), workers=2)
+    assert a.slices == b.slices
+    names = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b" / "images").iterdir())
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "a" / "images", tmp_path / "b" / "images", names, shallow=False)
+    assert not mismatch and not errors
+    for f in ("labels.csv", "series_labels.csv"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_plan_patients_uids_and_variety():
+    plans = plan_dataset(120, 4, size=512, slices=(32, 40))
+    per_patient = Counter(p.patient_id for p in plans)
+    assert max(per_patient.values()) == 2 and min(per_patient.values()) == 1  # some patients scanned twice
+    uids = [u for p in plans for u in (p.study_uid, p.series_uid, *p.sop_uids)]
+    assert len(set(uids)) == len(uids) and all(UID(u).is_valid for u in uids[:50])
+    ids = [i for p in plans for i in p.image_ids]
+    assert len(set(ids)) == len(ids) and all(i.startswith("ID_") and len(i) == 12 for i in ids)
+    assert {p.encoding for p in plans} == set(writer.ENCODINGS)
+    assert any(p.rows != 512 for p in plans) and all(32 <= p.n_slices <= 40 for p in plans)
+    confounded = sum(bool(p.confounders) for p in plans) / len(plans)
+    assert 0.2 < confounded < 0.5
+    assert plan_dataset(120, 4)[7] == plans[7]  # planning is deterministic
+    assert all(not p.subtypes for p in plan_dataset(30, 1, prevalence="any=0"))
+
+
+def test_prevalence_parsing():
+    assert parse_prevalence("any=0.3, epidural=0.2")["epidural"] == 0.2
+    for bad in ("any", "nonsense=0.1", "any=2", "any=x"):
+        with pytest.raises(IchscanError):
+            parse_prevalence(bad)
+
+
+PLANE = np.zeros((3, 3, 3), bool)
+PLANE[1] = ndimage.generate_binary_structure(2, 1)  # erode within each slice, not across slices
+
+
+def _interior(mask, px=1):
+    return ndimage.binary_erosion(mask, PLANE, iterations=px) if mask.any() else mask
+
+
+def test_tissue_hu_ranges():
+    rng = np.random.default_rng(2)
+    head = an.sample_head(rng)
+    ps = make_series(head, (), rng, n=36, rows=128, cols=128, thickness=5.0, confounders={})
+    t = ps.tissue
+    med = {name: float(np.median(ps.hu[_interior(t == code)])) for code, name in enumerate(an.TISSUE_NAMES)
+           if _interior(t == code).sum() > 20}
+    assert med["air"] == pytest.approx(-1000, abs=10)
+    assert 35 <= med["grey_matter"] <= 45
+    assert 20 <= med["white_matter"] <= 30
+    assert 0 <= med["ventricle"] <= 15
+    assert med["fat"] < -30
+    bone = ps.hu[t == an.BONE]
+    assert 700 <= np.percentile(bone, 90) <= 1900 and bone.max() <= 2100
+    assert med["sinus_air"] < -500
+    # vertex high, skull base low: the top slices hold little brain, the bottom ones dense bone
+    brain = ((t == an.GREY) | (t == an.WHITE)).sum(axis=(1, 2))
+    assert brain.argmax() not in (0, len(brain) - 1)
+    assert (t[:4] == an.SINUS).any() or (t[:4] == an.GLOBE).any()
+
+
+def _lesion_series(subtype, seed, size=96):
+    rng = np.random.default_rng(seed)
+    head = an.sample_head(rng)
+    ps = make_series(head, (subtype,), rng, n=34, rows=size, cols=size, thickness=5.0, confounders={})
+    m = ps.masks[subtype]
+    assert m.any(), f"{subtype} seed {seed}: empty mask"
+    assert m.any(axis=(1, 2)).sum() < ps.frame.n
+    return ps, m
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_epidural_lens_touches_inner_table_within_sutures(seed):
+    ps, m = _lesion_series("epidural", seed)
+    for i in np.nonzero(m.any(axis=(1, 2)))[0]:
+        near = ndimage.binary_dilation(m[i], iterations=2)
+        assert (ps.tissue[i][near] == an.BONE).any()  # against the inner table
+    sectors = np.unique(ps.sector[m])
+    assert len(sectors) == 1 and sectors[0] > 0  # one skull bone: never across a suture
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_subdural_crosses_sutures_not_midline(seed):
+    ps, m = _lesion_series("subdural", seed)
+    sectors = set(np.unique(ps.sector[m]).tolist())
+    assert len(sectors) >= 2
+    assert sectors <= {1, 2, 3} or sectors <= {4, 5, 6}  # one side only
+    for i in np.nonzero(m.any(axis=(1, 2)))[0]:
+        assert (ps.tissue[i][ndimage.binary_dilation(m[i], iterations=2)] == an.BONE).any()
+
+
+@pytest.mark.parametrize("subtype,allowed", [
+    ("intraventricular", (an.VENTRICLE,)),
+    ("subarachnoid", (an.CSF,)),
+    ("intraparenchymal", (an.GREY, an.WHITE)),
+])
+def test_blood_lies_in_its_compartment(subtype, allowed):
+    for seed in (0, 1, 2):
+        ps, m = _lesion_series(subtype, seed)
+        assert np.isin(ps.tissue[m], allowed).all()
+        # blood is blood: acute lesions are hyperdense on the image
+        inner = _interior(m, 1) if _interior(m, 1).sum() > 10 else m
+        assert 45 <= np.median(ps.hu[inner]) <= 95
+
+
+def test_trivial_feature_does_not_solve_the_task():
+    """Count of voxels 50-90 HU inside the skull, per series: must not separate `any` (AUC <= 0.85)."""
+    plans = plan_dataset(40, 21, size=64, slices=(32, 40))
+    feature, label = [], []
+    for plan in plans:
+        ps = render_series(plan)
+        v = ps.hu[ps.depth > 0]
+        feature.append(int(((v >= 50) & (v <= 90)).sum()))
+        label.append(ps.series_labels()["any"])
+    assert 10 <= sum(label) <= 30
+    auc = roc_auc_score(label, feature)
+    assert auc <= 0.85, auc
+
+
+def test_cli_series_layout(tmp_path, capsys):
+    from ichscan.cli import main
+
+    out = tmp_path / "tree"
+    assert main(["phantom", "--out", str(out), "--studies", "2", "--seed", "1", "--size", "48",
+                 "--slices", "4-5", "--layout", "series", "--prevalence", "any=1"]) == 0
+    assert "slices" in capsys.readouterr().out
+    scan = find_series(out)
+    assert len(scan.series) == 2
+    assert {Path(k.path).name for k in scan.skipped} == {"labels.csv", "series_labels.csv", "manifest.json"}
+    for series in scan.series:
+        folder = Path(series.slices[0].path).parent
+        assert folder.name == series.series_uid and folder.parent.name == series.study_uid
+        assert folder.parent.parent.name == series.patient_id
+    with open(out / "series_labels.csv") as f:
+        assert any(r["any"] == "1" for r in csv.DictReader(f))
+    assert (out / "manifest.json").exists() and (out / "labels.csv").exists()
