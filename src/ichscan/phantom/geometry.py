@@ -34,7 +34,40 @@ def ellipse_distance(X, Y, cx, cy, a, b, angle=0.0):
 
 
 def ellipse(X, Y, cx, cy, a, b, width, angle=0.0):
-    return ramp(ellipse_distance(X, Y, cx, cy, a, b, angle), width)
+    """Fraction of each pixel inside the ellipse, shape (n, H, W).
+
+    Work is done only where the ellipse can be: on slices where its half-axes exceed 0.05 mm (a
+    structure absent from a level is not drawn as a dot) and inside its bounding square in plane.
+    """
+    if np.ndim(X) == 2:  # one plane
+        return ellipse(X[None], Y[None], cx, cy, a, b, width, angle)[0]
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    shape = np.broadcast_shapes(np.shape(X), a.shape, b.shape, np.shape(width), np.shape(cx), np.shape(cy))
+    n, H, W = shape[0], X.shape[1], X.shape[2]
+    out = np.zeros((n, H, W), np.float32)
+    present = (np.broadcast_to(a, (n, 1, 1)) > 0.05) & (np.broadcast_to(b, (n, 1, 1)) > 0.05)
+    idx = np.nonzero(present[:, 0, 0])[0]
+    if len(idx) == 0:
+        return out
+    rs = cs = slice(None)
+    if np.ndim(cx) == 0 and np.ndim(cy) == 0:
+        # Warped grids (one per slice) move by up to ~12 mm: keep a margin for them.
+        r = float(max(a.max(), b.max())) + 3 * float(np.max(width)) + (15.0 if X.shape[0] > 1 else 1.0)
+        near = (np.abs(X[0] - cx) <= r) & (np.abs(Y[0] - cy) <= r)
+        rows, cols = np.nonzero(near.any(axis=1))[0], np.nonzero(near.any(axis=0))[0]
+        if len(rows) == 0 or len(cols) == 0:
+            return out
+        rs, cs = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+    def take(v):
+        v = np.asarray(v)
+        return v[idx] if v.ndim == 3 and v.shape[0] == n and n > 1 else v
+
+    Xs, Ys = take(X)[:, rs, cs], take(Y)[:, rs, cs]
+    d = ellipse_distance(Xs, Ys, take(cx), take(cy), take(a), take(b), angle)
+    out[idx, rs, cs] = ramp(d, take(width))
+    return out
 
 
 def segment_distance(X, Y, x0, y0, x1, y1):
