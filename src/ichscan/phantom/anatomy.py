@@ -212,12 +212,13 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     bottom = z < -45
     A_head = np.where(bottom, A_head * 0.85, A_head)
     nose = ellipse(X, Y, 0, -B_head + 3, 9, 14, w) * ((z > -40) & (z < 0))
-    scalp = np.maximum(ellipse(X, Y, 0, 0, A_head, B_head, smear), nose)
+    d_head = ellipse_distance(X, Y, 0, 0, A_head, B_head)  # one distance, offset for the scalp's layers
+    scalp = np.maximum(ramp(d_head, smear), nose)
     paint(hu, tissue, float(rng.uniform(20, 45)), scalp, SOFT)
-    fat = ellipse(X, Y, 0, 0, A_head - 1.2, B_head - 1.2, smear) * np.clip(1.0 - 0.4 * np.float32(above), 0, 1)
+    fat = ramp(d_head + 1.2, smear) * np.clip(1.0 - 0.4 * np.float32(above), 0, 1)
     paint(hu, tissue, float(rng.uniform(-110, -70)), fat * 0.6)
-    muscle = ellipse(X, Y, 0, 0, A_head - 1.2 - 0.35 * head.scalp, B_head - 1.2 - 0.35 * head.scalp, smear)
-    paint(hu, tissue, float(rng.uniform(30, 50)), muscle, SOFT)
+    paint(hu, tissue, float(rng.uniform(30, 50)), ramp(d_head + 1.2 + 0.35 * head.scalp, smear), SOFT)
+    del d_head
 
     # ---- intracranial compartments (union of soft ellipses); depth = mm inside the inner table
     sup = ~base[:, 0, 0] & (fr.z < head.top)
@@ -332,25 +333,33 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
         Xw = X + mass.side * push * np.clip(1 - np.abs(X) / (head.a * 1.1), 0, 1)
         efface = np.clip(zprof * np.exp(-0.5 * ((X + mass.side * head.a) ** 2 + (Y - mass.y) ** 2) / 30.0**2) * 1.5, 0, 1)
 
-    # Cortex, gyri and sulci (supratentorial): a folding pattern around the hemisphere.
-    zz = fr.z[:, None, None]
-    rphase = rng.uniform(0, 2 * np.pi, 3)
-    bend = 0.09 * np.clip(depth, 0, 20) * np.sin(5 * phi + 0.04 * zz + rphase[2])  # sulci curve as they deepen
-    psi = head.gyri * phi + 0.35 * zz + rphase[0] + 1.2 * np.sin(3 * phi + 0.05 * zz + rphase[1]) \
-        + 0.6 * np.sin(7 * phi - 0.08 * zz + rphase[2]) + bend
+    # Cortex, gyri and sulci (supratentorial): a folding pattern around the hemisphere, computed only on
+    # voxels inside the cavity.
+    cav = depth > 0
+    full = depth.shape
+    dc = depth[cav]
+    Xc = np.broadcast_to(X, full)[cav]
+    Yc = np.broadcast_to(Y, full)[cav]
+    zc = np.broadcast_to(z, full)[cav]
+    phic = np.arctan2(Xc, -Yc)
+    rphase = rng.uniform(0, 2 * np.pi, 3).astype(np.float32)
+    bend = 0.09 * np.minimum(dc, 20) * np.sin(5 * phic + 0.04 * zc + rphase[2])  # sulci curve as they deepen
+    psi = head.gyri * phic + 0.35 * zc + rphase[0] + 1.2 * np.sin(3 * phic + 0.05 * zc + rphase[1]) \
+        + 0.6 * np.sin(7 * phic - 0.08 * zc + rphase[2]) + bend
     g = np.cos(psi)
-    period = 2 * np.pi * np.maximum(R, 5) / head.gyri
+    period = 2 * np.pi * np.maximum(np.hypot(Xc, Yc), 5) / head.gyri
     arc = np.abs(wrap_angle(psi - np.pi)) / (2 * np.pi) * period
-    sulcus_w = (0.8 + 1.6 * (head.atrophy - 0.8)) * np.float32(1.0)
+    sulcus_w = np.float32(0.8 + 1.6 * (head.atrophy - 0.8))
     if efface is not None:
-        sulcus_w = sulcus_w * (1 - 0.85 * efface)
+        sulcus_w = sulcus_w * (1 - 0.85 * efface[cav] if efface.shape == full else 1 - 0.85 * np.broadcast_to(efface, full)[cav])
     sulc_depth = 11.0 + 3 * (head.atrophy - 0.8)
     cortex = 2.6
     wm_depth = extra + cortex + (sulc_depth * 0.75) * ((1 - g) / 2) ** 1.3
-    white = ramp(wm_depth - depth, w) * (cerebrum | (depth > 0))
-    paint(hu, tissue, head.white, white * np.float32(1.0), WHITE)
-    sul = ramp(arc - sulcus_w / 2, w) * ramp(depth - (extra + sulc_depth * (0.75 + 0.5 * np.cos(1.7 * psi / head.gyri * 5))), w)
-    paint(hu, tissue, head.csf, sul * (cerebrum & (z >= 12)), CSF)
+    h_c, t_c = hu[cav], tissue[cav]
+    paint(h_c, t_c, head.white, ramp(wm_depth - dc, w), WHITE)
+    sul = ramp(arc - sulcus_w / 2, w) * ramp(dc - (extra + sulc_depth * (0.75 + 0.5 * np.cos(1.7 * psi / head.gyri * 5))), w)
+    paint(h_c, t_c, head.csf, sul * (cerebrum[cav] & (zc >= 12)), CSF)
+    hu[cav], tissue[cav] = h_c, t_c
 
     # Interhemispheric fissure with the falx; deep structures by level (mostly on warped coordinates).
     supr = np.nonzero(sup)[0]
