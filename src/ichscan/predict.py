@@ -956,10 +956,15 @@ def predict_path(
         f = work / _work_name(s) if work is not None else None
         if f is not None and f.exists():
             try:
-                done[_work_name(s)] = SeriesPrediction.from_dict(json.loads(f.read_text()))
-                continue
+                saved = SeriesPrediction.from_dict(json.loads(f.read_text()))
             except (OSError, ValueError, KeyError, TypeError):
                 log.warning("redoing series %s: its partial result %s is unreadable", s.series_uid, f)
+            else:
+                if saved.n_slices + len(saved.skipped) == len(s.slices):
+                    done[_work_name(s)] = saved
+                    continue
+                log.warning("redoing series %s: it has %d slices now, %d when it was predicted", s.series_uid,
+                            len(s.slices), saved.n_slices + len(saved.skipped))
         todo.append(s)
     n_resumed = len(done)
     total = len(selected)
