@@ -216,8 +216,8 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     scalp = np.maximum(ramp(d_head, smear), nose)
     paint(hu, tissue, float(rng.uniform(20, 45)), scalp, SOFT)
     fat = ramp(d_head + 1.2, smear) * np.clip(1.0 - 0.4 * np.float32(above), 0, 1)
-    paint(hu, tissue, float(rng.uniform(-110, -70)), fat * 0.6)
-    paint(hu, tissue, float(rng.uniform(30, 50)), ramp(d_head + 1.2 + 0.35 * head.scalp, smear), SOFT)
+    paint(hu, tissue, float(rng.uniform(-110, -70)), fat * 0.4)
+    paint(hu, tissue, float(rng.uniform(30, 50)), ramp(d_head + 1.5 + 0.2 * head.scalp, smear), SOFT)
     del d_head
 
     # ---- intracranial compartments (union of soft ellipses); depth = mm inside the inner table
@@ -408,7 +408,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
                        - (1.0 + 0.9 * v) * sy, w) * (sy > 0.05)
             paint(h_s, t_s, head.csf, syl * (depth[supr] > 0), CSF)
         # basal cisterns: suprasellar star and the ring around the midbrain
-        cb = band(4, 26)
+        cb = band(2, min(26.0, wl - 18))  # below the third ventricle and the thalami
         rr = np.hypot(Xs, Y + 0.12 * head.b)
         th = np.arctan2(Xs, Y + 0.12 * head.b)
         star = ramp(rr - (7 + 2 * v) * cb * (1 + 0.22 * np.cos(5 * th)), w) * (cb > 0.05)

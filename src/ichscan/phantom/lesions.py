@@ -156,7 +156,7 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
             if les.subtype == "epidural":  # biconvex lens
                 h = p["thickness"] * np.sqrt(np.clip(zi**2 - dphi**2, 0, None))
             else:  # crescent following the inner table, thickest in its middle
-                h = p["thickness"] * np.clip(1 - dphi**2, 0, None) ** 0.7 * zi
+                h = p["thickness"] * np.clip(1 - dphi**2, 0, None) ** 1.2 * zi
             region = (ramp(depth - h, w) >= 0.5) & (depth > 0) & anat.cerebrum[i] & (np.abs(dphi) < 1)
             if les.subtype == "epidural":
                 lo, hi = p["sector_bounds"]
