@@ -104,7 +104,8 @@ def make_frame(rng, head: HeadShape, n: int, rows: int, cols: int, thickness: fl
     coverage = (n - 1) * thickness
     full = head.top + head.skull + head.scalp + 38.0  # foramen magnum to the top of the scalp
     if coverage >= full:
-        z0 = -38.0 - rng.uniform(0, min(25.0, coverage - full + 1))
+        extra = coverage - full  # most of the extra length goes to the neck, at most 10 mm above the head
+        z0 = -38.0 - rng.uniform(max(0.0, extra - 10.0), extra + 1e-3)
     else:  # thin or few slices: a random band that stays on the head
         z0 = rng.uniform(-38.0, max(-37.9, head.top + head.skull + head.scalp - coverage))
     z = (z0 + thickness * np.arange(n)).astype(np.float32)
@@ -247,11 +248,11 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
         depth[midfossa] = np.maximum(depth[midfossa], d)
         cerebrum[midfossa] |= d > 0
     pf = np.nonzero((fr.z > -42) & (fr.z < 20))[0]
-    pf_c = (0.0, 0.42 * head.b)
+    pf_c = (0.0, 0.36 * head.b)
     if len(pf):
         zp = fr.z[pf][:, None, None]
         p = profile(zp, -44, 22)
-        d = -ellipse_distance(X, Y, pf_c[0], pf_c[1], 0.62 * head.a * p, 0.42 * head.b * p)
+        d = -ellipse_distance(X, Y, pf_c[0], pf_c[1], 0.72 * head.a * p, 0.5 * head.b * p)
         # above the tentorium (z > 8) the occipital lobes take over: the posterior fossa shrinks away
         d = np.where(zp > 8, np.minimum(d, -ellipse_distance(X, Y, 0, pf_c[1], 0.2 * head.a, 0.25 * head.b)), d)
         depth[pf] = np.maximum(depth[pf], d)
@@ -285,7 +286,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
             # petrous ridge: dense bar from the side towards the clivus, between middle and posterior fossae
             pr = profile(zl, -22, 6)
             paint(h_l, t_l, 1600.0, capsule(X, Y, sx * 0.75 * head.a, 0.20 * head.b, sx * 0.15 * head.a,
-                                           -0.02 * head.b, 4.5 * pr + 0.01, w), BONE)
+                                           -0.02 * head.b, 4.5 * pr + 0.01, w) * (pr > 0.05), BONE)
         e = profile(zl, -22, 10)
         paint(h_l, t_l, 700.0, ellipse(X, Y, 0, -0.62 * head.b, 11 * e + 1.5 * (e > 0), 12 * e + 1.5 * (e > 0), w), BONE)
         eth = ellipse(X, Y, 0, -0.62 * head.b, 11 * e, 12 * e, w) * (np.sin(X * 0.9) * np.sin(Y * 0.9) > -0.6)
@@ -297,6 +298,15 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
         cl = profile(zl, -40, 0)
         paint(h_l, t_l, 800.0, ellipse(X, Y, 0, -0.05 * head.b, 6 * cl + .01, 9 * cl + .01, w, angle=0.0), BONE)  # clivus
         hu[lo], tissue[lo] = h_l, t_l
+    neck = np.nonzero(fr.z < -36)[0]
+    if len(neck):
+        h_n, t_n = hu[neck], tissue[neck]
+        paint(h_n, t_n, 900.0, ellipse(X, Y, 0, 0.2 * head.b, 15.0, 13.0, w), BONE)  # atlas / axis
+        paint(h_n, t_n, 320.0, ellipse(X, Y, 0, 0.2 * head.b, 13.0, 11.0, w))
+        paint(h_n, t_n, 8.0, ellipse(X, Y, 0, 0.24 * head.b, 7.5, 7.0, w), CSF)  # canal
+        paint(h_n, t_n, head.white + 8, ellipse(X, Y, 0, 0.24 * head.b, 5.0, 4.0, w), WHITE)  # cord
+        paint(h_n, t_n, -900.0, ellipse(X, Y, 0, -0.35 * head.b, 9.0, 7.0, w), SINUS)  # pharynx
+        hu[neck], tissue[neck] = h_n, t_n
     fs = np.nonzero((fr.z > 2) & (fr.z < 32))[0]
     if len(fs):
         zf = fr.z[fs][:, None, None]

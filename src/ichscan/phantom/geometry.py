@@ -90,4 +90,4 @@ def paint(hu, tissue, value, fraction, code=None):
     """Lay ``fraction`` of a tissue of ``value`` HU over ``hu`` in place; label pixels it mostly fills."""
     hu += fraction * (value - hu)
     if code is not None:
-        tissue[fraction >= 0.5] = code
+        tissue[np.broadcast_to(fraction >= 0.5, tissue.shape)] = code
