@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--series", type=int, default=4, help="series in the throughput run (default 4)")
     ap.add_argument("--slices", type=int, default=40, help="slices per series (default 40)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats, best kept (default 3)")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--input", help="an existing folder of series instead of generated phantoms")
     args = ap.parse_args()
     logging.getLogger("ichscan").setLevel(logging.ERROR)  # skipped non-DICOM files beside the phantoms

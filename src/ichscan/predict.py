@@ -555,7 +555,7 @@ class Predictor:
         device: str = "cpu",
         tta: str | Sequence[str] | None = DEFAULT_TTA,
         precision: str = "auto",
-        batch_size: int = 32,
+        batch_size: int = 64,
         aggregation: str = "max",
         top_k: int = 3,
         channels_last: bool = True,

@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     m.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
-    m.add_argument("--batch-size", type=int, default=32, help="images per forward pass, TTA views included")
+    m.add_argument("--batch-size", type=int, default=64, help="images per forward pass, TTA views included (default 64)")
     s = p.add_argument_group("series selection (what a triage product reads)")
     s.add_argument("--min-slices", type=int, default=10, help="fewer slices: rejected (default 10)")
     s.add_argument("--max-obliquity", type=float, default=30.0,
