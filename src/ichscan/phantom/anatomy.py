@@ -178,8 +178,9 @@ def suture_angles(head: HeadShape, z):
 
 
 def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect | None = None,
-          calcified: dict | None = None) -> Anatomy:
-    """Render the head over the series. ``calcified`` names physiological calcifications to draw."""
+          calcified: dict | None = None, distended: list[dict] | None = None) -> Anatomy:
+    """Render the head over the series. ``calcified`` names physiological calcifications to draw;
+    ``distended`` lists convexity regions (phi, phi_half, z, z_half) whose sulci blood has widened."""
     calcified = calcified or {}
     n, H, W = fr.n, fr.rows, fr.cols
     X, Y = fr.X, fr.Y
@@ -360,6 +361,9 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     period = 2 * np.pi * np.maximum(np.hypot(Xc, Yc), 5) / head.gyri
     arc = np.abs(wrap_angle(psi - np.pi)) / (2 * np.pi) * period
     sulcus_w = np.float32(0.8 + 1.6 * (head.atrophy - 0.8))
+    for reg in distended or ():
+        inreg = (np.abs(wrap_angle(phic - reg["phi"])) < reg["phi_half"] * 1.1) & (np.abs(zc - reg["z"]) < reg["z_half"])
+        sulcus_w = sulcus_w + np.float32(reg.get("widen", 2.0)) * inreg
     if efface is not None:
         sulcus_w = sulcus_w * (1 - 0.85 * efface[cav] if efface.shape == full else 1 - 0.85 * np.broadcast_to(efface, full)[cav])
     sulc_depth = 11.0 + 3 * (head.atrophy - 0.8)

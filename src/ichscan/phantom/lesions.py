@@ -90,6 +90,8 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
         z_half = float(rng.uniform(18, 45))
         z = _vault_range(head, fr, 25, head.top - 15, rng, z_half)
         thick = float(rng.choice([rng.uniform(3, 7), rng.uniform(7, 18)], p=[0.35, 0.65]))
+        if kind != "acute":  # older collections that come to CT are mostly large
+            thick = float(rng.uniform(7, 20))
         return Lesion("subdural", kind, z, z_half, float(hu), side, {
             "phi": side * centre, "phi_half": half, "thickness": thick, "suture": float(suture),
             "mass_mm": thick * 0.55, "y": float(-np.cos(centre) * head.b)})
@@ -104,7 +106,7 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
         z = _vault_range(head, fr, 25, head.top - 12, rng, z_half)
         return Lesion("subarachnoid", kind, z, z_half, hu, side, {
             "phi": side * float(rng.uniform(0.4, 2.6)), "phi_half": float(np.deg2rad(rng.uniform(25, 60))),
-            "depth": float(rng.uniform(10, 20))})
+            "depth": float(rng.uniform(10, 20)), "widen": float(rng.uniform(1.2, 2.5))})
     if subtype == "intraventricular":
         kind = str(rng.choice(["layering", "cast"], p=[0.6, 0.4]))
         z_half = float(rng.uniform(12, 30))

@@ -66,7 +66,9 @@ def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Gener
     pushes = [m for m in (les.mass_effect(head) for les in planned) if m is not None]
     mass = max(pushes, key=lambda m: m.mm) if pushes else None
     calc = {k: v for k, v in confounders.items() if k in ("pineal", "choroid", "basal_ganglia", "falx")}
-    anat = an.build(head, fr, rng, mass=mass, calcified=calc)
+    distended = [dict(les.params, z=les.z, z_half=les.z_half) for les in planned
+                 if les.subtype == "subarachnoid" and les.kind == "convexity"]
+    anat = an.build(head, fr, rng, mass=mass, calcified=calc, distended=distended)
     tissue0 = anat.tissue.copy()
     masks = {s: np.zeros(anat.hu.shape, bool) for s in SUBTYPES}
     for k, les in enumerate(planned):
