@@ -141,6 +141,8 @@ def test_plan_patients_uids_and_variety():
     assert any(p.rows != 512 for p in plans) and all(32 <= p.n_slices <= 40 for p in plans)
     confounded = sum(bool(p.confounders) for p in plans) / len(plans)
     assert 0.2 < confounded < 0.5
+    assert any(p.confounders and not p.subtypes for p in plans)  # negatives carry confounders too
+    assert any(p.confounders and p.subtypes for p in plans)
     assert plan_dataset(120, 4)[7] == plans[7]  # planning is deterministic
     assert all(not p.subtypes for p in plan_dataset(30, 1, prevalence="any=0"))
 

@@ -272,13 +272,16 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
         orbit_band = profile(zl, -22, 8)
         for sx in (-1, 1):
             # orbit: fat cone with the globe at its front
-            paint(h_l, t_l, -90.0, ellipse(X, Y, sx * 0.36 * head.a, -0.78 * head.b, 16 * orbit_band, 20 * orbit_band, w), FAT)
+            paint(h_l, t_l, -90.0, ellipse(X, Y, sx * 0.36 * head.a, -0.78 * head.b, 16 * orbit_band,
+                                           20 * orbit_band, w), FAT)
             g = profile(zl, -16, 2)
             paint(h_l, t_l, 12.0, ellipse(X, Y, sx * 0.38 * head.a, -0.95 * head.b, 11.5 * g, 11.5 * g, w), GLOBE)
             paint(h_l, t_l, 110.0, ellipse(X, Y, sx * 0.38 * head.a, -1.08 * head.b, 4 * g, 1.6 * g, w))
             # maxillary sinus (lowest slices) and mastoid air cells
             m = profile(zl, -48, -14)
-            paint(h_l, t_l, 900.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m + 1.5 * (m > 0), 17 * m + 1.5 * (m > 0), w), BONE)
+            wall = 1.5 * (m > 0)
+            paint(h_l, t_l, 900.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m + wall, 17 * m + wall, w),
+                  BONE)
             paint(h_l, t_l, -950.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m, 17 * m, w), SINUS)
             mc = profile(zl, -30, 0)
             cells = ellipse(X, Y, sx * 0.78 * head.a, 0.22 * head.b, 8 * mc, 9 * mc, w)
@@ -289,15 +292,17 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
             paint(h_l, t_l, 1600.0, capsule(X, Y, sx * 0.75 * head.a, 0.20 * head.b, sx * 0.15 * head.a,
                                            -0.02 * head.b, 4.5 * pr + 0.01, w) * (pr > 0.05), BONE)
         e = profile(zl, -22, 10)
-        paint(h_l, t_l, 700.0, ellipse(X, Y, 0, -0.62 * head.b, 11 * e + 1.5 * (e > 0), 12 * e + 1.5 * (e > 0), w), BONE)
+        wall = 1.5 * (e > 0)
+        paint(h_l, t_l, 700.0, ellipse(X, Y, 0, -0.62 * head.b, 11 * e + wall, 12 * e + wall, w), BONE)
         eth = ellipse(X, Y, 0, -0.62 * head.b, 11 * e, 12 * e, w) * (np.sin(X * 0.9) * np.sin(Y * 0.9) > -0.6)
         paint(h_l, t_l, -900.0, eth, SINUS)  # ethmoid air cells
         paint(h_l, t_l, 300.0, ellipse(X, Y, 0, -0.62 * head.b, 0.9 * e, 12 * e, w))  # septum
         sp = profile(zl, -12, 8)
-        paint(h_l, t_l, 900.0, ellipse(X, Y, 0, -0.28 * head.b, 9 * sp + 2 * (sp > 0), 8 * sp + 2 * (sp > 0), w), BONE)
+        wall = 2.0 * (sp > 0)
+        paint(h_l, t_l, 900.0, ellipse(X, Y, 0, -0.28 * head.b, 9 * sp + wall, 8 * sp + wall, w), BONE)
         paint(h_l, t_l, -900.0, ellipse(X, Y, 0, -0.28 * head.b, 9 * sp, 8 * sp, w), SINUS)  # sphenoid
         cl = profile(zl, -40, 0)
-        paint(h_l, t_l, 800.0, ellipse(X, Y, 0, -0.05 * head.b, 6 * cl + .01, 9 * cl + .01, w, angle=0.0), BONE)  # clivus
+        paint(h_l, t_l, 800.0, ellipse(X, Y, 0, -0.05 * head.b, 6 * cl, 9 * cl, w), BONE)  # clivus
         hu[lo], tissue[lo] = h_l, t_l
     neck = np.nonzero(fr.z < -36)[0]
     if len(neck):
@@ -342,7 +347,8 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
         zprof = np.exp(-0.5 * ((z - mass.z) / max(mass.z_half, 1.0)) ** 2)
         push = mass.mm * zprof * np.exp(-0.5 * ((Y - mass.y) / 55.0) ** 2)
         Xw = X + mass.side * push * np.clip(1 - np.abs(X) / (head.a * 1.1), 0, 1)
-        efface = np.clip(zprof * np.exp(-0.5 * ((X + mass.side * head.a) ** 2 + (Y - mass.y) ** 2) / 30.0**2) * 1.5, 0, 1)
+        near = ((X + mass.side * head.a) ** 2 + (Y - mass.y) ** 2) / 30.0**2
+        efface = np.clip(zprof * np.exp(-0.5 * near) * 1.5, 0, 1)
 
     # Cortex, gyri and sulci (supratentorial): a folding pattern around the hemisphere, computed only on
     # voxels inside the cavity.
@@ -362,16 +368,18 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     arc = np.abs(wrap_angle(psi - np.pi)) / (2 * np.pi) * period
     sulcus_w = np.float32(0.8 + 1.6 * (head.atrophy - 0.8))
     for reg in distended or ():
-        inreg = (np.abs(wrap_angle(phic - reg["phi"])) < reg["phi_half"] * 1.1) & (np.abs(zc - reg["z"]) < reg["z_half"])
+        inreg = (np.abs(wrap_angle(phic - reg["phi"])) < reg["phi_half"] * 1.1) \
+            & (np.abs(zc - reg["z"]) < reg["z_half"])
         sulcus_w = sulcus_w + np.float32(reg.get("widen", 2.0)) * inreg
     if efface is not None:
-        sulcus_w = sulcus_w * (1 - 0.85 * efface[cav] if efface.shape == full else 1 - 0.85 * np.broadcast_to(efface, full)[cav])
+        sulcus_w = sulcus_w * (1 - 0.85 * np.broadcast_to(efface, full)[cav])
     sulc_depth = 11.0 + 3 * (head.atrophy - 0.8)
     cortex = 2.6
     wm_depth = extra + cortex + (sulc_depth * 0.75) * ((1 - g) / 2) ** 1.3
     h_c, t_c = hu[cav], tissue[cav]
     paint(h_c, t_c, head.white, ramp(wm_depth - dc, w), WHITE)
-    sul = ramp(arc - sulcus_w / 2, w) * ramp(dc - (extra + sulc_depth * (0.75 + 0.5 * np.cos(1.7 * psi / head.gyri * 5))), w)
+    fundus = extra + sulc_depth * (0.75 + 0.5 * np.cos(1.7 * psi / head.gyri * 5))  # sulci of varied depth
+    sul = ramp(arc - sulcus_w / 2, w) * ramp(dc - fundus, w)
     paint(h_c, t_c, head.csf, sul * (cerebrum[cav] & (zc >= 12)), CSF)
     hu[cav], tissue[cav] = h_c, t_c
 
@@ -411,8 +419,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
         for sx in (-1, 1):
             paint(h_s, t_s, head.grey - 1, ellipse(Xs, Y, sx * 0.33 * head.a, -0.02 * head.b, 5.5 * bgb + .01,
                                                    13 * bgb + .01, w, angle=sx * 0.25), GREY)
-            paint(h_s, t_s, head.grey, ellipse(Xs, Y, sx * (6 + 3 * v), 0.12 * head.b, 6.5 * bgb + .01, 9 * bgb + .01, w),
-                  GREY)
+            paint(h_s, t_s, head.grey, ellipse(Xs, Y, sx * (6 + 3 * v), 0.12 * head.b, 6.5 * bgb, 9 * bgb, w), GREY)
             paint(h_s, t_s, head.grey, ellipse(Xs, Y, sx * (6.5 + 3.2 * v), -0.17 * head.b, 4 * bgb + .01,
                                                6.5 * bgb + .01, w), GREY)
             # insula and Sylvian fissure
@@ -460,8 +467,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
         v = head.atrophy
         bs = profile(zp, -48, 12)
         paint(h_p, t_p, head.grey + 1, ramp(1.5 - dpf, w) * inpf, GREY)
-        paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.12 * head.b, (12.5 + v) * bs + .01, (10.5 + v) * bs + .01, w) * inpf,
-              CSF)
+        paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.12 * head.b, (12.5 + v) * bs, (10.5 + v) * bs, w) * inpf, CSF)
         paint(h_p, t_p, head.white + 5, ellipse(X, Y, 0, 0.12 * head.b, 11 * bs + .01, 9 * bs + .01, w), WHITE)
         fv = profile(zp, -22, 10)
         paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.28 * head.b, (4 + 1.5 * v) * fv + .01, (2.5 + v) * fv + .01, w),

@@ -287,7 +287,8 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
     n_slices = sum(p.n_slices for p in plans)
     series_pos = {k: sum(r["series_labels"][k] for r in results) for k in LABELS}
     slice_arr = np.concatenate([np.asarray(r["slice_labels"], np.int64).reshape(-1, len(SUBTYPES)) for r in results])
-    slices_pos = {"any": int(slice_arr.any(axis=1).sum()), **{s: int(slice_arr[:, k].sum()) for k, s in enumerate(SUBTYPES)}}
+    slices_pos = {"any": int(slice_arr.any(axis=1).sum()),
+                  **{s: int(slice_arr[:, k].sum()) for k, s in enumerate(SUBTYPES)}}
     summary = DatasetSummary(
         out=str(out_p), patients=len({p.patient_id for p in plans}), studies=len(plans), series=len(plans),
         slices=n_slices, series_positive=series_pos, slices_positive=slices_pos,

@@ -217,7 +217,8 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
             dz = (float(fr.z[i]) - les.z) / max(les.z_half, 1e-3) * p["radius"]
             th = np.arctan2(dy, dx)
             a0, a1, a2 = p["lobes"]
-            rmod = p["radius"] * (1 + 0.18 * np.sin(3 * th + a0) + 0.1 * np.sin(5 * th + a1) + 0.06 * np.sin(2 * th + a2))
+            lobes = 0.18 * np.sin(3 * th + a0) + 0.1 * np.sin(5 * th + a1) + 0.06 * np.sin(2 * th + a2)
+            rmod = p["radius"] * (1 + lobes)  # lobulated, not a disc
             rr = np.sqrt(dx**2 + dy**2 + dz**2)
             paren = (tissue == an.GREY) | (tissue == an.WHITE)
             core = (rr < rmod) & paren
