@@ -360,7 +360,9 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     zc = np.broadcast_to(z, full)[cav]
     phic = np.arctan2(Xc, -Yc)
     rphase = rng.uniform(0, 2 * np.pi, 3).astype(np.float32)
-    bend = 0.09 * np.minimum(dc, 20) * np.sin(5 * phic + 0.04 * zc + rphase[2])  # sulci curve as they deepen
+    dd = np.minimum(dc, 20)
+    bend = 0.09 * dd * np.sin(5 * phic + 0.04 * zc + rphase[2]) \
+        + 0.012 * dd**1.5 * np.sin(13 * phic - 0.06 * zc + rphase[1])  # sulci curve and wander as they deepen
     psi = head.gyri * phic + 0.35 * zc + rphase[0] + 1.2 * np.sin(3 * phic + 0.05 * zc + rphase[1]) \
         + 0.6 * np.sin(7 * phic - 0.08 * zc + rphase[2]) + bend
     g = np.cos(psi)
