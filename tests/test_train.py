@@ -222,3 +222,22 @@ def test_phantom_training_resume_and_checkpoint_round_trip(tmp_path, phantoms):
     again = validation_metrics(logits, targets, LABELS)
     assert again["val_loss"] == pytest.approx(meta["metrics"]["val_loss"], rel=1e-5)
     assert meta["data"]["train"]["images"] == len(val_set)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tmp_path, phantoms):
+    """DDP through torchrun (gloo on CPU): trains, stops, resumes, writes once."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "ichscan",
+            "train", str(phantoms), "--val", str(phantoms), "--out", str(tmp_path / "run"), "--preset", "quick",
+            "--image-size", "32", "--epochs", "2", "--batch-size", "4", "--no-progress", "--io-workers", "1",
+            "--workers", "0", "--precision", "fp32"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*args, "--stop-after-steps", "3"], check=True, env=env, timeout=300)
+    subprocess.run([*args, "--resume"], check=True, env=env, timeout=300)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    model, meta = load_checkpoint(tmp_path / "run" / "last.json")
+    assert meta["config"]["epochs"] == 2

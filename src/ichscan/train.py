@@ -197,6 +197,32 @@ def detect_distributed() -> Distributed:
     return Distributed(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def init_distributed(config: TrainConfig) -> tuple[Distributed, torch.device]:
+    """Join torchrun's process group (once) and pick this process's device."""
+    dist_info = detect_distributed()
+    if config.device:
+        device = torch.device(config.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", dist_info.local_rank)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist_info, device
+
+
+def _barrier(dist_info: Distributed) -> None:
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
     try:
@@ -367,21 +393,7 @@ def train(
     time-boxed runs and for testing resume. Under torchrun every rank calls this; rank 0 writes files.
     """
     out = Path(out_dir)
-    dist_info = detect_distributed()
-    if dist_info.enabled:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-    if config.device:
-        device = torch.device(config.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", dist_info.local_rank)
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    dist_info, device = init_distributed(config)
     labels = tuple(config.labels)
     ds_labels = tuple(getattr(train_set, "labels", labels))
     if ds_labels != labels:
@@ -434,10 +446,13 @@ def train(
         loss_sum, seen = state["loss_sum"], state["seen"]
         best_loss = state["best_loss"]
         history = json.loads(state["history"])
-        torch.set_rng_state(state["rng"]["torch"])
-        aug_gen.set_state(state["rng"]["augment"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        rng = state["rng"]
+        if isinstance(rng, list):  # one entry per rank (DDP); a rank beyond those saved keeps rank 0's
+            rng = rng[dist_info.rank] if dist_info.rank < len(rng) else rng[0]
+        torch.set_rng_state(rng["torch"])
+        aug_gen.set_state(rng["augment"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
         if dist_info.is_main:  # drop metric lines of epochs that will run again
             atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
         log.info("resuming at epoch %d, step %d (global step %d)", epoch, step_in_epoch, global_step)
@@ -464,7 +479,14 @@ def train(
             generator=torch.Generator().manual_seed(config.seed),
         )
 
-    def save_resume(epoch_: int, step_: int) -> None:
+    def save_resume(epoch_: int, step_: int, collective: bool = True) -> None:
+        rng: Any = _rng_state(aug_gen, device)
+        if dist_info.enabled and collective:  # every rank's RNG, so that each resumes its own stream
+            import torch.distributed as dist
+
+            states: list[Any] = [None] * dist_info.world_size
+            dist.all_gather_object(states, rng)
+            rng = states
         if not dist_info.is_main:
             return
         _save_state(state_path, {
@@ -472,7 +494,7 @@ def train(
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epoch_, "step_in_epoch": step_, "global_step": global_step,
             "loss_sum": loss_sum, "seen": seen, "best_loss": best_loss, "history": json.dumps(history),
-            "rng": _rng_state(aug_gen, device),
+            "rng": rng,
         })
 
     def checkpoint_meta(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -525,9 +547,16 @@ def train(
                 if config.state_every and step_in_epoch % config.state_every == 0:
                     save_resume(epoch, step_in_epoch)
             train_time = time.perf_counter() - t0
+            epoch_loss, epoch_seen = loss_sum, seen
+            if dist_info.enabled:  # the mean over every rank's images
+                import torch.distributed as dist
+
+                totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
+                dist.all_reduce(totals)
+                epoch_loss, epoch_seen = float(totals[0]), int(totals[1])
             record: dict[str, Any] = {
                 "epoch": epoch + 1, "global_step": global_step,
-                "train_loss": loss_sum / max(seen, 1),
+                "train_loss": epoch_loss / max(epoch_seen, 1),
                 "train_images_per_s": epoch_images * dist_info.world_size / max(train_time, 1e-9),
                 "lr": scheduler.get_last_lr()[0],
             }
@@ -555,7 +584,7 @@ def train(
     except KeyboardInterrupt:
         # Between steps the state is consistent: keep it so that --resume continues from here.
         if not interrupted:
-            save_resume(epoch, step_in_epoch)
+            save_resume(epoch, step_in_epoch, collective=False)
         raise
     finally:
         if dist_info.enabled:
@@ -711,7 +740,13 @@ def run_training(config: TrainConfig, inputs: RunInputs, out_dir: str | os.PathL
     a manifest naming them and this run's best checkpoint is written to ``ensemble_out``
     (default ``<out_dir>/ensemble.json``).
     """
-    train_set, val_set, summary = prepare_datasets(config, inputs, report=report, progress=data_progress)
+    dist_info, _ = init_distributed(config)
+    if dist_info.enabled and not dist_info.is_main:
+        _barrier(dist_info)  # rank 0 indexes and caches first; the others then read what it wrote
+        train_set, val_set, summary = prepare_datasets(config, inputs, report=lambda line: None)
+    else:
+        train_set, val_set, summary = prepare_datasets(config, inputs, report=report, progress=data_progress)
+        _barrier(dist_info)
     result = train(config, train_set, val_set, out_dir, resume=resume, progress=progress,
                    stop_after_steps=stop_after_steps, data_summary=summary)
     if ensemble_with and not result.interrupted and result.best is not None:
