@@ -258,3 +258,16 @@ def test_cli_series_layout(tmp_path, capsys):
     with open(out / "series_labels.csv") as f:
         assert any(r["any"] == "1" for r in csv.DictReader(f))
     assert (out / "manifest.json").exists() and (out / "labels.csv").exists()
+
+
+def test_soft_ellipse_matches_the_direct_formula():
+    from ichscan.phantom.geometry import ellipse, ellipse_distance, ramp
+
+    y, x = np.mgrid[-60:60:97j, -60:60:97j].astype(np.float32)
+    X, Y = x[None], y[None]
+    a = np.array([0.0, 8.0, 20.0], np.float32)[:, None, None]
+    for Xg in (X, X + np.linspace(-8, 8, 3, dtype=np.float32)[:, None, None]):  # plain and warped grids
+        got = ellipse(Xg, Y, 12.0, -5.0, a, a * 1.5, 1.2, angle=0.3)
+        want = ramp(ellipse_distance(Xg, Y, 12.0, -5.0, a, a * 1.5, 0.3), 1.2)
+        want[0] = 0.0  # an ellipse of size 0 is absent, not a dot
+        np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), atol=1e-6)
