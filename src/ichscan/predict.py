@@ -938,7 +938,7 @@ def predict_path(
     scan = find_series(path, pixels=False, allow_non_ct=allow_non_ct)
     skipped = [SkippedItem(str(s.path), str(s.reason)) for s in scan.skipped]
     for item in skipped:
-        log.warning("skipped %s: %s", item.path, item.reason)
+        log.info("skipped %s: %s", item.path, item.reason)
     # A fixed order, whatever order the files were found in.
     all_series = sorted(scan.series, key=lambda s: (str(s.study_uid), str(s.series_uid)))
     selected, rejected = select_series(all_series, rules)
@@ -983,7 +983,7 @@ def predict_path(
             if isinstance(result, IchscanError):
                 failed.extend(getattr(result, "skipped", ()))
                 failed.append(SkippedItem(str(result.path or s.series_uid), result.reason, str(s.series_uid)))
-                log.warning("series %s failed: %s", s.series_uid, result)
+                log.info("series %s failed: %s", s.series_uid, result)
                 if progress:
                     progress(ProgressEvent(count, total, str(s.series_uid), "failed", len(s.slices)))
                 continue
@@ -992,7 +992,7 @@ def predict_path(
             if work is not None:
                 _atomic_write_text(work / _work_name(s), json.dumps(result.to_dict(), allow_nan=False))
             for item in result.skipped:
-                log.warning("skipped %s: %s", item.path, item.reason)
+                log.info("skipped %s: %s", item.path, item.reason)
             if progress:
                 progress(ProgressEvent(count, total, str(s.series_uid), "predicted", result.n_slices))
 

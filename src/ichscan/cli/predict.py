@@ -91,6 +91,9 @@ def run(args) -> int:
         print(f"ichscan predict: error: {err}", file=sys.stderr)
         return 2
     thresholds = load_thresholds(args.thresholds)
+    print(f"model: {len(predictor.describe()['members'])} checkpoint(s), {predictor.image_size} px, "
+          f"TTA {'+'.join(predictor.tta)}, {predictor.precision}, aggregation {predictor.aggregation}",
+          file=sys.stderr)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -104,9 +107,6 @@ def run(args) -> int:
             bar.set_postfix_str(event.status, refresh=False)
             bar.refresh()
 
-    print(f"model: {len(predictor.describe()['members'])} checkpoint(s), {predictor.image_size} px, "
-          f"TTA {'+'.join(predictor.tta)}, {predictor.precision}, aggregation {predictor.aggregation}",
-          file=sys.stderr)
     try:
         result = predict_path(args.input, args.out, predictor, rules=_rules(args), thresholds=thresholds,
                               progress=progress, max_series=args.max_series, restart=args.restart,
