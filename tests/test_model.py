@@ -18,7 +18,7 @@ from ichscan.model import (
     write_ensemble,
 )
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 META = {"windows": [{"name": "brain", "level": 40, "width": 80}, {"name": "blood", "level": 80, "width": 200},
                     {"name": "soft_tissue", "level": 40, "width": 380}], "image_size": 32}
 

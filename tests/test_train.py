@@ -21,7 +21,7 @@ from ichscan.train import (
     weighted_log_loss,
 )
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 class BlobSet(torch.utils.data.Dataset):

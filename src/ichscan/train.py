@@ -261,12 +261,16 @@ def available_cpus() -> int:
 
 
 def default_workers(device: torch.device, world_size: int = 1, cached: bool = False) -> int:
-    """DataLoader workers per process: most of this process's share of cores on a GPU box; on a CPU the
-    model needs the cores, so none for a preprocessed cache and one for DICOM decoding."""
+    """DataLoader workers per process: this process's share of cores less one (at most 12) on a GPU box.
+
+    On a CPU, none: the model's OpenMP threads use every core, and a worker process decoding beside them
+    stalls their barriers (measured on 2 cores: slower than decoding in the training loop). There the
+    uint8 cache (``ichscan cache`` / ``--cache``) is what takes decoding off the training path.
+    """
     share = max(1, available_cpus() // max(1, world_size))
     if device.type == "cuda":
         return max(1, min(12, share - 1))
-    return 0 if cached else min(1, share - 1)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- sampling
