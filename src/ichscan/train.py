@@ -464,12 +464,14 @@ def train(
         (out / "metrics.jsonl").unlink()
 
     net: torch.nn.Module = model
-    if config.compile:
-        net = torch.compile(net)
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:  # after DDP, as PyTorch recommends (its optimizer splits graphs at bucket boundaries)
+        net = torch.compile(net)
+    # Validation runs outside DDP (no gradient syncs); compiled when training is.
+    eval_net = net if not dist_info.enabled else (torch.compile(model) if config.compile else model)
 
     workers = config.workers if config.workers is not None else default_workers(
         device, dist_info.world_size, cached=getattr(train_set, "cached", False))
@@ -565,7 +567,7 @@ def train(
                 "lr": scheduler.get_last_lr()[0],
             }
             if val_set is not None and len(val_set) > 0:
-                record.update(evaluate(net, val_set, device, labels, batch_size=batch, workers=workers,
+                record.update(evaluate(eval_net, val_set, device, labels, batch_size=batch, workers=workers,
                                        amp_dtype=amp_dtype, memory_format=memory_format, dist_info=dist_info,
                                        progress=progress, epoch=epoch, epochs=config.epochs))
             record["time_s"] = time.perf_counter() - t0
@@ -626,12 +628,12 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device, lab
              memory_format: torch.memory_format = torch.channels_last, dist_info: Distributed | None = None,
              progress: Callable[[TrainProgress], None] | None = None, epoch: int = 0,
              epochs: int = 1) -> dict[str, Any]:
-    """Validation metrics; under DDP each rank scores a share and rank 0's numbers cover all of them."""
+    """Validation metrics; under DDP each rank scores a share (with ``model`` unwrapped from DDP) and the
+    shares are gathered, so every rank returns the numbers for the whole set."""
     dist_info = dist_info or Distributed()
     n = len(dataset)
     indices = list(range(dist_info.rank, n, dist_info.world_size))
-    inner = model.module if dist_info.enabled else model  # no DDP syncs for inference
-    logits, targets = predict_logits(inner, dataset, device, batch_size=batch_size, workers=workers,
+    logits, targets = predict_logits(model, dataset, device, batch_size=batch_size, workers=workers,
                                      amp_dtype=amp_dtype, memory_format=memory_format, indices=indices)
     if dist_info.enabled:
         import torch.distributed as dist
