@@ -241,3 +241,26 @@ def test_torchrun_two_processes_on_cpu(tmp_path, phantoms):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     model, meta = load_checkpoint(tmp_path / "run" / "last.json")
     assert meta["config"]["epochs"] == 2
+
+
+def test_sigint_saves_between_steps_and_resumes_exactly(tmp_path):
+    import os
+    import signal
+
+    data = BlobSet(n=24, seed=4)
+    config = tiny_config(epochs=2, batch_size=8)
+    full = train(config, data, None, tmp_path / "full")
+
+    def interrupt(event):
+        if event.phase == "train" and event.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-run, acted on after this step
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, data, None, tmp_path / "part", progress=interrupt)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    state = torch.load(tmp_path / "part" / "resume.pt", weights_only=True)
+    assert state["global_step"] == 2
+    done = train(config, data, None, tmp_path / "part", resume=True)
+    a, _ = load_checkpoint(full.last)
+    b, _ = load_checkpoint(done.last)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -7,7 +7,8 @@
 - ``best.{safetensors,json}`` (lowest validation weighted log loss) and ``last.{safetensors,json}``;
 - ``resume.pt``: model, optimizer, scheduler, scaler, epoch, step and RNG states (tensors and plain values
   only, loaded with ``weights_only=True``), written atomically at the end of every epoch, every
-  ``config.state_every`` steps, on KeyboardInterrupt and when ``stop_after_steps`` is reached.
+  ``config.state_every`` steps, when ``stop_after_steps`` is reached, and after the step in progress when
+  SIGINT (Ctrl-C) or SIGTERM arrives (then KeyboardInterrupt is raised).
 
 Data order is a function of (seed, epoch) alone and augmentation draws from its own generator, so a run
 resumed from any of those points ends with the same weights as one that never stopped (bit for bit on CPU).
@@ -74,6 +75,7 @@ class TrainConfig:
     grad_clip: float | None = None
     max_steps_per_epoch: int | None = None
     state_every: int = 500  # steps between resume states inside an epoch (0: only at epoch ends)
+    log_every: int = 10  # steps between progress reports on a GPU (each one waits for the GPU); every step on CPU
     device: str | None = None  # None: cuda when available (the local rank's GPU under torchrun), else cpu
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +107,10 @@ class TrainConfig:
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(base)
 
+
+# Settings that may change between an interrupted run and its resume (another machine, more workers);
+# the weights then match an uninterrupted run only on the same device and precision.
+MACHINE_SETTINGS = frozenset({"workers", "device", "compile", "state_every", "log_every"})
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper: SE-ResNeXt50 (32x4d) from ImageNet, 512x512, Adam, RSNA weighted log loss, 3 epochs,
@@ -365,6 +371,32 @@ def _rng_state(aug_gen: torch.Generator, device: torch.device) -> dict[str, Any]
     return state
 
 
+def _defer_signals(noted: list[int]) -> Callable[[], None]:
+    """Note SIGINT/SIGTERM in ``noted`` instead of stopping (a second one stops at once); returns the
+    function that puts the previous handlers back. Only the main thread can set handlers: elsewhere, no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {}
+
+    def handler(signum, frame):
+        if noted:
+            raise KeyboardInterrupt
+        noted.append(signum)
+        log.warning("signal %d: stopping after this step (again to stop now)", signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
 def _save_state(path: Path, payload: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -409,9 +441,10 @@ def train(
         if not state_path.is_file():
             raise IchscanError("nothing to resume: no resume.pt; run without --resume", out)
         state = _load_state(state_path)
-        saved = TrainConfig.from_dict(state["config"])
-        if saved != config:
-            changed = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
+        saved = TrainConfig.from_dict(state["config"]).to_dict()
+        changed = sorted(k for k, v in config.to_dict().items()
+                         if saved.get(k) != v and k not in MACHINE_SETTINGS)
+        if changed:
             raise IchscanError(f"config differs from the interrupted run's ({', '.join(changed)}); "
                                "resume with the same settings", out)
     if dist_info.is_main:
@@ -509,6 +542,16 @@ def train(
 
     best_path = out / "best.json" if (out / "best.json").exists() and state is not None else None
     last_path = out / "last.json" if (out / "last.json").exists() and state is not None else None
+    # Ctrl-C / SIGTERM (preemption) are noted and acted on between steps, where the state is consistent:
+    # the resume state is saved there and KeyboardInterrupt raised. A second signal stops at once.
+    signalled: list[int] = []
+    restore_signals = _defer_signals(signalled)
+
+    def stop_if_signalled() -> None:
+        if signalled:
+            save_resume(epoch, step_in_epoch, collective=False)
+            raise KeyboardInterrupt(f"stopped by signal {signalled[0]}; resume state saved")
+
     interrupted = False
     try:
         while epoch < config.epochs:
@@ -517,9 +560,11 @@ def train(
             loader = make_loader(train_set, sampler, drop_last)
             t0 = time.perf_counter()
             epoch_images = 0
-            for images, targets in loader:
-                if step_in_epoch >= steps_per_epoch:
-                    break
+            # The loss is summed on the device and read only when reported or saved, so that a GPU is not
+            # made to wait for the host every step.
+            loss_total = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+            batches = loader if step_in_epoch < steps_per_epoch else ()
+            for images, targets in batches:
                 images = images.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
                 images = augment_batch(images, config.augment, aug_gen).contiguous(memory_format=memory_format)
@@ -537,21 +582,28 @@ def train(
                 step_in_epoch += 1
                 global_step += 1
                 n = images.shape[0]
-                loss_value = float(loss.detach())
-                loss_sum += loss_value * n
+                loss_total += loss.detach().double() * n
                 seen += n
                 epoch_images += n
-                if progress:
+                last_step = step_in_epoch >= steps_per_epoch
+                if progress and (device.type == "cpu" or last_step or step_in_epoch % config.log_every == 0):
                     elapsed = time.perf_counter() - t0
                     progress(TrainProgress("train", epoch, config.epochs, step_in_epoch, steps_per_epoch,
-                                           global_step, loss_value, epoch_images * dist_info.world_size
+                                           global_step, float(loss.detach()), epoch_images * dist_info.world_size
                                            / max(elapsed, 1e-9), scheduler.get_last_lr()[0]))
-                if stop_after_steps is not None and global_step >= stop_after_steps:
+                stop = stop_after_steps is not None and global_step >= stop_after_steps
+                if stop or (config.state_every and step_in_epoch % config.state_every == 0):
+                    loss_sum = float(loss_total)
                     save_resume(epoch, step_in_epoch)
+                if stop:
                     interrupted = True
                     return TrainResult(out, best_path, last_path, history, True, global_step)
-                if config.state_every and step_in_epoch % config.state_every == 0:
-                    save_resume(epoch, step_in_epoch)
+                if signalled:
+                    loss_sum = float(loss_total)
+                    stop_if_signalled()
+                if last_step:
+                    break
+            loss_sum = float(loss_total)
             train_time = time.perf_counter() - t0
             epoch_loss, epoch_seen = loss_sum, seen
             if dist_info.enabled:  # the mean over every rank's images
@@ -583,17 +635,14 @@ def train(
                     best_loss = score
                     best_path = save_checkpoint(out / "best", model, checkpoint_meta(record))
             save_resume(epoch, 0)
+            stop_if_signalled()
             if progress:
                 progress(TrainProgress("epoch", epoch - 1, config.epochs, steps_per_epoch, steps_per_epoch,
                                        global_step, record["train_loss"], record["train_images_per_s"],
                                        record["lr"], record))
-    except KeyboardInterrupt:
-        # Between steps the state is consistent: keep it so that --resume continues from here.
-        if not interrupted:
-            save_resume(epoch, step_in_epoch, collective=False)
-        raise
     finally:
-        if dist_info.enabled:
+        restore_signals()
+        if dist_info.enabled and not signalled:
             import torch.distributed as dist
 
             dist.barrier()

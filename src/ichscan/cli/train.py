@@ -145,9 +145,16 @@ def run(args) -> int:
             line += f", {m.get('train_images_per_s', 0):.1f} images/s"
             say(line)
 
-    result = run_training(config, inputs, args.out, resume=args.resume, ensemble_with=args.ensemble_with or (),
-                          ensemble_out=args.ensemble_out, progress=progress, data_progress=data_progress,
-                          report=say, stop_after_steps=args.stop_after_steps)
+    try:
+        result = run_training(config, inputs, args.out, resume=args.resume,
+                              ensemble_with=args.ensemble_with or (), ensemble_out=args.ensemble_out,
+                              progress=progress, data_progress=data_progress, report=say,
+                              stop_after_steps=args.stop_after_steps)
+    except KeyboardInterrupt:
+        for bar in bars.values():
+            bar.close()
+        say(f"interrupted; continue with: ichscan train {args.data} --out {args.out} ... --resume")
+        return 130
     if result.interrupted:
         say(f"stopped after {result.global_step} steps; continue with --resume")
         return 0
