@@ -183,7 +183,11 @@ def test_cli_index_cache_train_and_ensemble(tmp_path, capsys):
     assert "preset quick" in err and "resnet10t" in err and "best checkpoint" in err
     # The second model on a patient fold of the same folder, averaged with the first.
     assert main(["train", str(tmp_path / "train"), "--out", str(tmp_path / "b"), "--fold", "1", "--folds", "3",
-                 "--seed", "1", "--ensemble-with", str(tmp_path / "a" / "best.json"), *common]) == 0
+                 "--seed", "1", "--ensemble-with", str(tmp_path / "a" / "best.json"),
+                 "--cache", str(tmp_path / "c_b"), *common]) == 0
+    from ichscan.data import DONE, ImageCache
+
+    assert (ImageCache(tmp_path / "c_b").status == DONE).sum() == 18  # a fold split caches validation too
     manifest = json.loads((tmp_path / "b" / "ensemble.json").read_text())
     assert [m["checkpoint"] for m in manifest["members"]] == ["../a/best.json", "best.json"]
     ens = load_ensemble(tmp_path / "b" / "ensemble.json")

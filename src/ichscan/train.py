@@ -753,17 +753,14 @@ def prepare_datasets(config: TrainConfig, inputs: RunInputs, *, report: Callable
         assert not overlap, "folds must not share patients"
     if len(train_frame) == 0:
         raise DataError("no labelled images to train on", inputs.data)
-    caches = []
-    for root, part, name in ((inputs.cache, train_frame, "cache"), (inputs.val_cache, val_frame, "cache val")):
-        if root is not None:
-            result = build_cache(part, root, config.image_size, config.windows, workers=inputs.io_workers,
-                                 progress=step(name)) if _cache_needs_work(root, part) else None
-            if result is not None:
-                for line in result.lines()[:6]:
-                    say(line)
-        caches.append(root)
-    if inputs.cache is not None and inputs.val_cache is None and inputs.val_data is None:
-        caches[1] = inputs.cache  # one folder's cache: a fold split reads validation from it too
+    caches: list[Any] = [inputs.cache, inputs.val_cache]
+    if inputs.cache is not None:
+        # A fold split caches the whole folder, so that validation reads from the same cache.
+        _ensure_cache(inputs.cache, frame, config, inputs.io_workers, step("cache"), say)
+        if inputs.val_data is None and inputs.val_cache is None:
+            caches[1] = inputs.cache
+    if inputs.val_cache is not None:
+        _ensure_cache(inputs.val_cache, val_frame, config, inputs.io_workers, step("cache val"), say)
     train_set = SliceDataset(train_frame, config.image_size, config.windows, config.labels, cache=caches[0])
     val_set = SliceDataset(val_frame, config.image_size, config.windows, config.labels, cache=caches[1]) \
         if len(val_frame) else None
@@ -772,16 +769,36 @@ def prepare_datasets(config: TrainConfig, inputs: RunInputs, *, report: Callable
     return train_set, val_set, summary
 
 
-def _cache_needs_work(root: str | os.PathLike, frame) -> bool:
-    from ichscan.data import DONE, ImageCache
+def _ensure_cache(root: str | os.PathLike, frame, config: TrainConfig, workers: int | None,
+                  progress: Callable[[int, int], None] | None, say: Callable[[str], None]) -> None:
+    """Build the image cache at ``root`` for ``frame``, or finish one that exists (e.g. from ``ichscan cache``,
+    over its own image list); images it does not hold are read from DICOM."""
+    import pandas as pd
+
+    from ichscan.data import DONE, ImageCache, build_cache
 
     try:
         cache = ImageCache(root)
     except DataError:
-        return True
-    status = cache.status
-    rows = [cache.row_of.get(i, -1) for i in frame["image_id"].astype(str)]
-    return any(r < 0 or status[r] != DONE for r in rows)
+        cache = None
+    if cache is None:
+        result = build_cache(frame, root, config.image_size, config.windows, workers=workers, progress=progress)
+    else:
+        if not cache.matches(config.image_size, config.windows):
+            raise DataError(f"cache is {cache.size} px with windows {[w['name'] for w in cache.windows]}; this "
+                            f"run needs {config.image_size} px with {list(config.windows)}: use another folder",
+                            root)
+        status = cache.status
+        rows = [cache.row_of.get(i, -1) for i in frame["image_id"].astype(str)]
+        absent = sum(r < 0 for r in rows)
+        if absent:
+            say(f"{absent} images are not in the cache {root}; they are read from DICOM")
+        if all(r < 0 or status[r] == DONE for r in rows):
+            return
+        own = pd.DataFrame({"image_id": cache.image_ids, "path": cache.paths})
+        result = build_cache(own, root, config.image_size, config.windows, workers=workers, progress=progress)
+    for line in result.lines()[:6]:
+        say(line)
 
 
 def run_training(config: TrainConfig, inputs: RunInputs, out_dir: str | os.PathLike, *, resume: bool = False,
