@@ -671,6 +671,9 @@ class Predictor:
                     p = torch.sigmoid(logits).double().cpu().numpy()[:, member.label_order]
                     p = p.reshape(len(views), -1, len(LABELS)).mean(axis=0)
                     probs[start:start + len(p)] += weight * p
+        if not np.all(np.isfinite(probs)):
+            raise CheckpointError("the model returned NaN or infinite outputs; check the checkpoint "
+                                  "(or try --precision fp32)", self._members[0].source)
         return probs.astype(np.float32)
 
     # -- series -----------------------------------------------------------------------------------
