@@ -99,8 +99,8 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
         kind = str(rng.choice(["basal", "convexity"], p=[0.5, 0.5]))
         hu = float(rng.uniform(55, 80))
         if kind == "basal":
-            z_half = float(rng.uniform(15, 28))
-            z = _vault_range(head, fr, 6, head.widest, rng, z_half)
+            z_half = float(rng.uniform(12, 22))  # around the circle of Willis, not up to the vertex
+            z = _vault_range(head, fr, 8, head.widest - 6, rng, z_half)
             return Lesion("subarachnoid", kind, z, z_half, hu, side, {"radius": float(rng.uniform(45, 70))})
         z_half = float(rng.uniform(10, 25))
         z = _vault_range(head, fr, 25, head.top - 12, rng, z_half)
@@ -193,7 +193,7 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
                 dphi = wrap_angle(phi - p["phi"]) / p["phi_half"]
                 sel = (np.abs(dphi) < zi) & (depth < p["depth"]) & (np.sign(X) == np.sign(p["phi"]))
             region = csf & sel & (depth > 0)
-            hu[region] = les.hu - 10 * (1 - zi)
+            hu[region] = les.hu
             tissue[region] = an.BLOOD
             mask[i] = region
         elif les.subtype == "intraventricular":
