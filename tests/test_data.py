@@ -16,7 +16,6 @@ from ichscan.data import (
     assign_folds,
     build_cache,
     build_index,
-    join_labels,
     load_labelled,
     read_labels,
 )
