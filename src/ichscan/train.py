@@ -813,6 +813,11 @@ def run_training(config: TrainConfig, inputs: RunInputs, out_dir: str | os.PathL
     (default ``<out_dir>/ensemble.json``).
     """
     dist_info, _ = init_distributed(config)
+    # The header index lives beside the data (shared by every run); for read-only data, in the run folder.
+    for attr, folder, name in (("index", inputs.data, "index.parquet"), ("val_index", inputs.val_data,
+                                                                          "val_index.parquet")):
+        if getattr(inputs, attr) is None and folder is not None and not os.access(folder, os.W_OK):
+            inputs = dataclasses.replace(inputs, **{attr: Path(out_dir) / name})
     if dist_info.enabled and not dist_info.is_main:
         _barrier(dist_info)  # rank 0 indexes and caches first; the others then read what it wrote
         train_set, val_set, summary = prepare_datasets(config, inputs, report=lambda line: None)
