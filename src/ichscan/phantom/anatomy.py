@@ -216,10 +216,10 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     nose = ellipse(X, Y, 0, -B_head + 3, 9, 14, w) * ((z > -40) & (z < 0))
     d_head = ellipse_distance(X, Y, 0, 0, A_head, B_head)  # one distance, offset for the scalp's layers
     scalp = np.maximum(ramp(d_head, smear), nose)
-    paint(hu, tissue, float(rng.uniform(20, 45)), scalp, SOFT)
+    paint(hu, tissue, float(rng.uniform(30, 50)), scalp, SOFT)
     fat = ramp(d_head + 1.2, smear) * np.clip(1.0 - 0.4 * np.float32(above), 0, 1)
-    paint(hu, tissue, float(rng.uniform(-110, -70)), fat * 0.4)
-    paint(hu, tissue, float(rng.uniform(30, 50)), ramp(d_head + 1.5 + 0.2 * head.scalp, smear), SOFT)
+    paint(hu, tissue, float(rng.uniform(-110, -70)), fat * 0.3)
+    paint(hu, tissue, float(rng.uniform(35, 55)), ramp(d_head + 1.5 + 0.2 * head.scalp, smear), SOFT)
     del d_head
 
     # ---- intracranial compartments (union of soft ellipses); depth = mm inside the inner table

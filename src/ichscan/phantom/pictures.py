@@ -2,11 +2,13 @@
 
 ``python -m ichscan.phantom.pictures docs/images`` writes ``phantom_<subtype>.png``: the slice with the most
 blood of a phantom series holding that subtype, in the brain, blood and soft-tissue windows (drawn by
-``ichscan.render``), with a fourth panel outlining the lesion mask.
+``ichscan.render``), with a fourth panel outlining the lesion mask. Each picture comes from the first seed
+(counting up from the one given) whose series has no shunt or motion, so that it shows the lesion.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import tempfile
@@ -19,7 +21,7 @@ from scipy import ndimage
 
 from ichscan.dicom import read_series
 from ichscan.labels import SUBTYPES
-from ichscan.phantom.dataset import generate_dataset
+from ichscan.phantom.dataset import generate_dataset, plan_dataset
 from ichscan.render import contact_sheet
 from ichscan.windows import window_image
 
@@ -32,6 +34,10 @@ MASK_COLOURS = {"epidural": (255, 80, 80), "subdural": (255, 170, 40), "subarach
 def subtype_picture(subtype: str, seed: int = 0, size: int = 512, tile: int = 384) -> Image.Image:
     """The key slice of a phantom with ``subtype`` in three windows plus the mask outline."""
     prevalence = {"any": 1.0, **{s: (1.0 if s == subtype else 0.0) for s in SUBTYPES}}
+    # The picture is about the lesion: take the first seed from ``seed`` whose series has no metal or motion.
+    while any(k in plan_dataset(1, seed, size=size, slices=(36, 36), prevalence=prevalence)[0].confounders
+              for k in ("metal", "motion")):
+        seed += 1
     with tempfile.TemporaryDirectory() as tmp:
         generate_dataset(tmp, 1, seed, size=size, slices=(36, 36), prevalence=prevalence, masks=True)
         series = read_series(Path(tmp) / "images")
@@ -42,7 +48,6 @@ def subtype_picture(subtype: str, seed: int = 0, size: int = 512, tile: int = 38
         key = int(np.argmax([m.sum() for m in masks]))
         vol = series.volume()
         sl = replace(series.slices[key], hu=vol[key])
-        import json
         manifest = json.loads((Path(tmp) / "manifest.json").read_text())
     lesion = next(x for x in manifest["series"][0]["lesions"] if x["subtype"] == subtype)
     title = (f"phantom {subtype} ({lesion['kind'].replace('_', ' ')}, {lesion['side']})  |  slice {key + 1}/"
