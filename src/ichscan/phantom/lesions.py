@@ -141,7 +141,6 @@ def _zprof(fr: Frame, les: Lesion):
 
 def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np.random.Generator) -> np.ndarray:
     """Draw the lesion into ``anat`` (HU and tissue) and return its boolean mask (n, H, W)."""
-    n = fr.n
     mask = np.zeros(anat.hu.shape, bool)
     zp, idx = _zprof(fr, les)
     if len(idx) == 0:
