@@ -642,10 +642,8 @@ def train(
                                        record["lr"], record))
     finally:
         restore_signals()
-        if dist_info.enabled and not signalled:
-            import torch.distributed as dist
-
-            dist.barrier()
+    # Only after a normal finish: a rank that failed must exit (torchrun then stops the others), not wait.
+    _barrier(dist_info)
     return TrainResult(out, best_path, last_path, history, False, global_step)
 
 
