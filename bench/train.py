@@ -58,8 +58,17 @@ def write_dicoms(folder: Path, n: int, source_px: int = 512) -> list[Path]:
     return paths
 
 
+def _seconds_per_step(stamps: dict[int, float], warmup: int) -> list[float]:
+    """Seconds per step over each interval between readings after ``warmup`` (readings may skip steps)."""
+    steps = sorted(k for k in stamps if k >= warmup)
+    return [(stamps[b] - stamps[a]) / (b - a) for a, b in zip(steps, steps[1:])]
+
+
 def model_alone(config, device: torch.device, steps: int, warmup: int) -> list[float]:
-    """Seconds per training step on random uint8 batches already on the device."""
+    """Seconds per training step on random uint8 batches already on the device.
+
+    The loss is read (a device sync) as often as ``ichscan.train.train`` reads it: every step on a CPU,
+    every ``config.log_every`` steps on a GPU."""
     from ichscan.model import build_model
     from ichscan.train import resolve_precision, weighted_log_loss
 
@@ -72,8 +81,9 @@ def model_alone(config, device: torch.device, steps: int, warmup: int) -> list[f
     b, s = config.batch_size, config.image_size
     x = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, device=device)
     y = (torch.rand(b, len(config.labels), device=device) < 0.2).float()
-    stamps = []
-    for _ in range(warmup + steps):
+    every = 1 if device.type == "cpu" else config.log_every
+    stamps: dict[int, float] = {}
+    for step in range(1, warmup + steps + 1):
         images = (x.float() / 255).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = net(images)
@@ -81,13 +91,14 @@ def model_alone(config, device: torch.device, steps: int, warmup: int) -> list[f
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        float(loss.detach())  # the training loop reads the loss every step too (and so syncs)
-        stamps.append(time.perf_counter())
-    return list(np.diff(stamps[warmup - 1 :]))
+        if step % every == 0 or step == warmup or step == warmup + steps:
+            float(loss.detach())
+            stamps[step] = time.perf_counter()
+    return _seconds_per_step(stamps, warmup)
 
 
 def pipeline(config, dataset, steps: int, warmup: int, out: Path) -> list[float]:
-    """Seconds per step of ``ichscan.train.train`` for the steps after ``warmup``."""
+    """Seconds per step of ``ichscan.train.train`` after ``warmup`` steps (from its progress reports)."""
     from ichscan.train import train
 
     stamps: dict[int, float] = {}
@@ -97,8 +108,9 @@ def pipeline(config, dataset, steps: int, warmup: int, out: Path) -> list[float]
             stamps[event.global_step] = time.perf_counter()
 
     train(config, dataset, None, out, progress=progress, stop_after_steps=warmup + steps)
-    times = [stamps[k] for k in sorted(stamps)]
-    return list(np.diff(times[warmup - 1 :]))
+    if warmup not in stamps:  # on a GPU progress comes every log_every steps: start at the first after warmup
+        warmup = min((k for k in stamps if k > warmup), default=warmup)
+    return _seconds_per_step(stamps, warmup)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -586,12 +586,12 @@ def train(
                 seen += n
                 epoch_images += n
                 last_step = step_in_epoch >= steps_per_epoch
-                if progress and (device.type == "cpu" or last_step or step_in_epoch % config.log_every == 0):
+                stop = stop_after_steps is not None and global_step >= stop_after_steps
+                if progress and (device.type == "cpu" or last_step or stop or step_in_epoch % config.log_every == 0):
                     elapsed = time.perf_counter() - t0
                     progress(TrainProgress("train", epoch, config.epochs, step_in_epoch, steps_per_epoch,
                                            global_step, float(loss.detach()), epoch_images * dist_info.world_size
                                            / max(elapsed, 1e-9), scheduler.get_last_lr()[0]))
-                stop = stop_after_steps is not None and global_step >= stop_after_steps
                 if stop or (config.state_every and step_in_epoch % config.state_every == 0):
                     loss_sum = float(loss_total)
                     save_resume(epoch, step_in_epoch)
