@@ -19,6 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--val-studies", type=int)
     p.add_argument("--test-studies", type=int)
     p.add_argument("--size", type=int, help="phantom and training image size in pixels (default 128)")
+    p.add_argument("--slices", help="slices per series, MIN-MAX (default 24-32)")
     p.add_argument("--epochs", type=int, help="epochs per model (default: the quick preset's)")
     p.add_argument("--workers", type=int, help="processes for generation and indexing (default: all cores)")
     p.add_argument("--restart", action="store_true", help="discard an earlier demo run in --out")
@@ -34,7 +35,8 @@ def run(args) -> int:
 
     overrides = {k: v for k, v in dict(seed=args.seed, train_studies=args.train_studies,
                                         val_studies=args.val_studies, test_studies=args.test_studies,
-                                        size=args.size, epochs=args.epochs, workers=args.workers).items()
+                                        size=args.size, epochs=args.epochs, workers=args.workers,
+                                        slices=_range(args.slices)).items()
                  if v is not None}
     config = dataclasses.replace(DemoConfig(), **overrides)
     start = time.perf_counter()
@@ -52,3 +54,10 @@ def run(args) -> int:
     if args.readme:
         say(f"pasted Table 1 and Figure 1 into {update_readme(result, args.readme)}")
     return 0
+
+
+def _range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    lo, _, hi = text.partition("-")
+    return int(lo), int(hi or lo)
