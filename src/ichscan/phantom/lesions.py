@@ -80,8 +80,8 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
             "fracture": bool(rng.random() < 0.6), "swirl": bool(rng.random() < 0.2),
             "mass_mm": thick * 0.45, "y": float(-np.cos(centre) * head.b)})
     if subtype == "subdural":
-        kind = str(rng.choice(["acute", "subacute", "chronic", "acute_on_chronic"], p=[0.55, 0.17, 0.18, 0.10]))
-        hu = {"acute": rng.uniform(55, 82), "subacute": rng.uniform(36, 48), "chronic": rng.uniform(8, 24),
+        kind = str(rng.choice(["acute", "subacute", "chronic", "acute_on_chronic"], p=[0.70, 0.10, 0.12, 0.08]))
+        hu = {"acute": rng.uniform(55, 82), "subacute": rng.uniform(38, 50), "chronic": rng.uniform(8, 24),
               "acute_on_chronic": rng.uniform(10, 22)}[kind]
         half = float(np.deg2rad(rng.uniform(45, 75)))
         suture = head.coronal if rng.random() < 0.7 else head.lambdoid
