@@ -214,6 +214,17 @@ def test_batch_outputs_follow_the_contract(tmp_path, ckpt, phantoms):
     assert [p.series_uid for p in reloaded] == list(series.series_uid)
     np.testing.assert_array_equal(reloaded[0].slice_probs, run.predictions[0].slice_probs)
 
+    # the same files in a zip give the same predictions, image ids included
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "study.zip", "w") as zf:
+        for f in sorted(phantoms.glob("*.dcm")):
+            zf.write(f, f"export/{f.name}")
+    zipped = predict_path(tmp_path / "study.zip", None, predictor, rules=RULES)
+    assert [p.image_ids for p in zipped.predictions] == [p.image_ids for p in run.predictions]
+    for a, b in zip(zipped.predictions, run.predictions):
+        np.testing.assert_array_equal(a.slice_probs, b.slice_probs)
+
 
 def test_resumed_batch_equals_an_uninterrupted_one(tmp_path, ckpt, phantoms):
     predictor = Predictor.from_checkpoint(ckpt)
