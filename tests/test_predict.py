@@ -171,6 +171,10 @@ def test_ensemble_is_the_weighted_mean_of_its_members(tmp_path, ckpt):
     a = Predictor.from_checkpoint(ckpt, **kw).predict_series(series)
     b = Predictor.from_checkpoint(other, **kw).predict_series(series)
     np.testing.assert_allclose(ens.slice_probs, 0.75 * a.slice_probs + 0.25 * b.slice_probs, atol=1e-6)
+    # models already in memory (as right after training) give the same as their checkpoints
+    models = [load_checkpoint(c)[0] for c in (ckpt, other)]
+    mem = Predictor.from_models(models, image_size=SIZE, weights=[3.0, 1.0], **kw).predict_series(series)
+    np.testing.assert_allclose(mem.slice_probs, ens.slice_probs, atol=1e-6)
     with pytest.raises(CheckpointError):
         Predictor.from_checkpoint(tmp_path / "missing.json")
 

@@ -597,15 +597,18 @@ class Predictor:
 
     @classmethod
     def from_models(cls, models: Sequence[Any], *, windows: Sequence = ("brain", "blood", "soft_tissue"),
-                    image_size: int = 512, labels: Sequence[str] = LABELS, weights: Sequence[float] | None = None,
-                    **kwargs) -> Predictor:
+                    image_size: int = 512, labels: Sequence[str] | None = None,
+                    weights: Sequence[float] | None = None, **kwargs) -> Predictor:
         """Models already in memory (e.g. right after training) taking windowed images in [0, 1] and
-        returning logits in ``labels`` order; all share one preprocessing."""
+        returning logits in ``labels`` order (default: each model's ``.labels``, else LABELS); all share
+        one preprocessing."""
         prep = (_windows_from_meta({"windows": list(windows)}, "<models>"), int(image_size))
-        order = np.array([tuple(labels).index(name) for name in LABELS])
         weights = weights or [1.0] * len(models)
-        members = [_Member(m.eval(), float(w), order, prep, f"<model {i}>")
-                   for i, (m, w) in enumerate(zip(models, weights))]
+        members = []
+        for i, (m, w) in enumerate(zip(models, weights)):
+            names = tuple(labels or getattr(m, "labels", None) or LABELS)
+            order = np.array([names.index(name) for name in LABELS])
+            members.append(_Member(m.eval(), float(w), order, prep, f"<model {i}>"))
         return cls(members, **kwargs)
 
     @property
