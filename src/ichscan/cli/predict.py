@@ -119,6 +119,10 @@ def run(args) -> int:
         print(f"skipped {item.path}: {item.reason}", file=sys.stderr)
     for r in result.rejected:
         print(f"not predicted: series {r.series_uid} ({r.n_slices} slices): {r.detail} [{r.rule}]", file=sys.stderr)
+    if result.rejected and not args.all_series:
+        n = sum(r.n_slices for r in result.rejected)
+        print(f"the {n} images of rejected series are not in submission.csv; --all-series predicts every "
+              "series (a complete Kaggle submission needs it)", file=sys.stderr)
     done = result.n_predicted + result.n_resumed
     print(f"{done} series predicted ({result.n_resumed} resumed), {len(result.rejected)} rejected, "
           f"{len(result.skipped) + len(result.failed)} files/series skipped", file=sys.stderr)
