@@ -70,9 +70,11 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
             lo_a, hi_a = head.coronal, head.lambdoid
             z = _vault_range(head, fr, 15, head.top - 18, rng, z_half)
         lo_a, hi_a = lo_a + MARGIN, hi_a - MARGIN
-        half = 0.5 * (hi_a - lo_a) * float(rng.uniform(0.45, 0.95))
+        thick = float(rng.choice([rng.uniform(6, 10), rng.uniform(10, 26)], p=[0.2, 0.8]))
+        # A lens, not a crescent: its length along the table is a few times its thickness.
+        radius = head.a * float(an.cranial_scale(head, np.float32(z)))
+        half = min(0.5 * (hi_a - lo_a) * float(rng.uniform(0.5, 0.95)), thick * float(rng.uniform(2.0, 3.2)) / radius)
         centre = float(rng.uniform(lo_a + half, hi_a - half))
-        thick = float(rng.choice([rng.uniform(4, 9), rng.uniform(9, 24)], p=[0.3, 0.7]))
         hu = float(rng.uniform(58, 85))
         return Lesion("epidural", "acute", z, z_half, hu, side, {
             "phi": side * centre, "phi_half": half, "thickness": thick, "sector_bounds": (float(lo_a - MARGIN),
@@ -89,7 +91,7 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
         centre = float(np.clip(centre, np.deg2rad(9) + half * 0.4, np.pi - np.deg2rad(9) - half * 0.4))
         z_half = float(rng.uniform(18, 45))
         z = _vault_range(head, fr, 25, head.top - 15, rng, z_half)
-        thick = float(rng.choice([rng.uniform(3, 7), rng.uniform(7, 18)], p=[0.35, 0.65]))
+        thick = float(rng.choice([rng.uniform(3, 7), rng.uniform(7, 18)], p=[0.25, 0.75]))
         if kind != "acute":  # older collections that come to CT are mostly large
             thick = float(rng.uniform(7, 20))
         return Lesion("subdural", kind, z, z_half, float(hu), side, {
