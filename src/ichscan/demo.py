@@ -72,7 +72,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
     """Run (or resume) the demo under ``out_dir``; ``say`` receives one line per step."""
     from ichscan.metrics import choose_thresholds_files, evaluate_files, save_thresholds
     from ichscan.phantom import generate_dataset
-    from ichscan.predict import Predictor, predict_path
+    from ichscan.predict import Predictor, SelectionRules, predict_path
     from ichscan.report import series_entries, write_report
     from ichscan.train import PRESET_REASONS, RunInputs, TrainConfig, run_training
 
@@ -142,9 +142,12 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
     # 3. Predict validation and test series with TTA and the ensemble.
     t0 = time.perf_counter()
     predictor = Predictor.from_checkpoint(manifest, tta=config.tta)
+    # The triage rules stay on; only the slice minimum follows the demo's own (possibly short) series.
+    rules = SelectionRules(min_slices=min(SelectionRules().min_slices, config.slices[0]))
     runs = {}
     for name in ("val", "test"):
-        runs[name] = predict_path(out / "phantoms" / name / "images", out / "predictions" / name, predictor)
+        runs[name] = predict_path(out / "phantoms" / name / "images", out / "predictions" / name, predictor,
+                                  rules=rules)
         if not runs[name].complete:
             raise IchscanError("prediction stopped early; rerun the demo to resume", out / "predictions" / name)
         say(f"predictions/{name}: {len(runs[name].predictions)} series ({runs[name].n_resumed} resumed), "
