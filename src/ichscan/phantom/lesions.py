@@ -182,8 +182,8 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
                     & (tissue == an.BONE)
                 hu[line] = np.minimum(hu[line], 60.0)
                 # scalp swelling over the fracture
-                swell = (np.abs(dphi) < 0.8) & (depth < -head.skull * 1.2) & (depth > -head.skull - head.scalp - 7) \
-                    & (hu < 20)
+                dome = 7.0 * np.clip(1 - (dphi / 0.8) ** 2, 0, None) * zi  # a dome over the fracture
+                swell = (depth < -head.skull * 1.2) & (depth > -head.skull - head.scalp - dome) & (hu < 20)
                 hu[swell] = float(rng.uniform(40, 60))
                 tissue[swell] = an.SOFT
         elif les.subtype == "subarachnoid":
