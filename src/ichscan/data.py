@@ -614,6 +614,15 @@ def find_labels_csv(root: Path) -> Path:
     raise DataError("no labels.csv or stage_2_train.csv in this folder; pass --labels", root)
 
 
+IMAGE_DIRS = ("images", "stage_2_train", "stage_2_train_images")
+
+
+def find_images_dir(root: str | os.PathLike) -> Path:
+    """The images folder of an RSNA-layout ``root`` (``images/`` or RSNA's own names), else ``root`` itself."""
+    root = Path(root)
+    return next((root / d for d in IMAGE_DIRS if (root / d).is_dir()), root)
+
+
 def load_labelled(
     root: str | os.PathLike,
     *,
@@ -629,8 +638,7 @@ def load_labelled(
     root = Path(root)
     csv = Path(labels_csv) if labels_csv else find_labels_csv(root)
     if images is None:
-        images = next((root / d for d in ("images", "stage_2_train", "stage_2_train_images") if (root / d).is_dir()),
-                      root)
+        images = find_images_dir(root)
     label_frame, label_report = read_labels(csv, labels)
     cache = Path(index_cache) if index_cache else root / "ichscan_index.parquet"
     index, index_report = build_index(images, cache, workers=workers, progress=progress)

@@ -70,6 +70,7 @@ class DemoResult:
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
              say: Callable[[str], None] | None = None, restart: bool = False) -> DemoResult:
     """Run (or resume) the demo under ``out_dir``; ``say`` receives one line per step."""
+    from ichscan.data import find_images_dir
     from ichscan.metrics import choose_thresholds_files, evaluate_files, save_thresholds
     from ichscan.phantom import generate_dataset
     from ichscan.predict import Predictor, SelectionRules, predict_path
@@ -146,7 +147,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
     rules = SelectionRules(min_slices=min(SelectionRules().min_slices, config.slices[0]))
     runs = {}
     for name in ("val", "test"):
-        runs[name] = predict_path(out / "phantoms" / name / "images", out / "predictions" / name, predictor,
+        runs[name] = predict_path(find_images_dir(out / "phantoms" / name), out / "predictions" / name, predictor,
                                   rules=rules)
         if not runs[name].complete:
             raise IchscanError("prediction stopped early; rerun the demo to resume", out / "predictions" / name)
@@ -165,7 +166,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
                         seed=config.seed)
     report_dir = out / "report"
     entries = series_entries(ev, _key_slices(runs["test"].predictions, ev.thresholds, predictor.windows,
-                                              out / "phantoms" / "test" / "images"))
+                                              find_images_dir(out / "phantoms" / "test")))
     extra = {
         "data": f"synthetic phantoms (seed {config.seed}): {config.train_studies} train, {config.val_studies} "
                 f"validation, {config.test_studies} test studies, {config.size} px",

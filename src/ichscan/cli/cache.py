@@ -38,11 +38,10 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
-    from ichscan.data import build_cache, build_index
+    from ichscan.data import build_cache, build_index, find_images_dir
 
     root = Path(args.data)
-    images = next((root / d for d in ("images", "stage_2_train", "stage_2_train_images") if (root / d).is_dir()),
-                  root)
+    images = find_images_dir(root)
     index_path = Path(args.index) if args.index else root / "ichscan_index.parquet"
     bars: dict[str, tqdm] = {}
 

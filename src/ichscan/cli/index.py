@@ -26,11 +26,10 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
-    from ichscan.data import build_index
+    from ichscan.data import build_index, find_images_dir
 
     root = Path(args.data)
-    images = next((root / d for d in ("images", "stage_2_train", "stage_2_train_images") if (root / d).is_dir()),
-                  root)
+    images = find_images_dir(root)
     out = Path(args.out) if args.out else root / "ichscan_index.parquet"
     bar = None
 
