@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
+from _dicomfactory import write_ct
 from ichscan.data import (
     ImageCache,
     SliceDataset,
@@ -25,34 +25,13 @@ from ichscan.windows import load_windows
 
 
 def write_slice(path: Path, patient: str, study: str, series: str, z: float, instance: int, seed: int = 0) -> Path:
-    """A small real CT slice (pydicom, uncompressed int16 with intercept -1024)."""
+    """A small real CT slice (uncompressed int16, intercept -1024) with a 4x4 blood-like square."""
     rng = np.random.default_rng(seed)
     hu = np.full((48, 40), -1000.0)
     hu[6:42, 5:35] = 30 + rng.normal(0, 5, (36, 30))
     hu[20:24, 15:19] = 70 + seed % 7
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient, study, series
-    ds.ImagePositionPatient = [-10.0, -12.0, z]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.SliceThickness = 5.0
-    ds.InstanceNumber = instance
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.Rows, ds.Columns = hu.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-    ds.PixelData = np.round(hu + 1024).astype(np.int16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_ct(path, hu, patient_id=patient, study_uid=study, series_uid=series,
+                    position=(-10.0, -12.0, z), instance=instance)
 
 
 def make_rsna_folder(root: Path, patients: int = 8, slices: int = 3) -> pd.DataFrame:
