@@ -552,7 +552,6 @@ def train(
             save_resume(epoch, step_in_epoch, collective=False)
             raise KeyboardInterrupt(f"stopped by signal {signalled[0]}; resume state saved")
 
-    interrupted = False
     try:
         while epoch < config.epochs:
             model.train()
@@ -596,7 +595,6 @@ def train(
                     loss_sum = float(loss_total)
                     save_resume(epoch, step_in_epoch)
                 if stop:
-                    interrupted = True
                     return TrainResult(out, best_path, last_path, history, True, global_step)
                 if signalled:
                     loss_sum = float(loss_total)
@@ -720,7 +718,7 @@ def prepare_datasets(config: TrainConfig, inputs: RunInputs, *, report: Callable
                      progress: Callable[[str, int, int], None] | None = None):
     """(train_set, val_set, data_summary) for ``inputs``: labels joined to the header index, split by
     ``val_data`` or by patient-grouped fold ``config.fold`` of ``config.n_folds``, optionally cached."""
-    from ichscan.data import SliceDataset, assign_folds, build_cache, load_labelled
+    from ichscan.data import SliceDataset, assign_folds, load_labelled
 
     say = report or (lambda line: log.info("%s", line))
 
