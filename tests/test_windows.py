@@ -78,3 +78,23 @@ def test_fast_path_with_rsna_fix_monochrome1_and_big_endian(tmp_path, testdata):
     big = load_windows(testdata("MR_small_bigendian.dcm"), allow_non_ct=True, windows=["bone"])
     little = load_windows(testdata("MR_small.dcm"), allow_non_ct=True, windows=["bone"])
     np.testing.assert_array_equal(big, little)
+
+
+@pytest.mark.parametrize("shape,size", [((512, 512), 128), ((512, 512), 224), ((300, 512), 97), ((512, 381), 256),
+                                        ((64, 64), 128), ((40, 90), 64)])
+@pytest.mark.parametrize("n_windows", [2, 3, 4])
+def test_packed_lut_resize_gives_the_same_bytes_as_channel_by_channel(shape, size, n_windows):
+    # window_stored packs up to four window tables into RGBX words and resizes them in one Pillow pass;
+    # every byte must equal windowing the HU image and resizing each channel on its own.
+    from ichscan.dicom import StoredPixels
+    from ichscan.windows import window_stored
+
+    rng = np.random.default_rng(size + n_windows)
+    windows = ["brain", "blood", "soft_tissue", "bone"][:n_windows]
+    for dtype, intercept in ((np.uint16, -1024.0), (np.int16, 0.0)):
+        stored = rng.integers(0, 2400, size=shape).astype(dtype)
+        stored[: shape[0] // 3] = 24  # a flat region and sharp edges, as air around a head
+        pixels = StoredPixels("random", stored, 1.0, intercept)
+        fast = window_stored(pixels, windows, size, np.uint8)
+        assert fast.shape == (n_windows, size, size)
+        np.testing.assert_array_equal(fast, window_image(pixels.hu(), windows, size, np.uint8))

@@ -171,6 +171,39 @@ def _lut(stored_dtype: str, slope: float, intercept: float, fixes: tuple, window
     return table
 
 
+@functools.lru_cache(maxsize=16)
+def _packed_lut(stored_dtype: str, slope: float, intercept: float, fixes: tuple, windows: tuple) -> np.ndarray:
+    """Up to four uint8 window tables packed into one little-endian uint32 per stored value (byte c =
+    window c), so one ``take`` gives an RGBX image that Pillow resizes in one pass (memoised, pure)."""
+    packed = np.zeros(2 ** (8 * np.dtype(stored_dtype).itemsize), dtype="<u4")
+    for c, w in enumerate(windows):
+        packed |= _lut(stored_dtype, slope, intercept, fixes, w, "|u1").astype("<u4") << np.uint32(8 * c)
+    packed.flags.writeable = False
+    return packed
+
+
+def _resize_packed(packed: np.ndarray, windows: Sequence[Window], size: int) -> np.ndarray:
+    """(H, W) packed RGBX words -> (C, size, size) uint8 as ``resize_keep_aspect`` gives channel by channel.
+
+    Pillow resamples each band of an RGBX image with the same fixed-point coefficients as a single "L"
+    band (tests check the bytes are identical), and one 4-band pass costs about what one band costs."""
+    from PIL import Image
+
+    h, w = packed.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    image = Image.frombuffer("RGBX", (w, h), np.ascontiguousarray(packed), "raw", "RGBX", 0, 1)
+    small = np.asarray(image.resize((nw, nh), Image.BILINEAR))
+    air = np.full(1, AIR_HU, np.float32)
+    out = np.empty((len(windows), size, size), dtype=np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    for c, win in enumerate(windows):
+        if (nh, nw) != (size, size):
+            out[c] = _apply(air, win, np.uint8)[0]
+        out[c, top : top + nh, left : left + nw] = small[:, :, c]
+    return out
+
+
 def window_stored(
     pixels,
     windows: WindowSpec | Iterable[WindowSpec] = PAPER_WINDOWS,
@@ -187,6 +220,10 @@ def window_stored(
         index = stored.view(f"u{stored.dtype.itemsize}")  # the bit pattern indexes the table
         key = (stored.dtype.str, float(pixels.slope), float(pixels.intercept), tuple(pixels.fixes))
         index = index.astype(np.intp)  # once, not once per window inside take()
+        resize = size is not None and index.shape != (size, size)
+        if resize and dt == np.uint8 and 2 <= len(ws) <= 4 and index.ndim == 2:
+            # the common case (3 windows, 512 -> smaller): one take and one Pillow pass, 1.5 ms not 2
+            return _resize_packed(np.take(_packed_lut(*key, ws), index), ws, int(size))
         out = np.empty((len(ws), *index.shape), dtype=dt)
         for c, w in enumerate(ws):
             np.take(_lut(*key, w, dt.str), index, out=out[c])
