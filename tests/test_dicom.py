@@ -305,3 +305,57 @@ def test_dataset_without_preamble_or_file_meta(tmp_path):
     bare.write_bytes(buf.getvalue())
     assert bare.read_bytes()[128:132] != b"DICM"
     np.testing.assert_array_equal(read_slice(bare).hu, head_phantom())
+
+
+# ------------------------------------------------------------------------- read_stored after a scan
+
+
+@pytest.mark.parametrize("name,native", [("CT_small.dcm", True), ("693_UNCR.dcm", True), ("693_UNCI.dcm", True),
+                                         ("693_J2KR.dcm", False), ("MR_small_bigendian.dcm", False),
+                                         ("image_dfl.dcm", False)])
+def test_read_stored_after_a_headers_only_scan_equals_read_pixels(testdata, name, native):
+    # the scan records where native pixels lie; reading them from there gives read_pixels' values exactly
+    from ichscan.dicom import read_stored
+
+    path = testdata(name)
+    s = read_slice(path, pixels=False, allow_non_ct=True)
+    assert (s.pixels_at is not None) is native
+    fast, slow = read_stored(s, allow_non_ct=True), read_pixels(path, allow_non_ct=True)
+    assert fast.stored.dtype == slow.stored.dtype
+    np.testing.assert_array_equal(fast.stored, slow.stored)
+    assert (fast.slope, fast.intercept, fast.fixes) == (slow.slope, slow.intercept, slow.fixes)
+
+
+def test_read_stored_keeps_the_rsna_fix_and_skips_zip_members(tmp_path):
+    from ichscan.dicom import read_stored
+
+    true_hu = np.array([[-1000, 0, 60, 1000]], dtype=np.int32)
+    path = write_ct(tmp_path / "ID_00ff.dcm", stored=np.mod(true_hu, 4096), bits_stored=12, signed=False,
+                    intercept=1.0)
+    s = read_slice(path, pixels=False)
+    assert s.pixels_at is not None and s.pixels_at.fixes == ("rsna_intercept",)
+    np.testing.assert_array_equal(read_stored(s).hu(), true_hu.astype(np.float32))
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(path, "ID_00ff.dcm")
+    inside = find_series(archive).series[0].slices[0]
+    assert inside.pixels_at is None  # no file offset inside a zip: parsed again
+    np.testing.assert_array_equal(read_stored(inside).hu(), true_hu.astype(np.float32))
+
+
+def test_read_stored_reads_a_file_changed_since_the_scan_afresh(tmp_path):
+    import os
+
+    from ichscan.dicom import read_stored
+
+    path = write_ct(tmp_path / "ct.dcm", head_phantom(32, 32))
+    s = read_slice(path, pixels=False)
+    # replaced by an image of another size (its pixels start elsewhere): the stale offset must not be used
+    write_ct(path, np.full((40, 24), 60.0))
+    os.utime(path, ns=(s.pixels_at.mtime_ns + 10**9, s.pixels_at.mtime_ns + 10**9))
+    np.testing.assert_array_equal(read_stored(s).hu(), np.full((40, 24), 60.0, dtype=np.float32))
+    # truncated since the scan: the one-line error of read_pixels, naming the file
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(PixelDataError, match="truncated") as err:
+        read_stored(s)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)

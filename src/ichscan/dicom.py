@@ -38,7 +38,7 @@ import struct
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +61,14 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CTSlice",
+    "PixelLocation",
     "CTSeries",
     "SkippedFile",
     "StoredPixels",
     "StudyScan",
     "find_series",
     "read_pixels",
+    "read_stored",
     "read_series",
     "read_slice",
     "read_slices",
@@ -84,6 +86,23 @@ _ORIENTATION_TOLERANCE_DEG = 1.0
 
 
 # ----------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class PixelLocation:
+    """Native (uncompressed, little-endian) pixels of a single-frame file as a headers-only scan found
+    them: the byte offset and layout, what turns them into HU, and the file's size and modification time
+    then, so a changed file is parsed afresh instead of read at a stale offset."""
+
+    offset: int
+    dtype: str  # numpy dtype string, '<u2', '<i2', ...
+    rows: int
+    columns: int
+    slope: float
+    intercept: float
+    fixes: tuple[str, ...]
+    file_size: int
+    mtime_ns: int
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -117,6 +136,8 @@ class CTSlice:
     photometric: str = ""
     series_number: int | None = None
     series_description: str = ""
+    # where a headers-only scan found native pixels, so read_stored() needs no second parse
+    pixels_at: PixelLocation | None = field(default=None, repr=False)
 
     @property
     def image_id(self) -> str:
@@ -533,6 +554,8 @@ def _stored_array(ds: Dataset, path: str) -> np.ndarray:
 
 def _header_truncated(ds: Dataset, src: _Source) -> str | None:
     """Headers-only check: a native pixel element that runs past the end of the file."""
+    if _transfer_syntax(ds).is_deflated:  # offsets count in the inflated stream, not in the file
+        return None
     elem = ds.get_item(0x7FE00010, keep_deferred=True)
     length = getattr(elem, "length", None)
     tell = getattr(elem, "value_tell", None)
@@ -541,6 +564,29 @@ def _header_truncated(ds: Dataset, src: _Source) -> str | None:
     if tell + length > src.size():
         return f"pixel data is truncated ({src.size() - tell} of {length} bytes); the file is incomplete - copy it again"
     return None
+
+
+def _native_location(ds: Dataset, src: _Source, slope: float, intercept: float, fixes: tuple) -> PixelLocation | None:
+    """Where the stored values of a single-frame file on disk lie, when they are plain little-endian
+    integers (what ``_stored_array`` would take with ``frombuffer``); None for anything else."""
+    if src.data is not None:  # a zip member: no file offset to seek to
+        return None
+    ts = _transfer_syntax(ds)
+    rows, cols = _int(ds.get("Rows")) or 0, _int(ds.get("Columns")) or 0
+    bits = _int(ds.get("BitsAllocated")) or 0
+    if ts.is_encapsulated or ts.is_deflated or not ts.is_little_endian or bits not in (8, 16) or not rows or not cols:
+        return None
+    elem = ds.get_item(0x7FE00010, keep_deferred=True)
+    tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+    dtype = np.dtype(f"<{'i' if _int(ds.get('PixelRepresentation')) == 1 else 'u'}{bits // 8}")
+    if tell is None or length in (None, 0xFFFFFFFF) or length < rows * cols * dtype.itemsize:
+        return None
+    try:
+        st = os.stat(src.path)
+    except OSError:
+        return None
+    return PixelLocation(int(tell), dtype.str, rows, cols, float(slope), float(intercept), tuple(fixes),
+                         st.st_size, st.st_mtime_ns)
 
 
 def _slices_from(ds: Dataset, src: _Source, pixels: bool) -> list[CTSlice]:
@@ -579,13 +625,16 @@ def _slices_from(ds: Dataset, src: _Source, pixels: bool) -> list[CTSlice]:
         fixes = ()
         if _needs_rsna_fix(ds, intercept):
             fixes = (RSNA_FIX,)
-        hu = None
+        hu = location = None
         if stored is not None:
             hu = _modality_lut(stored[i], 1.0 if slope is None else slope, intercept or 0.0, bool(fixes))
+        elif frame is None:
+            location = _native_location(ds, src, 1.0 if slope is None else slope, intercept or 0.0, fixes)
         centers, widths = meta["window_centers"], meta["window_widths"]
         out.append(
             CTSlice(
                 hu=hu,
+                pixels_at=location,
                 frame=frame,
                 fixes=fixes,
                 window_center=centers[0] if centers else None,
@@ -647,6 +696,29 @@ def read_pixels(path: str | os.PathLike, *, allow_non_ct: bool = False) -> Store
     slope = 1.0 if slope is None else slope
     intercept = intercept or 0.0
     return StoredPixels(src.path, stored, slope, intercept, fixes)
+
+
+def read_stored(s: CTSlice, *, allow_non_ct: bool = False) -> StoredPixels:
+    """``read_pixels`` for a slice from a headers-only scan: native pixels are read straight from the
+    offset the scan recorded (no second parse: about 0.1 ms instead of 0.5 for a 512x512 slice) while the
+    file's size and modification time are still those of the scan; anything else goes through
+    ``read_pixels``, with the same values and errors."""
+    loc = s.pixels_at
+    if loc is not None and s.frame is None:
+        dtype = np.dtype(loc.dtype)
+        count = loc.rows * loc.columns
+        try:
+            with open(s.path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if (st.st_size, st.st_mtime_ns) == (loc.file_size, loc.mtime_ns):
+                    fh.seek(loc.offset)
+                    raw = fh.read(count * dtype.itemsize)
+                    if len(raw) == count * dtype.itemsize:
+                        stored = np.frombuffer(raw, dtype=dtype).reshape(loc.rows, loc.columns)
+                        return StoredPixels(s.path, stored, loc.slope, loc.intercept, loc.fixes)
+        except OSError:
+            pass  # read_pixels below says what is wrong with the file, in one line
+    return read_pixels(s.path, allow_non_ct=allow_non_ct)
 
 
 # ----------------------------------------------------------------------------------------------- series

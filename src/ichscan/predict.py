@@ -515,12 +515,13 @@ def _windowed_series(series: Any, preps: Sequence[tuple], allow_non_ct: bool = F
                      ) -> tuple[list, dict[tuple, np.ndarray], list[SkippedItem]]:
     """Decode and window every slice of a (headers-only) series for each (windows, size) in ``preps``.
 
-    uint8 windows, as training caches them: single-frame files go through ``read_pixels`` and the
+    uint8 windows, as training caches them: single-frame files go through ``read_stored`` (native pixels
+    straight from the offset the scan recorded, no second parse) and the
     lookup-table path of ``ichscan.windows`` (no float HU image); slices already holding HU and
     frames of multi-frame objects are windowed from HU, which gives the same bytes. Slices that cannot
     be decoded are dropped and reported, the rest kept.
     """
-    from ichscan.dicom import read_pixels, read_slices
+    from ichscan.dicom import read_slices, read_stored
     from ichscan.windows import window_image, window_stored
 
     kept, bad = [], []
@@ -536,7 +537,7 @@ def _windowed_series(series: Any, preps: Sequence[tuple], allow_non_ct: bool = F
                 hu = frames[s.path][s.frame].hu
                 images = [window_image(hu, windows, size, np.uint8) for windows, size in preps]
             else:
-                stored = read_pixels(s.path, allow_non_ct=allow_non_ct)
+                stored = read_stored(s, allow_non_ct=allow_non_ct)
                 images = [window_stored(stored, windows, size, np.uint8) for windows, size in preps]
         except IchscanError as err:
             bad.append(SkippedItem(str(err.path or s.path), err.reason, str(series.series_uid)))
