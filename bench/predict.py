@@ -8,7 +8,9 @@ Prints one JSON object. Both sides start from the same DICOM folders and give se
 * ``ours``: ``predict_path`` as ``ichscan predict`` runs it, writing every output file: uint8 windows
   through the lookup-table path, channels_last, ``torch.inference_mode``, bf16 autocast where the CPU
   computes bf16 natively (``precision="auto"``), and the next series decoded in a helper thread while
-  the model runs. ``ours_fp32`` is the same without bf16 (what a CPU without AVX512-BF16/AMX gets).
+  the model runs. ``ours_fp32`` is the same without bf16 (what a CPU without AVX512-BF16/AMX gets);
+  ``ours_compiled`` adds ``--compile`` (torch.compile, Inductor with frozen weights), whose one-off
+  compile is timed separately (``compile_seconds``) and left out of its throughput, as in a batch run.
 
 Also: the latency of one 40-slice series from its folder to ``series.csv`` (model already loaded, and
 cold, loading included) and how far ours is from plain fp32 (max |difference| of slice probabilities).
@@ -103,17 +105,20 @@ def main() -> None:
 
         ours = Predictor.from_checkpoint(ckpt, precision="auto", batch_size=args.batch_size)
         ours32 = Predictor.from_checkpoint(ckpt, precision="fp32", batch_size=args.batch_size)
+        oursc = Predictor.from_checkpoint(ckpt, precision="auto", batch_size=args.batch_size, compile=True)
         # Warm-up on one series for every side (oneDNN builds its kernels on first use).
         plain_predict(model, one_dir, windows, size)
         ours_predict(ours, one_dir, work / "warm")
         ours_predict(ours32, one_dir, work / "warm")
+        compile_seconds = timed(ours_predict, oursc, one_dir, work / "warm")[0]
 
-        times: dict[str, list[float]] = {"plain": [], "ours": [], "ours_fp32": []}
+        times: dict[str, list[float]] = {"plain": [], "ours": [], "ours_fp32": [], "ours_compiled": []}
         results = {}
         for _ in range(args.repeats):  # interleaved, best of: the machine is shared
             for name, fn, fargs in (("plain", plain_predict, (model, data, windows, size)),
                                     ("ours", ours_predict, (ours, data, work / "out")),
-                                    ("ours_fp32", ours_predict, (ours32, data, work / "out32"))):
+                                    ("ours_fp32", ours_predict, (ours32, data, work / "out32")),
+                                    ("ours_compiled", ours_predict, (oursc, data, work / "outc"))):
                 t, results[name] = timed(fn, *fargs)
                 times[name].append(t)
         n_series = len(results["plain"])
@@ -176,13 +181,16 @@ def main() -> None:
             "plain_timm_fp32_eager": rate("plain"),
             "ours": rate("ours"),
             "ours_fp32": rate("ours_fp32"),
+            "ours_compiled": rate("ours_compiled"),
             "speedup": round(min(times["plain"]) / min(times["ours"]), 2),
             "speedup_fp32": round(min(times["plain"]) / min(times["ours_fp32"]), 2),
+            "speedup_compiled": round(min(times["plain"]) / min(times["ours_compiled"]), 2),
+            "compile_seconds": round(compile_seconds, 1),
             "target_speedup": 2.0,
             "model_only_ms_per_image": dict(model_ms, speedup=round(model_ms["plain"] / model_ms["ours"], 2)),
             "timing": "best of the interleaved repeats (the 2 cores are shared); medians in median_s",
             "median_s": {k: round(float(np.median(v)), 3) for k, v in times.items()},
-            "max_abs_prob_diff_vs_plain": {"ours": max_diff("ours"), "ours_fp32": max_diff("ours_fp32")},
+            "max_abs_prob_diff_vs_plain": {k: max_diff(k) for k in ("ours", "ours_fp32", "ours_compiled")},
             "latency_one_series_s": {"slices": len(one), "warm": round(latency_warm, 3), "cold": round(latency_cold, 3)},
         }
         print(json.dumps(report, indent=1))

@@ -144,6 +144,45 @@ def test_predictor_matches_plain_fp32_eager_and_bf16_within_tolerance(tmp_path, 
         assert k.z == pytest.approx(series.slices[k.index].position[2])
 
 
+def test_compiled_predictor_equals_eager_for_series_of_any_length(tmp_path, ckpt):
+    # torch.compile (Inductor, weights frozen) with a dynamic batch: series of 5 and 3 slices in batches
+    # of 4 images leave last batches of several sizes; one compile serves them all, same probabilities.
+    write_series(tmp_path / "a", n=5)
+    write_series(tmp_path / "b", n=3, series_uid="1.2.826.0.1.3680043.8.498.77")
+    eager = Predictor.from_checkpoint(ckpt, precision="fp32", batch_size=4)
+    compiled = Predictor.from_checkpoint(ckpt, precision="fp32", batch_size=4, compile=True)
+    assert compiled.describe()["compile"] is True and eager.describe()["compile"] is False
+    for folder in ("a", "b"):
+        series = find_series(tmp_path / folder).series[0]
+        np.testing.assert_allclose(compiled.predict_series(series).slice_probs,
+                                   eager.predict_series(series).slice_probs, atol=FP32_TOL)
+    assert compiled._runners[0] is not compiled._members[0].model  # it did run compiled
+
+
+def test_compile_falls_back_to_eager_when_inductor_cannot_build(tmp_path, ckpt):
+    # no working C++ compiler (and no cached kernels): a warning, then the eager model's numbers
+    import subprocess
+    import sys
+
+    write_series(tmp_path, n=3)
+    script = f"""
+import logging, numpy as np
+from ichscan.dicom import find_series
+from ichscan.predict import Predictor
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+s = find_series({str(tmp_path)!r}).series[0]
+c = Predictor.from_checkpoint({str(ckpt)!r}, precision="fp32", compile=True)
+e = Predictor.from_checkpoint({str(ckpt)!r}, precision="fp32")
+d = np.abs(c.predict_series(s).slice_probs - e.predict_series(s).slice_probs).max()
+print("fell back", c._runners[0] is c._members[0].model, "diff", d)
+"""
+    env = dict(__import__("os").environ, CXX="/bin/false", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fell back True diff 0.0" in out.stdout
+    assert "torch.compile failed for" in out.stderr and "running it eagerly" in out.stderr
+
+
 def test_tta_averages_views_and_label_order_comes_from_the_checkpoint(tmp_path, ckpt):
     write_series(tmp_path, n=3)
     series = find_series(tmp_path).series[0]

@@ -582,6 +582,7 @@ class Predictor:
         aggregation: str = "max",
         top_k: int = 3,
         channels_last: bool = True,
+        compile: bool = False,
     ):
         import torch
 
@@ -597,6 +598,11 @@ class Predictor:
         self.aggregation = aggregation
         self.top_k = int(top_k)
         self.channels_last = channels_last
+        # torch.compile (Inductor; on CPU with weights frozen as constants): 20-25% faster per image, for
+        # a one-off compile of 5-15 s per checkpoint on first use (cached on disk by torch after that) -
+        # worth it for batch runs, not for one study. Falls back to eager if compiling fails.
+        self.compile = bool(compile)
+        self._runners: dict[int, Any] = {}
         total = sum(m.weight for m in members)
         if total <= 0:
             raise CheckpointError("ensemble weights must add up to more than 0")
@@ -659,6 +665,7 @@ class Predictor:
             "top_k": self.top_k,
             "batch_size": self.batch_size,
             "device": str(self.device),
+            "compile": self.compile,
         }
 
     # -- preprocessing (numpy) --------------------------------------------------------------------
@@ -678,6 +685,31 @@ class Predictor:
                 return model(x).float()
         return model(x).float()
 
+    def _runner(self, i: int, member: _Member):
+        """What runs member ``i``: the model, or its compiled form once ``compile`` asked for it."""
+        if not self.compile:
+            return member.model
+        if i not in self._runners:
+            import torch
+
+            # dynamic: series leave last batches of every size; one compile serves them all
+            options = {"freezing": True} if self.device.type == "cpu" else None
+            self._runners[i] = torch.compile(member.model, dynamic=True, options=options)
+        return self._runners[i]
+
+    def _run(self, i: int, member: _Member, batch):
+        runner = self._runner(i, member)
+        if runner is member.model:
+            return self._forward(runner, batch)
+        try:
+            return self._forward(runner, batch)
+        except Exception as err:  # Inductor needs a C++ compiler (CPU) or Triton (GPU); eager always works
+            text = str(err).strip().splitlines()
+            log.warning("torch.compile failed for %s (%s); running it eagerly", member.source,
+                        text[0] if text else type(err).__name__)
+            self._runners[i] = member.model
+            return self._forward(member.model, batch)
+
     def predict_arrays(self, arrays: np.ndarray | dict[tuple, np.ndarray]) -> np.ndarray:
         """Probabilities (N, 6) in LABELS order for windowed images (N, C, S, S): uint8 0..255 or float 0..1."""
         import torch
@@ -689,7 +721,7 @@ class Predictor:
         views = self.tta
         chunk = max(1, self.batch_size // len(views))
         with torch.inference_mode():
-            for member, weight in zip(self._members, self._weights):
+            for i, (member, weight) in enumerate(zip(self._members, self._weights)):
                 x_all = arrays[member.prep]
                 for start in range(0, n, chunk):
                     x = torch.from_numpy(np.ascontiguousarray(x_all[start:start + chunk])).to(self.device)
@@ -698,7 +730,7 @@ class Predictor:
                     batch = torch.cat([_apply_view(x, v) for v in views]) if len(views) > 1 else _apply_view(x, views[0])
                     if self.channels_last:
                         batch = batch.contiguous(memory_format=torch.channels_last)
-                    logits = self._forward(member.model, batch)
+                    logits = self._run(i, member, batch)
                     p = torch.sigmoid(logits).double().cpu().numpy()[:, member.label_order]
                     p = p.reshape(len(views), -1, len(LABELS)).mean(axis=0)
                     probs[start:start + len(p)] += weight * p

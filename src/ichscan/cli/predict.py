@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     m.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
     m.add_argument("--batch-size", type=int, default=64, help="images per forward pass, TTA views included (default 64)")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile the model(s): 20-25%% faster per image after a compile of 5-15 s per "
+                        "checkpoint (cached by torch); for batch runs over many series")
     s = p.add_argument_group("series selection (what a triage product reads)")
     s.add_argument("--min-slices", type=int, default=10, help="fewer slices: rejected (default 10)")
     s.add_argument("--max-obliquity", type=float, default=30.0,
@@ -86,13 +89,14 @@ def run(args) -> int:
     try:
         predictor = Predictor.from_checkpoint(
             args.checkpoint, device=args.device, tta=args.tta, precision=args.precision,
-            batch_size=args.batch_size, aggregation=args.aggregation, top_k=args.top_k)
+            batch_size=args.batch_size, aggregation=args.aggregation, top_k=args.top_k, compile=args.compile)
     except ValueError as err:
         print(f"ichscan predict: error: {err}", file=sys.stderr)
         return 2
     thresholds = load_thresholds(args.thresholds)
     print(f"model: {len(predictor.describe()['members'])} checkpoint(s), {predictor.image_size} px, "
-          f"TTA {'+'.join(predictor.tta)}, {predictor.precision}, aggregation {predictor.aggregation}",
+          f"TTA {'+'.join(predictor.tta)}, {predictor.precision}{', compiled' if predictor.compile else ''}, "
+          f"aggregation {predictor.aggregation}",
           file=sys.stderr)
     bar = None
     if not args.no_progress:
