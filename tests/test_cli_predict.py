@@ -67,3 +67,19 @@ def test_cli_predict_rejects_series_and_reports_bad_files(setup, tmp_path, capsy
     assert (series[[f"pred_{n}" for n in LABELS]] == 1).all().all()  # every label positive at threshold 0
     skipped = pd.read_csv(tmp_path / "o" / "skipped.csv")
     assert "broken.dcm" in " ".join(skipped.path.dropna()) and (skipped.kind == "series").any()
+
+
+def test_cli_predict_compile_gives_the_eager_probabilities(setup, capsys):
+    # --compile is recorded in the run's config and changes speed, not results (fp32: within 1e-5)
+    root, manifest = setup
+    base = [str(root / "data"), "--checkpoint", str(manifest), "--min-slices", "3", "--no-progress",
+            "--precision", "fp32"]
+    assert main(["predict", *base, "--out", str(root / "eager")]) == 0
+    assert main(["predict", *base, "--out", str(root / "compiled"), "--compile"]) == 0
+    assert "fp32, compiled" in capsys.readouterr().err
+    assert json.loads((root / "compiled" / "predictions.json").read_text())["config"]["compile"] is True
+    eager = pd.read_csv(root / "eager" / "slices.csv")
+    compiled = pd.read_csv(root / "compiled" / "slices.csv")
+    assert list(eager.sop_uid) == list(compiled.sop_uid)
+    cols = [f"prob_{n}" for n in LABELS]
+    assert (eager[cols] - compiled[cols]).abs().max().max() <= 1e-5
