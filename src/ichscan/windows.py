@@ -11,7 +11,9 @@ grey level, and ``load_windows`` gives exactly ``window_image(read_slice(path).h
 
 ``load_windows(path)`` is the fast path used by the benchmark and the training cache: for integer stored
 values it builds, per window, a lookup table stored value -> output with the modality LUT (and the RSNA
-fix) folded in, and indexes it with the raw pixels, so no float image is ever made.
+fix) folded in, and indexes it with the raw pixels, so no float image is ever made. When the image is
+resized, two to four windows share one table of 32-bit words (a byte per window), so one index gives an
+RGBX image that Pillow resizes in a single pass, byte for byte what resizing each channel gives.
 """
 
 from __future__ import annotations
