@@ -113,13 +113,29 @@ def _check_dtype(dtype) -> np.dtype:
     return dt
 
 
+def _fitted_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """(H, W) scaled so the longer side is ``size``."""
+    scale = size / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _pad_to_square(image: np.ndarray, size: int, fill: float) -> np.ndarray:
+    """(h, w) with the longer side ``size`` -> (size, size), centred, padded with ``fill``."""
+    if image.shape == (size, size):
+        return image
+    nh, nw = image.shape
+    out = np.full((size, size), fill, dtype=image.dtype)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = image
+    return out
+
+
 def resize_keep_aspect(image: np.ndarray, size: int, fill: float) -> np.ndarray:
     """(H, W) uint8 or float32 -> (size, size): longer side scaled to ``size``, centred, padded with ``fill``."""
     h, w = image.shape
     if h == w == size:
         return image
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    nh, nw = _fitted_shape(h, w, size)
     if (nh, nw) != (h, w):
         from PIL import Image  # only when resizing is needed
 
@@ -128,12 +144,7 @@ def resize_keep_aspect(image: np.ndarray, size: int, fill: float) -> np.ndarray:
         else:
             img = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
             image = np.asarray(img.resize((nw, nh), Image.BILINEAR))
-    if (nh, nw) == (size, size):
-        return image
-    out = np.full((size, size), fill, dtype=image.dtype)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[top : top + nh, left : left + nw] = image
-    return out
+    return _pad_to_square(image, size, fill)
 
 
 def _finish(channels: list[np.ndarray], windows: Sequence[Window], size: int | None, dtype) -> np.ndarray:
@@ -192,18 +203,12 @@ def _resize_packed(packed: np.ndarray, windows: Sequence[Window], size: int) -> 
     from PIL import Image
 
     h, w = packed.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    nh, nw = _fitted_shape(h, w, size)
     image = Image.frombuffer("RGBX", (w, h), np.ascontiguousarray(packed), "raw", "RGBX", 0, 1)
     small = np.asarray(image.resize((nw, nh), Image.BILINEAR))
     air = np.full(1, AIR_HU, np.float32)
-    out = np.empty((len(windows), size, size), dtype=np.uint8)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    for c, win in enumerate(windows):
-        if (nh, nw) != (size, size):
-            out[c] = _apply(air, win, np.uint8)[0]
-        out[c, top : top + nh, left : left + nw] = small[:, :, c]
-    return out
+    return np.stack([_pad_to_square(small[:, :, c], size, _apply(air, win, np.uint8)[0])
+                     for c, win in enumerate(windows)])
 
 
 def window_stored(
