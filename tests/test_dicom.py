@@ -14,6 +14,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from _dicomfactory import head_phantom, write_ct
 from ichscan.dicom import find_series, read_pixels, read_series, read_slice, read_slices
+from ichscan.windows import load_windows, window_image
 from ichscan.errors import (
     ColourImageError,
     IchscanError,
@@ -273,8 +274,6 @@ def test_jpeg_baseline_8bit_ct(tmp_path):
     from pydicom.encaps import encapsulate
     from pydicom.uid import JPEGBaseline8Bit
 
-    from ichscan.windows import load_windows, window_image
-
     path = write_ct(tmp_path / "plain.dcm", head_phantom(64, 64))
     ds = pydicom.dcmread(path)
     stored = np.clip((head_phantom(64, 64) + 1024) / 8, 0, 255).astype(np.uint8)  # 8 HU per grey level
@@ -358,4 +357,48 @@ def test_read_stored_reads_a_file_changed_since_the_scan_afresh(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(PixelDataError, match="truncated") as err:
         read_stored(s)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------- Modality LUT Sequence
+
+
+def _with_lut_sequence(path, first: int, table: np.ndarray, lut_data_bytes: bytes | None = None):
+    """Turn a written slice into one whose modality LUT is a Modality LUT Sequence (no rescale)."""
+    from pydicom.dataset import Dataset
+
+    ds = pydicom.dcmread(path)
+    del ds.RescaleIntercept, ds.RescaleSlope
+    item = Dataset()
+    item.LUTDescriptor = [len(table), first, 16]
+    item.ModalityLUTType = "HU"
+    item.add_new(0x00283006, "OW", lut_data_bytes if lut_data_bytes is not None else table.astype("<u2").tobytes())
+    ds.ModalityLUTSequence = [item]
+    ds.save_as(path)
+    return path
+
+
+def test_modality_lut_sequence_gives_pydicoms_values(tmp_path):
+    # stored v -> table[v - 10]: below 10 the first entry, past the end the last (DICOM PS3.3 C.11.1)
+    stored = np.array([[0, 10, 11, 100], [1000, 2000, 4105, 60000]])
+    table = (np.arange(4096) * 3 // 2 + 7).astype(np.uint16)
+    path = _with_lut_sequence(write_ct(tmp_path / "lut.dcm", stored=stored, signed=False, intercept=0.0), 10, table)
+    expected = np.array([[7, 7, 8, 142], [1492, 2992, 6149, 6149]], dtype=np.float32)
+    s = read_slice(path)
+    np.testing.assert_array_equal(s.hu, expected)
+    np.testing.assert_array_equal(s.hu, pydicom_hu(path))
+    assert s.fixes == ()
+    np.testing.assert_array_equal(read_pixels(path).hu(), expected)
+    assert (load_windows(path, ["bone"], size=None) == window_image(expected, ["bone"], size=None)).all()
+    from ichscan.dicom import read_stored
+
+    header = find_series(tmp_path).series[0].slices[0]
+    assert header.hu is None and header.pixels_at is None  # the LUT is read with the pixels, not at the scan
+    np.testing.assert_array_equal(read_stored(header).hu(), expected)
+
+
+def test_malformed_modality_lut_sequence_is_one_line_error(tmp_path):
+    path = _with_lut_sequence(write_ct(tmp_path / "bad.dcm"), 0, np.arange(4096), lut_data_bytes=b"\0\0" * 10)
+    with pytest.raises(PixelDataError, match="Modality LUT Sequence") as err:
+        read_slice(path)
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)

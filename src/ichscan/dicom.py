@@ -5,7 +5,8 @@ Numpy and pydicom only: nothing here imports torch, so reading a study stays lig
 Choices worth knowing (docs/contracts.md has the records' fields):
 
 * **HU** come from the modality LUT: ``stored * RescaleSlope + RescaleIntercept`` (float32). A missing
-  slope is 1, a missing intercept 0.
+  slope is 1, a missing intercept 0. A single-frame file with a Modality LUT Sequence instead gets its
+  table (read as pydicom's ``apply_modality_lut`` reads it, and with its precedence).
 * **RSNA corrupted intercept**: some RSNA 2019 slices hold the signed HU written into 12 unsigned bits with
   an intercept near 0. Where a CT has BitsStored 12, PixelRepresentation 0 and RescaleIntercept > -100,
   the stored values get +1000, those reaching 4096 get -4096, and the intercept becomes -1000. The fix
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CTSlice",
+    "ModalityLUT",
     "PixelLocation",
     "CTSeries",
     "SkippedFile",
@@ -238,6 +240,19 @@ class StudyScan:
 
 
 @dataclass(frozen=True, eq=False)
+class ModalityLUT:
+    """A Modality LUT Sequence (instead of Rescale Slope/Intercept): ``table[i]`` is the output of stored
+    value ``first + i``; values below ``first`` take the first entry, values past the end the last."""
+
+    first: int
+    table: np.ndarray  # float32
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        index = np.clip(np.asarray(values).astype(np.int64) - self.first, 0, len(self.table) - 1)
+        return self.table[index]
+
+
+@dataclass(frozen=True, eq=False)
 class StoredPixels:
     """Stored values before the modality LUT, with what turns them into HU.
 
@@ -250,9 +265,12 @@ class StoredPixels:
     slope: float
     intercept: float
     fixes: tuple[str, ...] = ()
+    lut: ModalityLUT | None = None  # a Modality LUT Sequence, used instead of slope and intercept
 
     def hu_of(self, values: np.ndarray) -> np.ndarray:
         """The modality LUT (and RSNA fix when recorded) applied to any array of stored values -> float32."""
+        if self.lut is not None:
+            return self.lut.apply(values)
         return _modality_lut(values, self.slope, self.intercept, RSNA_FIX in self.fixes)
 
     def hu(self) -> np.ndarray:
@@ -486,6 +504,29 @@ def _needs_rsna_fix(ds: Dataset, intercept: float | None) -> bool:
     )
 
 
+def _has_lut_sequence(ds: Dataset) -> bool:
+    return "ModalityLUTSequence" in ds and bool(ds.ModalityLUTSequence)
+
+
+def _lut_sequence(ds: Dataset, path: str) -> ModalityLUT | None:
+    """The top-level Modality LUT Sequence as a table, or None when the file rescales (the usual CT case).
+
+    It takes precedence over Rescale Slope/Intercept as in pydicom's ``apply_modality_lut`` (the
+    standard allows only one of them), whose reading of the LUT Descriptor and data it reuses."""
+    if not _has_lut_sequence(ds):
+        return None
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        descriptor = ds.ModalityLUTSequence[0].LUTDescriptor
+        entries, first = int(descriptor[0]) or 2**16, int(descriptor[1])
+        table = apply_modality_lut(np.arange(first, first + entries, dtype=np.int64), ds)
+    except Exception as err:  # a malformed LUT: any of several pydicom errors
+        raise PixelDataError(f"unusable Modality LUT Sequence ({_first_line(err)}); re-export the series with "
+                             "Rescale Slope/Intercept", path) from err
+    return ModalityLUT(first, np.asarray(table, dtype=np.float32))
+
+
 def _modality_lut(stored: np.ndarray, slope: float, intercept: float, rsna: bool) -> np.ndarray:
     if rsna:
         # the corrupted files hold HU mod 4096 in 12 unsigned bits: undo the wrap, intercept -1000
@@ -617,18 +658,23 @@ def _slices_from(ds: Dataset, src: _Source, pixels: bool) -> list[CTSlice]:
         series_number=_int(ds.get("SeriesNumber")),
         series_description=str(ds.get("SeriesDescription", "")),
     )
+    # a Modality LUT Sequence (single-frame files; enhanced CT rescales per frame): its table is only
+    # needed with pixels, so a headers-only scan does not read the LUT data
+    uses_lut = frames == [None] and _has_lut_sequence(ds)
+    lut = _lut_sequence(ds, src.path) if uses_lut and stored is not None else None
     out = []
     for i, frame in enumerate(frames):
         meta = _frame_meta(ds, frame)
         slope = meta.pop("slope")
         intercept = meta.pop("intercept")
         fixes = ()
-        if _needs_rsna_fix(ds, intercept):
+        if not uses_lut and _needs_rsna_fix(ds, intercept):
             fixes = (RSNA_FIX,)
         hu = location = None
         if stored is not None:
-            hu = _modality_lut(stored[i], 1.0 if slope is None else slope, intercept or 0.0, bool(fixes))
-        elif frame is None:
+            hu = (lut.apply(stored[i]) if lut is not None
+                  else _modality_lut(stored[i], 1.0 if slope is None else slope, intercept or 0.0, bool(fixes)))
+        elif frame is None and not uses_lut:  # with a LUT, read_stored goes through read_pixels
             location = _native_location(ds, src, 1.0 if slope is None else slope, intercept or 0.0, fixes)
         centers, widths = meta["window_centers"], meta["window_widths"]
         out.append(
@@ -692,10 +738,11 @@ def read_pixels(path: str | os.PathLike, *, allow_non_ct: bool = False) -> Store
         slope, intercept = _float(ds.get("RescaleSlope")), _float(ds.get("RescaleIntercept"))
     stored = _stored_array(ds, src.path)
     stored = stored[0] if stored.ndim == 3 else stored
-    fixes = (RSNA_FIX,) if _needs_rsna_fix(ds, intercept) else ()
+    lut = None if "PerFrameFunctionalGroupsSequence" in ds else _lut_sequence(ds, src.path)
+    fixes = (RSNA_FIX,) if lut is None and _needs_rsna_fix(ds, intercept) else ()
     slope = 1.0 if slope is None else slope
     intercept = intercept or 0.0
-    return StoredPixels(src.path, stored, slope, intercept, fixes)
+    return StoredPixels(src.path, stored, slope, intercept, fixes, lut)
 
 
 def read_stored(s: CTSlice, *, allow_non_ct: bool = False) -> StoredPixels:

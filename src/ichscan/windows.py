@@ -221,7 +221,7 @@ def window_stored(
     dt = _check_dtype(dtype)
     ws = get_windows(windows)
     stored = pixels.stored
-    if stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2:
+    if getattr(pixels, "lut", None) is None and stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2:
         if not stored.dtype.isnative:
             stored = stored.astype(stored.dtype.newbyteorder("="))
         index = stored.view(f"u{stored.dtype.itemsize}")  # the bit pattern indexes the table
