@@ -325,6 +325,25 @@ def test_read_stored_after_a_headers_only_scan_equals_read_pixels(testdata, name
     assert (fast.slope, fast.intercept, fast.fixes) == (slow.slope, slow.intercept, slow.fixes)
 
 
+def test_read_stored_does_not_parse_the_file_again(tmp_path):
+    # proof that the recorded offset is used: with the DICM marker overwritten (same size, same mtime),
+    # parsing the file fails, yet read_stored still returns its pixels
+    import os
+
+    from ichscan.dicom import read_stored
+
+    hu = head_phantom(32, 32)
+    path = write_ct(tmp_path / "ct.dcm", hu)
+    s = read_slice(path, pixels=False)
+    data = bytearray(path.read_bytes())
+    data[128:132] = b"XXXX"
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(s.pixels_at.mtime_ns, s.pixels_at.mtime_ns))
+    with pytest.raises(NotDicomError):
+        read_pixels(path)
+    np.testing.assert_array_equal(read_stored(s).hu(), hu.astype(np.float32))
+
+
 def test_read_stored_keeps_the_rsna_fix_and_skips_zip_members(tmp_path):
     from ichscan.dicom import read_stored
 

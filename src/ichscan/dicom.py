@@ -751,7 +751,7 @@ def read_stored(s: CTSlice, *, allow_non_ct: bool = False) -> StoredPixels:
     file's size and modification time are still those of the scan; anything else goes through
     ``read_pixels``, with the same values and errors."""
     loc = s.pixels_at
-    if loc is not None and s.frame is None:
+    if loc is not None:  # recorded for single-frame files only
         dtype = np.dtype(loc.dtype)
         count = loc.rows * loc.columns
         try:
