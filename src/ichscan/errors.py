@@ -47,3 +47,11 @@ class DataError(IchscanError):
 
 class CheckpointError(IchscanError):
     """A checkpoint or ensemble manifest that cannot be loaded."""
+
+
+class ChecksumError(CheckpointError):
+    """A checkpoint file whose sha256 differs from the one its manifest records (damaged or swapped)."""
+
+
+class NoBundledModelError(CheckpointError):
+    """This install holds no bundled model (``ichscan/bundled/bundled.json``); pass a checkpoint instead."""

@@ -6,16 +6,21 @@ It returns logits in the order of ``model.labels``.
 
 Checkpoint = ``<stem>.safetensors`` (weights) + ``<stem>.json`` (arch, labels, windows, image size, training
 config, data summary, metrics). Both are written atomically. An ensemble manifest is a JSON naming checkpoints
-relative to itself.
+relative to itself, optionally with the sha256 of each member's weights (checked on every read), operating
+points and provenance. The bundled model (``ichscan/bundled/bundled.json``) is such a manifest.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import logging
 import os
+import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 
 from ichscan import __version__
-from ichscan.errors import CheckpointError, IchscanError
+from ichscan.errors import ChecksumError, CheckpointError, IchscanError, NoBundledModelError
 from ichscan.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,11 @@ DEFAULT_ARCH = "seresnext50_32x4d"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ENSEMBLE_KIND = "ichscan-ensemble"
+BUNDLED = "bundled"  # what --checkpoint takes for the model shipped inside the package
+BUNDLED_MANIFEST = "bundled.json"
+BUNDLED_DIR_ENV = "ICHSCAN_BUNDLED_DIR"  # another folder to take the bundled model from (tests)
+BUNDLE_MAX_BYTES = 50 * 1024 * 1024  # weights + JSON of a bundle, all members together
+PHANTOM_ONLY = "synthetic phantoms (ichscan.phantom); no real CT"
 
 
 class IchClassifier(nn.Module):
@@ -281,6 +291,11 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def _weights_path(json_path: Path, meta: Mapping[str, Any]) -> Path:
+    """The .safetensors a checkpoint JSON names (``weights``), else the one of the same stem."""
+    return json_path.with_name(meta["weights"]) if meta.get("weights") else checkpoint_paths(json_path)[0]
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     map_location: str | torch.device = "cpu",
@@ -293,10 +308,9 @@ def load_checkpoint(
     """
     from safetensors.torch import load_file
 
-    weights_path, json_path = checkpoint_paths(path)
+    _, json_path = checkpoint_paths(path)
     meta = read_checkpoint_meta(json_path)
-    if meta.get("weights"):
-        weights_path = json_path.with_name(meta["weights"])
+    weights_path = _weights_path(json_path, meta)
     if not weights_path.is_file():
         raise CheckpointError("checkpoint weights (.safetensors) missing beside its JSON", weights_path)
     norm = meta.get("normalize") or {}
@@ -329,7 +343,7 @@ class Ensemble(nn.Module):
     """
 
     def __init__(self, members: Sequence[IchClassifier], weights: Sequence[float], metas: Sequence[dict],
-                 labels: Sequence[str]):
+                 labels: Sequence[str], manifest: Manifest | None = None):
         super().__init__()
         if not members:
             raise CheckpointError("an ensemble needs at least one member")
@@ -339,6 +353,7 @@ class Ensemble(nn.Module):
         self.labels = tuple(labels)
         self.image_size = self.metas[0].get("image_size")
         self.windows = self.metas[0].get("windows")
+        self.manifest = manifest  # operating points, trained_on and provenance, when read from a manifest
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = sum(self.weights)
@@ -349,9 +364,23 @@ class Ensemble(nn.Module):
         return probs
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_ensemble(path: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
-                   weights: Sequence[float] | None = None) -> Path:
-    """Write an ensemble manifest naming ``checkpoints`` (paths stored relative to the manifest)."""
+                   weights: Sequence[float] | None = None, *, sha256: bool = False,
+                   extra: Mapping[str, Any] | None = None) -> Path:
+    """Write an ensemble manifest naming ``checkpoints`` (paths stored relative to the manifest).
+
+    ``sha256``: also record the hash of each member's weights, which every later read checks.
+    ``extra``: more keys for the manifest (operating points, trained_on, provenance), after the standard ones.
+    """
     path = Path(path)
     if path.suffix != ".json":
         path = path.with_suffix(".json")
@@ -364,9 +393,139 @@ def write_ensemble(path: str | os.PathLike, checkpoints: Sequence[str | os.PathL
         meta = read_checkpoint_meta(json_path)
         labels = labels or meta["labels"]
         rel = os.path.relpath(json_path.resolve(), path.parent.resolve())
-        members.append({"checkpoint": rel, "weight": float(weight)})
-    atomic_write_json(path, {"kind": ENSEMBLE_KIND, "members": members, "labels": list(labels)})
+        entry: dict[str, Any] = {"checkpoint": rel, "weight": float(weight)}
+        if sha256:
+            weights_path = _weights_path(json_path, meta)
+            if not weights_path.is_file():
+                raise CheckpointError("checkpoint weights (.safetensors) missing beside its JSON", weights_path)
+            entry["safetensors"] = os.path.relpath(weights_path.resolve(), path.parent.resolve())
+            entry["sha256"] = sha256_file(weights_path)
+            entry["bytes"] = weights_path.stat().st_size
+        members.append(entry)
+    record = {"kind": ENSEMBLE_KIND, "members": members, "labels": list(labels)}
+    for key, value in (extra or {}).items():
+        if key in record:
+            raise CheckpointError(f"extra manifest key {key!r} would replace a standard one", path)
+        record[key] = value
+    atomic_write_json(path, record)
     return path
+
+
+# ------------------------------------------------------------------------------- manifests, one reader
+
+
+@dataclass(frozen=True)
+class ManifestMember:
+    """One checkpoint of an ensemble: its JSON, its weight, and the sha256 of its weights when recorded."""
+
+    checkpoint: Path
+    weight: float = 1.0
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An ensemble manifest, or one checkpoint read as an ensemble of one: what ``read_manifest`` returns.
+
+    ``operating_points``: ``{"method": ..., "thresholds": {label: t}, ...}`` (the shape of a thresholds
+    file), chosen on validation data when the model was made; ``trained_on``: what the model saw;
+    ``info``: every other key (recipe, seeds, ichscan_version, git_commit, measured...).
+    """
+
+    path: Path
+    members: tuple[ManifestMember, ...]
+    labels: tuple[str, ...] | None = None
+    operating_points: dict[str, Any] | None = None
+    trained_on: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def thresholds(self) -> dict[str, float] | None:
+        """Per-label thresholds of the operating points, or None when the model carries none."""
+        if not self.operating_points:
+            return None
+        return {name: float(t) for name, t in self.operating_points["thresholds"].items()}
+
+
+_MANIFEST_KEYS = ("kind", "members", "labels", "operating_points", "trained_on")
+
+
+def _read_json_dict(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def is_manifest(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an ensemble manifest (rather than a checkpoint or anything else)."""
+    path = Path(path)
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    doc = _read_json_dict(path)
+    return doc is not None and doc.get("kind") == ENSEMBLE_KIND
+
+
+def _check_operating_points(doc: Any, path: Path) -> dict[str, Any] | None:
+    if doc is None:
+        return None
+    thresholds = doc.get("thresholds") if isinstance(doc, dict) else None
+    if not isinstance(thresholds, dict) or not thresholds:
+        raise CheckpointError('operating_points must be {"method": ..., "thresholds": {label: t}}', path)
+    for name, t in thresholds.items():
+        if name not in LABELS:
+            raise CheckpointError(f"unknown label {name!r} in operating_points; expected {', '.join(LABELS)}", path)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise CheckpointError(f"operating point for {name} is {t!r}, not a number in [0, 1]", path)
+    return dict(doc)
+
+
+def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> Manifest:
+    """The one reader of ensemble manifests (a checkpoint .json/.safetensors/stem reads as an ensemble of one).
+
+    With ``verify``, each member whose sha256 the manifest records is hashed and compared: a mismatch is a
+    ``ChecksumError`` naming the file. Manifests without hashes (as ``ichscan train`` writes them) read as before.
+    """
+    path = Path(path)
+    doc = _read_json_dict(path) if path.suffix == ".json" and path.is_file() else None
+    if doc is None or doc.get("kind") != ENSEMBLE_KIND:
+        _, json_path = checkpoint_paths(path)
+        meta = read_checkpoint_meta(json_path)
+        return Manifest(json_path, (ManifestMember(json_path),), tuple(meta["labels"]),
+                        _check_operating_points(meta.get("operating_points"), json_path), meta.get("trained_on"))
+    entries = doc.get("members")
+    if not isinstance(entries, list) or not entries:
+        raise CheckpointError("ensemble manifest names no members", path)
+    members = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("checkpoint"):
+            raise CheckpointError(f"member {i} of the ensemble manifest names no checkpoint", path)
+        ckpt = Path(entry["checkpoint"])
+        members.append(ManifestMember(ckpt if ckpt.is_absolute() else path.parent / ckpt,
+                                      float(entry.get("weight", 1.0)), entry.get("sha256")))
+    labels = doc.get("labels")
+    manifest = Manifest(path, tuple(members), tuple(labels) if labels else None,
+                        _check_operating_points(doc.get("operating_points"), path), doc.get("trained_on"),
+                        {k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
+    if verify:
+        verify_manifest(manifest)
+    return manifest
+
+
+def verify_manifest(manifest: Manifest) -> None:
+    """Hash the weights of every member with a recorded sha256; ``ChecksumError`` naming the first that differs."""
+    for member in manifest.members:
+        if not member.sha256:
+            continue
+        weights_path = _weights_path(member.checkpoint, read_checkpoint_meta(member.checkpoint))
+        if not weights_path.is_file():
+            raise CheckpointError(f"checkpoint weights missing (named in {manifest.path.name})", weights_path)
+        digest = sha256_file(weights_path)
+        if digest != member.sha256.lower():
+            raise ChecksumError(
+                f"sha256 {digest[:16]}... differs from {member.sha256[:16]}... recorded in {manifest.path}; "
+                "the file is damaged or was replaced (reinstall, or rewrite the manifest)", weights_path)
 
 
 def load_ensemble(
@@ -374,31 +533,145 @@ def load_ensemble(
     map_location: str | torch.device = "cpu",
     labels: Sequence[str] | None = None,
 ) -> Ensemble:
-    """An :class:`Ensemble` from a manifest (or a single checkpoint, as an ensemble of one)."""
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"unreadable ensemble manifest ({err})", path) from err
-    if manifest.get("kind") != ENSEMBLE_KIND:
-        if "arch" in manifest:  # a plain checkpoint JSON
-            model, meta = load_checkpoint(path, map_location, labels)
-            return Ensemble([model], [1.0], [meta], model.labels)
-        raise CheckpointError(f"not an ensemble manifest (kind != {ENSEMBLE_KIND!r})", path)
-    labels = tuple(labels or manifest.get("labels") or LABELS)
+    """An :class:`Ensemble` from a manifest (or a single checkpoint, as an ensemble of one); hashes checked."""
+    manifest = read_manifest(path)
+    labels = tuple(labels or manifest.labels or LABELS)
     members, weights, metas = [], [], []
-    for entry in manifest.get("members", []):
-        ckpt = Path(entry["checkpoint"])
-        if not ckpt.is_absolute():
-            ckpt = path.parent / ckpt
-        model, meta = load_checkpoint(ckpt, map_location, labels)
+    for entry in manifest.members:
+        model, meta = load_checkpoint(entry.checkpoint, map_location, labels)
         members.append(model)
-        weights.append(float(entry.get("weight", 1.0)))
+        weights.append(entry.weight)
         metas.append(meta)
-    if not members:
-        raise CheckpointError("ensemble manifest names no members", path)
     for key in ("image_size", "windows"):
         values = {json.dumps(m.get(key)) for m in metas}
         if len(values) > 1:
-            raise CheckpointError(f"ensemble members disagree on {key}: {sorted(values)}", path)
-    return Ensemble(members, weights, metas, labels)
+            raise CheckpointError(f"ensemble members disagree on {key}: {sorted(values)}", manifest.path)
+    return Ensemble(members, weights, metas, labels, manifest)
+
+
+# ------------------------------------------------------------------------------------------ bundled model
+
+
+def bundled_dir() -> Path:
+    """Where the bundled model lives: ``$ICHSCAN_BUNDLED_DIR`` when set, else ``ichscan/bundled/``."""
+    env = os.environ.get(BUNDLED_DIR_ENV)
+    return Path(env) if env else Path(__file__).with_name("bundled")
+
+
+def bundled_checkpoint(directory: str | os.PathLike | None = None) -> Path:
+    """The manifest of the model shipped with ichscan (``bundled.json``); ``NoBundledModelError`` if absent."""
+    path = Path(directory if directory is not None else bundled_dir()) / BUNDLED_MANIFEST
+    if not path.is_file():
+        raise NoBundledModelError("no bundled model in this install; pass --checkpoint CKPT_OR_MANIFEST", path)
+    return path
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike | None = None) -> Path:
+    """What a ``--checkpoint`` means: None or ``"bundled"`` is the bundled model, anything else a path."""
+    if name_or_path is None or (isinstance(name_or_path, str) and name_or_path == BUNDLED):
+        return bundled_checkpoint()
+    return Path(name_or_path)
+
+
+def _git_commit() -> str | None:
+    """HEAD of the repository this ichscan is imported from (``-dirty`` with uncommitted changes), if any."""
+    here = str(Path(__file__).parent)
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head or None
+
+
+def _bundle_sources(members: str | os.PathLike | Sequence[str | os.PathLike],
+                    weights: Sequence[float] | None) -> list[tuple[Path, float]]:
+    items = [members] if isinstance(members, (str, os.PathLike)) else list(members)
+    given = list(weights) if weights is not None else None
+    if given is not None and len(given) != len(items):
+        raise CheckpointError("give one weight per member (or none)")
+    sources: list[tuple[Path, float]] = []
+    for i, item in enumerate(items):
+        manifest = read_manifest(item)  # a manifest brings its members and weights
+        for m in manifest.members:
+            sources.append((m.checkpoint, m.weight * (given[i] if given else 1.0)))
+    if not sources:
+        raise CheckpointError("a bundle needs at least one checkpoint")
+    return sources
+
+
+def _thresholds_doc(thresholds: Any) -> dict[str, Any]:
+    if hasattr(thresholds, "to_dict"):  # ichscan.metrics.OperatingPoints
+        return thresholds.to_dict()
+    if isinstance(thresholds, Mapping):
+        doc = dict(thresholds)
+        return doc if "thresholds" in doc else {"method": "manual", "thresholds": doc}
+    path = Path(thresholds)
+    doc = _read_json_dict(path)
+    if doc is None:
+        raise CheckpointError('not a readable thresholds JSON {"method": ..., "thresholds": {label: t}}', path)
+    return doc
+
+
+def write_bundle(out_dir: str | os.PathLike, members: str | os.PathLike | Sequence[str | os.PathLike],
+                 thresholds: Any, info: Mapping[str, Any], *, weights: Sequence[float] | None = None,
+                 max_bytes: int = BUNDLE_MAX_BYTES) -> Path:
+    """Copy checkpoints into ``out_dir`` as ``member<i>.safetensors/.json`` and write ``bundled.json``; returns it.
+
+    ``members``: checkpoints and/or ensemble manifests (their weights kept, times ``weights``).
+    ``thresholds``: the operating points chosen on phantom validation, a thresholds file as ``ichscan
+    thresholds`` writes it, its dict, or ``OperatingPoints``. ``info``: provenance: ``recipe`` (preset
+    name) and ``seeds`` (default: the members' training configs), ``trained_on`` (default: phantoms only),
+    ``measured`` (free text/numbers), ``git_commit`` and ``ichscan_version`` (default: the members' version
+    and this repository's HEAD), any other key kept as given. The result is an ordinary ensemble manifest
+    with sha256 per member; more than ``max_bytes`` in all is refused.
+    """
+    out = Path(out_dir)
+    target = out / BUNDLED_MANIFEST
+    sources = _bundle_sources(members, weights)
+    points = _check_operating_points(_thresholds_doc(thresholds), target)
+    points.setdefault("chosen_on", "phantom validation series")
+    metas = [read_checkpoint_meta(ckpt) for ckpt, _ in sources]
+    files = [(f"member{i}", _weights_path(ckpt, meta), meta) for i, ((ckpt, _), meta) in enumerate(zip(sources, metas))]
+    for _, weights_path, _ in files:
+        if not weights_path.is_file():
+            raise CheckpointError("checkpoint weights (.safetensors) missing beside its JSON", weights_path)
+    size = sum(w.stat().st_size + len(json.dumps(meta, default=_json_default)) for _, w, meta in files)
+    if size > max_bytes:
+        raise CheckpointError(f"the bundle would take {size / 2**20:.1f} MiB, more than {max_bytes / 2**20:.0f} "
+                              "MiB; use a smaller model or store weights in fp16", out)
+    info = dict(info)
+    configs = [meta.get("config") or {} for meta in metas]
+    recipe = info.pop("recipe", None) or ", ".join(dict.fromkeys(str(c["preset"]) for c in configs if "preset" in c))
+    seeds = info.pop("seeds", None)
+    if seeds is None and all("seed" in c for c in configs):
+        seeds = {"training": [c["seed"] for c in configs]}
+    if not recipe or seeds is None:
+        raise CheckpointError("info needs 'recipe' (preset name) and 'seeds': the members' configs do not say", out)
+    versions = list(dict.fromkeys(str(m["ichscan_version"]) for m in metas if m.get("ichscan_version")))
+    extra = {
+        "trained_on": info.pop("trained_on", PHANTOM_ONLY),
+        "operating_points": points,
+        "recipe": recipe,
+        "seeds": seeds,
+        "ichscan_version": info.pop("ichscan_version", None) or (", ".join(versions) or __version__),
+        "git_commit": info.pop("git_commit", None) or _git_commit(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "measured": info.pop("measured", {}),
+        **info,
+    }
+    payload = [(stem, weights_path.read_bytes(), meta) for stem, weights_path, meta in files]  # before deleting
+    previous = read_manifest(target, verify=False) if is_manifest(target) else None
+    keep = {f"{stem}{ext}" for stem, _, _ in files for ext in (".json", ".safetensors")}
+    for member in previous.members if previous else ():  # files of an earlier bundle not rewritten now
+        for stale in (member.checkpoint, _weights_path(member.checkpoint, _read_json_dict(member.checkpoint) or {})):
+            if stale.parent.resolve() == out.resolve() and stale.name not in keep and stale.is_file():
+                stale.unlink()
+    copied = []
+    for stem, data, meta in payload:
+        atomic_write_bytes(out / f"{stem}.safetensors", data)
+        atomic_write_json(out / f"{stem}.json", dict(meta, weights=f"{stem}.safetensors"))
+        copied.append(out / f"{stem}.json")
+    return write_ensemble(target, copied, [w for _, w in sources], sha256=True, extra=extra)

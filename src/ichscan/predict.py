@@ -57,6 +57,7 @@ __all__ = [
     "load_predictions",
     "load_thresholds",
     "predict_path",
+    "run_thresholds",
     "select_series",
     "write_outputs",
 ]
@@ -488,25 +489,6 @@ def _fold_batchnorm(model: Any) -> bool:
         return False
 
 
-def _read_manifest(path: Path) -> list[tuple[Path, float]]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read ensemble manifest ({err})", path) from err
-    if manifest.get("kind") != "ichscan-ensemble" or not manifest.get("members"):
-        raise CheckpointError("not an ichscan ensemble manifest (needs kind and members)", path)
-    return [(path.parent / m["checkpoint"], float(m.get("weight", 1.0))) for m in manifest["members"]]
-
-
-def _is_manifest(path: Path) -> bool:
-    if path.suffix != ".json" or not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("kind") == "ichscan-ensemble"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 # --------------------------------------------------------------------------------------------------
 # Pixels
 
@@ -583,6 +565,8 @@ class Predictor:
         top_k: int = 3,
         channels_last: bool = True,
         compile: bool = False,
+        operating_points: dict | None = None,
+        trained_on: str | None = None,
     ):
         import torch
 
@@ -613,19 +597,24 @@ class Predictor:
             if channels_last:
                 m.model.to(memory_format=torch.channels_last)
         self._preps = list(dict.fromkeys(m.prep for m in members))
+        # What the checkpoint or manifest says of itself (ichscan.model.Manifest): thresholds chosen on
+        # validation when it was made, and the data it was trained on.
+        self.operating_points = operating_points
+        self.trained_on = trained_on
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, fold_batchnorm: bool = True, **kwargs) -> Predictor:
-        """A checkpoint or an ensemble manifest; keyword arguments as for the constructor.
+        """A checkpoint, an ensemble manifest or ``"bundled"``; keyword arguments as for the constructor.
 
-        ``fold_batchnorm`` folds batch norms into the convolutions of the freshly loaded models
-        (inference only; fp32 results move by about 1e-7)."""
-        path = Path(path)
-        if _is_manifest(path):
-            entries = _read_manifest(path)
-        else:
-            entries = [(path, 1.0)]
-        members = [_member_from_checkpoint(p, w, fold_batchnorm) for p, w in entries]
+        Read by ``ichscan.model.read_manifest`` (recorded hashes checked); its operating points and
+        ``trained_on`` come along. ``fold_batchnorm`` folds batch norms into the convolutions of the
+        freshly loaded models (inference only; fp32 results move by about 1e-7)."""
+        from ichscan.model import read_manifest, resolve_checkpoint
+
+        manifest = read_manifest(resolve_checkpoint(path))
+        members = [_member_from_checkpoint(m.checkpoint, m.weight, fold_batchnorm) for m in manifest.members]
+        kwargs.setdefault("operating_points", manifest.operating_points)
+        kwargs.setdefault("trained_on", manifest.trained_on)
         return cls(members, **kwargs)
 
     @classmethod
@@ -654,7 +643,7 @@ class Predictor:
 
     def describe(self) -> dict:
         """What a run used, for the JSON output and for checking a resumed run matches."""
-        return {
+        described = {
             "members": [{"checkpoint": m.source, "weight": w, "batchnorm_folded": m.folded}
                         for m, w in zip(self._members, self._weights)],
             "windows": [dataclasses.asdict(w) if dataclasses.is_dataclass(w) else list(w) for w in self.windows],
@@ -667,6 +656,9 @@ class Predictor:
             "device": str(self.device),
             "compile": self.compile,
         }
+        if self.trained_on:  # only when the model says (keeps earlier runs' configs, and their resume, as they were)
+            described["trained_on"] = self.trained_on
+        return described
 
     # -- preprocessing (numpy) --------------------------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray], prep: tuple | None = None) -> np.ndarray:
@@ -834,6 +826,23 @@ def load_thresholds(path: str | os.PathLike | None) -> dict[str, float]:
     return thresholds
 
 
+def run_thresholds(given: dict[str, float] | str | os.PathLike | None, operating_points: dict | None = None
+                   ) -> tuple[dict[str, float], str]:
+    """(thresholds, where they come from) for a run: ``given`` ({label: t} or a thresholds file) first,
+    else the model's ``operating_points`` (``Predictor.operating_points``), else 0.5 for every label."""
+    if isinstance(given, dict):
+        return dict(given), "given"
+    if given is not None:
+        return load_thresholds(given), str(given)
+    if operating_points:
+        thresholds = load_thresholds(None)
+        thresholds.update({name: float(t) for name, t in operating_points["thresholds"].items()})
+        method = operating_points.get("method") or "method not recorded"
+        chosen_on = operating_points.get("chosen_on")
+        return thresholds, f"the model's operating points ({method}{f', chosen on {chosen_on}' if chosen_on else ''})"
+    return load_thresholds(None), "0.5 (default)"
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing outputs (atomically: a reader never sees half a file)
 
@@ -910,8 +919,11 @@ def submission_table(predictions: Sequence[SeriesPrediction]):
 
 def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPrediction], *,
                   thresholds: dict[str, float] | None = None, rejected: Sequence[RejectedSeries] = (),
-                  skipped: Sequence[SkippedItem] = (), config: dict | None = None) -> dict[str, Path]:
-    """Write slices.csv, series.csv, submission.csv, predictions.json and skipped.csv; returns paths."""
+                  skipped: Sequence[SkippedItem] = (), config: dict | None = None,
+                  thresholds_from: str | None = None) -> dict[str, Path]:
+    """Write slices.csv, series.csv, submission.csv, predictions.json and skipped.csv; returns paths.
+
+    ``thresholds_from`` (see ``run_thresholds``) is recorded in predictions.json beside the thresholds."""
     import pandas as pd
 
     out = Path(out_dir)
@@ -930,6 +942,7 @@ def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPredic
         "labels": list(LABELS),
         "config": config or {},
         "thresholds": thresholds,
+        **({"thresholds_from": thresholds_from} if thresholds_from else {}),
         "series": [dict(p.to_dict(), n_slices=p.n_slices, decisions=p.decisions(thresholds)) for p in predictions],
         "rejected": [dataclasses.asdict(r) for r in rejected],
         "skipped": [dataclasses.asdict(s) for s in skipped],
@@ -994,12 +1007,12 @@ def predict_path(
     With ``out_dir``, each finished series is saved to ``out_dir/work`` at once and skipped by a later
     run with the same configuration; outputs are written when all series are done. ``max_series``
     stops after that many newly predicted series (``complete=False``; rerun to go on). Bad files and
-    series that fail are reported in ``skipped``/``failed`` and the rest predicted.
+    series that fail are reported in ``skipped``/``failed`` and the rest predicted. ``thresholds``
+    (a dict or a file) overrides the operating points the model carries; 0.5 where neither says.
     """
     from ichscan.dicom import find_series
 
-    if not isinstance(thresholds, dict):
-        thresholds = load_thresholds(thresholds)
+    thresholds, thresholds_from = run_thresholds(thresholds, predictor.operating_points)
     rules = rules or SelectionRules()
     scan = find_series(path, pixels=False, allow_non_ct=allow_non_ct)
     skipped = [SkippedItem(str(s.path), str(s.reason)) for s in scan.skipped]
@@ -1071,5 +1084,5 @@ def predict_path(
                      n_predicted, n_resumed, complete)
     if complete and out_dir is not None:
         run.outputs = write_outputs(out_dir, predictions, thresholds=thresholds, rejected=rejected,
-                                    skipped=skipped_all + failed, config=config)
+                                    skipped=skipped_all + failed, config=config, thresholds_from=thresholds_from)
     return run

@@ -7,6 +7,7 @@ import sys
 
 EPILOG = """\
 examples:
+  ichscan predict study.zip --out preds/          # the bundled model (trained on phantoms only)
   ichscan predict study.zip --checkpoint runs/demo/ensemble.json --out preds/
   ichscan predict rsna/stage_2_test --checkpoint model.json --out sub/ --all-series
   ichscan predict scans/ --checkpoint model.json --out preds/ --tta flip,shift --thresholds thr.json
@@ -27,7 +28,9 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", help="a DICOM file, series or study folder, zip, or flat RSNA folder of ID_*.dcm")
-    p.add_argument("--checkpoint", "-c", required=True, help="checkpoint .json/.safetensors or ensemble manifest")
+    p.add_argument("--checkpoint", "-c", default=None,
+                   help="checkpoint .json/.safetensors or ensemble manifest; 'bundled' (the default): the model "
+                        "shipped with ichscan, trained on synthetic phantoms only")
     p.add_argument("--out", "-o", required=True, help="output folder (created; reused to resume)")
     m = p.add_argument_group("model")
     m.add_argument("--tta", default="identity,hflip",
@@ -36,7 +39,8 @@ def register(subparsers) -> None:
     m.add_argument("--aggregation", choices=("max", "topk", "noisy_or"), default="max",
                    help="slices to series: max (default), mean of the top k, or noisy-OR")
     m.add_argument("--top-k", type=int, default=3, help="k for --aggregation topk (default 3)")
-    m.add_argument("--thresholds", help='JSON {"method": ..., "thresholds": {label: t}}; 0.5 otherwise')
+    m.add_argument("--thresholds", help='JSON {"method": ..., "thresholds": {label: t}}; otherwise the '
+                                        "model's operating points when it carries them, else 0.5")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     m.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
@@ -84,19 +88,28 @@ def _rules(args):
 
 
 def run(args) -> int:
-    from ichscan.predict import Predictor, load_thresholds, predict_path
+    from ichscan.model import BUNDLED, resolve_checkpoint
+    from ichscan.predict import Predictor, predict_path, run_thresholds
 
+    checkpoint = resolve_checkpoint(args.checkpoint)
     try:
         predictor = Predictor.from_checkpoint(
-            args.checkpoint, device=args.device, tta=args.tta, precision=args.precision,
+            checkpoint, device=args.device, tta=args.tta, precision=args.precision,
             batch_size=args.batch_size, aggregation=args.aggregation, top_k=args.top_k, compile=args.compile)
     except ValueError as err:
         print(f"ichscan predict: error: {err}", file=sys.stderr)
         return 2
-    thresholds = load_thresholds(args.thresholds)
+    if args.checkpoint in (None, BUNDLED):
+        print(f"using the bundled model ({checkpoint}); trained on "
+              f"{predictor.trained_on or 'data its manifest does not name'}", file=sys.stderr)
+    elif predictor.trained_on:
+        print(f"the model was trained on {predictor.trained_on}", file=sys.stderr)
+    thresholds, thresholds_from = run_thresholds(args.thresholds, predictor.operating_points)
     print(f"model: {len(predictor.describe()['members'])} checkpoint(s), {predictor.image_size} px, "
           f"TTA {'+'.join(predictor.tta)}, {predictor.precision}{', compiled' if predictor.compile else ''}, "
           f"aggregation {predictor.aggregation}",
+          file=sys.stderr)
+    print(f"thresholds: {thresholds_from}: " + ", ".join(f"{n} {t:.4g}" for n, t in thresholds.items()),
           file=sys.stderr)
     bar = None
     if not args.no_progress:
@@ -112,7 +125,7 @@ def run(args) -> int:
             bar.refresh()
 
     try:
-        result = predict_path(args.input, args.out, predictor, rules=_rules(args), thresholds=thresholds,
+        result = predict_path(args.input, args.out, predictor, rules=_rules(args), thresholds=args.thresholds,
                               progress=progress, max_series=args.max_series, restart=args.restart,
                               allow_non_ct=args.any_modality)
     finally:
@@ -137,6 +150,8 @@ def run(args) -> int:
     if done == 0:
         print("no series predicted; see skipped.csv", file=sys.stderr)
     _print_findings(result.predictions, thresholds)
+    if predictor.trained_on and done:
+        print(f"(model trained on {predictor.trained_on})")
     for name, path in result.outputs.items():
         print(f"{name}: {path}")
     return 0 if done else 1

@@ -1,0 +1,214 @@
+"""The bundled model's plumbing: write_bundle, hashes checked on every read, the resolver, and
+``ichscan predict`` without --checkpoint. Tiny untrained checkpoints stand in for the shipped model,
+taken from a folder named by ICHSCAN_BUNDLED_DIR; ``test_shipped_bundle`` checks the real files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ichscan.cli import main
+from ichscan.errors import ChecksumError, CheckpointError, NoBundledModelError
+from ichscan.labels import LABELS
+from ichscan.model import (
+    BUNDLE_MAX_BYTES,
+    build_model,
+    BUNDLED_DIR_ENV,
+    BUNDLED_MANIFEST,
+    ENSEMBLE_KIND,
+    PHANTOM_ONLY,
+    bundled_checkpoint,
+    load_ensemble,
+    read_manifest,
+    resolve_checkpoint,
+    save_checkpoint,
+    write_bundle,
+    write_ensemble,
+)
+from ichscan.windows import PAPER_WINDOWS, PRESETS
+
+SHIPPED = Path(__file__).resolve().parents[1] / "src" / "ichscan" / "bundled"
+# Far from the 0.3-0.7 an untrained head gives, so the bundle's thresholds decide otherwise than 0.5 would.
+THRESHOLDS = {name: (0.02 if i % 2 else 0.98) for i, name in enumerate(LABELS)}
+INFO = {"recipe": "quick", "seeds": {"phantoms": 0, "training": [0, 1]}, "measured": {"note": "plumbing test"}}
+
+
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """An untrained test_efficientnet at 32 px (its head sits near 0.5), saved as ichscan train does."""
+    torch.manual_seed(seed)
+    meta = {"windows": [PRESETS[w].to_dict() for w in PAPER_WINDOWS], "image_size": 32,
+            "config": {"preset": "quick", "seed": seed}}
+    return save_checkpoint(path, build_model("test_efficientnet"), meta)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bundle")
+    ckpts = []
+    for seed in (0, 1):
+        ckpts.append(tiny_checkpoint(root / "src" / f"run{seed}" / "best", seed=seed))
+    manifest = write_ensemble(root / "src" / "ensemble.json", ckpts, weights=[1.0, 2.0])
+    thr = root / "thr.json"
+    thr.write_text(json.dumps({"method": "youden", "thresholds": THRESHOLDS}))
+    return write_bundle(root / "bundled", manifest, thr, INFO)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    from ichscan.phantom import generate_dataset
+
+    out = tmp_path_factory.mktemp("bundled_study")
+    generate_dataset(out, studies=1, seed=0, size=64, slices=(12, 14))
+    return out / "images"
+
+
+def test_bundle_is_an_ensemble_manifest_with_hashes_and_provenance(bundle):
+    doc = json.loads(bundle.read_text())
+    assert bundle.name == BUNDLED_MANIFEST and doc["kind"] == ENSEMBLE_KIND
+    assert [m["checkpoint"] for m in doc["members"]] == ["member0.json", "member1.json"]
+    assert [m["weight"] for m in doc["members"]] == [1.0, 2.0]
+    for m in doc["members"]:
+        weights = bundle.parent / m["safetensors"]
+        assert m["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+        assert m["bytes"] == weights.stat().st_size
+        assert json.loads((bundle.parent / m["checkpoint"]).read_text())["weights"] == weights.name
+    assert doc["trained_on"] == PHANTOM_ONLY
+    assert doc["operating_points"]["method"] == "youden" and doc["operating_points"]["thresholds"] == THRESHOLDS
+    assert doc["recipe"] == "quick" and doc["seeds"] == INFO["seeds"] and doc["measured"] == INFO["measured"]
+    assert doc["ichscan_version"] and "git_commit" in doc and doc["created"]
+    manifest = read_manifest(bundle)
+    assert manifest.thresholds == THRESHOLDS and manifest.trained_on == PHANTOM_ONLY
+    assert manifest.info["recipe"] == "quick"
+    ens = load_ensemble(bundle)  # the same reader for ensembles in memory
+    assert ens.weights == [1.0, 2.0] and ens.manifest.trained_on == PHANTOM_ONLY
+
+
+def test_a_changed_byte_is_a_one_line_error_naming_the_file(bundle, tmp_path):
+    copy = tmp_path / "bundled"
+    shutil.copytree(bundle.parent, copy)
+    weights = copy / "member1.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError) as err:
+        read_manifest(copy / BUNDLED_MANIFEST)
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(weights))
+    with pytest.raises(ChecksumError):
+        load_ensemble(copy / BUNDLED_MANIFEST)
+    assert len(read_manifest(copy / BUNDLED_MANIFEST, verify=False).members) == 2
+
+
+def test_any_manifest_with_hashes_is_checked_and_old_ones_still_read(tmp_path):
+    a = tiny_checkpoint(tmp_path / "a")
+    plain = json.loads(write_ensemble(tmp_path / "plain.json", [a]).read_text())
+    assert "sha256" not in plain["members"][0]
+    hashed = write_ensemble(tmp_path / "hashed.json", [a], sha256=True)
+    assert read_manifest(hashed).members[0].sha256
+    a.with_suffix(".safetensors").write_bytes(a.with_suffix(".safetensors").read_bytes() + b"\0")
+    assert read_manifest(tmp_path / "plain.json").members[0].sha256 is None  # nothing recorded, nothing checked
+    with pytest.raises(ChecksumError, match="a.safetensors"):
+        read_manifest(hashed)
+
+
+def test_resolver_and_missing_bundle(bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv(BUNDLED_DIR_ENV, str(bundle.parent))
+    assert resolve_checkpoint(None) == bundle == resolve_checkpoint("bundled") == bundled_checkpoint()
+    assert resolve_checkpoint("runs/x/best.json") == Path("runs/x/best.json")
+    monkeypatch.setenv(BUNDLED_DIR_ENV, str(tmp_path))
+    with pytest.raises(NoBundledModelError) as err:
+        resolve_checkpoint("bundled")
+    assert "\n" not in str(err.value) and str(tmp_path / BUNDLED_MANIFEST) in str(err.value)
+    assert "--checkpoint" in str(err.value)
+
+
+def test_write_bundle_refuses_too_big_and_unknown_labels(bundle, tmp_path):
+    member = bundle.parent / "member0.json"
+    with pytest.raises(CheckpointError, match="MiB"):
+        write_bundle(tmp_path / "b", member, {"any": 0.5}, INFO, max_bytes=1000)
+    with pytest.raises(CheckpointError, match="unknown label"):
+        write_bundle(tmp_path / "b", member, {"bleed": 0.5}, INFO)
+    assert not (tmp_path / "b" / BUNDLED_MANIFEST).exists()
+    # rewriting a bundle with fewer members removes the files of the ones left out
+    again = write_bundle(bundle.parent.parent / "rewritten", bundle, {"any": 0.4}, INFO)
+    write_bundle(again.parent, again.parent / "member1.json", {"any": 0.4}, INFO)
+    assert sorted(p.name for p in again.parent.iterdir()) == ["bundled.json", "member0.json", "member0.safetensors"]
+
+
+def test_make_script_writes_a_bundle(bundle, tmp_path, capsys):
+    from ichscan.bundled.make import main as make
+
+    (tmp_path / "info.json").write_text(json.dumps(INFO))
+    (tmp_path / "thr.json").write_text(json.dumps({"method": "youden", "thresholds": {"any": 0.3}}))
+    code = make([str(bundle.parent / "member0.json"), "--thresholds", str(tmp_path / "thr.json"),
+                 "--info", str(tmp_path / "info.json"), "--out", str(tmp_path / "out")])
+    assert code == 0 and "1 member(s)" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "out" / BUNDLED_MANIFEST).thresholds == {"any": 0.3}
+
+
+def test_predict_without_checkpoint_uses_the_bundle_and_its_thresholds(bundle, study, tmp_path, monkeypatch,
+                                                                        capsys):
+    monkeypatch.setenv(BUNDLED_DIR_ENV, str(bundle.parent))
+    base = [str(study), "--no-progress", "--precision", "fp32"]
+    assert main(["predict", *base, "--out", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    assert f"using the bundled model ({bundle}); trained on {PHANTOM_ONLY}" in captured.err
+    assert "thresholds: the model's operating points (youden, chosen on phantom validation series)" in captured.err
+    assert PHANTOM_ONLY in captured.out
+    series = pd.read_csv(tmp_path / "a" / "series.csv")
+    assert len(series) == 1
+    for name, t in THRESHOLDS.items():
+        assert (series[f"pred_{name}"] == (series[f"prob_{name}"] >= t).astype(int)).all()
+    decided_by_bundle = [(series[f"prob_{n}"] >= t) != (series[f"prob_{n}"] >= 0.5) for n, t in THRESHOLDS.items()]
+    assert any(d.any() for d in decided_by_bundle)  # the bundle's thresholds, not 0.5, made these calls
+    doc = json.loads((tmp_path / "a" / "predictions.json").read_text())
+    assert doc["thresholds"] == THRESHOLDS and doc["config"]["trained_on"] == PHANTOM_ONLY
+    assert doc["thresholds_from"].startswith("the model's operating points")
+
+    # "bundled" by name: the same model; --thresholds overrides the bundle's
+    thr = tmp_path / "thr.json"
+    thr.write_text(json.dumps({"method": "fixed", "thresholds": {n: 0.0 for n in LABELS}}))
+    assert main(["predict", *base, "--checkpoint", "bundled", "--thresholds", str(thr),
+                 "--out", str(tmp_path / "b")]) == 0
+    assert f"thresholds: {thr}" in capsys.readouterr().err
+    other = pd.read_csv(tmp_path / "b" / "series.csv")
+    assert (other[[f"pred_{n}" for n in LABELS]] == 1).all().all()
+    cols = [f"prob_{n}" for n in LABELS]
+    assert (other[cols] - series[cols]).abs().max().max() == 0
+
+
+def test_predict_says_so_when_there_is_no_bundle_or_it_is_damaged(bundle, study, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(BUNDLED_DIR_ENV, str(tmp_path / "empty"))
+    assert main(["predict", str(study), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no bundled model in this install" in err[0] and "--checkpoint" in err[0]
+    shutil.copytree(bundle.parent, tmp_path / "damaged")
+    weights = tmp_path / "damaged" / "member0.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    monkeypatch.setenv(BUNDLED_DIR_ENV, str(tmp_path / "damaged"))
+    assert main(["predict", str(study), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(weights) in err[0] and "sha256" in err[0]
+
+
+@pytest.mark.skipif(not (SHIPPED / BUNDLED_MANIFEST).is_file(),
+                    reason="no bundled model shipped yet (src/ichscan/bundled/bundled.json)")
+def test_shipped_bundle(monkeypatch):
+    monkeypatch.delenv(BUNDLED_DIR_ENV, raising=False)
+    path = bundled_checkpoint()
+    assert path == SHIPPED / BUNDLED_MANIFEST
+    manifest = read_manifest(path)  # every member's sha256 checked
+    assert all(m.sha256 for m in manifest.members)
+    files = [path] + [f for m in manifest.members for f in (m.checkpoint, m.checkpoint.with_suffix(".safetensors"))]
+    assert sum(f.stat().st_size for f in files) <= BUNDLE_MAX_BYTES
+    assert manifest.trained_on and "phantom" in manifest.trained_on
+    assert manifest.thresholds and set(manifest.thresholds) == set(LABELS)
+    assert manifest.operating_points.get("method")
+    for key in ("recipe", "seeds", "ichscan_version", "git_commit"):
+        assert manifest.info.get(key), key
+    # the engineer adds: probabilities on a phantom study within the range measured when it was made
