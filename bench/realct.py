@@ -1,0 +1,342 @@
+"""How a checkpoint does on real head CT: CT-ICH (41 labelled series) and one normal GE scan.
+
+Prints one JSON object (logs go to stderr). The data live outside the repository, in ``../shared/realct``
+(its README.md says what they are); nothing of them is copied into the repository. The CT-ICH JPGs are
+rebuilt into CT DICOM once, by the ``ctich_to_dicom.py`` that ships with them, into ``--work``; later runs
+reuse that folder.
+
+Every series goes through the library as ``ichscan predict`` would read it: ``find_series`` ->
+``select_series`` -> ``Predictor.iter_predict``. The default selection rules are checked first; if they
+would reject any series (the GE scan has an 18.5 degree gantry tilt and uneven spacing), all series are
+predicted under ``SelectionRules.permissive()`` and ``selection`` in the JSON says which rule rejected what.
+
+* ``ctich_dev``: series AUC per label and series weighted log loss (RSNA weights, ``ichscan.metrics``) for
+  each aggregation, slice AUC per label (slices joined to the RSNA ``labels.csv`` by image id), counts, and
+  every series' probabilities (``series``), so each number can be recomputed from the JSON.
+* ``ge_normal``: the six probabilities, the slice that drove each one (index, z, InstanceNumber), and whether
+  ``any`` stays below the ``any`` threshold the model carries (or ``--thresholds`` gives; null without).
+
+    .venv/bin/python bench/realct.py --checkpoint bundled          # the model shipped with ichscan
+    .venv/bin/python bench/realct.py --checkpoint runs/demo/models/model_a.json
+    .venv/bin/python bench/realct.py --checkpoint runs/demo/ensemble.json --aggregation all --out realct.json
+    .venv/bin/python bench/realct.py --checkpoint model.json --limit 4 --dump-dir /tmp/realct-preds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from ichscan.dicom import CTSeries, find_series
+from ichscan.errors import IchscanError
+from ichscan.labels import LABELS
+from ichscan.metrics import load_series, load_slices, weighted_log_loss
+from ichscan.model import resolve_checkpoint
+from ichscan.predict import (
+    AGGREGATIONS,
+    Predictor,
+    SelectionRules,
+    SeriesPrediction,
+    aggregate,
+    run_thresholds,
+    series_table,
+    select_series,
+    write_outputs,
+)
+
+log = logging.getLogger("bench.realct")
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_REALCT = REPO.parent / "shared" / "realct"
+DEFAULT_WORK = Path(tempfile.gettempdir()) / "ichscan-realct"
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def ctich_dicom(realct: Path, work: Path) -> tuple[Path, float | None]:
+    """``work/ctich-dev`` (DICOM + labels), converted now unless a finished copy is there; (folder, seconds)."""
+    out = work / "ctich-dev"
+    if (out / "series_labels.csv").is_file():  # the converter writes it last
+        log.info("reusing %s", out)
+        return out, None
+    script = realct / "ctich_to_dicom.py"
+    if not script.is_file():
+        raise IchscanError("no ctich_to_dicom.py; is this the realct folder (see its README.md)?", realct)
+    work.mkdir(parents=True, exist_ok=True)
+    # Convert beside the target and rename: an interrupted or concurrent run never leaves a half folder
+    # that a later run would take for finished.
+    partial = Path(tempfile.mkdtemp(dir=work, prefix=".ctich-dev."))
+    t0 = time.perf_counter()
+    try:
+        log.info("converting CT-ICH to DICOM in %s (once; about 15 s)", out)
+        done = subprocess.run([sys.executable, str(script), str(partial)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise IchscanError(f"ctich_to_dicom.py failed: {done.stderr.strip()[-2000:]}", script)
+        log.info("%s", done.stdout.strip())  # its summary line; stdout stays ours, one JSON
+        if out.exists():
+            if (out / "series_labels.csv").is_file():  # another run finished first: same bytes, keep theirs
+                return out, time.perf_counter() - t0
+            shutil.rmtree(out)  # an unfinished folder from an older, non-atomic conversion
+        partial.chmod(0o755)  # mkdtemp made it private
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out, time.perf_counter() - t0
+
+
+def describe_checkpoint(path: Path, predictor: Predictor) -> dict:
+    """Path, sha256 of each member's weights (as loaded) and the ensemble weights."""
+    from ichscan.model import checkpoint_paths, read_checkpoint_meta, sha256_file
+
+    members = []
+    for m in predictor.describe()["members"]:
+        _, meta_path = checkpoint_paths(m["checkpoint"])
+        # load_checkpoint takes the weights file the JSON names; hash that very file
+        weights = meta_path.with_name(read_checkpoint_meta(meta_path).get("weights") or meta_path.stem + ".safetensors")
+        members.append({"checkpoint": str(meta_path), "weights": str(weights), "sha256": sha256_file(weights),
+                        "weight": m["weight"]})
+    shas = [m["sha256"] for m in members]
+    return {"path": str(path.resolve()), "sha256": shas[0] if len(shas) == 1 else shas, "members": members}
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def _probs_by_label(probs: np.ndarray) -> dict[str, float]:
+    return {name: float(p) for name, p in zip(LABELS, probs)}
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    """scikit-learn's ROC AUC; None without both classes (it would raise or warn)."""
+    if y.min() == y.max():
+        return None
+    return float(roc_auc_score(y, p))
+
+
+def _aucs(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float | None]:
+    return {name: _auc(y_true[:, j], y_prob[:, j]) for j, name in enumerate(LABELS)}
+
+
+def _reaggregated(p: SeriesPrediction, method: str, top_k: int) -> SeriesPrediction:
+    probs, _ = aggregate(p.slice_probs, method, top_k)  # key slices do not depend on the method
+    return dataclasses.replace(p, probs=probs, aggregation=method)
+
+
+def _write_csv(path: Path, frame) -> None:
+    from ichscan.model import atomic_write_bytes
+
+    atomic_write_bytes(path, frame.to_csv(index=False, lineterminator="\n").encode())
+
+
+def predict_all(predictor: Predictor, series: Sequence[CTSeries]) -> tuple[list[SeriesPrediction], list[dict]]:
+    predictions, failed = [], []
+    for i, (s, result) in enumerate(predictor.iter_predict(list(series)), 1):
+        if isinstance(result, IchscanError):
+            log.warning("series %s failed: %s", s.series_uid, result)
+            failed.append({"series_uid": str(s.series_uid), "reason": str(result)})
+            continue
+        for item in result.skipped:
+            log.warning("slice left out: %s: %s", item.path, item.reason)
+        predictions.append(result)
+        log.info("%d/%d %s %s: %d slices", i, len(series), s.patient_id, s.series_uid, result.n_slices)
+    return predictions, failed
+
+
+def ctich_report(predictions: list[SeriesPrediction], data: Path, dump: Path, methods: Sequence[str],
+                 top_k: int, thresholds: dict | None, config: dict) -> dict:
+    """Metrics for the CT-ICH series, through the same files and readers ``ichscan evaluate`` uses."""
+    write_outputs(dump, predictions, thresholds=thresholds, config=config)
+    slices = load_slices(dump / "slices.csv", data / "labels.csv")
+    series_auc, series_wll, per_series = {}, {}, {}
+    for method in methods:
+        path = dump / f"series_{method}.csv"
+        _write_csv(path, series_table([_reaggregated(p, method, top_k) for p in predictions], thresholds))
+        ev = load_series(path, data / "series_labels.csv")
+        series_auc[method] = _aucs(ev.y_true, ev.y_prob)
+        series_wll[method] = float(weighted_log_loss(ev.y_true, ev.y_prob))
+        for uid, y, p in zip(ev.ids, ev.y_true, ev.y_prob):
+            row = per_series.setdefault(str(uid), {"labels": {n: int(v) for n, v in zip(LABELS, y)}, "probs": {}})
+            row["probs"][method] = _probs_by_label(p)
+    truth = ev.y_true  # the same series in every method's table
+    by_uid = {p.series_uid: p for p in predictions}
+    return {
+        "n_series": len(predictions),
+        "n_slices": int(sum(p.n_slices for p in predictions)),
+        "n_positive_series": {n: int(v) for n, v in zip(LABELS, truth.sum(axis=0))},
+        "series_auc": series_auc,
+        "series_weighted_log_loss": series_wll,
+        "n_slices_joined": int(len(slices.ids)),
+        "n_positive_slices": {n: int(v) for n, v in zip(LABELS, slices.y_true.sum(axis=0))},
+        "slice_auc": _aucs(slices.y_true, slices.y_prob),
+        "slice_weighted_log_loss": float(weighted_log_loss(slices.y_true, slices.y_prob)),
+        "series": [{"series_uid": uid, "patient_id": by_uid[uid].patient_id, "n_slices": by_uid[uid].n_slices,
+                    **row} for uid, row in per_series.items()],
+    }
+
+
+def ge_report(p: SeriesPrediction, series: CTSeries, methods: Sequence[str], top_k: int,
+              thresholds: dict | None) -> dict:
+    instance = {str(s.sop_uid): s.instance_number for s in series.slices}
+    z = series.z
+    steps = np.abs(np.diff(z)) if z is not None and len(z) > 1 else None
+    probs = {m: _probs_by_label(_reaggregated(p, m, top_k).probs) for m in methods}
+    t_any = (thresholds or {}).get("any")
+    return {
+        "series_uid": p.series_uid,
+        "n_slices": p.n_slices,
+        "tilt_degrees": series.tilt_degrees,
+        "ordered_by": series.ordered_by,
+        "slice_spacing_mm": None if steps is None else {"min": float(steps.min()), "max": float(steps.max())},
+        "probs": probs,
+        "max_slice": {k.label: {"index": k.index, "z": k.z, "instance_number": instance.get(k.sop_uid),
+                                "image_id": k.image_id, "prob": k.prob} for k in p.key_slices},
+        "any_threshold": t_any,
+        "any_below_threshold": None if t_any is None else {m: probs[m]["any"] < t_any for m in methods},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def measure(args: argparse.Namespace) -> dict:
+    t_start = time.perf_counter()
+    realct = Path(args.realct).resolve()
+    if not (realct / "ctich-dev").is_dir() or not (realct / "ge-normal").is_dir():
+        raise IchscanError("no ctich-dev/ and ge-normal/ here; pass --realct (see its README.md)", realct)
+    methods = list(AGGREGATIONS) if args.aggregation == "all" else [args.aggregation]
+    data, convert_s = ctich_dicom(realct, Path(args.work))
+
+    checkpoint = resolve_checkpoint(args.checkpoint)  # "bundled": the model shipped with ichscan
+    t0 = time.perf_counter()
+    predictor = Predictor.from_checkpoint(checkpoint, device=args.device, tta=args.tta, precision=args.precision,
+                                          batch_size=args.batch_size, aggregation=methods[0], top_k=args.top_k)
+    load_s = time.perf_counter() - t0
+    # The thresholds `ichscan predict` would use, but null rather than 0.5 when the model carries none:
+    # "below a threshold nobody chose" would read like a result.
+    thresholds, thresholds_from = None, None
+    if args.thresholds or predictor.operating_points:
+        thresholds, thresholds_from = run_thresholds(args.thresholds, predictor.operating_points)
+
+    ctich_scan, ge_scan = find_series(data / "images"), find_series(realct / "ge-normal")
+    ctich = list(ctich_scan.series)[: args.limit]  # find_series sorts by patient: --limit is reproducible
+    if len(ge_scan.series) != 1:
+        raise IchscanError(f"expected one series in ge-normal, found {len(ge_scan.series)}", realct / "ge-normal")
+    ge = ge_scan.series[0]
+    _, rejected = select_series([*ctich, ge], SelectionRules())
+    rules = SelectionRules() if not rejected else SelectionRules.permissive()  # keeps every series found
+    for r in rejected:
+        log.warning("default rules would reject %s (%s); predicting every series with permissive rules",
+                    r.series_uid, r.detail)
+
+    t0 = time.perf_counter()
+    ctich_preds, failed = predict_all(predictor, ctich)
+    ctich_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ge_preds, ge_failed = predict_all(predictor, [ge])
+    ge_s = time.perf_counter() - t0
+    if ge_failed:
+        raise IchscanError(f"the GE series failed: {ge_failed[0]['reason']}", realct / "ge-normal")
+
+    config = dict(predictor.describe(), rules=dataclasses.asdict(rules))
+    with tempfile.TemporaryDirectory(prefix="ichscan-realct-") as tmp:
+        dump = Path(args.dump_dir) if args.dump_dir else Path(tmp)
+        ctich_result = ctich_report(ctich_preds, data, dump / "ctich-dev", methods, args.top_k, thresholds, config)
+        if args.dump_dir:  # the GE series' files too, for a look at its slices
+            write_outputs(dump / "ge-normal", ge_preds, thresholds=thresholds, config=config)
+    with open(data / "series_labels.csv") as f:
+        n_labelled = sum(1 for _ in f) - 1
+    return {
+        "benchmark": "ichscan on real head CT (ctich-dev, ge-normal)",
+        "checkpoint": describe_checkpoint(checkpoint, predictor),
+        "realct": str(realct),
+        "work": str(data),
+        "dump_dir": str(Path(args.dump_dir).resolve()) if args.dump_dir else None,
+        "predictor": config,
+        "aggregations": methods,
+        "selection": {
+            "rules": "default" if not rejected else "permissive",
+            "rejected_by_default": [dataclasses.asdict(r) for r in rejected],
+        },
+        "trained_on": predictor.trained_on,
+        "thresholds": thresholds,
+        "thresholds_from": thresholds_from,
+        "seconds": {
+            "convert": None if convert_s is None else round(convert_s, 2),
+            "load_checkpoint": round(load_s, 2),
+            "predict_ctich_dev": round(ctich_s, 2),
+            "predict_ge_normal": round(ge_s, 2),
+            "total": round(time.perf_counter() - t_start, 2),
+        },
+        "ctich_dev": {
+            "limit": args.limit,
+            "n_series_labelled": n_labelled,
+            "failed": failed,
+            "files_skipped": len(ctich_scan.skipped),
+            **ctich_result,
+        },
+        "ge_normal": ge_report(ge_preds[0], ge, methods, args.top_k, thresholds),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True,
+                    help="checkpoint .json/.safetensors or ensemble manifest; 'bundled' for ichscan's bundled model")
+    ap.add_argument("--realct", default=str(DEFAULT_REALCT), help=f"the real-CT folder (default {DEFAULT_REALCT})")
+    ap.add_argument("--work", default=str(DEFAULT_WORK),
+                    help=f"where the CT-ICH DICOM is written once and reused (default {DEFAULT_WORK})")
+    ap.add_argument("--tta", default="identity,hflip",
+                    help="TTA views or groups, as ichscan predict takes them (default identity,hflip)")
+    ap.add_argument("--aggregation", choices=(*AGGREGATIONS, "all"), default="max",
+                    help="slices to series; 'all' reports every method from the same slice probabilities")
+    ap.add_argument("--top-k", type=int, default=3, help="k for the topk aggregation (default 3)")
+    ap.add_argument("--thresholds",
+                    help="a thresholds JSON to use instead of the model's own operating points (default: those)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    # fp32 by default: a measuring stick should give the same numbers on every CPU
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32", help="(default fp32)")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass, TTA views included")
+    ap.add_argument("--limit", type=int, help="only the first N CT-ICH series (by patient), for quick checks")
+    ap.add_argument("--dump-dir", help="keep slices.csv, series_<aggregation>.csv, predictions.json here")
+    ap.add_argument("--out", help="also write the JSON to this file")
+    args = ap.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        ap.error("--limit must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    try:
+        report = measure(args)
+    except IchscanError as err:
+        print(f"bench/realct.py: error: {err}", file=sys.stderr)
+        return 1
+    text = json.dumps(report, indent=1, allow_nan=False)
+    if args.out:
+        from ichscan.model import atomic_write_bytes
+
+        atomic_write_bytes(args.out, (text + "\n").encode())
+    print(text)
+    complete = not report["ctich_dev"]["failed"] and (
+        args.limit is not None or report["ctich_dev"]["n_series"] == report["ctich_dev"]["n_series_labelled"])
+    return 0 if complete else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

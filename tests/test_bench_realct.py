@@ -1,0 +1,204 @@
+"""bench/realct.py on the real head CT in ../shared/realct, with a tiny untrained checkpoint.
+
+The numbers are checked against what a person can recount: series and slices from the label files the
+converter writes, AUCs recomputed with scikit-learn from the probabilities the script prints and dumps,
+the GE scan's 28 slices. The data never enter the repository: without the folder (a fresh clone) these
+tests skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from ichscan.labels import LABELS, LOSS_WEIGHTS
+from ichscan.metrics import roc_auc
+
+REPO = Path(__file__).resolve().parent.parent
+REALCT = REPO.parent / "shared" / "realct"
+LIMIT = 4  # CTICH051, 053, 054, 057: two with a bleed, two without
+
+pytestmark = pytest.mark.skipif(
+    not (REALCT / "ctich_to_dicom.py").is_file() or not (REALCT / "ge-normal").is_dir(),
+    reason=f"no real head CT at {REALCT} (../shared/realct beside the repository; not shipped with it)",
+)
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_realct", REPO / "bench" / "realct.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_bench()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    from test_predict import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def work(bench) -> Path:
+    # The script's own default: converted once per machine (about 15 s of CPU), then reused by every run,
+    # this test's and a person's. Safe to share: the conversion is deterministic and lands by one rename.
+    return bench.DEFAULT_WORK
+
+
+def _run(bench, capsys, *argv) -> tuple[int, dict]:
+    rc = bench.main([str(a) for a in argv])
+    out = capsys.readouterr().out
+    return rc, json.loads(out)  # stdout holds one JSON object and nothing else
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _wll(y: np.ndarray, p: np.ndarray) -> float:
+    """RSNA weighted log loss written out: per row (2 * any + the five subtypes) / 7, mean over rows."""
+    p = np.clip(p, 1e-15, 1 - 1e-15)
+    ll = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    return float(np.mean(ll @ np.array(LOSS_WEIGHTS) / sum(LOSS_WEIGHTS)))
+
+
+@pytest.fixture(scope="module")
+def limited(bench, ckpt, work, tmp_path_factory):
+    """One run on the first LIMIT CT-ICH series and the GE scan, every aggregation, files dumped."""
+    dump = tmp_path_factory.mktemp("dump")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # capsys is per test; this run serves several
+        rc = bench.main(["--checkpoint", str(ckpt), "--work", str(work), "--limit", str(LIMIT),
+                         "--aggregation", "all", "--dump-dir", str(dump), "--batch-size", "32"])
+    return rc, json.loads(out.getvalue()), dump
+
+
+def test_counts_match_the_label_files(limited, work):
+    rc, report, dump = limited
+    assert rc == 0
+    data = work / "ctich-dev"
+    assert report["work"] == str(data) and (data / "series_labels.csv").is_file()
+    series_rows = sorted(_csv(data / "series_labels.csv"), key=lambda r: r["patient_id"])
+    assert len(series_rows) == 41 and sum(int(r["n_slices"]) for r in series_rows) == 1244
+    chosen = series_rows[:LIMIT]
+    ct = report["ctich_dev"]
+    assert ct["limit"] == LIMIT and ct["n_series_labelled"] == 41 and ct["failed"] == []
+    assert ct["n_series"] == LIMIT == len(ct["series"])
+    assert [s["patient_id"] for s in ct["series"]] == [r["patient_id"] for r in chosen]
+    n_slices = sum(int(r["n_slices"]) for r in chosen)
+    assert ct["n_slices"] == n_slices == ct["n_slices_joined"] == sum(s["n_slices"] for s in ct["series"])
+    assert len(_csv(dump / "ctich-dev" / "slices.csv")) == n_slices
+    assert ct["n_positive_series"] == {n: sum(int(r[n]) for r in chosen) for n in LABELS}
+    assert report["aggregations"] == ["max", "topk", "noisy_or"]
+    # every series predicted: under the default rules, or under permissive ones with the reason given
+    assert (report["selection"]["rules"] == "default") == (report["selection"]["rejected_by_default"] == [])
+
+
+def test_series_metrics_recomputed_from_the_printed_probabilities(limited, work):
+    _, report, _ = limited
+    truth = {r["series_uid"]: r for r in _csv(work / "ctich-dev" / "series_labels.csv")}
+    ct = report["ctich_dev"]
+    y = np.array([[int(truth[s["series_uid"]][n]) for n in LABELS] for s in ct["series"]])
+    assert y.tolist() == [[s["labels"][n] for n in LABELS] for s in ct["series"]]
+    assert 0 < y[:, 0].sum() < LIMIT  # `any` has both classes, so its AUC is a number
+    for method in report["aggregations"]:
+        p = np.array([[s["probs"][method][n] for n in LABELS] for s in ct["series"]])
+        for j, name in enumerate(LABELS):
+            got = ct["series_auc"][method][name]
+            if y[:, j].min() == y[:, j].max():
+                assert got is None, (method, name)
+            else:
+                assert got == pytest.approx(roc_auc_score(y[:, j], p[:, j]), abs=1e-12)
+                assert got == pytest.approx(roc_auc(y[:, j], p[:, j]), abs=1e-12)  # ichscan's own AUC agrees
+        assert ct["series_weighted_log_loss"][method] == pytest.approx(_wll(y, p), rel=1e-9)
+
+
+def test_slice_metrics_and_max_aggregation_from_the_dumped_slices(limited, work):
+    _, report, dump = limited
+    ct = report["ctich_dev"]
+    rows = _csv(dump / "ctich-dev" / "slices.csv")
+    # labels.csv: ID_<image>_<label>, the image being the DICOM file's stem (itself ID_<hex>)
+    truth: dict[str, dict[str, int]] = {}
+    for r in _csv(work / "ctich-dev" / "labels.csv"):
+        image, label = r["ID"].rsplit("_", 1)
+        truth.setdefault(image, {})[label] = int(r["Label"])
+    y = np.array([[truth[r["image_id"]][n] for n in LABELS] for r in rows])
+    p = np.array([[float(r[f"prob_{n}"]) for n in LABELS] for r in rows])
+    assert ct["n_positive_slices"] == {n: int(v) for n, v in zip(LABELS, y.sum(axis=0))}
+    for j, name in enumerate(LABELS):
+        expected = None if y[:, j].min() == y[:, j].max() else roc_auc_score(y[:, j], p[:, j])
+        assert ct["slice_auc"][name] == (None if expected is None else pytest.approx(expected, abs=1e-12))
+    for s in ct["series"]:  # max over a series' slices is its `max` probability
+        mine = p[[r["series_uid"] == s["series_uid"] for r in rows]]
+        assert len(mine) == s["n_slices"]
+        assert [s["probs"]["max"][n] for n in LABELS] == pytest.approx(mine.max(axis=0), abs=1e-7)
+
+
+def test_ge_normal_and_checkpoint(limited, ckpt):
+    _, report, _ = limited
+    ge = report["ge_normal"]
+    assert ge["n_slices"] == 28
+    assert ge["tilt_degrees"] == pytest.approx(18.5, abs=0.1)
+    assert ge["slice_spacing_mm"]["max"] > ge["slice_spacing_mm"]["min"] + 2  # 4 mm below, 7 mm above
+    assert set(ge["probs"]) == {"max", "topk", "noisy_or"} and set(ge["probs"]["max"]) == set(LABELS)
+    for name in LABELS:
+        key = ge["max_slice"][name]
+        assert 0 <= key["index"] < 28 and key["prob"] == pytest.approx(ge["probs"]["max"][name])
+        assert key["instance_number"] == key["index"] + 1  # the GE files are numbered from the skull base up
+        assert key["z"] is not None
+    assert ge["any_threshold"] is None and ge["any_below_threshold"] is None
+    assert report["thresholds"] is None
+    weights = ckpt.with_suffix(".safetensors")
+    assert report["checkpoint"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def test_operating_points_carried_by_the_checkpoint(bench, ckpt, work, tmp_path, capsys, limited):
+    """A checkpoint JSON with operating points: the `any` threshold is used; the conversion is reused."""
+    _, first, _ = limited
+    meta = json.loads(ckpt.read_text())
+    meta["operating_points"] = {"method": "manual", "thresholds": {"any": 0.999}}
+    carrying = tmp_path / "carrying.json"
+    shutil.copy(ckpt.with_suffix(".safetensors"), carrying.with_suffix(".safetensors"))
+    carrying.write_text(json.dumps(dict(meta, weights=carrying.with_suffix(".safetensors").name)))
+    rc, report = _run(bench, capsys, "--checkpoint", carrying, "--work", work, "--limit", 1)
+    assert rc == 0 and report["seconds"]["convert"] is None
+    assert report["thresholds"]["any"] == 0.999 and "operating points" in report["thresholds_from"]
+    ge = report["ge_normal"]
+    assert ge["any_threshold"] == 0.999
+    assert ge["any_below_threshold"] == {"max": ge["probs"]["max"]["any"] < 0.999}
+    # same weights, same slices: the same GE probabilities as the first run
+    assert ge["probs"]["max"] == pytest.approx(first["ge_normal"]["probs"]["max"], abs=1e-9)
+
+
+def test_bundled_without_a_bundled_model_is_one_clear_error(bench, work, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ICHSCAN_BUNDLED_DIR", str(tmp_path))  # a folder without bundled.json
+    assert bench.main(["--checkpoint", "bundled", "--work", str(work), "--limit", "1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no bundled model" in captured.err
+
+
+@pytest.mark.slow
+def test_every_series_unlimited(bench, ckpt, work, capsys):
+    """All 41 CT-ICH series and 1,244 slices, as the README counts them (about a minute on 2 cores)."""
+    rc, report = _run(bench, capsys, "--checkpoint", ckpt, "--work", work)
+    ct = report["ctich_dev"]
+    assert rc == 0 and ct["n_series"] == 41 and ct["n_slices"] == 1244 == ct["n_slices_joined"]
+    assert ct["n_positive_series"] == {"any": 18, "epidural": 11, "intraparenchymal": 9, "intraventricular": 3,
+                                       "subarachnoid": 5, "subdural": 2}
+    assert all(v is not None for v in ct["series_auc"]["max"].values())
