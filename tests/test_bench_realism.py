@@ -1,0 +1,161 @@
+"""bench/realism.py: the pieces checked on arrays whose answers a person can work out."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REALCT = REPO.parent / "shared" / "realct"
+
+
+@pytest.fixture(scope="module")
+def realism():
+    spec = importlib.util.spec_from_file_location("bench_realism", REPO / "bench" / "realism.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def skull(size=200, spacing=1.0, inner=60.0, outer=66.0, gap_mm=0.0):
+    """Air, a 1000 HU bone ring (optionally with a gap at 3 o'clock) around a 30 HU disc; radii in mm."""
+    yy, xx = (np.mgrid[:size, :size] - (size - 1) / 2) * spacing
+    r = np.hypot(yy, xx)
+    hu = np.full((size, size), -1000.0)
+    hu[(r >= inner) & (r < outer)] = 1000.0
+    hu[r < inner] = 30.0
+    if gap_mm:
+        hu[(np.abs(yy) < gap_mm / 2) & (xx > 0) & (r >= inner)] = -1000.0
+    return hu, r
+
+
+@pytest.mark.parametrize("spacing", [1.0, 0.5])
+def test_mask_of_a_skull_ring_is_the_disc_less_the_erosion(realism, spacing):
+    size = int(200 / spacing)
+    hu, r = skull(size, spacing)
+    mask = realism.intracranial_mask(hu, (spacing, spacing), erode_mm=3.0)
+    # inner radius 60 mm, 3 mm eroded: a disc of 57 mm, to within the mask's grid of about 1 mm
+    assert mask[r <= 55.5].all()
+    assert not mask[r >= 58.5].any()
+    area = mask.sum() * spacing**2
+    assert area == pytest.approx(np.pi * 57**2, rel=0.04)
+
+
+def test_mask_closes_narrow_gaps_keeps_hu_range_and_is_empty_without_skull(realism):
+    hu, r = skull(gap_mm=8.0)  # a suture-wide gap: closed
+    hu[(r < 5)] = 1000.0  # a calcification: inside, but outside -100..200 HU
+    mask = realism.intracranial_mask(hu, (1.0, 1.0))
+    assert mask[(r > 8) & (r < 55)].all() and not mask[r < 5].any()
+    open_hu, _ = skull(gap_mm=40.0)  # a craniectomy-wide gap: nothing is enclosed
+    assert not realism.intracranial_mask(open_hu, (1.0, 1.0)).any()
+    assert not realism.intracranial_mask(np.full((64, 64), 30.0), (1.0, 1.0)).any()
+
+
+def test_detrend_removes_a_plane_and_keeps_what_is_orthogonal_to_it(realism):
+    yy, xx = np.mgrid[:16, :16]
+    plane = 40 + 0.7 * yy - 1.3 * xx
+    checker = np.where((yy + xx) % 2, 1.0, -1.0)  # zero mean, no slope
+    out = realism.detrend_plane(np.stack([plane, plane + checker]))
+    np.testing.assert_allclose(out[0], 0, atol=1e-10)
+    np.testing.assert_allclose(out[1], checker, atol=1e-10)
+
+
+def test_nps_of_white_noise_is_flat_and_integrates_to_the_variance(realism):
+    sigma, dx, n = 5.0, 0.5, 64
+    patches = np.random.default_rng(0).normal(0, sigma, (300, n, n))
+    nps, fy, fx = realism.nps_2d(patches, (dx, dx))
+    df = 1 / (n * dx)
+    # Parseval, exactly for these patches, and sigma^2 to within sampling
+    assert nps.sum() * df * df == pytest.approx((patches**2).mean(), rel=1e-9)
+    assert nps.sum() * df * df == pytest.approx(sigma**2, rel=0.02)
+    edges = np.arange(0, 1.0 + 0.025, 0.05)  # Nyquist 1 cycle/mm
+    s, c = realism.radial_bins(nps, fy, fx, edges)
+    profile = s[c > 0] / c[c > 0]
+    np.testing.assert_allclose(profile, sigma**2 * dx * dx, rtol=0.1)  # flat at sigma^2 dx dy
+    f = ((edges[:-1] + edges[1:]) / 2)[c > 0]
+    assert realism.curve_summary(f, profile)["centroid_cpmm"] == pytest.approx(0.5, abs=0.03)
+
+
+def test_histogram_stats_and_distances(realism):
+    low = realism.HIST_LOW
+    counts = np.zeros(301, np.int64)
+    counts[np.arange(0, 101) - low] = 1  # one pixel at each of 0..100 HU
+    st = realism.hist_stats(counts)
+    assert (st["median_hu"], st["p5_hu"], st["p95_hu"]) == (50, 5, 95)
+    assert st["share_50_90"] == pytest.approx(41 / 101, abs=1e-4)
+    shifted = np.roll(counts, -5)  # -5..95 HU
+    d = realism.hist_distance(counts, shifted)
+    assert d["wasserstein_hu"] == pytest.approx(5.0, abs=0.2)  # a little less: -20..100 cuts the tails alike
+    assert realism.hist_distance(counts, counts) == {"wasserstein_hu": 0.0, "js_distance": 0.0,
+                                                     "js_distance_5hu_bins": 0.0}
+
+
+def test_evenly_spreads_indices(realism):
+    assert realism.evenly(10, 5).tolist() == [0, 2, 4, 7, 9]
+    assert realism.evenly(3, 5).tolist() == [0, 1, 2]
+
+
+def _groups(n_groups, per_group, label):
+    return np.repeat([f"{label}{g}" for g in range(n_groups)], per_group)
+
+
+def test_discriminators_tell_different_sets_apart_and_not_the_same(realism):
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    n_groups, per = 12, 10  # 120 images per class
+    groups = np.r_[_groups(n_groups, per, "a"), _groups(n_groups, per, "b")]
+    y = np.r_[np.ones(n_groups * per), np.zeros(n_groups * per)].astype(int)
+    splits = realism.grouped_folds(y, groups, 4, seed=0)
+    for tr, te in splits:  # grouped: no patient on both sides
+        assert not set(groups[tr]) & set(groups[te])
+
+    def images(mean_a, mean_b):
+        a = rng.normal(mean_a, 30, (n_groups * per, 3, 32, 32))
+        b = rng.normal(mean_b, 30, (n_groups * per, 3, 32, 32))
+        return np.clip(np.r_[a, b], 0, 255).astype(np.uint8)
+
+    def auc(scores):
+        return realism.auc_report(scores, y, splits)["oof_auc"]
+
+    different, same = images(90, 160), images(120, 120)
+    assert auc(realism.cnn_oof(different, y, splits, seed=0, epochs=2)) > 0.95
+    assert abs(auc(realism.cnn_oof(same, y, splits, seed=0, epochs=2)) - 0.5) < 0.15
+
+    feats = rng.normal(0, 1, (len(y), 4))
+    assert abs(auc(realism.logreg_oof(feats, y, splits)) - 0.5) < 0.15
+    feats[y == 1, 0] += 4.0
+    feats[::7, 1] = np.nan  # missing features (no flat patch) are imputed
+    assert auc(realism.logreg_oof(feats, y, splits)) > 0.95
+
+
+def test_a_phantom_series_goes_through_the_same_path(realism, tmp_path):
+    from ichscan.dicom import find_series
+    from ichscan.phantom import generate_dataset
+
+    generate_dataset(tmp_path, studies=1, seed=3, size=96, slices=(12, 12))
+    series = find_series(tmp_path).series
+    st = realism.scan_source("phantom", series, patch=16, image_size=32, window_at=[0, 5])
+    assert st.slices == 12 and len(st.features) == 12 and len(st.groups) == 12
+    assert sorted(st.images) == [0, 5] and st.images[5].shape == (3, 32, 32) and st.images[5].dtype == np.uint8
+    assert st.slices_with_mask > 0 and st.hist.sum() > 0
+    stats = realism.hist_stats(st.hist)
+    assert 15 <= stats["median_hu"] <= 45  # brain
+
+
+@pytest.mark.skipif(not (REALCT / "ge-normal").is_dir(),
+                    reason=f"real CT not found at {REALCT} (outside the repository; absent in a fresh clone)")
+def test_real_ge_series_masks_brain(realism):
+    from ichscan.dicom import find_series
+
+    series = find_series(REALCT / "ge-normal").series
+    st = realism.scan_source("ge_normal", series, patch=64)
+    assert st.slices == 28 and st.slices_with_mask >= 18  # the skull base and vertex may enclose nothing
+    stats = realism.hist_stats(st.hist)
+    assert 20 <= stats["median_hu"] <= 40 and stats["share_50_90"] < 0.1  # brain, no bleed
+    nps = realism.nps_source(st)
+    assert st.patches > 50 and 2 < nps["noise_std_hu"] < 15
