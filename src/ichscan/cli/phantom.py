@@ -44,13 +44,24 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, required=True, help="random seed: same seed, same files")
     p.add_argument("--size", type=int, default=512, help="image matrix in pixels (default 512; a few series differ)")
     p.add_argument("--slices", type=_slices, default=(32, 40), help="slices per series, N or LOW-HIGH (default 32-40)")
-    p.add_argument("--thickness", type=float, default=5.0, help="slice thickness and spacing in mm (default 5)")
+    p.add_argument("--thickness", type=_thickness, default=(5.0, 5.0),
+                   help="slice thickness and spacing in mm, N or LOW-HIGH drawn per series (default 5)")
     p.add_argument("--prevalence", help="share of series per label, e.g. any=0.5,epidural=0.15")
     p.add_argument("--layout", choices=("rsna", "series"), default="rsna",
                    help="rsna: one images/ folder of ID_<hex>.dcm; series: patient/study/series folders")
     p.add_argument("--masks", action="store_true", help="also write lesion masks (masks/<series_uid>.npz)")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     p.set_defaults(func=run)
+
+
+def _thickness(text: str) -> tuple[float, float]:
+    from ichscan.errors import IchscanError
+    from ichscan.phantom.dataset import parse_thickness
+
+    try:
+        return parse_thickness(text)
+    except IchscanError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(args) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from ichscan.phantom.geometry import capsule, ellipse, ellipse_distance, paint, ramp, segment_distance, wrap_angle
 
@@ -50,15 +51,17 @@ class HeadShape:
 def sample_head(rng: np.random.Generator) -> HeadShape:
     atrophy = float(rng.uniform(0.8, 1.6))
     return HeadShape(
-        a=float(rng.uniform(61, 71)),
-        b=float(rng.uniform(78, 90)),
+        # cephalic index (width / length of the inner table) about 0.72-0.92, as measured on real heads
+        a=float(rng.uniform(62, 74)),
+        b=float(rng.uniform(76, 88)),
         top=float(rng.uniform(102, 118)),
         widest=float(rng.uniform(38, 50)),
         skull=float(rng.uniform(5.0, 7.5)),
         scalp=float(rng.uniform(4.0, 7.0)),
         atrophy=atrophy,
-        grey=float(rng.uniform(37, 45)),
-        white=float(rng.uniform(21, 28)),
+        # measured on real heads (bench/realism.py): intracranial median 31-36 HU, 5th percentile 12-22
+        grey=(grey := float(rng.uniform(36, 46))),
+        white=float(rng.uniform(max(24.0, grey - 14), grey - 6)),
         csf=float(rng.uniform(2, 12)),
         coronal=float(np.deg2rad(rng.uniform(50, 62))),
         lambdoid=float(np.deg2rad(rng.uniform(122, 138))),
@@ -78,6 +81,9 @@ class Frame:
     z: np.ndarray  # (n,) slice centres, head frame
     angle: float  # in-plane rotation of the head, radians
     shift: tuple[float, float]  # head centre in the image frame (mm from the image centre)
+    # No head is an ellipse: (amplitude, harmonic, phase) terms of a smooth radial scaling of the head
+    # frame, applied to every structure alike (skull, brain and lesions keep their relations).
+    warp: tuple[tuple[float, int, float], ...] = ()
     X: np.ndarray = field(repr=False, default=None)  # (1, H, W) head frame
     Y: np.ndarray = field(repr=False, default=None)
     x_img: np.ndarray = field(repr=False, default=None)  # (1, H, W) image frame, mm from the centre
@@ -93,6 +99,13 @@ class Frame:
         dy = self.y_img - np.float32(self.shift[1])
         self.X = c * dx + s * dy
         self.Y = -s * dx + c * dy
+        if self.warp:
+            phi = np.arctan2(self.X, -self.Y)
+            scale = np.ones_like(phi)
+            for amp, k, ph in self.warp:
+                scale += np.float32(amp) * np.cos(k * phi + np.float32(ph))
+            self.X = self.X / scale
+            self.Y = self.Y / scale
 
     @property
     def n(self) -> int:
@@ -100,7 +113,7 @@ class Frame:
 
 
 def make_frame(rng, head: HeadShape, n: int, rows: int, cols: int, thickness: float) -> Frame:
-    fov = float(rng.uniform(215, 255))
+    fov = float(rng.uniform(200, 262))
     coverage = (n - 1) * thickness
     full = head.top + head.skull + head.scalp + 38.0  # foramen magnum to the top of the scalp
     if coverage >= full:
@@ -111,8 +124,10 @@ def make_frame(rng, head: HeadShape, n: int, rows: int, cols: int, thickness: fl
     z = (z0 + thickness * np.arange(n)).astype(np.float32)
     return Frame(
         rows=rows, cols=cols, spacing=fov / max(rows, cols), thickness=thickness, z=z,
-        angle=float(np.deg2rad(rng.normal(0, 6))),
-        shift=(float(rng.normal(0, 6)), float(rng.normal(-4, 6))),
+        # heads lie turned and off-centre: mostly a few degrees, sometimes 20 or more
+        angle=float(np.deg2rad(np.clip(rng.normal(0, 6) if rng.random() < 0.8 else rng.normal(0, 16), -35, 35))),
+        shift=(float(rng.normal(0, 7)), float(rng.normal(-4, 8))),
+        warp=tuple((float(rng.uniform(0.005, 0.035)), int(k), float(rng.uniform(0, 2 * np.pi))) for k in (2, 3, 4, 5)),
     )
 
 
@@ -304,6 +319,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
         cl = profile(zl, -40, 0)
         paint(h_l, t_l, 800.0, ellipse(X, Y, 0, -0.05 * head.b, 6 * cl, 9 * cl, w), BONE)  # clivus
         hu[lo], tissue[lo] = h_l, t_l
+        _skull_base_clutter(head, fr, hu, tissue, lo, depth, w, rng)
     neck = np.nonzero(fr.z < -36)[0]
     if len(neck):
         h_n, t_n = hu[neck], tissue[neck]
@@ -479,6 +495,120 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
               * inpf, CSF)
         hu[pf], tissue[pf] = h_p, t_p
 
+    _venous_sinuses(head, fr, hu, tissue, depth, rng)
+    _face_and_neck(head, fr, hu, tissue, depth, w, rng)
+    _parenchymal_texture(hu, tissue, fr, rng)
     sector = np.where(depth > -30, sector_of(head, phi, z), 0).astype(np.uint8)
     return Anatomy(hu=hu, tissue=tissue, depth=depth, sector=sector, cerebrum=cerebrum & (depth > 0),
                    side_x=X, sulcal_effacement=efface)
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], spacing: float, scale_mm: float
+                  ) -> np.ndarray:
+    """A random field of unit standard deviation varying over about ``scale_mm``: drawn on a coarse grid
+    and enlarged (cheap at any matrix size)."""
+    n, H, W = shape
+    step = max(1, int(scale_mm / spacing / 2))
+    coarse = rng.standard_normal((n, H // step + 3, W // step + 3)).astype(np.float32)
+    coarse = ndimage.gaussian_filter(coarse, sigma=(0, 1.0, 1.0), mode="wrap")
+    coarse /= max(float(coarse.std()), 1e-6)
+    up = ndimage.zoom(coarse, (1, step, step), order=1)
+    return up[:, :H, :W]
+
+
+def _parenchymal_texture(hu, tissue, fr: Frame, rng: np.random.Generator) -> None:
+    """Real grey and white matter are not flat: slow variations of a few HU (cupping, partial volume of
+    small vessels and perivascular spaces, the patient's own variation) over centimetres, and fine
+    mottling over millimetres."""
+    brainy = np.isin(tissue, PARENCHYMA)
+    if not brainy.any():
+        return
+    slow = _smooth_field(rng, hu.shape, fr.spacing, float(rng.uniform(12, 30))) * np.float32(rng.uniform(0.8, 3.0))
+    fine = _smooth_field(rng, hu.shape, fr.spacing, float(rng.uniform(2.5, 5))) * np.float32(rng.uniform(0.5, 2.0))
+    hu += np.where(brainy, slow + fine, np.float32(0))
+
+
+def _skull_base_clutter(head: HeadShape, fr: Frame, hu, tissue, lo, depth, w, rng: np.random.Generator) -> None:
+    """The skull base is not a few smooth shapes: bony ridges (clinoids, petrous apices, crista galli,
+    sphenoid wings) jut into the cranial fossae and air cells riddle the bone, so bone partial volume
+    and dense edges meet brain on every low slice. Drawn as random small bony bits at the margin of the
+    cavity and air or bone lumps outside it, on the slices below the supratentorial vault."""
+    for i in lo:
+        zi = float(fr.z[i])
+        if zi < -44:
+            continue
+        X, Y = fr.X[0], fr.Y[0]
+        d = depth[i]
+        edge = np.nonzero((d > 0) & (d < 6))
+        k = int(rng.integers(3, 10))
+        if len(edge[0]):
+            pick = rng.integers(0, len(edge[0]), size=k)
+            for j in pick:
+                cy, cx = edge[0][j], edge[1][j]
+                x0, y0 = float(X[cy, cx]), float(Y[cy, cx])
+                frac = ellipse(X, Y, x0, y0, float(rng.uniform(1.0, 4.0)), float(rng.uniform(1.0, 3.0)), w,
+                               angle=float(rng.uniform(0, np.pi)))
+                paint(hu[i], tissue[i], float(rng.uniform(250, 1400)), frac, BONE)
+        outside = np.nonzero((d < -3) & (hu[i] > 200))
+        if len(outside[0]):
+            pick = rng.integers(0, len(outside[0]), size=int(rng.integers(4, 14)))
+            for j in pick:
+                cy, cx = outside[0][j], outside[1][j]
+                x0, y0 = float(X[cy, cx]), float(Y[cy, cx])
+                r = float(rng.uniform(1.5, 6.0))
+                frac = ellipse(X, Y, x0, y0, r, r * float(rng.uniform(0.5, 1.0)), w, angle=float(rng.uniform(0, np.pi)))
+                if rng.random() < 0.5:
+                    paint(hu[i], tissue[i], float(rng.uniform(-950, -400)), frac * (d < -1), SINUS)
+                else:
+                    paint(hu[i], tissue[i], float(rng.uniform(600, 1800)), frac, BONE)
+
+
+def _venous_sinuses(head: HeadShape, fr: Frame, hu, tissue, depth, rng: np.random.Generator) -> None:
+    """Dense dural venous sinuses (45-72 HU, with the haematocrit): the superior sagittal sinus as a
+    triangle under the vault in the midline, front and back, and the transverse sinuses along the
+    occipital inner table at the tentorium. On every head, the classic mimic of a thin subdural or
+    epidural collection."""
+    value = float(rng.uniform(45, 72))
+    X, Y = fr.X, fr.Y
+    z = fr.z[:, None, None]
+    width = float(rng.uniform(5, 10))
+    height = float(rng.uniform(4, 8))
+    sup = np.nonzero((fr.z > 10) & (fr.z < head.top - 4))[0]
+    if len(sup):
+        d = depth[sup]
+        half = width / 2 * (1 - d / height)
+        # grows from front to back, as the sinus does
+        grow = np.where(Y > 0, 1.0, 0.55).astype(np.float32)
+        frac = ramp(np.abs(X) - half * grow, max(fr.spacing, 0.35)) * (d > 0) * (d < height)
+        h, t = hu[sup], tissue[sup]
+        paint(h, t, value, frac * 0.95, DURA)
+        hu[sup], tissue[sup] = h, t
+    low = np.nonzero((fr.z > -14) & (fr.z < 16))[0]
+    if len(low):
+        zl = z[low]
+        p = profile(zl, -14, 16)
+        d = depth[low]
+        band = float(rng.uniform(4, 8)) * p
+        frac = ramp(d - band, max(fr.spacing, 0.35)) * (d > 0) * (Y > 0.25 * head.b) * (np.abs(X) > 8)
+        h, t = hu[low], tissue[low]
+        paint(h, t, value, frac * 0.9, DURA)
+        hu[low], tissue[low] = h, t
+
+
+def _face_and_neck(head: HeadShape, fr: Frame, hu, tissue, depth, w, rng: np.random.Generator) -> None:
+    """Below the skull base a head is not one soft-tissue block: fat between the muscles and around the
+    jaw, and the mandible, a U of bone in front."""
+    idx = np.nonzero(fr.z < -8)[0]
+    X, Y = fr.X[0], fr.Y[0]
+    for i in idx:
+        soft = np.nonzero((tissue[i] == SOFT) & (depth[i] < -12))
+        if len(soft[0]):
+            for j in rng.integers(0, len(soft[0]), size=int(rng.integers(8, 20))):
+                x0, y0 = float(X[soft[0][j], soft[1][j]]), float(Y[soft[0][j], soft[1][j]])
+                r = float(rng.uniform(2.5, 9))
+                frac = ellipse(X, Y, x0, y0, r, r * float(rng.uniform(0.4, 1.0)), w, angle=float(rng.uniform(0, np.pi)))
+                paint(hu[i], tissue[i], float(rng.uniform(-110, -60)), frac * (tissue[i] == SOFT), FAT)
+        if fr.z[i] < -32:
+            r_out = ellipse_distance(X, Y, 0, -0.35 * head.b, 0.62 * head.a, 0.62 * head.b)
+            jaw = ramp(np.abs(r_out) - 3.5, w) * (Y < -0.25 * head.b)
+            paint(hu[i], tissue[i], float(rng.uniform(900, 1600)), jaw * (tissue[i] != AIR), BONE)

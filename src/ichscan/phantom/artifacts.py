@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from ichscan.phantom import anatomy as an
 from ichscan.phantom.anatomy import Frame, HeadShape
-from ichscan.phantom.geometry import capsule, ellipse, paint
+from ichscan.phantom.geometry import capsule, ellipse, ellipse_distance, paint, ramp
 
 
 def scanner_blur(hu: np.ndarray, fr: Frame, sharpness_mm: float) -> np.ndarray:
@@ -22,17 +22,19 @@ def scanner_blur(hu: np.ndarray, fr: Frame, sharpness_mm: float) -> np.ndarray:
     return ndimage.gaussian_filter(hu, sigma=(0, sigma, sigma), mode="nearest", truncate=3.0)
 
 
-def add_noise(hu: np.ndarray, fr: Frame, sigma_hu: float, rng: np.random.Generator) -> None:
+def add_noise(hu: np.ndarray, fr: Frame, sigma_hu: float, rng: np.random.Generator, grain_mm: float = 0.3) -> None:
     """Correlated quantum noise of ``sigma_hu`` at 0.5 mm pixels (higher in the dense skull base).
 
     Coarser pixels average several native ones, so the noise they show is lower, as on a real image
     reduced to that size: sigma scales as sqrt(0.5 mm / spacing) (correlated grain averages less than
-    white noise would)."""
+    white noise would). ``grain_mm`` is the noise's correlation length, which the reconstruction kernel
+    sets: short for sharp (bone) kernels, long for smooth (soft-tissue) ones."""
     sigma_hu = sigma_hu * min(1.0, float(np.sqrt(0.5 / fr.spacing)))
     white = rng.standard_normal(hu.shape, dtype=np.float32)
-    corr = 0.6  # pixels: CT noise is blotchy rather than white
+    corr = max(0.35, grain_mm / fr.spacing)  # pixels: CT noise is blotchy rather than white
     noise = ndimage.gaussian_filter(white, sigma=(0, corr, corr), mode="wrap", truncate=3.0)
-    k = np.exp(-0.5 * (np.arange(-2, 3) / corr) ** 2)
+    r = int(np.ceil(3 * corr))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / corr) ** 2)
     k /= k.sum()
     noise *= np.float32(1.0 / np.sum(k**2))  # back to unit variance: (sum k^2)^2 in two dimensions
     level = np.where(fr.z < 10, 1.35, 1.0).astype(np.float32)[:, None, None]
@@ -95,3 +97,40 @@ def motion(hu: np.ndarray, fr: Frame, rng: np.random.Generator) -> list[int]:
         ghost = np.roll(hu[i], (int(round(length_px * np.sin(ang))), int(round(length_px * np.cos(ang)))), axis=(0, 1))
         hu[i] = 0.9 * acc / len(offs) + 0.1 * ghost
     return run
+
+
+def head_holder(hu: np.ndarray, tissue: np.ndarray, head: HeadShape, fr: Frame, rng: np.random.Generator) -> dict:
+    """The head rest under the occiput and beside the head: thin plastic or carbon arcs (100-400 HU) a few
+    millimetres to centimetres from the scalp, in the image frame (gravity, not the head, sets where
+    they lie), on every slice; sometimes a second, wider arc (the shell of the holder or a cushion)."""
+    X, Y = fr.x_img[0] - np.float32(fr.shift[0]), fr.y_img[0] - np.float32(fr.shift[1])
+    w = max(fr.spacing, 0.35)
+    drawn = []
+    for k in range(1 + int(rng.random() < 0.4)):
+        gap = float(rng.uniform(4, 18)) + 14.0 * k
+        rx = head.a + head.skull + head.scalp + gap + float(rng.uniform(0, 10))
+        ry = head.b + head.skull + head.scalp + gap
+        cy = float(rng.uniform(-10, 10))
+        thick = float(rng.uniform(1.2, 3.5))
+        value = float(rng.uniform(100, 450))
+        span = np.deg2rad(float(rng.uniform(60, 110)))  # from straight back towards each side
+        d = np.abs(ellipse_distance(X, Y, 0, cy, rx, ry))
+        ang = np.abs(np.arctan2(X, Y - cy))  # 0 straight back (down in the image)
+        frac = ramp(d - thick / 2, w) * (ang < span)
+        air = (hu > -900) == 0
+        paint(hu, tissue, value, frac[None] * air)
+        drawn.append({"gap_mm": round(gap, 1), "hu": round(value), "span_deg": round(float(np.rad2deg(span)))})
+    return {"arcs": drawn}
+
+
+def subcalvarial_brightening(hu: np.ndarray, anat: an.Anatomy, amplitude: float, reach_mm: float) -> None:
+    """Beam-hardening residue next to the vault: the outer few millimetres of the cranial contents read
+    some HU too dense on many scanners, a common mimic of a thin subdural."""
+    d = anat.depth
+    near = (d > 0) & (d < 4 * reach_mm)
+    hu[near] += (amplitude * np.exp(-d[near] / reach_mm)).astype(np.float32)
+
+
+def calibration_offset(hu: np.ndarray, offset_hu: float) -> None:
+    """Scanners differ in their water calibration by a few HU: every tissue (not the air) shifts alike."""
+    hu[hu > -500] += np.float32(offset_hu)

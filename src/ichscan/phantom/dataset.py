@@ -126,9 +126,32 @@ def _subtypes(rng: np.random.Generator, prev: dict[str, float]) -> tuple[str, ..
     return tuple(chosen)
 
 
+def parse_thickness(value: float | str | tuple[float, float]) -> tuple[float, float]:
+    """``5``, ``"5"``, ``"2.5-8"`` or ``(2.5, 8)`` as a (low, high) range in mm."""
+    if isinstance(value, str):
+        lo, sep, hi = value.partition("-")
+        try:
+            value = (float(lo), float(hi)) if sep else float(lo)
+        except ValueError:
+            raise IchscanError(f"thickness {value!r}: expected mm, e.g. 5 or 2.5-8") from None
+    lo, hi = (float(value[0]), float(value[1])) if isinstance(value, (tuple, list)) else (float(value),) * 2
+    if not 0.1 <= lo <= hi <= 20:
+        raise IchscanError(f"thickness {lo}-{hi} mm: expected 0.1 <= low <= high <= 20")
+    return lo, hi
+
+
+def _draw_thickness(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """Fixed, or drawn per series from the range in steps of 0.5 mm (what scanners reconstruct)."""
+    if lo == hi:
+        return lo
+    return float(np.clip(np.round(rng.uniform(lo, hi) * 2) / 2, lo, hi))
+
+
 def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int, int] = (32, 40),
-                 thickness: float = 5.0, prevalence=None) -> list[SeriesPlan]:
-    """Every series of the set, decided from the seed alone (one series per study)."""
+                 thickness: float | str | tuple[float, float] = 5.0, prevalence=None) -> list[SeriesPlan]:
+    """Every series of the set, decided from the seed alone (one series per study). ``thickness`` is the
+    slice thickness and spacing in mm, or a (low, high) range drawn per series."""
+    t_lo, t_hi = parse_thickness(thickness)
     if studies < 1:
         raise IchscanError(f"studies must be at least 1 (got {studies})")
     lo, hi = int(slices[0]), int(slices[1])
@@ -169,7 +192,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                 index=i, seed=seed, patient_index=patient, patient_id=pid,
                 study_uid=_uid(seed, "study", i), series_uid=_uid(seed, "series", i), frame_uid=_uid(seed, "for", i),
                 sop_uids=tuple(_uid(seed, "sop", i, k) for k in range(n)), image_ids=tuple(ids),
-                rows=rows, cols=cols, thickness=float(thickness), subtypes=_subtypes(rng, prev),
+                rows=rows, cols=cols, thickness=_draw_thickness(rng, t_lo, t_hi), subtypes=_subtypes(rng, prev),
                 confounders=sample_confounders(rng), encoding=enc,
                 header={"date": date, "time": tm, "accession": f"PH{seed % 10000:04d}{i:06d}",
                         "series_number": int(rng.integers(2, 9)), "window": window,
@@ -241,7 +264,7 @@ def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
 
 
 def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tuple[int, int] = (32, 40),
-                     thickness: float = 5.0, prevalence=None, layout: str = "rsna", masks: bool = False,
+                     thickness: float | str | tuple[float, float] = 5.0, prevalence=None, layout: str = "rsna", masks: bool = False,
                      workers: int = 1, progress: Callable[[int], None] | None = None) -> DatasetSummary:
     """Write a phantom set under ``out`` (see docs/phantom.md); ``progress(n)`` is told of n more slices."""
     if layout not in ("rsna", "series"):
@@ -298,7 +321,7 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
     )
     manifest = {
         "kind": "ichscan-phantoms", "ichscan_version": __version__, "seed": seed,
-        "arguments": {"studies": studies, "size": size, "slices": list(slices), "thickness": thickness,
+        "arguments": {"studies": studies, "size": size, "slices": list(slices), "thickness": list(parse_thickness(thickness)),
                       "prevalence": parse_prevalence(prevalence), "layout": layout, "masks": masks},
         "counts": {k: v for k, v in summary.to_dict().items() if k not in ("out", "seconds", "files")},
         "label_order": list(LABELS),

@@ -84,12 +84,16 @@ def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Gener
     drawn = dict(confounders)
     if confounders.get("metal"):
         drawn["metal"] = artifacts.metal_shunt(anat.hu, anat.tissue, head, fr, rng)
+    if rng.random() < 0.85:
+        drawn["holder"] = artifacts.head_holder(anat.hu, anat.tissue, head, fr, rng)
     artifacts.beam_hardening(anat.hu, head, fr, anat, float(rng.uniform(5, 25)))
+    artifacts.subcalvarial_brightening(anat.hu, anat, float(rng.uniform(0, 9)), float(rng.uniform(1.5, 4)))
     hu = artifacts.scanner_blur(anat.hu, fr, float(rng.uniform(0.45, 0.8)))
+    artifacts.calibration_offset(hu, float(np.clip(rng.normal(1.0, 2.5), -5, 7)))
     if confounders.get("motion"):
         drawn["motion"] = artifacts.motion(hu, fr, rng)
-    sigma = float(3.0 + 5.0 * rng.beta(1.3, 2.6))  # 3-8 HU, mostly 3-5
-    artifacts.add_noise(hu, fr, sigma, rng)
+    sigma = float(2.0 + 5.5 * rng.beta(1.3, 3.0))  # 2-7.5 HU at 0.5 mm, mostly 2.5-4.5 (real heads: 2.7-4.1 HU local SD)
+    artifacts.add_noise(hu, fr, sigma, rng, grain_mm=float(rng.uniform(0.2, 0.9)))
     np.clip(np.rint(hu, out=hu), hu_range[0], hu_range[1], out=hu)
     return PhantomSeries(hu=hu, masks=masks, tissue=tissue0, depth=anat.depth, sector=anat.sector, frame=fr,
                          head=head, lesions=planned, confounders=drawn, noise_sigma=sigma)
