@@ -131,16 +131,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrained": False,
         "state_every": 0,
     },
-    # Phantoms only, for real scans: the quick backbone at 192 px (small bleeds keep a few pixels on a
-    # 230 mm field of view), more epochs, and augmentation wide enough that what the model keys on
+    # Phantoms only, for real scans: the quick backbone at 160 px (1.4 mm pixels on a 230 mm field of
+    # view: a 5 mm bleed keeps 3-4 pixels; 192 px trains at 24 images/s on 2 fp32 cores, 160 at 37),
+    # and augmentation wide enough that what the model keys on
     # survives the step from phantom to scanner: the head smaller or larger in view, other kernels
     # (blur, noise), other calibration and windowing (per-channel brightness, gamma). Measured in
     # docs/training.md against the quick preset on real CT (../shared/realct).
     "sim2real": {
         "preset": "sim2real",
         "arch": "resnet10t",
-        "image_size": 192,
-        "epochs": 6,
+        "image_size": 160,
+        "epochs": 4,
         "batch_size": 32,
         "lr": 1e-3,
         "weight_decay": 1e-4,
@@ -155,7 +156,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_REASONS = {
     "paper": "the paper's recipe: seresnext50_32x4d at 512 px, Adam, weighted log loss, 3 epochs",
     "quick": "resnet10t at 128 px from scratch: small enough to train two models on 2 CPU cores in minutes",
-    "sim2real": "resnet10t at 192 px from scratch on phantoms, with augmentation wide enough to carry to real CT",
+    "sim2real": "resnet10t at 160 px from scratch on phantoms, with augmentation wide enough to carry to real CT",
 }
 
 

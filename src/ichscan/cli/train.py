@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", "-o", required=True, help="run folder (created)")
     p.add_argument("--preset", choices=("paper", "quick", "sim2real"), default="paper",
                    help="paper: seresnext50_32x4d, 512 px, 3 epochs (default); quick: resnet10t, 128 px; "
-                        "sim2real: resnet10t, 192 px, wide augmentation, for real CT")
+                        "sim2real: resnet10t, 160 px, wide augmentation, for real CT")
     d = p.add_argument_group("data")
     d.add_argument("--val", help="separate validation folder (same layout); default: a fold of DATA")
     d.add_argument("--fold", type=int, help="validation fold (default 0)")
