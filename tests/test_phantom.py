@@ -273,3 +273,25 @@ def test_soft_ellipse_matches_the_direct_formula():
         want = ramp(ellipse_distance(Xg, Y, 12.0, -5.0, a, a * 1.5, 0.3), 1.2)
         want[0] = 0.0  # an ellipse of size 0 is absent, not a dot
         np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), atol=1e-6)
+
+
+def test_lesion_free_twins_differ_only_by_the_bleed():
+    """A twin is the same scan without its lesions: outside the lesions and what they push or swell, the
+    HU are identical, and the twin is another study of the same patient with labels all 0."""
+    plans = plan_dataset(10, 3, size=64, slices=(16, 18), twins=1.0, prevalence="any=0.9")
+    twins = [p for p in plans if p.twin_of is not None]
+    assert len(twins) >= 3 and len(plans) == 10
+    for t in twins[:2]:
+        src = plans[t.twin_of]
+        assert src.subtypes and not t.subtypes
+        assert t.patient_id == src.patient_id and t.study_uid != src.study_uid
+        assert not set(t.image_ids) & set(src.image_ids)
+        a, b = render_series(src), render_series(t)
+        assert b.series_labels()["any"] == 0 and a.series_labels()["any"] == 1
+        blood = np.zeros(a.hu.shape, bool)
+        for m in a.masks.values():
+            blood |= m
+        same = a.hu == b.hu
+        assert not same[blood].all()
+        assert same.mean() > 0.95  # mass effect, oedema and widened sulci are all that differ besides
+    assert all(p.twin_of is None for p in plan_dataset(10, 3, size=64, slices=(16, 18)))

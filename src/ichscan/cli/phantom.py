@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--thickness", type=_thickness, default=(5.0, 5.0),
                    help="slice thickness and spacing in mm, N or LOW-HIGH drawn per series (default 5)")
     p.add_argument("--prevalence", help="share of series per label, e.g. any=0.5,epidural=0.15")
+    p.add_argument("--twins", type=float, default=0.0,
+                   help="share of series with a bleed followed by a lesion-free twin (same scan without the "
+                        "lesions; for training): default 0")
     p.add_argument("--layout", choices=("rsna", "series"), default="rsna",
                    help="rsna: one images/ folder of ID_<hex>.dcm; series: patient/study/series folders")
     p.add_argument("--masks", action="store_true", help="also write lesion masks (masks/<series_uid>.npz)")
@@ -71,11 +74,12 @@ def run(args) -> int:
 
     prevalence = parse_prevalence(args.prevalence)  # fail before any work on a bad value
     total = sum(p.n_slices for p in plan_dataset(args.studies, args.seed, size=args.size, slices=args.slices,
-                                                 thickness=args.thickness, prevalence=prevalence))
+                                                 thickness=args.thickness, prevalence=prevalence,
+                                                 twins=args.twins))
     with tqdm(total=total, unit="slice", desc="phantoms") as bar:
         summary = generate_dataset(args.out, args.studies, args.seed, size=args.size, slices=args.slices,
                                    thickness=args.thickness, prevalence=prevalence, layout=args.layout,
-                                   masks=args.masks, workers=args.workers, progress=bar.update)
+                                   masks=args.masks, workers=args.workers, progress=bar.update, twins=args.twins)
     pos = ", ".join(f"{k} {v}" for k, v in summary.series_positive.items())
     print(f"wrote {summary.slices} slices, {summary.series} series of {summary.patients} patients to {summary.out} "
           f"in {summary.seconds:.1f} s ({summary.slices / max(summary.seconds, 1e-9):.0f} slices/s)")

@@ -273,6 +273,11 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
         d = np.where(zp > 8, np.minimum(d, -ellipse_distance(X, Y, 0, pf_c[1], 0.2 * head.a, 0.25 * head.b)), d)
         depth[pf] = np.maximum(depth[pf], d)
         pf_depth = d
+    # The inner table is not smooth: digitate markings, ridges and grooves of a millimetre or so, which the
+    # skull, the extra-axial space and the brain follow alike.
+    rough = _smooth_field(rng, depth.shape, fr.spacing, float(rng.uniform(4, 10))) * np.float32(rng.uniform(0.2, 1.2))
+    depth += np.where(depth > -40, rough, np.float32(0))
+    del rough
     # ---- skull: outer table, diploe and inner table around the cavity; a cap above the inner vertex
     cortical = float(rng.uniform(1300, 1800))
     diploe = float(rng.uniform(350, 700))
@@ -351,7 +356,8 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
             paint(hu[i], tissue[i], 150.0, gap * 0.85)
 
     # Intracranial contents: CSF first, then the brain inside an extra-axial CSF layer.
-    extra = 0.8 + 1.4 * (head.atrophy - 0.8)
+    # Extra-axial CSF: next to none in many young heads (brain against the inner table), wide when atrophic.
+    extra = (0.8 + 1.4 * (head.atrophy - 0.8)) * float(rng.uniform(0.1, 1.1))
     paint(hu, tissue, head.csf, inside, CSF)
     brain = ramp(extra - depth, smear)
     paint(hu, tissue, head.grey, brain, GREY)
@@ -384,7 +390,8 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     g = np.cos(psi)
     period = 2 * np.pi * np.maximum(np.hypot(Xc, Yc), 5) / head.gyri
     arc = np.abs(wrap_angle(psi - np.pi)) / (2 * np.pi) * period
-    sulcus_w = np.float32(0.8 + 1.6 * (head.atrophy - 0.8))
+    # Sulci from barely visible (young, thick slices: partial volume) to wide (atrophy).
+    sulcus_w = np.float32((0.8 + 1.6 * (head.atrophy - 0.8)) * float(rng.uniform(0.45, 1.15)))
     for reg in distended or ():
         inreg = (np.abs(wrap_angle(phic - reg["phi"])) < reg["phi_half"] * 1.1) \
             & (np.abs(zc - reg["z"]) < reg["z_half"])

@@ -8,6 +8,7 @@ seeded by (seed, series index), so the files do not depend on how many workers d
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -56,6 +57,7 @@ class SeriesPlan:
     confounders: dict
     encoding: str
     header: dict
+    twin_of: int | None = None  # this series repeats that one's scan without its lesions
 
     @property
     def n_slices(self) -> int:
@@ -148,9 +150,17 @@ def _draw_thickness(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 
 def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int, int] = (32, 40),
-                 thickness: float | str | tuple[float, float] = 5.0, prevalence=None) -> list[SeriesPlan]:
+                 thickness: float | str | tuple[float, float] = 5.0, prevalence=None,
+                 twins: float = 0.0) -> list[SeriesPlan]:
     """Every series of the set, decided from the seed alone (one series per study). ``thickness`` is the
-    slice thickness and spacing in mm, or a (low, high) range drawn per series."""
+    slice thickness and spacing in mm, or a (low, high) range drawn per series.
+
+    ``twins`` is the share of series with a bleed that are followed by a lesion-free twin: the same
+    patient, scan, anatomy, artifacts and noise without the lesions (nor their mass effect), as another
+    study of that patient. For training, such pairs leave a model nothing to learn but the blood itself;
+    whatever else tells phantoms apart cannot predict the label. Twins count towards ``studies``."""
+    if not 0.0 <= twins <= 1.0:
+        raise IchscanError(f"twins {twins}: expected a share between 0 and 1")
     t_lo, t_hi = parse_thickness(thickness)
     if studies < 1:
         raise IchscanError(f"studies must be at least 1 (got {studies})")
@@ -201,8 +211,28 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                         "kvp": float(rng.choice([100.0, 120.0, 140.0])), "reverse": bool(rng.random() < 0.3),
                         "table_z": float(rng.uniform(-250, 50)), "study_in_patient": st},
             ))
+            src = plans[-1]
+            if twins and src.subtypes and len(plans) < studies and rng.random() < twins:
+                plans.append(_twin(src, len(plans), seen))
         patient += 1
     return plans
+
+
+def _twin(src: SeriesPlan, i: int, seen: set[str]) -> SeriesPlan:
+    """``src``'s scan again, lesion-free, under new UIDs and image ids (another study of the patient)."""
+    ids = []
+    for k in range(src.n_slices):
+        salt = 0
+        while (iid := "ID_" + _hex(src.seed, "image", i, k, salt)[:9]) in seen:
+            salt += 1
+        seen.add(iid)
+        ids.append(iid)
+    s = src.seed
+    return dataclasses.replace(
+        src, index=i, study_uid=_uid(s, "study", i), series_uid=_uid(s, "series", i), frame_uid=_uid(s, "for", i),
+        sop_uids=tuple(_uid(s, "sop", i, k) for k in range(src.n_slices)), image_ids=tuple(ids), subtypes=(),
+        header=dict(src.header, accession=f"PH{s % 10000:04d}{i:06d}", study_in_patient=src.header["study_in_patient"] + 1),
+        twin_of=src.index)
 
 
 def head_for(plan: SeriesPlan) -> an.HeadShape:
@@ -212,10 +242,13 @@ def head_for(plan: SeriesPlan) -> an.HeadShape:
 
 def render_series(plan: SeriesPlan) -> PhantomSeries:
     """Draw one planned series in memory (no files)."""
-    rng = np.random.default_rng([plan.seed, 2, plan.index])
+    scan = plan.index if plan.twin_of is None else plan.twin_of
+    rng = np.random.default_rng([plan.seed, 2, scan])
+    lesion_rng = np.random.default_rng([plan.seed, 3, plan.index])
     enc = writer.ENCODINGS[plan.encoding]
     return make_series(head_for(plan), plan.subtypes, rng, n=plan.n_slices, rows=plan.rows, cols=plan.cols,
-                       thickness=plan.thickness, confounders=plan.confounders, hu_range=enc.hu_range)
+                       thickness=plan.thickness, confounders=plan.confounders, hu_range=enc.hu_range,
+                       lesion_rng=lesion_rng)
 
 
 def _series_dir(out: Path, plan: SeriesPlan, layout: str) -> Path:
@@ -257,22 +290,24 @@ def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
             "patient_id": plan.patient_id, "study_uid": plan.study_uid, "series_uid": plan.series_uid,
             "n_slices": plan.n_slices, "rows": plan.rows, "cols": plan.cols, "spacing_mm": round(fr.spacing, 4),
             "thickness_mm": plan.thickness, "encoding": plan.encoding, "noise_sigma_hu": round(ps.noise_sigma, 2),
-            "subtypes_planned": list(plan.subtypes), "lesions": [les.describe() for les in ps.lesions],
+            "twin_of": plan.twin_of, "subtypes_planned": list(plan.subtypes), "lesions": [les.describe() for les in ps.lesions],
             "confounders": ps.confounders, "head": {"age": head.age, "atrophy": round(head.atrophy, 2)},
         },
     }
 
 
 def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tuple[int, int] = (32, 40),
-                     thickness: float | str | tuple[float, float] = 5.0, prevalence=None, layout: str = "rsna", masks: bool = False,
-                     workers: int = 1, progress: Callable[[int], None] | None = None) -> DatasetSummary:
+                     thickness: float | str | tuple[float, float] = 5.0, prevalence=None, layout: str = "rsna",
+                     masks: bool = False, workers: int = 1, progress: Callable[[int], None] | None = None,
+                     twins: float = 0.0) -> DatasetSummary:
     """Write a phantom set under ``out`` (see docs/phantom.md); ``progress(n)`` is told of n more slices."""
     if layout not in ("rsna", "series"):
         raise IchscanError(f"layout {layout!r}: expected 'rsna' or 'series'")
     t0 = time.perf_counter()
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
-    plans = plan_dataset(studies, seed, size=size, slices=slices, thickness=thickness, prevalence=prevalence)
+    plans = plan_dataset(studies, seed, size=size, slices=slices, thickness=thickness, prevalence=prevalence,
+                         twins=twins)
     job = partial(_write_one, out=str(out_p), layout=layout, masks=masks)
     results = []
     if workers <= 1:
@@ -321,7 +356,7 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
     )
     manifest = {
         "kind": "ichscan-phantoms", "ichscan_version": __version__, "seed": seed,
-        "arguments": {"studies": studies, "size": size, "slices": list(slices), "thickness": list(parse_thickness(thickness)),
+        "arguments": {"studies": studies, "size": size, "slices": list(slices), "thickness": list(parse_thickness(thickness)), "twins": twins,
                       "prevalence": parse_prevalence(prevalence), "layout": layout, "masks": masks},
         "counts": {k: v for k, v in summary.to_dict().items() if k not in ("out", "seconds", "files")},
         "label_order": list(LABELS),

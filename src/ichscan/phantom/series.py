@@ -60,9 +60,12 @@ def sample_confounders(rng: np.random.Generator, rate: float = 0.35) -> dict:
 
 def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Generator, *, n: int, rows: int,
                 cols: int, thickness: float, confounders: dict, hu_range: tuple[float, float] = (-1024, 3071),
-                ) -> PhantomSeries:
+                lesion_rng: np.random.Generator | None = None) -> PhantomSeries:
+    """``rng`` draws the scan (position, anatomy, artifacts, noise) and ``lesion_rng`` the lesions, so that
+    the same ``rng`` seed without lesions gives the same scan without its bleed (a lesion-free twin)."""
+    lrng = rng if lesion_rng is None else lesion_rng
     fr = an.make_frame(rng, head, n, rows, cols, thickness)
-    planned = [lesions.plan_lesion(s, head, fr, rng) for s in sorted(subtypes, key=PAINT_ORDER.index)]
+    planned = [lesions.plan_lesion(s, head, fr, lrng) for s in sorted(subtypes, key=PAINT_ORDER.index)]
     pushes = [m for m in (les.mass_effect(head) for les in planned) if m is not None]
     mass = max(pushes, key=lambda m: m.mm) if pushes else None
     calc = {k: v for k, v in confounders.items() if k in ("pineal", "choroid", "basal_ganglia", "falx")}
@@ -72,12 +75,12 @@ def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Gener
     tissue0 = anat.tissue.copy()
     masks = {s: np.zeros(anat.hu.shape, bool) for s in SUBTYPES}
     for k, les in enumerate(planned):
-        m = lesions.paint_lesion(les, head, fr, anat, rng)
+        m = lesions.paint_lesion(les, head, fr, anat, lrng)
         for _ in range(8):  # a lesion that found no room on these slices is planned again
             if m.any():
                 break
-            les = planned[k] = lesions.plan_lesion(les.subtype, head, fr, rng)
-            m = lesions.paint_lesion(les, head, fr, anat, rng)
+            les = planned[k] = lesions.plan_lesion(les.subtype, head, fr, lrng)
+            m = lesions.paint_lesion(les, head, fr, anat, lrng)
         for other in SUBTYPES:  # later paint covers earlier blood
             masks[other] &= ~m
         masks[les.subtype] |= m
@@ -87,7 +90,7 @@ def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Gener
     if rng.random() < 0.85:
         drawn["holder"] = artifacts.head_holder(anat.hu, anat.tissue, head, fr, rng)
     artifacts.beam_hardening(anat.hu, head, fr, anat, float(rng.uniform(5, 25)))
-    artifacts.subcalvarial_brightening(anat.hu, anat, float(rng.uniform(0, 9)), float(rng.uniform(1.5, 4)))
+    artifacts.subcalvarial_brightening(anat.hu, anat, float(rng.uniform(0, 12)), float(rng.uniform(1.0, 5.0)))
     hu = artifacts.scanner_blur(anat.hu, fr, float(rng.uniform(0.45, 0.8)))
     artifacts.calibration_offset(hu, float(np.clip(rng.normal(1.0, 2.5), -5, 7)))
     if confounders.get("motion"):
