@@ -134,3 +134,26 @@ def subcalvarial_brightening(hu: np.ndarray, anat: an.Anatomy, amplitude: float,
 def calibration_offset(hu: np.ndarray, offset_hu: float) -> None:
     """Scanners differ in their water calibration by a few HU: every tissue (not the air) shifts alike."""
     hu[hu > -500] += np.float32(offset_hu)
+
+
+def scalp_haematoma(hu: np.ndarray, tissue: np.ndarray, depth: np.ndarray, head: HeadShape, fr: Frame,
+                    rng: np.random.Generator) -> dict:
+    """A swelling of the scalp (40-70 HU dome over the vault) from a blow to the head: outside the skull,
+    so not intracranial haemorrhage, and as common in injured heads without a bleed as with one."""
+    X, Y = fr.X[0], fr.Y[0]
+    phi = np.arctan2(X, -Y)
+    centre = float(rng.uniform(-np.pi, np.pi))
+    half = float(rng.uniform(0.35, 0.9))
+    z0 = float(rng.uniform(head.widest - 20, head.top - 10))
+    z_half = float(rng.uniform(12, 35))
+    height = float(rng.uniform(4, 16))
+    value = float(rng.uniform(40, 70))
+    for i in np.nonzero(np.abs(fr.z - z0) < z_half)[0]:
+        zi = float(np.sqrt(max(0.0, 1 - ((fr.z[i] - z0) / z_half) ** 2)))
+        dphi = np.abs(np.angle(np.exp(1j * (phi - centre)))) / half
+        dome = height * np.clip(1 - dphi**2, 0, None) * zi
+        d = depth[i]
+        swell = (d < -head.skull * 1.2) & (d > -head.skull - head.scalp - dome) & (dome > 0.5)
+        hu[i][swell] = np.maximum(hu[i][swell], value)
+        tissue[i][swell & (tissue[i] == an.AIR)] = an.SOFT
+    return {"phi": round(centre, 2), "z": round(z0, 1), "height_mm": round(height, 1), "hu": round(value)}

@@ -70,7 +70,8 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
             lo_a, hi_a = head.coronal, head.lambdoid
             z = _vault_range(head, fr, 15, head.top - 18, rng, z_half)
         lo_a, hi_a = lo_a + MARGIN, hi_a - MARGIN
-        thick = float(rng.choice([rng.uniform(6, 10), rng.uniform(10, 26)], p=[0.2, 0.8]))
+        # traumatic epidurals come to CT from a few millimetres thick
+        thick = float(rng.choice([rng.uniform(3, 6), rng.uniform(6, 10), rng.uniform(10, 26)], p=[0.2, 0.25, 0.55]))
         # A lens, not a crescent: its length along the table is a few times its thickness.
         radius = head.a * float(an.cranial_scale(head, np.float32(z)))
         half = min(0.5 * (hi_a - lo_a) * float(rng.uniform(0.5, 0.95)), thick * float(rng.uniform(2.0, 3.2)) / radius)
@@ -91,7 +92,7 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
         centre = float(np.clip(centre, np.deg2rad(9) + half * 0.4, np.pi - np.deg2rad(9) - half * 0.4))
         z_half = float(rng.uniform(18, 45))
         z = _vault_range(head, fr, 25, head.top - 15, rng, z_half)
-        thick = float(rng.choice([rng.uniform(3, 7), rng.uniform(7, 18)], p=[0.25, 0.75]))
+        thick = float(rng.choice([rng.uniform(2, 4), rng.uniform(4, 7), rng.uniform(7, 18)], p=[0.15, 0.25, 0.6]))
         if kind != "acute":  # older collections that come to CT are mostly large
             thick = float(rng.uniform(7, 20))
         return Lesion("subdural", kind, z, z_half, float(hu), side, {
@@ -116,9 +117,19 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
         return Lesion("intraventricular", kind, z, z_half, float(rng.uniform(58, 85)), side,
                       {"level": float(rng.uniform(0.3, 0.65)), "bilateral": bool(rng.random() < 0.6)})
     if subtype == "intraparenchymal":
-        kind = str(rng.choice(["basal_ganglia", "lobar"], p=[0.45, 0.55]))
+        # hypertensive bleeds in the basal ganglia, lobar bleeds, and traumatic contusions: small foci in the
+        # cortex of the frontal and temporal lobes, where the brain meets the skull base
+        kind = str(rng.choice(["basal_ganglia", "lobar", "contusion"], p=[0.3, 0.4, 0.3]))
         r = float(rng.choice([rng.uniform(4, 8), rng.uniform(8, 22)], p=[0.3, 0.7]))
-        if kind == "basal_ganglia":
+        if kind == "contusion":
+            r = float(rng.uniform(2.5, 9))
+            z = _vault_range(head, fr, head.widest - 24, head.widest + 12, rng, r)
+            ang = float(rng.choice([rng.uniform(-0.8, 0.8), side * rng.uniform(1.1, 1.9)]))
+            s = float(an.cranial_scale(head, np.float32(z)))
+            rad = float(rng.uniform(0.62, 0.82))
+            x, y = np.sin(ang) * head.a * s * rad, -np.cos(ang) * head.b * s * rad
+            side = 1.0 if x >= 0 else -1.0
+        elif kind == "basal_ganglia":
             z = _vault_range(head, fr, head.widest - 20, head.widest, rng, r)
             x, y = side * 0.3 * head.a, float(rng.uniform(-0.08, 0.1)) * head.b
         else:

@@ -14,6 +14,7 @@ from ichscan.phantom.anatomy import Frame, HeadShape
 # Painted in this order; a later lesion covers an earlier one where they meet.
 PAINT_ORDER = ("subarachnoid", "intraventricular", "intraparenchymal", "subdural", "epidural")
 CONFOUNDERS = ("pineal", "choroid", "basal_ganglia", "falx", "metal", "motion")
+SCALP_HAEMATOMA = 0.25  # share of series with a scalp swelling, bleed or not (head injury without ICH is common)
 
 
 @dataclass
@@ -87,6 +88,8 @@ def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Gener
     drawn = dict(confounders)
     if confounders.get("metal"):
         drawn["metal"] = artifacts.metal_shunt(anat.hu, anat.tissue, head, fr, rng)
+    if rng.random() < SCALP_HAEMATOMA:
+        drawn["scalp_haematoma"] = artifacts.scalp_haematoma(anat.hu, anat.tissue, anat.depth, head, fr, rng)
     if rng.random() < 0.85:
         drawn["holder"] = artifacts.head_holder(anat.hu, anat.tissue, head, fr, rng)
     artifacts.beam_hardening(anat.hu, head, fr, anat, float(rng.uniform(5, 25)))
