@@ -217,13 +217,17 @@ def measure(args: argparse.Namespace) -> dict:
     realct = Path(args.realct).resolve()
     if not (realct / "ctich-dev").is_dir() or not (realct / "ge-normal").is_dir():
         raise IchscanError("no ctich-dev/ and ge-normal/ here; pass --realct (see its README.md)", realct)
-    methods = list(AGGREGATIONS) if args.aggregation == "all" else [args.aggregation]
     data, convert_s = ctich_dicom(realct, Path(args.work))
 
     checkpoint = resolve_checkpoint(args.checkpoint)  # "bundled": the model shipped with ichscan
     t0 = time.perf_counter()
+    first = None if args.aggregation in (None, "all") else args.aggregation
     predictor = Predictor.from_checkpoint(checkpoint, device=args.device, tta=args.tta, precision=args.precision,
-                                          batch_size=args.batch_size, aggregation=methods[0], top_k=args.top_k)
+                                          batch_size=args.batch_size, aggregation=first, top_k=args.top_k)
+    # without --aggregation, what `ichscan predict` would do: the model's choice, else max
+    methods = [predictor.aggregation]
+    if args.aggregation == "all":
+        methods += [m for m in AGGREGATIONS if m != predictor.aggregation]
     load_s = time.perf_counter() - t0
     # The thresholds `ichscan predict` would use, but null rather than 0.5 when the model carries none:
     # "below a threshold nobody chose" would read like a result.
@@ -254,7 +258,7 @@ def measure(args: argparse.Namespace) -> dict:
     config = dict(predictor.describe(), rules=dataclasses.asdict(rules))
     with tempfile.TemporaryDirectory(prefix="ichscan-realct-") as tmp:
         dump = Path(args.dump_dir) if args.dump_dir else Path(tmp)
-        ctich_result = ctich_report(ctich_preds, data, dump / "ctich-dev", methods, args.top_k, thresholds, config)
+        ctich_result = ctich_report(ctich_preds, data, dump / "ctich-dev", methods, predictor.top_k, thresholds, config)
         if args.dump_dir:  # the GE series' files too, for a look at its slices
             write_outputs(dump / "ge-normal", ge_preds, thresholds=thresholds, config=config)
     with open(data / "series_labels.csv") as f:
@@ -288,7 +292,7 @@ def measure(args: argparse.Namespace) -> dict:
             "files_skipped": len(ctich_scan.skipped),
             **ctich_result,
         },
-        "ge_normal": ge_report(ge_preds[0], ge, methods, args.top_k, thresholds),
+        "ge_normal": ge_report(ge_preds[0], ge, methods, predictor.top_k, thresholds),
     }
 
 
@@ -301,9 +305,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help=f"where the CT-ICH DICOM is written once and reused (default {DEFAULT_WORK})")
     ap.add_argument("--tta", default="identity,hflip",
                     help="TTA views or groups, as ichscan predict takes them (default identity,hflip)")
-    ap.add_argument("--aggregation", choices=(*AGGREGATIONS, "all"), default="max",
+    ap.add_argument("--aggregation", choices=(*AGGREGATIONS, "all"), default=None,
                     help="slices to series; 'all' reports every method from the same slice probabilities")
-    ap.add_argument("--top-k", type=int, default=3, help="k for the topk aggregation (default 3)")
+    ap.add_argument("--top-k", type=int, default=None,
+                    help="k for the topk aggregation (default: the model's, else 3)")
     ap.add_argument("--thresholds",
                     help="a thresholds JSON to use instead of the model's own operating points (default: those)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")

@@ -212,3 +212,29 @@ def test_shipped_bundle(monkeypatch):
     for key in ("recipe", "seeds", "ichscan_version", "git_commit"):
         assert manifest.info.get(key), key
     # the engineer adds: probabilities on a phantom study within the range measured when it was made
+
+
+def test_the_models_aggregation_is_used_unless_one_is_asked_for(tmp_path):
+    """A manifest may record how its slices become a series (chosen on validation, as the operating points
+    are); Predictor and `ichscan predict` use it when no --aggregation is given; a bad one is refused."""
+    import numpy as np
+
+    from ichscan.predict import Predictor, aggregate
+
+    a = tiny_checkpoint(tmp_path / "a")
+    thr = {"method": "youden", "thresholds": THRESHOLDS}
+    info = dict(INFO, aggregation={"method": "topk", "top_k": 2, "chosen_on": "test"})
+    path = write_bundle(tmp_path / "b", [a], thr, info)
+    assert read_manifest(path).aggregation == {"method": "topk", "top_k": 2, "chosen_on": "test"}
+    p = Predictor.from_checkpoint(path)
+    assert (p.aggregation, p.top_k) == ("topk", 2)
+    assert Predictor.from_checkpoint(path, aggregation="max").aggregation == "max"
+    assert Predictor.from_checkpoint(path, top_k=5).top_k == 5
+    assert Predictor.from_checkpoint(a).aggregation == "max"  # a plain checkpoint records none
+    slices = np.array([[0.9] * 6, [0.1] * 6, [0.5] * 6])
+    assert aggregate(slices, p.aggregation, p.top_k)[0][0] == pytest.approx(0.7)  # mean of the top 2
+    doc = json.loads(path.read_text())
+    doc["aggregation"] = {"method": "median"}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="aggregation"):
+        read_manifest(path)

@@ -438,6 +438,9 @@ class Manifest:
     operating_points: dict[str, Any] | None = None
     trained_on: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # ``{"method": "max" | "topk" | "noisy_or", "top_k": k, ...}``: how slices become a series, when the
+    # model was made with a choice (chosen on validation, as the operating points are)
+    aggregation: dict[str, Any] | None = None
 
     @property
     def thresholds(self) -> dict[str, float] | None:
@@ -447,7 +450,20 @@ class Manifest:
         return {name: float(t) for name, t in self.operating_points["thresholds"].items()}
 
 
-_MANIFEST_KEYS = ("kind", "members", "labels", "operating_points", "trained_on")
+_MANIFEST_KEYS = ("kind", "members", "labels", "operating_points", "trained_on", "aggregation")
+AGGREGATION_METHODS = ("max", "topk", "noisy_or")
+
+
+def _check_aggregation(doc: Any, path: Path) -> dict[str, Any] | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or doc.get("method") not in AGGREGATION_METHODS:
+        raise CheckpointError(f"aggregation {doc!r}: expected {{\"method\": one of {', '.join(AGGREGATION_METHODS)}}}",
+                              path)
+    k = doc.get("top_k", 3)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise CheckpointError(f"aggregation top_k {k!r} is not a positive integer", path)
+    return dict(doc, top_k=k)
 
 
 def _read_json_dict(path: Path) -> dict[str, Any] | None:
@@ -507,7 +523,8 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> Manifest:
     labels = doc.get("labels")
     manifest = Manifest(path, tuple(members), tuple(labels) if labels else None,
                         _check_operating_points(doc.get("operating_points"), path), doc.get("trained_on"),
-                        {k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
+                        {k: v for k, v in doc.items() if k not in _MANIFEST_KEYS},
+                        _check_aggregation(doc.get("aggregation"), path))
     if verify:
         verify_manifest(manifest)
     return manifest

@@ -615,6 +615,13 @@ class Predictor:
         members = [_member_from_checkpoint(m.checkpoint, m.weight, fold_batchnorm) for m in manifest.members]
         kwargs.setdefault("operating_points", manifest.operating_points)
         kwargs.setdefault("trained_on", manifest.trained_on)
+        if kwargs.get("aggregation") is None:  # the model's own choice, else max
+            chosen = manifest.aggregation or {"method": "max"}
+            kwargs["aggregation"] = chosen["method"]
+            if chosen["method"] == "topk" and kwargs.get("top_k") is None:
+                kwargs["top_k"] = chosen.get("top_k", 3)
+        if kwargs.get("top_k") is None:
+            kwargs.pop("top_k", None)
         return cls(members, **kwargs)
 
     @classmethod

@@ -36,9 +36,10 @@ def register(subparsers) -> None:
     m.add_argument("--tta", default="identity,hflip",
                    help="views or groups, comma separated: identity, hflip, shift_left/right/up/down, zoom_in/out; "
                         "groups none, flip, shift, zoom, all (default: identity,hflip)")
-    m.add_argument("--aggregation", choices=("max", "topk", "noisy_or"), default="max",
-                   help="slices to series: max (default), mean of the top k, or noisy-OR")
-    m.add_argument("--top-k", type=int, default=3, help="k for --aggregation topk (default 3)")
+    m.add_argument("--aggregation", choices=("max", "topk", "noisy_or"),
+                   help="slices to series: max, mean of the top k, or noisy-OR (default: the model's choice "
+                        "when its manifest records one, as the bundled model's does, else max)")
+    m.add_argument("--top-k", type=int, help="k for --aggregation topk (default: the model's, else 3)")
     m.add_argument("--thresholds", help='JSON {"method": ..., "thresholds": {label: t}}; otherwise the '
                                         "model's operating points when it carries them, else 0.5")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
@@ -105,10 +106,12 @@ def run(args) -> int:
     elif predictor.trained_on:
         print(f"the model was trained on {predictor.trained_on}", file=sys.stderr)
     thresholds, thresholds_from = run_thresholds(args.thresholds, predictor.operating_points)
+    aggregation = predictor.aggregation + (f" of {predictor.top_k}" if predictor.aggregation == "topk" else "")
+    if args.aggregation is None and predictor.aggregation != "max":
+        aggregation += " (the model's choice)"
     print(f"model: {len(predictor.describe()['members'])} checkpoint(s), {predictor.image_size} px, "
           f"TTA {'+'.join(predictor.tta)}, {predictor.precision}{', compiled' if predictor.compile else ''}, "
-          f"aggregation {predictor.aggregation}",
-          file=sys.stderr)
+          f"aggregation {aggregation}", file=sys.stderr)
     print(f"thresholds: {thresholds_from}: " + ", ".join(f"{n} {t:.4g}" for n, t in thresholds.items()),
           file=sys.stderr)
     bar = None
