@@ -295,3 +295,5 @@ def test_lesion_free_twins_differ_only_by_the_bleed():
         assert not same[blood].all()
         assert same.mean() > 0.95  # mass effect, oedema and widened sulci are all that differ besides
     assert all(p.twin_of is None for p in plan_dataset(10, 3, size=64, slices=(16, 18)))
+    for seed in range(6):  # twins count towards the studies asked, second studies included
+        assert len(plan_dataset(3, seed, size=32, slices=(4, 4), twins=1.0, prevalence="any=1")) == 3

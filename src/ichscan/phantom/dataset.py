@@ -180,6 +180,8 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
         n_studies = 2 if (rng.random() < SECOND_STUDY and studies - len(plans) >= 2) else 1
         pid = "ID_" + _hex(seed, "patient", patient)[:9]
         for st in range(n_studies):
+            if len(plans) >= studies:  # a twin took the place of this patient's second study
+                break
             i = len(plans)
             n = int(rng.integers(lo, hi + 1))
             rows = cols = size
