@@ -238,3 +238,29 @@ def test_the_models_aggregation_is_used_unless_one_is_asked_for(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match="aggregation"):
         read_manifest(path)
+
+
+# Measured when the shipped bundle was made (fp32, CPU): `any` for a phantom with an intraventricular bleed
+# and for its lesion-free twin (the same scan without the bleed), through DICOM files, the default TTA and
+# the bundle's own aggregation (mean of the top 3 slices).
+SHIPPED_PHANTOM_ANY = {"bleed": 0.9489, "twin": 0.0810}
+
+
+@pytest.mark.skipif(not (SHIPPED / BUNDLED_MANIFEST).is_file(),
+                    reason="no bundled model shipped yet (src/ichscan/bundled/bundled.json)")
+def test_shipped_bundle_predicts_a_fixed_phantom(tmp_path, monkeypatch):
+    from ichscan.dicom import find_series
+    from ichscan.phantom import generate_dataset
+    from ichscan.predict import Predictor
+
+    monkeypatch.delenv(BUNDLED_DIR_ENV, raising=False)
+    generate_dataset(tmp_path, 2, 4, size=256, slices=(20, 24), prevalence="any=1", twins=1.0)
+    labels = pd.read_csv(tmp_path / "series_labels.csv").set_index("series_uid")
+    predictor = Predictor.from_checkpoint("bundled", precision="fp32")
+    got = {}
+    for series in find_series(tmp_path / "images").series:
+        kind = "bleed" if labels.loc[series.series_uid, "any"] else "twin"
+        got[kind] = predictor.predict_series(series).prob("any")
+    assert got == pytest.approx(SHIPPED_PHANTOM_ANY, abs=0.02)
+    threshold = read_manifest(bundled_checkpoint()).thresholds["any"]
+    assert got["twin"] < threshold <= got["bleed"]  # the bleed is called, the same head without it is not
