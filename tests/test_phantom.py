@@ -297,3 +297,26 @@ def test_lesion_free_twins_differ_only_by_the_bleed():
     assert all(p.twin_of is None for p in plan_dataset(10, 3, size=64, slices=(16, 18)))
     for seed in range(6):  # twins count towards the studies asked, second studies included
         assert len(plan_dataset(3, seed, size=32, slices=(4, 4), twins=1.0, prevalence="any=1")) == 3
+
+
+def test_holder_and_scalp_haematoma_stay_outside_the_cranium():
+    """The head rest is painted only into air, at its plastic's HU; a scalp haematoma only outside the
+    skull, so neither can be mistaken for (or counted as) intracranial blood."""
+    from ichscan.phantom import artifacts
+
+    rng = np.random.default_rng(4)
+    head = an.sample_head(rng)
+    fr = an.make_frame(rng, head, 24, 96, 96, 5.0)
+    anat = an.build(head, fr, rng)
+    hu0, tissue0 = anat.hu.copy(), anat.tissue.copy()
+    drawn = artifacts.scalp_haematoma(anat.hu, anat.tissue, anat.depth, head, fr, np.random.default_rng(1))
+    changed = anat.hu != hu0
+    assert changed.any()
+    assert (anat.depth[changed] < -head.skull).all()  # beyond the inner table by a skull's thickness
+    assert np.allclose(anat.hu[changed], drawn["hu"], atol=0.5)  # (recorded rounded) the swelling's density, raised to, never lowered
+    hu1 = anat.hu.copy()
+    arcs = artifacts.head_holder(anat.hu, anat.tissue, head, fr, np.random.default_rng(2))["arcs"]
+    changed = anat.hu != hu1
+    assert changed.any() and (hu1[changed] <= -900).all()  # drawn into air only
+    assert anat.hu[changed].max() <= max(a["hu"] for a in arcs) + 1e-3
+    assert (tissue0[changed] == an.AIR).all()

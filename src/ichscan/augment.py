@@ -166,7 +166,7 @@ def apply_params(images: torch.Tensor, params: AugmentParams, config: AugmentCon
         c = params.contrast.to(device=images.device, dtype=out.dtype)[:, None, None, None]
         b = params.brightness.to(device=images.device, dtype=out.dtype)[:, None, None, None]
         out = (out * c + b).clamp_(0.0, 1.0)
-    if config.photometric_extras and params.gamma is not None:
+    if params.gamma is not None:  # drawn only when the configuration asks for the extras
         out = _photometric_extras(out, params)
     if images.shape[1] > 1 and images.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)

@@ -117,8 +117,7 @@ def head_holder(hu: np.ndarray, tissue: np.ndarray, head: HeadShape, fr: Frame, 
         d = np.abs(ellipse_distance(X, Y, 0, cy, rx, ry))
         ang = np.abs(np.arctan2(X, Y - cy))  # 0 straight back (down in the image)
         frac = ramp(d - thick / 2, w) * (ang < span)
-        air = (hu > -900) == 0
-        paint(hu, tissue, value, frac[None] * air)
+        paint(hu, tissue, value, frac[None] * (hu <= -900))  # only in the air around the head
         drawn.append({"gap_mm": round(gap, 1), "hu": round(value), "span_deg": round(float(np.rad2deg(span)))})
     return {"arcs": drawn}
 
