@@ -137,9 +137,9 @@ def _reaggregated(p: SeriesPrediction, method: str, top_k: int) -> SeriesPredict
 
 
 def _write_csv(path: Path, frame) -> None:
-    from ichscan.model import atomic_write_bytes
+    from ichscan.fileio import write_csv
 
-    atomic_write_bytes(path, frame.to_csv(index=False, lineterminator="\n").encode())
+    write_csv(path, frame)
 
 
 def predict_all(predictor: Predictor, series: Sequence[CTSeries]) -> tuple[list[SeriesPrediction], list[dict]]:
@@ -334,9 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     text = json.dumps(report, indent=1, allow_nan=False)
     if args.out:
-        from ichscan.model import atomic_write_bytes
+        from ichscan.fileio import write_text
 
-        atomic_write_bytes(args.out, (text + "\n").encode())
+        write_text(args.out, text + "\n")
     print(text)
     complete = not report["ctich_dev"]["failed"] and (
         args.limit is not None or report["ctich_dev"]["n_series"] == report["ctich_dev"]["n_series_labelled"])

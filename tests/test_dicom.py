@@ -260,7 +260,7 @@ def test_read_slice_inside_zip(tmp_path):
     assert s.path == str(archive / "scans" / "ct.dcm")
 
 
-def test_ingest_does_not_import_torch():
+def test_ingest_modules_do_not_import_torch():
     code = "import sys, ichscan.dicom, ichscan.windows, ichscan.render; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from ichscan.errors import DataError, IchscanError
+from ichscan.fileio import write_json, write_npy, write_parquet
 from ichscan.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -178,19 +178,6 @@ def _index_shard(paths: list[str]) -> pd.DataFrame:
     return frame
 
 
-def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _pool(workers: int) -> ProcessPoolExecutor:
     import multiprocessing as mp
 
@@ -253,7 +240,7 @@ def build_index(
         nonlocal done_files
         results[k] = frame
         if parts_dir is not None:
-            _atomic_parquet(frame, parts_dir / f"shard-{k:06d}.parquet")
+            write_parquet(parts_dir / f"shard-{k:06d}.parquet", frame)
         done_files += len(shards[k])
         if progress:
             progress(done_files, len(paths))
@@ -270,7 +257,7 @@ def build_index(
     frames = [results[k] for k in range(len(shards))]
     full = pd.concat(frames, ignore_index=True) if frames else _index_shard([])
     if cache_path is not None:
-        _atomic_parquet(full, cache_path)
+        write_parquet(cache_path, full)
         if parts_dir is not None and parts_dir.is_dir():
             for part in parts_dir.glob("shard-*.parquet"):
                 part.unlink()
@@ -427,13 +414,6 @@ def _cache_chunk(root: str, shape: tuple[int, ...], rows: list[int], paths: list
     return ok, failed
 
 
-def _save_status(root: Path, status: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".status.", suffix=".npy")
-    os.close(fd)
-    np.save(tmp, status)
-    os.replace(tmp, root / "status.npy")
-
-
 def build_cache(
     frame: pd.DataFrame,
     root: str | os.PathLike,
@@ -469,11 +449,10 @@ def build_cache(
         # Data files first, meta.json last: a folder with meta.json is always a complete layout.
         with open(root / "images.u8", "wb") as fh:
             fh.truncate(int(np.prod(shape)))
-        _atomic_parquet(ids, root / "ids.parquet")
+        write_parquet(root / "ids.parquet", ids)
         status = np.zeros(len(ids), dtype=np.uint8)
-        _save_status(root, status)
-        from ichscan.model import atomic_write_json
-        atomic_write_json(meta_path, meta)
+        write_npy(root / "status.npy", status)
+        write_json(meta_path, meta)
     failures_path = root / "failures.json"
     failures: dict[str, str] = json.loads(failures_path.read_text()) if failures_path.is_file() else {}
     report = CacheReport(str(root), total=len(ids))
@@ -493,7 +472,7 @@ def build_cache(
             failures[image_ids[row]] = reason
         for row in ok:
             failures.pop(image_ids[row], None)
-        _save_status(root, status)
+        write_npy(root / "status.npy", status)
         done += len(ok)
         report.written += len(ok)
         if progress:
@@ -511,8 +490,7 @@ def build_cache(
                 for fut in as_completed(futures):
                     finish(*fut.result())
     finally:
-        from ichscan.model import atomic_write_json
-        atomic_write_json(failures_path, failures)
+        write_json(failures_path, failures)
     report.done = done
     report.failures = dict(failures)
     return report

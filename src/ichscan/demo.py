@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ichscan.errors import IchscanError
+from ichscan.fileio import write_json
 from ichscan.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
     wanted.pop("workers")
     if stamp.is_file() and json.loads(stamp.read_text()) != wanted:
         raise IchscanError("this folder holds a demo run with other settings; use --restart or another --out", out)
-    stamp.write_text(json.dumps(wanted, indent=1) + "\n")
+    write_json(stamp, wanted, indent=1)
     seconds: dict[str, float] = {}
 
     # 1. Phantoms: three independent populations (distinct seeds, so distinct patients) = a patient split.
@@ -133,7 +134,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
                               report=lambda line: log.info("%s", line))
         if result.interrupted or result.best is None:
             raise IchscanError("training stopped before it finished; rerun the demo to resume", run_dir)
-        (run_dir / "done.json").write_text(json.dumps({"seconds": time.perf_counter() - t1}) + "\n")
+        write_json(run_dir / "done.json", {"seconds": time.perf_counter() - t1}, indent=None)
     from ichscan.model import write_ensemble
 
     manifest = write_ensemble(out / "models" / "ensemble.json", members)
@@ -182,7 +183,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
     summary = {"config": config.to_dict(), "seconds": {k: round(v, 1) for k, v in seconds.items()},
                "auc": aucs, "weighted_log_loss": wll, "thresholds": ev.thresholds,
                "outputs": {k: str(v) for k, v in paths.items()}}
-    (out / "demo.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    write_json(out / "demo.json", summary, indent=1, default=str)
     return DemoResult(out, paths["html"], paths["table1_md"], paths["roc_png"], aucs, wll, seconds)
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ichscan.errors import DataError
+from ichscan.fileio import write_text
 from ichscan.labels import LABELS, loss_weights
 
 log = logging.getLogger(__name__)
@@ -602,7 +603,7 @@ def save_thresholds(points: OperatingPoints | Mapping[str, float], path: str | o
     """Write a thresholds file: JSON ``{"method": ..., "thresholds": {label: t}, ...}``."""
     if not isinstance(points, OperatingPoints):
         points = OperatingPoints(method="manual", thresholds=resolve_thresholds(dict(points), list(points)))
-    return _write_text(path, json.dumps(points.to_dict(), indent=2) + "\n")
+    return write_text(path, json.dumps(points.to_dict(), indent=2) + "\n")
 
 
 def load_thresholds(path: str | os.PathLike, labels: Sequence[str] = LABELS) -> dict[str, float]:
@@ -645,16 +646,6 @@ def parse_thresholds(value: str | float | None, labels: Sequence[str] = LABELS) 
         return resolve_thresholds(number, labels)
     except ValueError as err:
         raise DataError(str(err)) from None
-
-
-def _write_text(path: str | os.PathLike, text: str) -> Path:
-    # Write beside the target and rename, so a reader never sees half a file.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 # --------------------------------------------------------------------------------------------------

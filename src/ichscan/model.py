@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,8 @@ import torch
 from torch import nn
 
 from ichscan import __version__
-from ichscan.errors import ChecksumError, CheckpointError, IchscanError, NoBundledModelError
+from ichscan.errors import CheckpointError, ChecksumError, IchscanError, NoBundledModelError
+from ichscan.fileio import json_default, write_bytes, write_json
 from ichscan.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -192,35 +192,7 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, tuple):
-        return list(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+atomic_write_bytes, atomic_write_json = write_bytes, write_json  # TEMP until train.py moves to fileio
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -269,8 +241,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
         "weights": weights_path.name,
     }
     record.update(meta)
-    atomic_write_bytes(weights_path, st_save(model_state(inner), metadata={"format": "pt"}))
-    atomic_write_json(json_path, record)
+    write_bytes(weights_path, st_save(model_state(inner), metadata={"format": "pt"}))
+    write_json(json_path, record)
     return json_path
 
 
@@ -407,7 +379,7 @@ def write_ensemble(path: str | os.PathLike, checkpoints: Sequence[str | os.PathL
         if key in record:
             raise CheckpointError(f"extra manifest key {key!r} would replace a standard one", path)
         record[key] = value
-    atomic_write_json(path, record)
+    write_json(path, record)
     return path
 
 
@@ -655,7 +627,7 @@ def write_bundle(out_dir: str | os.PathLike, members: str | os.PathLike | Sequen
     for _, weights_path, _ in files:
         if not weights_path.is_file():
             raise CheckpointError("checkpoint weights (.safetensors) missing beside its JSON", weights_path)
-    size = sum(w.stat().st_size + len(json.dumps(meta, default=_json_default)) for _, w, meta in files)
+    size = sum(w.stat().st_size + len(json.dumps(meta, default=json_default)) for _, w, meta in files)
     if size > max_bytes:
         raise CheckpointError(f"the bundle would take {size / 2**20:.1f} MiB, more than {max_bytes / 2**20:.0f} "
                               "MiB; use a smaller model or store weights in fp16", out)
@@ -688,7 +660,7 @@ def write_bundle(out_dir: str | os.PathLike, members: str | os.PathLike | Sequen
                 stale.unlink()
     copied = []
     for stem, data, meta in payload:
-        atomic_write_bytes(out / f"{stem}.safetensors", data)
-        atomic_write_json(out / f"{stem}.json", dict(meta, weights=f"{stem}.safetensors"))
+        write_bytes(out / f"{stem}.safetensors", data)
+        write_json(out / f"{stem}.json", dict(meta, weights=f"{stem}.safetensors"))
         copied.append(out / f"{stem}.json")
     return write_ensemble(target, copied, [w for _, w in sources], sha256=True, extra=extra)

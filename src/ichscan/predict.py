@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ichscan.errors import CheckpointError, DataError, IchscanError, SeriesError
+from ichscan.fileio import write_csv, write_text
 from ichscan.labels import LABELS, RSNA_CSV_ORDER
 
 log = logging.getLogger(__name__)
@@ -854,27 +854,6 @@ def run_thresholds(given: dict[str, float] | str | os.PathLike | None, operating
 # Writing outputs (atomically: a reader never sees half a file)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _atomic_write_csv(path: Path, df) -> None:
-    _atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
-
-
 def _kaggle_id(image_id: str, label: str) -> str:
     return f"{image_id}_{label}" if image_id.startswith("ID_") else f"ID_{image_id}_{label}"
 
@@ -937,13 +916,13 @@ def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPredic
     thresholds = thresholds or load_thresholds(None)
     paths = {name: out / f"{name}.csv" for name in ("slices", "series", "submission", "skipped")}
     paths["json"] = out / "predictions.json"
-    _atomic_write_csv(paths["slices"], slice_table(predictions))
-    _atomic_write_csv(paths["series"], series_table(predictions, thresholds))
-    _atomic_write_csv(paths["submission"], submission_table(predictions))
+    write_csv(paths["slices"], slice_table(predictions))
+    write_csv(paths["series"], series_table(predictions, thresholds))
+    write_csv(paths["submission"], submission_table(predictions))
     skipped_rows = [{"kind": "file", "path": s.path, "series_uid": s.series_uid, "reason": s.reason} for s in skipped]
     skipped_rows += [{"kind": "series", "path": "", "series_uid": r.series_uid,
                       "reason": f"rejected by {r.rule}: {r.detail}"} for r in rejected]
-    _atomic_write_csv(paths["skipped"], pd.DataFrame(skipped_rows, columns=["kind", "path", "series_uid", "reason"]))
+    write_csv(paths["skipped"], pd.DataFrame(skipped_rows, columns=["kind", "path", "series_uid", "reason"]))
     doc = {
         "kind": "ichscan-predictions",
         "labels": list(LABELS),
@@ -954,7 +933,7 @@ def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPredic
         "rejected": [dataclasses.asdict(r) for r in rejected],
         "skipped": [dataclasses.asdict(s) for s in skipped],
     }
-    _atomic_write_text(paths["json"], json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    write_text(paths["json"], json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return paths
 
 
@@ -993,7 +972,7 @@ def _check_config(work: Path, config: dict, restart: bool) -> None:
                 "this output folder holds results of another configuration (checkpoint, TTA, precision or "
                 "aggregation differ); use another --out, or --restart to discard them", work.parent)
     else:
-        _atomic_write_text(stamp, json.dumps(config, indent=1, sort_keys=True) + "\n")
+        write_text(stamp, json.dumps(config, indent=1, sort_keys=True) + "\n")
 
 
 def predict_path(
@@ -1076,7 +1055,7 @@ def predict_path(
             n_predicted += 1
             done[_work_name(s)] = result
             if work is not None:
-                _atomic_write_text(work / _work_name(s), json.dumps(result.to_dict(), allow_nan=False))
+                write_text(work / _work_name(s), json.dumps(result.to_dict(), allow_nan=False))
             for item in result.skipped:
                 log.info("skipped %s: %s", item.path, item.reason)
             if progress:

@@ -22,7 +22,8 @@ from typing import Any, Union
 import numpy as np
 import pandas as pd
 
-from ichscan.metrics import METRICS, Estimate, Evaluation, _write_text
+from ichscan.fileio import atomic_path, write_text
+from ichscan.metrics import METRICS, Estimate, Evaluation
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,9 @@ def write_table1(ev: Evaluation, out_dir: str | os.PathLike, *, stem: str = "tab
     out = Path(out_dir)
     frame = pd.DataFrame(table1_records(ev))
     return {
-        "md": _write_text(out / f"{stem}.md", table1_markdown(ev, digits)),
-        "csv": _write_text(out / f"{stem}.csv", frame.to_csv(index=False, float_format="%.6g")),
-        "json": _write_text(out / f"{stem}.json", json.dumps(_jsonable(ev.to_dict()), indent=2) + "\n"),
+        "md": write_text(out / f"{stem}.md", table1_markdown(ev, digits)),
+        "csv": write_text(out / f"{stem}.csv", frame.to_csv(index=False, float_format="%.6g")),
+        "json": write_text(out / f"{stem}.json", json.dumps(_jsonable(ev.to_dict()), indent=2) + "\n"),
     }
 
 
@@ -228,10 +229,9 @@ def write_roc(ev: Evaluation, out_dir: str | os.PathLike, *, stem: str = "roc",
         for fmt in formats:
             fig = roc_figure(ev)
             path = out / f"{stem}.{fmt}"
-            tmp = out / f".{stem}.tmp.{fmt}"
             meta = {"Date": None} if fmt in ("svg", "pdf") else {"Software": "ichscan"}
-            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
             paths[fmt] = path
     return paths
 
@@ -302,7 +302,7 @@ def splice_markdown(path: str | os.PathLike, name: str, block: str) -> Path:
     i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
         raise ValueError(f"{path}: no {start} ... {end} markers to replace")
-    return _write_text(path, text[: i + len(start)] + "\n" + block.strip("\n") + "\n" + text[j:])
+    return write_text(path, text[: i + len(start)] + "\n" + block.strip("\n") + "\n" + text[j:])
 
 
 def key_slice_pngs(hu: np.ndarray, windows=None, *, size: int | None = 256,
@@ -484,7 +484,7 @@ def html_report(
 def write_html_report(ev: Evaluation, path: str | os.PathLike,
                       series: Iterable[SeriesEntry | Mapping[str, Any]] | None = None, **kwargs) -> Path:
     """Write ``html_report(ev, series, **kwargs)`` to ``path`` (one file, images inlined)."""
-    return _write_text(path, html_report(ev, series, **kwargs))
+    return write_text(path, html_report(ev, series, **kwargs))
 
 
 def write_report(

@@ -10,9 +10,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import json
+import io
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +24,7 @@ import numpy as np
 
 from ichscan import __version__
 from ichscan.errors import IchscanError
+from ichscan.fileio import atomic_path, write_json, write_text
 from ichscan.labels import LABELS, RSNA_CSV_ORDER, SUBTYPES
 from ichscan.phantom import anatomy as an
 from ichscan.phantom import writer
@@ -283,8 +283,8 @@ def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
         for k, s in enumerate(SUBTYPES):
             bits |= (ps.masks[s].astype(np.uint8) << k)
         (out_p / "masks").mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out_p / "masks" / f"{plan.series_uid}.npz", masks=bits,
-                            image_ids=np.array(plan.image_ids), subtypes=np.array(SUBTYPES))
+        with atomic_path(out_p / "masks" / f"{plan.series_uid}.npz", durable=False) as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, masks=bits, image_ids=np.array(plan.image_ids), subtypes=np.array(SUBTYPES))
     return {
         "slice_labels": slice_lab.tolist(),
         "series_labels": ps.series_labels(),
@@ -326,23 +326,24 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
 
     labels_path = out_p / "labels.csv"
     series_path = out_p / "series_labels.csv"
-    with open(labels_path.with_suffix(".tmp"), "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["ID", "Label"])
-        for plan, res in zip(plans, results):
-            for iid, row in zip(plan.image_ids, res["slice_labels"]):
-                values = dict(zip(SUBTYPES, row))
-                values["any"] = int(any(row))
-                for name in RSNA_CSV_ORDER:
-                    wr.writerow([f"{iid}_{name}", int(values[name])])
-    os.replace(labels_path.with_suffix(".tmp"), labels_path)
-    with open(series_path.with_suffix(".tmp"), "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["patient_id", "study_uid", "series_uid", "n_slices", *LABELS])
-        for plan, res in zip(plans, results):
-            wr.writerow([plan.patient_id, plan.study_uid, plan.series_uid, plan.n_slices,
-                         *(res["series_labels"][k] for k in LABELS)])
-    os.replace(series_path.with_suffix(".tmp"), series_path)
+    # csv's own "\r\n" line ends, as RSNA's stage_2_train.csv has them.
+    buf = io.StringIO()
+    wr = csv.writer(buf)
+    wr.writerow(["ID", "Label"])
+    for plan, res in zip(plans, results):
+        for iid, row in zip(plan.image_ids, res["slice_labels"]):
+            values = dict(zip(SUBTYPES, row))
+            values["any"] = int(any(row))
+            for name in RSNA_CSV_ORDER:
+                wr.writerow([f"{iid}_{name}", int(values[name])])
+    write_text(labels_path, buf.getvalue())
+    buf = io.StringIO()
+    wr = csv.writer(buf)
+    wr.writerow(["patient_id", "study_uid", "series_uid", "n_slices", *LABELS])
+    for plan, res in zip(plans, results):
+        wr.writerow([plan.patient_id, plan.study_uid, plan.series_uid, plan.n_slices,
+                     *(res["series_labels"][k] for k in LABELS)])
+    write_text(series_path, buf.getvalue())
 
     n_slices = sum(p.n_slices for p in plans)
     series_pos = {k: sum(r["series_labels"][k] for r in results) for k in LABELS}
@@ -364,9 +365,7 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
         "label_order": list(LABELS),
         "series": [r["manifest"] for r in results],
     }
-    tmp = out_p / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, default=_jsonable))
-    os.replace(tmp, out_p / "manifest.json")
+    write_json(out_p / "manifest.json", manifest, indent=1, default=_jsonable, newline=False)
     log.info("wrote %d slices of %d series to %s in %.1f s", n_slices, len(plans), out_p, summary.seconds)
     return summary
 

@@ -10,12 +10,13 @@ take values reaching 4096 down by 4096, intercept -1000) gives the HU back exact
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
+
+from ichscan.fileio import atomic_path
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,8 @@ def write_series(paths: list[str], hu: np.ndarray, z: np.ndarray, sop_uids: list
         ds.ImagePositionPatient = [f"{h.origin_xy[0]:.4f}", f"{h.origin_xy[1]:.4f}", f"{zpos:.4f}"]
         ds.SliceLocation = f"{zpos:.4f}"
         ds.PixelData = np.ascontiguousarray(stored[i]).tobytes()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        ds.save_as(path, enforce_file_format=True)
+        with atomic_path(path, durable=False) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
 
 
 def study_datetime(rng: np.random.Generator) -> tuple[str, str]:
