@@ -192,40 +192,145 @@ def suture_angles(head: HeadShape, z):
     return angles
 
 
+@dataclass
+class _Band:
+    """Slices of one band of levels, copied out of the series (indexing with an array copies) to be
+    painted, then written back by ``_Canvas.put``."""
+
+    idx: np.ndarray  # slice indices in the series
+    z: np.ndarray  # (k, 1, 1) their levels
+    X: np.ndarray  # head frame: (k, H, W) where a mass displaces the brain, else (1, H, W)
+    Y: np.ndarray  # (1, H, W)
+    hu: np.ndarray  # (k, H, W)
+    tissue: np.ndarray
+
+    def profile(self, z0, z1):
+        return profile(self.z, z0, z1)
+
+
+@dataclass
+class _Canvas:
+    """The series being painted, with the grids that every structure is drawn on."""
+
+    head: HeadShape
+    fr: Frame
+    hu: np.ndarray  # (n, H, W) float32, painted in place
+    tissue: np.ndarray  # (n, H, W) uint8 codes
+    z: np.ndarray  # (n, 1, 1) slice levels
+    phi: np.ndarray  # (1, H, W) angle from the front, +pi/2 on the patient's left
+    w: np.float32  # partial-volume ramp, mm
+    smear: np.ndarray  # (n, 1, 1) ramp of the cranial surfaces, wider where they cross the slices obliquely
+    A: np.ndarray  # (n, 1, 1) half-axes of the supratentorial inner table at each level
+    B: np.ndarray
+
+    @property
+    def X(self) -> np.ndarray:
+        return self.fr.X
+
+    @property
+    def Y(self) -> np.ndarray:
+        return self.fr.Y
+
+    def band(self, idx: np.ndarray, X: np.ndarray | None = None) -> _Band:
+        """The slices ``idx``, copied out to be painted; ``X`` replaces the head-frame X (a displaced grid)."""
+        X = self.X if X is None else X
+        return _Band(idx=idx, z=self.fr.z[idx][:, None, None], X=X[idx] if X.shape[0] > 1 else X, Y=self.Y,
+                     hu=self.hu[idx], tissue=self.tissue[idx])
+
+    def put(self, band: _Band) -> None:
+        self.hu[band.idx], self.tissue[band.idx] = band.hu, band.tissue
+
+
+@dataclass
+class _Vault:
+    """Outer contour of the skull, level by level: the scalp lies on it and the skull fills it."""
+
+    thickness: np.ndarray  # (n, 1, 1) mm
+    A: np.ndarray  # (n, 1, 1) half-axes of the outer table
+    B: np.ndarray
+    above: np.ndarray  # (n, 1, 1) bool: above the inner table's vertex, where the vault is a cap
+
+
+@dataclass
+class _Cavity:
+    """The cranial cavity: where the brain and CSF go, and which slices cross its compartments."""
+
+    depth: np.ndarray  # (n, H, W) mm inside the inner table (negative outside)
+    cerebrum: np.ndarray  # (n, H, W) bool: inside the supratentorial compartments
+    supra: np.ndarray  # indices of the slices through the supratentorial vault
+    fossa: np.ndarray  # indices of the slices through the posterior fossa
+    fossa_centre: tuple[float, float]
+    fossa_depth: np.ndarray | None  # depth in the posterior fossa before the inner table's roughness
+
+
 def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect | None = None,
           calcified: dict | None = None, distended: list[dict] | None = None) -> Anatomy:
     """Render the head over the series. ``calcified`` names physiological calcifications to draw;
-    ``distended`` lists convexity regions (phi, phi_half, z, z_half) whose sulci blood has widened."""
-    calcified = calcified or {}
-    n, H, W = fr.n, fr.rows, fr.cols
-    X, Y = fr.X, fr.Y
-    z = fr.z[:, None, None]
-    ps = fr.spacing
-    w = np.float32(max(ps, 0.35))  # partial-volume ramp
-    hu = np.full((n, H, W), -1000.0, np.float32)
-    tissue = np.zeros((n, H, W), np.uint8)
-    phi = np.arctan2(X, -Y)  # 0 at the front, +pi/2 on the patient's left
+    ``distended`` lists convexity regions (phi, phi_half, z, z_half) whose sulci blood has widened.
 
+    Structures are painted outside in, each over the ones before; the order also fixes the random draws."""
+    cv = _blank_canvas(head, fr)
+    vault = _vault_outline(cv)
+    _scalp(cv, vault, rng)
+    cavity = _cranial_cavity(cv)
+    _roughen_inner_table(cv, cavity.depth, rng)
+    _skull_vault(cv, vault, cavity.depth, rng)
+    _skull_base(cv, cavity.depth, rng)
+    _upper_neck(cv)
+    _frontal_sinuses(cv)
+    _sutures(cv, cavity.depth)
+    extra = _csf_and_brain(cv, cavity.depth, rng)
+    Xw, efface = _mass_effect(cv, mass)
+    _cortex_and_sulci(cv, cavity, extra, efface, distended, rng)
+    _deep_cerebrum(cv, cavity, Xw, calcified or {})
+    _posterior_fossa(cv, cavity)
+    hu, tissue, depth = cv.hu, cv.tissue, cavity.depth
+    _venous_sinuses(head, fr, hu, tissue, depth, rng)
+    _face_and_neck(head, fr, hu, tissue, depth, cv.w, rng)
+    _parenchymal_texture(hu, tissue, fr, rng)
+    sector = np.where(depth > -30, sector_of(head, cv.phi, cv.z), 0).astype(np.uint8)
+    return Anatomy(hu=hu, tissue=tissue, depth=depth, sector=sector, cerebrum=cavity.cerebrum & (depth > 0),
+                   side_x=fr.X, sulcal_effacement=efface)
+
+
+def _blank_canvas(head: HeadShape, fr: Frame) -> _Canvas:
+    """Air over the whole series, and the grids shared by every structure."""
+    n, H, W = fr.n, fr.rows, fr.cols
+    z = fr.z[:, None, None]
+    w = np.float32(max(fr.spacing, 0.35))  # partial-volume ramp
     # Through-plane smear: a surface at slope dr/dz smears over thickness * |dr/dz| in plane.
     s = cranial_scale(head, z)
     ds = np.abs(np.gradient(cranial_scale(head, fr.z), fr.z)) if n > 1 else np.zeros(1, np.float32)
     smear = np.sqrt(w**2 + (np.minimum(ds * head.a * fr.thickness, 25.0)[:, None, None]) ** 2).astype(np.float32)
+    return _Canvas(head=head, fr=fr, hu=np.full((n, H, W), -1000.0, np.float32), tissue=np.zeros((n, H, W), np.uint8),
+                   z=z, phi=np.arctan2(fr.X, -fr.Y), w=w, smear=smear, A=head.a * s, B=head.b * s)
 
-    A = head.a * s
-    B = head.b * s
+
+def _vault_outline(cv: _Canvas) -> _Vault:
+    """The skull's outer contour: the inner table plus the vault's thickness, which grows towards the base;
+    below the skull base the contour keeps its size there, and above the inner vertex it closes in a cap
+    as thick as the vault."""
+    head, z = cv.head, cv.z
     base = z < 12.0
-    # ---- outer contours: scalp and skull (vault), the face and skull base below
     tb = np.where(z < 20, head.skull * (1 + 0.03 * np.clip(20 - z, 0, 40)), head.skull)  # thicker at base
-    A_out_sk = np.where(base, head.a * float(cranial_scale(head, np.float32(12.0))), A) + tb
-    B_out_sk = np.where(base, head.b * float(cranial_scale(head, np.float32(12.0))), B) + tb
-    # The vault's outer surface reaches beyond the inner vertex by the skull thickness.
+    A_out_sk = np.where(base, head.a * float(cranial_scale(head, np.float32(12.0))), cv.A) + tb
+    B_out_sk = np.where(base, head.b * float(cranial_scale(head, np.float32(12.0))), cv.B) + tb
     above = z > head.top
     cap = np.sqrt(np.clip(1 - ((z - head.top) / (head.skull + 0.1)) ** 2, 0, 1))
     A_out_sk = np.where(above, (head.a * 0.25 + head.skull) * cap, A_out_sk)
     B_out_sk = np.where(above, (head.b * 0.3 + head.skull) * cap, B_out_sk)
+    return _Vault(thickness=tb, A=A_out_sk, B=B_out_sk, above=above)
+
+
+def _scalp(cv: _Canvas, vault: _Vault, rng: np.random.Generator) -> None:
+    """The head's outline: scalp over the skull's outer contour (narrower in the neck) and the nose, a thin
+    subcutaneous fat layer under the skin, and denser soft tissue (galea, muscle) inside it. Everything
+    within is painted over later."""
+    head, z, X, Y, w, smear = cv.head, cv.z, cv.X, cv.Y, cv.w, cv.smear
+    hu, tissue, above = cv.hu, cv.tissue, vault.above
     capsc = np.sqrt(np.clip(1 - ((z - head.top) / (head.skull + head.scalp + 0.1)) ** 2, 0, 1))
-    A_head = np.where(above, (head.a * 0.3 + head.skull + head.scalp) * capsc, A_out_sk + head.scalp)
-    B_head = np.where(above, (head.b * 0.35 + head.skull + head.scalp) * capsc, B_out_sk + head.scalp)
+    A_head = np.where(above, (head.a * 0.3 + head.skull + head.scalp) * capsc, vault.A + head.scalp)
+    B_head = np.where(above, (head.b * 0.35 + head.skull + head.scalp) * capsc, vault.B + head.scalp)
     bottom = z < -45
     A_head = np.where(bottom, A_head * 0.85, A_head)
     nose = ellipse(X, Y, 0, -B_head + 3, 9, 14, w) * ((z > -40) & (z < 0))
@@ -235,14 +340,19 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     fat = ramp(d_head + 1.2, smear) * np.clip(1.0 - 0.4 * np.float32(above), 0, 1)
     paint(hu, tissue, float(rng.uniform(-110, -70)), fat * 0.3)
     paint(hu, tissue, float(rng.uniform(35, 55)), ramp(d_head + 1.5 + 0.2 * head.scalp, smear), SOFT)
-    del d_head
 
-    # ---- intracranial compartments (union of soft ellipses); depth = mm inside the inner table
-    sup = ~base[:, 0, 0] & (fr.z < head.top)
+
+def _cranial_cavity(cv: _Canvas) -> _Cavity:
+    """Depth inside the inner table, as the union of soft ellipses: the supratentorial vault above the skull
+    base; below it the temporal lobes in the middle cranial fossae and the frontal lobes over the orbital
+    roofs, merging into the vault; and the posterior fossa under the tentorium."""
+    head, fr, X, Y = cv.head, cv.fr, cv.X, cv.Y
+    n, H, W = fr.n, fr.rows, fr.cols
+    sup = ~(cv.z < 12.0)[:, 0, 0] & (fr.z < head.top)
     depth = np.full((n, H, W), -100.0, np.float32)
     cerebrum = np.zeros((n, H, W), bool)
     if sup.any():
-        d = -ellipse_distance(X, Y, 0, 0, A[sup], B[sup])
+        d = -ellipse_distance(X, Y, 0, 0, cv.A[sup], cv.B[sup])
         depth[sup] = d
         cerebrum[sup] = d > 0
     midfossa = np.nonzero((fr.z > -16) & (fr.z < 12.0))[0]
@@ -265,6 +375,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
         cerebrum[midfossa] |= d > 0
     pf = np.nonzero((fr.z > -42) & (fr.z < 20))[0]
     pf_c = (0.0, 0.36 * head.b)
+    pf_depth = None
     if len(pf):
         zp = fr.z[pf][:, None, None]
         p = profile(zp, -44, 22)
@@ -273,96 +384,136 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
         d = np.where(zp > 8, np.minimum(d, -ellipse_distance(X, Y, 0, pf_c[1], 0.2 * head.a, 0.25 * head.b)), d)
         depth[pf] = np.maximum(depth[pf], d)
         pf_depth = d
-    # The inner table is not smooth: digitate markings, ridges and grooves of a millimetre or so, which the
-    # skull, the extra-axial space and the brain follow alike.
-    rough = _smooth_field(rng, depth.shape, fr.spacing, float(rng.uniform(4, 10))) * np.float32(rng.uniform(0.2, 1.2))
+    return _Cavity(depth=depth, cerebrum=cerebrum, supra=np.nonzero(sup)[0], fossa=pf, fossa_centre=pf_c,
+                   fossa_depth=pf_depth)
+
+
+def _roughen_inner_table(cv: _Canvas, depth, rng: np.random.Generator) -> None:
+    """The inner table is not smooth: digitate markings, ridges and grooves of a millimetre or so, which the
+    skull, the extra-axial space and the brain follow alike (all are drawn from ``depth``)."""
+    scale = float(rng.uniform(4, 10))
+    rough = _smooth_field(rng, depth.shape, cv.fr.spacing, scale) * np.float32(rng.uniform(0.2, 1.2))
     depth += np.where(depth > -40, rough, np.float32(0))
-    del rough
-    # ---- skull: outer table, diploe and inner table around the cavity; a cap above the inner vertex
+
+
+def _skull_vault(cv: _Canvas, vault: _Vault, depth, rng: np.random.Generator) -> None:
+    """Skull around the cavity: cortical bone from the inner table out to the vault's thickness (a cap
+    above the inner vertex), with diploe between the tables where the bone is thick enough to have it."""
+    hu, tissue, X, Y, w, smear, tb = cv.hu, cv.tissue, cv.X, cv.Y, cv.w, cv.smear, vault.thickness
     cortical = float(rng.uniform(1300, 1800))
     diploe = float(rng.uniform(350, 700))
-    capfrac = ellipse(X, Y, 0, 0, A_out_sk, B_out_sk, smear) * above
+    capfrac = ellipse(X, Y, 0, 0, vault.A, vault.B, smear) * vault.above
     paint(hu, tissue, cortical, np.maximum(ramp(-(depth + tb), smear), capfrac), BONE)
     paint(hu, tissue, diploe, ramp(-(depth + tb - 1.8), smear) * ramp(depth + 1.3, w) * (tb > 4.0))
-    # Skull base: dense petrous ridges and clivus, sinuses and orbits carved out of bone and soft tissue.
-    lo = np.nonzero(fr.z < 12.0)[0]
-    if len(lo):
-        zl = fr.z[lo][:, None, None]
-        h_l, t_l = hu[lo], tissue[lo]
-        orbit_band = profile(zl, -22, 8)
-        for sx in (-1, 1):
-            # orbit: fat cone with the globe at its front
-            paint(h_l, t_l, -90.0, ellipse(X, Y, sx * 0.36 * head.a, -0.78 * head.b, 16 * orbit_band,
-                                           20 * orbit_band, w), FAT)
-            g = profile(zl, -16, 2)
-            paint(h_l, t_l, 12.0, ellipse(X, Y, sx * 0.38 * head.a, -0.95 * head.b, 11.5 * g, 11.5 * g, w), GLOBE)
-            paint(h_l, t_l, 110.0, ellipse(X, Y, sx * 0.38 * head.a, -1.08 * head.b, 4 * g, 1.6 * g, w))
-            # maxillary sinus (lowest slices) and mastoid air cells
-            m = profile(zl, -48, -14)
-            wall = 1.5 * (m > 0)
-            paint(h_l, t_l, 900.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m + wall, 17 * m + wall, w),
-                  BONE)
-            paint(h_l, t_l, -950.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m, 17 * m, w), SINUS)
-            mc = profile(zl, -30, 0)
-            cells = ellipse(X, Y, sx * 0.78 * head.a, 0.22 * head.b, 8 * mc, 9 * mc, w)
-            cells = cells * (0.55 + 0.45 * np.sin(X * 1.3) * np.sin(Y * 1.1) > 0.55)
-            paint(h_l, t_l, -700.0, cells, SINUS)
-            # petrous ridge: dense bar from the side towards the clivus, between middle and posterior fossae
-            pr = profile(zl, -22, 6)
-            paint(h_l, t_l, 1600.0, capsule(X, Y, sx * 0.75 * head.a, 0.20 * head.b, sx * 0.15 * head.a,
-                                           -0.02 * head.b, 4.5 * pr + 0.01, w) * (pr > 0.05), BONE)
-        e = profile(zl, -22, 10)
-        wall = 1.5 * (e > 0)
-        paint(h_l, t_l, 700.0, ellipse(X, Y, 0, -0.62 * head.b, 11 * e + wall, 12 * e + wall, w), BONE)
-        eth = ellipse(X, Y, 0, -0.62 * head.b, 11 * e, 12 * e, w) * (np.sin(X * 0.9) * np.sin(Y * 0.9) > -0.6)
-        paint(h_l, t_l, -900.0, eth, SINUS)  # ethmoid air cells
-        paint(h_l, t_l, 300.0, ellipse(X, Y, 0, -0.62 * head.b, 0.9 * e, 12 * e, w))  # septum
-        sp = profile(zl, -12, 8)
-        wall = 2.0 * (sp > 0)
-        paint(h_l, t_l, 900.0, ellipse(X, Y, 0, -0.28 * head.b, 9 * sp + wall, 8 * sp + wall, w), BONE)
-        paint(h_l, t_l, -900.0, ellipse(X, Y, 0, -0.28 * head.b, 9 * sp, 8 * sp, w), SINUS)  # sphenoid
-        cl = profile(zl, -40, 0)
-        paint(h_l, t_l, 800.0, ellipse(X, Y, 0, -0.05 * head.b, 6 * cl, 9 * cl, w), BONE)  # clivus
-        hu[lo], tissue[lo] = h_l, t_l
-        _skull_base_clutter(head, fr, hu, tissue, lo, depth, w, rng)
-    neck = np.nonzero(fr.z < -36)[0]
-    if len(neck):
-        h_n, t_n = hu[neck], tissue[neck]
-        paint(h_n, t_n, 900.0, ellipse(X, Y, 0, 0.2 * head.b, 15.0, 13.0, w), BONE)  # atlas / axis
-        paint(h_n, t_n, 320.0, ellipse(X, Y, 0, 0.2 * head.b, 13.0, 11.0, w))
-        paint(h_n, t_n, 8.0, ellipse(X, Y, 0, 0.24 * head.b, 7.5, 7.0, w), CSF)  # canal
-        paint(h_n, t_n, head.white + 8, ellipse(X, Y, 0, 0.24 * head.b, 5.0, 4.0, w), WHITE)  # cord
-        paint(h_n, t_n, -900.0, ellipse(X, Y, 0, -0.35 * head.b, 9.0, 7.0, w), SINUS)  # pharynx
-        hu[neck], tissue[neck] = h_n, t_n
-    fs = np.nonzero((fr.z > 2) & (fr.z < 32))[0]
-    if len(fs):
-        zf = fr.z[fs][:, None, None]
-        p = profile(zf, 2, 32)
-        h_f, t_f = hu[fs], tissue[fs]
-        Bi = head.b * cranial_scale(head, zf)
-        paint(h_f, t_f, -950.0, ellipse(X, Y, 0, -Bi - head.skull * 0.55 - 1.5 * p, 13 * p, 3.5 * p + 0.01, w), SINUS)
-        hu[fs], tissue[fs] = h_f, t_f
 
-    inside = ramp(-depth, smear)
 
-    # Sutures: narrow fibrous gaps through the vault, zig-zagging a little.
+def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
+    """Skull base: dense petrous ridges and clivus, sinuses and orbits carved out of bone and soft tissue,
+    then the ridges and air cells that make it cluttered (``_skull_base_clutter``)."""
+    head, w = cv.head, cv.w
+    lo = np.nonzero(cv.fr.z < 12.0)[0]
+    if not len(lo):
+        return
+    s = cv.band(lo)
+    X, Y, h_l, t_l = s.X, s.Y, s.hu, s.tissue
+    orbit_band = s.profile(-22, 8)
+    for sx in (-1, 1):
+        # orbit: fat cone with the globe at its front
+        paint(h_l, t_l, -90.0, ellipse(X, Y, sx * 0.36 * head.a, -0.78 * head.b, 16 * orbit_band,
+                                       20 * orbit_band, w), FAT)
+        g = s.profile(-16, 2)
+        paint(h_l, t_l, 12.0, ellipse(X, Y, sx * 0.38 * head.a, -0.95 * head.b, 11.5 * g, 11.5 * g, w), GLOBE)
+        paint(h_l, t_l, 110.0, ellipse(X, Y, sx * 0.38 * head.a, -1.08 * head.b, 4 * g, 1.6 * g, w))
+        # maxillary sinus (lowest slices) and mastoid air cells
+        m = s.profile(-48, -14)
+        wall = 1.5 * (m > 0)
+        paint(h_l, t_l, 900.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m + wall, 17 * m + wall, w),
+              BONE)
+        paint(h_l, t_l, -950.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m, 17 * m, w), SINUS)
+        mc = s.profile(-30, 0)
+        cells = ellipse(X, Y, sx * 0.78 * head.a, 0.22 * head.b, 8 * mc, 9 * mc, w)
+        cells = cells * (0.55 + 0.45 * np.sin(X * 1.3) * np.sin(Y * 1.1) > 0.55)
+        paint(h_l, t_l, -700.0, cells, SINUS)
+        # petrous ridge: dense bar from the side towards the clivus, between middle and posterior fossae
+        pr = s.profile(-22, 6)
+        paint(h_l, t_l, 1600.0, capsule(X, Y, sx * 0.75 * head.a, 0.20 * head.b, sx * 0.15 * head.a,
+                                       -0.02 * head.b, 4.5 * pr + 0.01, w) * (pr > 0.05), BONE)
+    e = s.profile(-22, 10)
+    wall = 1.5 * (e > 0)
+    paint(h_l, t_l, 700.0, ellipse(X, Y, 0, -0.62 * head.b, 11 * e + wall, 12 * e + wall, w), BONE)
+    eth = ellipse(X, Y, 0, -0.62 * head.b, 11 * e, 12 * e, w) * (np.sin(X * 0.9) * np.sin(Y * 0.9) > -0.6)
+    paint(h_l, t_l, -900.0, eth, SINUS)  # ethmoid air cells
+    paint(h_l, t_l, 300.0, ellipse(X, Y, 0, -0.62 * head.b, 0.9 * e, 12 * e, w))  # septum
+    sp = s.profile(-12, 8)
+    wall = 2.0 * (sp > 0)
+    paint(h_l, t_l, 900.0, ellipse(X, Y, 0, -0.28 * head.b, 9 * sp + wall, 8 * sp + wall, w), BONE)
+    paint(h_l, t_l, -900.0, ellipse(X, Y, 0, -0.28 * head.b, 9 * sp, 8 * sp, w), SINUS)  # sphenoid
+    cl = s.profile(-40, 0)
+    paint(h_l, t_l, 800.0, ellipse(X, Y, 0, -0.05 * head.b, 6 * cl, 9 * cl, w), BONE)  # clivus
+    cv.put(s)
+    _skull_base_clutter(head, cv.fr, cv.hu, cv.tissue, lo, depth, w, rng)
+
+
+def _upper_neck(cv: _Canvas) -> None:
+    """Below the foramen magnum: the atlas and axis around the spinal canal and cord, and the pharynx."""
+    head, w = cv.head, cv.w
+    neck = np.nonzero(cv.fr.z < -36)[0]
+    if not len(neck):
+        return
+    s = cv.band(neck)
+    X, Y, h_n, t_n = s.X, s.Y, s.hu, s.tissue
+    paint(h_n, t_n, 900.0, ellipse(X, Y, 0, 0.2 * head.b, 15.0, 13.0, w), BONE)  # atlas / axis
+    paint(h_n, t_n, 320.0, ellipse(X, Y, 0, 0.2 * head.b, 13.0, 11.0, w))
+    paint(h_n, t_n, 8.0, ellipse(X, Y, 0, 0.24 * head.b, 7.5, 7.0, w), CSF)  # canal
+    paint(h_n, t_n, head.white + 8, ellipse(X, Y, 0, 0.24 * head.b, 5.0, 4.0, w), WHITE)  # cord
+    paint(h_n, t_n, -900.0, ellipse(X, Y, 0, -0.35 * head.b, 9.0, 7.0, w), SINUS)  # pharynx
+    cv.put(s)
+
+
+def _frontal_sinuses(cv: _Canvas) -> None:
+    """The frontal sinuses: air in the frontal bone, in front of the inner table above the orbits."""
+    head = cv.head
+    fs = np.nonzero((cv.fr.z > 2) & (cv.fr.z < 32))[0]
+    if not len(fs):
+        return
+    s = cv.band(fs)
+    p = s.profile(2, 32)
+    Bi = head.b * cranial_scale(head, s.z)
+    paint(s.hu, s.tissue, -950.0, ellipse(s.X, s.Y, 0, -Bi - head.skull * 0.55 - 1.5 * p, 13 * p, 3.5 * p + 0.01,
+                                          cv.w), SINUS)
+    cv.put(s)
+
+
+def _sutures(cv: _Canvas, depth) -> None:
+    """Sutures: narrow fibrous gaps through the vault, zig-zagging a little."""
+    head, fr, hu, tissue, w = cv.head, cv.fr, cv.hu, cv.tissue, cv.w
     vault = np.nonzero((fr.z > 0) & (fr.z < head.top + head.skull))[0]
-    R = np.hypot(X, Y)
+    R = np.hypot(cv.X, cv.Y)
     for i in vault:
         for ang in suture_angles(head, float(fr.z[i])):
             wig = 0.8 * np.sin(R[0] * 2.3 + ang * 7)
-            arc = np.abs(wrap_angle(phi[0] - ang)) * R[0]
+            arc = np.abs(wrap_angle(cv.phi[0] - ang)) * R[0]
             gap = ramp(np.abs(arc - wig) - 0.5, w) * (depth[i] > -head.skull - 2) * (depth[i] < 0.5)
             paint(hu[i], tissue[i], 150.0, gap * 0.85)
 
-    # Intracranial contents: CSF first, then the brain inside an extra-axial CSF layer.
+
+def _csf_and_brain(cv: _Canvas, depth, rng: np.random.Generator) -> float:
+    """Intracranial contents: CSF fills the cavity, then grey matter inside an extra-axial CSF layer (the
+    white matter and the sulci are carved into it later). Returns the layer's width, mm."""
+    head, hu, tissue, smear = cv.head, cv.hu, cv.tissue, cv.smear
+    inside = ramp(-depth, smear)
     # Extra-axial CSF: next to none in many young heads (brain against the inner table), wide when atrophic.
     extra = (0.8 + 1.4 * (head.atrophy - 0.8)) * float(rng.uniform(0.1, 1.1))
     paint(hu, tissue, head.csf, inside, CSF)
     brain = ramp(extra - depth, smear)
     paint(hu, tissue, head.grey, brain, GREY)
+    return extra
 
-    # Mass effect: deep structures and the midline pushed away from a lesion.
+
+def _mass_effect(cv: _Canvas, mass: MassEffect | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mass effect: the head-frame X on which the deep structures and the midline are drawn, pushed away
+    from a lesion, and how far the sulci near it are effaced (0..1; None without a mass)."""
+    head, X, Y, z = cv.head, cv.X, cv.Y, cv.z
     Xw = X
     efface = None
     if mass is not None and mass.mm > 0:
@@ -371,15 +522,22 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
         Xw = X + mass.side * push * np.clip(1 - np.abs(X) / (head.a * 1.1), 0, 1)
         near = ((X + mass.side * head.a) ** 2 + (Y - mass.y) ** 2) / 30.0**2
         efface = np.clip(zprof * np.exp(-0.5 * near) * 1.5, 0, 1)
+    return Xw, efface
 
-    # Cortex, gyri and sulci (supratentorial): a folding pattern around the hemisphere, computed only on
-    # voxels inside the cavity.
+
+def _cortex_and_sulci(cv: _Canvas, cavity: _Cavity, extra: float, efface, distended: list[dict] | None,
+                      rng: np.random.Generator) -> None:
+    """Cortex, gyri and sulci: white matter under a cortical ribbon that folds around the hemisphere, and
+    CSF in the supratentorial sulci, widened by atrophy and by blood (``distended``), narrowed by a mass
+    (``efface``). Computed only on voxels inside the cavity."""
+    head, hu, tissue, w = cv.head, cv.hu, cv.tissue, cv.w
+    depth = cavity.depth
     cav = depth > 0
     full = depth.shape
     dc = depth[cav]
-    Xc = np.broadcast_to(X, full)[cav]
-    Yc = np.broadcast_to(Y, full)[cav]
-    zc = np.broadcast_to(z, full)[cav]
+    Xc = np.broadcast_to(cv.X, full)[cav]
+    Yc = np.broadcast_to(cv.Y, full)[cav]
+    zc = np.broadcast_to(cv.z, full)[cav]
     phic = np.arctan2(Xc, -Yc)
     rphase = rng.uniform(0, 2 * np.pi, 3).astype(np.float32)
     dd = np.minimum(dc, 20)
@@ -405,109 +563,149 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     paint(h_c, t_c, head.white, ramp(wm_depth - dc, w), WHITE)
     fundus = extra + sulc_depth * (0.75 + 0.5 * np.cos(1.7 * psi / head.gyri * 5))  # sulci of varied depth
     sul = ramp(arc - sulcus_w / 2, w) * ramp(dc - fundus, w)
-    paint(h_c, t_c, head.csf, sul * (cerebrum[cav] & (zc >= 12)), CSF)
+    paint(h_c, t_c, head.csf, sul * (cavity.cerebrum[cav] & (zc >= 12)), CSF)
     hu[cav], tissue[cav] = h_c, t_c
 
-    # Interhemispheric fissure with the falx; deep structures by level (mostly on warped coordinates).
-    supr = np.nonzero(sup)[0]
-    if len(supr):
-        zs = fr.z[supr][:, None, None]
-        Bs = B[supr]
-        Xs = Xw[supr] if Xw.shape[0] > 1 else Xw
-        h_s, t_s = hu[supr], tissue[supr]
-        high = zs > head.widest + 22
-        ih = (np.abs(Y) > 0.36 * Bs) | high
-        fiss = ramp(np.abs(Xs) - (0.8 + 0.9 * (head.atrophy - 0.8)), w) * ih * (depth[supr] > 0)
-        paint(h_s, t_s, head.csf, fiss, CSF)
-        falx = ramp(np.abs(Xs) - 0.35, w) * ih * (depth[supr] > 0.5)
-        paint(h_s, t_s, 52.0, falx * 0.9, DURA)
-        v = head.atrophy
-        def band(z0, z1):
-            return profile(zs, z0, z1)
-        ventricles = np.zeros_like(h_s)
-        wl = head.widest
-        for sx in (-1, 1):
-            fh = band(wl - 22, wl + 8)
-            ventricles = np.maximum(ventricles, ellipse(Xs, Y, sx * (2.2 + 2.6 * v), -0.22 * head.b, 3.5 * v * fh + .01,
-                                                        (9 + 4 * v) * fh + .01, w, angle=sx * 0.35))
-            body = band(wl + 2, wl + 34)
-            ventricles = np.maximum(ventricles, ellipse(Xs, Y, sx * (5 + 2.5 * v), 0.02 * head.b, 3.2 * v * body + .01,
-                                                        22 * body + .01, w, angle=-sx * 0.12))
-            atr = band(wl - 22, wl + 10)
-            ventricles = np.maximum(ventricles, ellipse(Xs, Y, sx * (13 + 3 * v), 0.33 * head.b, 4.5 * v * atr + .01,
-                                                        8.5 * v * atr + .01, w, angle=sx * 0.5))
-        third = band(wl - 32, wl - 4)
-        ventricles = np.maximum(ventricles, ellipse(Xs, Y, 0, 0.02 * head.b, (0.6 + 1.2 * v) * third + .01,
-                                                    10 * third + .01, w))
-        # deep grey nuclei, drawn before the ventricles carve their margins
-        bgb = band(wl - 26, wl + 4)
-        for sx in (-1, 1):
-            paint(h_s, t_s, head.grey - 1, ellipse(Xs, Y, sx * 0.33 * head.a, -0.02 * head.b, 5.5 * bgb + .01,
-                                                   13 * bgb + .01, w, angle=sx * 0.25), GREY)
-            paint(h_s, t_s, head.grey, ellipse(Xs, Y, sx * (6 + 3 * v), 0.12 * head.b, 6.5 * bgb, 9 * bgb, w), GREY)
-            paint(h_s, t_s, head.grey, ellipse(Xs, Y, sx * (6.5 + 3.2 * v), -0.17 * head.b, 4 * bgb + .01,
-                                               6.5 * bgb + .01, w), GREY)
-            # insula and Sylvian fissure
-            sy = band(6, wl + 6)
-            x_out = sx * head.a * float(cranial_scale(head, np.float32(30.0)))
-            syl = ramp(segment_distance(Xs, Y, x_out, -0.08 * head.b, x_out * 0.62, 0.05 * head.b)
-                       - (1.0 + 0.9 * v) * sy, w) * (sy > 0.05)
-            paint(h_s, t_s, head.csf, syl * (depth[supr] > 0), CSF)
-        # basal cisterns: suprasellar star and the ring around the midbrain
-        cb = band(2, min(26.0, wl - 18))  # below the third ventricle and the thalami
-        rr = np.hypot(Xs, Y + 0.12 * head.b)
-        th = np.arctan2(Xs, Y + 0.12 * head.b)
-        star = ramp(rr - (7 + 2 * v) * cb * (1 + 0.22 * np.cos(5 * th)), w) * (cb > 0.05)
-        paint(h_s, t_s, head.csf, star, CSF)
-        ring = ellipse(Xs, Y, 0, 0.11 * head.b, (12.5 + 1.5 * v) * cb + .01, (11 + 1.5 * v) * cb + .01, w)
-        paint(h_s, t_s, head.csf, ring, CSF)
-        mid = ellipse(Xs, Y, 0, 0.10 * head.b, 10.5 * cb + .01, 9 * cb + .01, w)
-        paint(h_s, t_s, head.white + 4, mid, WHITE)
-        paint(h_s, t_s, head.csf, ventricles, VENTRICLE)
-        # choroid plexus in the atria
-        for sx in (-1, 1):
-            atr = band(wl - 18, wl + 4)
-            chp = ellipse(Xs, Y, sx * (13 + 3 * v), 0.36 * head.b, 2.5 * atr + .01, 3.5 * atr + .01, w)
-            val = float(calcified.get("choroid", 0.0)) or head.grey
-            paint(h_s, t_s, val, chp, CALCIUM if val > 100 else None)
-            if "basal_ganglia" in calcified:
-                paint(h_s, t_s, float(calcified["basal_ganglia"]),
-                      ellipse(Xs, Y, sx * 0.30 * head.a, 0.0, 2.2 * bgb + .01, 3.0 * bgb + .01, w), CALCIUM)
-        if "pineal" in calcified:
-            pb = band(wl - 24, wl - 12)
-            paint(h_s, t_s, float(calcified["pineal"]), ellipse(Xs, Y, 0, 0.25 * head.b, 2.8 * pb + .01,
-                                                                  2.8 * pb + .01, w), CALCIUM)
-        if "falx" in calcified:
-            fb = band(wl + 20, wl + 55)
-            paint(h_s, t_s, float(calcified["falx"]), ellipse(Xs, Y, 0, -0.45 * head.b, 1.1 * fb + .01,
-                                                                5 * fb + .01, w) * ih, CALCIUM)
-        hu[supr], tissue[supr] = h_s, t_s
 
-    # Posterior fossa: cerebellum, brainstem, fourth ventricle, cisterns.
-    if len(pf):
-        zp = fr.z[pf][:, None, None]
-        h_p, t_p = hu[pf], tissue[pf]
-        dpf = pf_depth
-        inpf = (dpf > 0) & (np.abs(Y - pf_c[1]) < 0.5 * head.b) & (Y > 0.02 * head.b)
-        v = head.atrophy
-        bs = profile(zp, -48, 12)
-        paint(h_p, t_p, head.grey + 1, ramp(1.5 - dpf, w) * inpf, GREY)
-        paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.12 * head.b, (12.5 + v) * bs, (10.5 + v) * bs, w) * inpf, CSF)
-        paint(h_p, t_p, head.white + 5, ellipse(X, Y, 0, 0.12 * head.b, 11 * bs + .01, 9 * bs + .01, w), WHITE)
-        fv = profile(zp, -22, 10)
-        paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.28 * head.b, (4 + 1.5 * v) * fv + .01, (2.5 + v) * fv + .01, w),
-              VENTRICLE)
-        cm = profile(zp, -42, -8)
-        paint(h_p, t_p, head.csf, ellipse(X, Y, 0, pf_c[1] + 0.28 * head.b, (4 + 3 * v) * cm + .01, 6 * cm + .01, w)
-              * inpf, CSF)
-        hu[pf], tissue[pf] = h_p, t_p
+def _deep_cerebrum(cv: _Canvas, cavity: _Cavity, Xw, calcified: dict) -> None:
+    """The midline and the deep structures of the cerebrum, by level, on the grid a mass displaces (``Xw``).
+    Painted in this order because each carves into the ones before."""
+    if not len(cavity.supra):
+        return
+    s = cv.band(cavity.supra, X=Xw)
+    depth = cavity.depth[cavity.supra]
+    _falx_and_fissure(cv, s, depth)
+    _deep_grey_and_insula(cv, s, depth)
+    _basal_cisterns(cv, s)
+    _ventricles(cv, s)
+    _choroid_and_calcifications(cv, s, calcified)
+    cv.put(s)
 
-    _venous_sinuses(head, fr, hu, tissue, depth, rng)
-    _face_and_neck(head, fr, hu, tissue, depth, w, rng)
-    _parenchymal_texture(hu, tissue, fr, rng)
-    sector = np.where(depth > -30, sector_of(head, phi, z), 0).astype(np.uint8)
-    return Anatomy(hu=hu, tissue=tissue, depth=depth, sector=sector, cerebrum=cerebrum & (depth > 0),
-                   side_x=X, sulcal_effacement=efface)
+
+def _interhemispheric(cv: _Canvas, s: _Band):
+    """Where the falx reaches down between the hemispheres: in front of and behind the deep structures,
+    and all the way across high up."""
+    high = s.z > cv.head.widest + 22
+    return (np.abs(s.Y) > 0.36 * cv.B[s.idx]) | high
+
+
+def _basal_ganglia_size(head: HeadShape, s: _Band):
+    """Relative size of the basal ganglia on each slice of ``s``: 1 at their middle level."""
+    return s.profile(head.widest - 26, head.widest + 4)
+
+
+def _falx_and_fissure(cv: _Canvas, s: _Band, depth) -> None:
+    """The interhemispheric fissure, wider with atrophy, with the falx in it."""
+    head, w = cv.head, cv.w
+    ih = _interhemispheric(cv, s)
+    fiss = ramp(np.abs(s.X) - (0.8 + 0.9 * (head.atrophy - 0.8)), w) * ih * (depth > 0)
+    paint(s.hu, s.tissue, head.csf, fiss, CSF)
+    falx = ramp(np.abs(s.X) - 0.35, w) * ih * (depth > 0.5)
+    paint(s.hu, s.tissue, 52.0, falx * 0.9, DURA)
+
+
+def _deep_grey_and_insula(cv: _Canvas, s: _Band, depth) -> None:
+    """Deep grey nuclei (lentiform nuclei, thalami, caudate heads), drawn before the ventricles carve their
+    margins, and the Sylvian fissures that bound the insulae laterally."""
+    head, w, v, wl = cv.head, cv.w, cv.head.atrophy, cv.head.widest
+    X, Y, h_s, t_s = s.X, s.Y, s.hu, s.tissue
+    bgb = _basal_ganglia_size(head, s)
+    for sx in (-1, 1):
+        paint(h_s, t_s, head.grey - 1, ellipse(X, Y, sx * 0.33 * head.a, -0.02 * head.b, 5.5 * bgb + .01,
+                                               13 * bgb + .01, w, angle=sx * 0.25), GREY)
+        paint(h_s, t_s, head.grey, ellipse(X, Y, sx * (6 + 3 * v), 0.12 * head.b, 6.5 * bgb, 9 * bgb, w), GREY)
+        paint(h_s, t_s, head.grey, ellipse(X, Y, sx * (6.5 + 3.2 * v), -0.17 * head.b, 4 * bgb + .01,
+                                           6.5 * bgb + .01, w), GREY)
+        sy = s.profile(6, wl + 6)
+        x_out = sx * head.a * float(cranial_scale(head, np.float32(30.0)))
+        syl = ramp(segment_distance(X, Y, x_out, -0.08 * head.b, x_out * 0.62, 0.05 * head.b)
+                   - (1.0 + 0.9 * v) * sy, w) * (sy > 0.05)
+        paint(h_s, t_s, head.csf, syl * (depth > 0), CSF)
+
+
+def _basal_cisterns(cv: _Canvas, s: _Band) -> None:
+    """Basal cisterns: the suprasellar star and the ring around the midbrain, with the midbrain in it;
+    below the third ventricle and the thalami."""
+    head, w, v = cv.head, cv.w, cv.head.atrophy
+    X, Y, h_s, t_s = s.X, s.Y, s.hu, s.tissue
+    cb = s.profile(2, min(26.0, head.widest - 18))
+    rr = np.hypot(X, Y + 0.12 * head.b)
+    th = np.arctan2(X, Y + 0.12 * head.b)
+    star = ramp(rr - (7 + 2 * v) * cb * (1 + 0.22 * np.cos(5 * th)), w) * (cb > 0.05)
+    paint(h_s, t_s, head.csf, star, CSF)
+    ring = ellipse(X, Y, 0, 0.11 * head.b, (12.5 + 1.5 * v) * cb + .01, (11 + 1.5 * v) * cb + .01, w)
+    paint(h_s, t_s, head.csf, ring, CSF)
+    mid = ellipse(X, Y, 0, 0.10 * head.b, 10.5 * cb + .01, 9 * cb + .01, w)
+    paint(h_s, t_s, head.white + 4, mid, WHITE)
+
+
+def _ventricles(cv: _Canvas, s: _Band) -> None:
+    """Lateral ventricles (frontal horns, bodies, atria) and the third ventricle, all larger with atrophy."""
+    head, w, v, wl = cv.head, cv.w, cv.head.atrophy, cv.head.widest
+    X, Y = s.X, s.Y
+    ventricles = np.zeros_like(s.hu)
+    for sx in (-1, 1):
+        fh = s.profile(wl - 22, wl + 8)
+        ventricles = np.maximum(ventricles, ellipse(X, Y, sx * (2.2 + 2.6 * v), -0.22 * head.b, 3.5 * v * fh + .01,
+                                                    (9 + 4 * v) * fh + .01, w, angle=sx * 0.35))
+        body = s.profile(wl + 2, wl + 34)
+        ventricles = np.maximum(ventricles, ellipse(X, Y, sx * (5 + 2.5 * v), 0.02 * head.b, 3.2 * v * body + .01,
+                                                    22 * body + .01, w, angle=-sx * 0.12))
+        atr = s.profile(wl - 22, wl + 10)
+        ventricles = np.maximum(ventricles, ellipse(X, Y, sx * (13 + 3 * v), 0.33 * head.b, 4.5 * v * atr + .01,
+                                                    8.5 * v * atr + .01, w, angle=sx * 0.5))
+    third = s.profile(wl - 32, wl - 4)
+    ventricles = np.maximum(ventricles, ellipse(X, Y, 0, 0.02 * head.b, (0.6 + 1.2 * v) * third + .01,
+                                                10 * third + .01, w))
+    paint(s.hu, s.tissue, head.csf, ventricles, VENTRICLE)
+
+
+def _choroid_and_calcifications(cv: _Canvas, s: _Band, calcified: dict) -> None:
+    """Choroid plexus in the atria, calcified when ``calcified`` has a "choroid" density, and the other
+    physiological calcifications it names: basal ganglia, pineal gland, falx."""
+    head, w, v, wl = cv.head, cv.w, cv.head.atrophy, cv.head.widest
+    X, Y, h_s, t_s = s.X, s.Y, s.hu, s.tissue
+    bgb = _basal_ganglia_size(head, s)
+    for sx in (-1, 1):
+        atr = s.profile(wl - 18, wl + 4)
+        chp = ellipse(X, Y, sx * (13 + 3 * v), 0.36 * head.b, 2.5 * atr + .01, 3.5 * atr + .01, w)
+        val = float(calcified.get("choroid", 0.0)) or head.grey
+        paint(h_s, t_s, val, chp, CALCIUM if val > 100 else None)
+        if "basal_ganglia" in calcified:
+            paint(h_s, t_s, float(calcified["basal_ganglia"]),
+                  ellipse(X, Y, sx * 0.30 * head.a, 0.0, 2.2 * bgb + .01, 3.0 * bgb + .01, w), CALCIUM)
+    if "pineal" in calcified:
+        pb = s.profile(wl - 24, wl - 12)
+        paint(h_s, t_s, float(calcified["pineal"]), ellipse(X, Y, 0, 0.25 * head.b, 2.8 * pb + .01,
+                                                            2.8 * pb + .01, w), CALCIUM)
+    if "falx" in calcified:
+        fb = s.profile(wl + 20, wl + 55)
+        paint(h_s, t_s, float(calcified["falx"]), ellipse(X, Y, 0, -0.45 * head.b, 1.1 * fb + .01,
+                                                          5 * fb + .01, w) * _interhemispheric(cv, s), CALCIUM)
+
+
+def _posterior_fossa(cv: _Canvas, cavity: _Cavity) -> None:
+    """Posterior fossa: cerebellum with its grey rim, brainstem in its cistern, fourth ventricle and
+    cisterna magna; drawn against the fossa's own depth, from before the inner table was roughened."""
+    if not len(cavity.fossa):
+        return
+    head, w, v = cv.head, cv.w, cv.head.atrophy
+    s = cv.band(cavity.fossa)
+    X, Y, h_p, t_p = s.X, s.Y, s.hu, s.tissue
+    dpf = cavity.fossa_depth
+    pf_y = cavity.fossa_centre[1]
+    inpf = (dpf > 0) & (np.abs(Y - pf_y) < 0.5 * head.b) & (Y > 0.02 * head.b)
+    bs = s.profile(-48, 12)
+    paint(h_p, t_p, head.grey + 1, ramp(1.5 - dpf, w) * inpf, GREY)
+    paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.12 * head.b, (12.5 + v) * bs, (10.5 + v) * bs, w) * inpf, CSF)
+    paint(h_p, t_p, head.white + 5, ellipse(X, Y, 0, 0.12 * head.b, 11 * bs + .01, 9 * bs + .01, w), WHITE)
+    fv = s.profile(-22, 10)
+    paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.28 * head.b, (4 + 1.5 * v) * fv + .01, (2.5 + v) * fv + .01, w),
+          VENTRICLE)
+    cm = s.profile(-42, -8)
+    paint(h_p, t_p, head.csf, ellipse(X, Y, 0, pf_y + 0.28 * head.b, (4 + 3 * v) * cm + .01, 6 * cm + .01, w)
+          * inpf, CSF)
+    cv.put(s)
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], spacing: float, scale_mm: float
