@@ -37,8 +37,9 @@ import torch
 
 from ichscan.dicom import find_series, read_slice
 from ichscan.model import build_model, load_checkpoint, save_checkpoint
-from ichscan.predict import Predictor, cpu_bf16_support, predict_path, SelectionRules
-from ichscan.windows import PAPER_WINDOWS, PRESETS, get_windows, window_image
+from ichscan.hardware import cpu_bf16_support
+from ichscan.predict import Predictor, SelectionRules, predict_path
+from ichscan.windows import PAPER_WINDOWS, PRESETS, window_image
 
 
 def make_phantoms(out: Path, n_series: int, n_slices: int, seed: int = 0) -> Path:
@@ -95,7 +96,7 @@ def main() -> None:
             meta = {"windows": [PRESETS[w].to_dict() for w in PAPER_WINDOWS], "image_size": args.size}
             ckpt = save_checkpoint(work / "model", build_model(args.arch), meta)
         model, meta = load_checkpoint(ckpt)
-        windows, size = get_windows(meta["windows"]), int(meta["image_size"])
+        windows, size = meta.windows, meta.image_size
         series = find_series(data).series
         one = min(series, key=lambda s: abs(len(s) - args.slices))
         one_dir = work / "one"
@@ -165,7 +166,7 @@ def main() -> None:
         latency_cold = timed(cold)[0]
         report = {
             "benchmark": "ichscan predict, CPU",
-            "arch": meta["arch"],
+            "arch": meta.arch,
             "image_size": size,
             "checkpoint": "trained" if args.checkpoint else "untrained (speed does not depend on weights)",
             "series": n_series,

@@ -45,13 +45,13 @@ from ichscan.errors import IchscanError
 from ichscan.labels import LABELS
 from ichscan.metrics import load_series, load_slices, weighted_log_loss
 from ichscan.model import resolve_checkpoint
+from ichscan.thresholds import run_thresholds
 from ichscan.predict import (
     AGGREGATIONS,
     Predictor,
     SelectionRules,
     SeriesPrediction,
     aggregate,
-    run_thresholds,
     series_table,
     select_series,
     write_outputs,
@@ -106,7 +106,7 @@ def describe_checkpoint(path: Path, predictor: Predictor) -> dict:
     for m in predictor.describe()["members"]:
         _, meta_path = checkpoint_paths(m["checkpoint"])
         # load_checkpoint takes the weights file the JSON names; hash that very file
-        weights = meta_path.with_name(read_checkpoint_meta(meta_path).get("weights") or meta_path.stem + ".safetensors")
+        weights = read_checkpoint_meta(meta_path).weights
         members.append({"checkpoint": str(meta_path), "weights": str(weights), "sha256": sha256_file(weights),
                         "weight": m["weight"]})
     shas = [m["sha256"] for m in members]

@@ -70,14 +70,15 @@ def model_alone(config, device: torch.device, steps: int, warmup: int) -> list[f
     The loss is read (a device sync) as often as ``ichscan.train.train`` reads it: every step on a CPU,
     every ``config.log_every`` steps on a GPU."""
     from ichscan.model import build_model
-    from ichscan.train import resolve_precision, weighted_log_loss
+    from ichscan.hardware import autocast_dtype
+    from ichscan.train import training_precision, weighted_log_loss
 
     torch.manual_seed(0)
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     model = build_model(config.arch, labels=config.labels).to(device=device, memory_format=fmt).train()
     net = torch.compile(model) if config.compile else model
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    amp = resolve_precision(config.precision, device)
+    amp = autocast_dtype(training_precision(config.precision, device))
     b, s = config.batch_size, config.image_size
     x = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, device=device)
     y = (torch.rand(b, len(config.labels), device=device) < 0.2).float()
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ichscan.augment import AugmentConfig
     from ichscan.data import SliceDataset, build_cache, build_index
-    from ichscan.train import TrainConfig, default_workers, resolve_precision
+    from ichscan.train import TrainConfig, default_workers, training_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch_threads": torch.get_num_threads(), "arch": args.arch, "image_size": args.size, "batch": args.batch,
-        "precision": str(resolve_precision(args.precision, device) or "fp32").replace("torch.", ""),
+        "precision": training_precision(args.precision, device),
         "channels_last": config.channels_last, "compile": args.compile, "timed_steps": args.steps,
         "source_pixels": "512x512 int16 DICOM",
     }
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in config.labels:
             index[name] = (np.random.default_rng(1).random(len(index)) < 0.3).astype(np.float32)
         frame = pd.concat([index] * (total // len(index) + 1), ignore_index=True).iloc[:total]
-        workers = {src: args.workers if args.workers is not None else default_workers(device, cached=src == "cache")
+        workers = {src: args.workers if args.workers is not None else default_workers(device)
                    for src in ("dicom", "cache")}
         sources = ["dicom", "cache"] if args.source == "both" else [args.source]
         datasets = {}

@@ -86,7 +86,7 @@ def test_bundle_is_an_ensemble_manifest_with_hashes_and_provenance(bundle):
     assert manifest.thresholds == THRESHOLDS and manifest.trained_on == PHANTOM_ONLY
     assert manifest.info["recipe"] == "quick"
     ens = load_ensemble(bundle)  # the same reader for ensembles in memory
-    assert ens.weights == [1.0, 2.0] and ens.manifest.trained_on == PHANTOM_ONLY
+    assert [m.weight for m in ens.members] == pytest.approx([1 / 3, 2 / 3]) and ens.manifest.trained_on == PHANTOM_ONLY
 
 
 def test_a_changed_byte_is_a_one_line_error_naming_the_file(bundle, tmp_path):

@@ -289,7 +289,7 @@ def test_bad_thresholds_file_is_data_error(tmp_path):
     with pytest.raises(DataError, match=r"t\.json: unknown label"):
         m.load_thresholds(bad)
     bad.write_text(json.dumps({"method": "youden", "thresholds": {"any": 1.3}}))
-    with pytest.raises(DataError, match=r"t\.json: bad thresholds"):
+    with pytest.raises(DataError, match=r"t\.json: threshold for any is 1\.3, not a number in \[0, 1\]"):
         m.load_thresholds(bad)
     with pytest.raises(DataError, match="not found"):
         m.load_thresholds(tmp_path / "missing.json")

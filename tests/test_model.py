@@ -55,7 +55,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     for key in ("arch", "labels", "windows", "image_size", "config", "data", "metrics", "ichscan_version"):
         assert key in meta
     loaded, meta2 = load_checkpoint(tmp_path / "ckpt" / "best.safetensors")
-    assert meta2["labels"] == list(LABELS) and not loaded.training
+    assert meta2.labels == LABELS and meta2.image_size == 32 and meta2.metrics == {"val_loss": 0.1}
+    assert not loaded.training
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
 
@@ -66,7 +67,7 @@ def test_loading_honours_label_order(tmp_path):
     path = save_checkpoint(tmp_path / "m", model, META)
     x = torch.rand(2, 3, 32, 32)
     loaded, meta = load_checkpoint(path)
-    assert loaded.labels == order and meta["labels"] == list(order)
+    assert loaded.labels == order and meta.labels == tuple(order)
     reordered, _ = load_checkpoint(path, labels=LABELS)
     assert reordered.labels == LABELS
     with torch.no_grad():
@@ -121,6 +122,60 @@ def test_ensemble_manifest_round_trip(tmp_path):
         assert torch.allclose(ens(x), expected, atol=1e-6)
     single = load_ensemble(a)
     assert len(single.members) == 1
+    # Members of other sizes load (the Predictor windows per size), but cannot share one input tensor.
     c = save_checkpoint(tmp_path / "c", tiny(seed=3), {**META, "image_size": 64})
+    mixed = load_ensemble(write_ensemble(tmp_path / "mixed.json", [a, c]))
+    assert mixed.preps == [(mixed.windows, 32), (mixed.windows, 64)]
+    with pytest.raises(CheckpointError, match="differ in windows or image size"):
+        mixed(x)
+
+
+def test_ensemble_matches_members_by_label_name(tmp_path):
+    order = ("subdural", "any", "epidural", "subarachnoid", "intraventricular", "intraparenchymal")
+    a = save_checkpoint(tmp_path / "a", tiny(seed=1), META)
+    b = save_checkpoint(tmp_path / "b", tiny(seed=2, labels=order), META)
+    ens = load_ensemble(write_ensemble(tmp_path / "e.json", [a, b]))
+    x = torch.rand(2, 3, 32, 32)
+    ma, _ = load_checkpoint(a)
+    mb, _ = load_checkpoint(b)
+    with torch.no_grad():
+        pb = torch.sigmoid(mb(x))[:, [order.index(name) for name in LABELS]]
+        assert torch.allclose(ens(x), 0.5 * torch.sigmoid(ma(x)) + 0.5 * pb, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"image_size": -5}, "'image_size' is -5, not a positive number of pixels"),
+    ({"image_size": None}, "'image_size' is None"),
+    ({"windows": []}, "no 'windows'"),
+    ({"labels": ["any", "any"]}, "not a list of distinct names"),
+    ({"in_chans": 1}, "takes 1 channels but the JSON lists 3 windows"),
+    ({"operating_points": {"method": "youden", "thresholds": {"any": "abc"}}}, "threshold for any is 'abc'"),
+    ({"operating_points": {"thresholds": {"bleed": 0.3}}}, "unknown label 'bleed'"),
+    ({"arch": "no_such_net"}, "unknown timm architecture"),
+])
+def test_a_damaged_checkpoint_json_is_one_line_naming_file_and_field(tmp_path, change, message):
+    path = save_checkpoint(tmp_path / "m", tiny(seed=1), META)
+    record = json.loads(path.read_text())
+    record.update(change)
+    path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert message in str(err.value) and str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_weights_of_another_architecture_are_one_line(tmp_path):
+    path = save_checkpoint(tmp_path / "m", tiny(seed=1), META)
+    other = save_checkpoint(tmp_path / "o", build_model("test_efficientnet"), META)
+    (tmp_path / "m.safetensors").write_bytes((tmp_path / "o.safetensors").read_bytes())
+    assert other.is_file()
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    text = str(err.value)
+    assert text.startswith(str(tmp_path / "m.safetensors")) and "weights do not fit" in text and "\n" not in text
+    assert len(text) < 400
+
+
+def test_save_checkpoint_refuses_a_record_inference_could_not_use(tmp_path):
     with pytest.raises(CheckpointError, match="image_size"):
-        load_ensemble(write_ensemble(tmp_path / "bad.json", [a, c]))
+        save_checkpoint(tmp_path / "m", tiny(seed=1), {**META, "image_size": 0})
+    assert not list(tmp_path.iterdir())

@@ -21,11 +21,11 @@ from ichscan.predict import (
     SeriesPrediction,
     aggregate,
     load_predictions,
-    load_thresholds,
     predict_path,
     resolve_tta,
     select_series,
 )
+from ichscan.thresholds import load_thresholds
 from ichscan.windows import PAPER_WINDOWS, PRESETS, window_image
 
 SIZE = 32
@@ -92,7 +92,7 @@ def test_tta_names_groups_and_views_are_deterministic():
     assert resolve_tta("none") == ("identity",)
     with pytest.raises(ValueError, match="unknown TTA"):
         resolve_tta("rotate")
-    from ichscan.predict import TTA_VIEWS, _apply_view
+    from ichscan.predict.predictor import TTA_VIEWS, _apply_view
 
     x = torch.rand(2, 3, 20, 20)
     for view in TTA_VIEWS:
@@ -126,7 +126,7 @@ def test_predictor_matches_plain_fp32_eager_and_bf16_within_tolerance(tmp_path, 
     write_series(tmp_path, n=4)
     series = find_series(tmp_path).series[0]
     model, meta = load_checkpoint(ckpt)
-    x = np.stack([window_image(hu, meta["windows"], meta["image_size"], np.uint8) for hu in hu_images(series)])
+    x = np.stack([window_image(hu, meta.windows, meta.image_size, np.uint8) for hu in hu_images(series)])
     with torch.no_grad():
         plain = torch.sigmoid(model(torch.from_numpy(x))).numpy()
     ours = Predictor.from_checkpoint(ckpt, tta="none", precision="fp32")
@@ -156,7 +156,7 @@ def test_compiled_predictor_equals_eager_for_series_of_any_length(tmp_path, ckpt
         series = find_series(tmp_path / folder).series[0]
         np.testing.assert_allclose(compiled.predict_series(series).slice_probs,
                                    eager.predict_series(series).slice_probs, atol=FP32_TOL)
-    assert compiled._runners[0] is not compiled._members[0].model  # it did run compiled
+    assert compiled._runners[0] is not compiled.ensemble.members[0].model  # it did run compiled
 
 
 def test_compile_falls_back_to_eager_when_inductor_cannot_build(tmp_path, ckpt):
@@ -174,7 +174,7 @@ s = find_series({str(tmp_path)!r}).series[0]
 c = Predictor.from_checkpoint({str(ckpt)!r}, precision="fp32", compile=True)
 e = Predictor.from_checkpoint({str(ckpt)!r}, precision="fp32")
 d = np.abs(c.predict_series(s).slice_probs - e.predict_series(s).slice_probs).max()
-print("fell back", c._runners[0] is c._members[0].model, "diff", d)
+print("fell back", c._runners[0] is c.ensemble.members[0].model, "diff", d)
 """
     env = dict(__import__("os").environ, CXX="/bin/false", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)

@@ -15,8 +15,8 @@ from ichscan.model import load_checkpoint
 from ichscan.train import (
     EpochSampler,
     TrainConfig,
-    resolve_precision,
     train,
+    training_precision,
     validation_metrics,
     weighted_log_loss,
 )
@@ -110,11 +110,25 @@ def test_presets():
     assert tuple(paper.windows) == tuple(PAPER_WINDOWS)
 
 
-def test_precision_resolution():
+def test_auto_precision_is_bf16_only_on_a_cpu_that_computes_it(monkeypatch):
+    import ichscan.hardware as hw
+    from ichscan.errors import IchscanError
+
     cpu = torch.device("cpu")
-    assert resolve_precision("fp32", cpu) is None
-    assert resolve_precision("bf16", cpu) == torch.bfloat16
-    assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+    # What "auto" picks on this very CPU, from its flags read here independently of ichscan.
+    flags = next((set(line.split(":", 1)[1].split()) for line in open("/proc/cpuinfo") if line.startswith("flags")),
+                 set())
+    expected = "bf16" if {"avx512_bf16", "amx_bf16"} & flags else "fp32"
+    assert training_precision("auto", cpu) == expected
+    # And on CPUs with and without native bf16.
+    monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert training_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))  # AVX-512 without BF16
+    assert training_precision("auto", cpu) == "fp32"
+    assert training_precision("fp16", cpu) == "fp16" and training_precision("bf16", cpu) == "bf16"
+    assert hw.autocast_dtype("fp32") is None and hw.autocast_dtype("bf16") == torch.bfloat16
+    with pytest.raises(IchscanError, match="precision must be one of auto, fp32, bf16, fp16"):
+        training_precision("fp8", cpu)
 
 
 def test_loss_falls_and_tiny_set_is_overfitted(tmp_path):
@@ -129,8 +143,8 @@ def test_loss_falls_and_tiny_set_is_overfitted(tmp_path):
     assert len(lines) == config.epochs
     assert set(json.loads(lines[-1])["val_auc"]) == set(LABELS)
     model, meta = load_checkpoint(result.best)
-    assert meta["image_size"] == 32 and meta["labels"] == list(LABELS)
-    assert meta["metrics"]["val_loss"] == min(h["val_loss"] for h in result.history)
+    assert meta.image_size == 32 and meta.labels == LABELS
+    assert meta.metrics["val_loss"] == min(h["val_loss"] for h in result.history)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -161,6 +175,21 @@ def test_resume_refuses_changed_config(tmp_path):
 
     with pytest.raises(IchscanError, match="lr"):
         train(tiny_config(epochs=1, lr=1.0), data, None, tmp_path / "r", resume=True)
+
+
+def test_checkpointer_keeps_the_lowest_validation_loss_as_best(tmp_path):
+    from ichscan.model import build_model
+    from ichscan.train import Checkpointer, Distributed
+
+    checkpointer = Checkpointer(tmp_path, tiny_config(), torch.device("cpu"), Distributed())
+    model = build_model("resnet10t", labels=LABELS, pretrained=False)
+    best_epochs = []
+    for epoch, val_loss in enumerate([0.5, 0.7, 0.4], start=1):
+        checkpointer.save_epoch(model, {"epoch": epoch, "train_loss": 0.1, "val_loss": val_loss})
+        best_epochs.append(json.loads(checkpointer.best_path.read_text())["metrics"]["epoch"])
+    assert best_epochs == [1, 1, 3]
+    assert json.loads(checkpointer.last_path.read_text())["metrics"]["epoch"] == 3
+    assert checkpointer.best_loss == 0.4
 
 
 def test_cli_index_cache_train_and_ensemble(tmp_path, capsys):
@@ -224,8 +253,23 @@ def test_phantom_training_resume_and_checkpoint_round_trip(tmp_path, phantoms):
     _, val_set, _ = prepare_datasets(config, inputs)
     logits, targets = predict_logits(b, val_set, "cpu", batch_size=8)
     again = validation_metrics(logits, targets, LABELS)
-    assert again["val_loss"] == pytest.approx(meta["metrics"]["val_loss"], rel=1e-5)
-    assert meta["data"]["train"]["images"] == len(val_set)
+    assert again["val_loss"] == pytest.approx(meta.metrics["val_loss"], rel=1e-5)
+    assert meta.data["train"]["images"] == len(val_set)
+
+
+def test_ensemble_with_takes_run_folders_and_manifests(tmp_path, phantoms):
+    from ichscan.model import write_ensemble
+    from ichscan.train import RunInputs, run_training
+
+    config = tiny_config(epochs=1, max_steps_per_epoch=1)
+    inputs = RunInputs(phantoms, val_data=phantoms, io_workers=1)
+    first = run_training(config, inputs, tmp_path / "a")
+    write_ensemble(tmp_path / "elsewhere" / "pair.json", [first.best, first.best])
+    run_training(config, inputs, tmp_path / "b",
+                 ensemble_with=[tmp_path / "a", tmp_path / "elsewhere" / "pair.json"])
+    manifest = json.loads((tmp_path / "b" / "ensemble.json").read_text())
+    # A folder stands for its best checkpoint; a manifest's members are kept, read relative to it.
+    assert [m["checkpoint"] for m in manifest["members"]] == ["../a/best.json"] * 3 + ["best.json"]
 
 
 @pytest.mark.slow
@@ -244,7 +288,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, phantoms):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     model, meta = load_checkpoint(tmp_path / "run" / "last.json")
-    assert meta["config"]["epochs"] == 2
+    assert meta.config["epochs"] == 2
 
 
 def test_sigint_saves_between_steps_and_resumes_exactly(tmp_path):

@@ -31,6 +31,8 @@ import pandas as pd
 
 from ichscan.errors import DataError, IchscanError
 from ichscan.fileio import write_json, write_npy, write_parquet
+from ichscan.geometry import position_along
+from ichscan.hardware import cpu_count
 from ichscan.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -147,10 +149,7 @@ def header_row(path: str) -> dict[str, Any]:
     from ichscan.dicom import read_slice
 
     s = read_slice(path, pixels=False)
-    z = math.nan
-    if s.position is not None:
-        normal = s.normal
-        z = float(np.dot(normal, s.position)) if normal is not None else float(s.position[2])
+    z = math.nan if s.position is None else position_along(s.position, s.normal)
     return {
         "image_id": s.image_id, "path": str(path), "patient_id": s.patient_id, "study_uid": s.study_uid,
         "series_uid": s.series_uid, "sop_uid": s.sop_uid, "z": z,
@@ -183,13 +182,6 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 
     # forkserver: never fork a parent that may hold torch/OpenMP threads.
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("forkserver"))
-
-
-def default_io_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
 
 
 def build_index(
@@ -245,7 +237,7 @@ def build_index(
         if progress:
             progress(done_files, len(paths))
 
-    workers = default_io_workers() if workers is None else max(1, workers)
+    workers = cpu_count() if workers is None else max(1, workers)
     if workers == 1 or len(todo) <= 1:
         for k in todo:
             finish(k, _index_shard(shards[k]))
@@ -478,7 +470,7 @@ def build_cache(
         if progress:
             progress(done, len(ids))
 
-    workers = default_io_workers() if workers is None else max(1, workers)
+    workers = cpu_count() if workers is None else max(1, workers)
     args = lambda rows: (str(root), shape, rows, [paths[r] for r in rows], int(size), wins)  # noqa: E731
     try:
         if workers == 1 or len(chunks) <= 1:

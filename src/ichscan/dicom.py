@@ -38,7 +38,7 @@ import re
 import struct
 import zipfile
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,15 @@ from ichscan.errors import (
     NotDicomError,
     PixelDataError,
     SeriesError,
+)
+from ichscan.geometry import (
+    ORIENTATION_TOLERANCE_DEG,
+    POSITION_DECIMALS,
+    position_along,
+    same_plane,
+    series_normal,
+    slice_normal,
+    stack_tilt_degrees,
 )
 
 log = logging.getLogger(__name__)
@@ -83,8 +92,9 @@ _CT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
     "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy converted enhanced CT
 }
+# ImageType values of scout / localizer images: projection radiographs taken to plan the scan, not slices
+LOCALIZER_IMAGE_TYPES = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW", "SCANOGRAM")
 _RSNA_STEM = re.compile(r"^ID_[0-9a-fA-F]+$")
-_ORIENTATION_TOLERANCE_DEG = 1.0
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -150,18 +160,25 @@ class CTSlice:
         return self.sop_uid if self.frame is None else f"{self.sop_uid}_{self.frame}"
 
     @property
+    def is_localizer(self) -> bool:
+        """A scout / localizer image (by ImageType), not a slice of a volume."""
+        return any(t.strip().upper() in LOCALIZER_IMAGE_TYPES for t in self.image_type)
+
+    @property
     def normal(self) -> np.ndarray | None:
         """Unit slice normal (row x column direction cosines), or None without orientation."""
-        return None if self.orientation is None else _normal(self.orientation)
+        return None if self.orientation is None else slice_normal(self.orientation)
 
 
 @dataclass(frozen=True)
 class SkippedFile:
-    """A file (or frame) left out, and why, in one line a person can act on."""
+    """A file (or frame) left out, and why, in one line a person can act on: the one record of a file
+    left out, by ingest (``find_series``) and by prediction (a slice that would not decode)."""
 
     path: str
     reason: str
     kind: str = ""  # error class or rule name: NotDicomError, duplicate, localizer, ...
+    series_uid: str | None = None  # the series it belonged to, where known
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -178,6 +195,11 @@ class CTSeries:
 
     def __len__(self) -> int:
         return len(self.slices)
+
+    @property
+    def is_localizer(self) -> bool:
+        """A series of scout / localizer images only (kept by ingest so that selection can report it)."""
+        return bool(self.slices) and all(s.is_localizer for s in self.slices)
 
     def volume(self) -> np.ndarray:
         """float32 (N, H, W) HU; slices read headers-only are read now (one decode per file)."""
@@ -197,10 +219,10 @@ class CTSeries:
     @property
     def z(self) -> np.ndarray | None:
         """Position of each slice along the (sorted) normal in mm, or None without geometry."""
-        n = _series_normal(self.slices)
+        n = series_normal(s.orientation for s in self.slices)
         if n is None or any(s.position is None for s in self.slices):
             return None
-        return np.array([np.dot(s.position, n) for s in self.slices])
+        return np.array([position_along(s.position, n) for s in self.slices])
 
     @property
     def slice_spacing(self) -> float | None:
@@ -771,28 +793,11 @@ def read_stored(s: CTSlice, *, allow_non_ct: bool = False) -> StoredPixels:
 # ----------------------------------------------------------------------------------------------- series
 
 
-def _normal(orientation) -> np.ndarray:
-    o = np.asarray(orientation, dtype=float)
-    n = np.cross(o[:3], o[3:])
-    norm = np.linalg.norm(n)
-    if norm == 0:
-        return n
-    n = n / norm
-    # turn the normal so its largest component is positive: axial stacks run inferior -> superior
-    return -n if n[np.argmax(np.abs(n))] < 0 else n
-
-
-def _series_normal(slices: Iterable[CTSlice]) -> np.ndarray | None:
-    for s in slices:
-        if s.orientation is not None:
-            n = _normal(s.orientation)
-            if np.linalg.norm(n) > 0:
-                return n
-    return None
-
-
 def _assemble(series_uid: str, slices: list[CTSlice]) -> tuple[CTSeries | None, list[SkippedFile]]:
-    """Deduplicate, drop localizers and odd ones out, sort; returns the series (or None) and what was dropped."""
+    """Deduplicate, drop odd ones out, sort; returns the series (or None) and what was dropped.
+
+    Localizers inside a series of slices are dropped (they are not part of the volume); a series of
+    localizers only is kept, flagged ``CTSeries.is_localizer``, for series selection to judge."""
     skipped: list[SkippedFile] = []
 
     def drop(s: CTSlice, reason: str, kind: str):
@@ -809,25 +814,26 @@ def _assemble(series_uid: str, slices: list[CTSlice]) -> tuple[CTSeries | None, 
         seen[key] = s.path
         kept.append(s)
 
-    rest = []
-    for s in kept:
-        if any(t.upper() in ("LOCALIZER", "SCOUT", "TOPOGRAM") for t in s.image_type):
-            kinds = "\\".join(s.image_type)
-            drop(s, f"localizer/scout image (ImageType {kinds}); not part of the volume", "localizer")
-        else:
-            rest.append(s)
-    kept = rest
+    if not all(s.is_localizer for s in kept):
+        rest = []
+        for s in kept:
+            if s.is_localizer:
+                kinds = "\\".join(s.image_type)
+                drop(s, f"localizer/scout image (ImageType {kinds}); not part of the volume", "localizer")
+            else:
+                rest.append(s)
+        kept = rest
 
     with_geom = [s for s in kept if s.orientation is not None]
     if with_geom:
-        normals = np.array([_normal(s.orientation) for s in with_geom])
-        agree = np.abs(normals @ normals.T) >= math.cos(math.radians(_ORIENTATION_TOLERANCE_DEG))
+        normals = np.array([slice_normal(s.orientation) for s in with_geom])
+        agree = np.abs(normals @ normals.T) >= math.cos(math.radians(ORIENTATION_TOLERANCE_DEG))
         ref = normals[int(np.argmax(agree.sum(axis=1)))]
         rest = []
         for s in kept:
             if s.orientation is None:
                 drop(s, "no ImageOrientationPatient while the rest of the series has one", "orientation")
-            elif abs(float(_normal(s.orientation) @ ref)) < math.cos(math.radians(_ORIENTATION_TOLERANCE_DEG)):
+            elif not same_plane(slice_normal(s.orientation), ref):
                 drop(s, "orientation differs from the series majority (a localizer or reformat?)", "orientation")
             else:
                 rest.append(s)
@@ -845,18 +851,16 @@ def _assemble(series_uid: str, slices: list[CTSlice]) -> tuple[CTSeries | None, 
     if not kept:
         return None, skipped
 
-    normal = _series_normal(kept)
+    normal = series_normal(s.orientation for s in kept)
     ordered_by, tilt = "instance_number", 0.0
     if normal is not None and all(s.position is not None for s in kept):
-        z = [float(np.dot(s.position, normal)) for s in kept]
-        if len({round(v, 3) for v in z}) == len(z):
+        z = [position_along(s.position, normal) for s in kept]
+        if len({round(v, POSITION_DECIMALS) for v in z}) == len(z):
             order = np.argsort(z, kind="stable")
             kept = [kept[i] for i in order]
             ordered_by = "position"
             if len(kept) > 1:
-                d = np.subtract(kept[-1].position, kept[0].position)
-                cos = min(1.0, abs(float(d @ normal)) / float(np.linalg.norm(d)))
-                tilt = round(math.degrees(math.acos(cos)), 3)
+                tilt = stack_tilt_degrees(kept[0].position, kept[-1].position, normal)
         else:
             log.info("series %s: repeated slice positions; ordered by InstanceNumber", series_uid)
     if ordered_by == "instance_number":
@@ -916,6 +920,8 @@ def read_series(
     """The one series in a file, folder or zip (``series_uid`` picks one when there are several)."""
     scan = find_series(path, pixels=pixels, allow_non_ct=allow_non_ct)
     found = [s for s in scan.series if series_uid is None or s.series_uid == series_uid]
+    if series_uid is None and any(not s.is_localizer for s in found):
+        found = [s for s in found if not s.is_localizer]  # a study's scout is not "another series"
     if len(found) == 1:
         return found[0]
     if not found:

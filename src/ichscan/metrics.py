@@ -34,6 +34,7 @@ import pandas as pd
 from ichscan.errors import DataError
 from ichscan.fileio import write_text
 from ichscan.labels import LABELS, loss_weights
+from ichscan.thresholds import load_thresholds, resolve_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -328,25 +329,6 @@ class Evaluation:
         }
 
 
-def resolve_thresholds(
-    thresholds: float | Mapping[str, float] | None, labels: Sequence[str] = LABELS
-) -> dict[str, float]:
-    """A threshold per label from a scalar, a per-label mapping (every label required) or None (0.5)."""
-    if thresholds is None:
-        thresholds = 0.5
-    if isinstance(thresholds, Mapping):
-        missing = [name for name in labels if name not in thresholds]
-        if missing:
-            raise ValueError(f"no threshold for {', '.join(missing)}")
-        out = {name: float(thresholds[name]) for name in labels}
-    else:
-        out = {name: float(thresholds) for name in labels}
-    bad = {k: v for k, v in out.items() if not 0.0 <= v <= 1.0}
-    if bad:
-        raise ValueError(f"thresholds must lie in [0, 1]: {bad}")
-    return out
-
-
 def apply_thresholds(
     y_prob, thresholds: float | Mapping[str, float] | None = None, labels: Sequence[str] = LABELS
 ) -> np.ndarray:
@@ -604,34 +586,6 @@ def save_thresholds(points: OperatingPoints | Mapping[str, float], path: str | o
     if not isinstance(points, OperatingPoints):
         points = OperatingPoints(method="manual", thresholds=resolve_thresholds(dict(points), list(points)))
     return write_text(path, json.dumps(points.to_dict(), indent=2) + "\n")
-
-
-def load_thresholds(path: str | os.PathLike, labels: Sequence[str] = LABELS) -> dict[str, float]:
-    """Thresholds for every label from a thresholds file; DataError naming the file if unusable.
-
-    Read exactly as ``ichscan.predict`` reads it, so one file gives the same calls in both places: a label
-    the file leaves out gets 0.5 (logged), an unknown label or a value outside [0, 1] is an error.
-    """
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DataError("thresholds file not found", path) from None
-    except (OSError, ValueError) as err:
-        raise DataError(f"not a readable JSON thresholds file ({err})", path) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("thresholds"), dict):
-        raise DataError('expected JSON {"method": ..., "thresholds": {label: threshold}}', path)
-    given = doc["thresholds"]
-    unknown = [name for name in given if name not in labels]
-    if unknown:
-        raise DataError(f"unknown label(s) {', '.join(map(repr, unknown))} in thresholds; expected "
-                        f"{', '.join(labels)}", path)
-    left_out = [name for name in labels if name not in given]
-    if left_out:
-        log.warning("%s: no threshold for %s; using 0.5", path, ", ".join(left_out))
-    try:
-        return resolve_thresholds({name: given.get(name, 0.5) for name in labels}, labels)
-    except (TypeError, ValueError) as err:
-        raise DataError(f"bad thresholds: {err}", path) from None
 
 
 def parse_thresholds(value: str | float | None, labels: Sequence[str] = LABELS) -> dict[str, float]:

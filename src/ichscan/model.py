@@ -12,6 +12,7 @@ points and provenance. The bundled model (``ichscan/bundled/bundled.json``) is s
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -27,9 +28,11 @@ import torch
 from torch import nn
 
 from ichscan import __version__
+from ichscan.aggregation import check_aggregation
 from ichscan.errors import CheckpointError, ChecksumError, IchscanError, NoBundledModelError
 from ichscan.fileio import json_default, write_bytes, write_json
 from ichscan.labels import LABELS
+from ichscan.thresholds import check_operating_points
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +195,6 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
-atomic_write_bytes, atomic_write_json = write_bytes, write_json  # TEMP until train.py moves to fileio
-
-
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Weights of ``model`` (unwrapping DDP and torch.compile) as contiguous CPU tensors."""
     model = unwrap(model)
@@ -241,31 +241,115 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
         "weights": weights_path.name,
     }
     record.update(meta)
+    CheckpointMeta.from_record(record, json_path)  # never write a checkpoint inference could not use
     write_bytes(weights_path, st_save(model_state(inner), metadata={"format": "pt"}))
     write_json(json_path, record)
     return json_path
 
 
-def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON half of a checkpoint, checked for the fields inference needs."""
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """The JSON half of a checkpoint, checked: what inference needs and where the model came from.
+
+    The one reader of checkpoint JSON (like timm's ``PretrainedCfg``): everything else takes these fields
+    instead of ``.get()``-ing the JSON. ``record`` is the JSON as written (config, data, metrics, any
+    provenance a tool added), for copying it unchanged.
+    """
+
+    path: Path  # the JSON
+    weights: Path  # the .safetensors it names
+    arch: str
+    labels: tuple[str, ...]  # output order
+    windows: tuple  # ichscan.windows.Window per input channel
+    image_size: int
+    in_chans: int
+    mean: tuple[float, ...] | None  # input normalisation; None: the architecture's default
+    std: tuple[float, ...] | None
+    model_kwargs: dict[str, Any]
+    operating_points: dict[str, Any] | None  # {"method", "thresholds": {label: t}, ...} chosen on validation
+    trained_on: str | None  # e.g. PHANTOM_ONLY
+    record: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.record.get("config") or {})
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return dict(self.record.get("data") or {})
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.record.get("metrics") or {})
+
+    @property
+    def ichscan_version(self) -> str | None:
+        return self.record.get("ichscan_version")
+
+    @classmethod
+    def from_record(cls, record: Any, json_path: Path) -> CheckpointMeta:
+        """Check a checkpoint record field by field; ``CheckpointError`` names the file and the field."""
+        from ichscan.windows import get_windows
+
+        def fail(problem: str) -> CheckpointError:
+            return CheckpointError(f"{problem}; is it a checkpoint written by ichscan?", json_path)
+
+        if not isinstance(record, dict):
+            raise fail("not a JSON object")
+        if record.get("kind") == ENSEMBLE_KIND:
+            raise CheckpointError("this is an ensemble manifest, not a single checkpoint; load it with "
+                                  "read_manifest or load_ensemble", json_path)
+        arch = record.get("arch")
+        if not isinstance(arch, str) or not arch:
+            raise fail("no 'arch'")
+        labels = record.get("labels")
+        if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
+                or len(set(labels)) != len(labels)):
+            raise fail(f"'labels' is {labels!r}, not a list of distinct names")
+        size = record.get("image_size")
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise fail(f"'image_size' is {size!r}, not a positive number of pixels")
+        if not record.get("windows"):
+            raise fail("no 'windows'")
+        try:
+            windows = tuple(get_windows(record["windows"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise fail(f"unusable 'windows' ({err})") from None
+        in_chans = record.get("in_chans", len(windows))
+        if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans != len(windows):
+            raise fail(f"the model takes {in_chans!r} channels but the JSON lists {len(windows)} windows")
+        norm = record.get("normalize") or {}
+        mean = std = None
+        if norm:
+            try:
+                mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
+            except (KeyError, TypeError, ValueError):
+                raise fail("'normalize' is not {\"mean\": [...], \"std\": [...]}") from None
+            if len(mean) != in_chans or len(std) != in_chans or not all(v > 0 for v in std):
+                raise fail(f"'normalize' does not fit {in_chans} channels")
+        kwargs = record.get("model_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise fail("'model_kwargs' is not an object")
+        trained_on = record.get("trained_on")
+        if trained_on is not None and not isinstance(trained_on, str):
+            raise fail("'trained_on' is not text")
+        name = record.get("weights")
+        weights = json_path.with_name(name) if isinstance(name, str) and name else checkpoint_paths(json_path)[0]
+        return cls(json_path, weights, arch, tuple(labels), windows, size, in_chans, mean, std, dict(kwargs),
+                   check_operating_points(record.get("operating_points"), json_path, error=CheckpointError),
+                   trained_on, record)
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> CheckpointMeta:
+    """The JSON half of a checkpoint (given as its stem, .json or .safetensors), checked."""
     _, json_path = checkpoint_paths(path)
     if not json_path.is_file():
         raise CheckpointError("checkpoint JSON not found; pass the .json written by `ichscan train`", json_path)
     try:
-        meta = json.loads(json_path.read_text())
+        record = json.loads(json_path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"unreadable checkpoint JSON ({err})", json_path) from err
-    if meta.get("kind") == ENSEMBLE_KIND:
-        raise CheckpointError("this is an ensemble manifest; load it with load_ensemble", json_path)
-    for key in ("arch", "labels"):
-        if key not in meta:
-            raise CheckpointError(f"checkpoint JSON has no {key!r}; was it written by ichscan?", json_path)
-    return meta
-
-
-def _weights_path(json_path: Path, meta: Mapping[str, Any]) -> Path:
-    """The .safetensors a checkpoint JSON names (``weights``), else the one of the same stem."""
-    return json_path.with_name(meta["weights"]) if meta.get("weights") else checkpoint_paths(json_path)[0]
+    return CheckpointMeta.from_record(record, json_path)
 
 
 def load_checkpoint(
@@ -273,31 +357,31 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     labels: Sequence[str] | None = None,
 ) -> tuple[IchClassifier, dict[str, Any]]:
-    """(model in eval mode, meta) from a checkpoint stem, .json or .safetensors.
+    """(model in eval mode, its CheckpointMeta) from a checkpoint stem, .json or .safetensors.
 
     Outputs follow the label order written in the checkpoint (``model.labels``), or ``labels`` when given,
     matched by name.
     """
     from safetensors.torch import load_file
 
-    _, json_path = checkpoint_paths(path)
-    meta = read_checkpoint_meta(json_path)
-    weights_path = _weights_path(json_path, meta)
-    if not weights_path.is_file():
-        raise CheckpointError("checkpoint weights (.safetensors) missing beside its JSON", weights_path)
-    norm = meta.get("normalize") or {}
-    in_chans = int(meta.get("in_chans", 3))
-    model = build_model(meta["arch"], labels=meta["labels"], pretrained=False, in_chans=in_chans,
-                        **(meta.get("model_kwargs") or {}))
-    if norm:
-        model.mean.copy_(torch.tensor(norm["mean"]).view_as(model.mean))
-        model.std.copy_(torch.tensor(norm["std"]).view_as(model.std))
+    meta = read_checkpoint_meta(path)
+    if not meta.weights.is_file():
+        raise CheckpointError("checkpoint weights (.safetensors) missing beside its JSON", meta.weights)
     try:
-        state = load_file(str(weights_path), device="cpu")
+        model = build_model(meta.arch, labels=meta.labels, pretrained=False, in_chans=meta.in_chans,
+                            **meta.model_kwargs)
+    except IchscanError as err:
+        raise CheckpointError(err.reason, meta.path) from None
+    if meta.mean is not None:
+        model.mean.copy_(torch.tensor(meta.mean).view_as(model.mean))
+        model.std.copy_(torch.tensor(meta.std).view_as(model.std))
+    try:
+        state = load_file(str(meta.weights), device="cpu")
         model.load_state_dict(state, strict=True)
     except Exception as err:
-        raise CheckpointError(f"weights do not fit {meta['arch']} with {len(meta['labels'])} outputs: {err}",
-                              weights_path) from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"weights do not fit {meta.arch} with {len(meta.labels)} outputs ({first[:200]})",
+                              meta.weights) from err
     if labels is not None:
         model.select_labels(labels)
     model.to(map_location).eval()
@@ -307,33 +391,70 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------------------------- ensembles
 
 
-class Ensemble(nn.Module):
-    """Checkpoints averaged on the probability scale (the paper averages two models).
+@dataclass
+class EnsembleMember:
+    """One model of an ensemble: outputs already matched to the ensemble's labels by name, its checked
+    checkpoint record, and its share of the average (the members' weights add up to 1)."""
 
-    ``forward`` returns the weighted mean of the members' sigmoid probabilities, in ``labels`` order.
-    Members agree on image size and windows (checked when loading).
+    model: IchClassifier
+    meta: CheckpointMeta
+    weight: float
+
+    @property
+    def prep(self) -> tuple[tuple, int]:
+        """(windows, image size): what its input must be; members that share it share preprocessing."""
+        return self.meta.windows, self.meta.image_size
+
+
+class Ensemble:
+    """Models averaged on the probability scale (the paper's final model averages two).
+
+    Each member's outputs are re-ordered by label name (``IchClassifier.select_labels``) to ``labels``, so
+    checkpoints trained with any label order mix. Members may differ in windows and image size:
+    ``predict.Predictor`` windows a series once per distinct ``prep``. ``manifest`` carries the operating
+    points, aggregation and ``trained_on`` the model was shipped with.
     """
 
-    def __init__(self, members: Sequence[IchClassifier], weights: Sequence[float], metas: Sequence[dict],
-                 labels: Sequence[str], manifest: Manifest | None = None):
-        super().__init__()
+    def __init__(self, members: Sequence[EnsembleMember], labels: Sequence[str] = LABELS,
+                 manifest: Manifest | None = None):
         if not members:
             raise CheckpointError("an ensemble needs at least one member")
-        self.members = nn.ModuleList(members)
-        self.weights = [float(w) for w in weights]
-        self.metas = list(metas)
+        total = sum(m.weight for m in members)
+        if total <= 0:
+            raise CheckpointError("ensemble weights must add up to more than 0")
+        self.members = [dataclasses.replace(m, weight=m.weight / total) for m in members]
         self.labels = tuple(labels)
-        self.image_size = self.metas[0].get("image_size")
-        self.windows = self.metas[0].get("windows")
-        self.manifest = manifest  # operating points, trained_on and provenance, when read from a manifest
+        for m in self.members:
+            if tuple(m.model.labels) != self.labels:
+                m.model.select_labels(self.labels)
+        self.manifest = manifest
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = sum(self.weights)
-        probs = None
-        for weight, member in zip(self.weights, self.members):
-            p = torch.sigmoid(member(x).float()) * (weight / total)
-            probs = p if probs is None else probs + p
-        return probs
+    @property
+    def preps(self) -> list[tuple[tuple, int]]:
+        return list(dict.fromkeys(m.prep for m in self.members))
+
+    @property
+    def image_size(self) -> int:
+        return self.members[0].meta.image_size
+
+    @property
+    def windows(self) -> tuple:
+        return self.members[0].meta.windows
+
+    def average(self, member_probs: Sequence[Any]) -> Any:
+        """The weighted mean of per-member probabilities (numpy arrays or tensors, member order)."""
+        if len(member_probs) != len(self.members):
+            raise ValueError(f"{len(member_probs)} probability arrays for {len(self.members)} members")
+        out = None
+        for member, p in zip(self.members, member_probs):
+            out = member.weight * p if out is None else out + member.weight * p
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities (N, L) for images every member takes as they are (one shared ``prep``)."""
+        if len(self.preps) > 1:
+            raise CheckpointError("members differ in windows or image size; predict with ichscan.predict.Predictor")
+        return self.average([torch.sigmoid(m.model(x).float()) for m in self.members])
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -363,11 +484,11 @@ def write_ensemble(path: str | os.PathLike, checkpoints: Sequence[str | os.PathL
     for ckpt, weight in zip(checkpoints, weights):
         _, json_path = checkpoint_paths(ckpt)
         meta = read_checkpoint_meta(json_path)
-        labels = labels or meta["labels"]
+        labels = labels or list(meta.labels)
         rel = os.path.relpath(json_path.resolve(), path.parent.resolve())
         entry: dict[str, Any] = {"checkpoint": rel, "weight": float(weight)}
         if sha256:
-            weights_path = _weights_path(json_path, meta)
+            weights_path = meta.weights
             if not weights_path.is_file():
                 raise CheckpointError("checkpoint weights (.safetensors) missing beside its JSON", weights_path)
             entry["safetensors"] = os.path.relpath(weights_path.resolve(), path.parent.resolve())
@@ -423,21 +544,6 @@ class Manifest:
 
 
 _MANIFEST_KEYS = ("kind", "members", "labels", "operating_points", "trained_on", "aggregation")
-AGGREGATION_METHODS = ("max", "topk", "noisy_or")
-
-
-def _check_aggregation(doc: Any, path: Path) -> dict[str, Any] | None:
-    if doc is None:
-        return None
-    if not isinstance(doc, dict) or doc.get("method") not in AGGREGATION_METHODS:
-        raise CheckpointError(f"aggregation {doc!r}: expected {{\"method\": one of {', '.join(AGGREGATION_METHODS)}}}",
-                              path)
-    k = doc.get("top_k", 3)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise CheckpointError(f"aggregation top_k {k!r} is not a positive integer", path)
-    return dict(doc, top_k=k)
-
-
 def _read_json_dict(path: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads(path.read_text())
@@ -455,20 +561,6 @@ def is_manifest(path: str | os.PathLike) -> bool:
     return doc is not None and doc.get("kind") == ENSEMBLE_KIND
 
 
-def _check_operating_points(doc: Any, path: Path) -> dict[str, Any] | None:
-    if doc is None:
-        return None
-    thresholds = doc.get("thresholds") if isinstance(doc, dict) else None
-    if not isinstance(thresholds, dict) or not thresholds:
-        raise CheckpointError('operating_points must be {"method": ..., "thresholds": {label: t}}', path)
-    for name, t in thresholds.items():
-        if name not in LABELS:
-            raise CheckpointError(f"unknown label {name!r} in operating_points; expected {', '.join(LABELS)}", path)
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
-            raise CheckpointError(f"operating point for {name} is {t!r}, not a number in [0, 1]", path)
-    return dict(doc)
-
-
 def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> Manifest:
     """The one reader of ensemble manifests (a checkpoint .json/.safetensors/stem reads as an ensemble of one).
 
@@ -480,8 +572,8 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> Manifest:
     if doc is None or doc.get("kind") != ENSEMBLE_KIND:
         _, json_path = checkpoint_paths(path)
         meta = read_checkpoint_meta(json_path)
-        return Manifest(json_path, (ManifestMember(json_path),), tuple(meta["labels"]),
-                        _check_operating_points(meta.get("operating_points"), json_path), meta.get("trained_on"))
+        return Manifest(meta.path, (ManifestMember(meta.path),), meta.labels, meta.operating_points, meta.trained_on,
+                        aggregation=check_aggregation(meta.record.get("aggregation"), meta.path, error=CheckpointError))
     entries = doc.get("members")
     if not isinstance(entries, list) or not entries:
         raise CheckpointError("ensemble manifest names no members", path)
@@ -494,9 +586,9 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> Manifest:
                                       float(entry.get("weight", 1.0)), entry.get("sha256")))
     labels = doc.get("labels")
     manifest = Manifest(path, tuple(members), tuple(labels) if labels else None,
-                        _check_operating_points(doc.get("operating_points"), path), doc.get("trained_on"),
-                        {k: v for k, v in doc.items() if k not in _MANIFEST_KEYS},
-                        _check_aggregation(doc.get("aggregation"), path))
+                        check_operating_points(doc.get("operating_points"), path, error=CheckpointError),
+                        doc.get("trained_on"), {k: v for k, v in doc.items() if k not in _MANIFEST_KEYS},
+                        check_aggregation(doc.get("aggregation"), path, error=CheckpointError))
     if verify:
         verify_manifest(manifest)
     return manifest
@@ -507,7 +599,7 @@ def verify_manifest(manifest: Manifest) -> None:
     for member in manifest.members:
         if not member.sha256:
             continue
-        weights_path = _weights_path(member.checkpoint, read_checkpoint_meta(member.checkpoint))
+        weights_path = read_checkpoint_meta(member.checkpoint).weights
         if not weights_path.is_file():
             raise CheckpointError(f"checkpoint weights missing (named in {manifest.path.name})", weights_path)
         digest = sha256_file(weights_path)
@@ -522,20 +614,15 @@ def load_ensemble(
     map_location: str | torch.device = "cpu",
     labels: Sequence[str] | None = None,
 ) -> Ensemble:
-    """An :class:`Ensemble` from a manifest (or a single checkpoint, as an ensemble of one); hashes checked."""
-    manifest = read_manifest(path)
+    """An :class:`Ensemble` from a manifest, ``"bundled"`` or a single checkpoint (an ensemble of one);
+    recorded hashes checked. Outputs follow ``labels`` (default: the manifest's, else LABELS)."""
+    manifest = read_manifest(resolve_checkpoint(path))
     labels = tuple(labels or manifest.labels or LABELS)
-    members, weights, metas = [], [], []
+    members = []
     for entry in manifest.members:
         model, meta = load_checkpoint(entry.checkpoint, map_location, labels)
-        members.append(model)
-        weights.append(entry.weight)
-        metas.append(meta)
-    for key in ("image_size", "windows"):
-        values = {json.dumps(m.get(key)) for m in metas}
-        if len(values) > 1:
-            raise CheckpointError(f"ensemble members disagree on {key}: {sorted(values)}", manifest.path)
-    return Ensemble(members, weights, metas, labels, manifest)
+        members.append(EnsembleMember(model, meta, entry.weight))
+    return Ensemble(members, labels, manifest)
 
 
 # ------------------------------------------------------------------------------------------ bundled model
@@ -620,10 +707,10 @@ def write_bundle(out_dir: str | os.PathLike, members: str | os.PathLike | Sequen
     out = Path(out_dir)
     target = out / BUNDLED_MANIFEST
     sources = _bundle_sources(members, weights)
-    points = _check_operating_points(_thresholds_doc(thresholds), target)
+    points = check_operating_points(_thresholds_doc(thresholds), target, error=CheckpointError)
     points.setdefault("chosen_on", "phantom validation series")
     metas = [read_checkpoint_meta(ckpt) for ckpt, _ in sources]
-    files = [(f"member{i}", _weights_path(ckpt, meta), meta) for i, ((ckpt, _), meta) in enumerate(zip(sources, metas))]
+    files = [(f"member{i}", meta.weights, meta.record) for i, meta in enumerate(metas)]
     for _, weights_path, _ in files:
         if not weights_path.is_file():
             raise CheckpointError("checkpoint weights (.safetensors) missing beside its JSON", weights_path)
@@ -632,14 +719,14 @@ def write_bundle(out_dir: str | os.PathLike, members: str | os.PathLike | Sequen
         raise CheckpointError(f"the bundle would take {size / 2**20:.1f} MiB, more than {max_bytes / 2**20:.0f} "
                               "MiB; use a smaller model or store weights in fp16", out)
     info = dict(info)
-    configs = [meta.get("config") or {} for meta in metas]
+    configs = [meta.config for meta in metas]
     recipe = info.pop("recipe", None) or ", ".join(dict.fromkeys(str(c["preset"]) for c in configs if "preset" in c))
     seeds = info.pop("seeds", None)
     if seeds is None and all("seed" in c for c in configs):
         seeds = {"training": [c["seed"] for c in configs]}
     if not recipe or seeds is None:
         raise CheckpointError("info needs 'recipe' (preset name) and 'seeds': the members' configs do not say", out)
-    versions = list(dict.fromkeys(str(m["ichscan_version"]) for m in metas if m.get("ichscan_version")))
+    versions = list(dict.fromkeys(str(m.ichscan_version) for m in metas if m.ichscan_version))
     extra = {
         "trained_on": info.pop("trained_on", PHANTOM_ONLY),
         "operating_points": points,
@@ -655,7 +742,10 @@ def write_bundle(out_dir: str | os.PathLike, members: str | os.PathLike | Sequen
     previous = read_manifest(target, verify=False) if is_manifest(target) else None
     keep = {f"{stem}{ext}" for stem, _, _ in files for ext in (".json", ".safetensors")}
     for member in previous.members if previous else ():  # files of an earlier bundle not rewritten now
-        for stale in (member.checkpoint, _weights_path(member.checkpoint, _read_json_dict(member.checkpoint) or {})):
+        doc = _read_json_dict(member.checkpoint) or {}
+        weights_name = doc.get("weights") if isinstance(doc.get("weights"), str) else None
+        for stale in (member.checkpoint, member.checkpoint.with_name(weights_name) if weights_name
+                      else checkpoint_paths(member.checkpoint)[0]):
             if stale.parent.resolve() == out.resolve() and stale.name not in keep and stale.is_file():
                 stale.unlink()
     copied = []

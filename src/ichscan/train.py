@@ -13,10 +13,14 @@
 Data order is a function of (seed, epoch) alone and augmentation draws from its own generator, so a run
 resumed from any of those points ends with the same weights as one that never stopped (bit for bit on CPU).
 The library reports progress through a callback; the CLI turns it into a progress bar.
+
+As in timm's train.py, ``train`` is a short driver: ``train_one_epoch`` (steps, resume points, signals),
+``validate`` (validation loss and AUCs) and a ``Checkpointer`` that owns best / last / resume files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -24,7 +28,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +40,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ichscan.augment import AugmentConfig, augment_batch
 from ichscan.errors import DataError, IchscanError
+from ichscan.fileio import write_bytes, write_json
+from ichscan.hardware import autocast_dtype, cpu_count, resolve_precision
 from ichscan.labels import LABELS, loss_weights
-from ichscan.model import atomic_write_bytes, atomic_write_json, build_model, save_checkpoint, unwrap
+from ichscan.model import build_model, read_manifest, save_checkpoint, unwrap, write_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -250,51 +256,23 @@ def _barrier(dist_info: Distributed) -> None:
         dist.barrier()
 
 
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+def training_precision(precision: str, device: torch.device) -> str:
+    """``fp32``, ``bf16`` or ``fp16`` (ichscan.hardware): ``auto`` falls back to fp16 with loss scaling on a
+    GPU without bf16."""
     try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
-    except OSError:
-        pass
-    return False
+        return resolve_precision(precision, device, fp16_fallback=True)
+    except ValueError as err:
+        raise IchscanError(str(err)) from None
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None: fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if precision != "auto":
-        raise IchscanError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_supports_bf16():
-        return torch.bfloat16
-    return None
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def default_workers(device: torch.device, world_size: int = 1, cached: bool = False) -> int:
+def default_workers(device: torch.device, world_size: int = 1) -> int:
     """DataLoader workers per process: this process's share of cores less one (at most 12) on a GPU box.
 
     On a CPU, none: the model's OpenMP threads use every core, and a worker process decoding beside them
     stalls their barriers (measured on 2 cores: slower than decoding in the training loop). There the
     uint8 cache (``ichscan cache`` / ``--cache``) is what takes decoding off the training path.
     """
-    share = max(1, available_cpus() // max(1, world_size))
+    share = max(1, cpu_count() // max(1, world_size))
     if device.type == "cuda":
         return max(1, min(12, share - 1))
     return 0
@@ -366,6 +344,29 @@ class TrainResult:
     global_step: int = 0
 
 
+@dataclass
+class TrainState:
+    """Where a run stands: the counters ``resume.pt`` keeps beside the model, optimizer and RNG states."""
+
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0
+    global_step: int = 0
+    loss_sum: float = 0.0  # training loss summed over the images seen so far in this epoch (as last read)
+    seen: int = 0  # images seen so far in this epoch
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+
+
+@dataclass
+class Learner:
+    """The model and what trains it: everything of it that ``resume.pt`` saves."""
+
+    model: torch.nn.Module  # unwrapped: what checkpoints hold (DDP and torch.compile wrap it for training)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    aug_gen: torch.Generator  # augmentation's own stream, apart from the global RNG
+
+
 def _lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if config.warmup_steps and step < config.warmup_steps:
@@ -379,145 +380,23 @@ def _lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _window_records(names: Sequence[str]) -> list[dict[str, Any]]:
-    from ichscan.windows import get_windows
-
-    return [w.to_dict() for w in get_windows(names)]
-
-
-def _rng_state(aug_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _defer_signals(noted: list[int]) -> Callable[[], None]:
-    """Note SIGINT/SIGTERM in ``noted`` instead of stopping (a second one stops at once); returns the
-    function that puts the previous handlers back. Only the main thread can set handlers: elsewhere, no-op."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {}
-
-    def handler(signum, frame):
-        if noted:
-            raise KeyboardInterrupt
-        noted.append(signum)
-        log.warning("signal %d: stopping after this step (again to stop now)", signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, handler)
-
-    def restore() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-    return restore
-
-
-def _save_state(path: Path, payload: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load_state(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise IchscanError(f"cannot resume from this state file ({err}); start again without --resume",
-                           path) from err
-
-
-def train(
-    config: TrainConfig,
-    train_set: Dataset,
-    val_set: Dataset | None,
-    out_dir: str | os.PathLike,
-    *,
-    resume: bool = False,
-    progress: Callable[[TrainProgress], None] | None = None,
-    stop_after_steps: int | None = None,
-    data_summary: dict[str, Any] | None = None,
-) -> TrainResult:
-    """Train a model on ``train_set`` (items: (uint8 or float CxHxW image, float target per label)).
-
-    ``resume=True`` continues from ``out_dir/resume.pt`` (and refuses a different config).
-    ``stop_after_steps`` stops after that many optimizer steps in total, saving the resume state — for
-    time-boxed runs and for testing resume. Under torchrun every rank calls this; rank 0 writes files.
-    """
-    out = Path(out_dir)
-    dist_info, device = init_distributed(config)
-    labels = tuple(config.labels)
-    ds_labels = tuple(getattr(train_set, "labels", labels))
-    if ds_labels != labels:
-        raise DataError(f"dataset labels {list(ds_labels)} differ from the config's {list(labels)}")
-
-    state_path = out / "resume.pt"
-    state = None
-    if resume:
-        if not state_path.is_file():
-            raise IchscanError("nothing to resume: no resume.pt; run without --resume", out)
-        state = _load_state(state_path)
-        saved = TrainConfig.from_dict(state["config"]).to_dict()
-        changed = sorted(k for k, v in config.to_dict().items()
-                         if saved.get(k) != v and k not in MACHINE_SETTINGS)
-        if changed:
-            raise IchscanError(f"config differs from the interrupted run's ({', '.join(changed)}); "
-                               "resume with the same settings", out)
-    if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", config.to_dict())
-
-    torch.manual_seed(config.seed)
-    model = build_model(config.arch, labels=labels, pretrained=config.pretrained if state is None else False)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+def _build_learner(config: TrainConfig, device: torch.device, dist_info: Distributed, *, total_steps: int,
+                   pretrained: bool | str, amp_dtype: torch.dtype | None,
+                   memory_format: torch.memory_format) -> Learner:
+    torch.manual_seed(config.seed)  # initial weights are a function of the seed
+    model = build_model(config.arch, labels=tuple(config.labels), pretrained=pretrained)
     model = model.to(device=device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-    sampler = EpochSampler(len(train_set), config.seed, dist_info.rank, dist_info.world_size)
-    batch = config.batch_size
-    drop_last = sampler.per_rank >= batch  # equal batch shapes, unless the set is smaller than one batch
-    steps_per_epoch = sampler.per_rank // batch if drop_last else 1
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
-    amp_dtype = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     aug_gen = torch.Generator().manual_seed(config.seed * 7919 + dist_info.rank)
-    weights = loss_weights(labels)
+    return Learner(model, optimizer, scheduler, scaler, aug_gen)
 
-    epoch, step_in_epoch, global_step = 0, 0, 0
-    loss_sum, seen = 0.0, 0
-    best_loss = math.inf
-    history: list[dict[str, Any]] = []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        loss_sum, seen = state["loss_sum"], state["seen"]
-        best_loss = state["best_loss"]
-        history = json.loads(state["history"])
-        rng = state["rng"]
-        if isinstance(rng, list):  # one entry per rank (DDP); a rank beyond those saved keeps rank 0's
-            rng = rng[dist_info.rank] if dist_info.rank < len(rng) else rng[0]
-        torch.set_rng_state(rng["torch"])
-        aug_gen.set_state(rng["augment"])
-        if device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        if dist_info.is_main:  # drop metric lines of epochs that will run again
-            atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
-        log.info("resuming at epoch %d, step %d (global step %d)", epoch, step_in_epoch, global_step)
-    elif dist_info.is_main and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
 
-    net: torch.nn.Module = model
+def _wrap_for_training(model: torch.nn.Module, config: TrainConfig, device: torch.device,
+                       dist_info: Distributed) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model as it trains, the model as it validates)."""
+    net = model
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -526,144 +405,125 @@ def train(
         net = torch.compile(net)
     # Validation runs outside DDP (no gradient syncs); compiled when training is.
     eval_net = net if not dist_info.enabled else (torch.compile(model) if config.compile else model)
+    return net, eval_net
 
-    workers = config.workers if config.workers is not None else default_workers(
-        device, dist_info.world_size, cached=getattr(train_set, "cached", False))
 
-    def make_loader(dataset: Dataset, sampler_: Sampler, drop: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=batch, sampler=sampler_, num_workers=workers, drop_last=drop,
-            pin_memory=device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if workers > 0 else None,
-            # Its own generator, so that making an iterator never draws from the global RNG (exact resume).
-            generator=torch.Generator().manual_seed(config.seed),
-        )
+def _train_loader(dataset: Dataset, sampler: Sampler, config: TrainConfig, workers: int, drop_last: bool,
+                  device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+        # Its own generator, so that making an iterator never draws from the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(config.seed),
+    )
 
-    def save_resume(epoch_: int, step_: int, collective: bool = True) -> None:
-        rng: Any = _rng_state(aug_gen, device)
-        if dist_info.enabled and collective:  # every rank's RNG, so that each resumes its own stream
-            import torch.distributed as dist
 
-            states: list[Any] = [None] * dist_info.world_size
-            dist.all_gather_object(states, rng)
-            rng = states
-        if not dist_info.is_main:
-            return
-        _save_state(state_path, {
-            "config": config.to_dict(), "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch_, "step_in_epoch": step_, "global_step": global_step,
-            "loss_sum": loss_sum, "seen": seen, "best_loss": best_loss, "history": json.dumps(history),
-            "rng": rng,
-        })
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[list[int]]:
+    """Within: SIGINT/SIGTERM are noted in the yielded list instead of stopping (a second one stops at once).
+    Only the main thread can set handlers: elsewhere the list stays empty."""
+    import signal
+    import threading
 
-    def checkpoint_meta(metrics: dict[str, Any]) -> dict[str, Any]:
-        return {"windows": _window_records(config.windows), "image_size": config.image_size,
-                "config": config.to_dict(), "data": data_summary or {}, "metrics": metrics}
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
 
-    best_path = out / "best.json" if (out / "best.json").exists() and state is not None else None
-    last_path = out / "last.json" if (out / "last.json").exists() and state is not None else None
-    # Ctrl-C / SIGTERM (preemption) are noted and acted on between steps, where the state is consistent:
-    # the resume state is saved there and KeyboardInterrupt raised. A second signal stops at once.
-    signalled: list[int] = []
-    restore_signals = _defer_signals(signalled)
+    def handler(signum, frame):
+        if noted:
+            raise KeyboardInterrupt
+        noted.append(signum)
+        log.warning("signal %d: stopping after this step (again to stop now)", signum)
 
-    def stop_if_signalled() -> None:
-        if signalled:
-            save_resume(epoch, step_in_epoch, collective=False)
-            raise KeyboardInterrupt(f"stopped by signal {signalled[0]}; resume state saved")
-
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while epoch < config.epochs:
-            model.train()
-            sampler.set_epoch(epoch, step_in_epoch * batch)
-            loader = make_loader(train_set, sampler, drop_last)
-            t0 = time.perf_counter()
-            epoch_images = 0
-            # The loss is summed on the device and read only when reported or saved, so that a GPU is not
-            # made to wait for the host every step.
-            loss_total = torch.tensor(loss_sum, dtype=torch.float64, device=device)
-            batches = loader if step_in_epoch < steps_per_epoch else ()
-            for images, targets in batches:
-                images = images.to(device, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
-                images = augment_batch(images, config.augment, aug_gen).contiguous(memory_format=memory_format)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    logits = net(images)
-                loss = weighted_log_loss(logits, targets, weights)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step_in_epoch += 1
-                global_step += 1
-                n = images.shape[0]
-                loss_total += loss.detach().double() * n
-                seen += n
-                epoch_images += n
-                last_step = step_in_epoch >= steps_per_epoch
-                stop = stop_after_steps is not None and global_step >= stop_after_steps
-                if progress and (device.type == "cpu" or last_step or stop or step_in_epoch % config.log_every == 0):
-                    elapsed = time.perf_counter() - t0
-                    progress(TrainProgress("train", epoch, config.epochs, step_in_epoch, steps_per_epoch,
-                                           global_step, float(loss.detach()), epoch_images * dist_info.world_size
-                                           / max(elapsed, 1e-9), scheduler.get_last_lr()[0]))
-                if stop or (config.state_every and step_in_epoch % config.state_every == 0):
-                    loss_sum = float(loss_total)
-                    save_resume(epoch, step_in_epoch)
-                if stop:
-                    return TrainResult(out, best_path, last_path, history, True, global_step)
-                if signalled:
-                    loss_sum = float(loss_total)
-                    stop_if_signalled()
-                if last_step:
-                    break
-            loss_sum = float(loss_total)
-            train_time = time.perf_counter() - t0
-            epoch_loss, epoch_seen = loss_sum, seen
-            if dist_info.enabled:  # the mean over every rank's images
-                import torch.distributed as dist
-
-                totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
-                dist.all_reduce(totals)
-                epoch_loss, epoch_seen = float(totals[0]), int(totals[1])
-            record: dict[str, Any] = {
-                "epoch": epoch + 1, "global_step": global_step,
-                "train_loss": epoch_loss / max(epoch_seen, 1),
-                "train_images_per_s": epoch_images * dist_info.world_size / max(train_time, 1e-9),
-                "lr": scheduler.get_last_lr()[0],
-            }
-            if val_set is not None and len(val_set) > 0:
-                record.update(evaluate(eval_net, val_set, device, labels, batch_size=batch, workers=workers,
-                                       amp_dtype=amp_dtype, memory_format=memory_format, dist_info=dist_info,
-                                       progress=progress, epoch=epoch, epochs=config.epochs))
-            record["time_s"] = time.perf_counter() - t0
-            history.append(record)
-            epoch += 1
-            step_in_epoch, loss_sum, seen = 0, 0.0, 0
-            if dist_info.is_main:
-                with open(out / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                score = record.get("val_loss", record["train_loss"])
-                last_path = save_checkpoint(out / "last", model, checkpoint_meta(record))
-                if score < best_loss or best_path is None:
-                    best_loss = score
-                    best_path = save_checkpoint(out / "best", model, checkpoint_meta(record))
-            save_resume(epoch, 0)
-            stop_if_signalled()
-            if progress:
-                progress(TrainProgress("epoch", epoch - 1, config.epochs, steps_per_epoch, steps_per_epoch,
-                                       global_step, record["train_loss"], record["train_images_per_s"],
-                                       record["lr"], record))
+        yield noted
     finally:
-        restore_signals()
-    # Only after a normal finish: a rank that failed must exit (torchrun then stops the others), not wait.
-    _barrier(dist_info)
-    return TrainResult(out, best_path, last_path, history, False, global_step)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _stop_if_signalled(signalled: list[int], checkpointer: Checkpointer, learner: Learner,
+                       state: TrainState) -> None:
+    if signalled:
+        # Only this rank may have been signalled: no collective call, which the others would never join.
+        checkpointer.save_resume(learner, state, collective=False)
+        raise KeyboardInterrupt(f"stopped by signal {signalled[0]}; resume state saved")
+
+
+def train_one_epoch(net: torch.nn.Module, learner: Learner, loader: DataLoader, state: TrainState,
+                    config: TrainConfig, checkpointer: Checkpointer, *, steps: int, device: torch.device,
+                    dist_info: Distributed, amp_dtype: torch.dtype | None, memory_format: torch.memory_format,
+                    signalled: list[int], progress: Callable[[TrainProgress], None] | None = None,
+                    stop_after_steps: int | None = None) -> dict[str, float] | None:
+    """Train from ``state.step_in_epoch`` to ``steps`` steps of epoch ``state.epoch``, advancing ``state``.
+
+    ``net`` is ``learner.model`` as it trains (under DDP, compiled). The resume state is saved every
+    ``config.state_every`` steps, when ``stop_after_steps`` is reached, and after the step in progress when a
+    signal is noted in ``signalled`` (then KeyboardInterrupt is raised). Returns ``train_loss`` (the mean
+    over every rank's images), ``train_images_per_s`` and ``lr``; None when ``stop_after_steps`` was reached.
+    """
+    learner.model.train()
+    weights = loss_weights(tuple(config.labels))
+    t0 = time.perf_counter()
+    epoch_images = 0
+    # The loss is summed on the device and read only when reported or saved, so that a GPU is not made to
+    # wait for the host every step.
+    loss_total = torch.tensor(state.loss_sum, dtype=torch.float64, device=device)
+    batches = loader if state.step_in_epoch < steps else ()
+    for images, targets in batches:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        images = augment_batch(images, config.augment, learner.aug_gen).contiguous(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = net(images)
+        loss = weighted_log_loss(logits, targets, weights)
+        learner.optimizer.zero_grad(set_to_none=True)
+        learner.scaler.scale(loss).backward()
+        if config.grad_clip:
+            learner.scaler.unscale_(learner.optimizer)
+            torch.nn.utils.clip_grad_norm_(learner.model.parameters(), config.grad_clip)
+        learner.scaler.step(learner.optimizer)
+        learner.scaler.update()
+        learner.scheduler.step()
+        state.step_in_epoch += 1
+        state.global_step += 1
+        n = images.shape[0]
+        loss_total += loss.detach().double() * n
+        state.seen += n
+        epoch_images += n
+        last_step = state.step_in_epoch >= steps
+        stop = stop_after_steps is not None and state.global_step >= stop_after_steps
+        if progress and (device.type == "cpu" or last_step or stop or state.step_in_epoch % config.log_every == 0):
+            elapsed = time.perf_counter() - t0
+            progress(TrainProgress("train", state.epoch, config.epochs, state.step_in_epoch, steps,
+                                   state.global_step, float(loss.detach()),
+                                   epoch_images * dist_info.world_size / max(elapsed, 1e-9),
+                                   learner.scheduler.get_last_lr()[0]))
+        if stop or (config.state_every and state.step_in_epoch % config.state_every == 0):
+            state.loss_sum = float(loss_total)
+            checkpointer.save_resume(learner, state)
+        if stop:
+            return None
+        if signalled:
+            state.loss_sum = float(loss_total)
+            _stop_if_signalled(signalled, checkpointer, learner, state)
+        if last_step:
+            break
+    state.loss_sum = float(loss_total)
+    train_time = time.perf_counter() - t0
+    epoch_loss, epoch_seen = state.loss_sum, state.seen
+    if dist_info.enabled:  # the mean over every rank's images
+        import torch.distributed as dist
+
+        totals = torch.tensor([epoch_loss, float(epoch_seen)], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        epoch_loss, epoch_seen = float(totals[0]), int(totals[1])
+    return {"train_loss": epoch_loss / max(epoch_seen, 1),
+            "train_images_per_s": epoch_images * dist_info.world_size / max(train_time, 1e-9),
+            "lr": learner.scheduler.get_last_lr()[0]}
 
 
 @torch.no_grad()
@@ -689,13 +549,13 @@ def predict_logits(model: torch.nn.Module, dataset: Dataset, device: torch.devic
     return np.concatenate(all_logits), np.concatenate(all_targets)
 
 
-def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device, labels: Sequence[str], *,
+def validate(model: torch.nn.Module, dataset: Dataset, device: torch.device, labels: Sequence[str], *,
              batch_size: int = 64, workers: int = 0, amp_dtype: torch.dtype | None = None,
              memory_format: torch.memory_format = torch.channels_last, dist_info: Distributed | None = None,
              progress: Callable[[TrainProgress], None] | None = None, epoch: int = 0,
              epochs: int = 1) -> dict[str, Any]:
-    """Validation metrics; under DDP each rank scores a share (with ``model`` unwrapped from DDP) and the
-    shares are gathered, so every rank returns the numbers for the whole set."""
+    """Validation loss and metrics (``validation_metrics``); under DDP each rank scores a share (with ``model``
+    unwrapped from DDP) and the shares are gathered, so every rank returns the numbers for the whole set."""
     dist_info = dist_info or Distributed()
     n = len(dataset)
     indices = list(range(dist_info.rank, n, dist_info.world_size))
@@ -713,6 +573,209 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device, lab
     if progress:
         progress(TrainProgress("val", epoch, epochs, 1, 1, 0, metrics["val_loss"], None, None, metrics))
     return metrics
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def _window_records(names: Sequence[str]) -> list[dict[str, Any]]:
+    from ichscan.windows import get_windows
+
+    return [w.to_dict() for w in get_windows(names)]
+
+
+def _rng_state(aug_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _save_state(path: Path, payload: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise IchscanError(f"cannot resume from this state file ({err}); start again without --resume",
+                           path) from err
+
+
+class Checkpointer:
+    """A run's checkpoint files, as timm's ``CheckpointSaver`` keeps them: ``best.{safetensors,json}`` (lowest
+    validation weighted log loss; training loss without a validation set), ``last.{safetensors,json}`` (the
+    last finished epoch) and ``resume.pt``. Rank 0 writes; under DDP every rank joins ``save_resume``."""
+
+    def __init__(self, out: Path, config: TrainConfig, device: torch.device, dist_info: Distributed,
+                 data_summary: dict[str, Any] | None = None):
+        self.out, self.config, self.device, self.dist_info = out, config, device, dist_info
+        self.data_summary = data_summary or {}
+        self.resume_path = out / "resume.pt"
+        self.best_loss = math.inf
+        self.best_path: Path | None = None
+        self.last_path: Path | None = None
+
+    def load_resume(self) -> dict[str, Any]:
+        """What ``resume.pt`` holds, refused when this run's config differs beyond ``MACHINE_SETTINGS``."""
+        if not self.resume_path.is_file():
+            raise IchscanError("nothing to resume: no resume.pt; run without --resume", self.out)
+        saved = _load_state(self.resume_path)
+        before = TrainConfig.from_dict(saved["config"]).to_dict()
+        changed = sorted(k for k, v in self.config.to_dict().items()
+                         if before.get(k) != v and k not in MACHINE_SETTINGS)
+        if changed:
+            raise IchscanError(f"config differs from the interrupted run's ({', '.join(changed)}); "
+                               "resume with the same settings", self.out)
+        return saved
+
+    def restore(self, saved: dict[str, Any], learner: Learner) -> TrainState:
+        """Put ``saved`` (from ``load_resume``) back into ``learner``, this rank's RNG and the best so far."""
+        learner.model.load_state_dict(saved["model"])
+        learner.optimizer.load_state_dict(saved["optimizer"])
+        learner.scheduler.load_state_dict(saved["scheduler"])
+        learner.scaler.load_state_dict(saved["scaler"])
+        rng = saved["rng"]
+        if isinstance(rng, list):  # one entry per rank (DDP); a rank beyond those saved keeps rank 0's
+            rng = rng[self.dist_info.rank] if self.dist_info.rank < len(rng) else rng[0]
+        torch.set_rng_state(rng["torch"])
+        learner.aug_gen.set_state(rng["augment"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.best_loss = saved["best_loss"]
+        self.best_path = self.out / "best.json" if (self.out / "best.json").exists() else None
+        self.last_path = self.out / "last.json" if (self.out / "last.json").exists() else None
+        state = TrainState(saved["epoch"], saved["step_in_epoch"], saved["global_step"], saved["loss_sum"],
+                           saved["seen"], json.loads(saved["history"]))
+        log.info("resuming at epoch %d, step %d (global step %d)", state.epoch, state.step_in_epoch,
+                 state.global_step)
+        return state
+
+    def save_resume(self, learner: Learner, state: TrainState, *, collective: bool = True) -> None:
+        """Write ``resume.pt``. ``collective``: every rank calls this, and each rank's RNG states are kept."""
+        rng: Any = _rng_state(learner.aug_gen, self.device)
+        if self.dist_info.enabled and collective:  # every rank's RNG, so that each resumes its own stream
+            import torch.distributed as dist
+
+            states: list[Any] = [None] * self.dist_info.world_size
+            dist.all_gather_object(states, rng)
+            rng = states
+        if not self.dist_info.is_main:
+            return
+        _save_state(self.resume_path, {
+            "config": self.config.to_dict(), "model": unwrap(learner.model).state_dict(),
+            "optimizer": learner.optimizer.state_dict(), "scheduler": learner.scheduler.state_dict(),
+            "scaler": learner.scaler.state_dict(), "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+            "global_step": state.global_step, "loss_sum": state.loss_sum, "seen": state.seen,
+            "best_loss": self.best_loss, "history": json.dumps(state.history), "rng": rng,
+        })
+
+    def save_epoch(self, model: torch.nn.Module, record: dict[str, Any]) -> None:
+        """After an epoch (rank 0): ``last``, and ``best`` when ``record`` scores lower than every epoch before."""
+        if not self.dist_info.is_main:
+            return
+        score = record.get("val_loss", record["train_loss"])
+        self.last_path = save_checkpoint(self.out / "last", model, self._meta(record))
+        if score < self.best_loss or self.best_path is None:
+            self.best_loss = score
+            self.best_path = save_checkpoint(self.out / "best", model, self._meta(record))
+
+    def _meta(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"windows": _window_records(self.config.windows), "image_size": self.config.image_size,
+                "config": self.config.to_dict(), "data": self.data_summary, "metrics": metrics}
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def train(
+    config: TrainConfig,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: Callable[[TrainProgress], None] | None = None,
+    stop_after_steps: int | None = None,
+    data_summary: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train a model on ``train_set`` (items: (uint8 or float CxHxW image, float target per label)).
+
+    ``resume=True`` continues from ``out_dir/resume.pt`` (and refuses a different config).
+    ``stop_after_steps`` stops after that many optimizer steps in total, saving the resume state — for
+    time-boxed runs and for testing resume. Under torchrun every rank calls this; rank 0 writes files.
+    """
+    out = Path(out_dir)
+    dist_info, device = init_distributed(config)
+    labels = tuple(config.labels)
+    ds_labels = tuple(getattr(train_set, "labels", labels))
+    if ds_labels != labels:
+        raise DataError(f"dataset labels {list(ds_labels)} differ from the config's {list(labels)}")
+    checkpointer = Checkpointer(out, config, device, dist_info, data_summary)
+    saved = checkpointer.load_resume() if resume else None
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", config.to_dict())
+
+    sampler = EpochSampler(len(train_set), config.seed, dist_info.rank, dist_info.world_size)
+    drop_last = sampler.per_rank >= config.batch_size  # equal batch shapes, unless the set is smaller than one batch
+    steps = sampler.per_rank // config.batch_size if drop_last else 1
+    if config.max_steps_per_epoch:
+        steps = min(steps, config.max_steps_per_epoch)
+    amp_dtype = autocast_dtype(training_precision(config.precision, device))
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    learner = _build_learner(config, device, dist_info, total_steps=steps * config.epochs, amp_dtype=amp_dtype,
+                             memory_format=memory_format,
+                             pretrained=config.pretrained if saved is None else False)  # resume.pt has the weights
+    state = checkpointer.restore(saved, learner) if saved is not None else TrainState()
+    metrics_path = out / "metrics.jsonl"
+    if dist_info.is_main:
+        if saved is not None:  # drop the lines of epochs that will run again
+            write_bytes(metrics_path, "".join(json.dumps(h) + "\n" for h in state.history).encode())
+        elif metrics_path.exists():
+            metrics_path.unlink()
+    net, eval_net = _wrap_for_training(learner.model, config, device, dist_info)
+    workers = config.workers if config.workers is not None else default_workers(device, dist_info.world_size)
+
+    # Ctrl-C / SIGTERM (preemption) are noted and acted on between steps, where the state is consistent:
+    # the resume state is saved there and KeyboardInterrupt raised. A second signal stops at once.
+    with _deferred_signals() as signalled:
+        while state.epoch < config.epochs:
+            t0 = time.perf_counter()
+            sampler.set_epoch(state.epoch, state.step_in_epoch * config.batch_size)
+            loader = _train_loader(train_set, sampler, config, workers, drop_last, device)
+            train_metrics = train_one_epoch(net, learner, loader, state, config, checkpointer, steps=steps,
+                                            device=device, dist_info=dist_info, amp_dtype=amp_dtype,
+                                            memory_format=memory_format, signalled=signalled, progress=progress,
+                                            stop_after_steps=stop_after_steps)
+            if train_metrics is None:
+                return TrainResult(out, checkpointer.best_path, checkpointer.last_path, state.history, True,
+                                   state.global_step)
+            record: dict[str, Any] = {"epoch": state.epoch + 1, "global_step": state.global_step, **train_metrics}
+            if val_set is not None and len(val_set) > 0:
+                record.update(validate(eval_net, val_set, device, labels, batch_size=config.batch_size,
+                                       workers=workers, amp_dtype=amp_dtype, memory_format=memory_format,
+                                       dist_info=dist_info, progress=progress, epoch=state.epoch,
+                                       epochs=config.epochs))
+            record["time_s"] = time.perf_counter() - t0
+            state.history.append(record)
+            state.epoch += 1
+            state.step_in_epoch, state.loss_sum, state.seen = 0, 0.0, 0
+            if dist_info.is_main:
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            checkpointer.save_epoch(learner.model, record)
+            checkpointer.save_resume(learner, state)
+            _stop_if_signalled(signalled, checkpointer, learner, state)
+            if progress:
+                progress(TrainProgress("epoch", state.epoch - 1, config.epochs, steps, steps, state.global_step,
+                                       record["train_loss"], record["train_images_per_s"], record["lr"], record))
+    # Only after a normal finish: a rank that failed must exit (torchrun then stops the others), not wait.
+    _barrier(dist_info)
+    return TrainResult(out, checkpointer.best_path, checkpointer.last_path, state.history, False, state.global_step)
 
 
 # ------------------------------------------------------------------------------------- folders, end to end
@@ -844,25 +907,13 @@ def run_training(config: TrainConfig, inputs: RunInputs, out_dir: str | os.PathL
     result = train(config, train_set, val_set, out_dir, resume=resume, progress=progress,
                    stop_after_steps=stop_after_steps, data_summary=summary)
     if ensemble_with and not result.interrupted and result.best is not None:
-        from ichscan.model import write_ensemble
-
         members: list[Path] = []
         for item in ensemble_with:
-            members += _checkpoints_in(Path(item))
+            path = Path(item)
+            # A run folder stands for its best checkpoint; a manifest for its members.
+            members += [m.checkpoint for m in read_manifest(path / "best.json" if path.is_dir() else path).members]
         target = Path(ensemble_out) if ensemble_out else Path(out_dir) / "ensemble.json"
         write_ensemble(target, [*members, result.best])
         (report or (lambda line: log.info("%s", line)))(f"ensemble manifest: {target}")
     return result
 
-
-def _checkpoints_in(path: Path) -> list[Path]:
-    """A checkpoint JSON/stem, or every member of an ensemble manifest, as checkpoint JSON paths."""
-    from ichscan.model import ENSEMBLE_KIND, checkpoint_paths
-
-    if path.is_dir():
-        path = path / "best.json"
-    if path.suffix == ".json" and path.is_file():
-        record = json.loads(path.read_text())
-        if record.get("kind") == ENSEMBLE_KIND:
-            return [path.parent / m["checkpoint"] for m in record["members"]]
-    return [checkpoint_paths(path)[1]]

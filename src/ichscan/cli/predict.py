@@ -90,7 +90,8 @@ def _rules(args):
 
 def run(args) -> int:
     from ichscan.model import BUNDLED, resolve_checkpoint
-    from ichscan.predict import Predictor, predict_path, run_thresholds
+    from ichscan.predict import Predictor, predict_path
+    from ichscan.thresholds import run_thresholds
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     try:

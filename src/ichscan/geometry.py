@@ -1,0 +1,72 @@
+"""Slice geometry in the patient coordinate system (DICOM LPS, mm): one home for the slice normal, the
+position along it, the stack's tilt and the plane's obliquity, and the tolerances that decide them.
+
+What highdicom's ``spatial`` module does for volumes, kept to what ichscan needs: ingest sorts and checks
+series with it, selection judges obliquity with it, and prediction and the training index record slice
+positions with it, so all of them agree. numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+# Slices whose normals differ by more than this are not one stack (a localizer, a reformat, a re-scan).
+ORIENTATION_TOLERANCE_DEG = 1.0
+# Positions along the normal equal to this many decimals (1 um) are the same position: slices can't be
+# ordered by them.
+POSITION_DECIMALS = 3
+
+
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    """Unit normal (row x column direction cosines of ImageOrientationPatient), turned so that its largest
+    component is positive: axial stacks then run inferior to superior whatever the scanner's row order.
+    All zeros for a degenerate orientation."""
+    o = np.asarray(orientation, dtype=float)
+    n = np.cross(o[:3], o[3:])
+    norm = np.linalg.norm(n)
+    if norm == 0:
+        return n
+    n = n / norm
+    return -n if n[np.argmax(np.abs(n))] < 0 else n
+
+
+def series_normal(orientations: Iterable[Sequence[float] | None]) -> np.ndarray | None:
+    """The normal of the first usable orientation (slices of an assembled series agree within the
+    tolerance); None when no slice has one."""
+    for orientation in orientations:
+        if orientation is not None:
+            n = slice_normal(orientation)
+            if np.linalg.norm(n) > 0:
+                return n
+    return None
+
+
+def same_plane(a: np.ndarray, b: np.ndarray, tolerance_deg: float = ORIENTATION_TOLERANCE_DEG) -> bool:
+    """Whether two unit normals describe parallel planes (either direction) within ``tolerance_deg``."""
+    return abs(float(a @ b)) >= math.cos(math.radians(tolerance_deg))
+
+
+def position_along(position: Sequence[float], normal: np.ndarray | None) -> float:
+    """Where a slice lies along ``normal`` in mm (its patient z for an axial slice). Without a usable
+    normal, the position's z: the best guess for the axial scans this tool reads."""
+    if normal is None or not np.any(normal):
+        return float(position[2])
+    return float(np.dot(position, normal))
+
+
+def stack_tilt_degrees(first: Sequence[float], last: Sequence[float], normal: np.ndarray) -> float:
+    """Angle between the stacking direction (first to last slice position) and the slice normal: the
+    gantry tilt of a tilted acquisition, 0 for a straight stack."""
+    d = np.subtract(last, first)
+    cos = min(1.0, abs(float(d @ normal)) / float(np.linalg.norm(d)))
+    return round(math.degrees(math.acos(cos)), 3)
+
+
+def obliquity_degrees(orientation: Sequence[float]) -> float:
+    """Angle between the slice normal and the patient's head-foot axis: 0 for axial, 90 for sagittal or
+    coronal slices."""
+    normal = slice_normal(orientation)
+    return float(np.degrees(np.arccos(min(1.0, abs(float(normal[2]))))))

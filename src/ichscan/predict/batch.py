@@ -1,0 +1,178 @@
+"""Batch runs: every selected series under a path, each saved as it finishes, resumable.
+
+Each finished series is written atomically to ``<out>/work/``; a rerun with the same configuration skips
+those, so an interrupted batch resumes where it stopped. The final files are assembled from ``work/`` at the
+end, so a resumed run writes exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ichscan.dicom import SkippedFile
+from ichscan.errors import IchscanError
+from ichscan.fileio import write_text
+from ichscan.predict.outputs import SeriesPrediction, write_outputs
+from ichscan.predict.predictor import Predictor
+from ichscan.predict.selection import RejectedSeries, SelectionRules, select_series
+from ichscan.thresholds import run_thresholds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Sent to ``progress`` after each selected series: ``status`` is predicted, resumed or failed."""
+
+    done: int
+    total: int
+    series_uid: str
+    status: str
+    n_slices: int
+
+
+@dataclass
+class PredictRun:
+    """What ``predict_path`` did. ``complete`` is False when it stopped early (``max_series``)."""
+
+    out_dir: Path | None
+    predictions: list[SeriesPrediction]
+    rejected: list[RejectedSeries]
+    skipped: list[SkippedFile]
+    failed: list[SkippedFile]
+    n_predicted: int
+    n_resumed: int
+    complete: bool
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+_SAFE = re.compile(r"[^0-9A-Za-z._-]")
+
+
+def _work_name(series: Any) -> str:
+    digest = hashlib.sha1(f"{series.study_uid}|{series.series_uid}".encode()).hexdigest()[:10]
+    return f"{_SAFE.sub('_', str(series.series_uid))[:80]}-{digest}.json"
+
+
+def _check_config(work: Path, config: dict, restart: bool) -> None:
+    stamp = work / "config.json"
+    if restart and work.exists():
+        for f in work.glob("*.json"):
+            f.unlink()
+    if stamp.exists():
+        previous = json.loads(stamp.read_text())
+        if previous != config:
+            raise IchscanError(
+                "this output folder holds results of another configuration (checkpoint, TTA, precision or "
+                "aggregation differ); use another --out, or --restart to discard them", work.parent)
+    else:
+        write_text(stamp, json.dumps(config, indent=1, sort_keys=True) + "\n")
+
+
+def predict_path(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike | None,
+    predictor: Predictor,
+    *,
+    rules: SelectionRules | None = None,
+    thresholds: dict[str, float] | str | os.PathLike | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    max_series: int | None = None,
+    restart: bool = False,
+    allow_non_ct: bool = False,
+    prefetch: bool = True,
+) -> PredictRun:
+    """Predict every selected series under ``path`` (file, folder, zip; RSNA flat folders too).
+
+    With ``out_dir``, each finished series is saved to ``out_dir/work`` at once and skipped by a later
+    run with the same configuration; outputs are written when all series are done. ``max_series``
+    stops after that many newly predicted series (``complete=False``; rerun to go on). Bad files and
+    series that fail are reported in ``skipped``/``failed`` and the rest predicted. ``thresholds``
+    (a dict or a file) overrides the operating points the model carries; 0.5 where neither says.
+    """
+    from ichscan.dicom import find_series
+
+    thresholds, thresholds_from = run_thresholds(thresholds, predictor.operating_points)
+    rules = rules or SelectionRules()
+    scan = find_series(path, pixels=False, allow_non_ct=allow_non_ct)
+    skipped = list(scan.skipped)
+    for item in skipped:
+        log.info("skipped %s: %s", item.path, item.reason)
+    # A fixed order, whatever order the files were found in.
+    all_series = sorted(scan.series, key=lambda s: (str(s.study_uid), str(s.series_uid)))
+    selected, rejected = select_series(all_series, rules)
+    for r in rejected:
+        log.info("series %s not predicted: %s (%s)", r.series_uid, r.detail, r.rule)
+
+    config = dict(predictor.describe(), rules=dataclasses.asdict(rules))
+    work = Path(out_dir) / "work" if out_dir is not None else None
+    if work is not None:
+        _check_config(work, json.loads(json.dumps(config)), restart)
+
+    done: dict[str, SeriesPrediction] = {}
+    todo = []
+    for s in selected:
+        f = work / _work_name(s) if work is not None else None
+        if f is not None and f.exists():
+            try:
+                saved = SeriesPrediction.from_dict(json.loads(f.read_text()))
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("redoing series %s: its partial result %s is unreadable", s.series_uid, f)
+            else:
+                if saved.n_slices + len(saved.skipped) == len(s.slices):
+                    done[_work_name(s)] = saved
+                    continue
+                log.warning("redoing series %s: it has %d slices now, %d when it was predicted", s.series_uid,
+                            len(s.slices), saved.n_slices + len(saved.skipped))
+        todo.append(s)
+    n_resumed = len(done)
+    total = len(selected)
+    count = 0
+    for s in selected:
+        if _work_name(s) in done and progress:
+            count += 1
+            progress(ProgressEvent(count, total, str(s.series_uid), "resumed", len(s.slices)))
+
+    limit = len(todo) if max_series is None else max(0, min(int(max_series), len(todo)))
+    failed: list[SkippedFile] = []
+    n_predicted = 0
+    if limit:
+        for s, result in predictor.iter_predict(todo[:limit], prefetch=prefetch, allow_non_ct=allow_non_ct):
+            count += 1
+            if isinstance(result, IchscanError):
+                failed.extend(getattr(result, "skipped", ()))
+                failed.append(SkippedFile(str(result.path or s.series_uid), result.reason, type(result).__name__,
+                                          str(s.series_uid)))
+                log.info("series %s failed: %s", s.series_uid, result)
+                if progress:
+                    progress(ProgressEvent(count, total, str(s.series_uid), "failed", len(s.slices)))
+                continue
+            n_predicted += 1
+            done[_work_name(s)] = result
+            if work is not None:
+                write_text(work / _work_name(s), json.dumps(result.to_dict(), allow_nan=False))
+            for item in result.skipped:
+                log.info("skipped %s: %s", item.path, item.reason)
+            if progress:
+                progress(ProgressEvent(count, total, str(s.series_uid), "predicted", result.n_slices))
+
+    complete = limit == len(todo)
+    # Reload every result the way a resumed run sees it, so both write the same bytes.
+    predictions = [SeriesPrediction.from_dict(json.loads(json.dumps(done[_work_name(s)].to_dict())))
+                   for s in selected if _work_name(s) in done]
+    skipped_all = skipped + [item for p in predictions for item in p.skipped]
+    run = PredictRun(Path(out_dir) if out_dir is not None else None, predictions, rejected, skipped_all, failed,
+                     n_predicted, n_resumed, complete)
+    if complete and out_dir is not None:
+        run.outputs = write_outputs(out_dir, predictions, thresholds=thresholds, rejected=rejected,
+                                    skipped=skipped_all + failed, config=config, thresholds_from=thresholds_from)
+    return run

@@ -1,0 +1,198 @@
+"""What a prediction run produces: the series record, and the CSV and JSON files written from it.
+
+``slices.csv``, ``series.csv``, ``submission.csv`` (Kaggle ``ID,Label``), ``predictions.json`` and
+``skipped.csv``; columns in docs/contracts.md. Every file is written atomically (``ichscan.fileio``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ichscan.dicom import SkippedFile
+from ichscan.errors import DataError
+from ichscan.fileio import write_csv, write_text
+from ichscan.labels import LABELS, RSNA_CSV_ORDER
+from ichscan.predict.selection import RejectedSeries
+from ichscan.thresholds import default_thresholds
+
+
+@dataclass(frozen=True)
+class KeySlice:
+    """The slice that drove one label's series probability."""
+
+    label: str
+    index: int
+    sop_uid: str
+    image_id: str
+    z: float | None
+    prob: float
+
+
+@dataclass
+class SeriesPrediction:
+    """Probabilities for one series: ``slice_probs`` (N, L) and ``probs`` (L,) in ``labels`` order."""
+
+    series_uid: str
+    study_uid: str | None
+    patient_id: str | None
+    labels: tuple[str, ...]
+    slice_probs: np.ndarray
+    probs: np.ndarray
+    key_slices: tuple[KeySlice, ...]
+    sop_uids: tuple[str, ...]
+    image_ids: tuple[str, ...]
+    z: tuple[float | None, ...]
+    aggregation: str = "max"
+    skipped: tuple[SkippedFile, ...] = ()
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.slice_probs.shape[0])
+
+    def prob(self, label: str) -> float:
+        return float(self.probs[self.labels.index(label)])
+
+    def key_slice(self, label: str) -> KeySlice:
+        return self.key_slices[self.labels.index(label)]
+
+    def decisions(self, thresholds: dict[str, float] | None = None) -> dict[str, bool]:
+        """Positive or not per label at ``thresholds`` (0.5 where a label has none)."""
+        thresholds = thresholds or {}
+        return {name: bool(self.probs[i] >= thresholds.get(name, 0.5)) for i, name in enumerate(self.labels)}
+
+    def to_dict(self) -> dict:
+        """JSON-ready; floats keep full precision so ``from_dict`` gives back the same arrays."""
+        return {
+            "series_uid": self.series_uid,
+            "study_uid": self.study_uid,
+            "patient_id": self.patient_id,
+            "labels": list(self.labels),
+            "aggregation": self.aggregation,
+            "probs": [float(p) for p in self.probs],
+            "key_slices": [dataclasses.asdict(k) for k in self.key_slices],
+            "slices": [
+                {"index": i, "sop_uid": s, "image_id": im, "z": z, "probs": [float(p) for p in row]}
+                for i, (s, im, z, row) in enumerate(zip(self.sop_uids, self.image_ids, self.z, self.slice_probs))
+            ],
+            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SeriesPrediction:
+        slices = d["slices"]
+        return cls(
+            series_uid=d["series_uid"],
+            study_uid=d["study_uid"],
+            patient_id=d["patient_id"],
+            labels=tuple(d["labels"]),
+            slice_probs=np.array([s["probs"] for s in slices], dtype=np.float32).reshape(len(slices), -1),
+            probs=np.array(d["probs"], dtype=np.float64),
+            key_slices=tuple(KeySlice(**k) for k in d["key_slices"]),
+            sop_uids=tuple(s["sop_uid"] for s in slices),
+            image_ids=tuple(s["image_id"] for s in slices),
+            z=tuple(s["z"] for s in slices),
+            aggregation=d.get("aggregation", "max"),
+            skipped=tuple(SkippedFile(**s) for s in d.get("skipped", [])),
+        )
+
+
+def _kaggle_id(image_id: str, label: str) -> str:
+    return f"{image_id}_{label}" if image_id.startswith("ID_") else f"ID_{image_id}_{label}"
+
+
+def slice_table(predictions: Sequence[SeriesPrediction]):
+    import pandas as pd
+
+    rows = []
+    for p in predictions:
+        for i in range(p.n_slices):
+            row = {"patient_id": p.patient_id, "study_uid": p.study_uid, "series_uid": p.series_uid,
+                   "sop_uid": p.sop_uids[i], "image_id": p.image_ids[i], "slice_index": i, "z": p.z[i]}
+            row.update({f"prob_{name}": float(p.slice_probs[i, j]) for j, name in enumerate(p.labels)})
+            rows.append(row)
+    columns = ["patient_id", "study_uid", "series_uid", "sop_uid", "image_id", "slice_index", "z"] + [
+        f"prob_{name}" for name in LABELS]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def series_table(predictions: Sequence[SeriesPrediction], thresholds: dict[str, float] | None = None):
+    import pandas as pd
+
+    thresholds = thresholds or default_thresholds()
+    rows = []
+    for p in predictions:
+        row = {"patient_id": p.patient_id, "study_uid": p.study_uid, "series_uid": p.series_uid, "n_slices": p.n_slices}
+        row.update({f"prob_{name}": float(p.probs[j]) for j, name in enumerate(p.labels)})
+        row.update({f"pred_{name}": int(v) for name, v in p.decisions(thresholds).items()})
+        row.update({f"key_slice_{k.label}": k.image_id for k in p.key_slices})
+        rows.append(row)
+    columns = (["patient_id", "study_uid", "series_uid", "n_slices"] + [f"prob_{n}" for n in LABELS]
+               + [f"pred_{n}" for n in LABELS] + [f"key_slice_{n}" for n in LABELS])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def submission_table(predictions: Sequence[SeriesPrediction]):
+    """Kaggle RSNA format: ``ID,Label`` with ``ID_<image>_<label>``, labels in the RSNA CSV order."""
+    import pandas as pd
+
+    ids, values = [], []
+    for p in predictions:
+        cols = [p.labels.index(name) for name in RSNA_CSV_ORDER]
+        for i, image_id in enumerate(p.image_ids):
+            for name, j in zip(RSNA_CSV_ORDER, cols):
+                ids.append(_kaggle_id(image_id, name))
+                values.append(float(p.slice_probs[i, j]))
+    return pd.DataFrame({"ID": ids, "Label": values})
+
+
+def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPrediction], *,
+                  thresholds: dict[str, float] | None = None, rejected: Sequence[RejectedSeries] = (),
+                  skipped: Sequence[SkippedFile] = (), config: dict | None = None,
+                  thresholds_from: str | None = None) -> dict[str, Path]:
+    """Write slices.csv, series.csv, submission.csv, predictions.json and skipped.csv; returns paths.
+
+    ``thresholds_from`` (see ``run_thresholds``) is recorded in predictions.json beside the thresholds."""
+    import pandas as pd
+
+    out = Path(out_dir)
+    thresholds = thresholds or default_thresholds()
+    paths = {name: out / f"{name}.csv" for name in ("slices", "series", "submission", "skipped")}
+    paths["json"] = out / "predictions.json"
+    write_csv(paths["slices"], slice_table(predictions))
+    write_csv(paths["series"], series_table(predictions, thresholds))
+    write_csv(paths["submission"], submission_table(predictions))
+    skipped_rows = [{"kind": "file", "path": s.path, "series_uid": s.series_uid, "reason": s.reason} for s in skipped]
+    skipped_rows += [{"kind": "series", "path": "", "series_uid": r.series_uid,
+                      "reason": f"rejected by {r.rule}: {r.detail}"} for r in rejected]
+    write_csv(paths["skipped"], pd.DataFrame(skipped_rows, columns=["kind", "path", "series_uid", "reason"]))
+    doc = {
+        "kind": "ichscan-predictions",
+        "labels": list(LABELS),
+        "config": config or {},
+        "thresholds": thresholds,
+        **({"thresholds_from": thresholds_from} if thresholds_from else {}),
+        "series": [dict(p.to_dict(), n_slices=p.n_slices, decisions=p.decisions(thresholds)) for p in predictions],
+        "rejected": [dataclasses.asdict(r) for r in rejected],
+        "skipped": [dataclasses.asdict(s) for s in skipped],
+    }
+    write_text(paths["json"], json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    return paths
+
+
+def load_predictions(path: str | os.PathLike) -> list[SeriesPrediction]:
+    """Series predictions back from a ``predictions.json`` (or the out folder that holds one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "predictions.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read predictions ({err})", path) from err
+    return [SeriesPrediction.from_dict(d) for d in doc["series"]]
