@@ -43,7 +43,7 @@ from sklearn.metrics import roc_auc_score
 from ichscan.dicom import CTSeries, find_series
 from ichscan.errors import IchscanError
 from ichscan.labels import LABELS
-from ichscan.metrics import load_series, load_slices, weighted_log_loss
+from ichscan.metrics import join_series_labels, join_slice_labels, weighted_log_loss
 from ichscan.model import resolve_checkpoint
 from ichscan.thresholds import run_thresholds
 from ichscan.predict import (
@@ -160,12 +160,12 @@ def ctich_report(predictions: list[SeriesPrediction], data: Path, dump: Path, me
                  top_k: int, thresholds: dict | None, config: dict) -> dict:
     """Metrics for the CT-ICH series, through the same files and readers ``ichscan evaluate`` uses."""
     write_outputs(dump, predictions, thresholds=thresholds, config=config)
-    slices = load_slices(dump / "slices.csv", data / "labels.csv")
+    slices = join_slice_labels(dump / "slices.csv", data / "labels.csv")
     series_auc, series_wll, per_series = {}, {}, {}
     for method in methods:
         path = dump / f"series_{method}.csv"
         _write_csv(path, series_table([_reaggregated(p, method, top_k) for p in predictions], thresholds))
-        ev = load_series(path, data / "series_labels.csv")
+        ev = join_series_labels(path, data / "series_labels.csv")
         series_auc[method] = _aucs(ev.y_true, ev.y_prob)
         series_wll[method] = float(weighted_log_loss(ev.y_true, ev.y_prob))
         for uid, y, p in zip(ev.ids, ev.y_true, ev.y_prob):

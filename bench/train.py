@@ -71,7 +71,7 @@ def model_alone(config, device: torch.device, steps: int, warmup: int) -> list[f
     every ``config.log_every`` steps on a GPU."""
     from ichscan.model import build_model
     from ichscan.hardware import autocast_dtype
-    from ichscan.train import training_precision, weighted_log_loss
+    from ichscan.train import training_precision, weighted_bce_loss
 
     torch.manual_seed(0)
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -88,7 +88,7 @@ def model_alone(config, device: torch.device, steps: int, warmup: int) -> list[f
         images = (x.float() / 255).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = net(images)
-        loss = weighted_log_loss(logits, y)
+        loss = weighted_bce_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

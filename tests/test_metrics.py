@@ -33,7 +33,10 @@ def random_case(seed: int, n: int = 300, ties: bool = False):
 def test_binary_metrics_agree_with_sklearn(seed, ties):
     y, p, w = random_case(seed, ties=ties)
     pred = (p >= 0.5).astype(int)
-    pairs = [(m.accuracy, skm.accuracy_score, pred), (m.precision, skm.precision_score, pred),
+    def accuracy(y_true, y_pred, weights):  # Table 1's ACC, from the same confusion counts as PREC and REC
+        return m.confusion_counts(y_true, y_pred, weights).accuracy
+
+    pairs = [(accuracy, skm.accuracy_score, pred), (m.precision, skm.precision_score, pred),
              (m.recall, skm.recall_score, pred), (m.roc_auc, skm.roc_auc_score, p), (m.log_loss, skm.log_loss, p)]
     for weights in (None, w):
         for ours, theirs, x in pairs:
@@ -345,11 +348,11 @@ def test_series_patients_from_labels_else_predictions(tmp_path, caplog):
     pred, labels, *_ = write_series(tmp_path)
     frame = pd.read_csv(labels, dtype=str)
     frame.drop(columns=["patient_id"]).to_csv(labels, index=False)
-    data = m.load_series(pred, labels)
+    data = m.join_series_labels(pred, labels)
     assert data.source["groups_from"] == str(pred) and len(set(data.groups)) == 20
     frame["patient_id"] = "X" + frame["patient_id"]
     frame.to_csv(labels, index=False)
-    data = m.load_series(pred, labels)
+    data = m.join_series_labels(pred, labels)
     assert data.source["groups_from"] == str(labels) and data.groups[0].startswith("X")
     assert "different patient_id" in caplog.text
 
@@ -357,13 +360,13 @@ def test_series_patients_from_labels_else_predictions(tmp_path, caplog):
 def test_series_errors_name_the_file(tmp_path):
     pred, labels, *_ = write_series(tmp_path, extra_pred=3)
     with pytest.raises(DataError, match=r"series_pred\.csv: 3 of 43 series.*no row in"):
-        m.load_series(pred, labels)
+        m.join_series_labels(pred, labels)
     frame = pd.read_csv(labels).drop(columns=["subdural"])
     frame.to_csv(labels, index=False)
     with pytest.raises(DataError, match=r"series_labels\.csv: series labels lacks column\(s\) subdural"):
-        m.load_series(pred, labels)
+        m.join_series_labels(pred, labels)
     with pytest.raises(DataError, match="not found"):
-        m.load_series(tmp_path / "nope.csv", labels)
+        m.join_series_labels(tmp_path / "nope.csv", labels)
 
 
 def rsna_long(images, values, with_any_last=True):
@@ -403,7 +406,7 @@ def test_kaggle_submission_against_rsna_labels_with_duplicates(tmp_path):
     bad = pd.concat([truth, pd.DataFrame({"ID": [f"{images[0]}_any"], "Label": [1 - y[0, 0]]})])
     bad.to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError, match=r"bad\.csv: 1 image\(s\) have conflicting"):
-        m.load_slices(tmp_path / "submission.csv", tmp_path / "bad.csv")
+        m.join_slice_labels(tmp_path / "submission.csv", tmp_path / "bad.csv")
 
 
 def test_slice_csv_against_rsna_labels_uses_patient_ids(tmp_path):
@@ -421,4 +424,4 @@ def test_slice_csv_against_rsna_labels_uses_patient_ids(tmp_path):
     assert ev.level == "slice" and ev.n_units == 3 and ev.resampling_unit == "patient"
     pred.drop(columns=["prob_epidural"]).to_csv(tmp_path / "slices.csv", index=False)
     with pytest.raises(DataError, match=r"slices\.csv.*prob_epidural"):
-        m.load_slices(tmp_path / "slices.csv", tmp_path / "labels.csv")
+        m.join_slice_labels(tmp_path / "slices.csv", tmp_path / "labels.csv")

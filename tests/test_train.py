@@ -18,7 +18,7 @@ from ichscan.train import (
     train,
     training_precision,
     validation_metrics,
-    weighted_log_loss,
+    weighted_bce_loss,
 )
 
 torch.set_num_threads(1)
@@ -66,12 +66,12 @@ def test_weighted_log_loss_equals_hand_computation():
             y = float(targets[i, j])
             total += weights[j] * -(y * math.log(p) + (1 - y) * math.log(1 - p))
             wsum += weights[j]
-    assert float(weighted_log_loss(logits, targets, weights)) == pytest.approx(total / wsum, rel=1e-6)
+    assert float(weighted_bce_loss(logits, targets, weights)) == pytest.approx(total / wsum, rel=1e-6)
     # Unknown labels (NaN) count for nothing.
     t2 = targets.clone()
     t2[1, 3] = float("nan")
     kept = total - weights[3] * -math.log(1 / (1 + math.exp(-1.1)))
-    assert float(weighted_log_loss(logits, t2, weights)) == pytest.approx(kept / (wsum - 1), rel=1e-6)
+    assert float(weighted_bce_loss(logits, t2, weights)) == pytest.approx(kept / (wsum - 1), rel=1e-6)
 
 
 def test_validation_metrics_auc_and_single_class():

@@ -87,7 +87,7 @@ def test_packed_lut_resize_gives_the_same_bytes_as_channel_by_channel(shape, siz
     # window_stored packs up to four window tables into RGBX words and resizes them in one Pillow pass;
     # every byte must equal windowing the HU image and resizing each channel on its own.
     from ichscan.dicom import StoredPixels
-    from ichscan.windows import _packed_lut, window_stored
+    from ichscan.windows import _packed_window_table, window_stored
 
     rng = np.random.default_rng(size + n_windows)
     windows = ["brain", "blood", "soft_tissue", "bone"][:n_windows]
@@ -95,9 +95,9 @@ def test_packed_lut_resize_gives_the_same_bytes_as_channel_by_channel(shape, siz
         stored = rng.integers(0, 2400, size=shape).astype(dtype)
         stored[: shape[0] // 3] = 24  # a flat region and sharp edges, as air around a head
         pixels = StoredPixels("random", stored, 1.0, intercept)
-        before = _packed_lut.cache_info()
+        before = _packed_window_table.cache_info()
         fast = window_stored(pixels, windows, size, np.uint8)
-        after = _packed_lut.cache_info()
+        after = _packed_window_table.cache_info()
         assert after.hits + after.misses == before.hits + before.misses + 1  # the packed path ran
         assert fast.shape == (n_windows, size, size)
         np.testing.assert_array_equal(fast, window_image(pixels.hu(), windows, size, np.uint8))

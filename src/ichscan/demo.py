@@ -162,6 +162,9 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
                                      out / "phantoms" / "val" / "series_labels.csv",
                                      level="series", method=config.threshold_method)
     thresholds_path = save_thresholds(points, out / "thresholds.json")
+    # The operating points travel with the model: `ichscan predict --checkpoint .../ensemble.json` uses them.
+    chosen = dict(points.to_dict(), chosen_on=f"validation phantoms ({config.val_studies} studies)")
+    manifest = write_ensemble(manifest, members, extra={"operating_points": chosen})
     ev = evaluate_files(out / "predictions" / "test" / "series.csv", out / "phantoms" / "test" / "series_labels.csv",
                         level="series", thresholds=thresholds_path, n_bootstrap=config.n_bootstrap,
                         seed=config.seed)

@@ -23,14 +23,6 @@ LOSS_WEIGHTS: tuple[float, ...] = (2.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 RSNA_CSV_ORDER: tuple[str, ...] = SUBTYPES + ("any",)
 
 
-def label_index(name: str, labels: tuple[str, ...] = LABELS) -> int:
-    """Position of ``name`` in ``labels``; a clear error for an unknown name."""
-    try:
-        return labels.index(name)
-    except ValueError:
-        raise KeyError(f"unknown label {name!r}; expected one of {', '.join(labels)}") from None
-
-
 def loss_weights(labels: tuple[str, ...] = LABELS) -> tuple[float, ...]:
     """RSNA weights for any label order: 2 for `any`, 1 for the others."""
     return tuple(2.0 if name == "any" else 1.0 for name in labels)

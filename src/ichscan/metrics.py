@@ -104,11 +104,6 @@ def confusion_counts(y_true, y_pred, sample_weight=None) -> Confusion:
     )
 
 
-def accuracy(y_true, y_pred, sample_weight=None) -> float:
-    """(TP + TN) / n; NaN for no rows."""
-    return confusion_counts(y_true, y_pred, sample_weight).accuracy
-
-
 def precision(y_true, y_pred, sample_weight=None) -> float:
     """TP / (TP + FP); NaN when nothing is called positive."""
     return confusion_counts(y_true, y_pred, sample_weight).precision
@@ -747,7 +742,7 @@ def _columns(path: str | os.PathLike, what: str) -> set[str]:
         raise DataError(f"cannot read {what} ({type(err).__name__}: {err})", path) from None
 
 
-def load_series(
+def join_series_labels(
     pred_path: str | os.PathLike, labels_path: str | os.PathLike, *, labels: Sequence[str] = LABELS
 ) -> EvalData:
     """Series CSV from predict against ``series_labels.csv``, joined on ``series_uid``.
@@ -777,7 +772,7 @@ def load_series(
     )
 
 
-def load_slices(
+def join_slice_labels(
     pred_path: str | os.PathLike,
     labels_path: str | os.PathLike,
     *,
@@ -851,9 +846,9 @@ def load_eval_data(
     if level == "auto":
         level = detect_level(pred_path, labels_path)
     if level == "series":
-        return load_series(pred_path, labels_path, labels=labels)
+        return join_series_labels(pred_path, labels_path, labels=labels)
     if level == "slice":
-        return load_slices(pred_path, labels_path, groups_path=groups_path, labels=labels)
+        return join_slice_labels(pred_path, labels_path, groups_path=groups_path, labels=labels)
     raise ValueError(f"level must be 'series', 'slice' or 'auto', not {level!r}")
 
 

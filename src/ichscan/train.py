@@ -169,7 +169,7 @@ PRESET_REASONS = {
 # ------------------------------------------------------------------------------------------------ the loss
 
 
-def weighted_log_loss(logits: torch.Tensor, targets: torch.Tensor,
+def weighted_bce_loss(logits: torch.Tensor, targets: torch.Tensor,
                       weights: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
     """RSNA's weighted multi-label log loss, from logits: sum_ij w_j * bce_ij / sum_ij w_j.
 
@@ -191,7 +191,7 @@ def validation_metrics(logits: np.ndarray, targets: np.ndarray, labels: Sequence
     """Weighted log loss and AUC per label (None where a label has only one class)."""
     from sklearn.metrics import roc_auc_score
 
-    loss = float(weighted_log_loss(torch.from_numpy(logits).double(), torch.from_numpy(targets).double(),
+    loss = float(weighted_bce_loss(torch.from_numpy(logits).double(), torch.from_numpy(targets).double(),
                                    loss_weights(tuple(labels))))
     probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     auc: dict[str, float | None] = {}
@@ -479,7 +479,7 @@ def train_one_epoch(net: torch.nn.Module, learner: Learner, loader: DataLoader, 
         images = augment_batch(images, config.augment, learner.aug_gen).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = net(images)
-        loss = weighted_log_loss(logits, targets, weights)
+        loss = weighted_bce_loss(logits, targets, weights)
         learner.optimizer.zero_grad(set_to_none=True)
         learner.scaler.scale(loss).backward()
         if config.grad_clip:

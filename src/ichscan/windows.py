@@ -172,7 +172,7 @@ def window_image(
 
 
 @functools.lru_cache(maxsize=64)
-def _lut(stored_dtype: str, slope: float, intercept: float, fixes: tuple, window: Window, dtype: str) -> np.ndarray:
+def _window_table(stored_dtype: str, slope: float, intercept: float, fixes: tuple, window: Window, dtype: str) -> np.ndarray:
     """stored value -> windowed output for every value of an 8/16-bit stored type (memoised, pure)."""
     from ichscan.dicom import StoredPixels
 
@@ -185,12 +185,12 @@ def _lut(stored_dtype: str, slope: float, intercept: float, fixes: tuple, window
 
 
 @functools.lru_cache(maxsize=16)
-def _packed_lut(stored_dtype: str, slope: float, intercept: float, fixes: tuple, windows: tuple) -> np.ndarray:
+def _packed_window_table(stored_dtype: str, slope: float, intercept: float, fixes: tuple, windows: tuple) -> np.ndarray:
     """Up to four uint8 window tables packed into one little-endian uint32 per stored value (byte c =
     window c), so one ``take`` gives an RGBX image that Pillow resizes in one pass (memoised, pure)."""
     packed = np.zeros(2 ** (8 * np.dtype(stored_dtype).itemsize), dtype="<u4")
     for c, w in enumerate(windows):
-        packed |= _lut(stored_dtype, slope, intercept, fixes, w, "|u1").astype("<u4") << np.uint32(8 * c)
+        packed |= _window_table(stored_dtype, slope, intercept, fixes, w, "|u1").astype("<u4") << np.uint32(8 * c)
     packed.flags.writeable = False
     return packed
 
@@ -230,10 +230,10 @@ def window_stored(
         resize = size is not None and index.shape != (size, size)
         if resize and dt == np.uint8 and 2 <= len(ws) <= 4 and index.ndim == 2:
             # the common case (3 windows, 512 -> smaller): one take and one Pillow pass, 1.5 ms not 2
-            return _resize_packed(np.take(_packed_lut(*key, ws), index), ws, int(size))
+            return _resize_packed(np.take(_packed_window_table(*key, ws), index), ws, int(size))
         out = np.empty((len(ws), *index.shape), dtype=dt)
         for c, w in enumerate(ws):
-            np.take(_lut(*key, w, dt.str), index, out=out[c])
+            np.take(_window_table(*key, w, dt.str), index, out=out[c])
         if size is None or out.shape[1:] == (size, size):
             return out
         channels = list(out)
