@@ -157,3 +157,26 @@ def test_corrupt_zip_member_is_reported_and_others_read(tmp_path):
     scan = find_series(tmp_path / "in")
     assert len(scan.series) == 1 and scan.series[0].slices[0].path.endswith("study.zip/a.dcm")
     assert kinds(scan) == {"b.dcm": "BadZipFile", "broken.zip": "BadZipFile"}
+
+
+def test_a_scout_series_is_kept_flagged_and_selection_rejects_it(tmp_path):
+    from ichscan.predict import SelectionRules, select_series
+
+    write_series(tmp_path, 12, series_uid=A)
+    scout = "1.2.826.0.1.3680043.8.498.99"
+    for k, orientation in enumerate([(1, 0, 0, 0, 0, -1), (0, 1, 0, 0, 0, -1)]):  # AP and lateral topograms
+        write_ct(tmp_path / f"topo{k}.dcm", series_uid=scout, sop_uid=f"{scout}.{k}", instance=k + 1,
+                 image_type=("ORIGINAL", "PRIMARY", "TOPOGRAM"), orientation=orientation)
+    scan = find_series(tmp_path)
+    by_uid = {s.series_uid: s for s in scan.series}
+    assert set(by_uid) == {A, scout}  # ingest keeps the scout series ...
+    assert by_uid[scout].is_localizer and not by_uid[A].is_localizer
+    assert [k.kind for k in by_uid[scout].skipped] == ["orientation"]  # its lateral view is another plane
+    # ... selection decides: the default rules reject it by its image type, the permissive ones keep it.
+    selected, rejected = select_series(scan.series)
+    assert [s.series_uid for s in selected] == [A]
+    assert [(r.series_uid, r.rule) for r in rejected] == [(scout, "exclude_image_types")]
+    assert "TOPOGRAM" in rejected[0].detail
+    assert len(select_series(scan.series, SelectionRules.permissive())[0]) == 2
+    # A study folder still reads as its one volume.
+    assert read_series(tmp_path).series_uid == A

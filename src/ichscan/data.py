@@ -34,6 +34,7 @@ from ichscan.fileio import write_json, write_npy, write_parquet
 from ichscan.geometry import position_along
 from ichscan.hardware import cpu_count
 from ichscan.labels import LABELS
+from ichscan.windows import PAPER_WINDOWS
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +411,7 @@ def build_cache(
     frame: pd.DataFrame,
     root: str | os.PathLike,
     size: int,
-    windows: Sequence[Any] = ("brain", "blood", "soft_tissue"),
+    windows: Sequence[Any] = PAPER_WINDOWS,
     *,
     workers: int | None = None,
     chunk: int = 256,
@@ -499,7 +500,7 @@ class SliceDataset:
     otherwise. ``labels`` names the target columns; ``image_ids`` and ``frame`` say which rows these are.
     """
 
-    def __init__(self, frame: pd.DataFrame, size: int = 512, windows: Sequence[Any] = ("brain", "blood", "soft_tissue"),
+    def __init__(self, frame: pd.DataFrame, size: int = 512, windows: Sequence[Any] = PAPER_WINDOWS,
                  labels: Sequence[str] = LABELS, cache: ImageCache | str | os.PathLike | None = None):
         self.frame = frame.reset_index(drop=True)
         self.size = int(size)

@@ -23,6 +23,7 @@ from typing import Any
 
 from ichscan.errors import IchscanError
 from ichscan.fileio import write_json
+from ichscan.hardware import cpu_count
 from ichscan.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class DemoConfig:
     tta: str = "flip"
     threshold_method: str = "youden"  # operating points chosen on the validation phantoms
     n_bootstrap: int = 1000
-    workers: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    workers: int = field(default_factory=cpu_count)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

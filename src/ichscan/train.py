@@ -44,10 +44,10 @@ from ichscan.fileio import write_bytes, write_json
 from ichscan.hardware import autocast_dtype, cpu_count, resolve_precision
 from ichscan.labels import LABELS, loss_weights
 from ichscan.model import build_model, read_manifest, save_checkpoint, unwrap, write_ensemble
+from ichscan.windows import PAPER_WINDOWS
 
 log = logging.getLogger(__name__)
 
-PAPER_WINDOW_NAMES: tuple[str, ...] = ("brain", "blood", "soft_tissue")
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -76,7 +76,7 @@ class TrainConfig:
     compile: bool = False
     workers: int | None = None  # DataLoader workers per process; None sizes them to the machine
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    windows: tuple[str, ...] = PAPER_WINDOW_NAMES
+    windows: tuple[str, ...] = PAPER_WINDOWS
     labels: tuple[str, ...] = LABELS
     grad_clip: float | None = None
     max_steps_per_epoch: int | None = None

@@ -24,6 +24,7 @@ from ichscan.geometry import position_along
 from ichscan.hardware import autocast_dtype, resolve_precision
 from ichscan.labels import LABELS
 from ichscan.predict.outputs import KeySlice, SeriesPrediction
+from ichscan.windows import PAPER_WINDOWS
 
 if TYPE_CHECKING:
     from ichscan.model import Ensemble, EnsembleMember
@@ -259,7 +260,7 @@ class Predictor:
         return cls(ensemble, sources=sources, folded=folded, **kwargs)
 
     @classmethod
-    def from_models(cls, models: Sequence[Any], *, windows: Sequence = ("brain", "blood", "soft_tissue"),
+    def from_models(cls, models: Sequence[Any], *, windows: Sequence = PAPER_WINDOWS,
                     image_size: int = 512, labels: Sequence[str] | None = None,
                     weights: Sequence[float] | None = None, **kwargs) -> Predictor:
         """Models already in memory (e.g. right after training) taking windowed images in [0, 1] and
