@@ -138,7 +138,7 @@ def main() -> None:
         # Model only: one series' worth of images (all TTA views in one batch), same tensor for both.
         x = torch.from_numpy(ours.preprocess([read_slice(s.path).hu for s in one.slices])).float() / 255.0
         x = torch.cat([x, x.flip(-1)])
-        member = ours._members[0].model
+        member = ours.ensemble.members[0].model
 
         def model_plain():
             with torch.no_grad():
