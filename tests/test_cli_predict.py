@@ -83,3 +83,32 @@ def test_cli_predict_compile_gives_the_eager_probabilities(setup, capsys):
     assert list(eager.sop_uid) == list(compiled.sop_uid)
     cols = [f"prob_{n}" for n in LABELS]
     assert (eager[cols] - compiled[cols]).abs().max().max() <= 1e-5
+
+
+def test_thresholds_chosen_by_ichscan_thresholds_travel_with_the_model(setup, tmp_path, capsys):
+    import shutil
+
+    root, _ = setup
+    # A copy of the ensemble, so the module's fixture keeps its manifest without operating points.
+    for name in ("m0.json", "m0.safetensors", "m1.json", "m1.safetensors", "ensemble.json"):
+        shutil.copy(root / name, tmp_path / name)
+    manifest = tmp_path / "ensemble.json"
+    base = [str(root / "data"), "--min-slices", "3", "--no-progress"]
+    assert main(["predict", *base, "--checkpoint", str(manifest), "--out", str(tmp_path / "val")]) == 0
+    assert "thresholds: 0.5 (default)" in capsys.readouterr().err
+    labels = root / "data" / "series_labels.csv"
+    assert main(["thresholds", "--pred", str(tmp_path / "val" / "series.csv"), "--labels", str(labels),
+                 "--out", str(tmp_path / "thr.json"), "--model", str(manifest)]) == 0
+    assert f"operating points stored in {manifest}" in capsys.readouterr().out
+    chosen = json.loads((tmp_path / "thr.json").read_text())["thresholds"]
+    assert json.loads(manifest.read_text())["operating_points"]["thresholds"] == chosen
+    assert main(["predict", *base, "--checkpoint", str(manifest), "--out", str(tmp_path / "again")]) == 0
+    assert "thresholds: the model's operating points (youden, chosen on validation predictions" in \
+        capsys.readouterr().err
+    assert json.loads((tmp_path / "again" / "predictions.json").read_text())["thresholds"] == chosen
+    # The same into one checkpoint's JSON; the weights are not touched.
+    before = (tmp_path / "m0.safetensors").read_bytes()
+    assert main(["thresholds", "--pred", str(tmp_path / "val" / "series.csv"), "--labels", str(labels),
+                 "--out", str(tmp_path / "thr0.json"), "--model", str(tmp_path / "m0.safetensors")]) == 0
+    assert json.loads((tmp_path / "m0.json").read_text())["operating_points"]["thresholds"] == chosen
+    assert (tmp_path / "m0.safetensors").read_bytes() == before

@@ -625,6 +625,23 @@ def load_ensemble(
     return Ensemble(members, labels, manifest)
 
 
+def set_operating_points(path: str | os.PathLike, points: Mapping[str, Any]) -> Path:
+    """Store operating points (a thresholds file's dict, chosen on validation) in a checkpoint's JSON or an
+    ensemble manifest, so that ``ichscan predict`` uses them; returns the JSON written. Weights untouched."""
+    path = Path(path)
+    doc = _read_json_dict(path) if path.suffix == ".json" and path.is_file() else None
+    if doc is not None and doc.get("kind") == ENSEMBLE_KIND:
+        target = path
+    else:
+        target = read_checkpoint_meta(path).path
+        doc = json.loads(target.read_text())
+    doc["operating_points"] = check_operating_points(dict(points), target, error=CheckpointError)
+    if doc.get("kind") != ENSEMBLE_KIND:
+        CheckpointMeta.from_record(doc, target)
+    write_json(target, doc)
+    return target
+
+
 # ------------------------------------------------------------------------------------------ bundled model
 
 

@@ -10,6 +10,8 @@ examples:
   ichscan thresholds --pred val/series.csv --labels series_labels.csv --method sensitivity --target 0.9 \\
       --out thresholds.json
   ichscan evaluate --pred test/series.csv --labels series_labels.csv --thresholds thresholds.json
+  ichscan thresholds --pred val/series.csv --labels series_labels.csv --model run/ensemble.json
+      (the operating points travel with the model: ichscan predict --checkpoint run/ensemble.json uses them)
 
 youden: the threshold maximising sensitivity + specificity - 1 on the validation set.
 sensitivity: the highest threshold whose validation sensitivity is at least --target.
@@ -33,6 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--target", type=float, default=0.9, help="sensitivity for --method sensitivity (default 0.9)")
     p.add_argument("--default", type=float, default=0.5, help="threshold for labels that cannot be tuned")
     p.add_argument("--out", "-o", default="thresholds.json", help="output JSON (default thresholds.json)")
+    p.add_argument("--model", help="also store them in this checkpoint JSON or ensemble manifest (the one that "
+                                   "made --pred), for ichscan predict to use")
     p.set_defaults(func=run)
 
 
@@ -47,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
     points = choose_thresholds_files(args.pred, args.labels, level=args.level, method=args.method,
                                      target=args.target, default=args.default)
     path = save_thresholds(points, args.out)
+    if args.model:
+        from ichscan.model import set_operating_points
+
+        chosen = dict(points.to_dict(), chosen_on=f"validation predictions {args.pred}")
+        print(f"operating points stored in {set_operating_points(args.model, chosen)}")
     for name, t in points.thresholds.items():
         d = points.details.get(name)
         how = (f"sensitivity {d['sensitivity']:.3f}, specificity {d['specificity']:.3f}" if d
