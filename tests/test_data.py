@@ -94,7 +94,7 @@ def test_index_reports_bad_files_resumes_and_caches(tmp_path):
     files = sorted(str(p) for p in images.glob("*.dcm"))
     index, report = build_index(files, cache, workers=1, shard_size=4, progress=lambda d, t: calls.append((d, t)))
     assert report.files == 14 and report.indexed == 12
-    bad = dict(report.problems)
+    bad = {s.path: s.reason for s in report.problems}
     assert set(bad) == {str(images / "ID_6431af929.dcm"), str(truncated)}
     assert "truncated" in bad[str(truncated)]
     assert calls[-1] == (14, 14)
@@ -105,7 +105,7 @@ def test_index_reports_bad_files_resumes_and_caches(tmp_path):
     # Loading again reads the cache (reports kept).
     again, report2 = build_index(files, cache)
     pd.testing.assert_frame_equal(index, again)
-    assert dict(report2.problems) == bad
+    assert {s.path: s.reason for s in report2.problems} == bad
     # Resume: shards left from an interrupted run are reused.
     parts = Path(str(cache) + ".parts")
     cache.unlink()

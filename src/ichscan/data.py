@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ichscan.dicom import SkippedFile
 from ichscan.errors import DataError, IchscanError
 from ichscan.fileio import write_json, write_npy, write_parquet
 from ichscan.geometry import position_along
@@ -121,14 +122,14 @@ class IndexReport:
 
     files: int = 0
     indexed: int = 0
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    problems: list[SkippedFile] = field(default_factory=list)  # files left out of the index, and why
     reused_shards: int = 0
     cache: str | None = None
 
     def lines(self) -> list[str]:
         out = [f"indexed {self.indexed} of {self.files} files"
                + (f" ({self.reused_shards} shards reused)" if self.reused_shards else "")]
-        out += [f"skipped {p}: {r}" for p, r in self.problems]
+        out += [f"skipped {s.path}: {s.reason}" for s in self.problems]
         return out
 
 
@@ -269,7 +270,8 @@ def _split_index(full: pd.DataFrame, report: IndexReport) -> tuple[pd.DataFrame,
     for col in _TEXT_COLUMNS:  # the same dtypes whether built now or read back from Parquet
         full[col] = full[col].astype(object).where(full[col].notna(), None)
     bad = full["error"].notna()
-    report.problems = list(zip(full.loc[bad, "path"].astype(str), full.loc[bad, "error"].astype(str)))
+    report.problems = [SkippedFile(path, reason) for path, reason in
+                       zip(full.loc[bad, "path"].astype(str), full.loc[bad, "error"].astype(str))]
     index = full.loc[~bad, list(INDEX_COLUMNS)].reset_index(drop=True)
     report.files = report.files or len(full)
     report.indexed = len(index)
