@@ -70,3 +70,31 @@ def obliquity_degrees(orientation: Sequence[float]) -> float:
     coronal slices."""
     normal = slice_normal(orientation)
     return float(np.degrees(np.arccos(min(1.0, abs(float(normal[2]))))))
+
+
+# Spacings within this of each other are one spacing (scanners write positions to 0.01 mm or so).
+SPACING_TOLERANCE_MM = 0.05
+
+
+def spacing_summary(z: Sequence[float] | np.ndarray | None, thicknesses: Iterable[float | None] = ()) -> dict:
+    """How a stack is sampled along its normal, from slice positions ``z`` (sorted) and thicknesses:
+    ``spacing`` (min, median, max distance between neighbours, mm), ``thickness`` (min, max), and the
+    warnings a reader needs: ``uneven`` (spacing differs by more than SPACING_TOLERANCE_MM along the
+    stack, e.g. 4 mm then 7 mm) and ``overlap_mm`` (how far the thickest slice exceeds the smallest
+    spacing, when slices overlap: common in overlapping reconstructions, but then neighbours share data)
+    and ``gap_mm`` (how far the largest spacing exceeds the thinnest slice: tissue between slices unseen)."""
+    t = [float(x) for x in thicknesses if x is not None and x > 0]
+    out: dict = {"spacing": None, "thickness": (min(t), max(t)) if t else None, "uneven": False,
+                 "overlap_mm": None, "gap_mm": None}
+    if z is None or len(z) < 2:
+        return out
+    d = np.abs(np.diff(np.asarray(z, dtype=float)))
+    lo, mid, hi = float(d.min()), float(np.median(d)), float(d.max())
+    out["spacing"] = (lo, mid, hi)
+    out["uneven"] = hi - lo > SPACING_TOLERANCE_MM
+    if t:
+        if max(t) - lo > SPACING_TOLERANCE_MM:
+            out["overlap_mm"] = round(max(t) - lo, 3)
+        if hi - min(t) > SPACING_TOLERANCE_MM:
+            out["gap_mm"] = round(hi - min(t), 3)
+    return out

@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "inspect",
         help="list the CT series in a DICOM file, folder or zip, and skipped files with reasons",
-        description="Series (UIDs, slices, spacing, thickness, ordering, tilt, fixes) and skipped files.",
+        description="Series (UIDs, slices, slice spacing and thickness as ranges with warnings, ordering, tilt, "
+                    "fixes) and skipped files.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -40,10 +41,33 @@ def _fmt(v, spec=".2f") -> str:
     return format(v, spec)
 
 
+def _range(values, spec=".2f") -> str:
+    """``4.00`` for one value, ``4.00-7.00`` for a range; ``-`` for none."""
+    if not values:
+        return "-"
+    lo, hi = values[0], values[-1]
+    return format(lo, spec) if abs(hi - lo) < 0.005 else f"{format(lo, spec)}-{format(hi, spec)}"
+
+
+def _warnings(summary: dict) -> list[str]:
+    out = []
+    if summary["uneven"]:
+        lo, _, hi = summary["spacing"]
+        out.append(f"uneven slice spacing ({lo:.2f} to {hi:.2f} mm)")
+    if summary["overlap_mm"]:
+        out.append(f"slices overlap by up to {summary['overlap_mm']:.2f} mm")
+    if summary["gap_mm"]:
+        out.append(f"gaps of up to {summary['gap_mm']:.2f} mm between slices")
+    return out
+
+
 def scan_to_dict(path: str, scan) -> dict:
+    from ichscan.geometry import spacing_summary
+
     series = []
     for s in scan.series:
         first = s.slices[0]
+        summary = spacing_summary(s.z, (x.thickness for x in s.slices))
         series.append(
             {
                 "patient_id": s.patient_id,
@@ -56,8 +80,11 @@ def scan_to_dict(path: str, scan) -> dict:
                 "rows": first.rows,
                 "columns": first.columns,
                 "pixel_spacing": list(s.pixel_spacing) if s.pixel_spacing else None,
-                "slice_spacing": s.slice_spacing,
+                "slice_spacing": s.slice_spacing,  # the median
+                "slice_spacing_range": [summary["spacing"][0], summary["spacing"][2]] if summary["spacing"] else None,
                 "thickness": s.thickness,
+                "thickness_range": list(summary["thickness"]) if summary["thickness"] else None,
+                "warnings": _warnings(summary),
                 "ordered_by": s.ordered_by,
                 "tilt_degrees": s.tilt_degrees,
                 "fixes": list(s.fixes),
@@ -90,17 +117,20 @@ def run(args) -> int:
         print()
         return 0 if scan.usable else 1
     if info["series"]:
-        header = ["#", "series UID", "patient", "mod", "slices", "size", "pixel mm", "gap mm", "thick mm",
+        header = ["#", "series UID", "patient", "mod", "slices", "size", "pixel mm", "spacing mm", "thick mm",
                   "ordered by", "tilt", "fixes", "description"]
         rows = [
             [i + 1, s["series_uid"], s["patient_id"] or "-", s["modality"] or "-", s["n_slices"],
              f"{s['rows']}x{s['columns']}",
-             _fmt(s["pixel_spacing"], ".3f"), _fmt(s["slice_spacing"]), _fmt(s["thickness"]),
+             _fmt(s["pixel_spacing"], ".3f"), _range(s["slice_spacing_range"]), _range(s["thickness_range"]),
              s["ordered_by"], _fmt(s["tilt_degrees"], ".1f"), ",".join(s["fixes"]) or "-", s["description"] or "-"]
             for i, s in enumerate(info["series"])
         ]
         print(f"{len(rows)} series in {args.path}")
         print(_table(rows, header))
+        for i, s in enumerate(info["series"]):
+            for warning in s["warnings"]:
+                print(f"warning: series #{i + 1}: {warning}")
     else:
         print(f"no usable CT series in {args.path}")
     if scan.skipped:
