@@ -57,7 +57,9 @@ class LabelReport:
     images: int = 0
     duplicate_rows: int = 0  # exact repeats, dropped
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # (image_id, label) given both 0 and 1
-    malformed: list[str] = field(default_factory=list)  # IDs not of the form ID_<image>_<label>
+    malformed: list[str] = field(default_factory=list)  # IDs of the rows skipped
+    # why each was skipped, with its line in the file (the header is line 1)
+    malformed_reasons: list[str] = field(default_factory=list)
     incomplete: int = 0  # images missing one or more of the labels (NaN)
 
     def lines(self) -> list[str]:
@@ -69,7 +71,7 @@ class LabelReport:
             out.append(f"{len(self.conflicts)} labels given both 0 and 1 (kept as positive): {shown}"
                        + (" ..." if len(self.conflicts) > 5 else ""))
         if self.malformed:
-            out.append(f"{len(self.malformed)} rows with an unrecognised ID skipped, e.g. {self.malformed[0]}")
+            out.append(f"{len(self.malformed)} rows skipped, e.g. {self.malformed_reasons[0]}")
         if self.incomplete:
             out.append(f"{self.incomplete} images lack some labels (left unknown)")
         return out
@@ -92,10 +94,16 @@ def read_labels(path: str | os.PathLike, labels: Sequence[str] = LABELS) -> tupl
     parts = raw["ID"].astype(str).str.rpartition("_")
     frame = pd.DataFrame({"image_id": parts[0], "label": parts[2], "value": pd.to_numeric(raw["Label"],
                                                                                           errors="coerce")})
-    bad = (frame["image_id"] == "") | ~frame["label"].isin(labels) | frame["value"].isna() | \
-        ~frame["value"].isin([0, 1])
+    bad_id = (frame["image_id"] == "") | ~frame["label"].isin(labels)
+    bad_value = ~bad_id & (frame["value"].isna() | ~frame["value"].isin([0, 1]))
+    bad = bad_id | bad_value
     if bad.any():
         report.malformed = raw.loc[bad, "ID"].astype(str).tolist()
+        for i in np.flatnonzero(bad.to_numpy()):
+            rid, value = raw["ID"].iloc[i], raw["Label"].iloc[i]
+            why = (f"ID {rid!r} is not ID_<image>_<label> with a label of {', '.join(labels)}" if bad_id.iloc[i]
+                   else f"label value {value!r} of {rid} is not 0 or 1")
+            report.malformed_reasons.append(f"line {i + 2}: {why}")
         frame = frame[~bad]
     dup = frame.duplicated()
     report.duplicate_rows = int(dup.sum())

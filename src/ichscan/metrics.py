@@ -638,7 +638,10 @@ def _require(frame: pd.DataFrame, columns: Sequence[str], path, what: str) -> No
         raise DataError(f"{what} lacks column(s) {', '.join(missing)}; has {', '.join(frame.columns)}", path)
 
 
-def _numbers(frame: pd.DataFrame, columns: Sequence[str], path, what: str, binary: bool) -> np.ndarray:
+def _numbers(frame: pd.DataFrame, columns: Sequence[str], path, what: str, binary: bool,
+             where: str | None = None) -> np.ndarray:
+    """The columns as numbers; a DataError naming the first bad rows by ``where`` (a column of file line
+    numbers, or of IDs) when values are missing or out of range."""
     values = frame[list(columns)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     bad = np.isnan(values).any(axis=1)
     if binary:
@@ -648,8 +651,13 @@ def _numbers(frame: pd.DataFrame, columns: Sequence[str], path, what: str, binar
         bad |= ((values < 0) | (values > 1)).any(axis=1)
         kind = "probabilities that are missing or outside [0, 1]"
     if bad.any():
-        first = frame.index[bad][:3].tolist()
-        raise DataError(f"{int(bad.sum())} {what} row(s) have {kind} (first at data rows {first})", path)
+        if where is not None and where.startswith("_line"):
+            at = "lines " + ", ".join(str(int(x)) for x in frame.loc[bad, where][:3]) + " of the file"
+        elif where is not None:
+            at = f"{where} " + ", ".join(str(x) for x in frame.loc[bad, where][:3])
+        else:
+            at = "rows " + ", ".join(str(i) for i in np.flatnonzero(bad)[:3])
+        raise DataError(f"{int(bad.sum())} {what} row(s) have {kind} (first: {at})", path)
     return values
 
 
@@ -757,11 +765,14 @@ def join_series_labels(
     _require(truth, ["series_uid", *labels], labels_path, "series labels")
     _unique_ids(pred, "series_uid", pred_path, "the series predictions")
     _unique_ids(truth, "series_uid", labels_path, "the series labels")
-    keep = ["series_uid", *labels] + (["patient_id"] if "patient_id" in truth.columns else [])
+    # File line numbers (the header is line 1), so that errors point where a person looks.
+    pred = pred.assign(_line_pred=np.arange(len(pred)) + 2)
+    truth = truth.assign(_line_truth=np.arange(len(truth)) + 2)
+    keep = ["series_uid", *labels, "_line_truth"] + (["patient_id"] if "patient_id" in truth.columns else [])
     truth = truth[keep].rename(columns={"patient_id": "patient_id_truth"})
     merged, unmatched = _join(pred, truth, "series_uid", pred_path, labels_path, "series")
-    y_prob = _numbers(merged, prob_cols, pred_path, "series prediction", binary=False)
-    y_true = _numbers(merged, list(labels), labels_path, "series label", binary=True)
+    y_prob = _numbers(merged, prob_cols, pred_path, "series prediction", binary=False, where="_line_pred")
+    y_true = _numbers(merged, list(labels), labels_path, "series label", binary=True, where="_line_truth")
     groups, groups_from = _patients(merged, pred_path, labels_path)
     return EvalData(
         level="series", ids=merged["series_uid"].to_numpy(dtype=str), y_true=y_true, y_prob=y_prob,
@@ -808,8 +819,9 @@ def join_slice_labels(
     keep = ["image_id", *labels] + (["patient_id"] if "patient_id" in truth.columns else [])
     truth = truth[keep].rename(columns={"patient_id": "patient_id_truth"})
     merged, unmatched = _join(pred, truth, "image_id", pred_path, labels_path, "image")
-    y_prob = _numbers(merged, [f"prob_{name}" for name in labels], pred_path, "slice prediction", binary=False)
-    y_true = _numbers(merged, list(labels), labels_path, "label", binary=True)
+    y_prob = _numbers(merged, [f"prob_{name}" for name in labels], pred_path, "slice prediction", binary=False,
+                      where="image_id")
+    y_true = _numbers(merged, list(labels), labels_path, "label", binary=True, where="image_id")
 
     groups, groups_from = _patients(merged, pred_path, labels_path)
     if groups is None and groups_path is not None:

@@ -620,6 +620,10 @@ def load_ensemble(
     labels = tuple(labels or manifest.labels or LABELS)
     members = []
     for entry in manifest.members:
+        meta = read_checkpoint_meta(entry.checkpoint)
+        if manifest.labels is not None and set(meta.labels) != set(manifest.labels):
+            raise CheckpointError(f"the manifest lists labels {list(manifest.labels)} but its member {meta.path.name} "
+                                  f"was trained on {list(meta.labels)}; rewrite the manifest", manifest.path)
         model, meta = load_checkpoint(entry.checkpoint, map_location, labels)
         members.append(EnsembleMember(model, meta, entry.weight))
     return Ensemble(members, labels, manifest)

@@ -1,0 +1,58 @@
+"""Messages that say the true problem, where a person would look for it."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from ichscan.data import read_labels
+from ichscan.errors import CheckpointError, DataError
+from ichscan.labels import LABELS
+from ichscan.metrics import join_series_labels
+from ichscan.model import build_model, load_ensemble, save_checkpoint, write_ensemble
+
+META = {"windows": ["brain", "blood", "soft_tissue"], "image_size": 32}
+
+
+def test_label_csv_rows_are_named_by_their_line_and_their_real_fault(tmp_path):
+    csv = tmp_path / "stage_2_train.csv"
+    csv.write_text("ID,Label\nID_aa_any,1\nID_aa_epidural,yes\nID_aa_bleed,0\ngarbage,1\n")
+    _, report = read_labels(csv)
+    assert report.malformed_reasons == [
+        "line 3: label value 'yes' of ID_aa_epidural is not 0 or 1",
+        "line 4: ID 'ID_aa_bleed' is not ID_<image>_<label> with a label of " + ", ".join(LABELS),
+        "line 5: ID 'garbage' is not ID_<image>_<label> with a label of " + ", ".join(LABELS),
+    ]
+    assert "3 rows skipped, e.g. line 3: label value 'yes'" in "\n".join(report.lines())
+
+
+def test_series_csv_errors_give_file_lines(tmp_path):
+    uids = [f"1.2.{i}" for i in range(4)]
+    pred = pd.DataFrame({"series_uid": uids, **{f"prob_{n}": [0.1, 0.2, 0.3, 0.4] for n in LABELS}})
+    pred.loc[2, "prob_any"] = 1.5  # third data row: line 4 of the file
+    pred.to_csv(tmp_path / "series.csv", index=False)
+    truth = pd.DataFrame({"series_uid": uids[::-1], **{n: [0, 1, 0, 1] for n in LABELS}})
+    truth.loc[0, "subdural"] = 7  # first data row: line 2
+    truth.to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(DataError, match=r"series\.csv: 1 series prediction row\(s\) have probabilities .* "
+                                        r"\(first: lines 4 of the file\)"):
+        join_series_labels(tmp_path / "series.csv", tmp_path / "labels.csv")
+    pred.loc[2, "prob_any"] = 0.5
+    pred.to_csv(tmp_path / "series.csv", index=False)
+    with pytest.raises(DataError, match=r"labels\.csv: 1 series label row\(s\) .* \(first: lines 2 of the file\)"):
+        join_series_labels(tmp_path / "series.csv", tmp_path / "labels.csv")
+
+
+def test_an_ensemble_manifest_whose_labels_differ_from_a_member_is_refused(tmp_path):
+    torch.manual_seed(0)
+    a = save_checkpoint(tmp_path / "a", build_model("test_efficientnet"), META)
+    manifest = write_ensemble(tmp_path / "e.json", [a])
+    doc = json.loads(manifest.read_text())
+    doc["labels"] = ["any", "subdural"]
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"e\.json: the manifest lists labels \['any', 'subdural'\] but its "
+                                              r"member a\.json was trained on"):
+        load_ensemble(manifest)
