@@ -55,3 +55,7 @@ class ChecksumError(CheckpointError):
 
 class NoBundledModelError(CheckpointError):
     """This install holds no bundled model (``ichscan/bundled/bundled.json``); pass a checkpoint instead."""
+
+
+class FolderInUseError(IchscanError):
+    """Another ichscan process is writing the output folder (it holds ``<folder>/.ichscan.lock``)."""

@@ -5,6 +5,10 @@ so a reader (or a run resumed after a crash) sees the old file or the new one, n
 temporary file is created with mode 0666 less the umask, like ``open(path, "w")``, so outputs are 0644
 on a usual system (``tempfile.mkstemp`` would make them 0600, unreadable by the colleague who asked).
 
+It also holds the two other things every writer of a folder needs: ``lock_folder``, so that two runs never
+write one folder at once, and ``escape_undecodable``, so that a file name that is not UTF-8 can still be
+written into a CSV or JSON output.
+
 numpy and the standard library only: ingest and phantom generation use this module without torch.
 """
 
@@ -18,8 +22,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ichscan.errors import FolderInUseError, IchscanError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; folders are not locked there
+    fcntl = None
+
 __all__ = ["atomic_path", "write_bytes", "write_text", "write_json", "write_csv", "write_parquet", "write_npy",
-           "json_default"]
+           "json_default", "lock_folder", "escape_undecodable", "LOCK_NAME"]
+
+LOCK_NAME = ".ichscan.lock"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -113,3 +126,56 @@ def write_npy(path: str | os.PathLike, array: Any) -> Path:
         with open(tmp, "wb") as fh:
             np.save(fh, array)
     return Path(path)
+
+
+@contextlib.contextmanager
+def lock_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``<folder>/.ichscan.lock`` while writing the folder; another holder raises ``FolderInUseError``.
+
+    An advisory ``flock``, so the kernel lets it go when the process dies however it dies: a lock file
+    left behind by a killed run never blocks the next one. The file holds the pid for the message and is
+    removed on release, so a finished folder holds only outputs."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission
+        raise IchscanError(f"cannot create this folder ({err.strerror or err}); check the path", folder) from None
+    path = folder / LOCK_NAME
+    if fcntl is None:
+        yield path
+        return
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            with os.fdopen(fd) as fh:
+                pid = fh.read().strip() or "unknown"
+            raise FolderInUseError(f"another ichscan run is writing this folder (pid {pid}); wait for it to "
+                                   "finish, or use another output folder", folder) from None
+        try:
+            same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        # The run before us removed the file between our open and our lock: lock the new one instead.
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still locked, so no other run holds a lock on a file no longer there
+        os.close(fd)
+
+
+def escape_undecodable(text: str) -> str:
+    """``text`` with the bytes of a file name that were not UTF-8 (the surrogate escapes ``os.fsdecode``
+    gives them) written as backslash escapes, ``bad\\xff.dcm``: UTF-8 files (CSV, JSON) can hold it, and a
+    person can still tell which file it was."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # lone surrogates that no file name decoding made
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

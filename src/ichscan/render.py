@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ichscan.dicom import CTSeries, CTSlice, find_series, read_slices
-from ichscan.errors import SeriesError
+from ichscan.errors import IchscanError, SeriesError
 from ichscan.windows import PAPER_WINDOWS, Window, get_windows, window_image
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,11 @@ __all__ = ["Rendered", "contact_sheet", "pick_slices", "render_path"]
 _BACKGROUND = (24, 24, 24)
 _TEXT = (235, 235, 235)
 _ACCENT = (255, 200, 60)
+# Bounds on what a picture may ask of memory: a 2048 px tile is four times a CT matrix, and a sheet of
+# 50 megapixels (150 MB as RGB) holds a whole 512-slice series at the default tile size.
+MIN_TILE, MAX_TILE = 16, 2048
+MAX_SHEET_PIXELS = 50_000_000
+_PAD, _HEAD, _TITLE = 6, 28, 26  # margins, window names, title line (pixels)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,24 @@ def pick_slices(n: int, count: int) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, n - 1, count)})
 
 
+def _layout(n: int, n_windows: int, tile: int | None, title: bool) -> tuple[int, int, int, int]:
+    """Columns, tile and sheet width and height for ``n`` slices in ``n_windows`` panels; a tile or
+    sheet too large for memory is refused here, before any pixel is read."""
+    if tile is not None and not MIN_TILE <= tile <= MAX_TILE:
+        raise IchscanError(f"tile {tile} px: expected {MIN_TILE} to {MAX_TILE} pixels per slice image")
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    tile = tile or max(96, min(512, 768 // cols))
+    panel_w, panel_h = cols * tile + (cols - 1) * 2, rows * tile + (rows - 1) * 2
+    width = n_windows * (panel_w + _PAD) + _PAD
+    height = (_TITLE if title else 0) + _HEAD + panel_h + _PAD
+    if width * height > MAX_SHEET_PIXELS:
+        raise IchscanError(f"a sheet of {width}x{height} pixels ({n} slices, {n_windows} windows, {tile} px tiles) "
+                           f"is more than {MAX_SHEET_PIXELS // 1_000_000} megapixels; use a smaller tile, fewer "
+                           "slices or fewer windows")
+    return cols, tile, width, height
+
+
 def contact_sheet(
     slices: Sequence[CTSlice],
     windows: Iterable = PAPER_WINDOWS,
@@ -65,14 +88,12 @@ def contact_sheet(
     n = len(slices)
     if n == 0:
         raise SeriesError("nothing to render: no slices", None)
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    tile = tile or max(96, min(512, 768 // cols))
+    cols, tile, width, height = _layout(n, len(ws), tile, bool(title))
     labels = list(labels) if labels is not None else [str(i) for i in range(n)]
-    pad, head = 6, 28
-    title_h = 26 if title else 0
-    panel_w, panel_h = cols * tile + (cols - 1) * 2, rows * tile + (rows - 1) * 2
-    sheet = Image.new("RGB", (len(ws) * (panel_w + pad) + pad, title_h + head + panel_h + pad), _BACKGROUND)
+    pad, head = _PAD, _HEAD
+    title_h = _TITLE if title else 0
+    panel_w = cols * tile + (cols - 1) * 2
+    sheet = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     big, small = _font(16), _font(max(10, tile // 14))
     if title:
@@ -113,6 +134,8 @@ def render_path(
 
     With several series the largest is drawn unless ``series_uid`` picks one.
     """
+    if max_slices < 1:
+        raise IchscanError(f"max_slices {max_slices}: expected at least 1 slice on a sheet")
     ws = get_windows(windows)
     text = os.fspath(path)
     if os.path.isfile(text) and not text.lower().endswith(".zip"):
@@ -133,6 +156,7 @@ def render_path(
     if len(found) > 1:
         log.info("%d series found; drawing the largest, %s", len(found), series.series_uid)
     shown = pick_slices(len(series), max_slices)
+    _layout(len(shown), len(ws), tile, True)  # refuse a sheet too large before reading its pixels
     subset = replace(series, slices=tuple(series.slices[i] for i in shown))
     volume = subset.volume()
     with_hu = [replace(s, hu=volume[k]) for k, s in enumerate(subset.slices)]

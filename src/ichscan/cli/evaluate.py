@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 EPILOG = """\
 examples:
@@ -53,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from ichscan.metrics import evaluate_files, parse_thresholds
     from ichscan.report import write_report
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError("is a file; --out needs a folder for table1.md, roc.png and the rest", args.out)
     if args.bootstrap < 0:
         raise DataError("--bootstrap must be 0 or more")
     if not 0.0 < args.ci < 1.0:

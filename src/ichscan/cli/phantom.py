@@ -13,8 +13,10 @@ examples:
 
 Writes images/ID_<hex>.dcm (or <patient>/<study>/<series>/ with --layout series), labels.csv in the
 RSNA stage_2_train.csv format, series_labels.csv, manifest.json and, with --masks, masks/<series>.npz.
-The same seed gives the same files whatever --workers is. Phantoms are not patients: a model trained
-on them says nothing about real scans. Research software, not a medical device.
+The same seed gives the same files whatever --workers is. An interrupted run resumes when rerun with the
+same arguments; a folder holding a set made with other arguments is refused unless --overwrite.
+Phantoms are not patients: a model trained on them says nothing about real scans. Research software,
+not a medical device.
 """
 
 
@@ -54,6 +56,8 @@ def register(subparsers) -> None:
                    help="rsna: one images/ folder of ID_<hex>.dcm; series: patient/study/series folders")
     p.add_argument("--masks", action="store_true", help="also write lesion masks (masks/<series_uid>.npz)")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a set made with other arguments in --out (only the files ichscan wrote there)")
     p.set_defaults(func=run)
 
 
@@ -76,12 +80,25 @@ def run(args) -> int:
     total = sum(p.n_slices for p in plan_dataset(args.studies, args.seed, size=args.size, slices=args.slices,
                                                  thickness=args.thickness, prevalence=prevalence,
                                                  twins=args.twins))
-    with tqdm(total=total, unit="slice", desc="phantoms") as bar:
+    bar = None
+
+    def progress(n: int) -> None:
+        nonlocal bar
+        if bar is None:  # opened with the first slice, so a refusal before any work is one line on stderr
+            bar = tqdm(total=total, unit="slice", desc="phantoms")
+        bar.update(n)
+
+    try:
         summary = generate_dataset(args.out, args.studies, args.seed, size=args.size, slices=args.slices,
                                    thickness=args.thickness, prevalence=prevalence, layout=args.layout,
-                                   masks=args.masks, workers=args.workers, progress=bar.update, twins=args.twins)
+                                   masks=args.masks, workers=args.workers, progress=progress, twins=args.twins,
+                                   overwrite=args.overwrite)
+    finally:
+        if bar is not None:
+            bar.close()
     pos = ", ".join(f"{k} {v}" for k, v in summary.series_positive.items())
+    resumed = f" ({summary.resumed} series kept from an interrupted run)" if summary.resumed else ""
     print(f"wrote {summary.slices} slices, {summary.series} series of {summary.patients} patients to {summary.out} "
-          f"in {summary.seconds:.1f} s ({summary.slices / max(summary.seconds, 1e-9):.0f} slices/s)")
+          f"in {summary.seconds:.1f} s ({summary.slices / max(summary.seconds, 1e-9):.0f} slices/s){resumed}")
     print(f"series positive: {pos}; with confounders: {summary.confounded_series}")
     return 0

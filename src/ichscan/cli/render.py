@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 EPILOG = """\
 examples:
@@ -36,18 +37,28 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from PIL import Image
+
+    from ichscan.errors import IchscanError
+    from ichscan.fileio import atomic_path
     from ichscan.render import render_path
 
+    if os.path.isdir(args.out):
+        raise IchscanError("is a folder; --out needs a picture file name, e.g. sheet.png", args.out)
+    extension = os.path.splitext(args.out)[1].lower()
+    picture_format = Image.registered_extensions().get(extension)
+    if picture_format is None:
+        raise IchscanError(f"{extension or 'no extension'}: not a picture type Pillow writes; name the file .png",
+                           args.out)
     windows = [w.strip() for w in args.windows.split(",") if w.strip()]
     try:
         result = render_path(args.path, windows, max_slices=args.max_slices, series_uid=args.series,
                              allow_non_ct=args.any_modality, tile=args.tile)
     except ValueError as err:  # an unknown window name
-        print(f"ichscan render: error: {err}")
+        print(f"ichscan render: error: {err}", file=sys.stderr)
         return 2
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    result.image.save(args.out)
+    with atomic_path(args.out) as tmp:  # the format by the name asked for, not the temporary's
+        result.image.save(tmp, format=picture_format)
     w, h = result.image.size
     what = "1 slice" if result.n_slices == 1 else f"{len(result.shown)} of {result.n_slices} slices"
     print(f"wrote {args.out} ({w}x{h}): {what}, windows {', '.join(x.name for x in result.windows)}")

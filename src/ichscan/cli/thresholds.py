@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 EPILOG = """\
 examples:
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from ichscan.errors import DataError
     from ichscan.metrics import choose_thresholds_files, save_thresholds
 
+    if os.path.isdir(args.out):
+        raise DataError("is a folder; --out needs a JSON file name, e.g. thresholds.json", args.out)
     if args.method == "sensitivity" and not 0.0 < args.target <= 1.0:
         raise DataError("--target must lie in (0, 1], e.g. 0.9")
     if not 0.0 <= args.default <= 1.0:

@@ -3,14 +3,21 @@
 The whole set is planned first in one process (patients, studies, UIDs, image ids, labels wanted,
 confounders, file encodings), each from the seed; every series is then drawn from its own generator
 seeded by (seed, series index), so the files do not depend on how many workers drew them.
+
+While it runs, a run keeps a journal in the folder (``.ichscan-phantom.jsonl``): its arguments, written
+before any image, then one line per finished series. A rerun with the same arguments draws only the series
+not yet finished; one with other arguments is refused, so a folder never mixes two sets. Once the set is
+complete, ``manifest.json`` records the same arguments and the journal is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -24,7 +31,7 @@ import numpy as np
 
 from ichscan import __version__
 from ichscan.errors import IchscanError
-from ichscan.fileio import atomic_path, write_json, write_text
+from ichscan.fileio import atomic_path, lock_folder, write_json, write_text
 from ichscan.labels import LABELS, RSNA_CSV_ORDER, SUBTYPES
 from ichscan.phantom import anatomy as an
 from ichscan.phantom import writer
@@ -37,6 +44,14 @@ DEFAULT_PREVALENCE = {"any": 0.5, "epidural": 0.14, "intraparenchymal": 0.18, "i
                       "subarachnoid": 0.18, "subdural": 0.18}
 SECOND_STUDY = 0.15  # share of patients scanned twice
 ODD_SIZE = 0.06  # share of series whose matrix is not the requested size
+MAX_SIZE = 2048  # pixels: four times a CT matrix
+# A series is drawn whole in memory, about 120 bytes a voxel (1.2 GB at 512 px and 40 slices); 6 GB allows
+# 200 slices at 512 px, so what a machine cannot hold is refused at once, not killed hours in.
+SERIES_BYTES_PER_VOXEL = 120
+MAX_SERIES_BYTES = 6 * 2**30
+
+JOURNAL_NAME = ".ichscan-phantom.jsonl"
+SET_FILES = ("labels.csv", "series_labels.csv", "manifest.json")  # written once every series is done
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class DatasetSummary:
     confounded_series: int
     seconds: float
     files: dict[str, str] = field(default_factory=dict)
+    resumed: int = 0  # series an interrupted run had finished, kept
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,8 +183,13 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     lo, hi = int(slices[0]), int(slices[1])
     if not 1 <= lo <= hi:
         raise IchscanError(f"slices {lo}-{hi}: expected 1 <= low <= high")
-    if size < 32:
-        raise IchscanError(f"size {size}: phantoms need at least 32 pixels")
+    if not 32 <= size <= MAX_SIZE:
+        raise IchscanError(f"size {size}: phantoms need 32 to {MAX_SIZE} pixels")
+    if hi * size * size * SERIES_BYTES_PER_VOXEL > MAX_SERIES_BYTES:
+        most = MAX_SERIES_BYTES // (size * size * SERIES_BYTES_PER_VOXEL)
+        raise IchscanError(f"a series of {hi} slices of {size}x{size} pixels needs about "
+                           f"{hi * size * size * SERIES_BYTES_PER_VOXEL / 2**30:.0f} GB of memory to draw; use "
+                           f"fewer slices (at most {most} at this size) or a smaller size")
     prev = parse_prevalence(prevalence)
     rng = np.random.default_rng([seed, 0])
     names = list(writer.ENCODINGS)
@@ -259,6 +280,15 @@ def _series_dir(out: Path, plan: SeriesPlan, layout: str) -> Path:
     return out / plan.patient_id / plan.study_uid / plan.series_uid
 
 
+def _series_files(out: Path, plan: SeriesPlan, layout: str, masks: bool) -> list[Path]:
+    """Every file one series writes: its slices, and its masks when asked for."""
+    folder = _series_dir(out, plan, layout)
+    files = [folder / f"{iid}.dcm" for iid in plan.image_ids]
+    if masks:
+        files.append(out / "masks" / f"{plan.series_uid}.npz")
+    return files
+
+
 def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
     ps = render_series(plan)
     out_p = Path(out)
@@ -274,8 +304,7 @@ def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
         origin_xy=(-(plan.cols - 1) / 2 * fr.spacing, -(plan.rows - 1) / 2 * fr.spacing),
         table_z=h["table_z"], encoding=writer.ENCODINGS[plan.encoding], window=h["window"], kernel=h["kernel"],
         manufacturer=h["manufacturer"], kvp=h["kvp"], reverse_instances=h["reverse"])
-    folder = _series_dir(out_p, plan, layout)
-    paths = [str(folder / f"{iid}.dcm") for iid in plan.image_ids]
+    paths = [str(f) for f in _series_files(out_p, plan, layout, masks=False)]
     writer.write_series(paths, ps.hu, fr.z, list(plan.sop_uids), sh)
     slice_lab = ps.slice_labels()
     if masks:
@@ -298,31 +327,153 @@ def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
     }
 
 
+def _stamp(studies: int, seed: int, size: int, slices: tuple[int, int], thickness, prevalence, layout: str,
+           masks: bool, twins: float) -> dict:
+    """The arguments that decide a set's files, as the journal and the manifest record them."""
+    arguments = {"studies": studies, "size": size, "slices": list(slices),
+                 "thickness": list(parse_thickness(thickness)), "twins": twins,
+                 "prevalence": parse_prevalence(prevalence), "layout": layout, "masks": masks}
+    return json.loads(json.dumps({"kind": "ichscan-phantoms", "seed": seed, "arguments": arguments},
+                                 default=_jsonable))
+
+
+def _read_journal(path: Path) -> tuple[dict | None, dict[int, dict]]:
+    """The stamp and the finished series by index; a line a killed run left half written is passed over."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None, {}
+    entries = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            entries.append(json.loads(line))
+    if not entries or not isinstance(entries[0], dict) or entries[0].get("kind") != "ichscan-phantoms":
+        return None, {}
+    return entries[0], {e["index"]: e for e in entries[1:] if isinstance(e, dict) and isinstance(e.get("index"), int)}
+
+
+def _previous_run(out: Path) -> tuple[dict | None, dict[int, dict]]:
+    """The stamp of the set already in ``out`` (None when there is none) and the series it finished."""
+    stamp, finished = _read_journal(out / JOURNAL_NAME)
+    if stamp is None:  # a set written before ichscan kept a journal: its manifest records the same arguments
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            doc = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+            stamp = {"kind": doc["kind"], "seed": doc["seed"], "arguments": doc["arguments"]}
+    return stamp, finished
+
+
+def _holds_phantoms(out: Path) -> bool:
+    return (any((out / name).exists() for name in SET_FILES)
+            or any(True for _ in out.glob("images/ID_*.dcm")) or any(p.is_dir() for p in out.glob("ID_*")))
+
+
+def _differences(previous: dict, wanted: dict) -> str:
+    before = {"seed": previous.get("seed"), **previous.get("arguments", {})}
+    now = {"seed": wanted["seed"], **wanted["arguments"]}
+    return ", ".join(f"{k} {before.get(k)} (now {now[k]})" for k in now if before.get(k) != now[k])
+
+
+def _remove_set(out: Path, previous: dict | None) -> None:
+    """Remove what an earlier run wrote and nothing else: the files its arguments plan (with no record of
+    them, RSNA-layout images and masks by name), labels, manifest and journal; its folders once empty."""
+    files: list[Path] = []
+    if previous is not None:
+        args = previous["arguments"]
+        plans = plan_dataset(args["studies"], previous["seed"], size=args["size"], slices=tuple(args["slices"]),
+                             thickness=tuple(args.get("thickness", (5.0, 5.0))), prevalence=args["prevalence"],
+                             twins=args.get("twins", 0.0))
+        for plan in plans:
+            files += _series_files(out, plan, args.get("layout", "rsna"), args.get("masks", False))
+    else:
+        files += [*out.glob("images/ID_*.dcm"), *out.glob("masks/*.npz")]
+    for f in files + [out / name for name in (*SET_FILES, JOURNAL_NAME)]:
+        f.unlink(missing_ok=True)
+    folders = {parent for f in files for parent in f.parents if out in parent.parents}
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):  # series, study, patient, images/
+        with contextlib.suppress(OSError):  # not empty: something else lives there
+            folder.rmdir()
+
+
+def _start_journal(out: Path, stamp: dict, plans: list[SeriesPlan], layout: str, masks: bool,
+                   overwrite: bool) -> dict[int, str]:
+    """Check ``out`` against the set already there and begin the journal; returns the journal lines of the
+    series to keep (finished, and every file still there) by index."""
+    previous, finished = _previous_run(out)
+    if overwrite:
+        _remove_set(out, previous)
+        previous, finished = None, {}
+    elif previous is not None and previous != stamp:
+        raise IchscanError(f"this folder holds phantoms made with other arguments ({_differences(previous, stamp)}); "
+                           "use another --out, or --overwrite to replace them", out)
+    elif previous is None and _holds_phantoms(out):
+        raise IchscanError("this folder holds phantom files with no record of their arguments; use another --out, "
+                           "or --overwrite to replace them", out)
+    kept = {}
+    for i, entry in sorted(finished.items()):
+        if (i < len(plans) and entry.get("series_uid") == plans[i].series_uid
+                and all(f.exists() for f in _series_files(out, plans[i], layout, masks))):
+            kept[i] = json.dumps(entry, default=_jsonable)
+    write_text(out / JOURNAL_NAME, "".join(line + "\n" for line in [json.dumps(stamp), *kept.values()]))
+    return kept
+
+
 def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tuple[int, int] = (32, 40),
                      thickness: float | str | tuple[float, float] = 5.0, prevalence=None, layout: str = "rsna",
                      masks: bool = False, workers: int = 1, progress: Callable[[int], None] | None = None,
-                     twins: float = 0.0) -> DatasetSummary:
-    """Write a phantom set under ``out`` (see docs/phantom.md); ``progress(n)`` is told of n more slices."""
+                     twins: float = 0.0, overwrite: bool = False) -> DatasetSummary:
+    """Write a phantom set under ``out`` (see docs/phantom.md); ``progress(n)`` is told of n more slices.
+
+    Resumes: series an interrupted run finished are kept and only the rest drawn, and the files come out
+    byte for byte as an uninterrupted run writes them. A folder holding a set made with other arguments is
+    refused unless ``overwrite``, which first removes that set's files (only those). One run at a time
+    writes a folder (``ichscan.fileio.lock_folder``)."""
     if layout not in ("rsna", "series"):
         raise IchscanError(f"layout {layout!r}: expected 'rsna' or 'series'")
     t0 = time.perf_counter()
     out_p = Path(out)
-    out_p.mkdir(parents=True, exist_ok=True)
+    if out_p.exists() and not out_p.is_dir():
+        raise IchscanError("is a file; --out needs a folder", out_p)
     plans = plan_dataset(studies, seed, size=size, slices=slices, thickness=thickness, prevalence=prevalence,
                          twins=twins)
-    job = partial(_write_one, out=str(out_p), layout=layout, masks=masks)
-    results = []
-    if workers <= 1:
+    stamp = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins)
+    with lock_folder(out_p):
+        lines = _start_journal(out_p, stamp, plans, layout, masks, overwrite)
+        summary = _write_set(out_p, plans, lines, stamp, layout, masks, workers, progress)
+    summary.seconds = round(time.perf_counter() - t0, 2)
+    log.info("wrote %d slices of %d series to %s in %.1f s (%d series resumed)", summary.slices, summary.series,
+             out_p, summary.seconds, summary.resumed)
+    return summary
+
+
+def _write_set(out_p: Path, plans: list[SeriesPlan], lines: dict[int, str], stamp: dict, layout: str, masks: bool,
+               workers: int, progress: Callable[[int], None] | None) -> DatasetSummary:
+    """Draw the series not in ``lines``, journal each as it finishes, then write labels and manifest."""
+    resumed = len(lines)
+    todo = [plan for plan in plans if plan.index not in lines]
+    if progress:
         for plan in plans:
-            results.append(job(plan))
+            if plan.index in lines:
+                progress(plan.n_slices)
+    job = partial(_write_one, out=str(out_p), layout=layout, masks=masks)
+    with open(out_p / JOURNAL_NAME, "a", encoding="utf-8") as journal:
+        def finished(plan: SeriesPlan, result: dict) -> None:
+            # The line is written after the series' last file, so a listed series is whole on disk.
+            lines[plan.index] = json.dumps({"index": plan.index, "series_uid": plan.series_uid, "result": result},
+                                           default=_jsonable)
+            journal.write(lines[plan.index] + "\n")
+            journal.flush()
             if progress:
                 progress(plan.n_slices)
-    else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
-            for plan, res in zip(plans, ex.map(job, plans, chunksize=1)):
-                results.append(res)
-                if progress:
-                    progress(plan.n_slices)
+
+        if workers <= 1:
+            for plan in todo:
+                finished(plan, job(plan))
+        else:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
+                for plan, res in zip(todo, ex.map(job, todo, chunksize=1)):
+                    finished(plan, res)
+    # Each series' results as its journal line holds them, so resumed and new series give the same bytes.
+    results = [json.loads(lines[plan.index])["result"] for plan in plans]
 
     labels_path = out_p / "labels.csv"
     series_path = out_p / "series_labels.csv"
@@ -353,20 +504,20 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
     summary = DatasetSummary(
         out=str(out_p), patients=len({p.patient_id for p in plans}), studies=len(plans), series=len(plans),
         slices=n_slices, series_positive=series_pos, slices_positive=slices_pos,
-        confounded_series=sum(1 for p in plans if p.confounders), seconds=round(time.perf_counter() - t0, 2),
+        confounded_series=sum(1 for p in plans if p.confounders), seconds=0.0,
         files={"labels": str(labels_path), "series_labels": str(series_path),
                "images": str(out_p / "images") if layout == "rsna" else str(out_p)},
+        resumed=resumed,
     )
     manifest = {
-        "kind": "ichscan-phantoms", "ichscan_version": __version__, "seed": seed,
-        "arguments": {"studies": studies, "size": size, "slices": list(slices), "thickness": list(parse_thickness(thickness)), "twins": twins,
-                      "prevalence": parse_prevalence(prevalence), "layout": layout, "masks": masks},
-        "counts": {k: v for k, v in summary.to_dict().items() if k not in ("out", "seconds", "files")},
+        "kind": stamp["kind"], "ichscan_version": __version__, "seed": stamp["seed"], "arguments": stamp["arguments"],
+        "counts": {k: v for k, v in summary.to_dict().items() if k not in ("out", "seconds", "files", "resumed")},
         "label_order": list(LABELS),
         "series": [r["manifest"] for r in results],
     }
     write_json(out_p / "manifest.json", manifest, indent=1, default=_jsonable, newline=False)
-    log.info("wrote %d slices of %d series to %s in %.1f s", n_slices, len(plans), out_p, summary.seconds)
+    # The manifest now stands for the journal (same arguments); a finished set holds only its outputs.
+    (out_p / JOURNAL_NAME).unlink()
     return summary
 
 

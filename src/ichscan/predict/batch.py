@@ -1,12 +1,14 @@
 """Batch runs: every selected series under a path, each saved as it finishes, resumable.
 
-Each finished series is written atomically to ``<out>/work/``; a rerun with the same configuration skips
-those, so an interrupted batch resumes where it stopped. The final files are assembled from ``work/`` at the
-end, so a resumed run writes exactly what an uninterrupted one does.
+Each finished series is written atomically to ``<out>/work/``; a rerun with the same configuration and input
+skips those, so an interrupted batch resumes where it stopped. The final files are assembled from ``work/`` at
+the end, so a resumed run writes exactly what an uninterrupted one does. One run at a time writes a folder
+(``ichscan.fileio.lock_folder``), and a folder holds the results of one input and configuration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,7 +22,7 @@ from typing import Any
 
 from ichscan.dicom import SkippedFile
 from ichscan.errors import IchscanError
-from ichscan.fileio import write_text
+from ichscan.fileio import escape_undecodable, lock_folder, write_json, write_text
 from ichscan.predict.outputs import SeriesPrediction, write_outputs
 from ichscan.predict.predictor import Predictor
 from ichscan.predict.selection import RejectedSeries, SelectionRules, select_series
@@ -78,6 +80,28 @@ def _check_config(work: Path, config: dict, restart: bool) -> None:
         write_text(stamp, json.dumps(config, indent=1, sort_keys=True) + "\n")
 
 
+def _check_input(work: Path, path: str | os.PathLike, selected: list) -> None:
+    """Refuse a work folder that holds another input's series: a second input's outputs would replace the first's.
+
+    Recorded: the input's absolute path and the set of series selected in it (a count and a digest)."""
+    listing = "\n".join(f"{s.study_uid}|{s.series_uid}" for s in selected)
+    wanted = {"input": escape_undecodable(os.path.abspath(path)), "series": len(selected),
+              "series_sha256": hashlib.sha256(listing.encode("utf-8", "backslashreplace")).hexdigest()}
+    stamp = work / "input.json"
+    if not stamp.exists():
+        write_json(stamp, wanted, indent=1, sort_keys=True)
+        return
+    previous = json.loads(stamp.read_text())
+    if previous == wanted:
+        return
+    if previous.get("input") != wanted["input"]:
+        what = f"another input ({previous.get('input')})"
+    else:
+        what = f"other series of this input ({previous.get('series')} series then, {len(selected)} now)"
+    raise IchscanError(f"this output folder holds results for {what}; use another --out, or --restart to "
+                       "discard them", work.parent)
+
+
 def predict_path(
     path: str | os.PathLike,
     out_dir: str | os.PathLike | None,
@@ -98,7 +122,18 @@ def predict_path(
     stops after that many newly predicted series (``complete=False``; rerun to go on). Bad files and
     series that fail are reported in ``skipped``/``failed`` and the rest predicted. ``thresholds``
     (a dict or a file) overrides the operating points the model carries; 0.5 where neither says.
+    ``out_dir`` is locked while the run writes it, and refused when it holds another input's or
+    configuration's results, unless ``restart``.
     """
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise IchscanError("is a file; --out needs a folder (a new one, or one this command wrote before)", out_dir)
+    with lock_folder(out_dir) if out_dir is not None else contextlib.nullcontext():
+        return _predict(path, out_dir, predictor, rules=rules, thresholds=thresholds, progress=progress,
+                        max_series=max_series, restart=restart, allow_non_ct=allow_non_ct, prefetch=prefetch)
+
+
+def _predict(path, out_dir, predictor, *, rules, thresholds, progress, max_series, restart, allow_non_ct,
+             prefetch) -> PredictRun:
     from ichscan.dicom import find_series
 
     thresholds, thresholds_from = run_thresholds(thresholds, predictor.operating_points)
@@ -117,6 +152,7 @@ def predict_path(
     work = Path(out_dir) / "work" if out_dir is not None else None
     if work is not None:
         _check_config(work, json.loads(json.dumps(config)), restart)
+        _check_input(work, path, selected)
 
     done: dict[str, SeriesPrediction] = {}
     todo = []

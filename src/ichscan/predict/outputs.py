@@ -17,7 +17,7 @@ import numpy as np
 
 from ichscan.dicom import SkippedFile
 from ichscan.errors import DataError
-from ichscan.fileio import write_csv, write_text
+from ichscan.fileio import escape_undecodable, write_csv, write_text
 from ichscan.labels import LABELS, RSNA_CSV_ORDER
 from ichscan.predict.selection import RejectedSeries
 from ichscan.thresholds import default_thresholds
@@ -81,7 +81,7 @@ class SeriesPrediction:
                 {"index": i, "sop_uid": s, "image_id": im, "z": z, "probs": [float(p) for p in row]}
                 for i, (s, im, z, row) in enumerate(zip(self.sop_uids, self.image_ids, self.z, self.slice_probs))
             ],
-            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "skipped": [dataclasses.asdict(_printable(s)) for s in self.skipped],
         }
 
     @classmethod
@@ -101,6 +101,11 @@ class SeriesPrediction:
             aggregation=d.get("aggregation", "max"),
             skipped=tuple(SkippedFile(**s) for s in d.get("skipped", [])),
         )
+
+
+def _printable(item: SkippedFile) -> SkippedFile:
+    """A skipped file as UTF-8 text can hold it: any file name must reach skipped.csv and the JSON."""
+    return dataclasses.replace(item, path=escape_undecodable(item.path), reason=escape_undecodable(item.reason))
 
 
 def _kaggle_id(image_id: str, label: str) -> str:
@@ -163,15 +168,10 @@ def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPredic
 
     out = Path(out_dir)
     thresholds = thresholds or default_thresholds()
-    paths = {name: out / f"{name}.csv" for name in ("slices", "series", "submission", "skipped")}
-    paths["json"] = out / "predictions.json"
-    write_csv(paths["slices"], slice_table(predictions))
-    write_csv(paths["series"], series_table(predictions, thresholds))
-    write_csv(paths["submission"], submission_table(predictions))
+    skipped = [_printable(s) for s in skipped]
     skipped_rows = [{"kind": "file", "path": s.path, "series_uid": s.series_uid, "reason": s.reason} for s in skipped]
     skipped_rows += [{"kind": "series", "path": "", "series_uid": r.series_uid,
                       "reason": f"rejected by {r.rule}: {r.detail}"} for r in rejected]
-    write_csv(paths["skipped"], pd.DataFrame(skipped_rows, columns=["kind", "path", "series_uid", "reason"]))
     doc = {
         "kind": "ichscan-predictions",
         "labels": list(LABELS),
@@ -182,7 +182,19 @@ def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPredic
         "rejected": [dataclasses.asdict(r) for r in rejected],
         "skipped": [dataclasses.asdict(s) for s in skipped],
     }
-    write_text(paths["json"], json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    # Every table is made before the first file is written, so a failure leaves no half set of outputs.
+    frames = {
+        "slices": slice_table(predictions),
+        "series": series_table(predictions, thresholds),
+        "submission": submission_table(predictions),
+        "skipped": pd.DataFrame(skipped_rows, columns=["kind", "path", "series_uid", "reason"]),
+    }
+    text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
+    paths = {name: out / f"{name}.csv" for name in frames}
+    paths["json"] = out / "predictions.json"
+    for name, frame in frames.items():
+        write_csv(paths[name], frame)
+    write_text(paths["json"], text)
     return paths
 
 

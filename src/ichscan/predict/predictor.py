@@ -170,6 +170,26 @@ def _z(s: Any) -> float | None:
     return round(position_along(pos, getattr(s, "normal", None)), 6)
 
 
+def _usable_device(device: str) -> Any:
+    """``device`` as a torch.device this machine has; a name it lacks is one line, not torch's traceback."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise IchscanError("CUDA is not available on this machine; use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise IchscanError(f"there is no {dev} on this machine ({count} GPU(s): cuda:0 to cuda:{count - 1}); "
+                               "pick one of those or use --device cpu")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise IchscanError("MPS is not available on this machine; use --device cpu")
+    return dev
+
+
 # --------------------------------------------------------------------------------------------------
 # Predictor
 
@@ -205,8 +225,10 @@ class Predictor:
             raise CheckpointError(f"a Predictor's ensemble must output {', '.join(LABELS)} in that order")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
+        if int(top_k) < 1:
+            raise ValueError(f"top_k {top_k}: expected a positive number of slices")
         self.labels = LABELS
-        self.device = torch.device(device)
+        self.device = _usable_device(device)
         self.tta = resolve_tta(tta)
         self.precision = resolve_precision(precision, str(device))
         self._autocast = autocast_dtype(self.precision)
