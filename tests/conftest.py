@@ -17,3 +17,12 @@ def testdata():
         return str(path)
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _site_key(tmp_path_factory):
+    """Outputs carry pseudonymous patient keys made with a site key: the tests' own, never the user's."""
+    import os
+
+    os.environ["ICHSCAN_KEY_FILE"] = str(tmp_path_factory.mktemp("site") / "patient.key")
+    yield

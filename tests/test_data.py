@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _dicomfactory import write_ct
 from pydicom.uid import generate_uid
 
-from _dicomfactory import write_ct
 from ichscan.data import (
     ImageCache,
     SliceDataset,
@@ -21,6 +21,7 @@ from ichscan.data import (
 )
 from ichscan.errors import DataError
 from ichscan.labels import LABELS, RSNA_CSV_ORDER
+from ichscan.privacy import Pseudonymizer
 from ichscan.windows import load_windows
 
 
@@ -101,7 +102,8 @@ def test_index_reports_bad_files_resumes_and_caches(tmp_path):
     assert list(index.columns)[:8] == ["image_id", "path", "patient_id", "study_uid", "series_uid", "sop_uid",
                                        "z", "instance_number"]
     row = index.set_index("image_id").loc[truth.image_id[2]]
-    assert row["z"] == pytest.approx(10.0) and row["instance_number"] == 3 and row["patient_id"] == "P0"
+    assert row["z"] == pytest.approx(10.0) and row["instance_number"] == 3
+    assert row["patient_id"] == Pseudonymizer()("P0")  # the index names patients by their pseudonym
     # Loading again reads the cache (reports kept).
     again, report2 = build_index(files, cache)
     pd.testing.assert_frame_equal(index, again)

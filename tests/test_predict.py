@@ -233,12 +233,15 @@ def test_batch_outputs_follow_the_contract(tmp_path, ckpt, phantoms):
     run = predict_path(phantoms, tmp_path / "out", predictor, rules=RULES)
     assert run.complete and run.n_predicted == 4 and not run.skipped and not run.failed
     slices = pd.read_csv(run.outputs["slices"])
-    assert list(slices.columns[:7]) == ["patient_id", "study_uid", "series_uid", "sop_uid", "image_id",
-                                        "slice_index", "z"]
-    assert list(slices.columns[7:]) == [f"prob_{n}" for n in LABELS]
+    assert list(slices.columns[:8]) == ["patient_id", "study_uid", "series_uid", "sop_uid", "image_id",
+                                        "slice_index", "z", "path"]
+    assert list(slices.columns[8:]) == [f"prob_{n}" for n in LABELS]
+    assert all(Path(f).is_file() and Path(f).stem == i for f, i in zip(slices.path, slices.image_id))
     series = pd.read_csv(run.outputs["series"])
     assert list(series.columns) == (["patient_id", "study_uid", "series_uid", "n_slices"]
-                                    + [f"{k}_{n}" for k in ("prob", "pred", "key_slice") for n in LABELS])
+                                    + [f"{k}_{n}" for k in ("prob", "pred", "key_slice") for n in LABELS]
+                                    + ["trained_on"])
+    assert set(series.trained_on) == {"not recorded"}  # the test checkpoint does not say
     assert len(series) == 4 and series.n_slices.sum() == len(slices)
     for _, row in series.iterrows():  # max over slices, key slice = argmax
         own = slices[slices.series_uid == row.series_uid]

@@ -202,16 +202,34 @@ def build_index(
     shard_size: int = 2000,
     progress: Progress | None = None,
     refresh: bool = False,
+    patient_ids: Callable[[str | None], str | None] | None = None,
 ) -> tuple[pd.DataFrame, IndexReport]:
     """Header index of ``files`` (a folder, or paths): (DataFrame with INDEX_COLUMNS, report).
+
+    ``patient_id`` holds what ``patient_ids`` makes of each PatientID: by default a pseudonymous key
+    (``ichscan.privacy``), which groups a patient's images for patient-level folds as well as the ID does.
 
     With ``cache`` (a .parquet path) a finished index is loaded instead of rebuilt (``refresh`` rebuilds),
     and shards are kept in ``<cache>.parts/`` while building, so an interrupted run resumes where it stopped.
     Unusable files are reported (``report.problems``) and stored with their reason in the cache.
     """
+    from ichscan.privacy import PREFIX, Pseudonymizer
+
+    pseudo = patient_ids or Pseudonymizer()
+
+    def pseudonymous(frame: pd.DataFrame) -> pd.DataFrame:
+        # idempotent: an index written by an older ichscan, with PatientIDs, reads back pseudonymous too
+        ids = frame["patient_id"]
+        done_already = ids.isna() | ids.astype(str).str.startswith(PREFIX)
+        if getattr(pseudo, "keep", False) or done_already.all():
+            return frame
+        frame = frame.copy()
+        frame["patient_id"] = [v if d else pseudo(v) for v, d in zip(ids, done_already)]
+        return frame
+
     cache_path = Path(cache) if cache is not None else None
     if cache_path is not None and cache_path.is_file() and not refresh:
-        full = pd.read_parquet(cache_path)
+        full = pseudonymous(pd.read_parquet(cache_path))
         return _split_index(full, IndexReport(cache=str(cache_path)))
     if isinstance(files, (str, os.PathLike)):
         paths = [str(p) for p in list_dicom_files(files)]
@@ -226,7 +244,7 @@ def build_index(
         part = parts_dir / f"shard-{k:06d}.parquet" if parts_dir else None
         if part is not None and part.is_file() and not refresh:
             try:
-                done = pd.read_parquet(part)
+                done = pseudonymous(pd.read_parquet(part))
                 if done["path"].tolist() == shard:
                     results[k] = done
                     report.reused_shards += 1
@@ -240,6 +258,7 @@ def build_index(
 
     def finish(k: int, frame: pd.DataFrame) -> None:
         nonlocal done_files
+        frame = pseudonymous(frame)
         results[k] = frame
         if parts_dir is not None:
             write_parquet(parts_dir / f"shard-{k:06d}.parquet", frame)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 EPILOG = """\
 examples:
@@ -63,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
     thresholds = parse_thresholds(args.thresholds)
     ev = evaluate_files(args.pred, args.labels, level=args.level, groups_path=args.groups,
                         thresholds=thresholds, n_bootstrap=args.bootstrap, ci=args.ci, seed=args.seed)
-    paths = write_report(ev, args.out, html_name="report.html" if args.html else None)
+    trained_on = _trained_on(args.pred)
+    extra = {"model trained on": trained_on} if trained_on else None
+    paths = write_report(ev, args.out, html_name="report.html" if args.html else None, extra=extra)
+    if trained_on:
+        print(f"model trained on: {trained_on}", file=sys.stderr)
     if not args.quiet:
         from ichscan.report import table1_markdown
 
@@ -71,3 +76,14 @@ def run(args: argparse.Namespace) -> int:
     # Labels without predictions and image-level resampling are logged as warnings by ichscan.metrics.
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _trained_on(pred) -> str | None:
+    """What the model that made ``pred`` was trained on, as ``ichscan predict`` writes it in series.csv."""
+    import pandas as pd
+
+    try:
+        column = pd.read_csv(pred, usecols=["trained_on"], dtype=str)["trained_on"].dropna().unique()
+    except (ValueError, OSError):  # another kind of file, or no such column: nothing to say
+        return None
+    return "; ".join(sorted(column)) or None

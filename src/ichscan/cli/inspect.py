@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("path", help="a DICOM file, a folder (searched recursively) or a .zip")
     p.add_argument("--json", action="store_true", help="print JSON for machines instead of a table")
     p.add_argument("--any-modality", action="store_true", help="accept non-CT images (MR, NM, ...)")
+    p.add_argument("--keep-patient-id", action="store_true",
+                   help="show PatientID (default: a pseudonymous key, see the README's privacy section)")
     p.set_defaults(func=run)
 
 
@@ -61,16 +63,18 @@ def _warnings(summary: dict) -> list[str]:
     return out
 
 
-def scan_to_dict(path: str, scan) -> dict:
+def scan_to_dict(path: str, scan, patient_ids=None) -> dict:
     from ichscan.geometry import spacing_summary
+    from ichscan.privacy import Pseudonymizer
 
+    patient_ids = patient_ids or Pseudonymizer()
     series = []
     for s in scan.series:
         first = s.slices[0]
         summary = spacing_summary(s.z, (x.thickness for x in s.slices))
         series.append(
             {
-                "patient_id": s.patient_id,
+                "patient_id": patient_ids(s.patient_id),
                 "study_uid": s.study_uid,
                 "series_uid": s.series_uid,
                 "series_number": first.series_number,
@@ -111,7 +115,9 @@ def run(args) -> int:
     from ichscan.dicom import find_series
 
     scan = find_series(args.path, pixels=False, allow_non_ct=args.any_modality)
-    info = scan_to_dict(args.path, scan)
+    from ichscan.privacy import Pseudonymizer
+
+    info = scan_to_dict(args.path, scan, Pseudonymizer(keep=args.keep_patient_id))
     if args.json:
         json.dump(info, sys.stdout, indent=2)
         print()

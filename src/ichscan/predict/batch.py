@@ -26,6 +26,7 @@ from ichscan.fileio import escape_undecodable, lock_folder, write_json, write_te
 from ichscan.predict.outputs import SeriesPrediction, write_outputs
 from ichscan.predict.predictor import Predictor
 from ichscan.predict.selection import RejectedSeries, SelectionRules, select_series
+from ichscan.privacy import Pseudonymizer
 from ichscan.thresholds import run_thresholds
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ def predict_path(
     restart: bool = False,
     allow_non_ct: bool = False,
     prefetch: bool = True,
+    patient_ids: Pseudonymizer | None = None,
+    submission: bool | None = None,
 ) -> PredictRun:
     """Predict every selected series under ``path`` (file, folder, zip; RSNA flat folders too).
 
@@ -123,17 +126,19 @@ def predict_path(
     series that fail are reported in ``skipped``/``failed`` and the rest predicted. ``thresholds``
     (a dict or a file) overrides the operating points the model carries; 0.5 where neither says.
     ``out_dir`` is locked while the run writes it, and refused when it holds another input's or
-    configuration's results, unless ``restart``.
+    configuration's results, unless ``restart``. Patients are named in every output by ``patient_ids``
+    (default: a pseudonymous key, ``ichscan.privacy``; ``Pseudonymizer(keep=True)`` keeps the PatientID).
     """
     if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise IchscanError("is a file; --out needs a folder (a new one, or one this command wrote before)", out_dir)
     with lock_folder(out_dir) if out_dir is not None else contextlib.nullcontext():
         return _predict(path, out_dir, predictor, rules=rules, thresholds=thresholds, progress=progress,
-                        max_series=max_series, restart=restart, allow_non_ct=allow_non_ct, prefetch=prefetch)
+                        max_series=max_series, restart=restart, allow_non_ct=allow_non_ct, prefetch=prefetch,
+                        patient_ids=patient_ids or Pseudonymizer(), submission=submission)
 
 
 def _predict(path, out_dir, predictor, *, rules, thresholds, progress, max_series, restart, allow_non_ct,
-             prefetch) -> PredictRun:
+             prefetch, patient_ids: Pseudonymizer, submission: bool | None) -> PredictRun:
     from ichscan.dicom import find_series
 
     thresholds, thresholds_from = run_thresholds(thresholds, predictor.operating_points)
@@ -145,10 +150,12 @@ def _predict(path, out_dir, predictor, *, rules, thresholds, progress, max_serie
     # A fixed order, whatever order the files were found in.
     all_series = sorted(scan.series, key=lambda s: (str(s.study_uid), str(s.series_uid)))
     selected, rejected = select_series(all_series, rules)
+    rejected = [dataclasses.replace(r, patient_id=patient_ids(r.patient_id)) for r in rejected]
     for r in rejected:
         log.info("series %s not predicted: %s (%s)", r.series_uid, r.detail, r.rule)
 
-    config = dict(predictor.describe(), rules=dataclasses.asdict(rules))
+    config = dict(predictor.describe(), rules=dataclasses.asdict(rules),
+                  patient_ids="kept" if patient_ids.keep else "pseudonymous")
     work = Path(out_dir) / "work" if out_dir is not None else None
     if work is not None:
         _check_config(work, json.loads(json.dumps(config)), restart)
@@ -193,6 +200,7 @@ def _predict(path, out_dir, predictor, *, rules, thresholds, progress, max_serie
                     progress(ProgressEvent(count, total, str(s.series_uid), "failed", len(s.slices)))
                 continue
             n_predicted += 1
+            result = dataclasses.replace(result, patient_id=patient_ids(result.patient_id))
             done[_work_name(s)] = result
             if work is not None:
                 write_text(work / _work_name(s), json.dumps(result.to_dict(), allow_nan=False))
@@ -210,5 +218,6 @@ def _predict(path, out_dir, predictor, *, rules, thresholds, progress, max_serie
                      n_predicted, n_resumed, complete)
     if complete and out_dir is not None:
         run.outputs = write_outputs(out_dir, predictions, thresholds=thresholds, rejected=rejected,
-                                    skipped=skipped_all + failed, config=config, thresholds_from=thresholds_from)
+                                    skipped=skipped_all + failed, config=config, thresholds_from=thresholds_from,
+                                    trained_on=predictor.trained_on, submission=submission)
     return run

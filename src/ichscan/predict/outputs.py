@@ -51,6 +51,7 @@ class SeriesPrediction:
     z: tuple[float | None, ...]
     aggregation: str = "max"
     skipped: tuple[SkippedFile, ...] = ()
+    paths: tuple[str, ...] = ()  # the file of each slice (printable: undecodable bytes escaped)
 
     @property
     def n_slices(self) -> int:
@@ -78,8 +79,9 @@ class SeriesPrediction:
             "probs": [float(p) for p in self.probs],
             "key_slices": [dataclasses.asdict(k) for k in self.key_slices],
             "slices": [
-                {"index": i, "sop_uid": s, "image_id": im, "z": z, "probs": [float(p) for p in row]}
-                for i, (s, im, z, row) in enumerate(zip(self.sop_uids, self.image_ids, self.z, self.slice_probs))
+                {"index": i, "sop_uid": s, "image_id": im, "z": z, "path": path, "probs": [float(p) for p in row]}
+                for i, (s, im, z, path, row) in enumerate(zip(self.sop_uids, self.image_ids, self.z, self._paths(),
+                                                              self.slice_probs))
             ],
             "skipped": [dataclasses.asdict(_printable(s)) for s in self.skipped],
         }
@@ -100,7 +102,11 @@ class SeriesPrediction:
             z=tuple(s["z"] for s in slices),
             aggregation=d.get("aggregation", "max"),
             skipped=tuple(SkippedFile(**s) for s in d.get("skipped", [])),
+            paths=tuple(s.get("path", "") for s in slices),
         )
+
+    def _paths(self) -> tuple[str, ...]:
+        return self.paths if len(self.paths) == self.n_slices else ("",) * self.n_slices
 
 
 def _printable(item: SkippedFile) -> SkippedFile:
@@ -119,15 +125,19 @@ def slice_table(predictions: Sequence[SeriesPrediction]):
     for p in predictions:
         for i in range(p.n_slices):
             row = {"patient_id": p.patient_id, "study_uid": p.study_uid, "series_uid": p.series_uid,
-                   "sop_uid": p.sop_uids[i], "image_id": p.image_ids[i], "slice_index": i, "z": p.z[i]}
+                   "sop_uid": p.sop_uids[i], "image_id": p.image_ids[i], "slice_index": i, "z": p.z[i],
+                   "path": p._paths()[i]}
             row.update({f"prob_{name}": float(p.slice_probs[i, j]) for j, name in enumerate(p.labels)})
             rows.append(row)
-    columns = ["patient_id", "study_uid", "series_uid", "sop_uid", "image_id", "slice_index", "z"] + [
+    columns = ["patient_id", "study_uid", "series_uid", "sop_uid", "image_id", "slice_index", "z", "path"] + [
         f"prob_{name}" for name in LABELS]
     return pd.DataFrame(rows, columns=columns)
 
 
-def series_table(predictions: Sequence[SeriesPrediction], thresholds: dict[str, float] | None = None):
+def series_table(predictions: Sequence[SeriesPrediction], thresholds: dict[str, float] | None = None,
+                 trained_on: str | None = None):
+    """One row per series; ``trained_on`` (what the model saw, e.g. "synthetic phantoms ...") on every row, so
+    that whoever reads the file alone is told."""
     import pandas as pd
 
     thresholds = thresholds or default_thresholds()
@@ -137,9 +147,10 @@ def series_table(predictions: Sequence[SeriesPrediction], thresholds: dict[str, 
         row.update({f"prob_{name}": float(p.probs[j]) for j, name in enumerate(p.labels)})
         row.update({f"pred_{name}": int(v) for name, v in p.decisions(thresholds).items()})
         row.update({f"key_slice_{k.label}": k.image_id for k in p.key_slices})
+        row["trained_on"] = trained_on or "not recorded"
         rows.append(row)
     columns = (["patient_id", "study_uid", "series_uid", "n_slices"] + [f"prob_{n}" for n in LABELS]
-               + [f"pred_{n}" for n in LABELS] + [f"key_slice_{n}" for n in LABELS])
+               + [f"pred_{n}" for n in LABELS] + [f"key_slice_{n}" for n in LABELS] + ["trained_on"])
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -160,10 +171,14 @@ def submission_table(predictions: Sequence[SeriesPrediction]):
 def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPrediction], *,
                   thresholds: dict[str, float] | None = None, rejected: Sequence[RejectedSeries] = (),
                   skipped: Sequence[SkippedFile] = (), config: dict | None = None,
-                  thresholds_from: str | None = None) -> dict[str, Path]:
-    """Write slices.csv, series.csv, submission.csv, predictions.json and skipped.csv; returns paths.
+                  thresholds_from: str | None = None, trained_on: str | None = None,
+                  submission: bool | None = None) -> dict[str, Path]:
+    """Write slices.csv, series.csv, predictions.json, skipped.csv and (``submission``) submission.csv;
+    returns paths.
 
-    ``thresholds_from`` (see ``run_thresholds``) is recorded in predictions.json beside the thresholds."""
+    ``thresholds_from`` (see ``run_thresholds``) is recorded in predictions.json beside the thresholds;
+    ``trained_on`` there and in series.csv. ``submission`` (Kaggle ``ID,Label``): None writes it for RSNA
+    layout input only (every image id ``ID_<hex>``), where the competition format means something."""
     import pandas as pd
 
     out = Path(out_dir)
@@ -174,6 +189,7 @@ def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPredic
                       "reason": f"rejected by {r.rule}: {r.detail}"} for r in rejected]
     doc = {
         "kind": "ichscan-predictions",
+        "trained_on": trained_on or "not recorded",
         "labels": list(LABELS),
         "config": config or {},
         "thresholds": thresholds,
@@ -185,10 +201,14 @@ def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPredic
     # Every table is made before the first file is written, so a failure leaves no half set of outputs.
     frames = {
         "slices": slice_table(predictions),
-        "series": series_table(predictions, thresholds),
+        "series": series_table(predictions, thresholds, trained_on),
         "submission": submission_table(predictions),
         "skipped": pd.DataFrame(skipped_rows, columns=["kind", "path", "series_uid", "reason"]),
     }
+    if submission is None:
+        submission = bool(predictions) and all(i.startswith("ID_") for p in predictions for i in p.image_ids)
+    if not submission:
+        del frames["submission"]
     text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
     paths = {name: out / f"{name}.csv" for name in frames}
     paths["json"] = out / "predictions.json"

@@ -20,6 +20,7 @@ import numpy as np
 from ichscan.aggregation import AGGREGATIONS, aggregate
 from ichscan.dicom import SkippedFile
 from ichscan.errors import CheckpointError, IchscanError, SeriesError
+from ichscan.fileio import escape_undecodable
 from ichscan.geometry import position_along
 from ichscan.hardware import autocast_dtype, resolve_precision
 from ichscan.labels import LABELS
@@ -440,6 +441,7 @@ class Predictor:
             key_slices=keys,
             sop_uids=sop_uids,
             image_ids=image_ids,
+            paths=tuple(escape_undecodable(str(s.path)) for s in kept),
             z=zs,
             aggregation=self.aggregation,
             skipped=tuple(bad),
