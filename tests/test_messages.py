@@ -56,3 +56,14 @@ def test_an_ensemble_manifest_whose_labels_differ_from_a_member_is_refused(tmp_p
     with pytest.raises(CheckpointError, match=r"e\.json: the manifest lists labels \['any', 'subdural'\] but its "
                                               r"member a\.json was trained on"):
         load_ensemble(manifest)
+
+
+def test_render_with_an_unknown_series_uid_names_the_ones_there(tmp_path, capsys):
+    from _dicomfactory import write_series
+    from ichscan.cli import main
+
+    write_series(tmp_path / "study", 3, series_uid="1.2.826.0.1.3680043.8.498.5")
+    assert main(["render", str(tmp_path / "study"), "--series", "1.2.3.4", "--out", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("no series 1.2.3.4 here; --series takes one of: 1.2.826.0.1.3680043.8.498.5 (3 slices)")
+    assert len(err.splitlines()) == 1

@@ -149,6 +149,10 @@ def render_path(
             return Rendered(sheet, text, s.series_uid, 1, (0,), ws)
     scan = find_series(text, allow_non_ct=allow_non_ct)
     found = [s for s in scan.series if series_uid is None or s.series_uid == series_uid]
+    if not found and series_uid is not None and scan.series:
+        have = ", ".join(f"{s.series_uid} ({len(s)} slices)" for s in scan.series[:5])
+        raise SeriesError(f"no series {series_uid} here; --series takes one of: {have}"
+                          + (" ..." if len(scan.series) > 5 else ""), text)
     if not found:
         reasons = "; ".join(k.reason for k in scan.skipped[:2])
         raise SeriesError(f"no usable series to render{': ' + reasons if reasons else ''}", text)
