@@ -24,6 +24,29 @@ def head_phantom(rows: int = 64, cols: int = 64) -> np.ndarray:
     return hu
 
 
+def chest_phantom(rows: int = 128, cols: int = 128, spacing: float = 3.0) -> np.ndarray:
+    """HU of an axial chest, ``spacing`` mm a pixel: a 300 x 200 mm trunk of soft tissue (40) under a layer of
+    fat (-100), two lungs (-800), a vertebra with its canal, a sternum and ribs (700) with gaps between them."""
+    y, x = np.mgrid[:rows, :cols]
+    X, Y = (x - (cols - 1) / 2) * spacing, (y - (rows - 1) / 2) * spacing
+
+    def ellipse(cx, cy, a, b):
+        return ((X - cx) / a) ** 2 + ((Y - cy) / b) ** 2 < 1
+
+    hu = np.full((rows, cols), -1000.0)
+    hu[ellipse(0, 0, 150, 100)] = 40.0
+    hu[ellipse(0, 0, 143, 93) & ~ellipse(0, 0, 133, 83)] = -100.0
+    hu[ellipse(-60, -5, 45, 62) | ellipse(60, -5, 45, 62)] = -800.0
+    hu[ellipse(0, 55, 18, 16)] = 500.0  # vertebral body
+    hu[ellipse(0, 78, 14, 12)] = 700.0  # its arch ...
+    hu[ellipse(0, 78, 7, 6)] = 30.0  # ... around the spinal canal
+    hu[ellipse(0, -80, 12, 5)] = 600.0  # sternum
+    for degrees in [*range(20, 161, 22), *range(200, 341, 22)]:
+        t = np.radians(degrees)
+        hu[ellipse(122 * np.cos(t), 74 * np.sin(t), 7, 6)] = 700.0
+    return hu
+
+
 def write_ct(
     path: str | os.PathLike,
     hu: np.ndarray | None = None,
@@ -48,8 +71,10 @@ def write_ct(
     window_width=80,
     modality: str = "CT",
     transfer_syntax=ExplicitVRLittleEndian,
+    tags: dict | None = None,
 ) -> Path:
-    """One CT slice. ``stored`` is written as-is; otherwise it is (hu - intercept) / slope, rounded."""
+    """One CT slice. ``stored`` is written as-is; otherwise it is (hu - intercept) / slope, rounded.
+    ``tags`` sets more attributes by keyword (``{"BodyPartExamined": "CHEST"}``)."""
     if stored is None:
         hu = head_phantom() if hu is None else np.asarray(hu, dtype=float)
         stored = np.round((hu - (intercept or 0.0)) / slope)
@@ -85,6 +110,8 @@ def write_ct(
     if intercept is not None:
         ds.RescaleIntercept = intercept
     ds.PixelData = stored.tobytes()
+    for keyword, value in (tags or {}).items():
+        setattr(ds, keyword, value)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)

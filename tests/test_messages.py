@@ -67,3 +67,22 @@ def test_render_with_an_unknown_series_uid_names_the_ones_there(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.endswith("no series 1.2.3.4 here; --series takes one of: 1.2.826.0.1.3680043.8.498.5 (3 slices)")
     assert len(err.splitlines()) == 1
+
+
+def test_predict_counts_slices_from_one_and_says_when_spacing_was_uneven(tmp_path, capsys):
+    from _dicomfactory import write_ct
+    from ichscan.cli import main
+    from ichscan.windows import PAPER_WINDOWS, PRESETS
+
+    for i, z in enumerate([0, 4, 8, 12, 19, 26]):
+        write_ct(tmp_path / "study" / f"s{i}.dcm", position=(-112.0, -112.0, float(z)), instance=i + 1,
+                 sop_uid=f"1.2.826.0.1.3680043.8.498.66.{i}", spacing=(3.5, 3.5))
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m", build_model("test_efficientnet"),
+                           {"windows": [PRESETS[w].to_dict() for w in PAPER_WINDOWS], "image_size": 32})
+    (tmp_path / "zero.json").write_text(json.dumps({"method": "fixed", "thresholds": dict.fromkeys(LABELS, 0.0)}))
+    assert main(["predict", str(tmp_path / "study"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"),
+                 "--min-slices", "3", "--no-progress", "--thresholds", str(tmp_path / "zero.json")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("series "))
+    assert "of 6)" in line and "(slice 0 of" not in line  # key slices counted 1..6
+    assert line.endswith("[scored with uneven slice spacing 4.00-7.00 mm]")

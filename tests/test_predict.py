@@ -106,7 +106,7 @@ def test_tta_names_groups_and_views_are_deterministic():
 
 
 def test_selection_rules_reject_with_the_rule_that_failed(tmp_path):
-    write_series(tmp_path / "axial", n=4, series_uid="1.2.3.1")
+    write_series(tmp_path / "axial", n=4, series_uid="1.2.3.1", spacing=(3.5, 3.5))  # head-sized: passes the head check
     write_series(tmp_path / "short", n=2, series_uid="1.2.3.2")
     write_series(tmp_path / "sag", n=4, series_uid="1.2.3.3", orientation=(0, 1, 0, 0, 0, -1))
     write_series(tmp_path / "mr", n=4, series_uid="1.2.3.4", modality="MR")

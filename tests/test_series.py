@@ -162,7 +162,7 @@ def test_corrupt_zip_member_is_reported_and_others_read(tmp_path):
 def test_a_scout_series_is_kept_flagged_and_selection_rejects_it(tmp_path):
     from ichscan.predict import SelectionRules, select_series
 
-    write_series(tmp_path, 12, series_uid=A)
+    write_series(tmp_path, 12, series_uid=A, spacing=(3.5, 3.5))  # head-sized pixels: the head check passes it
     scout = "1.2.826.0.1.3680043.8.498.99"
     for k, orientation in enumerate([(1, 0, 0, 0, 0, -1), (0, 1, 0, 0, 0, -1)]):  # AP and lateral topograms
         write_ct(tmp_path / f"topo{k}.dcm", series_uid=scout, sop_uid=f"{scout}.{k}", instance=k + 1,

@@ -104,8 +104,11 @@ def test_unknown_device_and_top_k_are_one_line(setup, tmp_path, capsys):
     base = _predict_args(root / "a", checkpoint, tmp_path / "o")
     line = _one_line_error(capsys, main([*base, "--device", "foo"]), expected=2)
     assert "unknown device 'foo'" in line
-    line = _one_line_error(capsys, main([*base, "--aggregation", "topk", "--top-k", "0"]), expected=2)
-    assert "top_k 0" in line
+    for flag in ("--top-k", "--batch-size"):  # refused by the argument parser: usage and one error line
+        with pytest.raises(SystemExit) as stop:
+            main([*base, "--aggregation", "topk", flag, "0"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"argument {flag}: 0 is not 1 or more" in err and "Traceback" not in err
 
 
 def test_thresholds_file_with_a_word_is_one_line_naming_it(setup, tmp_path, capsys):

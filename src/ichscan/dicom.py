@@ -11,6 +11,12 @@ Choices worth knowing (docs/contracts.md has the records' fields):
   an intercept near 0. Where a CT has BitsStored 12, PixelRepresentation 0 and RescaleIntercept > -100,
   the stored values get +1000, those reaching 4096 get -4096, and the intercept becomes -1000. The fix
   is recorded as ``"rsna_intercept"`` in ``CTSlice.fixes``; it is never applied to other modalities.
+* **Values that cannot be CT** are refused with a one-line ``PixelDataError`` naming the file and the tag,
+  so a batch skips the slice instead of scoring garbage. For CT only (other modalities hold no HU): a
+  RescaleSlope that is not a finite number above 0 or a RescaleIntercept that is not finite (checked on
+  the headers, so a headers-only scan already skips the file); and, where pixels are decoded, more than
+  half of them outside -1100..4000 HU (``CT_HU_RANGE``), or an image of BitsStored 8 or fewer without
+  air (nothing below ``AIR_HU``): an 8-bit picture, not CT numbers.
 * **MONOCHROME1** says "low values are displayed white, after the VOI (window) step"; it is a display
   instruction, not part of the modality LUT. The HU of a MONOCHROME1 CT are therefore
   ``stored * slope + intercept`` exactly as for MONOCHROME2 (inverting them would turn air into bone),
@@ -95,6 +101,16 @@ _CT_SOP_CLASSES = {
 # ImageType values of scout / localizer images: projection radiographs taken to plan the scan, not slices
 LOCALIZER_IMAGE_TYPES = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW", "SCANOGRAM")
 _RSNA_STEM = re.compile(r"^ID_[0-9a-fA-F]+$")
+# CT numbers a reconstruction can hold: air is -1000 HU, dense bone and metal a few thousand. The padding
+# outside the reconstruction circle (-1024 to -3024 HU) covers about 22% of a square image (1 - pi/4):
+# pydicom's CT test files have 0 to 23% of their pixels outside this range, the real GE head of
+# ../shared/realct 24% (its padding is -3024 HU). Half leaves room for that and refuses a slope of 1e6.
+CT_HU_RANGE = (-1100.0, 4000.0)
+MAX_OUTSIDE_CT_RANGE = 0.5  # a larger fraction of pixels outside CT_HU_RANGE: these are not CT numbers
+AIR_HU = -500.0  # below this is air; a head CT always has air around the head (about -1000 HU)
+# The value checks look at every k-th row and column, about this many per side: the same pixels whichever
+# path decodes the slice, so read_slice, read_pixels and read_stored accept and refuse the same files.
+_VALUE_CHECK_GRID = 64
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -115,6 +131,8 @@ class PixelLocation:
     fixes: tuple[str, ...]
     file_size: int
     mtime_ns: int
+    is_ct: bool  # the value checks apply (to CT only: other modalities hold no HU)
+    bits_stored: int | None
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -148,6 +166,8 @@ class CTSlice:
     photometric: str = ""
     series_number: int | None = None
     series_description: str = ""
+    body_part: str = ""  # BodyPartExamined
+    protocol_name: str = ""
     # where a headers-only scan found native pixels, so read_stored() needs no second parse
     pixels_at: PixelLocation | None = field(default=None, repr=False)
 
@@ -563,6 +583,50 @@ def _modality_lut(stored: np.ndarray, slope: float, intercept: float, rsna: bool
     return hu
 
 
+def _is_ct(ds: Dataset) -> bool:
+    modality = str(ds.get("Modality", "")).upper()
+    return modality == "CT" or (not modality and str(ds.get("SOPClassUID", "")) in _CT_SOP_CLASSES)
+
+
+def _check_rescale(slope: float | None, intercept: float | None, path: str, frame: int | None = None) -> None:
+    """The tags alone: HU = stored * slope + intercept needs a finite slope above 0 and a finite intercept
+    (a slope of 0 makes every pixel the intercept; NaN makes every pixel NaN)."""
+    where = "" if frame is None else f" (frame {frame})"
+    if slope is not None and not (math.isfinite(slope) and slope > 0):
+        raise PixelDataError(f"RescaleSlope {slope:g}{where} cannot give CT numbers (HU = stored x slope + "
+                             "intercept needs a finite slope above 0); fix the tag or re-export the series", path)
+    if intercept is not None and not math.isfinite(intercept):
+        raise PixelDataError(f"RescaleIntercept {intercept:g}{where} is not a finite number, so no pixel has a "
+                             "CT number; fix the tag or re-export the series", path)
+
+
+def _value_check_grid(image: np.ndarray) -> np.ndarray:
+    step = max(1, max(image.shape) // _VALUE_CHECK_GRID)
+    return image[::step, ::step]
+
+
+def _check_ct_values(hu: np.ndarray, path: str, bits_stored: int | None, rescale: str) -> None:
+    """HU (of ``_value_check_grid`` pixels) a CT can hold; ``rescale`` names the tags that made them."""
+    low, high = CT_HU_RANGE
+    outside = float(np.mean(~((hu >= low) & (hu <= high))))  # NaN counts as outside
+    if outside > MAX_OUTSIDE_CT_RANGE:
+        raise PixelDataError(f"{outside:.0%} of the pixels lie outside {low:g}..{high:g} HU with {rescale}: these "
+                             "are not CT numbers; check the rescale tags or re-export the series", path)
+    if bits_stored is not None and bits_stored <= 8 and float(hu.min()) > AIR_HU:
+        raise PixelDataError(f"BitsStored {bits_stored} and no air (lowest {float(hu.min()):g} HU, where a head CT "
+                             "has air at about -1000): an 8-bit picture, not CT numbers; use the original CT series",
+                             path)
+
+
+def _rescale_named(lut: ModalityLUT | None, slope: float, intercept: float) -> str:
+    return "the Modality LUT Sequence" if lut is not None else f"RescaleSlope {slope:g}, RescaleIntercept {intercept:g}"
+
+
+def _check_stored(pixels: StoredPixels, bits_stored: int | None) -> None:
+    rescale = _rescale_named(pixels.lut, pixels.slope, pixels.intercept)
+    _check_ct_values(pixels.hu_of(_value_check_grid(pixels.stored)), pixels.path, bits_stored, rescale)
+
+
 def _transfer_syntax(ds: Dataset) -> UID:
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -649,7 +713,7 @@ def _native_location(ds: Dataset, src: _Source, slope: float, intercept: float, 
     except OSError:
         return None
     return PixelLocation(int(tell), dtype.str, rows, cols, float(slope), float(intercept), tuple(fixes),
-                         st.st_size, st.st_mtime_ns)
+                         st.st_size, st.st_mtime_ns, _is_ct(ds), _int(ds.get("BitsStored")))
 
 
 def _slices_from(ds: Dataset, src: _Source, pixels: bool) -> list[CTSlice]:
@@ -679,25 +743,32 @@ def _slices_from(ds: Dataset, src: _Source, pixels: bool) -> list[CTSlice]:
         photometric=str(ds.get("PhotometricInterpretation", "")),
         series_number=_int(ds.get("SeriesNumber")),
         series_description=str(ds.get("SeriesDescription", "")),
+        body_part=str(ds.get("BodyPartExamined", "")),
+        protocol_name=str(ds.get("ProtocolName", "")),
     )
     # a Modality LUT Sequence (single-frame files; enhanced CT rescales per frame): its table is only
     # needed with pixels, so a headers-only scan does not read the LUT data
     uses_lut = frames == [None] and _has_lut_sequence(ds)
     lut = _lut_sequence(ds, src.path) if uses_lut and stored is not None else None
+    is_ct, bits_stored = _is_ct(ds), _int(ds.get("BitsStored"))
     out = []
     for i, frame in enumerate(frames):
         meta = _frame_meta(ds, frame)
         slope = meta.pop("slope")
         intercept = meta.pop("intercept")
+        if is_ct and not uses_lut:
+            _check_rescale(slope, intercept, src.path, frame)
         fixes = ()
         if not uses_lut and _needs_rsna_fix(ds, intercept):
             fixes = (RSNA_FIX,)
+        slope, intercept = 1.0 if slope is None else slope, intercept or 0.0
         hu = location = None
         if stored is not None:
-            hu = (lut.apply(stored[i]) if lut is not None
-                  else _modality_lut(stored[i], 1.0 if slope is None else slope, intercept or 0.0, bool(fixes)))
+            hu = lut.apply(stored[i]) if lut is not None else _modality_lut(stored[i], slope, intercept, bool(fixes))
+            if is_ct:
+                _check_ct_values(_value_check_grid(hu), src.path, bits_stored, _rescale_named(lut, slope, intercept))
         elif frame is None and not uses_lut:  # with a LUT, read_stored goes through read_pixels
-            location = _native_location(ds, src, 1.0 if slope is None else slope, intercept or 0.0, fixes)
+            location = _native_location(ds, src, slope, intercept, fixes)
         centers, widths = meta["window_centers"], meta["window_widths"]
         out.append(
             CTSlice(
@@ -753,18 +824,25 @@ def read_pixels(path: str | os.PathLike, *, allow_non_ct: bool = False) -> Store
     _check_image(ds, src.path, allow_non_ct)
     if (_int(ds.get("NumberOfFrames")) or 1) > 1:
         raise PixelDataError("multi-frame object; use read_slices() to split it into slices", src.path)
-    if "PerFrameFunctionalGroupsSequence" in ds:
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds
+    if enhanced:
         meta = _frame_meta(ds, 0)
         slope, intercept = meta["slope"], meta["intercept"]
     else:  # only what the modality LUT needs: this is the hot path of the training cache
         slope, intercept = _float(ds.get("RescaleSlope")), _float(ds.get("RescaleIntercept"))
+    is_ct = _is_ct(ds)
+    if is_ct and (enhanced or not _has_lut_sequence(ds)):
+        _check_rescale(slope, intercept, src.path)
     stored = _stored_array(ds, src.path)
     stored = stored[0] if stored.ndim == 3 else stored
-    lut = None if "PerFrameFunctionalGroupsSequence" in ds else _lut_sequence(ds, src.path)
+    lut = None if enhanced else _lut_sequence(ds, src.path)
     fixes = (RSNA_FIX,) if lut is None and _needs_rsna_fix(ds, intercept) else ()
     slope = 1.0 if slope is None else slope
     intercept = intercept or 0.0
-    return StoredPixels(src.path, stored, slope, intercept, fixes, lut)
+    pixels = StoredPixels(src.path, stored, slope, intercept, fixes, lut)
+    if is_ct:
+        _check_stored(pixels, _int(ds.get("BitsStored")))
+    return pixels
 
 
 def read_stored(s: CTSlice, *, allow_non_ct: bool = False) -> StoredPixels:
@@ -784,7 +862,10 @@ def read_stored(s: CTSlice, *, allow_non_ct: bool = False) -> StoredPixels:
                     raw = fh.read(count * dtype.itemsize)
                     if len(raw) == count * dtype.itemsize:
                         stored = np.frombuffer(raw, dtype=dtype).reshape(loc.rows, loc.columns)
-                        return StoredPixels(s.path, stored, loc.slope, loc.intercept, loc.fixes)
+                        pixels = StoredPixels(s.path, stored, loc.slope, loc.intercept, loc.fixes)
+                        if loc.is_ct:
+                            _check_stored(pixels, loc.bits_stored)
+                        return pixels
         except OSError:
             pass  # read_pixels below says what is wrong with the file, in one line
     return read_pixels(s.path, allow_non_ct=allow_non_ct)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 EPILOG = """\
 examples:
   ichscan predict study.zip --out preds/          # the bundled model (trained on phantoms only)
-  ichscan predict study.zip --checkpoint runs/demo/ensemble.json --out preds/
+  ichscan predict study.zip --checkpoint runs/demo/models/ensemble.json --out preds/   # after make demo
   ichscan predict rsna/stage_2_test --checkpoint model.json --out sub/ --all-series
   ichscan predict scans/ --checkpoint model.json --out preds/ --tta flip,shift --thresholds thr.json
 
-outputs in --out: slices.csv, series.csv, submission.csv (Kaggle ID,Label), predictions.json,
-skipped.csv (bad files and rejected series, one line each). Finished series are kept in --out/work;
-rerunning the same command resumes where an interrupted run stopped.
+outputs in --out: slices.csv, series.csv, predictions.json, skipped.csv (bad files and rejected series,
+one line each), and submission.csv (Kaggle ID,Label) for RSNA-layout input or with --submission.
+Patients are named by a pseudonymous key (see the README's privacy section) unless --keep-patient-id.
+Finished series are kept in --out/work; rerunning the same command resumes where an interrupted run stopped. A series that does not look like a
+head CT (no skull ring in its images, or a body part such as CHEST) is rejected, since the model would
+score it all the same; --not-head-ok predicts it with a warning.
 Research software, not a medical device.
 """
 
@@ -39,13 +43,14 @@ def register(subparsers) -> None:
     m.add_argument("--aggregation", choices=("max", "topk", "noisy_or"),
                    help="slices to series: max, mean of the top k, or noisy-OR (default: the model's choice "
                         "when its manifest records one, as the bundled model's does, else max)")
-    m.add_argument("--top-k", type=int, help="k for --aggregation topk (default: the model's, else 3)")
+    m.add_argument("--top-k", type=_positive_int, help="k for --aggregation topk (default: the model's, else 3)")
     m.add_argument("--thresholds", help='JSON {"method": ..., "thresholds": {label: t}}; otherwise the '
                                         "model's operating points when it carries them, else 0.5")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     m.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
-    m.add_argument("--batch-size", type=int, default=64, help="images per forward pass, TTA views included (default 64)")
+    m.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="images per forward pass, TTA views included (default 64)")
     m.add_argument("--compile", action="store_true",
                    help="torch.compile the model(s): 20-25%% faster per image after a compile of 5-15 s per "
                         "checkpoint (cached by torch); for batch runs over many series")
@@ -60,14 +65,33 @@ def register(subparsers) -> None:
                    help="reject series whose ImageType has WORD (repeatable; replaces the localizer list)")
     s.add_argument("--exclude-description", action="append", metavar="TEXT",
                    help="reject series whose description contains TEXT (repeatable; replaces the default list)")
+    s.add_argument("--not-head-ok", action="store_true",
+                   help="predict series that fail the head check too (no skull ring in their images, or metadata "
+                        "naming another body part), each with a warning; their probabilities mean nothing")
     s.add_argument("--all-series", action="store_true",
-                   help="no selection rules: predict every series (an RSNA test folder needs every image)")
+                   help="no selection rules, no head check: predict every series (an RSNA test folder needs every "
+                        "image)")
     s.add_argument("--any-modality", action="store_true", help="read non-CT DICOM images too")
     r = p.add_argument_group("batch runs")
     r.add_argument("--max-series", type=int, help="stop after predicting this many new series; rerun to resume")
     r.add_argument("--restart", action="store_true", help="discard finished series in --out/work and start over")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--keep-patient-id", action="store_true",
+                   help="write PatientID into the outputs (default: a pseudonymous key; see the README)")
+    o.add_argument("--submission", action="store_true",
+                   help="write submission.csv (Kaggle ID,Label) whatever the input (default: RSNA layout only)")
     p.set_defaults(func=run)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
 
 
 def _rules(args):
@@ -85,13 +109,33 @@ def _rules(args):
         exclude_image_types=tuple(args.exclude_image_type) if args.exclude_image_type else base.exclude_image_types,
         exclude_descriptions=(tuple(args.exclude_description) if args.exclude_description
                               else base.exclude_descriptions),
+        not_head_ok=args.not_head_ok,
     )
+
+
+class _NotHeadWarnings(logging.Handler):
+    """Collects selection's "not a head CT, predicted anyway" warnings, for the summary of the run."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.series: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "not_head"):
+            self.series.append((record.series_uid, record.not_head))
 
 
 def run(args) -> int:
     from ichscan.model import BUNDLED, resolve_checkpoint
+    import os
+
+    from ichscan.errors import IchscanError
     from ichscan.predict import Predictor, predict_path
+    from ichscan.privacy import Pseudonymizer
     from ichscan.thresholds import run_thresholds
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before anything is loaded or printed
+        raise IchscanError("is a file; --out needs a folder (a new one, or one this command wrote before)", args.out)
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     try:
@@ -128,11 +172,16 @@ def run(args) -> int:
             bar.set_postfix_str(event.status, refresh=False)
             bar.refresh()
 
+    not_head = _NotHeadWarnings()
+    selection_log = logging.getLogger("ichscan.predict.selection")
+    selection_log.addHandler(not_head)
     try:
         result = predict_path(args.input, args.out, predictor, rules=_rules(args), thresholds=args.thresholds,
                               progress=progress, max_series=args.max_series, restart=args.restart,
-                              allow_non_ct=args.any_modality)
+                              allow_non_ct=args.any_modality, patient_ids=Pseudonymizer(keep=args.keep_patient_id),
+                              submission=True if args.submission else None)
     finally:
+        selection_log.removeHandler(not_head)
         if bar is not None:
             bar.close()
 
@@ -140,7 +189,14 @@ def run(args) -> int:
         print(f"skipped {item.path}: {item.reason}", file=sys.stderr)
     for r in result.rejected:
         print(f"not predicted: series {r.series_uid} ({r.n_slices} slices): {r.detail} [{r.rule}]", file=sys.stderr)
-    if result.rejected and not args.all_series:
+    if any(r.rule == "head_check" for r in result.rejected):
+        print("series that fail the head check are not head CT as far as ichscan can tell; --not-head-ok predicts "
+              "them anyway, with a warning", file=sys.stderr)
+    for uid, detail in not_head.series:
+        print(f"WARNING: series {uid} does not look like a head CT ({detail}); predicted only because of "
+              "--not-head-ok: the model was made for head CT, its probabilities for this series mean nothing",
+              file=sys.stderr)
+    if result.rejected and not args.all_series and "submission" in result.outputs:
         n = sum(r.n_slices for r in result.rejected)
         print(f"the {n} images of rejected series are not in submission.csv; --all-series predicts every "
               "series (a complete Kaggle submission needs it)", file=sys.stderr)
@@ -162,10 +218,23 @@ def run(args) -> int:
 
 
 def _print_findings(predictions, thresholds, limit: int = 20) -> None:
+    """One line per series; slices counted from 1 (slice k of N), as the report and render count them."""
+    from ichscan.geometry import spacing_summary
+
     for p in predictions[:limit]:
         found = [name for name, yes in p.decisions(thresholds).items() if yes and name != "any"]
         any_p = p.prob("any")
-        text = ", ".join(f"{n} {p.prob(n):.2f} (slice {p.key_slice(n).index})" for n in found) or "no subtype"
-        print(f"series {p.series_uid} ({p.n_slices} slices): any {any_p:.2f}; {text}")
+        text = ", ".join(f"{n} {p.prob(n):.2f} (slice {p.key_slice(n).index + 1} of {p.n_slices})"
+                         for n in found) or "no subtype"
+        notes = []
+        z = [v for v in p.z if v is not None]
+        summary = spacing_summary(z if len(z) == p.n_slices else None)
+        if summary["uneven"]:
+            lo, _, hi = summary["spacing"]
+            notes.append(f"uneven slice spacing {lo:.2f}-{hi:.2f} mm")
+        if p.skipped:
+            notes.append(f"{len(p.skipped)} slice(s) left out: unreadable")
+        note = f" [scored with {'; '.join(notes)}]" if notes else ""
+        print(f"series {p.series_uid} ({p.n_slices} slices): any {any_p:.2f}; {text}{note}")
     if len(predictions) > limit:
         print(f"... {len(predictions) - limit} more series in series.csv")
