@@ -46,3 +46,12 @@ def test_inspect_of_a_real_head_with_two_slice_steps(capsys):
     out = capsys.readouterr().out
     assert "4.00-7.00" in out  # thickness 4 mm then 7 mm
     assert "warning: series #1: uneven slice spacing" in out
+
+
+def test_inspect_flags_lossy_compression(testdata, capsys):
+    assert main(["inspect", testdata("693_J2KI.dcm")]) == 0
+    out = capsys.readouterr().out
+    assert ("warning: series #1: lossy compression (JPEG 2000 (lossy allowed), declared lossy, 338.687:1) on 1 of 1 "
+            "slices: fine detail such as a thin bleed may be lost") in out
+    assert main(["inspect", testdata("693_J2KR.dcm")]) == 0  # the lossless twin: no word
+    assert "lossy" not in capsys.readouterr().out

@@ -86,3 +86,28 @@ def test_predict_counts_slices_from_one_and_says_when_spacing_was_uneven(tmp_pat
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("series "))
     assert "of 6)" in line and "(slice 0 of" not in line  # key slices counted 1..6
     assert line.endswith("[scored with uneven slice spacing 4.00-7.00 mm]")
+
+
+def test_index_reports_a_file_name_that_is_not_utf8_instead_of_crashing(tmp_path):
+    import os
+
+    from _dicomfactory import write_series
+    from ichscan.data import build_index
+
+    write_series(tmp_path / "d", 2)
+    bad = os.path.join(os.fsencode(tmp_path / "d"), b"scan\xff.dcm")
+    with open(bad, "wb") as fh:
+        fh.write((tmp_path / "d" / sorted(os.listdir(tmp_path / "d"))[0]).read_bytes())
+    index, report = build_index(tmp_path / "d", tmp_path / "index.parquet", workers=1)
+    assert len(index) == 2
+    assert [(p.path.rsplit("/", 1)[-1], p.reason) for p in report.problems] == [
+        ("scan\\xff.dcm", "file name is not valid UTF-8; rename the file to use it for training")]
+
+
+def test_evaluate_out_below_a_file_is_one_line(tmp_path, capsys):
+    from ichscan.cli import main
+
+    (tmp_path / "f").write_text("x")
+    assert main(["evaluate", "--pred", "p.csv", "--labels", "l.csv", "--out", str(tmp_path / "f" / "sub")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("f/sub: cannot create the output folder (Not a directory)") and "\n" not in err

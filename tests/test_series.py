@@ -6,6 +6,7 @@ import math
 import random
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,3 +181,20 @@ def test_a_scout_series_is_kept_flagged_and_selection_rejects_it(tmp_path):
     assert len(select_series(scan.series, SelectionRules.permissive())[0]) == 2
     # A study folder still reads as its one volume.
     assert read_series(tmp_path).series_uid == A
+
+
+def test_zips_inside_a_zip_are_opened(tmp_path):
+    paths = write_series(tmp_path / "s", 3, series_uid=A)
+    inner = tmp_path / "series1.zip"
+    with zipfile.ZipFile(inner, "w") as zf:
+        for p in paths:
+            zf.write(p, f"CT/{p.name}")
+    outer = tmp_path / "export.zip"
+    with zipfile.ZipFile(outer, "w") as zf:
+        zf.write(inner, "study/series1.zip")
+    scan = find_series(outer)  # headers only: pixels are read later through the nested path
+    assert [len(s) for s in scan.series] == [3] and not scan.skipped
+    first = scan.series[0].slices[0]
+    assert first.path.startswith(f"{outer}/study/series1.zip/CT/")
+    np.testing.assert_array_equal(scan.series[0].volume()[0], read_slice(tmp_path / "s" / Path(first.path).name).hu)
+    np.testing.assert_array_equal(read_slice(first.path).hu, scan.series[0].volume()[0])

@@ -31,7 +31,7 @@ import pandas as pd
 
 from ichscan.dicom import SkippedFile
 from ichscan.errors import DataError, IchscanError
-from ichscan.fileio import write_json, write_npy, write_parquet
+from ichscan.fileio import escape_undecodable, write_json, write_npy, write_parquet
 from ichscan.geometry import position_along
 from ichscan.hardware import cpu_count
 from ichscan.labels import LABELS
@@ -171,6 +171,10 @@ def _index_shard(paths: list[str]) -> pd.DataFrame:
     """Rows for ``paths``; an ``error`` column holds the reason a file was left out (None when indexed)."""
     rows = []
     for p in paths:
+        if escape_undecodable(p) != p:  # Parquet holds UTF-8 only, and a training run must reopen the file
+            rows.append({"path": escape_undecodable(p), "error": "file name is not valid UTF-8; rename the file "
+                                                               "to use it for training"})
+            continue
         try:
             row = header_row(p)
             row["error"] = None

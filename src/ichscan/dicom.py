@@ -168,6 +168,8 @@ class CTSlice:
     series_description: str = ""
     body_part: str = ""  # BodyPartExamined
     protocol_name: str = ""
+    # lossy compression the file says it went through ("JPEG 2000 lossy, 339:1"); "" for none declared
+    lossy: str = ""
     # where a headers-only scan found native pixels, so read_stored() needs no second parse
     pixels_at: PixelLocation | None = field(default=None, repr=False)
 
@@ -353,13 +355,32 @@ def _source_for(path: str | os.PathLike) -> _Source:
     for i in range(len(parts) - 1, 0, -1):
         outer = Path(*parts[:i])
         if outer.is_file() and zipfile.is_zipfile(outer):
-            member = "/".join(parts[i:])
-            try:
-                with zipfile.ZipFile(outer) as zf:
-                    return _Source(text, zf.read(member))
-            except KeyError:
+            with zipfile.ZipFile(outer) as zf:
+                data = _read_member(zf, list(parts[i:]), depth=0)
+            if data is None:
                 break
+            return _Source(text, data)
     raise IchscanError("no such file; check the path", text)
+
+
+def _read_member(zf: zipfile.ZipFile, parts: list[str], depth: int) -> bytes | None:
+    """The bytes of ``a/b.zip/c/d.dcm`` inside ``zf``, opening zips inside the zip on the way; None if absent."""
+    names = set(zf.namelist())
+    for j in range(len(parts), 0, -1):
+        name = "/".join(parts[:j])
+        if name not in names:
+            continue
+        data = zf.read(name)
+        if j == len(parts):
+            return data
+        if depth < MAX_ZIP_DEPTH and _is_zip_bytes(data):
+            with zipfile.ZipFile(io.BytesIO(data)) as inner:
+                return _read_member(inner, parts[j:], depth + 1)
+    return None
+
+
+def _is_zip_bytes(data: bytes) -> bool:
+    return data[:4] == b"PK\x03\x04" and data[128:132] != b"DICM" and zipfile.is_zipfile(io.BytesIO(data))
 
 
 def _is_zip(path: Path) -> bool:
@@ -389,16 +410,31 @@ def _iter_sources(path: str | os.PathLike) -> Iterator[_Source | SkippedFile]:
             yield SkippedFile(str(f), f"unreadable zip archive ({err}); re-create the archive", "BadZipFile")
             continue
         with zf:
-            for info in sorted(zf.infolist(), key=lambda i: i.filename):
-                if info.is_dir():
-                    continue
-                name = f"{f}/{info.filename}"
-                try:
-                    data = zf.read(info)
-                except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as err:
-                    yield SkippedFile(name, f"cannot be extracted ({err}); re-create the archive", "BadZipFile")
-                    continue
-                yield _Source(name, data)
+            yield from _zip_sources(str(f), zf, depth=0)
+
+
+# How deep zips inside zips are opened (a study exported as a zip of per-series zips is common).
+MAX_ZIP_DEPTH = 3
+
+
+def _zip_sources(prefix: str, zf: zipfile.ZipFile, depth: int) -> Iterator[_Source | SkippedFile]:
+    for info in sorted(zf.infolist(), key=lambda i: i.filename):
+        if info.is_dir():
+            continue
+        name = f"{prefix}/{info.filename}"
+        try:
+            data = zf.read(info)
+        except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as err:
+            yield SkippedFile(name, f"cannot be extracted ({err}); re-create the archive", "BadZipFile")
+            continue
+        if _is_zip_bytes(data):
+            if depth + 1 > MAX_ZIP_DEPTH:
+                yield SkippedFile(name, f"a zip nested more than {MAX_ZIP_DEPTH} deep; extract it first", "NestedZip")
+                continue
+            with zipfile.ZipFile(io.BytesIO(data)) as inner:
+                yield from _zip_sources(name, inner, depth + 1)
+            continue
+        yield _Source(name, data)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -627,6 +663,30 @@ def _check_stored(pixels: StoredPixels, bits_stored: int | None) -> None:
     _check_ct_values(pixels.hu_of(_value_check_grid(pixels.stored)), pixels.path, bits_stored, rescale)
 
 
+# Transfer syntaxes that lose information (JPEG 2000 and JPEG-LS also have lossless forms, listed apart).
+_LOSSY_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50": "JPEG baseline", "1.2.840.10008.1.2.4.51": "JPEG extended",
+    "1.2.840.10008.1.2.4.81": "JPEG-LS near-lossless", "1.2.840.10008.1.2.4.91": "JPEG 2000 (lossy allowed)",
+    "1.2.840.10008.1.2.4.101": "MPEG-2", "1.2.840.10008.1.2.4.102": "MPEG-4", "1.2.840.10008.1.2.4.201": "HTJ2K",
+    "1.2.840.10008.1.2.4.203": "HTJ2K (lossy allowed)",
+}
+
+
+def _lossy(ds: Dataset) -> str:
+    """What lossy compression a file declares: LossyImageCompression "01" (it went through one, maybe before
+    a lossless re-encoding) or a lossy transfer syntax; with the ratio when recorded. "" when none."""
+    flagged = str(ds.get("LossyImageCompression", "")).strip() == "01"
+    syntax = _LOSSY_SYNTAXES.get(str(_transfer_syntax(ds) or ""), "")
+    if not flagged and not syntax:
+        return ""
+    ratios = [f"{float(r):g}:1" for r in _as_list(ds.get("LossyImageCompressionRatio")) if _float(r)]
+    methods = [str(m) for m in _as_list(ds.get("LossyImageCompressionMethod"))]
+    what = syntax or ", ".join(methods) or "lossy compression"
+    if flagged and syntax:
+        what += ", declared lossy"
+    return what + (f", {'/'.join(ratios)}" if ratios else "")
+
+
 def _transfer_syntax(ds: Dataset) -> UID:
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -745,6 +805,7 @@ def _slices_from(ds: Dataset, src: _Source, pixels: bool) -> list[CTSlice]:
         series_description=str(ds.get("SeriesDescription", "")),
         body_part=str(ds.get("BodyPartExamined", "")),
         protocol_name=str(ds.get("ProtocolName", "")),
+        lossy=_lossy(ds),
     )
     # a Modality LUT Sequence (single-frame files; enhanced CT rescales per frame): its table is only
     # needed with pixels, so a headers-only scan does not read the LUT data

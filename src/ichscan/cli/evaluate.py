@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise DataError("is a file; --out needs a folder for table1.md, roc.png and the rest", args.out)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:  # a file where a parent folder should be, no permission...
+        raise DataError(f"cannot create the output folder ({err.strerror})", args.out) from None
     if args.bootstrap < 0:
         raise DataError("--bootstrap must be 0 or more")
     if not 0.0 < args.ci < 1.0:

@@ -88,7 +88,11 @@ def scan_to_dict(path: str, scan, patient_ids=None) -> dict:
                 "slice_spacing_range": [summary["spacing"][0], summary["spacing"][2]] if summary["spacing"] else None,
                 "thickness": s.thickness,
                 "thickness_range": list(summary["thickness"]) if summary["thickness"] else None,
-                "warnings": _warnings(summary),
+                "lossy": sorted({x.lossy for x in s.slices if x.lossy}),
+                "warnings": _warnings(summary) + [
+                    f"lossy compression ({what}) on {sum(x.lossy == what for x in s.slices)} of {len(s)} slices: "
+                    "fine detail such as a thin bleed may be lost" for what in sorted({x.lossy for x in s.slices
+                                                                                        if x.lossy})],
                 "ordered_by": s.ordered_by,
                 "tilt_degrees": s.tilt_degrees,
                 "fixes": list(s.fixes),
