@@ -16,9 +16,9 @@ examples:
 outputs in --out: slices.csv, series.csv, predictions.json, skipped.csv (bad files and rejected series,
 one line each), and submission.csv (Kaggle ID,Label) for RSNA-layout input or with --submission.
 Patients are named by a pseudonymous key (see the README's privacy section) unless --keep-patient-id.
-Finished series are kept in --out/work; rerunning the same command resumes where an interrupted run stopped. A series that does not look like a
-head CT (no skull ring in its images, or a body part such as CHEST) is rejected, since the model would
-score it all the same; --not-head-ok predicts it with a warning.
+Finished series are kept in --out/work; rerunning the same command resumes where an interrupted run stopped.
+A series that does not look like a head CT (no skull ring in its images, or a body part such as CHEST) is
+rejected, since the model would score it all the same; --not-head-ok predicts it with a warning.
 Research software, not a medical device.
 """
 

@@ -5,7 +5,8 @@ The flow for one run (``predict_path``), one module per step:
 1. ``ichscan.dicom.find_series`` reads headers only and groups files into series (a flat RSNA test
    folder, a study folder, a zip...). Unreadable files are reported, never fatal.
 2. ``selection``: ``select_series`` keeps what a triage product would read (axial CT, not a localizer,
-   enough slices) by ``SelectionRules``; each rejected series is reported with the rule that rejected it.
+   enough slices, a head: metadata and a skull ring on its middle slices) by ``SelectionRules``; each
+   rejected series is reported with the rule that rejected it.
 3. ``predictor``: ``Predictor.predict_series`` decodes the pixels, windows them as the checkpoints were
    trained, runs every deterministic TTA view through every ensemble member, averages probabilities,
    and aggregates slices into series probabilities with the slice that drove each finding.
