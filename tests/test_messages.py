@@ -111,3 +111,13 @@ def test_evaluate_out_below_a_file_is_one_line(tmp_path, capsys):
     assert main(["evaluate", "--pred", "p.csv", "--labels", "l.csv", "--out", str(tmp_path / "f" / "sub")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.endswith("f/sub: cannot create the output folder (Not a directory)") and "\n" not in err
+
+
+def test_a_second_demo_into_a_folder_being_written_is_refused(tmp_path):
+    from ichscan.demo import run_demo
+    from ichscan.errors import FolderInUseError
+    from ichscan.fileio import lock_folder
+
+    with lock_folder(tmp_path / "demo"):  # as a running demo holds it
+        with pytest.raises(FolderInUseError, match="another ichscan run is writing this folder"):
+            run_demo(tmp_path / "demo")

@@ -71,7 +71,20 @@ class DemoResult:
 
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
              say: Callable[[str], None] | None = None, restart: bool = False) -> DemoResult:
-    """Run (or resume) the demo under ``out_dir``; ``say`` receives one line per step."""
+    """Run (or resume) the demo under ``out_dir``; ``say`` receives one line per step. Two demos never
+    write one folder at once (``fileio.lock_folder``)."""
+    from ichscan.fileio import lock_folder
+
+    if restart and Path(out_dir).exists():
+        with lock_folder(out_dir):  # not while another demo is writing it
+            pass
+        shutil.rmtree(out_dir)
+    with lock_folder(out_dir):
+        return _run_demo(out_dir, config, say=say)
+
+
+def _run_demo(out_dir: str | os.PathLike, config: DemoConfig | None, *,
+              say: Callable[[str], None] | None) -> DemoResult:
     from ichscan.data import find_images_dir
     from ichscan.metrics import choose_thresholds_files, evaluate_files, save_thresholds
     from ichscan.phantom import generate_dataset
@@ -82,8 +95,6 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
     config = config or DemoConfig()
     say = say or (lambda line: log.info("%s", line))
     out = Path(out_dir)
-    if restart and out.exists():
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / "demo_config.json"
     wanted = json.loads(json.dumps(config.to_dict()))
