@@ -502,3 +502,288 @@ def write_report(
         html_kwargs.setdefault("roc_png", paths["roc_png"])
         paths["html"] = write_html_report(ev, Path(out_dir) / html_name, series, **html_kwargs)
     return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Predictions report (``ichscan predict --html``): per-series key slices on a user's own studies
+# --------------------------------------------------------------------------------------------------
+
+_PRED_CSS = """
+.pbar{position:relative;display:inline-block;width:120px;height:10px;background:#eee;vertical-align:middle}
+.pbar .fill{position:absolute;left:0;top:0;bottom:0;background:#4a7fb5}
+.pbar .tick{position:absolute;top:-3px;bottom:-3px;width:2px;background:#c33}
+td.FP,td.FN{background:#fde2e2;color:#a11;font-weight:700} td.TP{color:#176c2e} td.TN{color:#666}
+img.keyslice{height:160px;image-rendering:pixelated;background:#000} img.strip{width:360px}
+img.calib{max-width:100%} .sorter button{margin-right:.5em} .capped{color:#a33}
+.conf td{text-align:right;font-variant-numeric:tabular-nums} .conf td:first-child{text-align:left}
+"""
+
+_SORT_JS = """
+function ichscanSort(key){var c=document.getElementById('series');
+var s=Array.prototype.slice.call(c.children);
+s.sort(function(a,b){if(key==='any'){return parseFloat(b.dataset.any)-parseFloat(a.dataset.any);}
+return a.dataset.uid<b.dataset.uid?-1:(a.dataset.uid>b.dataset.uid?1:0);});
+s.forEach(function(e){c.appendChild(e);});}
+"""
+
+
+def _called(pred, thresholds: Mapping[str, float]) -> list[str]:
+    """Labels at or above their threshold; ``any`` alone when nothing is called (its key slice is still shown)."""
+    decisions = pred.decisions(dict(thresholds))
+    return [name for name in pred.labels if decisions[name]] or ["any"]
+
+
+def _outcome(truth: int, called: bool) -> str:
+    return ("TP" if called else "FN") if truth else ("FP" if called else "TN")
+
+
+def _strip_png(pred, thresholds: Mapping[str, float]) -> bytes:
+    """Slice probability against z (slice number where z is unknown), one strip per label, threshold dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = pred.n_slices
+    zs = [v for v in pred.z if v is not None]
+    if len(zs) == n and n:
+        x, xlabel = np.asarray(zs, dtype=float), "z (mm)"
+    else:
+        x, xlabel = np.arange(1, n + 1), "slice"
+    fig = Figure(figsize=(4.5, 0.55 * len(pred.labels) + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(pred.labels), 1, sharex=True, squeeze=False).ravel()
+    for j, (ax, name) in enumerate(zip(axes, pred.labels)):
+        t = float(thresholds.get(name, 0.5))
+        probs = pred.slice_probs[:, j]
+        ax.plot(x, probs, "-o", ms=2, lw=1, color="C3" if pred.probs[j] >= t else "C0")
+        ax.axhline(t, ls="--", lw=0.8, color="0.4")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_yticks([0, 1])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+        ax.tick_params(labelsize=7)
+    axes[-1].set_xlabel(xlabel, fontsize=7)
+    return _figure_png(fig, dpi=80)
+
+
+def _calibration_png(y_true: np.ndarray, y_prob: np.ndarray, labels: Sequence[str], bins: int = 10) -> bytes:
+    """Reliability diagrams, 10 equal-width bins: ``any``, and the subtypes pooled; bin counts annotated."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, squeeze=False).ravel()
+    labels = list(labels)
+    ia = labels.index("any") if "any" in labels else 0
+    rest = [j for j in range(len(labels)) if j != ia]
+    panels = [("any", y_true[:, ia], y_prob[:, ia]),
+              ("subtypes pooled", y_true[:, rest].ravel(), y_prob[:, rest].ravel())]
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for ax, (name, y, p) in zip(axes, panels):
+        which = np.clip(np.digitize(p, edges[1:-1], right=False), 0, bins - 1)
+        mean_p, freq, count = [], [], []
+        for b in range(bins):
+            sel = which == b
+            if sel.any():
+                mean_p.append(float(p[sel].mean()))
+                freq.append(float(y[sel].mean()))
+                count.append(int(sel.sum()))
+        ax.plot([0, 1], [0, 1], ls=":", lw=1, color="0.6")
+        ax.plot(mean_p, freq, "-o", color="C0")
+        for mp, fq, c in zip(mean_p, freq, count):
+            ax.annotate(str(c), (mp, fq), textcoords="offset points", xytext=(4, 4), fontsize=7, color="0.3")
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal", xlabel="mean predicted probability",
+               ylabel="observed frequency")
+        ax.set_title(f"{name} ({len(y)} predictions)", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Calibration: reliability diagram, {bins} bins (numbers: predictions per bin)", fontsize=11)
+    return _figure_png(fig)
+
+
+def _key_slice_image(hu: np.ndarray, windows, size: int) -> bytes:
+    """The key slice in each of the model's windows, side by side in one PNG (``key_slice_pngs`` per window)."""
+    from PIL import Image
+
+    parts = [np.asarray(Image.open(io.BytesIO(png))) for png in key_slice_pngs(hu, windows, size=size).values()]
+    gap = np.full((parts[0].shape[0], 2), 255, dtype=np.uint8)
+    row = [parts[0]]
+    for part in parts[1:]:
+        row += [gap, part]
+    buf = io.BytesIO()
+    Image.fromarray(np.concatenate(row, axis=1), mode="L").save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _confusion_rows(truth: Mapping[str, Mapping[str, int]], predictions, thresholds: Mapping[str, float],
+                    labels: Sequence[str]) -> list[dict[str, Any]]:
+    from ichscan.metrics import confusion_counts
+
+    labelled = [p for p in predictions if p.series_uid in truth]
+    rows = []
+    for name in labels:
+        t = float(thresholds.get(name, 0.5))
+        y = np.array([int(truth[p.series_uid][name]) for p in labelled], dtype=float)
+        called = np.array([p.prob(name) >= t for p in labelled], dtype=float)
+        c = confusion_counts(y, called)
+        npv = c.tn / (c.tn + c.fn) if c.tn + c.fn else math.nan
+        rows.append({"label": name, "threshold": t, "n": len(labelled), "tp": int(c.tp), "fp": int(c.fp),
+                     "fn": int(c.fn), "tn": int(c.tn), "sensitivity": c.recall, "specificity": c.specificity,
+                     "ppv": c.precision, "npv": npv})
+    return rows
+
+
+def predictions_report(
+    predictions: Sequence[Any],
+    thresholds: Mapping[str, float],
+    *,
+    windows,
+    folder: str | os.PathLike | None,
+    labels: Mapping[str, Mapping[str, int]] | None = None,
+    trained_on: str | None = None,
+    title: str = "ichscan predictions",
+    max_series: int = 200,
+    image_size: int = 160,
+    digits: int = 3,
+) -> str:
+    """A self-contained HTML page of ``ichscan predict`` results: one section per series.
+
+    Each section shows the called findings (``any`` when none) with their key slice in ``windows``,
+    slice probability against z per label with the thresholds, and a bar per label. ``folder`` is where
+    the DICOM files are (the predict input; key slices are found by SOP Instance UID, as the demo does).
+    ``labels`` maps series UID to {label: 0/1}: each call is then marked TP/FP/FN/TN, and a summary
+    (confusion counts, sensitivity, specificity, PPV, NPV) and a reliability diagram are added. More
+    than ``max_series`` series: the highest-``any`` ones are shown, and the page says so. Slices are
+    counted from 1. Patient IDs are shown as the predictions hold them (pseudonyms unless kept).
+    """
+    from ichscan.dicom import find_series, read_slice
+    from ichscan.errors import IchscanError
+
+    esc = html.escape
+    preds = list(predictions)
+    label_names = tuple(preds[0].labels) if preds else tuple(thresholds)
+    shown = preds
+    capped = len(preds) > max_series
+    if capped:
+        shown = sorted(preds, key=lambda p: -p.prob("any"))[:max_series]
+
+    where: dict[str, str] = {}
+    if folder is not None and shown:
+        try:
+            where = {s.sop_uid: s.path for series in find_series(folder, pixels=False).series for s in series.slices}
+        except (IchscanError, OSError, ValueError) as err:  # probabilities still shown; images say why not
+            log.warning("HTML report: cannot scan %s for key slices: %s", folder, err)
+    hu_cache: dict[str, Any] = {}
+
+    def key_image(sop_uid: str, caption: str) -> str:
+        path = where.get(sop_uid)
+        if path is None:
+            return (f'<figure class="missing"><figcaption>{esc(caption)}: slice {esc(sop_uid)} not found under '
+                    f"the input</figcaption></figure>")
+        if sop_uid not in hu_cache:
+            try:
+                hu_cache[sop_uid] = _key_slice_image(read_slice(path).hu, windows, image_size)
+            except (IchscanError, OSError, ValueError) as err:  # one bad file costs its image only
+                hu_cache[sop_uid] = f"{path}: {err}"
+        image = hu_cache[sop_uid]
+        if isinstance(image, str):
+            return f'<figure class="missing"><figcaption>{esc(caption)}: {esc(image)}</figcaption></figure>'
+        return _img(image, caption, 'class="keyslice"')
+
+    from ichscan.windows import get_windows
+
+    window_names = ", ".join(f"{w.name.replace('_', ' ')} {w.level:g}/{w.width:g}" for w in get_windows(windows))
+    sections = []
+    for p in shown:
+        truth = (labels or {}).get(p.series_uid)
+        called = _called(p, thresholds)
+        decisions = p.decisions(dict(thresholds))
+        rows = []
+        for j, name in enumerate(p.labels):
+            prob, t = float(p.probs[j]), float(thresholds.get(name, 0.5))
+            key = p.key_slice(name)
+            outcome = _outcome(int(truth[name]), decisions[name]) if truth is not None else ""
+            rows.append(
+                f"<tr class=\"{'pos' if decisions[name] else ''}\"><td>{esc(name)}</td><td>{prob:.{digits}f}</td>"
+                f"<td><span class=\"pbar\" title=\"threshold {t:.3g}\"><span class=\"fill\" "
+                f"style=\"width:{100 * min(max(prob, 0.0), 1.0):.1f}%\"></span><span class=\"tick\" "
+                f"style=\"left:{100 * min(max(t, 0.0), 1.0):.1f}%\"></span></span></td><td>{t:.3g}</td>"
+                f"<td>{'called' if decisions[name] else ''}</td><td>{key.index + 1} of {p.n_slices}</td>"
+                + (f"<td>{'yes' if truth[name] else 'no'}</td><td class=\"{outcome}\">{outcome}</td>"
+                   if truth is not None else "") + "</tr>")
+        truth_head = "<th>truth</th><th>call vs truth</th>" if truth is not None else ""
+        figures = []
+        for name in called:
+            key = p.key_slice(name)
+            z = f", z {key.z:.1f} mm" if key.z is not None else ""
+            caption = (f"{name} {p.prob(name):.{digits}f}: key slice {key.index + 1} of {p.n_slices}{z}"
+                       f" (slice probability {key.prob:.{digits}f})")
+            figures.append(key_image(key.sop_uid, caption))
+        strip = _img(_strip_png(p, thresholds), "slice probability per label (dashed: threshold)", 'class="strip"')
+        verdict = ", ".join(n for n in called if decisions[n]) or "no hemorrhage called"
+        ids = " &middot; ".join(esc(f"{k} {v}") for k, v in (("patient", p.patient_id), ("study", p.study_uid)) if v)
+        note = ""
+        if p.skipped:
+            note = f"<p class=\"note\">{len(p.skipped)} slice(s) left out: unreadable</p>"
+        if labels is not None and truth is None:
+            note += "<p class=\"note\">no labels for this series</p>"
+        sections.append(
+            f"<section class=\"series\" data-uid=\"{esc(p.series_uid)}\" data-any=\"{p.prob('any'):.6f}\">"
+            f"<h3>Series {esc(p.series_uid)}</h3><p class=\"ids\">{ids}"
+            f"{' &middot; ' if ids else ''}{p.n_slices} slices</p>"
+            f"<p class=\"verdict\">Findings: <b>{esc(verdict)}</b></p>{note}"
+            f"<div class=\"row\"><table class=\"probs\"><thead><tr><th>label</th><th>probability</th><th></th>"
+            f"<th>threshold</th><th>call</th><th>key slice</th>{truth_head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>{strip}</div>"
+            f"<div class=\"images\">{''.join(figures)}</div></section>")
+
+    summary = {
+        "series predicted": str(len(preds)),
+        "model trained on": trained_on or "not named by the model's manifest",
+        "thresholds": ", ".join(f"{k} {float(v):.3g}" for k, v in thresholds.items()),
+        "key slice windows": window_names,
+        "labels": (f"{sum(p.series_uid in labels for p in preds)} of {len(preds)} series labelled"
+                   if labels is not None else "none given"),
+    }
+    dl = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary.items())
+    evaluation = ""
+    if labels is not None:
+        conf = _confusion_rows(labels, preds, thresholds, label_names)
+        head = "".join(f"<th>{h}</th>" for h in ("label", "threshold", "n", "TP", "FP", "FN", "TN", "sensitivity",
+                                                 "specificity", "PPV", "NPV"))
+        body = "".join(
+            f"<tr data-label=\"{esc(r['label'])}\"><td>{esc(r['label'])}</td><td>{r['threshold']:.3g}</td>"
+            f"<td>{r['n']}</td><td class=\"tp\">{r['tp']}</td><td class=\"fp\">{r['fp']}</td>"
+            f"<td class=\"fn\">{r['fn']}</td><td class=\"tn\">{r['tn']}</td>"
+            + "".join(f"<td class=\"{k}\">{_fmt(r[k], digits)}</td>"
+                      for k in ("sensitivity", "specificity", "ppv", "npv")) + "</tr>"
+            for r in conf)
+        labelled = [p for p in preds if p.series_uid in labels]
+        calib = ""
+        if labelled:
+            y_true = np.array([[int(labels[p.series_uid][n]) for n in label_names] for p in labelled], dtype=float)
+            y_prob = np.array([[p.prob(n) for n in label_names] for p in labelled], dtype=float)
+            calib = _img(_calibration_png(y_true, y_prob, label_names), "calibration (reliability diagram)",
+                         'class="calib"')
+        evaluation = (
+            f"<h2>Against the labels</h2><p class=\"caption\">Series-level, {len(labelled)} labelled series; a "
+            "finding is called when its probability is at or above its threshold. NA: no series to divide by. "
+            "Small sets give unstable numbers; <code>ichscan evaluate</code> adds confidence intervals.</p>"
+            f"<table class=\"conf\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{calib}")
+    cap_note = (f"<p class=\"capped\">Showing the {len(shown)} series with the highest <code>any</code> "
+                f"probability of {len(preds)}; every series is in series.csv.</p>" if capped else "")
+    sorter = ("<p class=\"sorter\">Sort series: <button type=\"button\" onclick=\"ichscanSort('any')\">by any "
+              "probability</button><button type=\"button\" onclick=\"ichscanSort('uid')\">by series UID</button></p>")
+    trained = esc(trained_on) if trained_on else "data the model's manifest does not name"
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{esc(title)}</title><style>{_CSS}{_PRED_CSS}</style><script>{_SORT_JS}</script></head><body>"
+        f"<h1>{esc(title)}</h1><p class=\"disclaimer\">{esc(DISCLAIMER)} The model was trained on {trained}.</p>"
+        f"<table class=\"summary\">{dl}</table>{evaluation}"
+        f"<h2>Series ({len(shown)})</h2>{cap_note}{sorter}<div id=\"series\">{''.join(sections)}</div>"
+        "</body></html>\n"
+    )
+
+
+def write_predictions_report(path: str | os.PathLike, predictions: Sequence[Any], thresholds: Mapping[str, float],
+                             **kwargs) -> Path:
+    """Write ``predictions_report(predictions, thresholds, **kwargs)`` to ``path`` (one file, images inlined)."""
+    return write_text(path, predictions_report(predictions, thresholds, **kwargs))

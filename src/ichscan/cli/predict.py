@@ -14,7 +14,8 @@ examples:
   ichscan predict scans/ --checkpoint model.json --out preds/ --tta flip,shift --thresholds thr.json
 
 outputs in --out: slices.csv, series.csv, predictions.json, skipped.csv (bad files and rejected series,
-one line each), and submission.csv (Kaggle ID,Label) for RSNA-layout input or with --submission.
+one line each), submission.csv (Kaggle ID,Label) for RSNA-layout input or with --submission, and
+report.html with --html (key slices per series; --labels series_labels.csv adds TP/FP/FN/TN and metrics).
 Patients are named by a pseudonymous key (see the README's privacy section) unless --keep-patient-id.
 Finished series are kept in --out/work; rerunning the same command resumes where an interrupted run stopped.
 A series that does not look like a head CT (no skull ring in its images, or a body part such as CHEST) is
@@ -81,6 +82,12 @@ def register(subparsers) -> None:
                    help="write PatientID into the outputs (default: a pseudonymous key; see the README)")
     o.add_argument("--submission", action="store_true",
                    help="write submission.csv (Kaggle ID,Label) whatever the input (default: RSNA layout only)")
+    o.add_argument("--html", action="store_true",
+                   help="write report.html: per series, the called findings with their key slices, slice "
+                        "probabilities along z and a bar per label (one offline file; at most 200 series shown)")
+    o.add_argument("--labels", metavar="CSV",
+                   help="with --html: series_labels.csv (series_uid + the six labels) to mark each call "
+                        "TP/FP/FN/TN and add confusion counts, sensitivity, specificity, PPV, NPV and calibration")
     p.set_defaults(func=run)
 
 
@@ -136,6 +143,11 @@ def run(args) -> int:
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):  # before anything is loaded or printed
         raise IchscanError("is a file; --out needs a folder (a new one, or one this command wrote before)", args.out)
+    if args.labels and not args.html:
+        print("ichscan predict: error: --labels is for the HTML report; add --html", file=sys.stderr)
+        return 2
+    if args.labels and not os.path.isfile(args.labels):  # before the model runs, not after
+        raise IchscanError("no such file; --labels needs series_labels.csv", args.labels)
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     try:
@@ -212,9 +224,35 @@ def run(args) -> int:
     _print_findings(result.predictions, thresholds)
     if predictor.trained_on and done:
         print(f"(model trained on {predictor.trained_on})")
+    if args.html and done:
+        code = _write_html(args, result, predictor, thresholds)
+        if code:
+            return code
     for name, path in result.outputs.items():
         print(f"{name}: {path}")
     return 0 if done else 1
+
+
+def _write_html(args, result, predictor, thresholds) -> int:
+    """``--out/report.html``; with ``--labels``, joined on series_uid as ``ichscan evaluate`` joins them."""
+    from pathlib import Path
+
+    from ichscan.errors import IchscanError
+    from ichscan.metrics import join_series_labels
+    from ichscan.report import write_predictions_report
+
+    truth = None
+    if args.labels:
+        try:
+            data = join_series_labels(result.outputs["series"], args.labels)
+        except IchscanError as err:
+            print(f"ichscan predict: error: --labels: {err}; report.html not written", file=sys.stderr)
+            return 1
+        truth = {str(uid): dict(zip(data.labels, map(int, row))) for uid, row in zip(data.ids, data.y_true)}
+    result.outputs["html"] = write_predictions_report(
+        Path(args.out) / "report.html", result.predictions, thresholds, windows=predictor.windows,
+        folder=args.input, labels=truth, trained_on=predictor.trained_on, title="ichscan predictions")
+    return 0
 
 
 def _print_findings(predictions, thresholds, limit: int = 20) -> None:
