@@ -142,3 +142,25 @@ def test_capped_report_shows_the_highest_any_and_says_so(setup):
     assert [re.search(r'data-uid="([^"]+)"', s).group(1) for s in sections] == [p.series_uid for p in top]
     assert f"Showing the 2 series with the highest <code>any</code> probability of {len(preds)}" in text
     assert "not a medical device" in text and "does not name" in text  # no trained_on given
+
+
+def test_evaluate_html_with_the_dicom_folder_marks_every_series(setup, capsys):
+    root, ckpt = setup
+    out = root / "for_eval"
+    _predict(root, ckpt, out, "thr_mid.json")
+    labels = root / "data" / "series_labels.csv"
+    assert main(["evaluate", "--pred", str(out / "series.csv"), "--labels", str(labels), "--thresholds",
+                 str(root / "thr_mid.json"), "--out", str(root / "ev"), "--html", "--dicom", str(root / "data"),
+                 "--quiet", "--bootstrap", "0"]) == 0
+    text = (root / "ev" / "series_report.html").read_text()
+    pred = pd.read_csv(out / "series.csv").merge(pd.read_csv(labels)[["series_uid", "any"]], on="series_uid")
+    sections = _sections(text)
+    assert len(sections) == len(pred) and TRAINED_ON in text
+    for _, r in pred.iterrows():
+        section = next(s for s in sections if f'data-uid="{r.series_uid}"' in s)
+        want = ("TP" if r["prob_any"] >= 0.5 else "FN") if r["any"] else ("FP" if r["prob_any"] >= 0.5 else "TN")
+        assert f'<td class="{want}">{want}</td>' in re.search(r"<tr[^>]*><td>any</td>(.*?)</tr>", section).group(1)
+    _offline(text)
+    assert main(["evaluate", "--pred", str(out / "series.csv"), "--labels", str(labels), "--out",
+                 str(root / "ev2"), "--dicom", str(root / "data")]) == 1
+    assert "--dicom goes with --html" in capsys.readouterr().err

@@ -19,7 +19,8 @@ labels (ID_<image>_<label>,Label), joined on image_id. --level auto picks by the
 A finding is called when prob >= threshold; the pred_<label> columns of series.csv are not used, so the
 table always follows --thresholds. CIs resample patients (patient_id from the files or --groups).
 
-outputs in --out: table1.md, table1.csv, table1.json, roc.png, roc.svg (and report.html with --html).
+outputs in --out: table1.md, table1.csv, table1.json, roc.png, roc.svg (and report.html with --html;
+series_report.html, the key slices of every series marked TP/FP/FN/TN, with --html --dicom FOLDER).
 Research software, not a medical device.
 """
 
@@ -46,6 +47,10 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--out", "-o", default="eval", help="output folder (default ./eval)")
     p.add_argument("--html", action="store_true", help="also write report.html (one file, images inlined)")
+    p.add_argument("--dicom", metavar="FOLDER",
+                   help="with --html and series-level predictions: the studies that were predicted; writes "
+                        "series_report.html with each series' key slices and its TP/FP/FN/TN calls (needs the "
+                        "predictions.json beside --pred)")
     p.add_argument("--quiet", "-q", action="store_true", help="do not print Table 1")
     p.set_defaults(func=run)
 
@@ -68,11 +73,15 @@ def run(args: argparse.Namespace) -> int:
     thresholds = parse_thresholds(args.thresholds)
     ev = evaluate_files(args.pred, args.labels, level=args.level, groups_path=args.groups,
                         thresholds=thresholds, n_bootstrap=args.bootstrap, ci=args.ci, seed=args.seed)
+    if args.dicom and not args.html:
+        raise DataError("--dicom goes with --html (it adds series_report.html)", args.dicom)
     trained_on = _trained_on(args.pred)
     extra = {"model trained on": trained_on} if trained_on else None
     paths = write_report(ev, args.out, html_name="report.html" if args.html else None, extra=extra)
     if trained_on:
         print(f"model trained on: {trained_on}", file=sys.stderr)
+    if args.dicom:
+        paths["series_html"] = _series_report(args, ev, trained_on)
     if not args.quiet:
         from ichscan.report import table1_markdown
 
@@ -91,3 +100,31 @@ def _trained_on(pred) -> str | None:
     except (ValueError, OSError):  # another kind of file, or no such column: nothing to say
         return None
     return "; ".join(sorted(column)) or None
+
+
+def _series_report(args, ev, trained_on):
+    """series_report.html: predict's key-slice report for the evaluated series, each call marked against
+    the labels; the slice probabilities come from the predictions.json that ``ichscan predict`` wrote."""
+    from pathlib import Path
+
+    from ichscan.errors import DataError
+    from ichscan.predict import load_predictions
+    from ichscan.report import write_predictions_report
+    from ichscan.windows import PAPER_WINDOWS, get_windows
+
+    if ev.level != "series":
+        raise DataError("--dicom needs series-level predictions (series.csv)", args.pred)
+    doc_path = Path(args.pred).with_name("predictions.json")
+    if not doc_path.is_file():
+        raise DataError("no predictions.json beside --pred; --dicom needs the folder ichscan predict wrote",
+                        args.pred)
+    import json
+
+    config = json.loads(doc_path.read_text()).get("config") or {}
+    evaluated = set(map(str, ev.ids))
+    predictions = [p for p in load_predictions(doc_path) if p.series_uid in evaluated]
+    truth = {str(uid): dict(zip(ev.labels, map(int, row))) for uid, row in zip(ev.ids, ev.y_true)}
+    return write_predictions_report(Path(args.out) / "series_report.html", predictions, ev.thresholds,
+                                    windows=get_windows(config.get("windows") or PAPER_WINDOWS),
+                                    folder=args.dicom, labels=truth, trained_on=trained_on,
+                                    title="ichscan evaluation: series")
