@@ -78,7 +78,14 @@ def test_no_command_writes_or_prints_planted_patient_data(study, tmp_path, capsy
     printed += _run(["predict", str(data / "images"), "--checkpoint", str(ckpt), "--out", str(out),
                      "--min-slices", "3", "--no-progress"], capsys, caplog)
     printed += _run(["evaluate", "--pred", str(out / "series.csv"), "--labels", str(data / "series_labels.csv"),
-                     "--out", str(tmp_path / "eval"), "--quiet"], capsys, caplog)
+                     "--out", str(tmp_path / "eval"), "--quiet", "--html", "--dicom", str(data / "images")],
+                    capsys, caplog)
+    printed += _run(["thresholds", "--pred", str(out / "series.csv"), "--labels", str(data / "series_labels.csv"),
+                     "--out", str(tmp_path / "thr.json")], capsys, caplog)
+    printed += _run(["predict", str(data / "images"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "html"),
+                     "--min-slices", "3", "--no-progress", "--html"], capsys, caplog)
+    printed += _run(["cache", str(data), "--out", str(tmp_path / "cache"), "--size", "32", "--workers", "1",
+                     "--no-progress"], capsys, caplog)
     assert _leaks(printed) == []
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "site.key"]
     written.append(data / "ichscan_index.parquet")
