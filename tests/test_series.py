@@ -198,3 +198,17 @@ def test_zips_inside_a_zip_are_opened(tmp_path):
     assert first.path.startswith(f"{outer}/study/series1.zip/CT/")
     np.testing.assert_array_equal(scan.series[0].volume()[0], read_slice(tmp_path / "s" / Path(first.path).name).hu)
     np.testing.assert_array_equal(read_slice(first.path).hu, scan.series[0].volume()[0])
+
+
+def test_iter_hu_reads_headers_only_slices_and_hands_back_errors(tmp_path):
+    from ichscan.dicom import iter_hu
+    from ichscan.errors import PixelDataError
+
+    paths = write_series(tmp_path, 3, series_uid=A)
+    series = find_series(tmp_path).series[0]
+    expected = series.volume()
+    paths[1].write_bytes(paths[1].read_bytes()[:-500])  # truncated after the scan
+    got = list(iter_hu(series.slices))
+    np.testing.assert_array_equal(got[0][1], expected[0])
+    np.testing.assert_array_equal(got[2][1], expected[2])
+    assert isinstance(got[1][1], PixelDataError) and got[1][0] is series.slices[1]

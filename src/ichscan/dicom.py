@@ -44,7 +44,7 @@ import re
 import struct
 import zipfile
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1018,6 +1018,26 @@ def _assemble(series_uid: str, slices: list[CTSlice]) -> tuple[CTSeries | None, 
         skipped=tuple(skipped),
     )
     return series, skipped
+
+
+def iter_hu(slices: Iterable[CTSlice], *, allow_non_ct: bool = False
+            ) -> Iterator[tuple[CTSlice, np.ndarray | IchscanError]]:
+    """(slice, float32 HU) for each slice: its own HU, or read now (native pixels straight from where a
+    headers-only scan found them; one decode per multi-frame file). A slice that cannot be read gives its
+    error instead of the HU, so that a caller can count it out and go on."""
+    frames: dict[str, dict[int | None, np.ndarray]] = {}
+    for s in slices:
+        try:
+            if s.hu is not None:
+                yield s, s.hu
+            elif s.frame is None:
+                yield s, read_stored(s, allow_non_ct=allow_non_ct).hu()
+            else:
+                if s.path not in frames:
+                    frames = {s.path: {f.frame: f.hu for f in read_slices(s.path, allow_non_ct=allow_non_ct)}}
+                yield s, frames[s.path][s.frame]
+        except IchscanError as err:
+            yield s, err
 
 
 def find_series(path: str | os.PathLike, *, pixels: bool = False, allow_non_ct: bool = False) -> StudyScan:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -118,8 +119,6 @@ def _series_report(args, ev, trained_on):
     if not doc_path.is_file():
         raise DataError("no predictions.json beside --pred; --dicom needs the folder ichscan predict wrote",
                         args.pred)
-    import json
-
     config = json.loads(doc_path.read_text()).get("config") or {}
     evaluated = set(map(str, ev.ids))
     predictions = [p for p in load_predictions(doc_path) if p.series_uid in evaluated]

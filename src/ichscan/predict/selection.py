@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ichscan.dicom import LOCALIZER_IMAGE_TYPES
+from ichscan.dicom import LOCALIZER_IMAGE_TYPES, iter_hu
 from ichscan.errors import IchscanError
 from ichscan.geometry import obliquity_degrees
 
@@ -189,28 +189,6 @@ def _head_check_indices(n: int, count: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(low, high, max(1, min(count, high - low + 1))).round()})
 
 
-def _planes(series: Any, indices: list[int]) -> Iterator[tuple[Any, np.ndarray | IchscanError]]:
-    """HU of the chosen slices: their own, or read now (one decode per multi-frame file). A slice that
-    cannot be read gives its error instead: the head check leaves it out of its count, and prediction
-    reports it like any other bad slice."""
-    from ichscan.dicom import read_slices, read_stored
-
-    frames: dict[str, dict[int, np.ndarray]] = {}
-    for i in indices:
-        s = series.slices[i]
-        try:
-            if getattr(s, "hu", None) is not None:
-                yield s, s.hu
-            elif getattr(s, "frame", None) is None:
-                yield s, read_stored(s, allow_non_ct=True).hu()  # ingest has judged the modality already
-            else:
-                if s.path not in frames:
-                    frames = {s.path: {f.frame: f.hu for f in read_slices(s.path, allow_non_ct=True)}}
-                yield s, frames[s.path][s.frame]
-        except IchscanError as err:
-            yield s, err
-
-
 def _head_check_failure(series: Any, rules: SelectionRules) -> str | None:
     """Why ``series`` does not look like a head CT, or None when it does."""
     problems = []
@@ -219,7 +197,8 @@ def _head_check_failure(series: Any, rules: SelectionRules) -> str | None:
         problems.append(said)
     checked = heads = 0
     first_error = None
-    for s, hu in _planes(series, _head_check_indices(len(series.slices), rules.head_check_slices)):
+    chosen = [series.slices[i] for i in _head_check_indices(len(series.slices), rules.head_check_slices)]
+    for s, hu in iter_hu(chosen, allow_non_ct=True):  # ingest has judged the modality already
         if isinstance(hu, IchscanError):
             first_error = first_error or hu
             continue
