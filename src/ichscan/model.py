@@ -70,6 +70,7 @@ class IchClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, in_chans, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, in_chans, 1, 1), persistent=False)
         self.register_buffer("output_index", None, persistent=False)
+        self.series_head: nn.Module | None = None  # ichscan.series.SeriesHead, when one was trained
 
     @property
     def in_chans(self) -> int:
@@ -83,6 +84,29 @@ class IchClassifier(nn.Module):
         if self.output_index is not None:
             logits = logits.index_select(1, self.output_index)
         return logits
+
+    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits in ``trained_labels`` order, the backbone's pooled features) for a batch: what a series
+        head reads. ``forward`` gives the same logits, reordered to ``labels``."""
+        if x.dtype == torch.uint8:
+            x = x.to(self.mean.dtype) / 255.0
+        x = (x - self.mean) / self.std
+        features = self.backbone.forward_features(x)
+        emb = self.backbone.forward_head(features, pre_logits=True)
+        return self.backbone.forward_head(features), emb
+
+    def to_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """Outputs in ``trained_labels`` order (last axis) reordered to ``labels``."""
+        return logits if self.output_index is None else logits.index_select(-1, self.output_index)
+
+    def series_context(self, emb: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The series head on one series (S, D) / (S, L) or a padded batch: (slice logits, series logits) in
+        ``labels`` order; ``logits`` as ``forward_with_embedding`` gives them."""
+        if self.series_head is None:
+            raise CheckpointError(f"this {self.arch} model has no series head; train one (ichscan series-head)")
+        slice_logits, series_logits = self.series_head(emb, logits, mask)
+        return self.to_labels(slice_logits), self.to_labels(series_logits)
 
     def select_labels(self, labels: Sequence[str]) -> IchClassifier:
         """Reorder (or subset) the outputs to ``labels``, by name; returns self."""
@@ -137,8 +161,10 @@ def build_model(
     """A timm backbone ``arch`` with ``len(labels)`` logits.
 
     ``pretrained``: False (random init); a path to a local weights file (safetensors or a torch state dict, as
-    timm publishes them); or True to use weights already in the Hugging Face / torch hub cache. Nothing is
-    downloaded: ichscan runs offline, and says where to put the file when there is none.
+    timm publishes them), an ichscan checkpoint (stem, .json or .safetensors), an ensemble manifest (its first
+    member) or ``"bundled"``; or True to use weights already in the Hugging Face / torch hub cache. Nothing is
+    downloaded: ichscan runs offline, and says where to put the file when there is none. Weights are loaded by
+    :func:`load_weights_into`: the whole backbone must match, or ``CheckpointError``.
     """
     import timm
 
@@ -147,7 +173,7 @@ def build_model(
         raise IchscanError("build_model needs at least one label")
     if not timm.is_model(arch):
         raise IchscanError(f"unknown timm architecture {arch!r}; see timm.list_models() for names")
-    weights: Path | None = None
+    weights: Path | str | None = None
     if pretrained is True:
         weights = _cached_pretrained_file(arch)
         if weights is None:
@@ -157,31 +183,27 @@ def build_model(
                 "and pass the file with --pretrained PATH, or train from scratch with --no-pretrained"
             )
     elif pretrained not in (False, None):
-        weights = Path(pretrained)
-        if not weights.is_file():
-            raise CheckpointError("pretrained weights file not found; pass an existing .safetensors/.pth", weights)
+        if isinstance(pretrained, str) and pretrained == BUNDLED:
+            weights = BUNDLED
+        else:
+            weights = Path(pretrained)
+            if not weights.is_file() and not checkpoint_paths(weights)[1].is_file():
+                raise CheckpointError("pretrained weights file not found; pass an existing .safetensors/.pth "
+                                      "or an ichscan checkpoint", weights)
     kwargs = dict(timm_kw)
-    if weights is not None:
-        try:
-            backbone = timm.create_model(
-                arch,
-                pretrained=True,
-                pretrained_cfg_overlay={"file": str(weights), "hf_hub_id": None, "url": None},
-                num_classes=len(labels),
-                in_chans=in_chans,
-                **kwargs,
-            )
-        except Exception as err:  # timm raises many kinds for a file that does not fit
-            raise CheckpointError(f"could not load pretrained weights for {arch}: {err}", weights) from err
-        log.info("loaded ImageNet weights for %s from %s", arch, weights)
-    else:
-        backbone = timm.create_model(arch, pretrained=False, num_classes=len(labels), in_chans=in_chans, **kwargs)
+    # Always built without timm's loader: it skips keys that do not fit with only a warning (an ichscan
+    # checkpoint's "backbone." keys loaded nothing); load_weights_into refuses anything but a whole backbone.
+    backbone = timm.create_model(arch, pretrained=False, num_classes=len(labels), in_chans=in_chans, **kwargs)
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     mean = tuple(cfg.get("mean", IMAGENET_MEAN))
     std = tuple(cfg.get("std", IMAGENET_STD))
     if len(mean) != in_chans:  # timm keeps 3-channel constants for other channel counts
         mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
-    return IchClassifier(backbone, labels, arch, mean, std, model_kwargs=kwargs)
+    model = IchClassifier(backbone, labels, arch, mean, std, model_kwargs=kwargs)
+    if weights is not None:
+        report = load_weights_into(model, weights, what="pretrained")
+        log.info("%s", report.line())
+    return model
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -240,6 +262,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
         "ichscan_version": __version__,
         "weights": weights_path.name,
     }
+    if inner.series_head is not None:
+        record["series_head"] = inner.series_head.config.to_dict()
     record.update(meta)
     CheckpointMeta.from_record(record, json_path)  # never write a checkpoint inference could not use
     write_bytes(weights_path, st_save(model_state(inner), metadata={"format": "pt"}))
@@ -375,6 +399,8 @@ def load_checkpoint(
     if meta.mean is not None:
         model.mean.copy_(torch.tensor(meta.mean).view_as(model.mean))
         model.std.copy_(torch.tensor(meta.std).view_as(model.std))
+    if meta.record.get("series_head") is not None:
+        attach_series_head(model, meta.record["series_head"], meta.path)
     try:
         state = load_file(str(meta.weights), device="cpu")
         model.load_state_dict(state, strict=True)
@@ -386,6 +412,307 @@ def load_checkpoint(
         model.select_labels(labels)
     model.to(map_location).eval()
     return model, meta
+
+
+def attach_series_head(model: IchClassifier, record: Any, source: str | os.PathLike | None = None) -> nn.Module:
+    """Build the (untrained) ``SeriesHead`` a checkpoint JSON's ``series_head`` record describes, on ``model``."""
+    from ichscan.series import HeadConfig, SeriesHead
+
+    try:
+        config = HeadConfig.from_dict(record)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"'series_head' is not usable: {err}", source) from None
+    if tuple(config.labels) != tuple(model.trained_labels):
+        raise CheckpointError(f"'series_head' labels {list(config.labels)} differ from the model's "
+                              f"{list(model.trained_labels)}", source)
+    model.series_head = SeriesHead(config).to(model.mean.device).train(model.training)
+    return model.series_head
+
+
+# ------------------------------------------------------------------------- initialising from weights files
+
+_SERIES_HEAD = "series_head."
+_STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers, outermost first
+_MAX_NAMES = 3
+
+
+@dataclass(frozen=True)
+class WeightsReport:
+    """What :func:`load_weights_into` did: ``line()`` says it in one line for the log.
+
+    ``source``: the weights file read; ``kind``: ``"ichscan"`` (a checkpoint, with its JSON) or ``"timm"``
+    (a bare state dict, e.g. ImageNet weights); ``loaded``/``total``: backbone tensors without the classifier
+    (always all of them: anything less is an error); ``classifier``: ``"loaded"``, ``"reordered"`` (rows
+    permuted by label name) or ``"new"`` (left freshly initialised, ``note`` says why); ``arch``: the
+    architecture loaded; ``labels``: the checkpoint's labels (None for a bare state dict); ``extra_state``:
+    the source's ``series_head.*`` tensors (prefix kept), not loaded; ``manifest``: the ensemble manifest the
+    checkpoint was taken from (its first of ``manifest_members`` members), if any.
+    """
+
+    source: Path
+    kind: str
+    loaded: int
+    total: int
+    classifier: str
+    arch: str | None
+    labels: tuple[str, ...] | None
+    extra_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    manifest: Path | None = None
+    manifest_members: int = 0
+    note: str = ""
+
+    def line(self) -> str:
+        head = {"loaded": "and its classifier", "reordered": "and its classifier (rows reordered by label name)",
+                "new": "with a new classifier" + (f" ({self.note})" if self.note else "")}[self.classifier]
+        if self.kind == "ichscan":
+            what = "ichscan checkpoint"
+            if self.manifest is not None:
+                what += f", first of {self.manifest_members} members of the ensemble {self.manifest}"
+            if self.labels:
+                what += f", labels {self.labels[0]}..{self.labels[-1]}" if len(self.labels) > 1 else \
+                    f", label {self.labels[0]}"
+        else:
+            what = "timm weights"
+        if self.extra_state:
+            what += f", {len(self.extra_state)} series_head tensors not loaded"
+        return (f"loaded {self.loaded}/{self.total} backbone tensors of {self.arch or 'the model'} {head} "
+                f"from {self.source} ({what})")
+
+
+@dataclass(frozen=True)
+class _WeightsSource:
+    weights: Path
+    kind: str  # "ichscan" | "timm"
+    meta: CheckpointMeta | None
+    manifest: Path | None = None
+    manifest_members: int = 0
+
+
+def _looks_like_checkpoint_json(path: Path) -> bool:
+    doc = _read_json_dict(path) if path.is_file() else None
+    return doc is not None and doc.get("kind") != ENSEMBLE_KIND and "arch" in doc and "labels" in doc
+
+
+def _weights_source(source: str | os.PathLike, what: str = "pretrained") -> _WeightsSource:
+    """What a weights source means: a checkpoint, a manifest's first member, ``"bundled"``, or a bare file."""
+    path = resolve_checkpoint(source) if isinstance(source, str) and source == BUNDLED else Path(source)
+    if is_manifest(path):
+        manifest = read_manifest(path)  # recorded sha256 checked
+        meta = read_checkpoint_meta(manifest.members[0].checkpoint)
+        return _WeightsSource(meta.weights, "ichscan", meta, manifest.path, len(manifest.members))
+    json_path = checkpoint_paths(path)[1]
+    if path.suffix == ".json" or (not path.is_file() and json_path.is_file()):
+        meta = read_checkpoint_meta(path)
+        return _WeightsSource(meta.weights, "ichscan", meta)
+    if path.suffix == ".safetensors" and _looks_like_checkpoint_json(json_path):
+        return _WeightsSource(path, "ichscan", read_checkpoint_meta(json_path))
+    if not path.is_file():
+        raise CheckpointError(f"{what} weights file not found; pass an existing .safetensors/.pth, an ichscan "
+                              "checkpoint or an ensemble manifest", path)
+    return _WeightsSource(path, "timm", None)
+
+
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file or a torch state dict (plain, or under "state_dict" / "model")."""
+    if not path.is_file():
+        raise CheckpointError("weights file missing", path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"unreadable weights file ({first[:200]})", path) from err
+    if isinstance(state, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), Mapping):
+                state = state[key]
+                break
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, Mapping) \
+        else {}
+    if not tensors:
+        raise CheckpointError("holds no tensors; pass a state dict (.safetensors/.pth) or an ichscan checkpoint",
+                              path)
+    return tensors
+
+
+def _split_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(backbone tensors with "module." and "backbone." stripped, ``series_head.*`` tensors with the prefix)."""
+    stripped = {}
+    for key, value in state.items():
+        for prefix in _STRIP_PREFIXES:
+            key = key.removeprefix(prefix)
+        stripped[key] = value
+    wrapped = any(key.startswith("backbone.") for key in stripped)  # an ichscan model: other keys are not ours
+    backbone, extra = {}, {}
+    for key, value in stripped.items():
+        if key.startswith(_SERIES_HEAD):
+            extra[key] = value
+        elif key.startswith("backbone."):
+            backbone[key[len("backbone."):]] = value
+        elif not wrapped:
+            backbone[key] = value
+    return backbone, extra
+
+
+def classifier_keys(backbone: nn.Module) -> tuple[str, ...]:
+    """State-dict names of the classifier of a timm ``backbone`` (``fc.weight``, ``fc.bias`` for a ResNet)."""
+    get = getattr(backbone, "get_classifier", None)
+    heads = get() if callable(get) else None
+    if isinstance(heads, nn.Module):
+        heads = [heads]
+    elif isinstance(heads, (tuple, list)):  # distilled models have two heads
+        heads = [h for h in heads if isinstance(h, nn.Module)]
+    else:
+        return ()
+    ids = {id(t) for h in heads for t in (*h.parameters(), *h.buffers())}
+    names = [name for name, t in (*backbone.named_parameters(), *backbone.named_buffers()) if id(t) in ids]
+    return tuple(name for name in backbone.state_dict() if name in names)
+
+
+def _mismatch(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+              keys: Sequence[str]) -> tuple[list[str], list[str]]:
+    missing = [k for k in keys if k not in source]
+    differ = [k for k in keys if k in source and tuple(source[k].shape) != tuple(target[k].shape)]
+    return missing, differ
+
+
+def _timm_filtered(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor] | None:
+    """``state`` through the architecture's own ``checkpoint_filter_fn`` (weights in an original layout)."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
+    if not callable(fn):
+        return None
+    try:
+        out = fn(dict(state), backbone)
+    except Exception:  # noqa: BLE001 - a filter that does not apply: report the plain mismatch
+        return None
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)} if isinstance(out, Mapping) else None
+
+
+def _names(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:_MAX_NAMES])
+    return shown + (f", ... {len(keys) - _MAX_NAMES} more" if len(keys) > _MAX_NAMES else "")
+
+
+def load_weights_into(model: nn.Module, source: str | os.PathLike, *, what: str = "pretrained") -> WeightsReport:
+    """Load the backbone (and classifier when it fits) of ``model`` from ``source``; returns what it did.
+
+    ``source``: an ichscan checkpoint (stem, .json or .safetensors), an ensemble manifest (its first member),
+    ``"bundled"``, or a timm weights file (.safetensors, or a .pth/.bin state dict, possibly under
+    "state_dict"/"model"). Leading ``module.`` and ``backbone.`` are stripped from the keys. Every backbone
+    tensor but the classifier must be there with the same shape, else ``CheckpointError`` (one line naming the
+    file), and nothing is changed. The classifier is loaded when its shape fits and, for a checkpoint, its
+    labels are the model's (rows reordered by name when only the order differs); otherwise it stays new. A
+    checkpoint of another architecture is refused; a checkpoint's input normalisation is copied.
+    ``series_head.*`` tensors come back in ``extra_state``; other non-backbone keys are ignored.
+    """
+    return _load_resolved(model, _weights_source(source, what), what)
+
+
+def _load_resolved(model: nn.Module, src: _WeightsSource, what: str) -> WeightsReport:
+    inner = unwrap(model)
+    if not isinstance(inner, IchClassifier):
+        raise CheckpointError("load_weights_into expects a model from ichscan.model.build_model", src.weights)
+    meta = src.meta
+    if meta is not None:
+        if meta.arch != inner.arch:
+            raise CheckpointError(f"the {what} checkpoint is a {meta.arch} but the model is a {inner.arch}; "
+                                  f"pass a {inner.arch} checkpoint or use --arch {meta.arch}", meta.path)
+        if not meta.weights.is_file() and src.weights == meta.weights:
+            raise CheckpointError("checkpoint weights (.safetensors) missing beside its JSON", meta.weights)
+    backbone, extra = _split_state(_read_state_file(src.weights))
+    target = inner.backbone.state_dict()
+    head = classifier_keys(inner.backbone)
+    required = [k for k in target if k not in head and not k.endswith("num_batches_tracked")]
+    missing, differ = _mismatch(backbone, target, required)
+    if (missing or differ) and src.kind == "timm":
+        filtered = _timm_filtered(backbone, inner.backbone)
+        if filtered is not None and not any(_mismatch(filtered, target, required)):
+            backbone, missing, differ = filtered, [], []
+    if missing or differ:
+        matched = len(required) - len(missing) - len(differ)
+        parts = ([f"missing: {_names(missing)}"] if missing else []) + \
+            ([f"shape differs: {_names(differ)}"] if differ else [])
+        raise CheckpointError(f"{what} weights: only {matched} of {len(required)} backbone tensors match "
+                              f"{inner.arch} ({'; '.join(parts)}): is this a checkpoint of another architecture?",
+                              src.weights)
+
+    new_state = {k: backbone.get(k, v) if k not in head else v for k, v in target.items()}
+    labels = tuple(inner.trained_labels)
+    classifier, note = "new", ""
+    head_missing, head_differ = _mismatch(backbone, target, head)
+    if not head:
+        note = "the model has none"
+    elif head_missing:
+        note = "the file has none"
+    elif head_differ:
+        outs = backbone[head_differ[0]].shape[0] if backbone[head_differ[0]].dim() else "?"
+        note = f"{outs} outputs in the file, {len(labels)} here"
+    elif meta is not None and meta.labels != labels:
+        if set(meta.labels) == set(labels):
+            index = torch.tensor([meta.labels.index(name) for name in labels], dtype=torch.long)
+            for k in head:
+                t = backbone[k]
+                new_state[k] = t.index_select(0, index) if t.dim() and t.shape[0] == len(labels) else t
+            classifier = "reordered"
+        else:
+            note = f"the checkpoint's labels {list(meta.labels)} are not the model's"
+    else:
+        for k in head:
+            new_state[k] = backbone[k]
+        classifier = "loaded"
+    if meta is not None and meta.mean is not None and len(meta.mean) != inner.in_chans:
+        raise CheckpointError(f"the {what} checkpoint takes {len(meta.mean)} channels, the model "
+                              f"{inner.in_chans}", meta.path)
+    try:
+        inner.backbone.load_state_dict(new_state, strict=True)
+    except Exception as err:  # dtype/device trouble: shapes and names were checked above
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{what} weights do not load into {inner.arch} ({first[:200]})", src.weights) from err
+    if meta is not None and meta.mean is not None:
+        with torch.no_grad():
+            inner.mean.copy_(torch.tensor(meta.mean, dtype=inner.mean.dtype).view_as(inner.mean))
+            inner.std.copy_(torch.tensor(meta.std, dtype=inner.std.dtype).view_as(inner.std))
+    return WeightsReport(src.weights, src.kind, len(required), len(required), classifier, inner.arch,
+                         meta.labels if meta is not None else None, extra, src.manifest, src.manifest_members, note)
+
+
+def resolve_init_checkpoint(source: str | os.PathLike) -> Path:
+    """The checkpoint JSON that ``source`` means: a checkpoint (stem, .json, .safetensors), an ensemble
+    manifest's first member, or ``"bundled"``'s (``NoBundledModelError`` without one); else CheckpointError."""
+    return _init_source(source).meta.path
+
+
+def _init_source(source: str | os.PathLike) -> _WeightsSource:
+    src = _weights_source(source, what="init")
+    if src.meta is None:
+        raise CheckpointError("not an ichscan checkpoint or ensemble manifest; --init takes a checkpoint "
+                              "(.json/.safetensors/stem), a manifest or 'bundled' (ImageNet weights: --pretrained)",
+                              src.weights)
+    return src
+
+
+def init_model_from(source: str | os.PathLike, labels: Sequence[str] = LABELS,
+                    ) -> tuple[IchClassifier, CheckpointMeta, WeightsReport]:
+    """(model, its checkpoint's meta, report): a model of the checkpoint's architecture, channels and
+    model_kwargs with outputs ``labels``, and every weight of the checkpoint (``ichscan train --init``).
+
+    The classifier comes along when the labels are the checkpoint's (in any order); otherwise it is new
+    and the report says so. Returned in training mode, on the CPU.
+    """
+    src = _init_source(source)
+    meta = src.meta
+    try:
+        model = build_model(meta.arch, labels=labels, pretrained=False, in_chans=meta.in_chans, **meta.model_kwargs)
+    except IchscanError as err:
+        raise CheckpointError(err.reason, meta.path) from None
+    report = _load_resolved(model, src, what="init")
+    return model, meta, report
 
 
 # ----------------------------------------------------------------------------------------------- ensembles
