@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from ichscan.aggregation import SLICE_AGGREGATIONS
 from ichscan.dicom import CTSeries, find_series
 from ichscan.errors import IchscanError
 from ichscan.labels import LABELS
@@ -132,6 +133,8 @@ def _aucs(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float | None]:
 
 
 def _reaggregated(p: SeriesPrediction, method: str, top_k: int) -> SeriesPrediction:
+    if method == p.aggregation:  # the predictor's own (context: the series head's, not from slices)
+        return p
     probs, _ = aggregate(p.slice_probs, method, top_k)  # key slices do not depend on the method
     return dataclasses.replace(p, probs=probs, aggregation=method)
 
@@ -227,7 +230,8 @@ def measure(args: argparse.Namespace) -> dict:
     # without --aggregation, what `ichscan predict` would do: the model's choice, else max
     methods = [predictor.aggregation]
     if args.aggregation == "all":
-        methods += [m for m in AGGREGATIONS if m != predictor.aggregation]
+        # the others are recomputed from the slice probabilities (context needs the model's series head)
+        methods += [m for m in SLICE_AGGREGATIONS if m != predictor.aggregation]
     load_s = time.perf_counter() - t0
     # The thresholds `ichscan predict` would use, but null rather than 0.5 when the model carries none:
     # "below a threshold nobody chose" would read like a result.

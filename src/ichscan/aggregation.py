@@ -13,7 +13,10 @@ import numpy as np
 
 from ichscan.errors import DataError
 
-AGGREGATIONS = ("max", "topk", "noisy_or")
+AGGREGATIONS = ("max", "topk", "noisy_or", "context")
+# "context": the model's own series head (ichscan.series.SeriesHead) reads the slices along z; it needs the
+# slices' embeddings, so ichscan.predict.Predictor applies it, never ``aggregate``.
+SLICE_AGGREGATIONS = ("max", "topk", "noisy_or")
 
 
 def aggregate(slice_probs: np.ndarray, method: str = "max", top_k: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +39,8 @@ def aggregate(slice_probs: np.ndarray, method: str = "max", top_k: int = 3) -> t
         probs = np.sort(p, axis=0)[-k:].mean(axis=0)
     elif method == "noisy_or":
         probs = 1.0 - np.exp(np.sum(np.log1p(-np.clip(p, 0.0, 1.0 - 1e-12)), axis=0))
+    elif method == "context":
+        raise ValueError("aggregation 'context' is the model's series head: predict with ichscan.predict.Predictor")
     else:
         raise ValueError(f"unknown aggregation {method!r}; expected one of {', '.join(AGGREGATIONS)}")
     return probs, key

@@ -367,8 +367,8 @@ def _pad(items: Sequence[SeriesFeatures]) -> tuple[torch.Tensor, ...]:
 
 @dataclass(frozen=True)
 class HeadRecipe:
-    """How ``fit_series_head`` trains: AdamW on frozen features, whole-series batches, a fixed number of
-    epochs (no early stopping: the series it would stop on are the ones it is judged on)."""
+    """How ``fit_series_head`` trains: AdamW on frozen features, whole-series batches, at most ``epochs``
+    epochs, as many as an inner split of its own training series says."""
 
     epochs: int = 40
     batch_series: int = 8
@@ -376,23 +376,20 @@ class HeadRecipe:
     weight_decay: float = 1e-2
     slice_weight: float = 0.5  # the slice loss, where slice labels are known, beside the series loss
     seed: int = 0
+    inner_fraction: float = 0.2  # series held out to choose the number of epochs (0: train ``epochs``)
 
 
-def fit_series_head(train: Sequence[SeriesFeatures], config: HeadConfig, recipe: HeadRecipe = HeadRecipe(),
-                    report: Callable[[str], None] | None = None) -> SeriesHead:
-    """Train a ``SeriesHead`` on series features (labels as in ``config.labels``) with the RSNA weighted log
-    loss on series logits, plus the slice loss where slice labels are known. CPU, seconds."""
-    if not train:
-        raise DataError("no series to train a series head on")
-    torch.manual_seed(recipe.seed)
-    head = SeriesHead(config)
-    opt = torch.optim.AdamW(head.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    weights = loss_weights(tuple(config.labels))
+def _head_epochs(head: SeriesHead, train: Sequence[SeriesFeatures], recipe: HeadRecipe, epochs: int,
+                 val: Sequence[SeriesFeatures] = (), report: Callable[[str], None] | None = None) -> list[float]:
+    """Train ``head`` for ``epochs``; returns the series loss on ``val`` after each epoch (empty without)."""
     from ichscan.train import weighted_bce_loss
 
+    weights = loss_weights(tuple(head.config.labels))
+    opt = torch.optim.AdamW(head.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     gen = np.random.default_rng(recipe.seed)
-    head.train()
-    for epoch in range(recipe.epochs):
+    val_losses = []
+    for epoch in range(epochs):
+        head.train()
         order = gen.permutation(len(train))
         total = 0.0
         for start in range(0, len(order), recipe.batch_series):
@@ -402,14 +399,61 @@ def fit_series_head(train: Sequence[SeriesFeatures], config: HeadConfig, recipe:
             loss = weighted_bce_loss(series_logits, series_y, weights)
             known = ~torch.isnan(slice_y) & mask.unsqueeze(-1)
             if recipe.slice_weight and bool(known.any()):
-                loss = loss + recipe.slice_weight * weighted_bce_loss(
-                    slice_logits[mask], slice_y[mask], weights)
+                loss = loss + recipe.slice_weight * weighted_bce_loss(slice_logits[mask], slice_y[mask], weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(items)
+        if val:
+            head.eval()
+            with torch.no_grad():
+                emb, logits, mask, _, series_y = _pad(val)
+                val_losses.append(float(weighted_bce_loss(head(emb, logits, mask)[1], series_y, weights)))
         if report and (epoch + 1) % 10 == 0:
-            report(f"series head epoch {epoch + 1}/{recipe.epochs}: loss {total / len(train):.4f}")
+            report(f"series head epoch {epoch + 1}/{epochs}: loss {total / len(train):.4f}"
+                   + (f", inner validation {val_losses[-1]:.4f}" if val else ""))
+    head.eval()
+    return val_losses
+
+
+def fit_series_head(train: Sequence[SeriesFeatures], config: HeadConfig, recipe: HeadRecipe = HeadRecipe(),
+                    report: Callable[[str], None] | None = None) -> SeriesHead:
+    """Train a ``SeriesHead`` on series features (labels as in ``config.labels``) with the RSNA weighted log
+    loss on series logits, plus the slice loss where slice labels are known. CPU, seconds.
+
+    How long: ``recipe.inner_fraction`` of the series (all copies of a series together) is held out, the head
+    trained on the rest for up to ``recipe.epochs`` epochs, and the epoch with the lowest held-out series loss
+    taken (0: the untrained head, lse pooling, when nothing beats it); then a fresh head is trained on every
+    series for that many epochs. A head never trains longer than its own held-out series say it should.
+    """
+    if not train:
+        raise DataError("no series to train a series head on")
+    epochs = recipe.epochs
+    uids = sorted({s.series_uid for s in train})
+    if recipe.inner_fraction > 0 and len(uids) >= 10:
+        rng = np.random.default_rng(recipe.seed + 1)
+        held = set(rng.choice(uids, size=max(2, round(recipe.inner_fraction * len(uids))), replace=False))
+        inner_train = [s for s in train if s.series_uid not in held]
+        # the held-out series once each, as they are (the first copy is the plain pass)
+        seen: set[str] = set()
+        inner_val = [s for s in train if s.series_uid in held and not (s.series_uid in seen or seen.add(s.series_uid))]
+        torch.manual_seed(recipe.seed)
+        probe = SeriesHead(config)
+        with torch.no_grad():
+            emb, logits, mask, _, series_y = _pad(inner_val)
+            from ichscan.train import weighted_bce_loss
+
+            start_loss = float(weighted_bce_loss(probe.eval()(emb, logits, mask)[1], series_y,
+                                                 loss_weights(tuple(config.labels))))
+        losses = _head_epochs(probe, inner_train, recipe, recipe.epochs, inner_val)
+        best = int(np.argmin(losses))
+        epochs = best + 1 if losses[best] < start_loss else 0
+        if report:
+            report(f"series head: {epochs} epochs (held-out series loss {start_loss:.4f} untrained, "
+                   f"{min(losses):.4f} best, {losses[-1]:.4f} after {recipe.epochs})")
+    torch.manual_seed(recipe.seed)
+    head = SeriesHead(config)
+    _head_epochs(head, train, recipe, epochs, report=report)
     head.eval()
     return head
 

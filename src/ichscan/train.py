@@ -83,6 +83,21 @@ class TrainConfig:
     state_every: int = 500  # steps between resume states inside an epoch (0: only at epoch ends)
     log_every: int = 10  # steps between progress reports on a GPU (each one waits for the GPU); every step on CPU
     device: str | None = None  # None: cuda when available (the local rank's GPU under torchrun), else cpu
+    # Site adaptation (issue 12): start from an ichscan checkpoint, manifest member or "bundled"; its arch,
+    # windows and image size rule. ``freeze_epochs``: epochs with only the classifier training.
+    init: str | None = None
+    freeze_epochs: int = 0
+    # Batch-norm statistics kept as the starting model learnt them (affine weights still train). A model
+    # trained on phantoms has its weights tuned to phantom statistics: re-estimating them from a site's
+    # augmented batches moved ctich-dev slice AUC from 0.887 to 0.42 in two steps (docs/training.md).
+    freeze_bn: bool = False
+    # What the labels are: "slice" (every slice labelled), "series" (series labels only: a multiple-instance
+    # loss over each series' slices, pooled by ``mil_pooling``), "both" (series loss plus slice loss).
+    label_level: str = "slice"
+    mil_pooling: str = "lse"
+    series_batch: int = 2  # series per step at series level
+    max_series_slices: int = 64
+    slice_weight: float = 1.0  # the slice loss beside the series loss at level "both"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -159,10 +174,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Fine-tuning on a site's own series (tens to hundreds): the starting model's architecture, windows and size
+# (--init), a tenth of the learning rate from scratch, and the sim2real augmentation. Measured by 5-fold
+# cross-validation on ctich-dev in docs/training.md.
+PRESETS["finetune"] = {
+    "preset": "finetune",
+    "arch": "resnet10t",
+    "image_size": 160,
+    "epochs": 5,
+    "batch_size": 32,
+    "lr": 2e-4,
+    "weight_decay": 1e-4,
+    "warmup_steps": 10,
+    "pretrained": False,
+    "state_every": 0,
+    "freeze_epochs": 0,
+    "freeze_bn": True,
+    "augment": dict(PRESETS["sim2real"]["augment"]),
+}
+
 PRESET_REASONS = {
     "paper": "the paper's recipe: seresnext50_32x4d at 512 px, Adam, weighted log loss, 3 epochs",
     "quick": "resnet10t at 128 px from scratch: small enough to train two models on 2 CPU cores in minutes",
     "sim2real": "resnet10t at 160 px from scratch on phantoms, with augmentation wide enough to carry to real CT",
+    "finetune": "the --init model's architecture, windows and size, fine-tuned at lr 2e-4 with wide augmentation",
 }
 
 
@@ -384,7 +419,15 @@ def _build_learner(config: TrainConfig, device: torch.device, dist_info: Distrib
                    pretrained: bool | str, amp_dtype: torch.dtype | None,
                    memory_format: torch.memory_format) -> Learner:
     torch.manual_seed(config.seed)  # initial weights are a function of the seed
-    model = build_model(config.arch, labels=tuple(config.labels), pretrained=pretrained)
+    if config.init and pretrained is not False:
+        from ichscan.model import init_model_from
+
+        model, _, weights_report = init_model_from(config.init, labels=tuple(config.labels))
+        model.series_head = None  # a head is trained on the fine-tuned model's own features afterwards
+        if dist_info.is_main:
+            log.info("%s", weights_report.line())
+    else:
+        model = build_model(config.arch, labels=tuple(config.labels), pretrained=pretrained)
     model = model.to(device=device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
@@ -408,10 +451,19 @@ def _wrap_for_training(model: torch.nn.Module, config: TrainConfig, device: torc
     return net, eval_net
 
 
+def _batch_items(config: TrainConfig, dataset: Dataset) -> int:
+    """Items per step: images, or whole series for a SeriesDataset."""
+    return config.series_batch if hasattr(dataset, "series_y") else config.batch_size
+
+
 def _train_loader(dataset: Dataset, sampler: Sampler, config: TrainConfig, workers: int, drop_last: bool,
                   device: torch.device) -> DataLoader:
+    collate = None
+    if hasattr(dataset, "series_y"):
+        from ichscan.series import collate_series as collate
     return DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+        dataset, batch_size=_batch_items(config, dataset), sampler=sampler, num_workers=workers,
+        drop_last=drop_last, collate_fn=collate,
         pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
         # Its own generator, so that making an iterator never draws from the global RNG (exact resume).
@@ -473,13 +525,22 @@ def train_one_epoch(net: torch.nn.Module, learner: Learner, loader: DataLoader, 
     # wait for the host every step.
     loss_total = torch.tensor(state.loss_sum, dtype=torch.float64, device=device)
     batches = loader if state.step_in_epoch < steps else ()
+    _set_frozen(learner.model, state.epoch < config.freeze_epochs)
+    if config.freeze_bn:
+        _freeze_batchnorm_stats(learner.model)
     for images, targets in batches:
         images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        targets = _to_device(targets, device)
         images = augment_batch(images, config.augment, learner.aug_gen).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = net(images)
-        loss = weighted_bce_loss(logits, targets, weights)
+        if isinstance(targets, dict):  # whole series: the multiple-instance loss
+            from ichscan.series import mil_loss
+
+            loss = mil_loss(logits, targets, pooling=config.mil_pooling, weights=weights,
+                            slice_weight=config.slice_weight)
+        else:
+            loss = weighted_bce_loss(logits, targets, weights)
         learner.optimizer.zero_grad(set_to_none=True)
         learner.scaler.scale(loss).backward()
         if config.grad_clip:
@@ -526,6 +587,28 @@ def train_one_epoch(net: torch.nn.Module, learner: Learner, loader: DataLoader, 
             "lr": learner.scheduler.get_last_lr()[0]}
 
 
+def _to_device(targets: Any, device: torch.device) -> Any:
+    if isinstance(targets, dict):
+        return {k: v.to(device, non_blocking=True) if k != "lengths" else v for k, v in targets.items()}
+    return targets.to(device, non_blocking=True)
+
+
+def _set_frozen(model: torch.nn.Module, frozen: bool) -> None:
+    """Freeze (or free) every backbone parameter but the classifier's: the first ``freeze_epochs`` of a
+    fine-tune adapt the classifier (and batch-norm statistics) before the features move."""
+    backbone = unwrap(model).backbone
+    classifier = {id(p) for p in backbone.get_classifier().parameters()}
+    for p in backbone.parameters():
+        p.requires_grad_(not frozen or id(p) in classifier)
+
+
+def _freeze_batchnorm_stats(model: torch.nn.Module) -> None:
+    """Batch norms normalise with their running statistics and stop updating them (eval mode), in train mode."""
+    for m in unwrap(model).modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, dataset: Dataset, device: torch.device | str = "cpu", *,
                    batch_size: int = 64, workers: int = 0, amp_dtype: torch.dtype | None = None,
@@ -557,6 +640,9 @@ def validate(model: torch.nn.Module, dataset: Dataset, device: torch.device, lab
     """Validation loss and metrics (``validation_metrics``); under DDP each rank scores a share (with ``model``
     unwrapped from DDP) and the shares are gathered, so every rank returns the numbers for the whole set."""
     dist_info = dist_info or Distributed()
+    if hasattr(dataset, "series_y"):  # a SeriesDataset: series metrics from pooled slice logits
+        return _validate_series(model, dataset, device, labels, batch_size=batch_size, amp_dtype=amp_dtype,
+                                memory_format=memory_format, progress=progress, epoch=epoch, epochs=epochs)
     n = len(dataset)
     indices = list(range(dist_info.rank, n, dist_info.world_size))
     logits, targets = predict_logits(model, dataset, device, batch_size=batch_size, workers=workers,
@@ -570,6 +656,23 @@ def validate(model: torch.nn.Module, dataset: Dataset, device: torch.device, lab
         logits = np.concatenate([p[1] for p in parts])[np.argsort(order)]
         targets = np.concatenate([p[2] for p in parts])[np.argsort(order)]
     metrics = validation_metrics(logits, targets, labels)
+    if progress:
+        progress(TrainProgress("val", epoch, epochs, 1, 1, 0, metrics["val_loss"], None, None, metrics))
+    return metrics
+
+
+def _validate_series(model, dataset, device, labels, *, batch_size, amp_dtype, memory_format, progress, epoch,
+                     epochs) -> dict[str, Any]:
+    """Series-level validation (every rank scores the whole set; series sets are small)."""
+    from ichscan.series import pool_logits, series_order
+
+    logits, _ = predict_logits(model, dataset.slices, device, batch_size=batch_size, amp_dtype=amp_dtype,
+                               memory_format=memory_format)
+    t = torch.from_numpy(logits)
+    pooled = np.stack([pool_logits(t[torch.from_numpy(rows)], "max").numpy()
+                       for rows in series_order(dataset.slices.frame)])
+    metrics = validation_metrics(pooled, dataset.series_y, labels)
+    metrics["val_level"] = "series"
     if progress:
         progress(TrainProgress("val", epoch, epochs, 1, 1, 0, metrics["val_loss"], None, None, metrics))
     return metrics
@@ -709,6 +812,12 @@ def train(
     time-boxed runs and for testing resume. Under torchrun every rank calls this; rank 0 writes files.
     """
     out = Path(out_dir)
+    from ichscan.series import LABEL_LEVELS, POOLINGS
+
+    if config.label_level not in LABEL_LEVELS:
+        raise IchscanError(f"label level {config.label_level!r}: expected one of {', '.join(LABEL_LEVELS)}")
+    if config.mil_pooling not in POOLINGS:
+        raise IchscanError(f"MIL pooling {config.mil_pooling!r}: expected one of {', '.join(POOLINGS)}")
     dist_info, device = init_distributed(config)
     labels = tuple(config.labels)
     ds_labels = tuple(getattr(train_set, "labels", labels))
@@ -721,8 +830,9 @@ def train(
         write_json(out / "config.json", config.to_dict())
 
     sampler = EpochSampler(len(train_set), config.seed, dist_info.rank, dist_info.world_size)
-    drop_last = sampler.per_rank >= config.batch_size  # equal batch shapes, unless the set is smaller than one batch
-    steps = sampler.per_rank // config.batch_size if drop_last else 1
+    batch = _batch_items(config, train_set)
+    drop_last = sampler.per_rank >= batch  # equal batch shapes, unless the set is smaller than one batch
+    steps = sampler.per_rank // batch if drop_last else 1
     if config.max_steps_per_epoch:
         steps = min(steps, config.max_steps_per_epoch)
     amp_dtype = autocast_dtype(training_precision(config.precision, device))
@@ -745,7 +855,7 @@ def train(
     with _deferred_signals() as signalled:
         while state.epoch < config.epochs:
             t0 = time.perf_counter()
-            sampler.set_epoch(state.epoch, state.step_in_epoch * config.batch_size)
+            sampler.set_epoch(state.epoch, state.step_in_epoch * batch)
             loader = _train_loader(train_set, sampler, config, workers, drop_last, device)
             train_metrics = train_one_epoch(net, learner, loader, state, config, checkpointer, steps=steps,
                                             device=device, dist_info=dist_info, amp_dtype=amp_dtype,
@@ -793,6 +903,7 @@ class RunInputs:
     cache: str | os.PathLike | None = None  # uint8 image cache folder, built or finished when needed
     val_cache: str | os.PathLike | None = None
     io_workers: int | None = None  # processes for indexing and caching (default: all cores)
+    series_labels: str | os.PathLike | None = None  # series_labels.csv (default <data>/series_labels.csv)
 
 
 FOLD_SEED = 0  # folds are a property of the data, the same for every run and training seed
@@ -809,16 +920,30 @@ def prepare_datasets(config: TrainConfig, inputs: RunInputs, *, report: Callable
     def step(name: str):
         return (lambda done, total: progress(name, done, total)) if progress else None
 
-    train_data = load_labelled(inputs.data, labels_csv=inputs.labels_csv, index_cache=inputs.index,
-                               workers=inputs.io_workers, progress=step("index"), labels=config.labels)
+    series_level = config.label_level != "slice"
+    targets = val_targets = None
+    if series_level:
+        from ichscan.series import load_series_data
+
+        train_data, targets = load_series_data(
+            inputs.data, level=config.label_level, labels_csv=inputs.labels_csv, series_csv=inputs.series_labels,
+            index_cache=inputs.index, workers=inputs.io_workers, progress=step("index"), labels=config.labels)
+    else:
+        train_data = load_labelled(inputs.data, labels_csv=inputs.labels_csv, index_cache=inputs.index,
+                                   workers=inputs.io_workers, progress=step("index"), labels=config.labels)
     for line in train_data.lines():
         say(line)
     frame = train_data.frame
     summary: dict[str, Any] = {"source": os.fspath(inputs.data), "missing_files": train_data.missing[:100],
                                "label_conflicts": len(train_data.label_report.conflicts)}
     if inputs.val_data is not None:
-        val_data = load_labelled(inputs.val_data, index_cache=inputs.val_index, workers=inputs.io_workers,
-                                 progress=step("index val"), labels=config.labels)
+        if series_level:
+            val_data, val_targets = load_series_data(
+                inputs.val_data, level=config.label_level, index_cache=inputs.val_index, workers=inputs.io_workers,
+                progress=step("index val"), labels=config.labels)
+        else:
+            val_data = load_labelled(inputs.val_data, index_cache=inputs.val_index, workers=inputs.io_workers,
+                                     progress=step("index val"), labels=config.labels)
         for line in val_data.lines():
             say(line)
         train_frame, val_frame = frame, val_data.frame
@@ -844,6 +969,14 @@ def prepare_datasets(config: TrainConfig, inputs: RunInputs, *, report: Callable
     train_set = SliceDataset(train_frame, config.image_size, config.windows, config.labels, cache=caches[0])
     val_set = SliceDataset(val_frame, config.image_size, config.windows, config.labels, cache=caches[1]) \
         if len(val_frame) else None
+    if series_level:
+        from ichscan.series import SeriesDataset
+
+        train_set = SeriesDataset(train_set, targets, max_slices=config.max_series_slices)
+        if val_set is not None:
+            val_set = SeriesDataset(val_set, val_targets if val_targets is not None else targets,
+                                    max_slices=config.max_series_slices)
+        summary["label_level"] = config.label_level
     summary["train"] = train_set.summary()
     summary["val"] = val_set.summary() if val_set is not None else None
     return train_set, val_set, summary
@@ -881,6 +1014,33 @@ def _ensure_cache(root: str | os.PathLike, frame, config: TrainConfig, workers: 
         say(line)
 
 
+def resolve_init(config: TrainConfig, report: Callable[[str], None] | None = None) -> TrainConfig:
+    """With ``config.init``: the starting checkpoint's architecture, windows and image size in the config
+    (given otherwise: a one-line error), and its path resolved (``bundled`` -> the shipped member)."""
+    if not config.init:
+        return config
+    from ichscan.model import read_checkpoint_meta, resolve_init_checkpoint
+    from ichscan.windows import get_windows
+
+    path = resolve_init_checkpoint(config.init)
+    meta = read_checkpoint_meta(path)
+    from ichscan.windows import PRESETS as WINDOW_PRESETS
+
+    windows = tuple(w.name if WINDOW_PRESETS.get(w.name) == w else w.to_dict() for w in get_windows(meta.windows))
+    preset = PRESETS.get(config.preset, {})
+    for key, value in (("arch", meta.arch), ("image_size", meta.image_size)):
+        given = getattr(config, key)
+        if given != value and given != preset.get(key, getattr(TrainConfig, key)):
+            raise IchscanError(f"--init {config.init} is a {meta.arch} at {meta.image_size} px; --{key.replace('_', '-')} "
+                               f"{given} cannot change that")
+    if tuple(config.labels) != tuple(meta.labels) and set(config.labels) != set(meta.labels):
+        raise IchscanError(f"--init {config.init} has labels {list(meta.labels)}, not {list(config.labels)}")
+    if report:
+        names = ", ".join(w.name for w in get_windows(meta.windows))
+        report(f"starting from {path} ({meta.arch}, {meta.image_size} px, windows {names})")
+    return dataclasses.replace(config, init=str(path), arch=meta.arch, image_size=meta.image_size, windows=windows)
+
+
 def run_training(config: TrainConfig, inputs: RunInputs, out_dir: str | os.PathLike, *, resume: bool = False,
                  ensemble_with: Sequence[str | os.PathLike] = (), ensemble_out: str | os.PathLike | None = None,
                  progress: Callable[[TrainProgress], None] | None = None,
@@ -892,6 +1052,7 @@ def run_training(config: TrainConfig, inputs: RunInputs, out_dir: str | os.PathL
     a manifest naming them and this run's best checkpoint is written to ``ensemble_out``
     (default ``<out_dir>/ensemble.json``).
     """
+    config = resolve_init(config, report)
     dist_info, _ = init_distributed(config)
     # The header index lives beside the data (shared by every run); for read-only data, in the run folder.
     for attr, folder, name in (("index", inputs.data, "index.parquet"), ("val_index", inputs.val_data,

@@ -41,9 +41,10 @@ def register(subparsers) -> None:
     m.add_argument("--tta", default="identity,hflip",
                    help="views or groups, comma separated: identity, hflip, shift_left/right/up/down, zoom_in/out; "
                         "groups none, flip, shift, zoom, all (default: identity,hflip)")
-    m.add_argument("--aggregation", choices=("max", "topk", "noisy_or"),
-                   help="slices to series: max, mean of the top k, or noisy-OR (default: the model's choice "
-                        "when its manifest records one, as the bundled model's does, else max)")
+    m.add_argument("--aggregation", choices=("max", "topk", "noisy_or", "context"),
+                   help="slices to series: max, mean of the top k, noisy-OR, or context (the model's series head "
+                        "reading the slices along z) (default: the model's choice when it records one, as the "
+                        "bundled model's does; else context when the model has a series head; else max)")
     m.add_argument("--top-k", type=_positive_int, help="k for --aggregation topk (default: the model's, else 3)")
     m.add_argument("--thresholds", help='JSON {"method": ..., "thresholds": {label: t}}; otherwise the '
                                         "model's operating points when it carries them, else 0.5")

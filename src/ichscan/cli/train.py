@@ -13,9 +13,12 @@ examples:
       --ensemble-with runs/a/best.json            # the paper's second model + runs/b/ensemble.json
   torchrun --nproc-per-node 8 -m ichscan train rsna/ --out runs/ddp --cache rsna/cache512
   ichscan train rsna/ --out runs/paper --resume   # continue an interrupted run exactly
+  ichscan train site/ --init bundled --preset finetune --out runs/site      # adapt to a site's own series
+  ichscan train site/ --init bundled --preset finetune --label-level series --out runs/site-series
 
 DATA holds labels.csv (or stage_2_train.csv; RSNA's ID_<image>_<label>,Label) and images/ (or
-stage_2_train/). Without --val, fold --fold of --folds (grouped by patient, stratified on any) validates.
+stage_2_train/); series_labels.csv (series_uid + one 0/1 column per label) gives series labels, which
+--label-level series trains from alone (a multiple-instance loss over each series' slices). Without --val, fold --fold of --folds (grouped by patient, stratified on any) validates.
 Writes to --out: config.json, metrics.jsonl, best.{json,safetensors}, last.{json,safetensors}, resume.pt.
 Research software, not a medical device.
 """
@@ -29,14 +32,19 @@ def register(subparsers) -> None:
     )
     p.add_argument("data", help="RSNA-layout folder (labels.csv + images/)")
     p.add_argument("--out", "-o", required=True, help="run folder (created)")
-    p.add_argument("--preset", choices=("paper", "quick", "sim2real"), default="paper",
+    p.add_argument("--preset", choices=("paper", "quick", "sim2real", "finetune"), default=None,
                    help="paper: seresnext50_32x4d, 512 px, 3 epochs (default); quick: resnet10t, 128 px; "
-                        "sim2real: resnet10t, 160 px, wide augmentation, for real CT")
+                        "sim2real: resnet10t, 160 px, wide augmentation, for real CT; finetune: adapt the --init "
+                        "model to a site (the default with --init)")
     d = p.add_argument_group("data")
     d.add_argument("--val", help="separate validation folder (same layout); default: a fold of DATA")
     d.add_argument("--fold", type=int, help="validation fold (default 0)")
     d.add_argument("--folds", type=int, help="number of folds (default 5)")
     d.add_argument("--labels", help="label CSV, when not in DATA")
+    d.add_argument("--series-labels", help="series label CSV (default DATA/series_labels.csv)")
+    d.add_argument("--label-level", choices=("slice", "series", "both"),
+                   help="slice (default): slice labels; series: series labels alone (slice labels withheld), "
+                        "a multiple-instance loss; both: series loss plus slice loss where known")
     d.add_argument("--index", help="header index Parquet (default DATA/ichscan_index.parquet)")
     d.add_argument("--cache", help="uint8 image cache folder for DATA (built or finished first if needed)")
     d.add_argument("--val-cache", help="image cache folder for --val")
@@ -49,8 +57,17 @@ def register(subparsers) -> None:
     m.add_argument("--lr", type=float)
     m.add_argument("--seed", type=int, help="training seed (the paper's second model: another seed or fold)")
     m.add_argument("--max-steps-per-epoch", type=int)
+    m.add_argument("--mil-pooling", choices=("lse", "max"),
+                   help="series logit from slice logits at series level: lse (smooth maximum, default) or max")
+    m.add_argument("--freeze-epochs", type=int, help="epochs training only the classifier before the backbone")
+    m.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep batch-norm statistics as the starting model has them (finetune default: on)")
     w = m.add_mutually_exclusive_group()
-    w.add_argument("--pretrained", metavar="PATH", help="ImageNet weights file (ichscan never downloads)")
+    w.add_argument("--init", metavar="CKPT",
+                   help="start from an ichscan checkpoint, ensemble manifest (its first member) or 'bundled': "
+                        "all its weights, its architecture, windows and image size")
+    w.add_argument("--pretrained", metavar="PATH",
+                   help="backbone weights: a timm/ImageNet file or an ichscan checkpoint (ichscan never downloads)")
     w.add_argument("--no-pretrained", action="store_true", help="random initialisation")
     w.add_argument("--cached-pretrained", action="store_true",
                    help="ImageNet weights from the local Hugging Face / torch hub cache")
@@ -77,6 +94,8 @@ def config_from_args(args):
     from ichscan.train import TrainConfig
 
     pretrained = None
+    init = getattr(args, "init", None)
+    preset = args.preset or ("finetune" if init else "paper")
     if args.pretrained:
         pretrained = args.pretrained
     elif args.no_pretrained:
@@ -89,8 +108,10 @@ def config_from_args(args):
         workers=args.workers, device=args.device, max_steps_per_epoch=args.max_steps_per_epoch,
         compile=True if args.compile else None, channels_last=False if args.no_channels_last else None,
         augment=AugmentConfig.none() if args.no_augment else None,
+        init=init, label_level=getattr(args, "label_level", None), mil_pooling=getattr(args, "mil_pooling", None),
+        freeze_epochs=getattr(args, "freeze_epochs", None), freeze_bn=getattr(args, "freeze_bn", None),
     )
-    return TrainConfig.from_preset(args.preset, **overrides)
+    return TrainConfig.from_preset(preset, **overrides)
 
 
 def run(args) -> int:
@@ -98,16 +119,30 @@ def run(args) -> int:
 
     from ichscan.train import PRESET_REASONS, RunInputs, detect_distributed, run_training
 
+    from ichscan.train import resolve_init
+
     config = config_from_args(args)
     main = detect_distributed().is_main
     say = (lambda line: print(line, file=sys.stderr)) if main else (lambda line: None)
+    config = resolve_init(config, say)
     say(f"preset {config.preset}: {PRESET_REASONS.get(config.preset, '')}")
+    start = f"init={config.init}" if config.init else f"pretrained={config.pretrained}"
     say(f"model {config.arch} at {config.image_size} px, {config.epochs} epochs, batch {config.batch_size}, "
-        f"lr {config.lr}, seed {config.seed}, pretrained={config.pretrained}")
+        f"lr {config.lr}, seed {config.seed}, {start}, {config.label_level} labels")
+    if config.init or isinstance(config.pretrained, str):
+        # Checked before any data is read, and said: what the run will start from (the whole backbone, or
+        # a one-line error naming the file).
+        from ichscan.model import build_model, load_weights_into
+
+        probe = build_model(config.arch, labels=config.labels)
+        say(load_weights_into(probe, config.init or config.pretrained,
+                              what="init" if config.init else "pretrained").line())
+        del probe
     if config.preset == "paper" and config.pretrained is True:
         say("(the paper starts from ImageNet weights: give the file with --pretrained PATH, or --no-pretrained)")
     inputs = RunInputs(data=args.data, val_data=args.val, labels_csv=args.labels, index=args.index,
-                       cache=args.cache, val_cache=args.val_cache, io_workers=args.io_workers)
+                       cache=args.cache, val_cache=args.val_cache, io_workers=args.io_workers,
+                       series_labels=args.series_labels)
     bars: dict[str, tqdm] = {}
     quiet = args.no_progress or not main
 

@@ -111,7 +111,9 @@ def _fold_batchnorm(model: Any) -> bool:
     here. Backbones torch.fx cannot trace keep their batch norms. Returns whether it folded.
     """
     backbone = getattr(model, "backbone", None)
-    if backbone is None:
+    if backbone is None or getattr(model, "series_head", None) is not None:
+        # A series head reads the backbone's pooled features (forward_features / forward_head), which the
+        # traced GraphModule that folding makes no longer offers.
         return False
     try:
         from torch.fx.experimental.optimization import fuse
@@ -228,6 +230,12 @@ class Predictor:
             raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
         if int(top_k) < 1:
             raise ValueError(f"top_k {top_k}: expected a positive number of slices")
+        if aggregation == "context":
+            lacking = [i for i, m in enumerate(ensemble.members) if getattr(m.model, "series_head", None) is None]
+            if lacking:
+                raise CheckpointError(f"aggregation 'context' needs a series head in every model; member "
+                                      f"{lacking[0] + 1} has none (train one with ichscan series-head, or choose "
+                                      f"max, topk or noisy_or)")
         self.labels = LABELS
         self.device = _usable_device(device)
         self.tta = resolve_tta(tta)
@@ -272,8 +280,9 @@ class Predictor:
         folded = [fold_batchnorm and _fold_batchnorm(m.model.eval()) for m in ensemble.members]
         kwargs.setdefault("operating_points", manifest.operating_points)
         kwargs.setdefault("trained_on", manifest.trained_on)
-        if kwargs.get("aggregation") is None:  # the model's own choice, else max
-            chosen = manifest.aggregation or {"method": "max"}
+        if kwargs.get("aggregation") is None:  # the model's own choice, else its series head, else max
+            heads = all(getattr(m.model, "series_head", None) is not None for m in ensemble.members)
+            chosen = manifest.aggregation or {"method": "context" if heads else "max"}
             kwargs["aggregation"] = chosen["method"]
             if chosen["method"] == "topk" and kwargs.get("top_k") is None:
                 kwargs["top_k"] = chosen.get("top_k", 3)
@@ -380,6 +389,8 @@ class Predictor:
         views = self.tta
         chunk = max(1, self.batch_size // len(views))
         per_member = []
+        if self.aggregation == "context":
+            return self._context_arrays(arrays, n, views, chunk)
         with torch.inference_mode():
             for i, member in enumerate(self.ensemble.members):
                 x_all = arrays[member.prep]
@@ -398,6 +409,44 @@ class Predictor:
                 per_member.append(member_probs)
         probs = self.ensemble.average(per_member)
         if not np.all(np.isfinite(probs)):
+            raise CheckpointError("the model returned NaN or infinite outputs; check the checkpoint "
+                                  "(or try --precision fp32)", self._sources[0])
+        return probs.astype(np.float32)
+
+    def _context_arrays(self, arrays: dict, n: int, views: Sequence[str], chunk: int) -> np.ndarray:
+        """Aggregation ``context``: each member's slice logits and embeddings (averaged over the TTA views) go
+        through its series head; returns the refined slice probabilities (N, 6) and keeps each member's series
+        probabilities in ``self._series_probs`` (averaged over members like slice probabilities)."""
+        import torch
+
+        slice_parts, series_parts = [], []
+        with torch.inference_mode():
+            for member in self.ensemble.members:
+                model, x_all = member.model, arrays[member.prep]
+                rows_logits, rows_emb = [], []
+                for start in range(0, n, chunk):
+                    x = torch.from_numpy(np.ascontiguousarray(x_all[start:start + chunk])).to(self.device)
+                    if x.dtype == torch.uint8:
+                        x = x.float().div_(255.0)
+                    batch = torch.cat([_apply_view(x, v) for v in views]) if len(views) > 1 else x
+                    if self.channels_last:
+                        batch = batch.contiguous(memory_format=torch.channels_last)
+                    if self._autocast is not None:
+                        with torch.autocast(device_type=self.device.type, dtype=self._autocast):
+                            logits, emb = model.forward_with_embedding(batch)
+                    else:
+                        logits, emb = model.forward_with_embedding(batch)
+                    m = len(x)
+                    rows_logits.append(logits.float().reshape(len(views), m, -1).mean(0))
+                    rows_emb.append(emb.float().reshape(len(views), m, -1).mean(0))
+                logits_sum, emb_sum = torch.cat(rows_logits), torch.cat(rows_emb)
+                slice_logits, series_logits = model.series_context(emb_sum.cpu(), logits_sum.cpu()) \
+                    if self.device.type == "cpu" else model.series_context(emb_sum, logits_sum)
+                slice_parts.append(torch.sigmoid(slice_logits).double().cpu().numpy())
+                series_parts.append(torch.sigmoid(series_logits).double().cpu().numpy())
+        probs = self.ensemble.average(slice_parts)
+        self._series_probs = self.ensemble.average(series_parts)
+        if not (np.all(np.isfinite(probs)) and np.all(np.isfinite(self._series_probs))):
             raise CheckpointError("the model returned NaN or infinite outputs; check the checkpoint "
                                   "(or try --precision fp32)", self._sources[0])
         return probs.astype(np.float32)
@@ -423,7 +472,11 @@ class Predictor:
     def _assemble(self, series, kept, slice_probs, bad) -> SeriesPrediction:
         # Series probabilities from the float32 slice probabilities, so a prediction reloaded from
         # its JSON aggregates to the very same numbers.
-        probs, key = aggregate(slice_probs, self.aggregation, self.top_k)
+        if self.aggregation == "context":  # the series head's own series probabilities (predict_arrays kept them)
+            probs = np.asarray(self._series_probs, dtype=np.float64)
+            key = np.argmax(np.asarray(slice_probs, dtype=np.float64), axis=0)
+        else:
+            probs, key = aggregate(slice_probs, self.aggregation, self.top_k)
         sop_uids = tuple(str(s.sop_uid) for s in kept)
         image_ids = tuple(str(s.image_id) for s in kept)
         zs = tuple(_z(s) for s in kept)

@@ -1,0 +1,96 @@
+"""How long ``ichscan crossval`` takes over a site's data, and what it finds: the issue-12 benchmark.
+
+Runs the cross-validation exactly as ``ichscan crossval DATA --folds 5 --init bundled`` does (every fold, the
+series heads, the final model) and prints one JSON object: wall time per phase, the target (30 minutes for
+ctich-dev on 2 CPU cores) and ``ratio`` = wall time / target (at most 1.0 meets it), beside the baseline
+measured in the same run: one plain fine-tuning epoch over all of DATA, so a slow machine shows as a slow
+epoch, not as a slow cross-validation. The out-of-fold series AUCs (every aggregation, and the starting model
+without adaptation) come from the run's ``comparison.csv``.
+
+The data are real CT outside the repository (``../shared/realct``; ``bench/realct.py`` converts CT-ICH to
+DICOM) or any folder in the same layout::
+
+    .venv/bin/python bench/crossval.py --data /tmp/ichscan-realct/ctich-dev --out /tmp/cv-bench
+    .venv/bin/python bench/crossval.py --data DATA --out OUT --label-level series
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+TARGET_S = 30 * 60
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="folder: images/ with labels.csv and/or series_labels.csv")
+    ap.add_argument("--out", required=True, help="output folder (a fresh one: the run is timed from scratch)")
+    ap.add_argument("--init", default="bundled")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--label-level", choices=("slice", "series", "both"), default="slice")
+    ap.add_argument("--target-s", type=float, default=TARGET_S)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+    import torch
+
+    from ichscan.crossval import CrossvalOptions, run_crossval
+    from ichscan.hardware import cpu_count
+    from ichscan.train import TrainConfig
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out}: not empty; the benchmark times a run from scratch")
+    config = TrainConfig.from_preset("finetune", init=args.init, label_level=args.label_level)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    result = run_crossval(config, args.data, out / "cv", options=CrossvalOptions(folds=args.folds),
+                          report=lambda line: print(line, file=sys.stderr))
+    times["crossval_s"] = time.perf_counter() - t0
+
+    # Baseline in the same run: one fine-tuning epoch over all of DATA from the cache the run built.
+    from ichscan.data import SliceDataset
+    from ichscan.series import load_series_data
+    from ichscan.train import resolve_init, train
+
+    one = resolve_init(TrainConfig.from_preset("finetune", init=args.init, epochs=1))
+    loaded, _ = load_series_data(args.data, level="both")
+    frame = loaded.frame[loaded.frame[list(one.labels)].notna().all(axis=1)].reset_index(drop=True)
+    ds = SliceDataset(frame, one.image_size, one.windows, one.labels, cache=out / "cv" / "cache")
+    t0 = time.perf_counter()
+    train(one, ds, None, out / "one-epoch")
+    times["one_epoch_s"] = time.perf_counter() - t0
+
+    comparison = pd.read_csv(out / "cv" / "comparison.csv")
+    auc = {f"{r['model']}_{r['aggregation']}": {c[4:]: (None if pd.isna(r[c]) else round(float(r[c]), 4))
+                                                  for c in comparison.columns if c.startswith("auc_")}
+           for _, r in comparison.iterrows()}
+    print(json.dumps({
+        "benchmark": "ichscan crossval (site adaptation by patient-grouped cross-validation)",
+        "data": os.fspath(args.data),
+        "folds": args.folds,
+        "label_level": args.label_level,
+        "init": args.init,
+        "machine": {"cpu_count": cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.is_available()},
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "target_s": args.target_s,
+        "ratio": round(times["crossval_s"] / args.target_s, 3),
+        "epochs_equivalent": round(times["crossval_s"] / times["one_epoch_s"], 1),
+        "target_met": times["crossval_s"] <= args.target_s,
+        "oof_series_auc": auc,
+        "final_model": os.fspath(result.final) if result.final else None,
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

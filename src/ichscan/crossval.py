@@ -1,0 +1,471 @@
+"""``ichscan crossval``: what a site should expect from a model adapted to its own series, before using it.
+
+Patient-grouped k-fold cross-validation of the whole recipe (fine-tune from ``--init``, then a series head on
+the fine-tuned model's features), then one final model trained on all the data:
+
+- every series (and every slice) is predicted by the one model that never saw its patient: out-of-fold (OOF)
+  predictions, ``oof_series.csv`` (one column group per aggregation) and ``oof_slices.csv``;
+- the starting model without adaptation is scored on the same series (``baseline_*`` columns), so the gain is
+  measured, not assumed;
+- Table 1 on the OOF series with patient-bootstrap CIs, Figure 1 (ROC per subtype), the same for slices where
+  slice labels exist, and a comparison of aggregations and models (``comparison.md``);
+- operating points chosen on the OOF series (Youden by default) go into the final model's JSON with its
+  aggregation, so ``ichscan predict --checkpoint OUT/final/model.json`` uses them.
+
+Every fold is a training run of its own under ``OUT/fold-K`` (resumable as ``ichscan train`` is) and is marked
+done by ``fold.json`` only once its OOF predictions are written, so an interrupted cross-validation resumes
+at the step it was in. Thresholds chosen on the predictions they are judged on flatter ACC, PREC and REC; AUC
+and log loss do not depend on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ichscan.aggregation import SLICE_AGGREGATIONS, aggregate
+from ichscan.errors import DataError, IchscanError
+from ichscan.fileio import write_bytes, write_csv, write_json, write_npy, write_text
+from ichscan.labels import LABELS
+from ichscan.series import (
+    HeadRecipe,
+    SeriesDataset,
+    SeriesFeatures,
+    apply_series_head,
+    fit_series_head,
+    gather_series,
+    load_series_data,
+    series_order,
+    slice_features,
+    train_series_head,
+)
+from ichscan.train import FOLD_SEED, TrainConfig, _ensure_cache, resolve_init, train
+
+log = logging.getLogger(__name__)
+
+CROSSVAL_FORMAT = "ichscan-crossval/1"
+# Options that may differ between an interrupted cross-validation and its resume.
+RESUME_FREE = frozenset({"n_bootstrap"})
+
+
+@dataclass
+class CrossvalOptions:
+    """What ``run_crossval`` does beyond the training config."""
+
+    folds: int = 5
+    series_head: bool = True  # train a series head per fold (and for the final model); primary aggregation
+    head_kind: str = "gru"
+    head_hidden: int = 32
+    head: HeadRecipe = field(default_factory=HeadRecipe)
+    augmented_passes: int = 1  # augmented feature passes over the training slices, beside the plain one
+    top_k: int = 3
+    threshold_method: str = "youden"
+    n_bootstrap: int = 1000
+    final: bool = True  # train the final model on all of the data
+    baseline: bool = True  # score the starting model (--init) without adaptation on the same series
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["head"] = dataclasses.asdict(self.head)
+        return d
+
+    @property
+    def primary(self) -> str:
+        return "context" if self.series_head else "max"
+
+
+@dataclass
+class CrossvalResult:
+    out_dir: Path
+    series: pd.DataFrame  # OOF series predictions, truth and folds
+    comparison: pd.DataFrame  # AUC per label and weighted log loss per model and aggregation
+    evaluation: Any  # metrics.Evaluation of the primary aggregation on the OOF series
+    thresholds: dict[str, float]
+    final: Path | None
+
+
+def _aggregations(options: CrossvalOptions) -> list[str]:
+    return [*SLICE_AGGREGATIONS, *(["context"] if options.series_head else [])]
+
+
+def _series_probs(items: Sequence[SeriesFeatures], slice_probs: np.ndarray, method: str, top_k: int) -> np.ndarray:
+    return np.stack([aggregate(slice_probs[s.rows], method, top_k)[0] for s in items])
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+def _fit_head(model: Any, slices: Any, targets: pd.DataFrame, options: CrossvalOptions, config: TrainConfig,
+              seed: int, say: Callable[[str], None]) -> Any:
+    return train_series_head(model, slices, targets, kind=options.head_kind, hidden=options.head_hidden,
+                             recipe=dataclasses.replace(options.head, seed=seed), augment=config.augment,
+                             augmented_passes=options.augmented_passes, pooling=config.mil_pooling,
+                             batch_size=config.batch_size, say=say)
+
+
+def _fit_backbone(config: TrainConfig, train_set: Any, out: Path, progress: Any, summary: dict[str, Any]) -> Any:
+    """The fold's model: ``config.epochs`` of fine-tuning from ``config.init`` (resumable), or with 0 epochs the
+    starting model itself, frozen (only a series head is then fitted on the site's data)."""
+    from ichscan.model import init_model_from, load_checkpoint
+
+    if config.epochs == 0:
+        if not config.init:
+            raise IchscanError("--epochs 0 keeps the starting model as it is: give --init")
+        model, _, _ = init_model_from(config.init, labels=tuple(config.labels))
+        model.series_head = None
+        return model.eval()
+    result = train(config, train_set, None, out, resume=(out / "resume.pt").is_file(), progress=progress,
+                   data_summary=summary)
+    model, _ = load_checkpoint(result.last)
+    return model
+
+
+def _fold_sets(frame: pd.DataFrame, rows: np.ndarray, config: TrainConfig, cache: Path, targets: pd.DataFrame):
+    from ichscan.data import SliceDataset
+
+    part = frame.iloc[rows].reset_index(drop=True)
+    slices = SliceDataset(part, config.image_size, config.windows, config.labels, cache=cache)
+    if config.label_level == "slice":
+        train_slices = SliceDataset(part[part[list(config.labels)].notna().all(axis=1)].reset_index(drop=True),
+                                    config.image_size, config.windows, config.labels, cache=cache)
+        return slices, train_slices
+    return slices, SeriesDataset(slices, targets, max_slices=config.max_series_slices)
+
+
+def _slice_truth(frame: pd.DataFrame, labels: Sequence[str]) -> np.ndarray:
+    return np.stack([frame[c].to_numpy(np.float32) for c in labels], axis=1)
+
+
+def _baseline_probs(init: str, frame: pd.DataFrame, config: TrainConfig, cache: Path,
+                    say: Callable[[str], None]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The starting model (every member of an ensemble that takes this run's input) on every slice."""
+    from ichscan.data import SliceDataset
+    from ichscan.model import load_ensemble
+    from ichscan.windows import get_windows
+
+    ensemble = load_ensemble(init, labels=LABELS)
+    want = (tuple(get_windows(config.windows)), int(config.image_size))
+    members = [m for m in ensemble.members if (tuple(m.meta.windows), int(m.meta.image_size)) == want]
+    if len(members) < len(ensemble.members):
+        say(f"baseline: {len(ensemble.members) - len(members)} member(s) of {init} take other input; left out")
+    slices = SliceDataset(frame, config.image_size, config.windows, config.labels, cache=cache)
+    parts, weights = [], []
+    for m in members:
+        logits, _ = slice_features(m.model, slices, batch_size=config.batch_size)
+        parts.append(_sigmoid(m.model.to_labels(torch.from_numpy(logits)).numpy()))
+        weights.append(m.weight)
+    w = np.asarray(weights) / np.sum(weights)
+    probs = sum(wi * p for wi, p in zip(w, parts))
+    aggregation = (ensemble.manifest.aggregation if ensemble.manifest is not None else None) or {"method": "max"}
+    return probs, {"members": len(members), "aggregation": aggregation,
+                   "operating_points": ensemble.manifest.thresholds if ensemble.manifest is not None else None}
+
+
+def _check_resume(out: Path, record: dict[str, Any], resume: bool) -> None:
+    path = out / "crossval.json"
+    if path.is_file():
+        if not resume:
+            raise IchscanError("a cross-validation is already in this folder; continue it with --resume or "
+                               "choose another --out", out)
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in ("config", "options", "data")
+                         if _comparable(before.get(k), k) != _comparable(record.get(k), k))
+        if changed:
+            raise IchscanError(f"{', '.join(changed)} differ from the interrupted cross-validation's; resume "
+                               "with the same settings", out)
+    elif resume and any(out.glob("fold-*")):
+        raise IchscanError("no crossval.json to resume from; start again without --resume", out)
+
+
+def _comparable(value: Any, key: str) -> Any:
+    value = json.loads(json.dumps(value, default=str))
+    if key == "config" and isinstance(value, dict):
+        from ichscan.train import MACHINE_SETTINGS
+
+        return {k: v for k, v in value.items() if k not in MACHINE_SETTINGS}
+    if key == "options" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in RESUME_FREE}
+    return value
+
+
+def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os.PathLike, *,
+                 options: CrossvalOptions | None = None, labels_csv: str | os.PathLike | None = None,
+                 series_csv: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
+                 io_workers: int | None = None, resume: bool = False,
+                 report: Callable[[str], None] | None = None, progress: Callable[[Any], None] | None = None,
+                 data_progress: Callable[[str, int, int], None] | None = None) -> CrossvalResult:
+    """Cross-validate ``config`` on ``data`` and train the final model (see the module docstring)."""
+    from ichscan.data import assign_folds
+    from ichscan.metrics import choose_thresholds, evaluate
+    from ichscan.model import save_checkpoint
+    from ichscan.report import table1_markdown, write_roc, write_table1
+
+    options = options or CrossvalOptions()
+    say = report or (lambda line: log.info("%s", line))
+    out = Path(out_dir)
+    if options.folds < 2:
+        raise IchscanError(f"--folds {options.folds}: cross-validation needs at least 2")
+    original_init = config.init
+    config = resolve_init(config, say)
+    labels = list(config.labels)
+
+    level = "both" if config.label_level == "slice" else config.label_level
+    data_root = Path(data)
+    index_cache = None if os.access(data_root, os.W_OK) else out / "index.parquet"
+    loaded, targets = load_series_data(
+        data_root, level="both", labels_csv=labels_csv, series_csv=series_csv, index_cache=index_cache,
+        workers=io_workers,
+        progress=(lambda d, t: data_progress("index", d, t)) if data_progress else None, labels=labels)
+    for line in loaded.lines():
+        say(line)
+    frame = loaded.frame.reset_index(drop=True)
+    slice_truth = _slice_truth(frame, labels)  # kept for OOF slice metrics even when training withholds them
+    if level == "series":
+        frame = frame.copy()
+        frame[labels] = np.nan
+    if config.label_level == "slice" and np.isnan(slice_truth).all():
+        raise DataError("no slice labels to train on at --label-level slice; use --label-level series", data)
+
+    # Folds by patient, stratified on the series' `any`.
+    strat = frame[["patient_id", "study_uid"]].copy()
+    strat["any"] = targets.loc[frame["series_uid"].astype(str), "any"].to_numpy()
+    folds = assign_folds(strat, options.folds, seed=FOLD_SEED)
+    record = {"format": CROSSVAL_FORMAT, "config": config.to_dict(), "options": options.to_dict(),
+              "data": {"source": os.fspath(data), "slices": int(len(frame)), "series": int(len(targets)),
+                       "patients": int(frame["patient_id"].nunique()), "label_level": config.label_level}}
+    _check_resume(out, record, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "crossval.json", record)
+    series_rows = series_order(frame)
+    fold_table = pd.DataFrame({
+        "series_uid": [str(frame["series_uid"].iloc[r[0]]) for r in series_rows],
+        "patient_id": [str(frame["patient_id"].iloc[r[0]]) for r in series_rows],
+        "fold": [int(folds[r[0]]) for r in series_rows],
+    })
+    write_csv(out / "folds.csv", fold_table, index=False)
+    say(f"{len(fold_table)} series of {fold_table['patient_id'].nunique()} patients in {options.folds} folds "
+        f"(grouped by patient): " + ", ".join(str(int((fold_table['fold'] == k).sum())) for k in range(options.folds)))
+
+    cache_dir = Path(cache) if cache else out / "cache"
+    _ensure_cache(cache_dir, frame, config, io_workers,
+                  (lambda d, t: data_progress("cache", d, t)) if data_progress else None, say)
+
+    # ---- the starting model, unadapted, on every slice (its predictions depend on no fold)
+    baseline_path = out / "baseline_slices.npy"
+    baseline_info: dict[str, Any] = {}
+    if options.baseline and original_init:
+        if baseline_path.is_file() and (out / "baseline.json").is_file():
+            baseline = np.load(baseline_path)
+            baseline_info = json.loads((out / "baseline.json").read_text())
+        else:
+            say(f"scoring the starting model {original_init} on {len(frame)} slices")
+            baseline, baseline_info = _baseline_probs(original_init, frame, config, cache_dir, say)
+            write_npy(baseline_path, baseline.astype(np.float32))
+            write_json(out / "baseline.json", baseline_info)
+    else:
+        baseline = None
+
+    # ---- folds
+    oof_slice = np.full((len(frame), len(labels)), np.nan)
+    oof_context_slice = np.full((len(frame), len(labels)), np.nan)
+    series_probs: dict[str, dict[str, np.ndarray]] = {}
+    for k in range(options.folds):
+        fold_dir = out / f"fold-{k}"
+        done = fold_dir / "fold.json"
+        val_rows = np.flatnonzero(folds == k)
+        train_rows = np.flatnonzero(folds != k)
+        if not done.is_file():
+            say(f"fold {k + 1}/{options.folds}: training on {len(train_rows)} slices, "
+                f"predicting {len(val_rows)} of patients it never sees")
+            fold_config = dataclasses.replace(config, seed=config.seed + k)
+            _, train_set = _fold_sets(frame, train_rows, fold_config, cache_dir, targets)
+            model = _fit_backbone(fold_config, train_set, fold_dir, progress,
+                                  {"source": os.fspath(data), "crossval_fold": k, "train": train_set.summary()})
+            train_slices, _ = _fold_sets(frame, train_rows, fold_config, cache_dir, targets)
+            val_slices, _ = _fold_sets(frame, val_rows, fold_config, cache_dir, targets)
+            # Guard: the model predicting these patients was trained without them.
+            assert not set(train_slices.frame["patient_id"]) & set(val_slices.frame["patient_id"])
+            fold_out: dict[str, Any] = {"fold": k, "train_patients": sorted(set(train_slices.frame["patient_id"])),
+                                        "val_rows": val_rows.tolist()}
+            logits, emb = slice_features(model, val_slices, batch_size=config.batch_size)
+            probs = _sigmoid(logits)
+            fold_arrays = {"slice": probs}
+            if options.series_head:
+                _fit_head(model, train_slices, targets, options, fold_config, config.seed + k, say)
+                items = gather_series(val_slices.frame, logits, emb, targets, labels)
+                refined = apply_series_head(model.series_head, items)
+                ctx_slice = np.full_like(probs, np.nan)
+                for s, (sp, _) in zip(items, refined):
+                    ctx_slice[s.rows] = sp
+                fold_arrays["context_slice"] = ctx_slice
+                fold_arrays["context_series"] = np.stack([p for _, p in refined])
+                fold_arrays["context_uids"] = np.asarray([s.series_uid for s in items])
+                save_checkpoint(fold_dir / "model", model, {
+                    "windows": model_windows(config), "image_size": config.image_size,
+                    "config": fold_config.to_dict(), "data": {"crossval_fold": k}})
+            buf = io.BytesIO()
+            np.savez(buf, **fold_arrays)
+            write_bytes(fold_dir / "oof.npz", buf.getvalue())
+            write_json(done, fold_out)
+        arrays = np.load(fold_dir / "oof.npz")
+        oof_slice[val_rows] = arrays["slice"]
+        if options.series_head:
+            oof_context_slice[val_rows] = arrays["context_slice"]
+            for uid, p in zip(arrays["context_uids"], arrays["context_series"]):
+                series_probs.setdefault("context", {})[str(uid)] = p
+
+    # ---- OOF series table
+    items = [SeriesFeatures(str(frame["series_uid"].iloc[r[0]]), np.zeros((len(r), 0)), np.zeros((len(r), 0)),
+                            slice_truth[r], targets.loc[str(frame["series_uid"].iloc[r[0]]), labels].to_numpy(),
+                            r) for r in series_rows]
+    uids = [s.series_uid for s in items]
+    truth = np.stack([s.series_y for s in items]).astype(np.float64)
+    patients = fold_table["patient_id"].to_numpy()
+    table = fold_table.copy()
+    for name, j in zip(labels, range(len(labels))):
+        table[f"true_{name}"] = truth[:, j].astype(int)
+    columns: dict[str, np.ndarray] = {}
+    for method in _aggregations(options):
+        if method == "context":
+            probs = np.stack([series_probs["context"][u] for u in uids])
+        else:
+            probs = _series_probs(items, oof_slice, method, options.top_k)
+        columns[f"adapted_{method}"] = probs
+    if baseline is not None:
+        for method in SLICE_AGGREGATIONS:
+            columns[f"baseline_{method}"] = _series_probs(items, baseline, method, options.top_k)
+    for key, probs in columns.items():
+        for j, name in enumerate(labels):
+            table[f"{key}_{name}"] = probs[:, j]
+    write_csv(out / "oof_series.csv", table, index=False, float_format="%.6g")
+    slices_out = frame[["image_id", "series_uid", "patient_id", "z"]].copy()
+    slices_out["fold"] = folds
+    for j, name in enumerate(labels):
+        slices_out[f"true_{name}"] = slice_truth[:, j]
+        slices_out[f"prob_{name}"] = oof_slice[:, j]
+        if options.series_head:
+            slices_out[f"context_{name}"] = oof_context_slice[:, j]
+        if baseline is not None:
+            slices_out[f"baseline_{name}"] = baseline[:, j]
+    write_csv(out / "oof_slices.csv", slices_out, index=False, float_format="%.6g")
+
+    # ---- comparison, Table 1, Figure 1, thresholds
+    from ichscan.metrics import roc_auc, weighted_log_loss
+
+    rows = []
+    for key, probs in columns.items():
+        row = {"model": key.split("_", 1)[0], "aggregation": key.split("_", 1)[1]}
+        for j, name in enumerate(labels):
+            y = truth[:, j]
+            row[f"auc_{name}"] = roc_auc(y, probs[:, j]) if 0 < y.sum() < len(y) else float("nan")
+        row["weighted_log_loss"] = weighted_log_loss(truth, np.clip(probs, 0, 1), labels=labels)
+        rows.append(row)
+    known = ~np.isnan(slice_truth).any(axis=1)
+    if known.any():
+        for key, probs in (("adapted", oof_slice), ("baseline", baseline)):
+            if probs is None:
+                continue
+            row = {"model": key, "aggregation": "slices"}
+            for j, name in enumerate(labels):
+                y = slice_truth[known, j]
+                row[f"auc_{name}"] = roc_auc(y, probs[known, j]) if 0 < y.sum() < len(y) else float("nan")
+            row["weighted_log_loss"] = weighted_log_loss(slice_truth[known], probs[known], labels=labels)
+            rows.append(row)
+    comparison = pd.DataFrame(rows)
+    write_csv(out / "comparison.csv", comparison, index=False, float_format="%.4f")
+
+    primary = columns[f"adapted_{options.primary}"]
+    points = choose_thresholds(truth, primary, labels=labels, method=options.threshold_method,
+                               source={"crossval": os.fspath(out), "aggregation": options.primary,
+                                       "predictions": "out-of-fold series"})
+    write_json(out / "thresholds.json", points.to_dict())
+    ev = evaluate(truth, np.clip(primary, 0, 1), groups=patients, ids=uids, labels=labels,
+                  thresholds=points.thresholds, n_bootstrap=options.n_bootstrap, level="series",
+                  source={"crossval": os.fspath(out), "aggregation": options.primary, "predictions": "out-of-fold"})
+    write_table1(ev, out, stem="table1_series")
+    write_roc(ev, out, stem="roc_series")
+    slice_ev = None
+    if known.any():
+        slice_ev = evaluate(slice_truth[known], np.clip(oof_slice[known], 0, 1), groups=frame["patient_id"][known],
+                            labels=labels, thresholds=0.5, n_bootstrap=options.n_bootstrap, level="slice",
+                            source={"crossval": os.fspath(out), "predictions": "out-of-fold"})
+        write_table1(slice_ev, out, stem="table1_slices")
+        write_roc(slice_ev, out, stem="roc_slices")
+    write_text(out / "crossval.md", _markdown(record, comparison, ev, slice_ev, points, options, table1_markdown))
+
+    # ---- the final model, on everything, with the OOF operating points
+    final_path = None
+    if options.final:
+        final_dir = out / "final"
+        final_json = final_dir / "model.json"
+        if final_json.is_file():
+            final_path = final_json
+        else:
+            say(f"final model: training on all {len(frame)} slices of {len(targets)} series")
+            all_rows = np.arange(len(frame))
+            all_slices, train_set = _fold_sets(frame, all_rows, config, cache_dir, targets)
+            model = _fit_backbone(config, train_set, final_dir, progress,
+                                  {"source": os.fspath(data), "train": train_set.summary()})
+            if options.series_head:
+                _fit_head(model, all_slices, targets, options, config, config.seed + options.folds, say)
+            summary = {name: {"auc": ev[name].auc.value} for name in labels}
+            final_path = save_checkpoint(final_dir / "model", model, {
+                "windows": model_windows(config), "image_size": config.image_size, "config": config.to_dict(),
+                "data": {"source": os.fspath(data), "series": int(len(targets)), "slices": int(len(frame)),
+                         "label_level": config.label_level},
+                "metrics": {"crossval": os.fspath(out), "oof_series": summary},
+                "operating_points": points.to_dict(),
+                "aggregation": {"method": options.primary, "top_k": options.top_k},
+                "trained_on": f"{os.fspath(data)}: {len(targets)} series, {config.label_level} labels, fine-tuned "
+                              f"from {original_init or 'scratch'} (ichscan crossval)",
+            })
+        say(f"final model: {final_path}")
+    return CrossvalResult(out, table, comparison, ev, dict(points.thresholds), final_path)
+
+
+def model_windows(config: TrainConfig) -> list[dict[str, Any]]:
+    from ichscan.windows import get_windows
+
+    return [w.to_dict() for w in get_windows(config.windows)]
+
+
+def _markdown(record: dict[str, Any], comparison: pd.DataFrame, ev: Any, slice_ev: Any, points: Any,
+              options: CrossvalOptions, table1_markdown: Callable[[Any], str]) -> str:
+    data = record["data"]
+    lines = [
+        f"# Cross-validation: {data['source']}",
+        "",
+        f"{options.folds}-fold, grouped by patient: {data['series']} series of {data['patients']} patients, "
+        f"{data['slices']} slices, {data['label_level']} labels. Every prediction below comes from a model "
+        f"that never saw that patient (out of fold).",
+        "",
+        "## Models and aggregations (series AUC per label; weighted log loss)",
+        "",
+        "| model | aggregation | " + " | ".join(c[4:] for c in comparison.columns if c.startswith("auc_"))
+        + " | weighted log loss |",
+        "|---|---|" + "---|" * (sum(c.startswith("auc_") for c in comparison.columns) + 1),
+    ]
+    for _, row in comparison.iterrows():
+        cells = [f"{row[c]:.3f}" if pd.notna(row[c]) else "NA" for c in comparison.columns if c.startswith("auc_")]
+        lines.append(f"| {row['model']} | {row['aggregation']} | " + " | ".join(cells)
+                     + f" | {row['weighted_log_loss']:.4f} |")
+    lines += ["", "`baseline`: the starting model without adaptation; `adapted`: fine-tuned per fold. `slices`: "
+              "slice-level AUC over labelled slices.", "",
+              f"## Table 1: out-of-fold series, aggregation `{options.primary}`", "",
+              f"Thresholds ({points.method}) chosen on these same out-of-fold predictions: ACC, PREC and REC at "
+              "them are optimistic; AUC and log loss do not depend on them.", "", table1_markdown(ev)]
+    if slice_ev is not None:
+        lines += ["", "## Table 1: out-of-fold slices (threshold 0.5)", "", table1_markdown(slice_ev)]
+    return "\n".join(lines) + "\n"

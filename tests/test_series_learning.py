@@ -1,0 +1,375 @@
+"""Site adaptation (issue 12): series pooling and labels, the series head, fine-tuning from a checkpoint,
+series-label training on phantoms, and cross-validation whose out-of-fold predictions never come from a
+model that saw the patient."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ichscan.errors import DataError
+from ichscan.labels import LABELS
+from ichscan.metrics import roc_auc, weighted_log_loss
+from ichscan.series import (
+    HeadConfig,
+    SeriesHead,
+    mil_loss,
+    pool_logits,
+    read_series_labels,
+    series_targets,
+)
+
+# ------------------------------------------------------------------------------------------------ pooling
+
+
+def test_pool_logits_max_and_lse_values():
+    x = torch.tensor([[0.0, 1.0], [2.0, -1.0], [-3.0, 0.5]])  # 3 slices, 2 labels
+    assert pool_logits(x, "max").tolist() == [2.0, 1.0]
+    lse = pool_logits(x, "lse", sharpness=5.0)
+    expect = [math.log(sum(math.exp(5 * v) for v in col) / 3) / 5 for col in ([0, 2, -3], [1, -1, 0.5])]
+    assert lse.tolist() == pytest.approx(expect, abs=1e-6)
+    # between max - log(S)/r and max; equal slices give exactly their logit
+    assert all(2.0 - math.log(3) / 5 <= v <= 2.0 for v in lse[:1].tolist())
+    assert pool_logits(torch.full((4, 1), 0.7), "lse").item() == pytest.approx(0.7, abs=1e-6)
+
+
+def test_pool_logits_mask_ignores_padding():
+    x = torch.tensor([[[1.0], [5.0], [9.0]], [[2.0], [3.0], [0.0]]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    assert pool_logits(x, "max", mask).flatten().tolist() == [5.0, 3.0]
+    assert pool_logits(x, "lse", mask)[0].item() == pytest.approx(pool_logits(x[0, :2], "lse").item(), abs=1e-6)
+
+
+def test_mil_loss_is_rsna_log_loss_of_pooled_series():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 6)
+    lengths = torch.tensor([3, 4])
+    series_y = torch.tensor([[1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.float32)
+    slices = torch.full((7, 6), float("nan"))
+    loss = mil_loss(logits, {"series": series_y, "slices": slices, "lengths": lengths}, pooling="max")
+    pooled = torch.stack([logits[:3].max(0).values, logits[3:].max(0).values])
+    expect = weighted_log_loss(series_y.numpy(), torch.sigmoid(pooled).double().numpy())
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    # known slice labels add the slice loss
+    slices[:] = 0
+    both = mil_loss(logits, {"series": series_y, "slices": slices, "lengths": lengths}, pooling="max",
+                    slice_weight=1.0)
+    slice_part = weighted_log_loss(np.zeros((7, 6)), torch.sigmoid(logits).double().numpy())
+    assert both.item() == pytest.approx(expect + slice_part, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- series labels
+
+
+def test_read_series_labels_errors_name_the_line(tmp_path):
+    good = tmp_path / "series_labels.csv"
+    good.write_text("series_uid," + ",".join(LABELS) + "\n1.2.3,1,0,1,0,0,0\n1.2.4,0,0,0,0,0,0\n")
+    frame = read_series_labels(good)
+    assert frame["intraparenchymal"].tolist() == [1.0, 0.0]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("series_uid," + ",".join(LABELS) + "\n1.2.3,1,0,1,0,0,0\n1.2.4,0,0,yes,0,0,0\n")
+    with pytest.raises(DataError) as err:
+        read_series_labels(bad)
+    assert "line 3" in str(err.value) and "intraparenchymal" in str(err.value) and "bad.csv" in str(err.value)
+    assert "\n" not in str(err.value)
+    dup = tmp_path / "dup.csv"
+    dup.write_text("series_uid," + ",".join(LABELS) + "\n1.2.3,1,0,1,0,0,0\n1.2.3,0,0,0,0,0,0\n")
+    with pytest.raises(DataError, match="line 3: series 1.2.3 is labelled twice"):
+        read_series_labels(dup)
+    lacking = tmp_path / "lacking.csv"
+    lacking.write_text("series_uid,any\n1.2.3,1\n")
+    with pytest.raises(DataError, match="lack the columns"):
+        read_series_labels(lacking)
+
+
+def test_series_targets_from_series_file_else_slice_maximum():
+    frame = pd.DataFrame({"series_uid": ["a", "a", "b", "b"], "any": [0, 1, 0, 0],
+                          **{name: [0, 0, 0, 0] for name in LABELS[1:]}})
+    frame.loc[1, "subdural"] = 1
+    derived = series_targets(frame, None)
+    assert derived.loc["a", "any"] == 1 and derived.loc["a", "subdural"] == 1 and derived.loc["b", "any"] == 0
+    given = pd.DataFrame({"series_uid": ["b"], **{name: [1.0] for name in LABELS}})
+    mixed = series_targets(frame, given)
+    assert mixed.loc["b", "any"] == 1 and mixed.loc["a", "any"] == 1  # "a" falls back to its slices
+
+
+# --------------------------------------------------------------------------------------------- series head
+
+
+def test_untrained_series_head_is_lse_pooling_of_the_slice_logits():
+    torch.manual_seed(1)
+    head = SeriesHead(HeadConfig(in_features=16)).eval()
+    emb, logits = torch.randn(9, 16), torch.randn(9, 6)
+    slice_logits, series_logits = head(emb, logits)
+    assert torch.equal(slice_logits, logits)
+    assert torch.allclose(series_logits, pool_logits(logits, "lse"), atol=1e-6)
+    # padding in a batch changes nothing for the shorter series
+    emb2, logits2 = torch.randn(5, 16), torch.randn(5, 6)
+    batch_emb = torch.zeros(2, 9, 16)
+    batch_logits = torch.zeros(2, 9, 6)
+    batch_emb[0], batch_logits[0] = emb, logits
+    batch_emb[1, :5], batch_logits[1, :5] = emb2, logits2
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0] = True
+    mask[1, :5] = True
+    _, series_batch = head(batch_emb, batch_logits, mask)
+    assert torch.allclose(series_batch[1], head(emb2, logits2)[1], atol=1e-6)
+
+
+def test_series_head_travels_with_the_checkpoint(tmp_path):
+    from ichscan.model import attach_series_head, build_model, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(2)
+    model = build_model("resnet10t").eval()
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        logits, emb = model.forward_with_embedding(x)
+        assert torch.allclose(logits, model(x), atol=1e-6)
+    head = attach_series_head(model, HeadConfig(in_features=emb.shape[1]).to_dict())
+    for p in head.parameters():  # not the zero start: a head that has learnt something
+        torch.nn.init.normal_(p, std=0.1)
+    path = save_checkpoint(tmp_path / "ck", model, {"windows": ["brain", "blood", "soft_tissue"], "image_size": 32})
+    record = json.loads(path.read_text())
+    assert record["series_head"]["kind"] == "gru" and record["series_head"]["in_features"] == 512
+    loaded, _ = load_checkpoint(path)
+    with torch.no_grad():
+        a = model.series_context(emb, logits)
+        b = loaded.series_context(*reversed(loaded.forward_with_embedding(x)))
+    assert torch.allclose(a[1], b[1], atol=1e-5) and torch.allclose(a[0], b[0], atol=1e-5)
+
+
+def test_checkpoint_with_a_broken_series_head_record_is_refused(tmp_path):
+    from ichscan.errors import CheckpointError
+    from ichscan.model import build_model, load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "ck", build_model("resnet10t"), {"windows": ["brain"] * 3, "image_size": 32})
+    record = json.loads(path.read_text())
+    record["series_head"] = {"format": "ichscan-series-head/1", "kind": "lstm", "in_features": 512,
+                             "labels": list(LABELS), "hidden": 8, "dropout": 0.0}
+    path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="'series_head' is not usable: series head kind 'lstm'"):
+        load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------- fine-tuning
+
+
+class _Toy(torch.utils.data.Dataset):
+    """Separable toy slices: a bright square means every label positive."""
+
+    labels = LABELS
+
+    def __init__(self, n: int, seed: int):
+        g = np.random.default_rng(seed)
+        self.x = (g.random((n, 3, 32, 32)) * 60).astype(np.uint8)
+        self.y = (np.arange(n) % 2).astype(np.float32)
+        self.x[self.y == 1, :, 8:24, 8:24] = 250
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], np.full(len(LABELS), self.y[i], np.float32)
+
+
+def test_finetune_from_a_checkpoint_starts_from_its_weights_and_its_loss_falls(tmp_path):
+    from ichscan.augment import AugmentConfig
+    from ichscan.model import build_model, load_checkpoint, save_checkpoint
+    from ichscan.train import TrainConfig, train
+
+    torch.manual_seed(3)
+    start = build_model("resnet10t")
+    init = save_checkpoint(tmp_path / "start", start, {"windows": ["brain", "blood", "soft_tissue"],
+                                                       "image_size": 32})
+    config = TrainConfig.from_preset("finetune", init=str(init), image_size=32, epochs=4, batch_size=16, lr=1e-3,
+                                     warmup_steps=0, augment=AugmentConfig.none(), channels_last=False, seed=5)
+    # stopped before any step: the weights are the checkpoint's, not a fresh draw of the seed
+    first = train(config, _Toy(64, 0), None, tmp_path / "run0", stop_after_steps=1)
+    assert first.interrupted
+    result = train(config, _Toy(64, 0), None, tmp_path / "run")
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.5 * losses[0], losses
+    tuned, _ = load_checkpoint(result.last)
+    assert not torch.equal(tuned.backbone.conv1[0].weight, start.backbone.conv1[0].weight)
+    # what it learnt separates held-out toys
+    toys = _Toy(32, 9)
+    with torch.no_grad():
+        p = torch.sigmoid(tuned(torch.from_numpy(toys.x)))[:, 0].numpy()
+    assert roc_auc(toys.y, p) > 0.95
+
+
+def test_init_state_equals_checkpoint(tmp_path):
+    from ichscan.model import build_model, save_checkpoint
+    from ichscan.train import TrainConfig, _build_learner, Distributed
+
+    torch.manual_seed(4)
+    start = build_model("resnet10t")
+    init = save_checkpoint(tmp_path / "start", start, {"windows": ["brain", "blood", "soft_tissue"],
+                                                       "image_size": 32})
+    config = TrainConfig.from_preset("finetune", init=str(init), seed=123)
+    learner = _build_learner(config, torch.device("cpu"), Distributed(), total_steps=1, pretrained=True,
+                             amp_dtype=None, memory_format=torch.contiguous_format)
+    for (k, a), b in zip(learner.model.state_dict().items(), start.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+# ----------------------------------------------------------------------------------- phantoms, end to end
+
+
+@pytest.fixture(scope="module")
+def phantom_sets(tmp_path_factory):
+    """Small phantom sets in RSNA layout (real DICOM): 40 training studies and 16 test studies at 96 px."""
+    from ichscan.phantom import generate_dataset
+
+    root = tmp_path_factory.mktemp("phantoms")
+    generate_dataset(root / "train", studies=40, seed=11, size=96, slices=(10, 12))
+    generate_dataset(root / "test", studies=16, seed=12, size=96, slices=(10, 12))
+    return root
+
+
+def test_series_labels_alone_teach_the_model_on_phantoms(phantom_sets, tmp_path):
+    """Slice labels withheld (series_labels.csv only): the model still finds the bleeding series."""
+    from ichscan.model import load_checkpoint
+    from ichscan.predict import Predictor
+    from ichscan.train import RunInputs, TrainConfig, run_training
+
+    series_only = tmp_path / "series_only"
+    series_only.mkdir()
+    (series_only / "images").symlink_to(phantom_sets / "train" / "images")
+    (series_only / "series_labels.csv").write_text((phantom_sets / "train" / "series_labels.csv").read_text())
+    config = TrainConfig.from_preset("quick", label_level="series", image_size=96, epochs=6, series_batch=4,
+                                     lr=2e-3, seed=0)
+    result = run_training(config, RunInputs(series_only, val_data=None), tmp_path / "run")
+    meta_data = json.loads(Path(result.last).read_text())["data"]
+    assert meta_data["label_level"] == "series" and meta_data["train"]["positives"]["any"] == 0  # withheld
+    model, _ = load_checkpoint(result.last)
+    from ichscan.dicom import find_series
+
+    predictor = Predictor.from_models([model], image_size=96, tta="none", aggregation="max")
+    truth = pd.read_csv(phantom_sets / "test" / "series_labels.csv").set_index("series_uid")
+    probs, ys = [], []
+    for series in find_series(phantom_sets / "test" / "images").series:
+        pred = predictor.predict_series(series)
+        probs.append(pred.probs[0])
+        ys.append(truth.loc[series.series_uid, "any"])
+    assert 0 < sum(ys) < len(ys)
+    assert roc_auc(np.array(ys), np.array(probs)) >= 0.8
+
+
+def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tmp_path):
+    """Each series is predicted by its fold's model, trained without that patient; the OOF file holds exactly
+    that model's predictions; the final model carries the OOF thresholds and its series head."""
+    from ichscan.crossval import CrossvalOptions, run_crossval
+    from ichscan.data import SliceDataset
+    from ichscan.model import load_checkpoint, read_checkpoint_meta, save_checkpoint, build_model
+    from ichscan.series import HeadRecipe, slice_features
+    from ichscan.train import TrainConfig
+
+    torch.manual_seed(0)
+    init = save_checkpoint(tmp_path / "init", build_model("resnet10t"),
+                           {"windows": ["brain", "blood", "soft_tissue"], "image_size": 64})
+    config = TrainConfig.from_preset("finetune", init=str(init), epochs=1, max_steps_per_epoch=2, batch_size=16)
+    options = CrossvalOptions(folds=3, head=HeadRecipe(epochs=2), n_bootstrap=20)
+    out = tmp_path / "cv"
+    result = run_crossval(config, phantom_sets / "train", out, options=options)
+    folds = pd.read_csv(out / "folds.csv")
+    assert folds.groupby("patient_id")["fold"].nunique().max() == 1  # a patient lives in one fold
+    slices = pd.read_csv(out / "oof_slices.csv")
+    for k in range(3):
+        trained_on = set(json.loads((out / f"fold-{k}" / "fold.json").read_text())["train_patients"])
+        held = set(folds.loc[folds["fold"] == k, "patient_id"])
+        assert held and not trained_on & held
+        assert trained_on | held == set(folds["patient_id"])
+        # the OOF slice probabilities are the fold model's own predictions on those slices
+        model, meta = load_checkpoint(out / f"fold-{k}" / "model.json")
+        rows = slices[slices["fold"] == k].head(8)
+        frame = pd.read_parquet(phantom_sets / "train" / "ichscan_index.parquet").set_index("image_id")
+        part = frame.loc[rows["image_id"]].reset_index()
+        ds = SliceDataset(part, 64, ["brain", "blood", "soft_tissue"], LABELS)
+        logits, _ = slice_features(model, ds)
+        expect = 1 / (1 + np.exp(-logits[:, 0]))
+        assert np.allclose(rows["prob_any"].to_numpy(), expect, atol=1e-5)
+    series = pd.read_csv(out / "oof_series.csv")
+    assert len(series) == 40 and {"adapted_context_any", "adapted_max_any", "baseline_max_any"} <= set(series)
+    final = read_checkpoint_meta(result.final)
+    assert final.operating_points["thresholds"] == pytest.approx(result.thresholds)
+    assert final.record["aggregation"]["method"] == "context" and final.record["series_head"]["kind"] == "gru"
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    assert thresholds["source"]["predictions"] == "out-of-fold series"
+    table = (out / "table1_series.md").read_text()
+    assert "any" in table and (out / "roc_series.png").is_file() and (out / "crossval.md").is_file()
+    # resume: a finished cross-validation reruns from its files, to the same numbers
+    again = run_crossval(config, phantom_sets / "train", out, options=options, resume=True)
+    assert again.comparison.equals(result.comparison)
+    with pytest.raises(Exception, match="--resume"):
+        run_crossval(config, phantom_sets / "train", out, options=options)
+
+
+def test_predict_uses_the_checkpoints_series_head(tmp_path):
+    """``ichscan predict`` with a checkpoint that has a series head: series probabilities are the head's on the
+    model's own features, and --aggregation max still gives the maximum over slices."""
+    from ichscan.dicom import find_series
+    from ichscan.model import attach_series_head, build_model, save_checkpoint
+    from ichscan.phantom import generate_dataset
+    from ichscan.predict import Predictor
+
+    generate_dataset(tmp_path / "ph", studies=1, seed=3, size=64, slices=(8, 8), layout="series")
+    torch.manual_seed(6)
+    model = build_model("resnet10t").eval()
+    head = attach_series_head(model, HeadConfig(in_features=512).to_dict())
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    path = save_checkpoint(tmp_path / "ck", model, {"windows": ["brain", "blood", "soft_tissue"], "image_size": 64})
+    series = find_series(tmp_path / "ph").series[0]
+    predictor = Predictor.from_checkpoint(path, tta="none", precision="fp32")
+    assert predictor.aggregation == "context"
+    pred = predictor.predict_series(series)
+    kept, arrays, _ = predictor.decode_series(series)
+    x = torch.from_numpy(next(iter(arrays.values()))).float() / 255
+    with torch.no_grad():
+        logits, emb = model.forward_with_embedding(x)
+        slice_logits, series_logits = model.series_context(emb, logits)
+    assert pred.aggregation == "context"
+    assert np.allclose(pred.probs, torch.sigmoid(series_logits).numpy(), atol=1e-4)
+    assert np.allclose(pred.slice_probs, torch.sigmoid(slice_logits).numpy(), atol=1e-4)
+    plain = Predictor.from_checkpoint(path, tta="none", precision="fp32", aggregation="max").predict_series(series)
+    assert np.allclose(plain.probs, plain.slice_probs.max(axis=0))
+    assert not np.allclose(plain.probs, pred.probs, atol=1e-3)
+
+
+def test_cli_train_pretrained_checkpoint_loads_and_says_so(tmp_path, capsys):
+    """The reported bug: --pretrained with an ichscan checkpoint loaded nothing. Now every backbone tensor
+    loads and the run says so; a checkpoint of another architecture stops with one line naming the file."""
+    from ichscan.cli import main
+    from ichscan.model import build_model, load_checkpoint, save_checkpoint
+    from ichscan.phantom import generate_dataset
+
+    generate_dataset(tmp_path / "ph", studies=4, seed=2, size=64, slices=(6, 6))
+    torch.manual_seed(7)
+    start = save_checkpoint(tmp_path / "start", build_model("resnet10t"),
+                            {"windows": ["brain", "blood", "soft_tissue"], "image_size": 64})
+    common = ["train", str(tmp_path / "ph"), "--preset", "quick", "--image-size", "64", "--epochs", "1",
+              "--max-steps-per-epoch", "1", "--batch-size", "4", "--folds", "2", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--pretrained", str(start.with_suffix(".safetensors"))]) == 0
+    err = capsys.readouterr().err
+    assert "loaded 70/70 backbone tensors of resnet10t and its classifier" in err
+    assert main([*common, "--out", str(tmp_path / "b"), "--init", str(start)]) == 0
+    assert "init=" in capsys.readouterr().err
+    # one step at lr 1e-3 moves the weights only a little from the start, nowhere near a fresh draw
+    a, _ = load_checkpoint(tmp_path / "a" / "last.json")
+    s, _ = load_checkpoint(start)
+    fresh = build_model("resnet10t")
+    w = lambda m: m.backbone.conv1[0].weight  # noqa: E731
+    assert (w(a) - w(s)).abs().mean() < 0.2 * (w(fresh) - w(s)).abs().mean()
+    other = save_checkpoint(tmp_path / "other", build_model("resnet18"),
+                            {"windows": ["brain", "blood", "soft_tissue"], "image_size": 64})
+    assert main([*common, "--out", str(tmp_path / "c"), "--pretrained", str(other)]) == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("ichscan train: error:")
+    assert "other.json" in err[0] and "resnet18" in err[0]
