@@ -272,7 +272,8 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
         else:
             say(f"scoring the starting model {original_init} on {len(frame)} slices")
             baseline, baseline_info = _baseline_probs(original_init, frame, config, cache_dir, say)
-            write_npy(baseline_path, baseline.astype(np.float32))
+            baseline = baseline.astype(np.float32)  # as stored: a resumed run reads the very same numbers
+            write_npy(baseline_path, baseline)
             write_json(out / "baseline.json", baseline_info)
     else:
         baseline = None

@@ -419,7 +419,7 @@ def _build_learner(config: TrainConfig, device: torch.device, dist_info: Distrib
                    pretrained: bool | str, amp_dtype: torch.dtype | None,
                    memory_format: torch.memory_format) -> Learner:
     torch.manual_seed(config.seed)  # initial weights are a function of the seed
-    if config.init and pretrained is not False:
+    if config.init and pretrained is not None:
         from ichscan.model import init_model_from
 
         model, _, weights_report = init_model_from(config.init, labels=tuple(config.labels))
@@ -839,7 +839,8 @@ def train(
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     learner = _build_learner(config, device, dist_info, total_steps=steps * config.epochs, amp_dtype=amp_dtype,
                              memory_format=memory_format,
-                             pretrained=config.pretrained if saved is None else False)  # resume.pt has the weights
+                             # resume.pt has the weights: None loads nothing (neither --init nor --pretrained)
+                             pretrained=config.pretrained if saved is None else None)
     state = checkpointer.restore(saved, learner) if saved is not None else TrainState()
     metrics_path = out / "metrics.jsonl"
     if dist_info.is_main:
