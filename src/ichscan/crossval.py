@@ -221,7 +221,6 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     config = resolve_init(config, say)
     labels = list(config.labels)
 
-    level = "both" if config.label_level == "slice" else config.label_level
     data_root = Path(data)
     index_cache = None if os.access(data_root, os.W_OK) else out / "index.parquet"
     loaded, targets = load_series_data(
@@ -232,7 +231,7 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
         say(line)
     frame = loaded.frame.reset_index(drop=True)
     slice_truth = _slice_truth(frame, labels)  # kept for OOF slice metrics even when training withholds them
-    if level == "series":
+    if config.label_level == "series":  # withheld from training; still the truth for OOF slice metrics
         frame = frame.copy()
         frame[labels] = np.nan
     if config.label_level == "slice" and np.isnan(slice_truth).all():
@@ -291,10 +290,9 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
             say(f"fold {k + 1}/{options.folds}: training on {len(train_rows)} slices, "
                 f"predicting {len(val_rows)} of patients it never sees")
             fold_config = dataclasses.replace(config, seed=config.seed + k)
-            _, train_set = _fold_sets(frame, train_rows, fold_config, cache_dir, targets)
+            train_slices, train_set = _fold_sets(frame, train_rows, fold_config, cache_dir, targets)
             model = _fit_backbone(fold_config, train_set, fold_dir, progress,
                                   {"source": os.fspath(data), "crossval_fold": k, "train": train_set.summary()})
-            train_slices, _ = _fold_sets(frame, train_rows, fold_config, cache_dir, targets)
             val_slices, _ = _fold_sets(frame, val_rows, fold_config, cache_dir, targets)
             # Guard: the model predicting these patients was trained without them.
             assert not set(train_slices.frame["patient_id"]) & set(val_slices.frame["patient_id"])
