@@ -439,9 +439,8 @@ class Predictor:
                     m = len(x)
                     rows_logits.append(logits.float().reshape(len(views), m, -1).mean(0))
                     rows_emb.append(emb.float().reshape(len(views), m, -1).mean(0))
-                logits_sum, emb_sum = torch.cat(rows_logits), torch.cat(rows_emb)
-                slice_logits, series_logits = model.series_context(emb_sum.cpu(), logits_sum.cpu()) \
-                    if self.device.type == "cpu" else model.series_context(emb_sum, logits_sum)
+                logits_sum, emb_sum = torch.cat(rows_logits), torch.cat(rows_emb)  # (N, L), (N, D): one series
+                slice_logits, series_logits = model.series_context(emb_sum, logits_sum)
                 slice_parts.append(torch.sigmoid(slice_logits).double().cpu().numpy())
                 series_parts.append(torch.sigmoid(series_logits).double().cpu().numpy())
         probs = self.ensemble.average(slice_parts)
