@@ -223,12 +223,13 @@ def test_init_state_equals_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def phantom_sets(tmp_path_factory):
-    """Small phantom sets in RSNA layout (real DICOM): 40 training studies and 16 test studies at 96 px."""
+    """Small phantom sets in RSNA layout (real DICOM): 40 training studies and 40 test studies at 96 px (40, not
+    fewer: with 16 test series one misordered pair moves the AUC by 0.017 and the series-label test sat on its bar)."""
     from ichscan.phantom import generate_dataset
 
     root = tmp_path_factory.mktemp("phantoms")
     generate_dataset(root / "train", studies=40, seed=11, size=96, slices=(10, 12))
-    generate_dataset(root / "test", studies=16, seed=12, size=96, slices=(10, 12))
+    generate_dataset(root / "test", studies=40, seed=12, size=96, slices=(10, 12))
     return root
 
 
@@ -268,7 +269,11 @@ def test_series_labels_alone_teach_the_model_on_phantoms(phantom_sets, tmp_path)
         return roc_auc(ys, np.array([predictor.predict_series(s).probs[0] for s in test_series]))
 
     assert series_auc(blank) == 0.5  # a constant: knows nothing yet
-    assert series_auc(result.last) >= 0.8
+    learnt = series_auc(result.last)
+    # measured 0.83-0.84 over training seeds 0-2; the bundled classifier, trained on slice labels over the same
+    # frozen backbone, scores 0.82 on these series: series labels alone get as far as slice labels did
+    assert learnt >= 0.8
+    assert learnt >= series_auc(resolve_init_checkpoint("bundled")) - 0.03
 
 
 def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tmp_path):
