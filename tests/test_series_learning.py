@@ -201,6 +201,37 @@ def test_finetune_from_a_checkpoint_starts_from_its_weights_and_its_loss_falls(t
     assert roc_auc(toys.y, p) > 0.95
 
 
+def test_frozen_stages_keep_the_starting_weights_and_the_rest_learns(tmp_path):
+    """--freeze-stages 2: the stem and the first stage of the backbone end the run bit-identical to the starting
+    checkpoint (and their batch-norm statistics too), every later stage and the classifier move; a count
+    reaching the classifier is a one-line error."""
+    from ichscan.augment import AugmentConfig
+    from ichscan.errors import IchscanError
+    from ichscan.model import build_model, load_checkpoint, save_checkpoint
+    from ichscan.train import TrainConfig, frozen_stage_parameters, train
+
+    torch.manual_seed(3)
+    start = build_model("resnet10t")
+    init = save_checkpoint(tmp_path / "start", start, {"windows": ["brain", "blood", "soft_tissue"],
+                                                       "image_size": 32})
+    config = TrainConfig.from_preset("finetune", init=str(init), image_size=32, epochs=1, batch_size=16, lr=1e-3,
+                                     warmup_steps=0, augment=AugmentConfig.none(), channels_last=False,
+                                     freeze_stages=2)
+    tuned, _ = load_checkpoint(train(config, _Toy(32, 0), None, tmp_path / "run").last)
+    before, after = start.state_dict(), tuned.state_dict()
+    for name in before:
+        fixed = name.startswith(("backbone.conv1.", "backbone.bn1.", "backbone.layer1."))
+        moved = not torch.equal(before[name], after[name])
+        if fixed:
+            assert not moved, name
+    for name in ("backbone.layer2.0.conv1.weight", "backbone.layer4.0.conv2.weight", "backbone.fc.weight"):
+        assert not torch.equal(before[name], after[name]), name
+    assert len(frozen_stage_parameters(start.backbone, 2)) == 15  # resnet10t: stem 9 tensors, layer1 6
+    assert len(frozen_stage_parameters(start.backbone, 5)) == 42  # every tensor but the classifier's 2
+    with pytest.raises(IchscanError, match="5 stages before its classifier"):
+        frozen_stage_parameters(start.backbone, 6)
+
+
 def test_init_state_equals_checkpoint(tmp_path):
     """A run with --init starts from the checkpoint's weights, whatever the preset says of ImageNet weights."""
     from ichscan.model import build_model, save_checkpoint
@@ -281,8 +312,9 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
     that model's predictions; the final model carries the OOF thresholds and its series head."""
     from ichscan.crossval import CrossvalOptions, run_crossval
     from ichscan.data import SliceDataset
-    from ichscan.model import load_checkpoint, read_checkpoint_meta, save_checkpoint, build_model
-    from ichscan.series import HeadRecipe, slice_features
+    from ichscan.model import read_checkpoint_meta, save_checkpoint, build_model
+    from ichscan.predict import Predictor
+    from ichscan.series import HeadRecipe
     from ichscan.train import TrainConfig
 
     torch.manual_seed(0)
@@ -300,14 +332,14 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
         held = set(folds.loc[folds["fold"] == k, "patient_id"])
         assert held and not trained_on & held
         assert trained_on | held == set(folds["patient_id"])
-        # the OOF slice probabilities are the fold model's own predictions on those slices
-        model, meta = load_checkpoint(out / f"fold-{k}" / "model.json")
+        # the OOF slice probabilities are the fold model's own, as ichscan predict makes them (flip TTA)
         rows = slices[slices["fold"] == k].head(8)
         frame = pd.read_parquet(phantom_sets / "train" / "ichscan_index.parquet").set_index("image_id")
         part = frame.loc[rows["image_id"]].reset_index()
         ds = SliceDataset(part, 64, ["brain", "blood", "soft_tissue"], LABELS)
-        logits, _ = slice_features(model, ds)
-        expect = 1 / (1 + np.exp(-logits[:, 0]))
+        predictor = Predictor.from_checkpoint(out / f"fold-{k}" / "model.json", aggregation="max", precision="fp32")
+        assert predictor.tta == ("identity", "hflip")
+        expect = predictor.predict_arrays(np.stack([ds.image(i) for i in range(len(ds))]))[:, 0]
         assert np.allclose(rows["prob_any"].to_numpy(), expect, atol=1e-5)
     series = pd.read_csv(out / "oof_series.csv")
     assert len(series) == 40 and {"adapted_context_any", "adapted_max_any", "baseline_max_any"} <= set(series)
@@ -323,6 +355,58 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
     assert again.comparison.equals(result.comparison)
     with pytest.raises(Exception, match="--resume"):
         run_crossval(config, phantom_sets / "train", out, options=options)
+
+
+def test_crossval_fine_tunes_every_member_and_predicts_their_average(phantom_sets, tmp_path):
+    """--members 2 from a two-member ensemble: each fold trains both members (each from its own starting
+    weights), the OOF series probabilities are those of the fold's two models as an ensemble through
+    ichscan predict's own path (context aggregation), and the final model is an ensemble manifest of two
+    carrying the OOF thresholds."""
+    from ichscan.crossval import CrossvalOptions, run_crossval
+    from ichscan.dicom import find_series
+    from ichscan.model import build_model, init_member_checkpoints, load_checkpoint, read_manifest, \
+        save_checkpoint, write_ensemble
+    from ichscan.predict import Predictor
+    from ichscan.series import HeadRecipe
+    from ichscan.train import TrainConfig
+
+    meta = {"windows": ["brain", "blood", "soft_tissue"], "image_size": 64}
+    starts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        starts.append(save_checkpoint(tmp_path / f"start{seed}", build_model("resnet10t"), meta))
+    manifest = write_ensemble(tmp_path / "pair.json", starts)
+    assert [p.resolve() for p in init_member_checkpoints(manifest)] == [Path(p).resolve() for p in starts]
+    config = TrainConfig.from_preset("finetune", init=str(manifest), epochs=1, max_steps_per_epoch=1, batch_size=16)
+    options = CrossvalOptions(folds=2, members=2, head=HeadRecipe(epochs=1), n_bootstrap=10, baseline=False)
+    out = tmp_path / "cv"
+    result = run_crossval(config, phantom_sets / "train", out, options=options)
+    for k in range(2):
+        for i in range(2):
+            model, _ = load_checkpoint(out / f"fold-{k}" / f"member-{i}" / "model.json")
+            first = model.backbone.layer4[0].conv1.weight  # each member moved from its own start
+            own, _ = load_checkpoint(starts[i])
+            other, _ = load_checkpoint(starts[1 - i])
+            gap_own = (first - own.backbone.layer4[0].conv1.weight).abs().mean()
+            gap_other = (first - other.backbone.layer4[0].conv1.weight).abs().mean()
+            assert gap_own < 0.1 * gap_other
+    # fold 0's series, predicted by fold 0's two models as an ensemble (ichscan predict's path)
+    pair = write_ensemble(tmp_path / "fold0.json", [out / "fold-0" / f"member-{i}" / "model.json" for i in (0, 1)])
+    predictor = Predictor.from_checkpoint(pair, precision="fp32")
+    assert predictor.aggregation == "context"
+    folds = pd.read_csv(out / "folds.csv")
+    oof = pd.read_csv(out / "oof_series.csv").set_index("series_uid")
+    held = set(folds.loc[folds["fold"] == 0, "series_uid"].astype(str))
+    checked = 0
+    for series in find_series(phantom_sets / "train" / "images").series:
+        if str(series.series_uid) in held and checked < 3:
+            got = predictor.predict_series(series).prob("any")
+            assert oof.loc[str(series.series_uid), "adapted_context_any"] == pytest.approx(got, abs=1e-5)
+            checked += 1
+    assert checked == 3
+    final = read_manifest(result.final)
+    assert result.final.name == "ensemble.json" and len(final.members) == 2
+    assert final.thresholds == pytest.approx(result.thresholds) and final.aggregation["method"] == "context"
 
 
 def test_predict_uses_the_checkpoints_series_head(tmp_path):

@@ -74,10 +74,18 @@ class CrossvalOptions:
     n_bootstrap: int = 1000
     final: bool = True  # train the final model on all of the data
     baseline: bool = True  # score the starting model (--init) without adaptation on the same series
+    # Models per fold: the first ``members`` members of an ensemble --init, each fine-tuned (with its own series
+    # head), their probabilities averaged as ichscan predict averages an ensemble's; the final model is then
+    # an ensemble manifest of as many.
+    members: int = 1
+    # The views every out-of-fold prediction averages: ichscan predict's default, so that the estimate is
+    # of what predict will do.
+    tta: tuple[str, ...] = ("identity", "hflip")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["head"] = dataclasses.asdict(self.head)
+        d["tta"] = list(self.tta)
         return d
 
     @property
@@ -130,6 +138,62 @@ def _fit_backbone(config: TrainConfig, train_set: Any, out: Path, progress: Any,
                    data_summary=summary)
     model, _ = load_checkpoint(result.last)
     return model
+
+
+def _member_configs(config: TrainConfig, init: str | None, members: int,
+                    say: Callable[[str], None]) -> list[TrainConfig]:
+    """One training config per model of a fold: ``config`` resolved against each of the first ``members``
+    checkpoints of ``init``; all must take the same input (windows and size), as one preprocessing serves them."""
+    if members < 1:
+        raise IchscanError(f"--members {members}: at least one model per fold")
+    if members == 1 or not init:
+        if members > 1:
+            raise IchscanError(f"--members {members} fine-tunes members of an ensemble --init; there is no --init")
+        return [resolve_init(config, say)]
+    from ichscan.model import init_member_checkpoints
+
+    paths = init_member_checkpoints(init)
+    if len(paths) < members:
+        raise IchscanError(f"--members {members}: --init {init} has {len(paths)}")
+    configs = [resolve_init(dataclasses.replace(config, init=str(p)), say) for p in paths[:members]]
+    first = configs[0]
+    for c in configs[1:]:
+        if (c.windows, c.image_size) != (first.windows, first.image_size):
+            raise IchscanError(f"--members {members}: {c.init} takes {c.image_size} px {list(c.windows)}, member 1 "
+                               f"{first.image_size} px {list(first.windows)}; fine-tune members of one input only")
+    return configs
+
+
+def _member_dir(fold_dir: Path, i: int, n: int) -> Path:
+    return fold_dir if n == 1 else fold_dir / f"member-{i}"
+
+
+def _predict_slices(models: Sequence[Any], slices: Any, config: TrainConfig, options: CrossvalOptions
+                    ) -> dict[str, np.ndarray]:
+    """Out-of-fold predictions made as ``ichscan predict`` makes them (``Predictor``, one series at a time, the
+    TTA views averaged, the members averaged): slice probabilities, and with a series head the context
+    slice and series probabilities."""
+    from ichscan.predict import Predictor
+
+    common = dict(windows=model_windows(config), image_size=config.image_size, tta=options.tta,
+                  batch_size=config.batch_size, device=config.device or "cpu")
+    plain = Predictor.from_models(models, aggregation="max", **common)
+    context = Predictor.from_models(models, aggregation="context", **common) if options.series_head else None
+    n, width = len(slices), len(config.labels)
+    out: dict[str, Any] = {"slice": np.full((n, width), np.nan)}
+    if context is not None:
+        out.update(context_slice=np.full((n, width), np.nan), context_series=[], context_uids=[])
+    for rows in series_order(slices.frame):
+        images = np.stack([slices.image(int(i)) for i in rows])
+        out["slice"][rows] = plain.predict_arrays(images)
+        if context is not None:
+            out["context_slice"][rows] = context.predict_arrays(images)
+            out["context_series"].append(np.asarray(context._series_probs, dtype=np.float64))
+            out["context_uids"].append(str(slices.frame["series_uid"].iloc[rows[0]]))
+    if context is not None:
+        out["context_series"] = np.stack(out["context_series"])
+        out["context_uids"] = np.asarray(out["context_uids"])
+    return out
 
 
 def _fold_sets(frame: pd.DataFrame, rows: np.ndarray, config: TrainConfig, cache: Path, targets: pd.DataFrame):
@@ -218,7 +282,8 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     if options.folds < 2:
         raise IchscanError(f"--folds {options.folds}: cross-validation needs at least 2")
     original_init = config.init
-    config = resolve_init(config, say)
+    member_configs = _member_configs(config, original_init, options.members, say)
+    config = member_configs[0]
     labels = list(config.labels)
 
     data_root = Path(data)
@@ -291,29 +356,25 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
                 f"predicting {len(val_rows)} of patients it never sees")
             fold_config = dataclasses.replace(config, seed=config.seed + k)
             train_slices, train_set = _fold_sets(frame, train_rows, fold_config, cache_dir, targets)
-            model = _fit_backbone(fold_config, train_set, fold_dir, progress,
-                                  {"source": os.fspath(data), "crossval_fold": k, "train": train_set.summary()})
             val_slices, _ = _fold_sets(frame, val_rows, fold_config, cache_dir, targets)
-            # Guard: the model predicting these patients was trained without them.
+            # Guard: the models predicting these patients were trained without them.
             assert not set(train_slices.frame["patient_id"]) & set(val_slices.frame["patient_id"])
             fold_out: dict[str, Any] = {"fold": k, "train_patients": sorted(set(train_slices.frame["patient_id"])),
-                                        "val_rows": val_rows.tolist()}
-            logits, emb = slice_features(model, val_slices, batch_size=config.batch_size)
-            probs = _sigmoid(logits)
-            fold_arrays = {"slice": probs}
-            if options.series_head:
-                _fit_head(model, train_slices, targets, options, fold_config, config.seed + k, say)
-                items = gather_series(val_slices.frame, logits, emb, targets, labels)
-                refined = apply_series_head(model.series_head, items)
-                ctx_slice = np.full_like(probs, np.nan)
-                for s, (sp, _) in zip(items, refined):
-                    ctx_slice[s.rows] = sp
-                fold_arrays["context_slice"] = ctx_slice
-                fold_arrays["context_series"] = np.stack([p for _, p in refined])
-                fold_arrays["context_uids"] = np.asarray([s.series_uid for s in items])
-                save_checkpoint(fold_dir / "model", model, {
-                    "windows": model_windows(config), "image_size": config.image_size,
-                    "config": fold_config.to_dict(), "data": {"crossval_fold": k}})
+                                        "val_rows": val_rows.tolist(), "members": len(member_configs)}
+            models = []
+            for i, member_config in enumerate(member_configs):
+                seed = config.seed + k + 100 * i
+                member_dir = _member_dir(fold_dir, i, len(member_configs))
+                member_config = dataclasses.replace(member_config, seed=seed)
+                model = _fit_backbone(member_config, train_set, member_dir, progress,
+                                      {"source": os.fspath(data), "crossval_fold": k, "train": train_set.summary()})
+                if options.series_head:
+                    _fit_head(model, train_slices, targets, options, member_config, seed, say)
+                    save_checkpoint(member_dir / "model", model, {
+                        "windows": model_windows(config), "image_size": config.image_size,
+                        "config": member_config.to_dict(), "data": {"crossval_fold": k}})
+                models.append(model)
+            fold_arrays = _predict_slices(models, val_slices, config, options)
             buf = io.BytesIO()
             np.savez(buf, **fold_arrays)
             write_bytes(fold_dir / "oof.npz", buf.getvalue())
@@ -408,28 +469,45 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     final_path = None
     if options.final:
         final_dir = out / "final"
-        final_json = final_dir / "model.json"
+        n = len(member_configs)
+        final_json = final_dir / ("model.json" if n == 1 else "ensemble.json")
         if final_json.is_file():
             final_path = final_json
         else:
-            say(f"final model: training on all {len(frame)} slices of {len(targets)} series")
+            say(f"final model: training {'' if n == 1 else f'{n} models '}on all {len(frame)} slices of "
+                f"{len(targets)} series")
             all_rows = np.arange(len(frame))
             all_slices, train_set = _fold_sets(frame, all_rows, config, cache_dir, targets)
-            model = _fit_backbone(config, train_set, final_dir, progress,
-                                  {"source": os.fspath(data), "train": train_set.summary()})
-            if options.series_head:
-                _fit_head(model, all_slices, targets, options, config, config.seed + options.folds, say)
             summary = {name: {"auc": ev[name].auc.value} for name in labels}
-            final_path = save_checkpoint(final_dir / "model", model, {
-                "windows": model_windows(config), "image_size": config.image_size, "config": config.to_dict(),
-                "data": {"source": os.fspath(data), "series": int(len(targets)), "slices": int(len(frame)),
-                         "label_level": config.label_level},
+            about = {
                 "metrics": {"crossval": os.fspath(out), "oof_series": summary},
                 "operating_points": points.to_dict(),
                 "aggregation": {"method": options.primary, "top_k": options.top_k},
                 "trained_on": f"{os.fspath(data)}: {len(targets)} series, {config.label_level} labels, fine-tuned "
                               f"from {original_init or 'scratch'} (ichscan crossval)",
-            })
+            }
+            checkpoints = []
+            for i, member_config in enumerate(member_configs):
+                seed = config.seed + options.folds + 100 * i
+                member_config = dataclasses.replace(member_config, seed=config.seed + 100 * i)
+                member_dir = _member_dir(final_dir, i, n)
+                model = _fit_backbone(member_config, train_set, member_dir, progress,
+                                      {"source": os.fspath(data), "train": train_set.summary()})
+                if options.series_head:
+                    _fit_head(model, all_slices, targets, options, member_config, seed, say)
+                checkpoints.append(save_checkpoint(member_dir / "model", model, {
+                    "windows": model_windows(config), "image_size": config.image_size,
+                    "config": member_config.to_dict(),
+                    "data": {"source": os.fspath(data), "series": int(len(targets)), "slices": int(len(frame)),
+                             "label_level": config.label_level},
+                    **(about if n == 1 else {}),
+                }))
+            if n == 1:
+                final_path = checkpoints[0]
+            else:
+                from ichscan.model import write_ensemble
+
+                final_path = write_ensemble(final_json, checkpoints, sha256=True, extra=about)
         say(f"final model: {final_path}")
     return CrossvalResult(out, table, comparison, ev, dict(points.thresholds), final_path)
 

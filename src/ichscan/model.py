@@ -688,6 +688,15 @@ def resolve_init_checkpoint(source: str | os.PathLike) -> Path:
     return _init_source(source).meta.path
 
 
+def init_member_checkpoints(source: str | os.PathLike) -> list[Path]:
+    """Every checkpoint JSON ``source`` holds, in order: a manifest's (or ``"bundled"``'s) members, or the one
+    checkpoint (recorded hashes checked); CheckpointError for anything else."""
+    path = resolve_checkpoint(source) if isinstance(source, str) and source == BUNDLED else Path(source)
+    if is_manifest(path):
+        return [Path(m.checkpoint) for m in read_manifest(path).members]
+    return [resolve_init_checkpoint(source)]
+
+
 def _init_source(source: str | os.PathLike) -> _WeightsSource:
     src = _weights_source(source, what="init")
     if src.meta is None:

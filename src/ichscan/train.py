@@ -87,6 +87,11 @@ class TrainConfig:
     # windows and image size rule. ``freeze_epochs``: epochs with only the classifier training.
     init: str | None = None
     freeze_epochs: int = 0
+    # Leading stages of the backbone kept as the starting model has them for the whole run (the stem counts as
+    # one; timm's coarse parameter groups): low-level features carry across sites, the few series a site has
+    # are better spent on the later stages, and no gradient is computed through the early, full-resolution
+    # layers (resnet10t, 160 px, 2 cores: 28 images/s trained whole, 46 with the stem and first stage frozen).
+    freeze_stages: int = 0
     # Batch-norm statistics kept as the starting model learnt them (affine weights still train). A model
     # trained on phantoms has its weights tuned to phantom statistics: re-estimating them from a site's
     # augmented batches moved ctich-dev slice AUC from 0.887 to 0.42 in two steps (docs/training.md).
@@ -525,7 +530,7 @@ def train_one_epoch(net: torch.nn.Module, learner: Learner, loader: DataLoader, 
     # wait for the host every step.
     loss_total = torch.tensor(state.loss_sum, dtype=torch.float64, device=device)
     batches = loader if state.step_in_epoch < steps else ()
-    _set_frozen(learner.model, state.epoch < config.freeze_epochs)
+    _set_frozen(learner.model, state.epoch < config.freeze_epochs, config.freeze_stages)
     if config.freeze_bn:
         _freeze_batchnorm_stats(learner.model)
     for images, targets in batches:
@@ -593,13 +598,36 @@ def _to_device(targets: Any, device: torch.device) -> Any:
     return targets.to(device, non_blocking=True)
 
 
-def _set_frozen(model: torch.nn.Module, frozen: bool) -> None:
+def _set_frozen(model: torch.nn.Module, frozen: bool, stages: int = 0) -> None:
     """Freeze (or free) every backbone parameter but the classifier's: the first ``freeze_epochs`` of a
-    fine-tune adapt the classifier (and batch-norm statistics) before the features move."""
+    fine-tune adapt the classifier (and batch-norm statistics) before the features move. The first
+    ``stages`` stages (``frozen_stage_parameters``) stay frozen either way."""
     backbone = unwrap(model).backbone
     classifier = {id(p) for p in backbone.get_classifier().parameters()}
+    fixed = {id(p) for p in frozen_stage_parameters(backbone, stages)}
     for p in backbone.parameters():
-        p.requires_grad_(not frozen or id(p) in classifier)
+        p.requires_grad_((not frozen or id(p) in classifier) and id(p) not in fixed)
+
+
+def frozen_stage_parameters(backbone: torch.nn.Module, stages: int) -> list[torch.nn.Parameter]:
+    """The parameters of the backbone's first ``stages`` stages, the stem being the first: timm's coarse
+    parameter groups (``group_matcher``), which every timm CNN defines in input-to-output order."""
+    if stages <= 0:
+        return []
+    from timm.models import group_parameters
+
+    matcher = getattr(backbone, "group_matcher", None)
+    if matcher is None:
+        raise IchscanError(f"{type(backbone).__name__} does not name its stages (no timm group_matcher); "
+                           "use freeze_stages 0")
+    groups = group_parameters(backbone, matcher(coarse=True))
+    params = dict(backbone.named_parameters())
+    chosen = [params[n] for g in sorted(groups)[:stages] for n in groups[g]]
+    classifier = {id(p) for p in backbone.get_classifier().parameters()}
+    if stages >= len(groups) or any(id(p) in classifier for p in chosen):
+        raise IchscanError(f"freeze_stages {stages}: {type(backbone).__name__} has {len(groups) - 1} stages before "
+                           "its classifier")
+    return chosen
 
 
 def _freeze_batchnorm_stats(model: torch.nn.Module) -> None:

@@ -49,11 +49,18 @@ def register(subparsers) -> None:
     r.add_argument("--freeze-epochs", type=int)
     r.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="keep batch-norm statistics as the starting model has them (finetune default: on)")
+    r.add_argument("--freeze-stages", type=int,
+                   help="leading backbone stages (the stem counts as one) kept as the starting model has them")
     r.add_argument("--mil-pooling", choices=("lse", "max"))
     r.add_argument("--max-steps-per-epoch", type=int)
     r.add_argument("--arch", help="architecture, when --init none")
     r.add_argument("--image-size", type=int, help="image size, when --init none")
     s = p.add_argument_group("series head and evaluation")
+    s.add_argument("--members", type=int, default=1,
+                   help="models per fold: the first N members of an ensemble --init (bundled has 2), each "
+                        "fine-tuned, averaged as predict averages an ensemble (default 1)")
+    s.add_argument("--tta", default="identity,hflip",
+                   help="views averaged in every out-of-fold prediction (default: predict's, identity,hflip)")
     s.add_argument("--no-series-head", action="store_true", help="aggregate slices by maximum instead")
     s.add_argument("--head", choices=("gru", "conv"), default="gru", help="series head kind (default gru)")
     s.add_argument("--head-epochs", type=int, default=40)
@@ -91,13 +98,15 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ichscan.crossval import CrossvalOptions, run_crossval
+    from ichscan.predict.predictor import resolve_tta
     from ichscan.series import HeadRecipe
     from ichscan.train import TrainConfig
 
     say = lambda line: print(line, file=sys.stderr)  # noqa: E731
     init = None if args.init in ("none", "") else args.init
     overrides = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                     freeze_epochs=args.freeze_epochs, freeze_bn=args.freeze_bn, mil_pooling=args.mil_pooling,
+                     freeze_epochs=args.freeze_epochs, freeze_bn=args.freeze_bn,
+                     freeze_stages=args.freeze_stages, mil_pooling=args.mil_pooling,
                      max_steps_per_epoch=args.max_steps_per_epoch, device=args.device, precision=args.precision,
                      arch=args.arch, image_size=args.image_size, init=init, label_level=_label_level(args))
     if init is None and args.preset == "finetune":
@@ -105,7 +114,8 @@ def run(args) -> int:
     config = TrainConfig.from_preset(args.preset, **overrides)
     options = CrossvalOptions(folds=args.folds, series_head=not args.no_series_head, head_kind=args.head,
                               head=HeadRecipe(epochs=args.head_epochs), threshold_method=args.threshold_method,
-                              n_bootstrap=args.bootstrap, final=not args.no_final, baseline=not args.no_baseline)
+                              n_bootstrap=args.bootstrap, final=not args.no_final, baseline=not args.no_baseline,
+                              members=args.members, tta=resolve_tta(args.tta))
     bars: dict[str, tqdm] = {}
 
     def progress(event) -> None:

@@ -62,6 +62,8 @@ def register(subparsers) -> None:
     m.add_argument("--freeze-epochs", type=int, help="epochs training only the classifier before the backbone")
     m.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="keep batch-norm statistics as the starting model has them (finetune default: on)")
+    m.add_argument("--freeze-stages", type=int,
+                   help="leading backbone stages (the stem counts as one) kept as the starting model has them")
     w = m.add_mutually_exclusive_group()
     w.add_argument("--init", metavar="CKPT",
                    help="start from an ichscan checkpoint, ensemble manifest (its first member) or 'bundled': "
@@ -110,6 +112,7 @@ def config_from_args(args):
         augment=AugmentConfig.none() if args.no_augment else None,
         init=init, label_level=getattr(args, "label_level", None), mil_pooling=getattr(args, "mil_pooling", None),
         freeze_epochs=getattr(args, "freeze_epochs", None), freeze_bn=getattr(args, "freeze_bn", None),
+        freeze_stages=getattr(args, "freeze_stages", None),
     )
     return TrainConfig.from_preset(preset, **overrides)
 
