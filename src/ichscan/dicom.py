@@ -32,6 +32,7 @@ Choices worth knowing (docs/contracts.md has the records' fields):
   so its largest component is positive (inferior to superior for axial), falling back to InstanceNumber
   when a slice lacks geometry or positions repeat. Every dropped file is reported with its reason.
 * **Paths inside zips** read as ``archive.zip/member/name.dcm``; ``read_slice`` accepts such paths too.
+* **NIfTI** (``.nii`` / ``.nii.gz``) files met on the way are read by ``ichscan.nifti``: one series each.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ class CTSlice:
     def image_id(self) -> str:
         """RSNA's ``ID_<hex>`` when the file stem looks like one, else the SOP instance UID (+ ``_<frame>``)."""
         stem = Path(self.path).stem
-        if _RSNA_STEM.match(stem):
+        if _RSNA_STEM.match(stem) and self.frame is None:  # frames of one file need ids of their own
             return stem
         return self.sop_uid if self.frame is None else f"{self.sop_uid}_{self.frame}"
 
@@ -854,7 +855,13 @@ def _as_list(value) -> list:
     return [value]
 
 
-def _read_source(src: _Source, *, pixels: bool, allow_non_ct: bool) -> list[CTSlice]:
+def _read_source(src: _Source, *, pixels: bool, allow_non_ct: bool, root: str | os.PathLike | None = None
+                 ) -> list[CTSlice]:
+    # here, not at the top: nifti imports this module, and nibabel is loaded only when a NIfTI file is met
+    from ichscan import nifti
+
+    if nifti.is_nifti(src.path):  # one volume: a slice per axial plane; named by its path under ``root``
+        return nifti.read_nifti(src.path, pixels=pixels, data=src.data, name=nifti.series_name(src.path, root))
     ds = _dcmread(src, pixels=pixels)
     _check_image(ds, src.path, allow_non_ct)
     return _slices_from(ds, src, pixels)
@@ -1042,6 +1049,7 @@ def iter_hu(slices: Iterable[CTSlice], *, allow_non_ct: bool = False
 
 def find_series(path: str | os.PathLike, *, pixels: bool = False, allow_non_ct: bool = False) -> StudyScan:
     """Every usable series in a file, folder (recursive) or zip, and every file left out with its reason.
+    A ``.nii`` / ``.nii.gz`` file is one series (``ichscan.nifti``), named by its path under ``path``.
 
     ``pixels=False`` reads headers only (fast for inspecting large folders; truncation of uncompressed
     pixel data is still caught); ``CTSeries.volume()`` reads the pixels later.
@@ -1053,7 +1061,7 @@ def find_series(path: str | os.PathLike, *, pixels: bool = False, allow_non_ct: 
             skipped.append(src)
             continue
         try:
-            for s in _read_source(src, pixels=pixels, allow_non_ct=allow_non_ct):
+            for s in _read_source(src, pixels=pixels, allow_non_ct=allow_non_ct, root=path):
                 groups[s.series_uid].append(s)
         except IchscanError as err:
             skipped.append(SkippedFile(src.path, err.reason, type(err).__name__))

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ichscan.dicom import CTSeries, CTSlice, find_series, read_slices
 from ichscan.errors import IchscanError, SeriesError
+from ichscan.nifti import is_nifti
 from ichscan.windows import PAPER_WINDOWS, Window, get_windows, window_image
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ def render_path(
     allow_non_ct: bool = False,
     tile: int | None = None,
 ) -> Rendered:
-    """A single-slice file as one row of windows; a multi-frame file, folder or zip as a contact sheet.
+    """A single-slice file as one row of windows; a multi-frame file, NIfTI volume, folder or zip as a
+    contact sheet (a NIfTI volume's axial slices, as ``ichscan.nifti`` lays them out).
 
     With several series the largest is drawn unless ``series_uid`` picks one.
     """
@@ -138,7 +140,7 @@ def render_path(
         raise IchscanError(f"max_slices {max_slices}: expected at least 1 slice on a sheet")
     ws = get_windows(windows)
     text = os.fspath(path)
-    if os.path.isfile(text) and not text.lower().endswith(".zip"):
+    if os.path.isfile(text) and not text.lower().endswith(".zip") and not is_nifti(text):
         slices = read_slices(text, allow_non_ct=allow_non_ct)
         if len(slices) == 1:
             s = slices[0]

@@ -12,8 +12,10 @@ examples:
   ichscan inspect study_folder/            (recursive)
   ichscan inspect study.zip --json > study.json
   ichscan inspect pet_ct/ --any-modality   (read non-CT images too)
+  ichscan inspect ct.nii.gz                (a NIfTI volume in HU: one series, named by its file)
 
-Headers only: quick on large folders; truncated uncompressed pixel data is still caught.
+Headers only: quick on large folders; truncated uncompressed pixel data (and a NIfTI file shorter than its
+header says) is still caught.
 Exit status 0 when at least one usable series was found, 1 otherwise.
 """
 
@@ -21,13 +23,14 @@ Exit status 0 when at least one usable series was found, 1 otherwise.
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "inspect",
-        help="list the CT series in a DICOM file, folder or zip, and skipped files with reasons",
+        help="list the CT series in a DICOM file, NIfTI volume, folder or zip, and skipped files with reasons",
         description="Series (UIDs, slices, slice spacing and thickness as ranges with warnings, ordering, tilt, "
                     "fixes) and skipped files.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", help="a DICOM file, a folder (searched recursively) or a .zip")
+    p.add_argument("path", help="a DICOM file, a NIfTI volume (.nii, .nii.gz), a folder (searched recursively) "
+                   "or a .zip")
     p.add_argument("--json", action="store_true", help="print JSON for machines instead of a table")
     p.add_argument("--any-modality", action="store_true", help="accept non-CT images (MR, NM, ...)")
     p.add_argument("--keep-patient-id", action="store_true",

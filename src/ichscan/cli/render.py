@@ -12,6 +12,7 @@ examples:
   ichscan render study_folder/ --out sheet.png --max-slices 25
   ichscan render study.zip --out sheet.png --series 1.2.840....   (pick a series; default the largest)
   ichscan render scan.dcm --out bone.png --windows brain,bone
+  ichscan render ct.nii.gz --out sheet.png           (a NIfTI volume in HU: its axial slices)
 
 Windows are level/width presets: brain 40/80, blood 80/200, soft_tissue 40/380, bone 600/2800.
 Research software, not a medical device: pictures are for checking data, not for diagnosis.
@@ -21,16 +22,17 @@ Research software, not a medical device: pictures are for checking data, not for
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "render",
-        help="draw a DICOM slice or series in CT windows side by side (PNG)",
+        help="draw a DICOM slice, a series or a NIfTI volume in CT windows side by side (PNG)",
         description="A slice, or a series as a contact sheet, in the paper's three windows side by side.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", help="a DICOM file, a folder or a .zip")
+    p.add_argument("path", help="a DICOM file, a NIfTI volume (.nii, .nii.gz), a folder or a .zip")
     p.add_argument("--out", "-o", required=True, help="PNG to write")
     p.add_argument("--windows", default="brain,blood,soft_tissue", help="comma-separated presets")
     p.add_argument("--max-slices", type=int, default=16, help="slices on a contact sheet, evenly spread (default 16)")
-    p.add_argument("--series", help="SeriesInstanceUID to draw when there are several")
+    p.add_argument("--series", help="SeriesInstanceUID to draw when there are several (a NIfTI volume's is its "
+                   "path under the folder given)")
     p.add_argument("--tile", type=int, help="pixels per slice image (default: 512 for one slice, smaller on sheets)")
     p.add_argument("--any-modality", action="store_true", help="accept non-CT images (MR, NM, ...)")
     p.set_defaults(func=run)

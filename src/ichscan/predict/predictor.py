@@ -143,20 +143,27 @@ def _windowed_series(series: Any, preps: Sequence[tuple], allow_non_ct: bool = F
 
     kept, bad = [], []
     out: dict[tuple, list[np.ndarray]] = {prep: [] for prep in preps}
-    frames: dict[str, dict] = {}
+    frames: dict[str, dict | IchscanError] = {}
     for s in series.slices:
         try:
             if getattr(s, "hu", None) is not None:
                 images = [window_image(s.hu, windows, size, np.uint8) for windows, size in preps]
             elif getattr(s, "frame", None) is not None:
-                if s.path not in frames:  # one multi-frame object decoded at a time
-                    frames = {s.path: {f.frame: f for f in read_slices(s.path, allow_non_ct=allow_non_ct)}}
-                hu = frames[s.path][s.frame].hu
+                if s.path not in frames:  # one multi-frame object (or NIfTI volume) decoded at a time
+                    try:
+                        frames = {s.path: {f.frame: f for f in read_slices(s.path, allow_non_ct=allow_non_ct)}}
+                    except IchscanError as err:  # kept: its other frames fail alike, without decoding again
+                        frames = {s.path: err}
+                got = frames[s.path]
+                if isinstance(got, IchscanError):
+                    raise got
+                hu = got[s.frame].hu
                 images = [window_image(hu, windows, size, np.uint8) for windows, size in preps]
             else:
                 stored = read_stored(s, allow_non_ct=allow_non_ct)
                 images = [window_stored(stored, windows, size, np.uint8) for windows, size in preps]
         except IchscanError as err:
+            # one line per slice dropped (a resumed run counts kept + skipped against the series' slices)
             bad.append(SkippedFile(str(err.path or s.path), err.reason, type(err).__name__, str(series.series_uid)))
             continue
         kept.append(s)
