@@ -599,17 +599,27 @@ def _calibration_png(y_true: np.ndarray, y_prob: np.ndarray, labels: Sequence[st
     return _figure_png(fig)
 
 
-def _key_slice_image(hu: np.ndarray, windows, size: int) -> bytes:
-    """The key slice in each of the model's windows, side by side in one PNG (``key_slice_pngs`` per window)."""
+def _key_slice_image(hu: np.ndarray, windows, size: int, heat: np.ndarray | None = None) -> bytes:
+    """The key slice in each of the model's windows, side by side in one PNG (``key_slice_pngs`` per window);
+    with ``heat`` (the slice's Grad-CAM map, ``ichscan.heatmap``) a last panel in colour: the blood window with
+    the map blended on, as the DICOM key images show it."""
     from PIL import Image
 
     parts = [np.asarray(Image.open(io.BytesIO(png))) for png in key_slice_pngs(hu, windows, size=size).values()]
-    gap = np.full((parts[0].shape[0], 2), 255, dtype=np.uint8)
+    if heat is not None:
+        from ichscan.heatmap import overlay
+        from ichscan.windows import resize_keep_aspect, window_image
+
+        grey = window_image(hu, "blood", size=size, dtype=np.uint8)[0]
+        parts.append(overlay(grey, resize_keep_aspect(np.asarray(heat, dtype=np.float32), size, 0.0)))
+        parts = [p if p.ndim == 3 else np.repeat(p[..., None], 3, axis=-1) for p in parts]
+    gap = np.full((parts[0].shape[0], 2, *parts[0].shape[2:]), 255, dtype=np.uint8)
     row = [parts[0]]
     for part in parts[1:]:
         row += [gap, part]
     buf = io.BytesIO()
-    Image.fromarray(np.concatenate(row, axis=1), mode="L").save(buf, format="PNG", optimize=True)
+    Image.fromarray(np.concatenate(row, axis=1), mode="RGB" if row[0].ndim == 3 else "L").save(
+        buf, format="PNG", optimize=True)
     return buf.getvalue()
 
 
@@ -643,6 +653,7 @@ def predictions_report(
     max_series: int = 200,
     image_size: int = 160,
     digits: int = 3,
+    predictor: Any | None = None,
 ) -> str:
     """A self-contained HTML page of ``ichscan predict`` results: one section per series.
 
@@ -652,7 +663,9 @@ def predictions_report(
     ``labels`` maps series UID to {label: 0/1}: each call is then marked TP/FP/FN/TN, and a summary
     (confusion counts, sensitivity, specificity, PPV, NPV) and a reliability diagram are added. More
     than ``max_series`` series: the highest-``any`` ones are shown, and the page says so. Slices are
-    counted from 1. Patient IDs are shown as the predictions hold them (pseudonyms unless kept).
+    counted from 1. Patient IDs are shown as the predictions hold them (pseudonyms unless kept). With
+    ``predictor`` (the ``ichscan.predict.Predictor`` that made the predictions) each key slice gets one more
+    panel: the finding's Grad-CAM heat map on the blood window (``ichscan.heatmap``), as in the DICOM key images.
     """
     from ichscan.dicom import find_series, read_slice
     from ichscan.errors import IchscanError
@@ -671,19 +684,33 @@ def predictions_report(
             where = {s.sop_uid: s.path for series in find_series(folder, pixels=False).series for s in series.slices}
         except (IchscanError, OSError, ValueError) as err:  # probabilities still shown; images say why not
             log.warning("HTML report: cannot scan %s for key slices: %s", folder, err)
-    hu_cache: dict[str, Any] = {}
+    image_cache: dict[tuple[str, str | None], Any] = {}
+    last_hu: dict[str, np.ndarray] = {}  # one slice: a series' findings often share their key slice
 
-    def key_image(sop_uid: str, caption: str) -> str:
+    def key_image(sop_uid: str, caption: str, label: str) -> str:
         path = where.get(sop_uid)
         if path is None:
             return (f'<figure class="missing"><figcaption>{esc(caption)}: slice {esc(sop_uid)} not found under '
                     f"the input</figcaption></figure>")
-        if sop_uid not in hu_cache:
+        key = (sop_uid, label if predictor is not None else None)
+        if key not in image_cache:
             try:
-                hu_cache[sop_uid] = _key_slice_image(read_slice(path).hu, windows, image_size)
+                if sop_uid not in last_hu:
+                    last_hu.clear()
+                    last_hu[sop_uid] = read_slice(path).hu
+                hu = last_hu[sop_uid]
+                heat = None
+                if predictor is not None:
+                    from ichscan.heatmap import grad_cam
+
+                    try:
+                        heat = grad_cam(predictor, hu, label)
+                    except IchscanError as err:  # a backbone without a spatial map: the slice without heat
+                        log.warning("HTML report: no heat map for %s: %s", path, err)
+                image_cache[key] = _key_slice_image(hu, windows, image_size, heat)
             except (IchscanError, OSError, ValueError) as err:  # one bad file costs its image only
-                hu_cache[sop_uid] = f"{path}: {err}"
-        image = hu_cache[sop_uid]
+                image_cache[key] = f"{path}: {err}"
+        image = image_cache[key]
         if isinstance(image, str):
             return f'<figure class="missing"><figcaption>{esc(caption)}: {esc(image)}</figcaption></figure>'
         return _img(image, caption, 'class="keyslice"')
@@ -716,7 +743,9 @@ def predictions_report(
             z = f", z {key.z:.1f} mm" if key.z is not None else ""
             caption = (f"{name} {p.prob(name):.{digits}f}: key slice {key.index + 1} of {p.n_slices}{z}"
                        f" (slice probability {key.prob:.{digits}f})")
-            figures.append(key_image(key.sop_uid, caption))
+            if predictor is not None:
+                caption += "; heat map (Grad-CAM) on the blood window"
+            figures.append(key_image(key.sop_uid, caption, name))
         strip = _img(_strip_png(p, thresholds), "slice probability per label (dashed: threshold)", 'class="strip"')
         verdict = ", ".join(n for n in called if decisions[n]) or "no hemorrhage called"
         ids = " &middot; ".join(esc(f"{k} {v}") for k, v in (("patient", p.patient_id), ("study", p.study_uid)) if v)
@@ -739,7 +768,8 @@ def predictions_report(
         "series predicted": str(len(preds)),
         "model trained on": trained_on or "not named by the model's manifest",
         "thresholds": ", ".join(f"{k} {float(v):.3g}" for k, v in thresholds.items()),
-        "key slice windows": window_names,
+        "key slice windows": window_names + ("; last panel: the finding's Grad-CAM heat map (ichscan.heatmap) on "
+                                             "the blood window 80/200" if predictor is not None else ""),
         "labels": (f"{sum(p.series_uid in labels for p in preds)} of {len(preds)} series labelled"
                    if labels is not None else "none given"),
     }

@@ -15,7 +15,9 @@ examples:
 
 outputs in --out: slices.csv, series.csv, predictions.json, skipped.csv (bad files and rejected series,
 one line each), submission.csv (Kaggle ID,Label) for RSNA-layout input or with --submission, and
-report.html with --html (key slices per series; --labels series_labels.csv adds TP/FP/FN/TN and metrics).
+report.html with --html (key slices per series with heat maps; --labels series_labels.csv adds TP/FP/FN/TN
+and metrics). --dicom-out DIR writes DICOM results per series for a PACS (a TID 1500 structured report and
+key images with heat maps, in the patient's study, under the real patient identity; see docs/predict.md).
 Patients are named by a pseudonymous key (see the README's privacy section) unless --keep-patient-id.
 Finished series are kept in --out/work; rerunning the same command resumes where an interrupted run stopped.
 A series that does not look like a head CT (no skull ring in its images, or a body part such as CHEST) is
@@ -89,6 +91,11 @@ def register(subparsers) -> None:
     o.add_argument("--labels", metavar="CSV",
                    help="with --html: series_labels.csv (series_uid + the six labels) to mark each call "
                         "TP/FP/FN/TN and add confusion counts, sensitivity, specificity, PPV, NPV and calibration")
+    o.add_argument("--dicom-out", metavar="DIR",
+                   help="also write DICOM results per series into DIR: a structured report (TID 1500: findings, "
+                        "probabilities, calls, key slices) and a key image with its heat map per called finding, "
+                        "in the patient's study (real patient identity, not the pseudonym); for a PACS. Research "
+                        "use, not for diagnosis")
     p.set_defaults(func=run)
 
 
@@ -149,6 +156,8 @@ def run(args) -> int:
         return 2
     if args.labels and not os.path.isfile(args.labels):  # before the model runs, not after
         raise IchscanError("no such file; --labels needs series_labels.csv", args.labels)
+    if args.dicom_out and os.path.exists(args.dicom_out) and not os.path.isdir(args.dicom_out):
+        raise IchscanError("is a file; --dicom-out needs a folder", args.dicom_out)
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     try:
@@ -192,7 +201,7 @@ def run(args) -> int:
         result = predict_path(args.input, args.out, predictor, rules=_rules(args), thresholds=args.thresholds,
                               progress=progress, max_series=args.max_series, restart=args.restart,
                               allow_non_ct=args.any_modality, patient_ids=Pseudonymizer(keep=args.keep_patient_id),
-                              submission=True if args.submission else None)
+                              submission=True if args.submission else None, dicom_out=args.dicom_out)
     finally:
         selection_log.removeHandler(not_head)
         if bar is not None:
@@ -231,6 +240,8 @@ def run(args) -> int:
             return code
     for name, path in result.outputs.items():
         print(f"{name}: {path}")
+    if args.dicom_out and result.dicom_files:
+        print(f"dicom: {len(result.dicom_files)} objects in {args.dicom_out} (research use, not for diagnosis)")
     return 0 if done else 1
 
 
@@ -252,7 +263,8 @@ def _write_html(args, result, predictor, thresholds) -> int:
         truth = {str(uid): dict(zip(data.labels, map(int, row))) for uid, row in zip(data.ids, data.y_true)}
     result.outputs["html"] = write_predictions_report(
         Path(args.out) / "report.html", result.predictions, thresholds, windows=predictor.windows,
-        folder=args.input, labels=truth, trained_on=predictor.trained_on, title="ichscan predictions")
+        folder=args.input, labels=truth, trained_on=predictor.trained_on, title="ichscan predictions",
+        predictor=predictor)
     return 0
 
 

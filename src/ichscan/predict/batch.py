@@ -3,7 +3,8 @@
 Each finished series is written atomically to ``<out>/work/``; a rerun with the same configuration and input
 skips those, so an interrupted batch resumes where it stopped. The final files are assembled from ``work/`` at
 the end, so a resumed run writes exactly what an uninterrupted one does. One run at a time writes a folder
-(``ichscan.fileio.lock_folder``), and a folder holds the results of one input and configuration.
+(``ichscan.fileio.lock_folder``), and a folder holds the results of one input and configuration. With
+``dicom_out``, every predicted series also gets its DICOM results (``ichscan.dicomout``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class PredictRun:
     n_resumed: int
     complete: bool
     outputs: dict[str, Path] = field(default_factory=dict)
+    # DICOM results (``dicom_out``): every object of every predicted series, resumed ones included
+    dicom_files: list[Path] = field(default_factory=list)
 
 
 _SAFE = re.compile(r"[^0-9A-Za-z._-]")
@@ -117,6 +120,7 @@ def predict_path(
     prefetch: bool = True,
     patient_ids: Pseudonymizer | None = None,
     submission: bool | None = None,
+    dicom_out: str | os.PathLike | None = None,
 ) -> PredictRun:
     """Predict every selected series under ``path`` (file, folder, zip; RSNA flat folders too).
 
@@ -128,17 +132,44 @@ def predict_path(
     ``out_dir`` is locked while the run writes it, and refused when it holds another input's or
     configuration's results, unless ``restart``. Patients are named in every output by ``patient_ids``
     (default: a pseudonymous key, ``ichscan.privacy``; ``Pseudonymizer(keep=True)`` keeps the PatientID).
+    ``dicom_out``: also write each predicted series' DICOM results there (``ichscan.dicomout``: a TID 1500
+    SR and key images, in the patient's study under the real patient identity), resumed series included;
+    objects already written unchanged are left as they are. A series whose objects cannot be made is
+    reported in ``failed`` and the others written.
     """
     if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise IchscanError("is a file; --out needs a folder (a new one, or one this command wrote before)", out_dir)
+    if dicom_out is not None and os.path.exists(dicom_out) and not os.path.isdir(dicom_out):
+        raise IchscanError("is a file; --dicom-out needs a folder", dicom_out)
     with lock_folder(out_dir) if out_dir is not None else contextlib.nullcontext():
         return _predict(path, out_dir, predictor, rules=rules, thresholds=thresholds, progress=progress,
                         max_series=max_series, restart=restart, allow_non_ct=allow_non_ct, prefetch=prefetch,
-                        patient_ids=patient_ids or Pseudonymizer(), submission=submission)
+                        patient_ids=patient_ids or Pseudonymizer(), submission=submission, dicom_out=dicom_out)
+
+
+def _write_dicom(dicom_out, pairs, predictor, thresholds, failed: list[SkippedFile]) -> list[Path]:
+    """DICOM results of each (series, prediction); a series that fails is added to ``failed``, the rest go on."""
+    from ichscan.dicomout import write_dicom_results
+
+    written: list[Path] = []
+    for s, p in pairs:
+        try:
+            written.extend(write_dicom_results(p, s, predictor, dicom_out, thresholds=thresholds))
+        except IchscanError as err:
+            failed.append(SkippedFile(str(err.path or s.series_uid), f"DICOM results not written: {err.reason}",
+                                      type(err).__name__, str(s.series_uid)))
+            log.warning("series %s: DICOM results not written: %s", s.series_uid, err)
+        except Exception as err:  # one series' objects must not cost the others theirs
+            log.warning("series %s: DICOM results not written", s.series_uid, exc_info=True)
+            text = str(err).strip().splitlines()
+            failed.append(SkippedFile(str(s.series_uid), f"DICOM results not written ({type(err).__name__}: "
+                                      f"{text[0] if text else ''}); please report this", type(err).__name__,
+                                      str(s.series_uid)))
+    return written
 
 
 def _predict(path, out_dir, predictor, *, rules, thresholds, progress, max_series, restart, allow_non_ct,
-             prefetch, patient_ids: Pseudonymizer, submission: bool | None) -> PredictRun:
+             prefetch, patient_ids: Pseudonymizer, submission: bool | None, dicom_out=None) -> PredictRun:
     from ichscan.dicom import find_series
 
     thresholds, thresholds_from = run_thresholds(thresholds, predictor.operating_points)
@@ -211,11 +242,14 @@ def _predict(path, out_dir, predictor, *, rules, thresholds, progress, max_serie
 
     complete = limit == len(todo)
     # Reload every result the way a resumed run sees it, so both write the same bytes.
+    predicted = [s for s in selected if _work_name(s) in done]
     predictions = [SeriesPrediction.from_dict(json.loads(json.dumps(done[_work_name(s)].to_dict())))
-                   for s in selected if _work_name(s) in done]
+                   for s in predicted]
+    dicom_files = (_write_dicom(dicom_out, zip(predicted, predictions), predictor, thresholds, failed)
+                   if dicom_out is not None else [])
     skipped_all = skipped + [item for p in predictions for item in p.skipped]
     run = PredictRun(Path(out_dir) if out_dir is not None else None, predictions, rejected, skipped_all, failed,
-                     n_predicted, n_resumed, complete)
+                     n_predicted, n_resumed, complete, dicom_files=dicom_files)
     if complete and out_dir is not None:
         run.outputs = write_outputs(out_dir, predictions, thresholds=thresholds, rejected=rejected,
                                     skipped=skipped_all + failed, config=config, thresholds_from=thresholds_from,
