@@ -386,3 +386,14 @@ def test_a_volume_that_fails_to_decode_is_decoded_once_not_once_per_slice(tmp_pa
     kept, arrays, bad = _windowed_series(series, [(("brain",), 64)])
     assert kept == [] and len(bad) == len(series.slices) > 1
     assert len(calls) == 1 and all("0..1" in b.reason for b in bad)
+
+
+def test_html_report_shows_a_volumes_key_slice(phantom, tmp_path):
+    """--html finds a NIfTI volume's key slice (a frame of the one file) by its image id and draws it."""
+    _, _, good = phantom
+    out = tmp_path / "html"
+    assert main(["predict", str(good), "--out", str(out), "--tta", "none", "--precision", "fp32", "--no-progress",
+                 "--html"]) == 0
+    page = (out / "report.html").read_text()
+    assert 'class="keyslice"' in page and "not found under the input" not in page
+    assert "multi-frame" not in page

@@ -667,7 +667,7 @@ def predictions_report(
     ``predictor`` (the ``ichscan.predict.Predictor`` that made the predictions) each key slice gets one more
     panel: the finding's Grad-CAM heat map on the blood window (``ichscan.heatmap``), as in the DICOM key images.
     """
-    from ichscan.dicom import find_series, read_slice
+    from ichscan.dicom import find_series, read_slice, read_slices
     from ichscan.errors import IchscanError
 
     esc = html.escape
@@ -678,27 +678,39 @@ def predictions_report(
     if capped:
         shown = sorted(preds, key=lambda p: -p.prob("any"))[:max_series]
 
-    where: dict[str, str] = {}
+    # by image id, which names a frame of a multi-frame object or NIfTI volume too (their frames share a SOP UID)
+    where: dict[str, tuple[str, int | None]] = {}
     if folder is not None and shown:
         try:
-            where = {s.sop_uid: s.path for series in find_series(folder, pixels=False).series for s in series.slices}
+            where = {s.image_id: (s.path, s.frame) for series in find_series(folder, pixels=False).series
+                     for s in series.slices}
         except (IchscanError, OSError, ValueError) as err:  # probabilities still shown; images say why not
             log.warning("HTML report: cannot scan %s for key slices: %s", folder, err)
     image_cache: dict[tuple[str, str | None], Any] = {}
     last_hu: dict[str, np.ndarray] = {}  # one slice: a series' findings often share their key slice
+    last_frames: dict[str, dict[int | None, np.ndarray]] = {}  # one multi-frame file or volume, decoded once
 
-    def key_image(sop_uid: str, caption: str, label: str) -> str:
-        path = where.get(sop_uid)
-        if path is None:
-            return (f'<figure class="missing"><figcaption>{esc(caption)}: slice {esc(sop_uid)} not found under '
+    def slice_hu(path: str, frame: int | None) -> np.ndarray:
+        if frame is None:
+            return read_slice(path).hu
+        if path not in last_frames:
+            last_frames.clear()
+            last_frames[path] = {f.frame: f.hu for f in read_slices(path)}
+        return last_frames[path][frame]
+
+    def key_image(image_id: str, caption: str, label: str) -> str:
+        found = where.get(image_id)
+        if found is None:
+            return (f'<figure class="missing"><figcaption>{esc(caption)}: slice {esc(image_id)} not found under '
                     f"the input</figcaption></figure>")
-        key = (sop_uid, label if predictor is not None else None)
+        path, frame = found
+        key = (image_id, label if predictor is not None else None)
         if key not in image_cache:
             try:
-                if sop_uid not in last_hu:
+                if image_id not in last_hu:
                     last_hu.clear()
-                    last_hu[sop_uid] = read_slice(path).hu
-                hu = last_hu[sop_uid]
+                    last_hu[image_id] = slice_hu(path, frame)
+                hu = last_hu[image_id]
                 heat = None
                 if predictor is not None:
                     from ichscan.heatmap import grad_cam
@@ -745,7 +757,7 @@ def predictions_report(
                        f" (slice probability {key.prob:.{digits}f})")
             if predictor is not None:
                 caption += "; heat map (Grad-CAM) on the blood window"
-            figures.append(key_image(key.sop_uid, caption, name))
+            figures.append(key_image(key.image_id, caption, name))
         strip = _img(_strip_png(p, thresholds), "slice probability per label (dashed: threshold)", 'class="strip"')
         verdict = ", ".join(n for n in called if decisions[n]) or "no hemorrhage called"
         ids = " &middot; ".join(esc(f"{k} {v}") for k, v in (("patient", p.patient_id), ("study", p.study_uid)) if v)
