@@ -29,13 +29,13 @@ try:
 except ImportError:  # Windows: no advisory locks; folders are not locked there
     fcntl = None
 
-__all__ = ["atomic_path", "write_bytes", "write_text", "write_json", "write_csv", "write_parquet", "write_npy",
+__all__ = ["atomic_path", "fsync_dir", "write_bytes", "write_text", "write_json", "write_csv", "write_parquet", "write_npy",
            "json_default", "lock_folder", "escape_undecodable", "LOCK_NAME"]
 
 LOCK_NAME = ".ichscan.lock"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # The rename itself is durable only once the directory entry is on disk.
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -73,7 +73,7 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Pa
             os.unlink(tmp)
         raise
     if durable:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
