@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--label-level", choices=("slice", "series", "both"), default="slice")
     ap.add_argument("--target-s", type=float, default=TARGET_S)
+    ap.add_argument("--members", type=int, default=1, help="models per fold (crossval --members)")
+    ap.add_argument("--freeze-stages", type=int, help="crossval --freeze-stages (default: the finetune preset's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -49,10 +51,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out}: not empty; the benchmark times a run from scratch")
-    config = TrainConfig.from_preset("finetune", init=args.init, label_level=args.label_level)
+    config = TrainConfig.from_preset("finetune", init=args.init, label_level=args.label_level,
+                                     freeze_stages=args.freeze_stages)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    result = run_crossval(config, args.data, out / "cv", options=CrossvalOptions(folds=args.folds),
+    result = run_crossval(config, args.data, out / "cv", options=CrossvalOptions(folds=args.folds, members=args.members),
                           report=lambda line: print(line, file=sys.stderr))
     times["crossval_s"] = time.perf_counter() - t0
 
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
     from ichscan.series import load_series_data
     from ichscan.train import resolve_init, train
 
-    one = resolve_init(TrainConfig.from_preset("finetune", init=args.init, epochs=1))
+    one = resolve_init(TrainConfig.from_preset("finetune", init=args.init, epochs=1,
+                                               freeze_stages=args.freeze_stages))
     loaded, _ = load_series_data(args.data, level="both")
     frame = loaded.frame[loaded.frame[list(one.labels)].notna().all(axis=1)].reset_index(drop=True)
     ds = SliceDataset(frame, one.image_size, one.windows, one.labels, cache=out / "cv" / "cache")
@@ -79,6 +83,8 @@ def main(argv=None) -> int:
         "folds": args.folds,
         "label_level": args.label_level,
         "init": args.init,
+        "members": args.members,
+        "freeze_stages": config.freeze_stages,
         "machine": {"cpu_count": cpu_count(), "torch_threads": torch.get_num_threads(),
                     "cuda": torch.cuda.is_available()},
         "seconds": {k: round(v, 1) for k, v in times.items()},
