@@ -188,7 +188,9 @@ def test_finetune_from_a_checkpoint_starts_from_its_weights_and_its_loss_falls(t
     init = save_checkpoint(tmp_path / "start", start, {"windows": ["brain", "blood", "soft_tissue"],
                                                        "image_size": 32})
     config = TrainConfig.from_preset("finetune", init=str(init), image_size=32, epochs=4, batch_size=16, lr=1e-3,
-                                     warmup_steps=0, augment=AugmentConfig.none(), channels_last=False, seed=5)
+                                     warmup_steps=0, augment=AugmentConfig.none(), channels_last=False, seed=5,
+                                     freeze_stages=0)  # a random start has no early features worth keeping
+    assert TrainConfig.from_preset("finetune").freeze_stages == 2  # what a real start gets (test below)
     result = train(config, _Toy(64, 0), None, tmp_path / "run")
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.5 * losses[0], losses

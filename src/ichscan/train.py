@@ -195,6 +195,9 @@ PRESETS["finetune"] = {
     "state_every": 0,
     "freeze_epochs": 0,
     "freeze_bn": True,
+    # stem and first stage kept: crossval on ctich-dev in 21 minutes instead of about 31, at the same series
+    # AUC for `any` (0.858 against 0.853 with the whole backbone trained; docs/training.md)
+    "freeze_stages": 2,
     "augment": dict(PRESETS["sim2real"]["augment"]),
 }
 
@@ -202,7 +205,8 @@ PRESET_REASONS = {
     "paper": "the paper's recipe: seresnext50_32x4d at 512 px, Adam, weighted log loss, 3 epochs",
     "quick": "resnet10t at 128 px from scratch: small enough to train two models on 2 CPU cores in minutes",
     "sim2real": "resnet10t at 160 px from scratch on phantoms, with augmentation wide enough to carry to real CT",
-    "finetune": "the --init model's architecture, windows and size, fine-tuned at lr 2e-4 with wide augmentation",
+    "finetune": "the --init model's architecture, windows and size, fine-tuned at lr 2e-4 with wide augmentation, "
+                "its stem and first stage kept",
 }
 
 
