@@ -380,7 +380,8 @@ def test_crossval_fine_tunes_every_member_and_predicts_their_average(phantom_set
     manifest = write_ensemble(tmp_path / "pair.json", starts)
     assert [p.resolve() for p in init_member_checkpoints(manifest)] == [Path(p).resolve() for p in starts]
     config = TrainConfig.from_preset("finetune", init=str(manifest), epochs=1, max_steps_per_epoch=1, batch_size=16)
-    options = CrossvalOptions(folds=2, members=2, head=HeadRecipe(epochs=1), n_bootstrap=10, baseline=False)
+    options = CrossvalOptions(folds=2, members=2, head=HeadRecipe(epochs=1), n_bootstrap=10, baseline=False,
+                              augmented_passes=0)
     out = tmp_path / "cv"
     result = run_crossval(config, phantom_sets / "train", out, options=options)
     for k in range(2):
