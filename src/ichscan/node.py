@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import inspect
 import json
 import logging
@@ -49,7 +48,7 @@ from typing import Any
 from ichscan.dicomout import MANUFACTURER, SR_NAME
 from ichscan.errors import IchscanError
 from ichscan.fileio import fsync_dir, lock_folder, write_bytes, write_json
-from ichscan.privacy import load_key
+from ichscan.privacy import StudyKeys, study_key
 
 log = logging.getLogger(__name__)
 
@@ -90,31 +89,6 @@ def _iso(timestamp: float) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # Pseudonymous keys
-
-
-class StudyKeys:
-    """``study(uid) -> "study-<16 hex>"``, ``series(uid) -> "series-<16 hex>"``: HMAC-SHA256 under the site key
-    of ``ichscan.privacy`` (created on first use), so whoever holds the key file can find a study's folder and
-    log line from its UID, and nobody else can tell which study it was. Study and series UIDs name a patient's
-    examination as surely as a PatientID does, so the log and the spool's folder names carry these instead."""
-
-    def __init__(self, key_path: str | os.PathLike | None = None):
-        self._key = load_key(key_path)
-
-    def _digest(self, kind: str, uid: str) -> str:
-        mac = hmac.new(self._key, f"{kind}\0{uid}".encode("utf-8", "surrogateescape"), hashlib.sha256)
-        return f"{kind}-{mac.hexdigest()[:16]}"
-
-    def study(self, uid: str) -> str:
-        return self._digest("study", str(uid))
-
-    def series(self, uid: str) -> str:
-        return self._digest("series", str(uid))
-
-
-def study_key(study_uid: str, key_path: str | os.PathLike | None = None) -> str:
-    """The key under which the node logs and spools ``study_uid`` (``StudyKeys(key_path).study``)."""
-    return StudyKeys(key_path).study(study_uid)
 
 
 # --------------------------------------------------------------------------------------------------

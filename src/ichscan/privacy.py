@@ -76,3 +76,28 @@ class Pseudonymizer:
 
     def describe(self) -> str:
         return "PatientID kept (--keep-patient-id)" if self.keep else f"pseudonymous keys (key file {self.key_path})"
+
+
+class StudyKeys:
+    """``study(uid) -> "study-<16 hex>"``, ``series(uid) -> "series-<16 hex>"``: HMAC-SHA256 under the site key
+    (created on first use), so whoever holds the key file can find a study's folder and
+    log line from its UID, and nobody else can tell which study it was. Study and series UIDs name a patient's
+    examination as surely as a PatientID does, so the log and the spool's folder names carry these instead."""
+
+    def __init__(self, key_path: str | os.PathLike | None = None):
+        self._key = load_key(key_path)
+
+    def _digest(self, kind: str, uid: str) -> str:
+        mac = hmac.new(self._key, f"{kind}\0{uid}".encode("utf-8", "surrogateescape"), hashlib.sha256)
+        return f"{kind}-{mac.hexdigest()[:16]}"
+
+    def study(self, uid: str) -> str:
+        return self._digest("study", str(uid))
+
+    def series(self, uid: str) -> str:
+        return self._digest("series", str(uid))
+
+
+def study_key(study_uid: str, key_path: str | os.PathLike | None = None) -> str:
+    """The key under which ``ichscan listen`` logs and spools ``study_uid`` (``StudyKeys(key_path).study``)."""
+    return StudyKeys(key_path).study(study_uid)
