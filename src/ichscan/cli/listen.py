@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ichscan.cli._args import positive_int
+
 EPILOG = """\
 examples:
   ichscan listen --send-to PACS@10.0.0.5:104 --spool /var/spool/ichscan --bind 0.0.0.0
@@ -54,7 +56,7 @@ def register(subparsers) -> None:
     r.add_argument("--retry-delay", type=_seconds, default=10.0,
                    help="seconds before the first resend when --send-to fails; doubles each time (default 10)")
     r.add_argument("--retry-max-delay", type=_seconds, default=600.0, help="longest wait between sends (default 600)")
-    r.add_argument("--send-attempts", type=_positive_int, default=20,
+    r.add_argument("--send-attempts", type=positive_int, default=20,
                    help="attempts before a study is marked send_failed (its results kept in SPOOL/failed) (default 20)")
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", "-c", default="bundled",
@@ -66,7 +68,7 @@ def register(subparsers) -> None:
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     m.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
-    m.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default 64)")
+    m.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     m.add_argument("--not-head-ok", action="store_true",
                    help="predict series that fail the head check too (with a warning in the node's output)")
     p.add_argument("--shutdown-grace", type=_seconds, default=60.0,
@@ -75,18 +77,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
-    return value
-
-
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a port (1 to 65535)")
     return value

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from ichscan.cli._args import positive_int
+
 EPILOG = """\
 examples:
   ichscan predict study.zip --out preds/          # the bundled model (trained on phantoms only)
@@ -47,13 +49,13 @@ def register(subparsers) -> None:
                    help="slices to series: max, mean of the top k, noisy-OR, or context (the model's series head "
                         "reading the slices along z) (default: the model's choice when it records one, as the "
                         "bundled model's does; else context when the model has a series head; else max)")
-    m.add_argument("--top-k", type=_positive_int, help="k for --aggregation topk (default: the model's, else 3)")
+    m.add_argument("--top-k", type=positive_int, help="k for --aggregation topk (default: the model's, else 3)")
     m.add_argument("--thresholds", help='JSON {"method": ..., "thresholds": {label: t}}; otherwise the '
                                         "model's operating points when it carries them, else 0.5")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     m.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
-    m.add_argument("--batch-size", type=_positive_int, default=64,
+    m.add_argument("--batch-size", type=positive_int, default=64,
                    help="images per forward pass, TTA views included (default 64)")
     m.add_argument("--compile", action="store_true",
                    help="torch.compile the model(s): 20-25%% faster per image after a compile of 5-15 s per "
@@ -99,16 +101,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
-    return value
-
-
 def _rules(args):
     from ichscan.predict import SelectionRules
 
@@ -141,10 +133,10 @@ class _NotHeadWarnings(logging.Handler):
 
 
 def run(args) -> int:
-    from ichscan.model import BUNDLED, resolve_checkpoint
     import os
 
     from ichscan.errors import IchscanError
+    from ichscan.model import BUNDLED, resolve_checkpoint
     from ichscan.predict import Predictor, predict_path
     from ichscan.privacy import Pseudonymizer
     from ichscan.thresholds import run_thresholds
