@@ -184,8 +184,9 @@ def _predict_slices(models: Sequence[Any], slices: Any, config: TrainConfig, opt
         images = np.stack([slices.image(int(i)) for i in rows])
         out["slice"][rows] = plain.predict_arrays(images)
         if context is not None:
-            out["context_slice"][rows] = context.predict_arrays(images)
-            out["context_series"].append(np.asarray(context._series_probs, dtype=np.float64))
+            slice_probs, series_probs, _ = context.predict_series_arrays(images)
+            out["context_slice"][rows] = slice_probs
+            out["context_series"].append(series_probs)
             out["context_uids"].append(str(slices.frame["series_uid"].iloc[rows[0]]))
     if context is not None:
         out["context_series"] = np.stack(out["context_series"])

@@ -475,14 +475,24 @@ class Predictor:
         slice_probs = self.predict_arrays(arrays)
         return self._assemble(series, kept, slice_probs, bad)
 
-    def _assemble(self, series, kept, slice_probs, bad) -> SeriesPrediction:
+    def predict_series_arrays(self, arrays: np.ndarray | dict[tuple, np.ndarray]
+                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One series' windowed images (z order) -> (slice probabilities (N, 6) float32, series probabilities
+        (6,) by this predictor's aggregation, key slice index per label): what ``predict_series`` reports."""
+        slice_probs = self.predict_arrays(arrays)
+        probs, key = self._series_of(slice_probs)
+        return slice_probs, probs, key
+
+    def _series_of(self, slice_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Series probabilities from the float32 slice probabilities, so a prediction reloaded from
         # its JSON aggregates to the very same numbers.
         if self.aggregation == "context":  # the series head's own series probabilities (predict_arrays kept them)
-            probs = np.asarray(self._series_probs, dtype=np.float64)
-            key = np.argmax(np.asarray(slice_probs, dtype=np.float64), axis=0)
-        else:
-            probs, key = aggregate(slice_probs, self.aggregation, self.top_k)
+            return (np.asarray(self._series_probs, dtype=np.float64),
+                    np.argmax(np.asarray(slice_probs, dtype=np.float64), axis=0))
+        return aggregate(slice_probs, self.aggregation, self.top_k)
+
+    def _assemble(self, series, kept, slice_probs, bad) -> SeriesPrediction:
+        probs, key = self._series_of(slice_probs)
         sop_uids = tuple(str(s.sop_uid) for s in kept)
         image_ids = tuple(str(s.image_id) for s in kept)
         zs = tuple(_z(s) for s in kept)
