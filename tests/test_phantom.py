@@ -230,6 +230,64 @@ def test_blood_lies_in_its_compartment(subtype, allowed):
         assert 45 <= np.median(ps.hu[inner]) <= 95
 
 
+def _contusion_rng(head, fr, first_seed=0):
+    """A lesion generator whose first intraparenchymal plan is a traumatic contusion."""
+    from ichscan.phantom import lesions
+
+    for seed in range(first_seed, first_seed + 200):
+        if lesions.plan_lesion("intraparenchymal", head, fr, np.random.default_rng(seed)).kind == "contusion":
+            return seed
+    raise AssertionError("no contusion planned")
+
+
+def test_contusions_cluster_at_the_skull_base():
+    """Traumatic contusions are where the brain meets the floors of the anterior and middle fossae: most
+    clusters start below the widest level of the head, in the orbitofrontal cortex or a temporal pole, and
+    many hold several foci; none pushes the midline."""
+    from ichscan.phantom import lesions
+
+    rng = np.random.default_rng(4)
+    head = an.sample_head(rng)
+    fr = an.make_frame(rng, head, 40, 64, 64, 5.0)
+    cont = [les for les in (lesions.plan_lesion("intraparenchymal", head, fr, np.random.default_rng(s))
+                            for s in range(400)) if les.kind == "contusion"]
+    assert 80 <= len(cont) <= 160  # 30% of 400
+    low = [les for les in cont if les.params["foci"][0][2] < head.widest - 10]
+    assert len(low) / len(cont) >= 0.6
+    temporal = [les for les in cont if les.params["site"] == "temporal_pole"]
+    assert temporal and all(abs(les.params["foci"][0][0]) > 0.2 * head.a for les in temporal)
+    assert all(les.params["foci"][0][2] < 20 for les in temporal)
+    assert np.mean([len(les.params["foci"]) >= 3 for les in cont]) >= 0.4
+    assert all(les.mass_effect(head) is None for les in cont)
+
+
+def test_contusion_is_blood_in_brain_with_oedema_around_it():
+    """Against its lesion-free twin (same scan, same noise), a contusion adds blood density inside its mask,
+    only in grey and white matter, and lowers the brain around it (oedema)."""
+    seed = 5
+    rng = np.random.default_rng(seed)
+    head = an.sample_head(rng)
+    lseed = _contusion_rng(head, an.make_frame(np.random.default_rng(seed + 1000), head, 30, 128, 128, 5.0))
+
+    def render(subtypes):
+        r = np.random.default_rng(seed)
+        h = an.sample_head(r)
+        return make_series(h, subtypes, r, n=30, rows=128, cols=128, thickness=5.0, confounders={},
+                           lesion_rng=np.random.default_rng(lseed))
+
+    ps, twin = render(("intraparenchymal",)), render(())
+    assert ps.lesions[0].kind == "contusion"
+    m = ps.masks["intraparenchymal"]
+    assert m.any()
+    assert np.isin(ps.tissue[m], (an.GREY, an.WHITE)).all()
+    diff = ps.hu.astype(np.float32) - twin.hu.astype(np.float32)
+    assert diff[m].mean() > 15  # blood (52-82 HU) over brain (24-46 HU), blurred at its edges
+    ring = np.zeros_like(m)
+    for i in np.nonzero(m.any(axis=(1, 2)))[0]:
+        ring[i] = ndimage.binary_dilation(m[i], iterations=3) & ~ndimage.binary_dilation(m[i], iterations=1)
+    ring &= np.isin(ps.tissue, (an.GREY, an.WHITE))
+    assert ring.sum() > 10 and diff[ring].mean() < -1.5, diff[ring].mean()  # oedema: darker than the twin
+
 def test_trivial_feature_does_not_solve_the_task():
     """Count of voxels 50-90 HU inside the skull, per series: must not separate `any` (AUC <= 0.85)."""
     plans = plan_dataset(40, 21, size=64, slices=(32, 40))

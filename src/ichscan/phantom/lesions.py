@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
+from scipy.special import ndtri
 
 from ichscan.phantom import anatomy as an
 from ichscan.phantom.anatomy import Anatomy, Frame, HeadShape, MassEffect
@@ -117,19 +119,14 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
         return Lesion("intraventricular", kind, z, z_half, float(rng.uniform(58, 85)), side,
                       {"level": float(rng.uniform(0.3, 0.65)), "bilateral": bool(rng.random() < 0.6)})
     if subtype == "intraparenchymal":
-        # hypertensive bleeds in the basal ganglia, lobar bleeds, and traumatic contusions: small foci in the
-        # cortex of the frontal and temporal lobes, where the brain meets the skull base
+        # hypertensive bleeds in the basal ganglia, lobar bleeds, and traumatic contusions
         kind = str(rng.choice(["basal_ganglia", "lobar", "contusion"], p=[0.3, 0.4, 0.3]))
         r = float(rng.choice([rng.uniform(4, 8), rng.uniform(8, 22)], p=[0.3, 0.7]))
+        lobes = [float(v) for v in rng.uniform(0, 2 * np.pi, 3)]
+        oedema = {"oedema": float(rng.uniform(2, 8)), "oedema_drop": float(rng.uniform(6, 14))}
         if kind == "contusion":
-            r = float(rng.uniform(2.5, 9))
-            z = _vault_range(head, fr, head.widest - 24, head.widest + 12, rng, r)
-            ang = float(rng.choice([rng.uniform(-0.8, 0.8), side * rng.uniform(1.1, 1.9)]))
-            s = float(an.cranial_scale(head, np.float32(z)))
-            rad = float(rng.uniform(0.62, 0.82))
-            x, y = np.sin(ang) * head.a * s * rad, -np.cos(ang) * head.b * s * rad
-            side = 1.0 if x >= 0 else -1.0
-        elif kind == "basal_ganglia":
+            return _plan_contusion(head, fr, side, lobes, oedema, rng)
+        if kind == "basal_ganglia":
             z = _vault_range(head, fr, head.widest - 20, head.widest, rng, r)
             x, y = side * 0.3 * head.a, float(rng.uniform(-0.08, 0.1)) * head.b
         else:
@@ -139,11 +136,62 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
             rad = float(rng.uniform(0.35, 0.7))
             x, y = np.sin(ang) * head.a * s * rad, -np.cos(ang) * head.b * s * rad
             side = 1.0 if x >= 0 else -1.0
-        return Lesion("intraparenchymal", kind, z, r * float(rng.uniform(0.7, 1.2)), float(rng.uniform(60, 85)), side, {
-            "x": float(x), "y": float(y), "radius": r, "oedema": float(rng.uniform(2, 8)),
-            "oedema_drop": float(rng.uniform(6, 14)),
-            "mass_mm": max(0.0, r - 8) * 0.6, "lobes": [float(v) for v in rng.uniform(0, 2 * np.pi, 3)]})
+        z_half = r * float(rng.uniform(0.7, 1.2))
+        return Lesion("intraparenchymal", kind, z, z_half, float(rng.uniform(60, 85)), side, {
+            "x": float(x), "y": float(y), "radius": r, **oedema, "mass_mm": max(0.0, r - 8) * 0.6, "lobes": lobes,
+            "foci": [[float(x), float(y), z, r, z_half, 0.0]]})
     raise ValueError(f"unknown subtype {subtype!r}")
+
+
+# Where traumatic contusions lie: the brain strikes the rough floors of the anterior and middle cranial
+# fossae, so most are in the orbitofrontal cortex above the orbital roofs and in the temporal poles; fewer
+# on the convexity. Each is a cluster of small haemorrhagic foci, mottled with oedema ("salt and pepper"),
+# and a quarter have a second (contrecoup) cluster on the other side.
+CONTUSION_SITES = {"frontal_base": 0.4, "temporal_pole": 0.35, "convexity": 0.25}
+
+
+def _contusion_cluster(site: str, side: float, head: HeadShape, fr: Frame, rng: np.random.Generator):
+    """Foci ``[x, y, z, radius, z_half, mottle]`` of one contusion cluster at ``site`` on ``side``."""
+    if site == "frontal_base":
+        z = _vault_range(head, fr, 6, 26, rng, 6)
+        s = float(an.cranial_scale(head, np.float32(z)))
+        x = side * float(rng.uniform(0.04, 0.35)) * head.a
+        y = -float(rng.uniform(0.55, 0.78)) * head.b * s
+    elif site == "temporal_pole":
+        z = _vault_range(head, fr, -8, 14, rng, 6)
+        t = float(np.clip((z + 16) / 28.0, 0, 1))
+        x = side * (0.55 + float(rng.uniform(-0.4, 0.5)) * (0.18 + 0.22 * t)) * head.a
+        y = (-0.12 - float(rng.uniform(0.3, 0.85)) * (0.22 + 0.18 * t)) * head.b
+    else:
+        z = _vault_range(head, fr, head.widest - 24, head.widest + 12, rng, 6)
+        ang = side * float(rng.uniform(0.3, 1.9))
+        s = float(an.cranial_scale(head, np.float32(z)))
+        rad = float(rng.uniform(0.62, 0.82))
+        x, y = np.sin(ang) * head.a * s * rad, -np.cos(ang) * head.b * s * rad
+    spread = float(rng.uniform(2, 10))
+    n = int(min(1 + rng.poisson(2.0), 7))
+    foci = []
+    for k in range(n):
+        r = float(rng.uniform(2.5, 9.0)) if k == 0 else float(rng.uniform(1.2, 4.5))
+        dx, dy, dz = (rng.normal(0, spread, 3) * (1.0, 1.0, 0.5)) if k else (0.0, 0.0, 0.0)
+        foci.append([float(x + dx), float(y + dy), float(z + dz), r, r * float(rng.uniform(0.7, 1.3)),
+                     float(rng.uniform(0.0, 0.45))])
+    return foci
+
+
+def _plan_contusion(head: HeadShape, fr: Frame, side: float, lobes, oedema, rng: np.random.Generator) -> Lesion:
+    site = str(rng.choice(list(CONTUSION_SITES), p=list(CONTUSION_SITES.values())))
+    foci = _contusion_cluster(site, side, head, fr, rng)
+    if rng.random() < 0.25:  # contrecoup: another cluster on the other side
+        foci += _contusion_cluster(str(rng.choice(["frontal_base", "temporal_pole"])), -side, head, fr, rng)
+    lo = min(f[2] - f[4] for f in foci)
+    hi = max(f[2] + f[4] for f in foci)
+    x0, y0 = foci[0][0], foci[0][1]
+    return Lesion("intraparenchymal", "contusion", 0.5 * (lo + hi), 0.5 * (hi - lo), float(rng.uniform(55, 82)),
+                  1.0 if x0 >= 0 else -1.0, {
+                      "x": float(x0), "y": float(y0), "radius": float(foci[0][3]), "site": site, **oedema,
+                      "oedema": float(rng.uniform(2, 10)), "mass_mm": 0.0, "lobes": lobes, "foci": foci,
+                      "focus_hu": [float(rng.uniform(52, 82)) for _ in foci]})
 
 
 def _zprof(fr: Frame, les: Lesion):
@@ -225,19 +273,35 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
             tissue[region] = an.BLOOD
             mask[i] = region
         elif les.subtype == "intraparenchymal":
-            dx, dy = X - p["x"], Y - p["y"]
-            dz = (float(fr.z[i]) - les.z) / max(les.z_half, 1e-3) * p["radius"]
-            th = np.arctan2(dy, dx)
-            a0, a1, a2 = p["lobes"]
-            lobes = 0.18 * np.sin(3 * th + a0) + 0.1 * np.sin(5 * th + a1) + 0.06 * np.sin(2 * th + a2)
-            rmod = p["radius"] * (1 + lobes)  # lobulated, not a disc
-            rr = np.sqrt(dx**2 + dy**2 + dz**2)
             paren = (tissue == an.GREY) | (tissue == an.WHITE)
-            core = (rr < rmod) & paren
-            rim = (rr < rmod + p["oedema"]) & ~core & paren & (depth > 1.5)
+            core = np.zeros(hu.shape, bool)
+            near = np.zeros(hu.shape, bool)
+            value = np.full(hu.shape, les.hu, np.float32)
+            a0, a1, a2 = p["lobes"]
+            focus_hu = p.get("focus_hu")
+            for k, (fx, fy, fz, fr_, fzh, mottle) in enumerate(p["foci"]):
+                dz = (float(fr.z[i]) - fz) / max(fzh, 1e-3) * fr_
+                if abs(dz) >= fr_:
+                    continue
+                dx, dy = X - fx, Y - fy
+                th = np.arctan2(dy, dx)
+                lobes = 0.18 * np.sin(3 * th + a0 + k) + 0.1 * np.sin(5 * th + a1) + 0.06 * np.sin(2 * th + a2)
+                rmod = fr_ * (1 + lobes)  # lobulated, not a disc
+                rr = np.sqrt(dx**2 + dy**2 + dz**2)
+                inside = (rr < rmod) & paren
+                if mottle > 0 and inside.any():  # blood mixed with bruised, oedematous brain
+                    field = ndimage.gaussian_filter(rng.standard_normal(hu.shape).astype(np.float32),
+                                                    0.6 / max(fr.spacing, 0.1))
+                    field /= float(field[inside].std()) + 1e-6
+                    inside &= field > float(ndtri(mottle))
+                if focus_hu is not None:
+                    value[inside] = focus_hu[k]
+                core |= inside
+                near |= (rr < rmod + p["oedema"]) & paren
+            rim = near & ~core & (depth > 1.5)
             if core.any():
                 hu[rim] = np.minimum(hu[rim], float(head.white) - p.get("oedema_drop", 10.0))
-            hu[core] = les.hu
+            hu[core] = value[core]
             tissue[core] = an.BLOOD
             mask[i] = core
     return mask
