@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target-s", type=float, default=TARGET_S)
     ap.add_argument("--members", type=int, default=1, help="models per fold (crossval --members)")
     ap.add_argument("--freeze-stages", type=int, help="crossval --freeze-stages (default: the finetune preset's)")
+    ap.add_argument("--mil-pooling", choices=("lse", "max"), help="crossval --mil-pooling, for --label-level series/both")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out}: not empty; the benchmark times a run from scratch")
     config = TrainConfig.from_preset("finetune", init=args.init, label_level=args.label_level,
-                                     freeze_stages=args.freeze_stages)
+                                     freeze_stages=args.freeze_stages, mil_pooling=args.mil_pooling)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     result = run_crossval(config, args.data, out / "cv", options=CrossvalOptions(folds=args.folds, members=args.members),
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
         "init": args.init,
         "members": args.members,
         "freeze_stages": config.freeze_stages,
+        "mil_pooling": config.mil_pooling,
         "machine": {"cpu_count": cpu_count(), "torch_threads": torch.get_num_threads(),
                     "cuda": torch.cuda.is_available()},
         "seconds": {k: round(v, 1) for k, v in times.items()},
