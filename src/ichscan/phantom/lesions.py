@@ -189,8 +189,9 @@ def _plan_contusion(head: HeadShape, fr: Frame, side: float, lobes, oedema, rng:
     x0, y0 = foci[0][0], foci[0][1]
     return Lesion("intraparenchymal", "contusion", 0.5 * (lo + hi), 0.5 * (hi - lo), float(rng.uniform(55, 82)),
                   1.0 if x0 >= 0 else -1.0, {
-                      "x": float(x0), "y": float(y0), "radius": float(foci[0][3]), "site": site, **oedema,
-                      "oedema": float(rng.uniform(2, 10)), "mass_mm": 0.0, "lobes": lobes, "foci": foci,
+                      "x": float(x0), "y": float(y0), "radius": float(foci[0][3]), "site": site,
+                      # bruised brain swells more around its blood than a hypertensive bleed does
+                      **oedema, "oedema": float(rng.uniform(2, 10)), "mass_mm": 0.0, "lobes": lobes, "foci": foci,
                       "focus_hu": [float(rng.uniform(52, 82)) for _ in foci]})
 
 
@@ -279,14 +280,14 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
             value = np.full(hu.shape, les.hu, np.float32)
             a0, a1, a2 = p["lobes"]
             focus_hu = p.get("focus_hu")
-            for k, (fx, fy, fz, fr_, fzh, mottle) in enumerate(p["foci"]):
-                dz = (float(fr.z[i]) - fz) / max(fzh, 1e-3) * fr_
-                if abs(dz) >= fr_:
+            for k, (fx, fy, fz, radius, z_half, mottle) in enumerate(p["foci"]):
+                dz = (float(fr.z[i]) - fz) / max(z_half, 1e-3) * radius
+                if abs(dz) >= radius:
                     continue
                 dx, dy = X - fx, Y - fy
                 th = np.arctan2(dy, dx)
                 lobes = 0.18 * np.sin(3 * th + a0 + k) + 0.1 * np.sin(5 * th + a1) + 0.06 * np.sin(2 * th + a2)
-                rmod = fr_ * (1 + lobes)  # lobulated, not a disc
+                rmod = radius * (1 + lobes)  # lobulated, not a disc
                 rr = np.sqrt(dx**2 + dy**2 + dz**2)
                 inside = (rr < rmod) & paren
                 if mottle > 0 and inside.any():  # blood mixed with bruised, oedematous brain
