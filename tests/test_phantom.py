@@ -288,6 +288,24 @@ def test_contusion_is_blood_in_brain_with_oedema_around_it():
     ring &= np.isin(ps.tissue, (an.GREY, an.WHITE))
     assert ring.sum() > 10 and diff[ring].mean() < -1.5, diff[ring].mean()  # oedema: darker than the twin
 
+@pytest.mark.parametrize("subtype", SUBTYPES)
+def test_lesions_of_a_scan_of_the_vertex_stay_inside_the_cranium(subtype):
+    """A scan that covers only the top of the head (above a lower-vault lesion's levels) still gets a
+    lesion centre inside the cranium: an occipital epidural planned there once divided by the zero width
+    of the cavity above the vertex."""
+    from dataclasses import replace
+
+    from ichscan.phantom import lesions
+
+    rng = np.random.default_rng(11)
+    head = an.sample_head(rng)
+    fr = an.make_frame(rng, head, 10, 32, 32, 5.0)
+    fr = replace(fr, z=np.linspace(head.top - 38, head.top + 7, 10).astype(np.float32))
+    for seed in range(60):
+        les = lesions.plan_lesion(subtype, head, fr, np.random.default_rng(seed))
+        assert les.z <= head.top - lesions.VERTEX_CLEARANCE + 1e-6, (seed, les.z, head.top)
+        assert float(an.cranial_scale(head, np.float32(les.z))) > 0
+
 def test_trivial_feature_does_not_solve_the_task():
     """Count of voxels 50-90 HU inside the skull, per series: must not separate `any` (AUC <= 0.85)."""
     plans = plan_dataset(40, 21, size=64, slices=(32, 40))

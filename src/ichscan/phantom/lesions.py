@@ -20,6 +20,7 @@ from ichscan.phantom.anatomy import Anatomy, Frame, HeadShape, MassEffect
 from ichscan.phantom.geometry import ramp, wrap_angle
 
 MARGIN = np.deg2rad(7.0)  # an epidural stays this far from the sutures that bound it
+VERTEX_CLEARANCE = 5.0  # mm: a lesion centre stays this far below the inner table at the vertex
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,14 @@ class Lesion:
 
 
 def _vault_range(head: HeadShape, fr: Frame, lo: float, hi: float, rng, half: float):
-    """A centre level inside [lo, hi] and inside the covered slices (so that the lesion is seen)."""
+    """A centre level inside [lo, hi] and inside the covered slices (so that the lesion is seen); where
+    the two do not meet (a scan of the top of the head, a lesion of the lower vault), any covered level
+    inside the cranium: never above the vertex, where the cranial cavity has no width."""
     zlo = max(lo, float(fr.z.min()) + 0.5 * fr.thickness)
     zhi = min(hi, float(fr.z.max()) - 0.5 * fr.thickness)
     if zhi <= zlo:
-        zlo, zhi = float(fr.z.min()), float(fr.z.max())
+        zlo = float(fr.z.min())
+        zhi = max(zlo, min(float(fr.z.max()), head.top - VERTEX_CLEARANCE))
     return float(rng.uniform(zlo, zhi))
 
 
