@@ -278,7 +278,8 @@ def test_series_labels_alone_teach_the_model_on_phantoms(phantom_sets, tmp_path,
 
     # Training visits series in the order of their pseudonymous patient keys, and the session's site key is
     # random: pin one (all zeros, not chosen for its result) so that the 30 steps take the same path each run.
-    # Over four random keys this measured 0.81-0.86, and one suite run's key gave 0.64.
+    # Over four random keys this measured 0.81-0.86; one full suite run gave 0.64 (its key is the likely cause,
+    # not proven: that key was not kept).
     key = tmp_path / "zero.key"
     key.write_text("0" * 64 + "\n")
     monkeypatch.setenv("ICHSCAN_KEY_FILE", str(key))
