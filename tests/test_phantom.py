@@ -230,11 +230,11 @@ def test_blood_lies_in_its_compartment(subtype, allowed):
         assert 45 <= np.median(ps.hu[inner]) <= 95
 
 
-def _contusion_rng(head, fr, first_seed=0):
-    """A lesion generator whose first intraparenchymal plan is a traumatic contusion."""
+def _contusion_rng(head, fr):
+    """The first seed whose lesion generator plans a traumatic contusion for an intraparenchymal bleed."""
     from ichscan.phantom import lesions
 
-    for seed in range(first_seed, first_seed + 200):
+    for seed in range(200):
         if lesions.plan_lesion("intraparenchymal", head, fr, np.random.default_rng(seed)).kind == "contusion":
             return seed
     raise AssertionError("no contusion planned")
@@ -288,6 +288,7 @@ def test_contusion_is_blood_in_brain_with_oedema_around_it():
     ring &= np.isin(ps.tissue, (an.GREY, an.WHITE))
     assert ring.sum() > 10 and diff[ring].mean() < -1.5, diff[ring].mean()  # oedema: darker than the twin
 
+
 @pytest.mark.parametrize("subtype", SUBTYPES)
 def test_lesions_of_a_scan_of_the_vertex_stay_inside_the_cranium(subtype):
     """A scan that covers only the top of the head (above a lower-vault lesion's levels) still gets a
@@ -305,6 +306,7 @@ def test_lesions_of_a_scan_of_the_vertex_stay_inside_the_cranium(subtype):
         les = lesions.plan_lesion(subtype, head, fr, np.random.default_rng(seed))
         assert les.z <= head.top - lesions.VERTEX_CLEARANCE + 1e-6, (seed, les.z, head.top)
         assert float(an.cranial_scale(head, np.float32(les.z))) > 0
+
 
 def test_trivial_feature_does_not_solve_the_task():
     """Count of voxels 50-90 HU inside the skull, per series: must not separate `any` (AUC <= 0.85)."""
