@@ -36,7 +36,7 @@ from ichscan.labels import LABELS
 from ichscan.predict import Predictor, predict_path
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-THRESHOLD = 0.3  # the two phantom series: any called in both, several subtypes in one (checked below)
+THRESHOLD = 0.2  # the two phantom series: any called in both, several subtypes in one (checked below)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_the_run_calls_what_the_tests_need(setup):
     _, _, run, doc, _ = setup
     called = [sum(d.values()) for _, d in _entries(doc)]
     assert all(entry["decisions"]["any"] for entry, _ in _entries(doc))
-    assert max(called) >= 2, called  # several key images in one series (the bundle since 89e0870 calls 2 per series here)
+    assert max(called) >= 3, called  # several key images in one series
     assert len(run.dicom_files) == sum(called) + 2  # one SR per series, one key image per called finding
 
 
