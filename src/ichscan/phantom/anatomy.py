@@ -84,6 +84,10 @@ class Frame:
     # No head is an ellipse: (amplitude, harmonic, phase) terms of a smooth radial scaling of the head
     # frame, applied to every structure alike (skull, brain and lesions keep their relations).
     warp: tuple[tuple[float, int, float], ...] = ()
+    # Tilt of the scan plane against the head (radians): the plane rises by tan(pitch) mm per mm towards the
+    # back of the image and tan(roll) per mm towards the patient's left (``ichscan.phantom.oblique``).
+    pitch: float = 0.0
+    roll: float = 0.0
     X: np.ndarray = field(repr=False, default=None)  # (1, H, W) head frame
     Y: np.ndarray = field(repr=False, default=None)
     x_img: np.ndarray = field(repr=False, default=None)  # (1, H, W) image frame, mm from the centre
@@ -151,6 +155,7 @@ class Anatomy:
     cerebrum: np.ndarray  # (n, H, W) bool: supratentorial cavity, where convexity lesions can lie
     side_x: np.ndarray  # (1, H, W) head-frame X
     sulcal_effacement: np.ndarray | None = None
+    tissue0: np.ndarray | None = None  # tissue codes before the lesions were painted
 
 
 def profile(z, z0, z1):

@@ -49,6 +49,8 @@ MAX_SIZE = 2048  # pixels: four times a CT matrix
 # 200 slices at 512 px, so what a machine cannot hold is refused at once, not killed hours in.
 SERIES_BYTES_PER_VOXEL = 120
 MAX_SERIES_BYTES = 6 * 2**30
+MAX_PITCH = 30.0  # degrees: gantry tilt goes to about 30, and a head bent further does not fit the holder
+TILTED_SLICES = 4  # ``oblique.fine_frame`` draws at most this many thin slices per slice of a tilted series
 
 JOURNAL_NAME = ".ichscan-phantom.jsonl"
 SET_FILES = ("labels.csv", "series_labels.csv", "manifest.json")  # written once every series is done
@@ -73,6 +75,8 @@ class SeriesPlan:
     encoding: str
     header: dict
     twin_of: int | None = None  # this series repeats that one's scan without its lesions
+    pitch: float = 0.0  # degrees: tilt of the scan plane against the head (``ichscan.phantom.oblique``)
+    roll: float = 0.0
 
     @property
     def n_slices(self) -> int:
@@ -165,19 +169,41 @@ def _draw_thickness(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(np.clip(np.round(rng.uniform(lo, hi) * 2) / 2, lo, hi))
 
 
+def parse_pitch(value: float) -> float:
+    pitch = float(value)
+    if not 0.0 <= pitch <= MAX_PITCH:
+        raise IchscanError(f"pitch {value}: expected 0 to {MAX_PITCH:g} degrees")
+    return pitch
+
+
+def _draw_tilt(seed: int, index: int, pitch: float) -> tuple[float, float]:
+    """Pitch and roll (degrees) of one series' scan plane against the head, for ``--pitch`` up to
+    ``pitch``: pitch mostly within half of it (normal, SD pitch / 2, clipped), roll a quarter as large.
+    Drawn from their own stream, so that sets without ``--pitch`` keep every other draw."""
+    if not pitch:
+        return 0.0, 0.0
+    r = np.random.default_rng([seed, 4, index])
+    return (round(float(np.clip(r.normal(0, pitch / 2), -pitch, pitch)), 2),
+            round(float(np.clip(r.normal(0, pitch / 8), -pitch / 4, pitch / 4)), 2))
+
+
 def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int, int] = (32, 40),
                  thickness: float | str | tuple[float, float] = 5.0, prevalence=None,
-                 twins: float = 0.0) -> list[SeriesPlan]:
+                 twins: float = 0.0, pitch: float = 0.0) -> list[SeriesPlan]:
     """Every series of the set, decided from the seed alone (one series per study). ``thickness`` is the
     slice thickness and spacing in mm, or a (low, high) range drawn per series.
 
     ``twins`` is the share of series with a bleed that are followed by a lesion-free twin: the same
     patient, scan, anatomy, artifacts and noise without the lesions (nor their mass effect), as another
     study of that patient. For training, such pairs leave a model nothing to learn but the blood itself;
-    whatever else tells phantoms apart cannot predict the label. Twins count towards ``studies``."""
+    whatever else tells phantoms apart cannot predict the label. Twins count towards ``studies``.
+
+    ``pitch`` (degrees, 0 for none) tilts each series' scan plane against the head by up to that much
+    (``_draw_tilt``); a twin keeps its source's tilt. Tilted series take about five times as long to draw."""
     if not 0.0 <= twins <= 1.0:
         raise IchscanError(f"twins {twins}: expected a share between 0 and 1")
     t_lo, t_hi = parse_thickness(thickness)
+    pitch = parse_pitch(pitch)
     if studies < 1:
         raise IchscanError(f"studies must be at least 1 (got {studies})")
     lo, hi = int(slices[0]), int(slices[1])
@@ -185,11 +211,12 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
         raise IchscanError(f"slices {lo}-{hi}: expected 1 <= low <= high")
     if not 32 <= size <= MAX_SIZE:
         raise IchscanError(f"size {size}: phantoms need 32 to {MAX_SIZE} pixels")
-    if hi * size * size * SERIES_BYTES_PER_VOXEL > MAX_SERIES_BYTES:
-        most = MAX_SERIES_BYTES // (size * size * SERIES_BYTES_PER_VOXEL)
-        raise IchscanError(f"a series of {hi} slices of {size}x{size} pixels needs about "
-                           f"{hi * size * size * SERIES_BYTES_PER_VOXEL / 2**30:.0f} GB of memory to draw; use "
-                           f"fewer slices (at most {most} at this size) or a smaller size")
+    drawn = hi * (TILTED_SLICES if pitch else 1)  # a tilted series is drawn on up to 4x as many thin slices
+    if drawn * size * size * SERIES_BYTES_PER_VOXEL > MAX_SERIES_BYTES:
+        most = MAX_SERIES_BYTES // (size * size * SERIES_BYTES_PER_VOXEL) // (drawn // hi)
+        raise IchscanError(f"a series of {hi} slices of {size}x{size} pixels{' tilted' if pitch else ''} needs "
+                           f"about {drawn * size * size * SERIES_BYTES_PER_VOXEL / 2**30:.0f} GB of memory to "
+                           f"draw; use fewer slices (at most {most} at this size) or a smaller size")
     prev = parse_prevalence(prevalence)
     rng = np.random.default_rng([seed, 0])
     names = list(writer.ENCODINGS)
@@ -221,8 +248,9 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
             date, tm = writer.study_datetime(rng)
             enc = names[int(rng.choice(len(names), p=weights / weights.sum()))]
             window = writer.WINDOW_TAGS[int(rng.integers(len(writer.WINDOW_TAGS)))]
+            tilt = _draw_tilt(seed, i, pitch)
             plans.append(SeriesPlan(
-                index=i, seed=seed, patient_index=patient, patient_id=pid,
+                pitch=tilt[0], roll=tilt[1], index=i, seed=seed, patient_index=patient, patient_id=pid,
                 study_uid=_uid(seed, "study", i), series_uid=_uid(seed, "series", i), frame_uid=_uid(seed, "for", i),
                 sop_uids=tuple(_uid(seed, "sop", i, k) for k in range(n)), image_ids=tuple(ids),
                 rows=rows, cols=cols, thickness=_draw_thickness(rng, t_lo, t_hi), subtypes=_subtypes(rng, prev),
@@ -271,7 +299,7 @@ def render_series(plan: SeriesPlan) -> PhantomSeries:
     enc = writer.ENCODINGS[plan.encoding]
     return make_series(head_for(plan), plan.subtypes, rng, n=plan.n_slices, rows=plan.rows, cols=plan.cols,
                        thickness=plan.thickness, confounders=plan.confounders, hu_range=enc.hu_range,
-                       lesion_rng=lesion_rng)
+                       lesion_rng=lesion_rng, pitch=plan.pitch, roll=plan.roll)
 
 
 def _series_dir(out: Path, plan: SeriesPlan, layout: str) -> Path:
@@ -323,16 +351,19 @@ def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
             "thickness_mm": plan.thickness, "encoding": plan.encoding, "noise_sigma_hu": round(ps.noise_sigma, 2),
             "twin_of": plan.twin_of, "subtypes_planned": list(plan.subtypes), "lesions": [les.describe() for les in ps.lesions],
             "confounders": ps.confounders, "head": {"age": head.age, "atrophy": round(head.atrophy, 2)},
+            **({"pitch_deg": plan.pitch, "roll_deg": plan.roll} if plan.pitch or plan.roll else {}),
         },
     }
 
 
 def _stamp(studies: int, seed: int, size: int, slices: tuple[int, int], thickness, prevalence, layout: str,
-           masks: bool, twins: float) -> dict:
+           masks: bool, twins: float, pitch: float = 0.0) -> dict:
     """The arguments that decide a set's files, as the journal and the manifest record them."""
     arguments = {"studies": studies, "size": size, "slices": list(slices),
                  "thickness": list(parse_thickness(thickness)), "twins": twins,
                  "prevalence": parse_prevalence(prevalence), "layout": layout, "masks": masks}
+    if pitch:  # recorded only when used, so sets made before --pitch existed still resume
+        arguments["pitch"] = parse_pitch(pitch)
     return json.loads(json.dumps({"kind": "ichscan-phantoms", "seed": seed, "arguments": arguments},
                                  default=_jsonable))
 
@@ -381,7 +412,7 @@ def _remove_set(out: Path, previous: dict | None) -> None:
         args = previous["arguments"]
         plans = plan_dataset(args["studies"], previous["seed"], size=args["size"], slices=tuple(args["slices"]),
                              thickness=tuple(args.get("thickness", (5.0, 5.0))), prevalence=args["prevalence"],
-                             twins=args.get("twins", 0.0))
+                             twins=args.get("twins", 0.0), pitch=args.get("pitch", 0.0))
         for plan in plans:
             files += _series_files(out, plan, args.get("layout", "rsna"), args.get("masks", False))
     else:
@@ -420,7 +451,7 @@ def _start_journal(out: Path, stamp: dict, plans: list[SeriesPlan], layout: str,
 def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tuple[int, int] = (32, 40),
                      thickness: float | str | tuple[float, float] = 5.0, prevalence=None, layout: str = "rsna",
                      masks: bool = False, workers: int = 1, progress: Callable[[int], None] | None = None,
-                     twins: float = 0.0, overwrite: bool = False) -> DatasetSummary:
+                     twins: float = 0.0, overwrite: bool = False, pitch: float = 0.0) -> DatasetSummary:
     """Write a phantom set under ``out`` (see docs/phantom.md); ``progress(n)`` is told of n more slices.
 
     Resumes: series an interrupted run finished are kept and only the rest drawn, and the files come out
@@ -434,8 +465,8 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
     if out_p.exists() and not out_p.is_dir():
         raise IchscanError("is a file; --out needs a folder", out_p)
     plans = plan_dataset(studies, seed, size=size, slices=slices, thickness=thickness, prevalence=prevalence,
-                         twins=twins)
-    stamp = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins)
+                         twins=twins, pitch=pitch)
+    stamp = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins, pitch)
     with lock_folder(out_p):
         lines = _start_journal(out_p, stamp, plans, layout, masks, overwrite)
         summary = _write_set(out_p, plans, lines, stamp, layout, masks, workers, progress)

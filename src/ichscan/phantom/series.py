@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ichscan.labels import SUBTYPES
 from ichscan.phantom import anatomy as an
-from ichscan.phantom import artifacts, lesions
+from ichscan.phantom import artifacts, lesions, oblique
 from ichscan.phantom.anatomy import Frame, HeadShape
 
 # Painted in this order; a later lesion covers an earlier one where they meet.
@@ -61,26 +62,56 @@ def sample_confounders(rng: np.random.Generator, rate: float = 0.35) -> dict:
 
 def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Generator, *, n: int, rows: int,
                 cols: int, thickness: float, confounders: dict, hu_range: tuple[float, float] = (-1024, 3071),
-                lesion_rng: np.random.Generator | None = None) -> PhantomSeries:
+                lesion_rng: np.random.Generator | None = None, pitch: float = 0.0, roll: float = 0.0) -> PhantomSeries:
     """``rng`` draws the scan (position, anatomy, artifacts, noise) and ``lesion_rng`` the lesions, so that
-    the same ``rng`` seed without lesions gives the same scan without its bleed (a lesion-free twin)."""
+    the same ``rng`` seed without lesions gives the same scan without its bleed (a lesion-free twin).
+
+    ``pitch`` and ``roll`` (degrees) tilt the scan plane against the head: the head bent forward or back in
+    its holder, or a tilted gantry, as the pixels show it (the DICOM geometry stays plainly axial). A tilted
+    series is drawn on thin slices along the head's axis and each slice resampled as an oblique slab of the
+    series' thickness, so that partial volume and the skull's obliquity come out of the geometry."""
     lrng = rng if lesion_rng is None else lesion_rng
     fr = an.make_frame(rng, head, n, rows, cols, thickness)
-    planned = [lesions.plan_lesion(s, head, fr, lrng) for s in sorted(subtypes, key=PAINT_ORDER.index)]
+    if pitch or roll:
+        fr = dataclasses.replace(fr, pitch=float(np.deg2rad(pitch)), roll=float(np.deg2rad(roll)))
+        fine = oblique.fine_frame(fr)
+        anat, masks, planned, drawn = _draw_head(head, subtypes, rng, lrng, fr, fine, confounders)
+        anat, masks = oblique.resample(anat, masks, fine, fr)
+    else:
+        anat, masks, planned, drawn = _draw_head(head, subtypes, rng, lrng, fr, fr, confounders)
+    tissue0 = anat.tissue0
+    hu = artifacts.scanner_blur(anat.hu, fr, float(rng.uniform(0.45, 0.8)))
+    artifacts.calibration_offset(hu, float(np.clip(rng.normal(1.0, 2.5), -5, 7)))
+    if confounders.get("motion"):
+        drawn["motion"] = artifacts.motion(hu, fr, rng)
+    sigma = float(2.0 + 5.5 * rng.beta(1.3, 3.0))  # 2-7.5 HU at 0.5 mm, mostly 2.5-4.5 (real heads: 2.7-4.1 HU local SD)
+    artifacts.add_noise(hu, fr, sigma, rng, grain_mm=float(rng.uniform(0.2, 0.9)))
+    np.clip(np.rint(hu, out=hu), hu_range[0], hu_range[1], out=hu)
+    return PhantomSeries(hu=hu, masks=masks, tissue=tissue0, depth=anat.depth, sector=anat.sector, frame=fr,
+                         head=head, lesions=planned, confounders=drawn, noise_sigma=sigma)
+
+
+def _draw_head(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Generator, lrng: np.random.Generator,
+               plan_fr: Frame, fr: Frame, confounders: dict):
+    """The object before the scanner sees it, on ``fr``'s slices: anatomy, lesions (placed on the levels
+    ``plan_fr`` covers), metal, scalp, holder, beam hardening and subcalvarial brightening. Returns the
+    anatomy (with ``tissue0``, the tissue codes before lesions), the lesion masks, the lesions and what was
+    drawn besides."""
+    planned = [lesions.plan_lesion(s, head, plan_fr, lrng) for s in sorted(subtypes, key=PAINT_ORDER.index)]
     pushes = [m for m in (les.mass_effect(head) for les in planned) if m is not None]
     mass = max(pushes, key=lambda m: m.mm) if pushes else None
     calc = {k: v for k, v in confounders.items() if k in ("pineal", "choroid", "basal_ganglia", "falx")}
     distended = [dict(les.params, z=les.z, z_half=les.z_half) for les in planned
                  if les.subtype == "subarachnoid" and les.kind == "convexity"]
     anat = an.build(head, fr, rng, mass=mass, calcified=calc, distended=distended)
-    tissue0 = anat.tissue.copy()
+    anat.tissue0 = anat.tissue.copy()
     masks = {s: np.zeros(anat.hu.shape, bool) for s in SUBTYPES}
     for k, les in enumerate(planned):
         m = lesions.paint_lesion(les, head, fr, anat, lrng)
         for _ in range(8):  # a lesion that found no room on these slices is planned again
             if m.any():
                 break
-            les = planned[k] = lesions.plan_lesion(les.subtype, head, fr, lrng)
+            les = planned[k] = lesions.plan_lesion(les.subtype, head, plan_fr, lrng)
             m = lesions.paint_lesion(les, head, fr, anat, lrng)
         for other in SUBTYPES:  # later paint covers earlier blood
             masks[other] &= ~m
@@ -94,12 +125,4 @@ def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Gener
         drawn["holder"] = artifacts.head_holder(anat.hu, anat.tissue, head, fr, rng)
     artifacts.beam_hardening(anat.hu, head, fr, anat, float(rng.uniform(5, 25)))
     artifacts.subcalvarial_brightening(anat.hu, anat, float(rng.uniform(0, 12)), float(rng.uniform(1.0, 5.0)))
-    hu = artifacts.scanner_blur(anat.hu, fr, float(rng.uniform(0.45, 0.8)))
-    artifacts.calibration_offset(hu, float(np.clip(rng.normal(1.0, 2.5), -5, 7)))
-    if confounders.get("motion"):
-        drawn["motion"] = artifacts.motion(hu, fr, rng)
-    sigma = float(2.0 + 5.5 * rng.beta(1.3, 3.0))  # 2-7.5 HU at 0.5 mm, mostly 2.5-4.5 (real heads: 2.7-4.1 HU local SD)
-    artifacts.add_noise(hu, fr, sigma, rng, grain_mm=float(rng.uniform(0.2, 0.9)))
-    np.clip(np.rint(hu, out=hu), hu_range[0], hu_range[1], out=hu)
-    return PhantomSeries(hu=hu, masks=masks, tissue=tissue0, depth=anat.depth, sector=anat.sector, frame=fr,
-                         head=head, lesions=planned, confounders=drawn, noise_sigma=sigma)
+    return anat, masks, planned, drawn
