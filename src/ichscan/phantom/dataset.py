@@ -170,6 +170,7 @@ def _draw_thickness(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 
 def parse_pitch(value: float) -> float:
+    """``--pitch``: the largest tilt of a series' scan plane against the head, 0 (none) to ``MAX_PITCH`` degrees."""
     pitch = float(value)
     if not 0.0 <= pitch <= MAX_PITCH:
         raise IchscanError(f"pitch {value}: expected 0 to {MAX_PITCH:g} degrees")
@@ -199,7 +200,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     whatever else tells phantoms apart cannot predict the label. Twins count towards ``studies``.
 
     ``pitch`` (degrees, 0 for none) tilts each series' scan plane against the head by up to that much
-    (``_draw_tilt``); a twin keeps its source's tilt. Tilted series take about five times as long to draw."""
+    (``_draw_tilt``); a twin keeps its source's tilt. Tilted series take 2-5 times as long to draw."""
     if not 0.0 <= twins <= 1.0:
         raise IchscanError(f"twins {twins}: expected a share between 0 and 1")
     t_lo, t_hi = parse_thickness(thickness)
@@ -250,7 +251,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
             window = writer.WINDOW_TAGS[int(rng.integers(len(writer.WINDOW_TAGS)))]
             tilt = _draw_tilt(seed, i, pitch)
             plans.append(SeriesPlan(
-                pitch=tilt[0], roll=tilt[1], index=i, seed=seed, patient_index=patient, patient_id=pid,
+                index=i, seed=seed, patient_index=patient, patient_id=pid,
                 study_uid=_uid(seed, "study", i), series_uid=_uid(seed, "series", i), frame_uid=_uid(seed, "for", i),
                 sop_uids=tuple(_uid(seed, "sop", i, k) for k in range(n)), image_ids=tuple(ids),
                 rows=rows, cols=cols, thickness=_draw_thickness(rng, t_lo, t_hi), subtypes=_subtypes(rng, prev),
@@ -261,6 +262,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                         "manufacturer": writer.MANUFACTURERS[int(rng.integers(len(writer.MANUFACTURERS)))],
                         "kvp": float(rng.choice([100.0, 120.0, 140.0])), "reverse": bool(rng.random() < 0.3),
                         "table_z": float(rng.uniform(-250, 50)), "study_in_patient": st},
+                pitch=tilt[0], roll=tilt[1],
             ))
             src = plans[-1]
             if twins and src.subtypes and len(plans) < studies and rng.random() < twins:
