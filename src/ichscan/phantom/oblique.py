@@ -46,24 +46,29 @@ class _Slabs:
         self.m = fine.n
         self.step = fine.thickness
         self.base = float(fine.z[0]) - fine.thickness / 2  # lower face of the first fine slice
-        off = level_offset(out)[0]
-        self.centre = out.z[:, None, None] + off[None]  # (n, H, W) level of each output voxel
+        self.centre = out.z[:, None, None] + level_offset(out)[0][None]  # (n, H, W) level of each output voxel
         self.half = out.thickness / 2
+        # where each slab's faces fall among the fine slices: the same for every volume resampled
+        self.faces = [self._face(self.centre + self.half), self._face(self.centre - self.half)]
 
-    def _at(self, cum: np.ndarray, level: np.ndarray) -> np.ndarray:
-        """Integral (in fine slices) of the volume from ``base`` up to ``level`` (n, H, W)."""
+    def _face(self, level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fine-slice index and fraction of ``level`` (n, H, W), counted from ``base``."""
         f = np.clip((level - self.base) / self.step, 0.0, float(self.m))
         k = np.minimum(np.floor(f).astype(np.intp), self.m - 1)
+        return k, (f - k).astype(np.float32)
+
+    @staticmethod
+    def _at(cum: np.ndarray, face: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Integral (in fine slices) of the volume from ``base`` up to a face."""
+        k, frac = face
         lo = np.take_along_axis(cum, k, axis=0)
-        hi = np.take_along_axis(cum, k + 1, axis=0)
-        return lo + (f - k).astype(np.float32) * (hi - lo)
+        return lo + frac * (np.take_along_axis(cum, k + 1, axis=0) - lo)
 
     def mean(self, vol: np.ndarray) -> np.ndarray:
         """Slab means of a (m, H, W) fine volume: (n, H, W) float32."""
         cum = np.zeros((self.m + 1, *vol.shape[1:]), np.float64)
         np.cumsum(vol, axis=0, dtype=np.float64, out=cum[1:])
-        top = self._at(cum, self.centre + self.half)
-        bottom = self._at(cum, self.centre - self.half)
+        top, bottom = (self._at(cum, face) for face in self.faces)
         return ((top - bottom) * (self.step / (2 * self.half))).astype(np.float32)
 
     def nearest(self, vol: np.ndarray) -> np.ndarray:
@@ -81,10 +86,6 @@ def resample(anat: Anatomy, masks: dict[str, np.ndarray], fine: Frame, out: Fram
     hu = slabs.mean(anat.hu)
     new_masks = {s: (slabs.mean(masks[s].astype(np.float32)) >= MASK_FRACTION) if masks[s].any()
                  else np.zeros(hu.shape, bool) for s in SUBTYPES}
-    seen = np.zeros(hu.shape, bool)
-    for s in reversed(SUBTYPES):  # keep each voxel in one mask at most
-        new_masks[s] &= ~seen
-        seen |= new_masks[s]
     res = Anatomy(hu=hu, tissue=slabs.nearest(anat.tissue), depth=slabs.nearest(anat.depth),
                   sector=slabs.nearest(anat.sector), cerebrum=slabs.nearest(anat.cerebrum), side_x=anat.side_x,
                   sulcal_effacement=None, tissue0=slabs.nearest(anat.tissue0))

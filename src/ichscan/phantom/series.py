@@ -79,7 +79,6 @@ def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Gener
         anat, masks = oblique.resample(anat, masks, fine, fr)
     else:
         anat, masks, planned, drawn = _draw_head(head, subtypes, rng, lrng, fr, fr, confounders)
-    tissue0 = anat.tissue0
     hu = artifacts.scanner_blur(anat.hu, fr, float(rng.uniform(0.45, 0.8)))
     artifacts.calibration_offset(hu, float(np.clip(rng.normal(1.0, 2.5), -5, 7)))
     if confounders.get("motion"):
@@ -87,7 +86,7 @@ def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Gener
     sigma = float(2.0 + 5.5 * rng.beta(1.3, 3.0))  # 2-7.5 HU at 0.5 mm, mostly 2.5-4.5 (real heads: 2.7-4.1 HU local SD)
     artifacts.add_noise(hu, fr, sigma, rng, grain_mm=float(rng.uniform(0.2, 0.9)))
     np.clip(np.rint(hu, out=hu), hu_range[0], hu_range[1], out=hu)
-    return PhantomSeries(hu=hu, masks=masks, tissue=tissue0, depth=anat.depth, sector=anat.sector, frame=fr,
+    return PhantomSeries(hu=hu, masks=masks, tissue=anat.tissue0, depth=anat.depth, sector=anat.sector, frame=fr,
                          head=head, lesions=planned, confounders=drawn, noise_sigma=sigma)
 
 
