@@ -425,3 +425,24 @@ def test_slice_csv_against_rsna_labels_uses_patient_ids(tmp_path):
     pred.drop(columns=["prob_epidural"]).to_csv(tmp_path / "slices.csv", index=False)
     with pytest.raises(DataError, match=r"slices\.csv.*prob_epidural"):
         m.join_slice_labels(tmp_path / "slices.csv", tmp_path / "labels.csv")
+
+
+def test_threshold_on_scores_that_do_not_separate_is_flagged():
+    # 10 positives scored below nearly all of 40 negatives (AUC about 0.02): no threshold has J > 0, and the
+    # rule's first maximum is the lowest score, which calls every case positive. The threshold is kept and
+    # flagged; a label whose scores do separate (the reversed scores) is not.
+    y = np.r_[np.ones(10), np.zeros(40)]
+    s = np.r_[np.linspace(0.01, 0.10, 10), np.linspace(0.055, 0.955, 40)]
+    from sklearn.metrics import roc_auc_score
+
+    t, info = m.choose_threshold(y, s, method="youden")
+    assert info["auc"] == pytest.approx(roc_auc_score(y, s))
+    assert info["positives"] == 10 and info["negatives"] == 40
+    assert t == pytest.approx(0.01) and info["sensitivity"] == 1.0 and info["specificity"] == 0.0
+    yy = np.c_[y, y]
+    pp = np.c_[s, 1 - s]
+    points = m.choose_thresholds(yy, pp, labels=("any", "epidural"), method="youden")
+    assert "unreliable" in points.notes["any"] and f"AUC {info['auc']:.3f}," in points.notes["any"]
+    assert "100% of the negatives" in points.notes["any"]
+    assert "epidural" not in points.notes
+    assert points.details["epidural"]["auc"] == pytest.approx(1 - info["auc"])

@@ -524,9 +524,11 @@ def choose_threshold(
     ``youden``: the threshold maximising J = sensitivity + specificity - 1 (ties: the highest threshold).
     ``sensitivity``: the highest threshold whose sensitivity is at least ``target``.
     Thresholds are observed scores, so ``prob >= threshold`` reproduces the validation operating point.
+    The details also carry the data's AUC and its number of positive cases, so a caller can tell a threshold
+    chosen on scores that separate the label from one that only the rule picked (see ``choose_thresholds``).
     Raises ValueError when the data lack a positive or a negative case.
     """
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import roc_auc_score, roc_curve
 
     y, s, _ = _vectors(y_true, y_score, None)
     if y.sum() == 0 or y.sum() == y.size:
@@ -544,7 +546,8 @@ def choose_threshold(
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(THRESHOLD_METHODS)}")
     t = float(np.clip(thr[i], 0.0, 1.0))
     return t, {"sensitivity": float(tpr[i]), "specificity": float(1.0 - fpr[i]),
-               "youden_j": float(tpr[i] - fpr[i])}
+               "youden_j": float(tpr[i] - fpr[i]), "auc": float(roc_auc_score(y, s)),
+               "positives": int(y.sum()), "negatives": int(y.size - y.sum())}
 
 
 def choose_thresholds(
@@ -557,7 +560,12 @@ def choose_thresholds(
     default: float = 0.5,
     source: Mapping[str, Any] | None = None,
 ) -> OperatingPoints:
-    """Per-label thresholds (see ``choose_threshold``); a label without both classes keeps ``default``."""
+    """Per-label thresholds (see ``choose_threshold``); a label without both classes keeps ``default``.
+
+    A label whose scores rank positives no better than chance on these data (AUC <= 0.5) still gets the
+    method's threshold, but with a note and a warning: there Youden's J is largest at a near-zero threshold
+    that calls almost everything positive, which is the rule working, not an operating point to rely on.
+    """
     labels = tuple(labels)
     if method not in THRESHOLD_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(THRESHOLD_METHODS)}")
@@ -567,6 +575,13 @@ def choose_thresholds(
     for j, name in enumerate(labels):
         try:
             thresholds[name], details[name] = choose_threshold(y[:, j], p[:, j], method=method, target=target)
+            if details[name]["auc"] <= 0.5:
+                notes[name] = (f"unreliable: the scores do not separate {name} here (AUC "
+                               f"{details[name]['auc']:.3f}, {details[name]['positives']} positive of "
+                               f"{details[name]['positives'] + details[name]['negatives']}); threshold "
+                               f"{thresholds[name]:.4g} calls {1 - details[name]['specificity']:.0%} of the "
+                               f"negatives positive")
+                log.warning("threshold for %s: %s", name, notes[name])
         except ValueError as err:
             thresholds[name] = float(default)
             notes[name] = f"kept default {default:g}: {err}"

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         d = points.details.get(name)
         how = (f"sensitivity {d['sensitivity']:.3f}, specificity {d['specificity']:.3f}" if d
                else points.notes[name])
-        print(f"{name:17s} {t:.4f}  ({how})")
+        print(f"{name:17s} {t:.4f}  ({how})" + (f"\n{'':17s} note: {points.notes[name]}"
+                                                  if d and name in points.notes else ""))
     print(f"wrote {path}")
     return 0
