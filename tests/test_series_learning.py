@@ -355,6 +355,13 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
         assert np.allclose(rows["prob_any"].to_numpy(), expect, atol=1e-5)
     series = pd.read_csv(out / "oof_series.csv")
     assert len(series) == 40 and {"adapted_context_any", "adapted_max_any", "baseline_max_any"} <= set(series)
+    # a site recomputing an AUC from the OOF file gets comparison.csv's (noisy-OR near 1 keeps its ranking)
+    from sklearn.metrics import roc_auc_score
+
+    comparison = pd.read_csv(out / "comparison.csv")
+    for row in comparison[comparison["aggregation"] != "slices"].itertuples():
+        recomputed = roc_auc_score(series["true_any"], series[f"{row.model}_{row.aggregation}_any"])
+        assert recomputed == pytest.approx(row.auc_any, abs=1e-4), (row.model, row.aggregation)
     final = read_checkpoint_meta(result.final)
     assert final.operating_points["thresholds"] == pytest.approx(result.thresholds)
     assert final.record["aggregation"]["method"] == "context" and final.record["series_head"]["kind"] == "gru"
