@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--members", type=int, default=1, help="models per fold (crossval --members)")
     ap.add_argument("--freeze-stages", type=int, help="crossval --freeze-stages (default: the finetune preset's)")
     ap.add_argument("--mil-pooling", choices=("lse", "max"), help="crossval --mil-pooling, for --label-level series/both")
+    ap.add_argument("--keep-start", type=float, default=0.0,
+                    help="crossval --keep-start W: each fold's model averaged with the start (no series head)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -56,7 +58,9 @@ def main(argv=None) -> int:
                                      freeze_stages=args.freeze_stages, mil_pooling=args.mil_pooling)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    result = run_crossval(config, args.data, out / "cv", options=CrossvalOptions(folds=args.folds, members=args.members),
+    options = CrossvalOptions(folds=args.folds, members=args.members, keep_start=args.keep_start,
+                              series_head=not args.keep_start)
+    result = run_crossval(config, args.data, out / "cv", options=options,
                           report=lambda line: print(line, file=sys.stderr))
     times["crossval_s"] = time.perf_counter() - t0
 
@@ -85,6 +89,7 @@ def main(argv=None) -> int:
         "label_level": args.label_level,
         "init": args.init,
         "members": args.members,
+        "keep_start": args.keep_start,
         "freeze_stages": config.freeze_stages,
         "mil_pooling": config.mil_pooling,
         "machine": {"cpu_count": cpu_count(), "torch_threads": torch.get_num_threads(),

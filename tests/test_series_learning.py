@@ -429,6 +429,67 @@ def test_crossval_fine_tunes_every_member_and_predicts_their_average(phantom_set
     assert final.thresholds == pytest.approx(result.thresholds) and final.aggregation["method"] == "context"
 
 
+def test_crossval_keep_start_averages_each_fold_model_with_the_starting_model(phantom_sets, tmp_path):
+    """--keep-start 0.5 from a two-member ensemble: each fold's OOF series probabilities are those of the
+    fold's fine-tuned model (share 0.5) and the two starting members as they were (0.25 each) through
+    ichscan predict's own path (mean of the top 3 slices); the final model is that ensemble, the starting
+    members copied beside it byte for byte, carrying the OOF thresholds."""
+    from ichscan.crossval import CrossvalOptions, run_crossval
+    from ichscan.dicom import find_series
+    from ichscan.errors import IchscanError
+    from ichscan.model import build_model, read_manifest, save_checkpoint, write_ensemble
+    from ichscan.predict import Predictor
+    from ichscan.train import TrainConfig
+
+    meta = {"windows": ["brain", "blood", "soft_tissue"], "image_size": 64}
+    starts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        starts.append(save_checkpoint(tmp_path / f"start{seed}", build_model("resnet10t"), meta))
+    manifest = write_ensemble(tmp_path / "pair.json", starts)
+    config = TrainConfig.from_preset("finetune", init=str(manifest), epochs=1, max_steps_per_epoch=1, batch_size=16)
+    with pytest.raises(IchscanError, match="no series head"):
+        run_crossval(config, phantom_sets / "train", tmp_path / "bad", options=CrossvalOptions(keep_start=0.5))
+    with pytest.raises(IchscanError, match=r"\[0, 1\)"):
+        run_crossval(config, phantom_sets / "train", tmp_path / "bad",
+                     options=CrossvalOptions(keep_start=1.0, series_head=False))
+    options = CrossvalOptions(folds=2, keep_start=0.5, series_head=False, n_bootstrap=10, baseline=False)
+    assert options.primary == "topk"
+    out = tmp_path / "cv"
+    result = run_crossval(config, phantom_sets / "train", out, options=options)
+    blend = write_ensemble(tmp_path / "fold0.json", [out / "fold-0" / "last.json", *starts], [0.5, 0.25, 0.25])
+    predictor = Predictor.from_checkpoint(blend, aggregation="topk", top_k=3, precision="fp32")
+    alone = Predictor.from_checkpoint(out / "fold-0" / "last.json", aggregation="topk", top_k=3, precision="fp32")
+    folds = pd.read_csv(out / "folds.csv")
+    oof = pd.read_csv(out / "oof_series.csv").set_index("series_uid")
+    held = set(folds.loc[folds["fold"] == 0, "series_uid"].astype(str))
+    checked, moved = 0, 0.0
+    for series in find_series(phantom_sets / "train" / "images").series:
+        if str(series.series_uid) in held and checked < 3:
+            got = predictor.predict_series(series).prob("any")
+            assert oof.loc[str(series.series_uid), "adapted_topk_any"] == pytest.approx(got, abs=1e-5)
+            moved += abs(got - alone.predict_series(series).prob("any"))
+            checked += 1
+    assert checked == 3 and moved > 1e-3  # the starting members count: the blend is not the fine-tuned model
+    final = read_manifest(result.final)
+    assert result.final.name == "ensemble.json"
+    assert [m.weight for m in final.members] == pytest.approx([0.5, 0.25, 0.25])
+    for i in (0, 1):
+        copied = out / "final" / f"start-{i}.safetensors"
+        assert copied.read_bytes() == starts[i].with_suffix(".safetensors").read_bytes()
+    assert final.thresholds == pytest.approx(result.thresholds) and final.aggregation["method"] == "topk"
+    assert "averaged with it" in final.trained_on
+
+
+def test_crossval_cli_keep_start_out_of_range_is_one_line(tmp_path, capsys):
+    from ichscan.cli import main
+
+    assert main(["crossval", str(tmp_path), "--out", str(tmp_path / "cv"), "--keep-start", "1.5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("--keep-start 1.5" in line and "[0, 1)" in line for line in err), err
+    assert not (tmp_path / "cv").exists()  # refused before anything is written
+
+
 def test_predict_uses_the_checkpoints_series_head(tmp_path):
     """``ichscan predict`` with a checkpoint that has a series head: series probabilities are the head's on the
     model's own features, and --aggregation max still gives the maximum over slices."""

@@ -75,6 +75,12 @@ class CrossvalOptions:
     # head), their probabilities averaged as ichscan predict averages an ensemble's; the final model is then
     # an ensemble manifest of as many.
     members: int = 1
+    # Share of the starting model, unadapted, in the adapted model: each fold's model (and the final one) is
+    # then the ensemble of the fine-tuned model(s), weight 1 - keep_start, and the starting model's members,
+    # weight keep_start, aggregated by the mean of the top k slices. Fine-tuning on a few dozen series
+    # calibrates a model to the site but can cost it the ranking it brought (docs/training.md#site); the
+    # average keeps both. 0 (default) is off. Slice aggregations only: the start has no series head.
+    keep_start: float = 0.0
     # The views every out-of-fold prediction averages: ichscan predict's default, so that the estimate is
     # of what predict will do.
     tta: tuple[str, ...] = ("identity", "hflip")
@@ -87,7 +93,9 @@ class CrossvalOptions:
 
     @property
     def primary(self) -> str:
-        return "context" if self.series_head else "max"
+        if self.series_head:
+            return "context"
+        return "topk" if self.keep_start else "max"
 
 
 @dataclass
@@ -165,16 +173,16 @@ def _member_dir(fold_dir: Path, i: int, n: int) -> Path:
     return fold_dir if n == 1 else fold_dir / f"member-{i}"
 
 
-def _predict_slices(models: Sequence[Any], slices: Any, config: TrainConfig, options: CrossvalOptions
-                    ) -> dict[str, np.ndarray]:
+def _predict_slices(models: Sequence[Any], slices: Any, config: TrainConfig, options: CrossvalOptions,
+                    weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:
     """Out-of-fold predictions made as ``ichscan predict`` makes them (``Predictor``, one series at a time, the
-    TTA views averaged, the members averaged): slice probabilities, and with a series head the context
-    slice and series probabilities."""
+    TTA views averaged, the members averaged with ``weights``): slice probabilities, and with a series head
+    the context slice and series probabilities."""
     from ichscan.predict import Predictor
 
     common = dict(windows=model_windows(config), image_size=config.image_size, tta=options.tta,
                   batch_size=config.batch_size, device=config.device or "cpu")
-    plain = Predictor.from_models(models, aggregation="max", **common)
+    plain = Predictor.from_models(models, aggregation="max", weights=weights, **common)
     context = Predictor.from_models(models, aggregation="context", **common) if options.series_head else None
     n, width = len(slices), len(config.labels)
     out: dict[str, Any] = {"slice": np.full((n, width), np.nan)}
@@ -192,6 +200,23 @@ def _predict_slices(models: Sequence[Any], slices: Any, config: TrainConfig, opt
         out["context_series"] = np.stack(out["context_series"])
         out["context_uids"] = np.asarray(out["context_uids"])
     return out
+
+
+def _start_members(init: str, config: TrainConfig, keep: float) -> tuple[list[Any], list[float], list[Path]]:
+    """The starting model's members that take this run's input, unadapted, for ``keep_start``: their models,
+    their weights (the manifest's shares, scaled to add up to ``keep``) and their checkpoint JSONs."""
+    from ichscan.model import load_ensemble
+    from ichscan.windows import get_windows
+
+    ensemble = load_ensemble(init, labels=LABELS)
+    want = (tuple(get_windows(config.windows)), int(config.image_size))
+    members = [m for m in ensemble.members if (tuple(m.meta.windows), int(m.meta.image_size)) == want]
+    if not members:
+        raise IchscanError(f"--keep-start: no member of {init} takes this run's input ({config.image_size} px, "
+                           f"{list(config.windows)})", init)
+    total = sum(m.weight for m in members)
+    return ([m.model.eval() for m in members], [keep * m.weight / total for m in members],
+            [m.meta.path for m in members])
 
 
 def _fold_sets(frame: pd.DataFrame, rows: np.ndarray, config: TrainConfig, cache: Path, targets: pd.DataFrame):
@@ -280,6 +305,13 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     if options.folds < 2:
         raise IchscanError(f"--folds {options.folds}: cross-validation needs at least 2")
     original_init = config.init
+    if not 0.0 <= options.keep_start < 1.0:
+        raise IchscanError(f"--keep-start {options.keep_start:g}: the starting model's share must lie in [0, 1)")
+    if options.keep_start and not original_init:
+        raise IchscanError("--keep-start keeps part of the starting model: give --init")
+    if options.keep_start and options.series_head:
+        raise IchscanError("--keep-start averages with the starting model, which has no series head: "
+                           "add --no-series-head (the blend is aggregated by the mean of the top k slices)")
     member_configs = _member_configs(config, original_init, options.members, say)
     config = member_configs[0]
     labels = list(config.labels)
@@ -340,6 +372,13 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     else:
         baseline = None
 
+    start_models, start_weights, start_paths = (_start_members(original_init, config, options.keep_start)
+                                                if options.keep_start else ([], [], []))
+    tuned_weights = [(1.0 - options.keep_start) / len(member_configs)] * len(member_configs)
+    if start_models:
+        say(f"each fold's model: the fine-tuned model(s) averaged with {len(start_models)} member(s) of "
+            f"{original_init} as they are (their share {options.keep_start:g})")
+
     # ---- folds
     oof_slice = np.full((len(frame), len(labels)), np.nan)
     oof_context_slice = np.full((len(frame), len(labels)), np.nan)
@@ -372,7 +411,8 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
                         "windows": model_windows(config), "image_size": config.image_size,
                         "config": member_config.to_dict(), "data": {"crossval_fold": k}})
                 models.append(model)
-            fold_arrays = _predict_slices(models, val_slices, config, options)
+            fold_arrays = _predict_slices(models + start_models, val_slices, config, options,
+                                          weights=tuned_weights + start_weights)
             buf = io.BytesIO()
             np.savez(buf, **fold_arrays)
             write_bytes(fold_dir / "oof.npz", buf.getvalue())
@@ -470,7 +510,7 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     if options.final:
         final_dir = out / "final"
         n = len(member_configs)
-        final_json = final_dir / ("model.json" if n == 1 else "ensemble.json")
+        final_json = final_dir / ("model.json" if n == 1 and not start_paths else "ensemble.json")
         if final_json.is_file():
             final_path = final_json
         else:
@@ -484,7 +524,9 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
                 "operating_points": points.to_dict(),
                 "aggregation": {"method": options.primary, "top_k": options.top_k},
                 "trained_on": f"{os.fspath(data)}: {len(targets)} series, {config.label_level} labels, fine-tuned "
-                              f"from {original_init or 'scratch'} (ichscan crossval)",
+                              f"from {original_init or 'scratch'} (ichscan crossval)"
+                              + (f", averaged with it as it was (its share {options.keep_start:g})"
+                                 if start_paths else ""),
             }
             checkpoints = []
             for i, member_config in enumerate(member_configs):
@@ -500,14 +542,19 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
                     "config": member_config.to_dict(),
                     "data": {"source": os.fspath(data), "series": int(len(targets)), "slices": int(len(frame)),
                              "label_level": config.label_level},
-                    **(about if n == 1 else {}),
+                    **(about if final_json.name == "model.json" else {}),
                 }))
-            if n == 1:
+            if final_json.name == "model.json":
                 final_path = checkpoints[0]
             else:
-                from ichscan.model import write_ensemble
+                from ichscan.model import copy_checkpoint, write_ensemble
 
-                final_path = write_ensemble(final_json, checkpoints, sha256=True, extra=about)
+                # The starting model's members are copied beside the fine-tuned ones, so that the final model
+                # does not change when the starting model (the bundled one, say) does.
+                for i, path in enumerate(start_paths):
+                    checkpoints.append(copy_checkpoint(path, final_dir / f"start-{i}"))
+                final_path = write_ensemble(final_json, checkpoints, tuned_weights + start_weights, sha256=True,
+                                            extra=about)
         say(f"final model: {final_path}")
     return CrossvalResult(out, table, comparison, ev, dict(points.thresholds), final_path)
 

@@ -802,6 +802,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def copy_checkpoint(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """A checkpoint's weights and JSON copied to ``dest`` (its stem: ``dest``.safetensors and .json, the JSON
+    naming the new weights file); returns the new JSON. The copy is checked as any checkpoint read is."""
+    meta = read_checkpoint_meta(source)
+    if not meta.weights.is_file():
+        raise CheckpointError("checkpoint weights (.safetensors) missing beside its JSON", meta.weights)
+    weights_path, json_path = checkpoint_paths(dest)
+    write_bytes(weights_path, meta.weights.read_bytes())
+    write_json(json_path, dict(meta.record, weights=weights_path.name))
+    read_checkpoint_meta(json_path)
+    return json_path
+
+
 def write_ensemble(path: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
                    weights: Sequence[float] | None = None, *, sha256: bool = False,
                    extra: Mapping[str, Any] | None = None) -> Path:

@@ -59,6 +59,9 @@ def register(subparsers) -> None:
     s.add_argument("--members", type=int, default=1,
                    help="models per fold: the first N members of an ensemble --init (bundled has 2), each "
                         "fine-tuned, averaged as predict averages an ensemble (default 1)")
+    s.add_argument("--keep-start", type=float, default=0.0, metavar="W",
+                   help="average each fine-tuned model with the starting model as it is, W its share (e.g. 0.5; "
+                        "default 0: off); implies --no-series-head, the blend taking the mean of the top 3 slices")
     s.add_argument("--tta", default="identity,hflip",
                    help="views averaged in every out-of-fold prediction (default: predict's, identity,hflip)")
     s.add_argument("--no-series-head", action="store_true", help="aggregate slices by maximum instead")
@@ -112,7 +115,11 @@ def run(args) -> int:
     if init is None and args.preset == "finetune":
         say("--init none: training from scratch with the finetune recipe")
     config = TrainConfig.from_preset(args.preset, **overrides)
-    options = CrossvalOptions(folds=args.folds, series_head=not args.no_series_head, head_kind=args.head,
+    if args.keep_start and not args.no_series_head:
+        say(f"--keep-start {args.keep_start:g}: no series head (the starting model has none); the blend takes "
+            "the mean of the top 3 slices")
+    options = CrossvalOptions(folds=args.folds, series_head=not (args.no_series_head or args.keep_start),
+                              keep_start=args.keep_start, head_kind=args.head,
                               head=HeadRecipe(epochs=args.head_epochs), threshold_method=args.threshold_method,
                               n_bootstrap=args.bootstrap, final=not args.no_final, baseline=not args.no_baseline,
                               members=args.members, tta=resolve_tta(args.tta))
