@@ -376,6 +376,18 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
         run_crossval(config, phantom_sets / "train", out, options=options)
 
 
+def _two_member_start(tmp_path):
+    """Two random resnet10t checkpoints at 64 px (seeds 0 and 1) and an ensemble manifest of them."""
+    from ichscan.model import build_model, save_checkpoint, write_ensemble
+
+    meta = {"windows": ["brain", "blood", "soft_tissue"], "image_size": 64}
+    starts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        starts.append(save_checkpoint(tmp_path / f"start{seed}", build_model("resnet10t"), meta))
+    return starts, write_ensemble(tmp_path / "pair.json", starts)
+
+
 def test_crossval_fine_tunes_every_member_and_predicts_their_average(phantom_sets, tmp_path):
     """--members 2 from a two-member ensemble: each fold trains both members (each from its own starting
     weights), the OOF series probabilities are those of the fold's two models as an ensemble through
@@ -383,18 +395,12 @@ def test_crossval_fine_tunes_every_member_and_predicts_their_average(phantom_set
     carrying the OOF thresholds."""
     from ichscan.crossval import CrossvalOptions, run_crossval
     from ichscan.dicom import find_series
-    from ichscan.model import build_model, init_member_checkpoints, load_checkpoint, read_manifest, \
-        save_checkpoint, write_ensemble
+    from ichscan.model import init_member_checkpoints, load_checkpoint, read_manifest, write_ensemble
     from ichscan.predict import Predictor
     from ichscan.series import HeadRecipe
     from ichscan.train import TrainConfig
 
-    meta = {"windows": ["brain", "blood", "soft_tissue"], "image_size": 64}
-    starts = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        starts.append(save_checkpoint(tmp_path / f"start{seed}", build_model("resnet10t"), meta))
-    manifest = write_ensemble(tmp_path / "pair.json", starts)
+    starts, manifest = _two_member_start(tmp_path)
     assert [p.resolve() for p in init_member_checkpoints(manifest)] == [Path(p).resolve() for p in starts]
     config = TrainConfig.from_preset("finetune", init=str(manifest), epochs=1, max_steps_per_epoch=1, batch_size=16)
     options = CrossvalOptions(folds=2, members=2, head=HeadRecipe(epochs=1), n_bootstrap=10, baseline=False,
@@ -437,16 +443,11 @@ def test_crossval_keep_start_averages_each_fold_model_with_the_starting_model(ph
     from ichscan.crossval import CrossvalOptions, run_crossval
     from ichscan.dicom import find_series
     from ichscan.errors import IchscanError
-    from ichscan.model import build_model, read_manifest, save_checkpoint, write_ensemble
+    from ichscan.model import read_manifest, write_ensemble
     from ichscan.predict import Predictor
     from ichscan.train import TrainConfig
 
-    meta = {"windows": ["brain", "blood", "soft_tissue"], "image_size": 64}
-    starts = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        starts.append(save_checkpoint(tmp_path / f"start{seed}", build_model("resnet10t"), meta))
-    manifest = write_ensemble(tmp_path / "pair.json", starts)
+    starts, manifest = _two_member_start(tmp_path)
     config = TrainConfig.from_preset("finetune", init=str(manifest), epochs=1, max_steps_per_epoch=1, batch_size=16)
     with pytest.raises(IchscanError, match="no series head"):
         run_crossval(config, phantom_sets / "train", tmp_path / "bad", options=CrossvalOptions(keep_start=0.5))
