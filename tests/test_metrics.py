@@ -355,6 +355,16 @@ def test_series_patients_from_labels_else_predictions(tmp_path, caplog):
     data = m.join_series_labels(pred, labels)
     assert data.source["groups_from"] == str(labels) and data.groups[0].startswith("X")
     assert "different patient_id" in caplog.text
+    # predictions made by ichscan predict carry pseudonyms (anon-...): expected, said at info level, no warning
+    caplog.clear()
+    preds = pd.read_csv(pred, dtype=str)
+    preds["patient_id"] = "anon-" + preds["patient_id"]
+    preds.to_csv(pred, index=False)
+    with caplog.at_level("INFO", logger="ichscan.metrics"):
+        data = m.join_series_labels(pred, labels)
+    assert data.groups[0].startswith("X") and "different patient_id" not in caplog.text
+    assert "pseudonymised patient IDs" in caplog.text
+    assert all(r.levelname == "INFO" for r in caplog.records if "pseudonymised" in r.getMessage())
 
 
 def test_series_errors_name_the_file(tmp_path):

@@ -734,8 +734,14 @@ def _patients(merged: pd.DataFrame, pred_path, labels_path) -> tuple[np.ndarray 
     sources = [(c, origin) for c, origin in (("patient_id_truth", labels_path), ("patient_id", pred_path))
                if c in merged.columns and (merged[c].astype(str).str.strip() != "").all()]
     if len(sources) == 2:
+        from ichscan.privacy import PREFIX
+
         differ = merged["patient_id_truth"].astype(str) != merged["patient_id"].astype(str)
-        if differ.any():
+        pseudonyms = merged.loc[differ, "patient_id"].astype(str).str.startswith(PREFIX)
+        if differ.any() and pseudonyms.all():  # ichscan predict pseudonymises PatientID unless told not to
+            log.info("%s carries pseudonymised patient IDs (%s...); patients are taken from %s",
+                     pred_path, PREFIX, labels_path)
+        elif differ.any():
             log.warning("%d row(s) have a different patient_id in %s than in %s; using the labels' IDs",
                         int(differ.sum()), pred_path, labels_path)
     if not sources:
