@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--members", type=int, default=1, help="models per fold (crossval --members)")
     ap.add_argument("--freeze-stages", type=int, help="crossval --freeze-stages (default: the finetune preset's)")
     ap.add_argument("--mil-pooling", choices=("lse", "max"), help="crossval --mil-pooling, for --label-level series/both")
-    ap.add_argument("--keep-start", type=float, default=0.0,
-                    help="crossval --keep-start W: each fold's model averaged with the start (no series head)")
+    ap.add_argument("--keep-start", type=float, default=0.5,
+                    help="crossval --keep-start W (default 0.5, as crossval; 0: fine-tuned alone, series head)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 

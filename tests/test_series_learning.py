@@ -333,7 +333,7 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
     init = save_checkpoint(tmp_path / "init", build_model("resnet10t"),
                            {"windows": ["brain", "blood", "soft_tissue"], "image_size": 64})
     config = TrainConfig.from_preset("finetune", init=str(init), epochs=1, max_steps_per_epoch=2, batch_size=16)
-    options = CrossvalOptions(folds=3, head=HeadRecipe(epochs=2), n_bootstrap=20)
+    options = CrossvalOptions(folds=3, keep_start=0.0, series_head=True, head=HeadRecipe(epochs=2), n_bootstrap=20)
     out = tmp_path / "cv"
     result = run_crossval(config, phantom_sets / "train", out, options=options)
     folds = pd.read_csv(out / "folds.csv")
@@ -403,8 +403,8 @@ def test_crossval_fine_tunes_every_member_and_predicts_their_average(phantom_set
     starts, manifest = _two_member_start(tmp_path)
     assert [p.resolve() for p in init_member_checkpoints(manifest)] == [Path(p).resolve() for p in starts]
     config = TrainConfig.from_preset("finetune", init=str(manifest), epochs=1, max_steps_per_epoch=1, batch_size=16)
-    options = CrossvalOptions(folds=2, members=2, head=HeadRecipe(epochs=1), n_bootstrap=10, baseline=False,
-                              augmented_passes=0)
+    options = CrossvalOptions(folds=2, members=2, keep_start=0.0, series_head=True, head=HeadRecipe(epochs=1),
+                              n_bootstrap=10, baseline=False, augmented_passes=0)
     out = tmp_path / "cv"
     result = run_crossval(config, phantom_sets / "train", out, options=options)
     for k in range(2):
@@ -449,13 +449,12 @@ def test_crossval_keep_start_averages_each_fold_model_with_the_starting_model(ph
 
     starts, manifest = _two_member_start(tmp_path)
     config = TrainConfig.from_preset("finetune", init=str(manifest), epochs=1, max_steps_per_epoch=1, batch_size=16)
-    with pytest.raises(IchscanError, match="no series head"):
-        run_crossval(config, phantom_sets / "train", tmp_path / "bad", options=CrossvalOptions(keep_start=0.5))
+    with pytest.raises(IchscanError, match="series head needs --keep-start 0"):
+        run_crossval(config, phantom_sets / "train", tmp_path / "bad", options=CrossvalOptions(series_head=True))
     with pytest.raises(IchscanError, match=r"\[0, 1\)"):
-        run_crossval(config, phantom_sets / "train", tmp_path / "bad",
-                     options=CrossvalOptions(keep_start=1.0, series_head=False))
-    options = CrossvalOptions(folds=2, keep_start=0.5, series_head=False, n_bootstrap=10, baseline=False)
-    assert options.primary == "topk"
+        run_crossval(config, phantom_sets / "train", tmp_path / "bad", options=CrossvalOptions(keep_start=1.0))
+    options = CrossvalOptions(folds=2, n_bootstrap=10, baseline=False)  # the default: keep_start 0.5, top-3
+    assert options.keep_start == 0.5 and options.primary == "topk"
     out = tmp_path / "cv"
     result = run_crossval(config, phantom_sets / "train", out, options=options)
     blend = write_ensemble(tmp_path / "fold0.json", [out / "fold-0" / "last.json", *starts], [0.5, 0.25, 0.25])

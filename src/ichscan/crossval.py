@@ -1,7 +1,8 @@
 """``ichscan crossval``: what a site should expect from a model adapted to its own series, before using it.
 
-Patient-grouped k-fold cross-validation of the whole recipe (fine-tune from ``--init``, then a series head on
-the fine-tuned model's features), then one final model trained on all the data:
+Patient-grouped k-fold cross-validation of the whole recipe (fine-tune from ``--init``, then average the
+fine-tuned model with the starting model as it is, ``keep_start``; or, with ``keep_start`` 0, fit a series
+head on the fine-tuned model's features), then one final model made the same way from all the data:
 
 - every series (and every slice) is predicted by the one model that never saw its patient: out-of-fold (OOF)
   predictions, ``oof_series.csv`` (one column group per aggregation) and ``oof_slices.csv``;
@@ -10,7 +11,8 @@ the fine-tuned model's features), then one final model trained on all the data:
 - Table 1 on the OOF series with patient-bootstrap CIs, Figure 1 (ROC per subtype), the same for slices where
   slice labels exist, and a comparison of aggregations and models (``comparison.md``);
 - operating points chosen on the OOF series (Youden by default) go into the final model's JSON with its
-  aggregation, so ``ichscan predict --checkpoint OUT/final/model.json`` uses them.
+  aggregation, so ``ichscan predict --checkpoint OUT/final/ensemble.json`` (``model.json`` with ``keep_start``
+  0) uses them.
 
 Every fold is a training run of its own under ``OUT/fold-K`` (resumable as ``ichscan train`` is) and is marked
 done by ``fold.json`` only once its OOF predictions are written, so an interrupted cross-validation resumes
@@ -61,7 +63,8 @@ class CrossvalOptions:
     """What ``run_crossval`` does beyond the training config."""
 
     folds: int = 5
-    series_head: bool = True  # train a series head per fold (and for the final model); primary aggregation
+    # Train a series head per fold (and for the final model), the primary aggregation; only without keep_start.
+    series_head: bool = False
     head_kind: str = "gru"
     head_hidden: int = 32
     head: HeadRecipe = field(default_factory=HeadRecipe)
@@ -79,8 +82,9 @@ class CrossvalOptions:
     # then the ensemble of the fine-tuned model(s), weight 1 - keep_start, and the starting model's members,
     # weight keep_start, aggregated by the mean of the top k slices. Fine-tuning on a few dozen series
     # calibrates a model to the site but can cost it the ranking it brought (docs/training.md#site); the
-    # average keeps both. 0 (default) is off. Slice aggregations only: the start has no series head.
-    keep_start: float = 0.0
+    # average keeps both (measured: docs/training.md#site). 0 turns it off; without a starting model there is
+    # nothing to keep and it is ignored. Slice aggregations only: the start has no series head.
+    keep_start: float = 0.5
     # The views every out-of-fold prediction averages: ichscan predict's default, so that the estimate is
     # of what predict will do.
     tta: tuple[str, ...] = ("identity", "hflip")
@@ -308,10 +312,11 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     if not 0.0 <= options.keep_start < 1.0:
         raise IchscanError(f"--keep-start {options.keep_start:g}: the starting model's share must lie in [0, 1)")
     if options.keep_start and not original_init:
-        raise IchscanError("--keep-start keeps part of the starting model: give --init")
+        say("no starting model (--init): nothing to keep, so each fold's model is the one trained alone")
+        options = dataclasses.replace(options, keep_start=0.0)
     if options.keep_start and options.series_head:
-        raise IchscanError("--keep-start averages with the starting model, which has no series head: "
-                           "add --no-series-head (the blend is aggregated by the mean of the top k slices)")
+        raise IchscanError("a series head needs --keep-start 0: the blend with the starting model, which has "
+                           "no series head, is aggregated by the mean of the top k slices")
     member_configs = _member_configs(config, original_init, options.members, say)
     config = member_configs[0]
     labels = list(config.labels)

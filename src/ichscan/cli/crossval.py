@@ -9,17 +9,20 @@ EPILOG = """\
 examples:
   ichscan crossval site/ --init bundled --folds 5 --out runs/site-cv
   ichscan crossval site/ --init bundled --label-level series --out runs/site-cv-series
+  ichscan crossval site/ --init bundled --keep-start 0 --out runs/site-cv-head   # fine-tuned alone, series head
   ichscan crossval site/ --init bundled --out runs/site-cv --resume      # continue where it stopped
-  ichscan predict new_study/ --checkpoint runs/site-cv/final/model.json --out results/
+  ichscan predict new_study/ --checkpoint runs/site-cv/final/ensemble.json --out results/
 
 DATA is laid out as for ichscan train: images/ with labels.csv (slice labels), series_labels.csv (series
-labels), or both. Each fold fine-tunes --init on the other folds' patients (the finetune preset) and, unless
---no-series-head, fits a series head on its features; the fold's patients are then predicted by that model
-only. Writes to --out: folds.csv, oof_series.csv, oof_slices.csv, comparison.{csv,md} (every aggregation,
-and the starting model without adaptation), table1_series.{md,csv,json} with patient-bootstrap CIs,
-roc_series.{png,svg} (Figure 1), the same for slices where labelled, thresholds.json (chosen on the
-out-of-fold series), crossval.md, fold-K/ (each fold's run) and final/model.{json,safetensors}: the model
-trained on all of DATA, carrying those thresholds and its aggregation. Research software, not a medical device.
+labels), or both. Each fold fine-tunes --init on the other folds' patients (the finetune preset); the fold's
+model is that model averaged with --init as it is (--keep-start, default 0.5, the mean of the top 3 slices),
+or with --keep-start 0 the fine-tuned model alone with a series head fitted on its features (unless
+--no-series-head). The fold's patients are then predicted by that model only. Writes to --out: folds.csv,
+oof_series.csv, oof_slices.csv, comparison.{csv,md} (every aggregation, and the starting model without
+adaptation), table1_series.{md,csv,json} with patient-bootstrap CIs, roc_series.{png,svg} (Figure 1), the
+same for slices where labelled, thresholds.json (chosen on the out-of-fold series), crossval.md, fold-K/
+(each fold's run) and final/: the model made the same way from all of DATA (ensemble.json, or model.json
+with --keep-start 0), carrying those thresholds and its aggregation. Research software, not a medical device.
 """
 
 
@@ -59,12 +62,14 @@ def register(subparsers) -> None:
     s.add_argument("--members", type=int, default=1,
                    help="models per fold: the first N members of an ensemble --init (bundled has 2), each "
                         "fine-tuned, averaged as predict averages an ensemble (default 1)")
-    s.add_argument("--keep-start", type=float, default=0.0, metavar="W",
-                   help="average each fine-tuned model with the starting model as it is, W its share (e.g. 0.5; "
-                        "default 0: off); implies --no-series-head, the blend taking the mean of the top 3 slices")
+    s.add_argument("--keep-start", type=float, default=0.5, metavar="W",
+                   help="each fold's model (and the final one): the fine-tuned model averaged with the starting "
+                        "model as it is, W its share (default 0.5; the mean of the top 3 slices); 0 turns it off "
+                        "and fits a series head instead")
     s.add_argument("--tta", default="identity,hflip",
                    help="views averaged in every out-of-fold prediction (default: predict's, identity,hflip)")
-    s.add_argument("--no-series-head", action="store_true", help="aggregate slices by maximum instead")
+    s.add_argument("--no-series-head", action="store_true",
+                   help="with --keep-start 0: no series head, aggregate slices by maximum")
     s.add_argument("--head", choices=("gru", "conv"), default="gru", help="series head kind (default gru)")
     s.add_argument("--head-epochs", type=int, default=40)
     s.add_argument("--threshold-method", choices=("youden", "sensitivity"), default="youden")
@@ -115,11 +120,9 @@ def run(args) -> int:
     if init is None and args.preset == "finetune":
         say("--init none: training from scratch with the finetune recipe")
     config = TrainConfig.from_preset(args.preset, **overrides)
-    if args.keep_start and not args.no_series_head:
-        say(f"--keep-start {args.keep_start:g}: no series head (the starting model has none); the blend takes "
-            "the mean of the top 3 slices")
-    options = CrossvalOptions(folds=args.folds, series_head=not (args.no_series_head or args.keep_start),
-                              keep_start=args.keep_start, head_kind=args.head,
+    keep = args.keep_start if init else 0.0  # nothing to keep without a starting model
+    options = CrossvalOptions(folds=args.folds, series_head=not (args.no_series_head or keep),
+                              keep_start=keep, head_kind=args.head,
                               head=HeadRecipe(epochs=args.head_epochs), threshold_method=args.threshold_method,
                               n_bootstrap=args.bootstrap, final=not args.no_final, baseline=not args.no_baseline,
                               members=args.members, tta=resolve_tta(args.tta))
