@@ -479,6 +479,7 @@ def test_crossval_keep_start_averages_each_fold_model_with_the_starting_model(ph
         assert copied.read_bytes() == starts[i].with_suffix(".safetensors").read_bytes()
     assert final.thresholds == pytest.approx(result.thresholds) and final.aggregation["method"] == "topk"
     assert "averaged with it" in final.trained_on
+    assert "averaged with the starting model as it is (its share 0.5)" in (out / "crossval.md").read_text()
 
 
 def test_crossval_cli_keep_start_out_of_range_is_one_line(tmp_path, capsys):

@@ -81,9 +81,9 @@ class CrossvalOptions:
     # Share of the starting model, unadapted, in the adapted model: each fold's model (and the final one) is
     # then the ensemble of the fine-tuned model(s), weight 1 - keep_start, and the starting model's members,
     # weight keep_start, aggregated by the mean of the top k slices. Fine-tuning on a few dozen series
-    # calibrates a model to the site but can cost it the ranking it brought (docs/training.md#site); the
-    # average keeps both (measured: docs/training.md#site). 0 turns it off; without a starting model there is
-    # nothing to keep and it is ignored. Slice aggregations only: the start has no series head.
+    # calibrates a model to the site but can cost it the ranking it brought; the average kept both (measured
+    # in docs/training.md#site). 0 turns it off; without a starting model there is nothing to keep and it is
+    # ignored. Slice aggregations only: the start has no series head.
     keep_start: float = 0.5
     # The views every out-of-fold prediction averages: ichscan predict's default, so that the estimate is
     # of what predict will do.
@@ -590,7 +590,9 @@ def _markdown(record: dict[str, Any], comparison: pd.DataFrame, ev: Any, slice_e
         cells = [f"{row[c]:.3f}" if pd.notna(row[c]) else "NA" for c in comparison.columns if c.startswith("auc_")]
         lines.append(f"| {row['model']} | {row['aggregation']} | " + " | ".join(cells)
                      + f" | {row['weighted_log_loss']:.4f} |")
-    lines += ["", "`baseline`: the starting model without adaptation; `adapted`: fine-tuned per fold. `slices`: "
+    adapted = ("fine-tuned per fold" if not options.keep_start else
+               f"fine-tuned per fold and averaged with the starting model as it is (its share {options.keep_start:g})")
+    lines += ["", f"`baseline`: the starting model without adaptation; `adapted`: {adapted}. `slices`: "
               "slice-level AUC over labelled slices.", "",
               f"## Table 1: out-of-fold series, aggregation `{options.primary}`", "",
               f"Thresholds ({points.method}) chosen on these same out-of-fold predictions: ACC, PREC and REC at "
