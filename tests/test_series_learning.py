@@ -482,6 +482,24 @@ def test_crossval_keep_start_averages_each_fold_model_with_the_starting_model(ph
     assert "averaged with the starting model as it is (its share 0.5)" in (out / "crossval.md").read_text()
 
 
+def test_crossval_without_a_starting_model_has_nothing_to_keep(phantom_sets, tmp_path):
+    """The default keep_start (0.5) with no --init: said once, dropped to 0, the fold model used alone (max)."""
+    from ichscan.crossval import CrossvalOptions, run_crossval
+    from ichscan.train import TrainConfig
+
+    config = TrainConfig.from_preset("finetune", arch="resnet10t", image_size=32, epochs=1, max_steps_per_epoch=1,
+                                     batch_size=16)
+    assert config.init is None
+    lines: list[str] = []
+    result = run_crossval(config, phantom_sets / "train", tmp_path / "cv", report=lines.append,
+                          options=CrossvalOptions(folds=2, n_bootstrap=10, final=False))
+    assert sum("nothing to keep" in line for line in lines) == 1
+    record = json.loads((tmp_path / "cv" / "crossval.json").read_text())
+    assert record["options"]["keep_start"] == 0.0
+    assert json.loads((tmp_path / "cv" / "thresholds.json").read_text())["source"]["aggregation"] == "max"
+    assert set(result.comparison["model"]) == {"adapted"}  # no starting model: no baseline either
+
+
 def test_crossval_cli_keep_start_out_of_range_is_one_line(tmp_path, capsys):
     from ichscan.cli import main
 
