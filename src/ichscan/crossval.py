@@ -206,9 +206,10 @@ def _predict_slices(models: Sequence[Any], slices: Any, config: TrainConfig, opt
     return out
 
 
-def _start_members(init: str, config: TrainConfig, keep: float) -> tuple[list[Any], list[float], list[Path]]:
-    """The starting model's members that take this run's input, unadapted, for ``keep_start``: their models,
-    their weights (the manifest's shares, scaled to add up to ``keep``) and their checkpoint JSONs."""
+def _start_members(init: str, config: TrainConfig, say: Callable[[str], None]) -> tuple[Any, list[Any]]:
+    """The starting model as loaded (an ``Ensemble``; one checkpoint is an ensemble of one) and those of its
+    members that take this run's input (windows and size), unadapted: what the baseline scores and what
+    ``keep_start`` averages with."""
     from ichscan.model import load_ensemble
     from ichscan.windows import get_windows
 
@@ -216,11 +217,11 @@ def _start_members(init: str, config: TrainConfig, keep: float) -> tuple[list[An
     want = (tuple(get_windows(config.windows)), int(config.image_size))
     members = [m for m in ensemble.members if (tuple(m.meta.windows), int(m.meta.image_size)) == want]
     if not members:
-        raise IchscanError(f"--keep-start: no member of {init} takes this run's input ({config.image_size} px, "
-                           f"{list(config.windows)})", init)
-    total = sum(m.weight for m in members)
-    return ([m.model.eval() for m in members], [keep * m.weight / total for m in members],
-            [m.meta.path for m in members])
+        raise IchscanError(f"no member takes this run's input ({config.image_size} px, {list(config.windows)})",
+                           init)
+    if len(members) < len(ensemble.members):
+        say(f"{len(ensemble.members) - len(members)} member(s) of {init} take other input; left out")
+    return ensemble, members
 
 
 def _fold_sets(frame: pd.DataFrame, rows: np.ndarray, config: TrainConfig, cache: Path, targets: pd.DataFrame):
@@ -239,18 +240,11 @@ def _slice_truth(frame: pd.DataFrame, labels: Sequence[str]) -> np.ndarray:
     return np.stack([frame[c].to_numpy(np.float32) for c in labels], axis=1)
 
 
-def _baseline_probs(init: str, frame: pd.DataFrame, config: TrainConfig, cache: Path,
-                    say: Callable[[str], None]) -> tuple[np.ndarray, dict[str, Any]]:
-    """The starting model (every member of an ensemble that takes this run's input) on every slice."""
+def _baseline_probs(ensemble: Any, members: Sequence[Any], frame: pd.DataFrame, config: TrainConfig,
+                    cache: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The starting model (``_start_members``) on every slice."""
     from ichscan.data import SliceDataset
-    from ichscan.model import load_ensemble
-    from ichscan.windows import get_windows
 
-    ensemble = load_ensemble(init, labels=LABELS)
-    want = (tuple(get_windows(config.windows)), int(config.image_size))
-    members = [m for m in ensemble.members if (tuple(m.meta.windows), int(m.meta.image_size)) == want]
-    if len(members) < len(ensemble.members):
-        say(f"baseline: {len(ensemble.members) - len(members)} member(s) of {init} take other input; left out")
     slices = SliceDataset(frame, config.image_size, config.windows, config.labels, cache=cache)
     parts, weights = [], []
     for m in members:
@@ -361,7 +355,9 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     _ensure_cache(cache_dir, frame, config, io_workers,
                   (lambda d, t: data_progress("cache", d, t)) if data_progress else None, say)
 
-    # ---- the starting model, unadapted, on every slice (its predictions depend on no fold)
+    # ---- the starting model, unadapted: scored on every slice (its predictions depend on no fold) and kept
+    start = (_start_members(original_init, config, say)
+             if original_init and (options.baseline or options.keep_start) else None)
     baseline_path = out / "baseline_slices.npy"
     baseline_info: dict[str, Any] = {}
     if options.baseline and original_init:
@@ -370,15 +366,17 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
             baseline_info = json.loads((out / "baseline.json").read_text())
         else:
             say(f"scoring the starting model {original_init} on {len(frame)} slices")
-            baseline, baseline_info = _baseline_probs(original_init, frame, config, cache_dir, say)
+            baseline, baseline_info = _baseline_probs(*start, frame, config, cache_dir)
             baseline = baseline.astype(np.float32)  # as stored: a resumed run reads the very same numbers
             write_npy(baseline_path, baseline)
             write_json(out / "baseline.json", baseline_info)
     else:
         baseline = None
 
-    start_models, start_weights, start_paths = (_start_members(original_init, config, options.keep_start)
-                                                if options.keep_start else ([], [], []))
+    kept = start[1] if options.keep_start else []
+    start_models = [m.model.eval() for m in kept]
+    start_weights = [options.keep_start * m.weight / sum(k.weight for k in kept) for m in kept]
+    start_paths = [m.meta.path for m in kept]
     tuned_weights = [(1.0 - options.keep_start) / len(member_configs)] * len(member_configs)
     if start_models:
         say(f"each fold's model: the fine-tuned model(s) averaged with {len(start_models)} member(s) of "

@@ -528,7 +528,7 @@ def choose_threshold(
     chosen on scores that separate the label from one that only the rule picked (see ``choose_thresholds``).
     Raises ValueError when the data lack a positive or a negative case.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
     y, s, _ = _vectors(y_true, y_score, None)
     if y.sum() == 0 or y.sum() == y.size:
@@ -546,7 +546,7 @@ def choose_threshold(
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(THRESHOLD_METHODS)}")
     t = float(np.clip(thr[i], 0.0, 1.0))
     return t, {"sensitivity": float(tpr[i]), "specificity": float(1.0 - fpr[i]),
-               "youden_j": float(tpr[i] - fpr[i]), "auc": float(roc_auc_score(y, s)),
+               "youden_j": float(tpr[i] - fpr[i]), "auc": roc_auc(y, s),
                "positives": int(y.sum()), "negatives": int(y.size - y.sum())}
 
 
