@@ -18,7 +18,9 @@ the same way: ``ichscan.dicom.find_series`` -> ``CTSeries.volume()`` (HU) -> the
 * ``discriminator``: the headline. Out-of-fold ROC AUC of classifiers telling phantom slices from
   ctich-dev slices, folds grouped by patient (none in both train and test), classes balanced: a small CNN
   on the three paper windows, and logistic regression on per-slice hand features (histogram quantiles,
-  noise). 0.5: indistinguishable; 1.0: trivially told apart.
+  noise). 0.5: indistinguishable; 1.0: trivially told apart. Each is also reported within the lower,
+  middle and upper third of the series (``oof_auc_by_level``: skull base, mid-brain, vertex), to show where
+  phantoms and real heads differ most.
 
 ``ge-normal`` enters the histogram and NPS comparisons (reported separately, and against ctich-dev as a
 real-versus-real yardstick), not the discriminator.
@@ -217,6 +219,7 @@ class SourceStats:
     features: list = field(default_factory=list)
     images: dict = field(default_factory=dict)  # running slice index -> (3, size, size) uint8
     groups: list = field(default_factory=list)
+    levels: list = field(default_factory=list)  # each slice's place in its series: 0 first (lowest), 1 last
 
 
 def slice_features(inside: np.ndarray, patches: np.ndarray, f: np.ndarray, profile: np.ndarray) -> list[float]:
@@ -252,7 +255,7 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
         st.series += 1
         st.spacings.append(float(spacing[0]))
         st.matrices.add(f"{vol.shape[1]}x{vol.shape[2]}")
-        for hu in vol:
+        for i, hu in enumerate(vol):
             hu = np.rint(hu)
             mask = intracranial_mask(hu, spacing)
             inside = hu[mask]
@@ -271,6 +274,7 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
                 st.min_nyquist = min(st.min_nyquist, 1 / (2 * max(spacing)))
             st.features.append(slice_features(inside, ps, f, profile))
             st.groups.append(f"{name}:{series.patient_id}")
+            st.levels.append(i / max(len(vol) - 1, 1))
             if st.slices in window_at:
                 st.images[st.slices] = window_image(hu, PAPER_WINDOWS, image_size, np.uint8)
             st.slices += 1
@@ -341,13 +345,27 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> l
     return list(cv.split(np.zeros(len(y)), y, groups))
 
 
-def auc_report(scores: np.ndarray, y: np.ndarray, splits, brain: np.ndarray | None = None) -> dict:
+LEVEL_BANDS = (("lower_third", 0.0, 1 / 3), ("middle_third", 1 / 3, 2 / 3), ("upper_third", 2 / 3, 1.0))
+
+
+def auc_report(scores: np.ndarray, y: np.ndarray, splits, brain: np.ndarray | None = None,
+               levels: np.ndarray | None = None) -> dict:
     """AUC of the pooled out-of-fold scores, and per fold; with ``brain`` (a mask of slices), also the
-    pooled AUC over those slices alone (same scores, no retraining)."""
+    pooled AUC over those slices alone; with ``levels`` (each slice's place in its series, 0 lowest to 1
+    highest), the pooled AUC within each third of the series (skull base, middle, vertex), so that one
+    sees where the sources differ most. Same scores throughout, no retraining."""
     fold = [round(float(roc_auc_score(y[te], scores[te])), 4) for _, te in splits if len(set(y[te])) == 2]
     out = {"oof_auc": round(float(roc_auc_score(y, scores)), 4), "fold_aucs": fold}
     if brain is not None and len(set(y[brain])) == 2:
         out["oof_auc_slices_with_intracranial_mask"] = round(float(roc_auc_score(y[brain], scores[brain])), 4)
+    if levels is not None:
+        by_level = {}
+        for name, lo, hi in LEVEL_BANDS:
+            band = (levels >= lo) & ((levels < hi) if hi < 1 else (levels <= hi))
+            if len(set(y[band])) == 2:
+                by_level[name] = {"oof_auc": round(float(roc_auc_score(y[band], scores[band])), 4),
+                                  "slices": {"positive": int(y[band].sum()), "negative": int((1 - y[band]).sum())}}
+        out["oof_auc_by_level"] = by_level
     return out
 
 
@@ -546,7 +564,8 @@ def main() -> None:
     feats = np.array([phantom.features[i] for i in pick_p] + [real.features[i] for i in pick_r], float)
     t = time.perf_counter()
     brain = np.isfinite(feats[:, FEATURES.index("hu_q50")])  # slices whose intracranial mask is not empty
-    lr_report = auc_report(logreg_oof(feats, y, splits), y, splits, brain)
+    levels = np.array([phantom.levels[i] for i in pick_p] + [real.levels[i] for i in pick_r], float)
+    lr_report = auc_report(logreg_oof(feats, y, splits), y, splits, brain, levels)
     seconds["logreg"] = round(time.perf_counter() - t, 1)
     disc = {"task": "phantom (positive) vs ctich-dev slices; folds grouped by patient, stratified",
             "slices_per_class": per_class,
@@ -564,7 +583,7 @@ def main() -> None:
                                 "AdamW one-cycle 2e-3, batch 32, hflip",
                        "input": f"3 paper windows (brain, blood, soft tissue) at {args.image_size} px, uint8",
                        "epochs": args.epochs, "torch_seed": f"{args.seed} * 1000 + fold", "threads": args.threads,
-                       **auc_report(scores, y, splits, brain)}
+                       **auc_report(scores, y, splits, brain, levels)}
         disc["headline_auc"] = disc["cnn"]["oof_auc"]
     else:
         disc["headline_auc"] = lr_report["oof_auc"]

@@ -133,6 +133,19 @@ def test_discriminators_tell_different_sets_apart_and_not_the_same(realism):
     assert auc(realism.logreg_oof(feats, y, splits)) > 0.95
 
 
+def test_auc_by_level_scores_each_third_of_the_series_apart(realism):
+    # 4 slices per class in each third; the scores separate the classes perfectly at the skull base,
+    # not at all in the middle (every score equal) and backwards at the vertex
+    levels = np.tile([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0], 2)
+    y = np.r_[np.ones(12), np.zeros(12)].astype(int)
+    scores = np.r_[[0.9] * 4 + [0.5] * 4 + [0.1] * 4, [0.2] * 4 + [0.5] * 4 + [0.8] * 4]
+    splits = [(np.arange(24), np.arange(24))]
+    rep = realism.auc_report(scores, y, splits, levels=levels)["oof_auc_by_level"]
+    assert rep["lower_third"] == {"oof_auc": 1.0, "slices": {"positive": 4, "negative": 4}}
+    assert rep["middle_third"]["oof_auc"] == 0.5 and rep["upper_third"]["oof_auc"] == 0.0
+    assert "oof_auc_by_level" not in realism.auc_report(scores, y, splits)
+
+
 def test_a_phantom_series_goes_through_the_same_path(realism, tmp_path):
     from ichscan.dicom import find_series
     from ichscan.phantom import generate_dataset
@@ -141,6 +154,7 @@ def test_a_phantom_series_goes_through_the_same_path(realism, tmp_path):
     series = find_series(tmp_path).series
     st = realism.scan_source("phantom", series, patch=16, image_size=32, window_at=[0, 5])
     assert st.slices == 12 and len(st.features) == 12 and len(st.groups) == 12
+    assert st.levels[0] == 0.0 and st.levels[11] == 1.0 and st.levels[6] == pytest.approx(6 / 11)
     assert sorted(st.images) == [0, 5] and st.images[5].shape == (3, 32, 32) and st.images[5].dtype == np.uint8
     assert st.slices_with_mask > 0 and st.hist.sum() > 0
     stats = realism.hist_stats(st.hist)
