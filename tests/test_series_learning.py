@@ -332,7 +332,8 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
     torch.manual_seed(0)
     init = save_checkpoint(tmp_path / "init", build_model("resnet10t"),
                            {"windows": ["brain", "blood", "soft_tissue"], "image_size": 64})
-    config = TrainConfig.from_preset("finetune", init=str(init), epochs=1, max_steps_per_epoch=2, batch_size=16)
+    config = TrainConfig.from_preset("finetune", init=str(init), epochs=1, max_steps_per_epoch=2, batch_size=16,
+                                    precision="fp32")  # compared with fp32 predictions below
     options = CrossvalOptions(folds=3, keep_start=0.0, series_head=True, head=HeadRecipe(epochs=2), n_bootstrap=20)
     out = tmp_path / "cv"
     result = run_crossval(config, phantom_sets / "train", out, options=options)
@@ -376,6 +377,32 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
         run_crossval(config, phantom_sets / "train", out, options=options)
 
 
+def test_crossval_predicts_out_of_fold_at_the_runs_precision(phantom_sets, tmp_path):
+    """The OOF predictions use the run's --precision (they used predict's default, bf16 on a CPU with
+    AVX512-BF16, whatever the run asked for): fp32 and bf16 runs give what Predictor gives at each."""
+    from ichscan.crossval import CrossvalOptions, _predict_slices
+    from ichscan.data import SliceDataset, load_labelled
+    from ichscan.model import build_model, load_checkpoint, save_checkpoint
+    from ichscan.predict import Predictor
+    from ichscan.train import TrainConfig
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m", build_model("resnet10t"), {"windows": ["brain", "blood", "soft_tissue"],
+                                                                      "image_size": 32})
+    frame = load_labelled(phantom_sets / "train").frame
+    part = frame[frame["series_uid"] == frame["series_uid"].iloc[0]].reset_index(drop=True)
+    slices = SliceDataset(part, 32, ["brain", "blood", "soft_tissue"], LABELS)
+    images = np.stack([slices.image(i) for i in range(len(slices))])
+    got = {}
+    for precision in ("fp32", "bf16"):
+        config = TrainConfig.from_preset("finetune", init=str(ckpt), image_size=32, precision=precision)
+        model = load_checkpoint(ckpt)[0]
+        got[precision] = _predict_slices([model], slices, config, CrossvalOptions())["slice"]
+        predictor = Predictor.from_models([model], windows=config.windows, image_size=32, precision=precision)
+        np.testing.assert_allclose(got[precision], predictor.predict_arrays(images), atol=1e-6)
+    assert np.abs(got["fp32"] - got["bf16"]).max() > 1e-5  # the two precisions do differ: the check has teeth
+
+
 def _two_member_start(tmp_path):
     """Two random resnet10t checkpoints at 64 px (seeds 0 and 1) and an ensemble manifest of them."""
     from ichscan.model import build_model, save_checkpoint, write_ensemble
@@ -402,7 +429,8 @@ def test_crossval_fine_tunes_every_member_and_predicts_their_average(phantom_set
 
     starts, manifest = _two_member_start(tmp_path)
     assert [p.resolve() for p in init_member_checkpoints(manifest)] == [Path(p).resolve() for p in starts]
-    config = TrainConfig.from_preset("finetune", init=str(manifest), epochs=1, max_steps_per_epoch=1, batch_size=16)
+    config = TrainConfig.from_preset("finetune", init=str(manifest), epochs=1, max_steps_per_epoch=1, batch_size=16,
+                                    precision="fp32")  # compared with fp32 predictions below
     options = CrossvalOptions(folds=2, members=2, keep_start=0.0, series_head=True, head=HeadRecipe(epochs=1),
                               n_bootstrap=10, baseline=False, augmented_passes=0)
     out = tmp_path / "cv"
@@ -448,7 +476,8 @@ def test_crossval_keep_start_averages_each_fold_model_with_the_starting_model(ph
     from ichscan.train import TrainConfig
 
     starts, manifest = _two_member_start(tmp_path)
-    config = TrainConfig.from_preset("finetune", init=str(manifest), epochs=1, max_steps_per_epoch=1, batch_size=16)
+    config = TrainConfig.from_preset("finetune", init=str(manifest), epochs=1, max_steps_per_epoch=1, batch_size=16,
+                                    precision="fp32")  # compared with fp32 predictions below
     with pytest.raises(IchscanError, match="series head needs --keep-start 0"):
         run_crossval(config, phantom_sets / "train", tmp_path / "bad", options=CrossvalOptions(series_head=True))
     with pytest.raises(IchscanError, match=r"\[0, 1\)"):

@@ -185,7 +185,7 @@ def _predict_slices(models: Sequence[Any], slices: Any, config: TrainConfig, opt
     from ichscan.predict import Predictor
 
     common = dict(windows=model_windows(config), image_size=config.image_size, tta=options.tta,
-                  batch_size=config.batch_size, device=config.device or "cpu")
+                  batch_size=config.batch_size, device=config.device or "cpu", precision=config.precision)
     plain = Predictor.from_models(models, aggregation="max", weights=weights, **common)
     context = Predictor.from_models(models, aggregation="context", **common) if options.series_head else None
     n, width = len(slices), len(config.labels)
