@@ -399,3 +399,50 @@ def test_holder_and_scalp_haematoma_stay_outside_the_cranium():
     assert changed.any() and (hu1[changed] <= -900).all()  # drawn into air only
     assert anat.hu[changed].max() <= max(a["hu"] for a in arcs) + 1e-3
     assert (tissue0[changed] == an.AIR).all()
+
+
+CALCIFIED = ("pineal", "choroid", "falx", "basal_ganglia")
+
+
+def test_calcification_adds_adult_calcifications_and_changes_nothing_else():
+    import dataclasses
+
+    kw = dict(size=64, slices=(8, 10), prevalence="any=0.9", twins=1.0)
+    plans, plain = plan_dataset(400, 6, calcification=0.75, **kw), plan_dataset(400, 6, **kw)
+    assert [dataclasses.replace(p, confounders={}) for p in plans] == [dataclasses.replace(p, confounders={})
+                                                                        for p in plain]
+    for p, q in zip(plans, plain):  # the confounders a series had stay; calcifications are added
+        assert {k: v for k, v in p.confounders.items() if k not in CALCIFIED} == \
+               {k: v for k, v in q.confounders.items() if k not in CALCIFIED}
+        assert set(q.confounders) <= set(p.confounders)
+        assert all(120 <= p.confounders[k] <= 700 for k in ("pineal", "choroid") if k in p.confounders
+                   and k not in q.confounders)
+
+    def share(ps, name):
+        return float(np.mean([name in p.confounders for p in ps]))
+
+    # adult rates: 0.75 of heads x 0.85 have a calcified choroid plexus, x 0.8 a calcified pineal (0.64, 0.60),
+    # besides the few the confounders draw; without the option they stay few
+    assert 0.6 <= share(plans, "choroid") <= 0.8 and 0.55 <= share(plans, "pineal") <= 0.8
+    assert share(plain, "choroid") < 0.2 and share(plain, "pineal") < 0.25
+    twins = [p for p in plans if p.twin_of is not None]
+    assert twins and all(t.confounders == plans[t.twin_of].confounders for t in twins)
+    with pytest.raises(IchscanError, match="calcification 1.5"):
+        plan_dataset(2, 6, size=64, slices=(8, 10), calcification=1.5)
+
+
+def test_calcification_draws_dense_foci_on_the_same_head(tmp_path):
+    """A series drawn with and without --calcification: the same head, noise and artifacts, and the images
+    differ only next to the calcified voxels, which are dense (blurred and partial-volumed, well over 100 HU)."""
+    plans = plan_dataset(12, 3, size=128, slices=(24, 24), calcification=1.0)
+    plain = plan_dataset(12, 3, size=128, slices=(24, 24))
+    p, q = next((p, q) for p, q in zip(plans, plain) if "pineal" in p.confounders and not q.confounders)
+    a, b = render_series(p), render_series(q)
+    calcium = a.tissue == an.CALCIUM
+    assert calcium.sum() > 20 and not (b.tissue == an.CALCIUM).any()
+    assert np.median(a.hu[calcium]) > 150
+    differs = a.hu != b.hu
+    assert differs.any() and not (differs & ~ndimage.binary_dilation(calcium, iterations=4)).any()
+    generate_dataset(tmp_path / "set", 2, seed=3, size=64, slices=(8, 8), calcification=0.5)
+    manifest = (tmp_path / "set" / "manifest.json").read_text()
+    assert '"calcification": 0.5' in manifest

@@ -11,6 +11,7 @@ examples:
   ichscan phantom --out mix --studies 50 --seed 2 --prevalence any=0.6,epidural=0.3 --masks
   ichscan phantom --out tree --studies 10 --seed 3 --layout series
   ichscan phantom --out tilted --studies 50 --seed 4 --pitch 20      # scan planes tilted against the head
+  ichscan phantom --out adults --studies 50 --seed 5 --calcification 0.75   # pineal, choroid... as in most adults
 
 Writes images/ID_<hex>.dcm (or <patient>/<study>/<series>/ with --layout series), labels.csv in the
 RSNA stage_2_train.csv format, series_labels.csv, manifest.json and, with --masks, masks/<series>.npz.
@@ -56,6 +57,9 @@ def register(subparsers) -> None:
     p.add_argument("--pitch", type=float, default=0.0,
                    help="tilt each series' scan plane against the head (head bent in its holder, or gantry tilt) "
                         "by up to this many degrees (SD half of it; roll a quarter as large): default 0, none")
+    p.add_argument("--calcification", type=float, default=0.0,
+                   help="share of series drawn as adult heads with physiological calcification (pineal, choroid "
+                        "plexus, falx, basal ganglia at adult rates): default 0, only the confounders' few")
     p.add_argument("--layout", choices=("rsna", "series"), default="rsna",
                    help="rsna: one images/ folder of ID_<hex>.dcm; series: patient/study/series folders")
     p.add_argument("--masks", action="store_true", help="also write lesion masks (masks/<series_uid>.npz)")
@@ -83,7 +87,8 @@ def run(args) -> int:
     prevalence = parse_prevalence(args.prevalence)  # fail before any work on a bad value
     total = sum(p.n_slices for p in plan_dataset(args.studies, args.seed, size=args.size, slices=args.slices,
                                                  thickness=args.thickness, prevalence=prevalence,
-                                                 twins=args.twins, pitch=args.pitch))
+                                                 twins=args.twins, pitch=args.pitch,
+                                                 calcification=args.calcification))
     bar = None
 
     def progress(n: int) -> None:
@@ -96,7 +101,7 @@ def run(args) -> int:
         summary = generate_dataset(args.out, args.studies, args.seed, size=args.size, slices=args.slices,
                                    thickness=args.thickness, prevalence=prevalence, layout=args.layout,
                                    masks=args.masks, workers=args.workers, progress=progress, twins=args.twins,
-                                   overwrite=args.overwrite, pitch=args.pitch)
+                                   overwrite=args.overwrite, pitch=args.pitch, calcification=args.calcification)
     finally:
         if bar is not None:
             bar.close()

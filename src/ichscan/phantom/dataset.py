@@ -188,9 +188,41 @@ def _draw_tilt(seed: int, index: int, pitch: float) -> tuple[float, float]:
             round(float(np.clip(r.normal(0, pitch / 8), -pitch / 4, pitch / 4)), 2))
 
 
+# Physiological calcification in adult heads for ``--calcification``: the share of such heads with each
+# (pineal and choroid plexus glomus in most adults on CT, more with age; dural/falx calcification in a
+# fraction; basal ganglia in a few percent) and its density range (HU).
+ADULT_CALCIFICATION = {"pineal": (0.8, (120.0, 700.0)), "choroid": (0.85, (120.0, 700.0)),
+                       "falx": (0.25, (150.0, 700.0)), "basal_ganglia": (0.08, (100.0, 350.0))}
+
+
+def parse_calcification(value: float) -> float:
+    """``--calcification``: the share of series drawn with adult physiological calcification, 0 to 1."""
+    share = float(value)
+    if not 0.0 <= share <= 1.0:
+        raise IchscanError(f"calcification {value}: expected a share between 0 and 1")
+    return share
+
+
+def _draw_calcification(seed: int, index: int, share: float) -> dict:
+    """The physiological calcifications of one series under ``--calcification share``: with probability
+    ``share`` an adult head, each calcification then present with its ``ADULT_CALCIFICATION`` rate and a
+    density drawn from its range. Their own stream, so that sets without the option keep every other draw."""
+    if not share:
+        return {}
+    r = np.random.default_rng([seed, 5, index])
+    if r.random() >= share:
+        return {}
+    out = {}
+    for name, (rate, (lo, hi)) in ADULT_CALCIFICATION.items():
+        present, density = r.random() < rate, float(r.uniform(lo, hi))
+        if present:
+            out[name] = round(density, 1)
+    return out
+
+
 def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int, int] = (32, 40),
                  thickness: float | str | tuple[float, float] = 5.0, prevalence=None,
-                 twins: float = 0.0, pitch: float = 0.0) -> list[SeriesPlan]:
+                 twins: float = 0.0, pitch: float = 0.0, calcification: float = 0.0) -> list[SeriesPlan]:
     """Every series of the set, decided from the seed alone (one series per study). ``thickness`` is the
     slice thickness and spacing in mm, or a (low, high) range drawn per series.
 
@@ -200,11 +232,16 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     whatever else tells phantoms apart cannot predict the label. Twins count towards ``studies``.
 
     ``pitch`` (degrees, 0 for none) tilts each series' scan plane against the head by up to that much
-    (``_draw_tilt``); a twin keeps its source's tilt. Tilted series take 2-5 times as long to draw."""
+    (``_draw_tilt``); a twin keeps its source's tilt. Tilted series take 2-5 times as long to draw.
+
+    ``calcification`` (0 to 1) is the share of series drawn as adult heads with physiological calcification
+    (``ADULT_CALCIFICATION``: pineal, choroid plexus, falx, basal ganglia), added to the confounders the
+    series has anyway; a twin keeps its source's."""
     if not 0.0 <= twins <= 1.0:
         raise IchscanError(f"twins {twins}: expected a share between 0 and 1")
     t_lo, t_hi = parse_thickness(thickness)
     pitch = parse_pitch(pitch)
+    calcification = parse_calcification(calcification)
     if studies < 1:
         raise IchscanError(f"studies must be at least 1 (got {studies})")
     lo, hi = int(slices[0]), int(slices[1])
@@ -255,7 +292,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                 study_uid=_uid(seed, "study", i), series_uid=_uid(seed, "series", i), frame_uid=_uid(seed, "for", i),
                 sop_uids=tuple(_uid(seed, "sop", i, k) for k in range(n)), image_ids=tuple(ids),
                 rows=rows, cols=cols, thickness=_draw_thickness(rng, t_lo, t_hi), subtypes=_subtypes(rng, prev),
-                confounders=sample_confounders(rng), encoding=enc,
+                confounders={**sample_confounders(rng), **_draw_calcification(seed, i, calcification)}, encoding=enc,
                 header={"date": date, "time": tm, "accession": f"PH{seed % 10000:04d}{i:06d}",
                         "series_number": int(rng.integers(2, 9)), "window": window,
                         "kernel": writer.KERNELS[int(rng.integers(len(writer.KERNELS)))],
@@ -359,13 +396,15 @@ def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
 
 
 def _stamp(studies: int, seed: int, size: int, slices: tuple[int, int], thickness, prevalence, layout: str,
-           masks: bool, twins: float, pitch: float = 0.0) -> dict:
+           masks: bool, twins: float, pitch: float = 0.0, calcification: float = 0.0) -> dict:
     """The arguments that decide a set's files, as the journal and the manifest record them."""
     arguments = {"studies": studies, "size": size, "slices": list(slices),
                  "thickness": list(parse_thickness(thickness)), "twins": twins,
                  "prevalence": parse_prevalence(prevalence), "layout": layout, "masks": masks}
     if pitch:  # recorded only when used, so sets made before --pitch existed still resume
         arguments["pitch"] = parse_pitch(pitch)
+    if calcification:  # the same
+        arguments["calcification"] = parse_calcification(calcification)
     return json.loads(json.dumps({"kind": "ichscan-phantoms", "seed": seed, "arguments": arguments},
                                  default=_jsonable))
 
@@ -414,7 +453,8 @@ def _remove_set(out: Path, previous: dict | None) -> None:
         args = previous["arguments"]
         plans = plan_dataset(args["studies"], previous["seed"], size=args["size"], slices=tuple(args["slices"]),
                              thickness=tuple(args.get("thickness", (5.0, 5.0))), prevalence=args["prevalence"],
-                             twins=args.get("twins", 0.0), pitch=args.get("pitch", 0.0))
+                             twins=args.get("twins", 0.0), pitch=args.get("pitch", 0.0),
+                             calcification=args.get("calcification", 0.0))
         for plan in plans:
             files += _series_files(out, plan, args.get("layout", "rsna"), args.get("masks", False))
     else:
@@ -453,7 +493,8 @@ def _start_journal(out: Path, stamp: dict, plans: list[SeriesPlan], layout: str,
 def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tuple[int, int] = (32, 40),
                      thickness: float | str | tuple[float, float] = 5.0, prevalence=None, layout: str = "rsna",
                      masks: bool = False, workers: int = 1, progress: Callable[[int], None] | None = None,
-                     twins: float = 0.0, overwrite: bool = False, pitch: float = 0.0) -> DatasetSummary:
+                     twins: float = 0.0, overwrite: bool = False, pitch: float = 0.0,
+                     calcification: float = 0.0) -> DatasetSummary:
     """Write a phantom set under ``out`` (see docs/phantom.md); ``progress(n)`` is told of n more slices.
 
     Resumes: series an interrupted run finished are kept and only the rest drawn, and the files come out
@@ -467,8 +508,8 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
     if out_p.exists() and not out_p.is_dir():
         raise IchscanError("is a file; --out needs a folder", out_p)
     plans = plan_dataset(studies, seed, size=size, slices=slices, thickness=thickness, prevalence=prevalence,
-                         twins=twins, pitch=pitch)
-    stamp = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins, pitch)
+                         twins=twins, pitch=pitch, calcification=calcification)
+    stamp = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins, pitch, calcification)
     with lock_folder(out_p):
         lines = _start_journal(out_p, stamp, plans, layout, masks, overwrite)
         summary = _write_set(out_p, plans, lines, stamp, layout, masks, workers, progress)
