@@ -345,7 +345,7 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> l
     return list(cv.split(np.zeros(len(y)), y, groups))
 
 
-LEVEL_BANDS = (("lower_third", 0.0, 1 / 3), ("middle_third", 1 / 3, 2 / 3), ("upper_third", 2 / 3, 1.0))
+LEVEL_BANDS = ("lower_third", "middle_third", "upper_third")
 
 
 def auc_report(scores: np.ndarray, y: np.ndarray, splits, brain: np.ndarray | None = None,
@@ -360,8 +360,9 @@ def auc_report(scores: np.ndarray, y: np.ndarray, splits, brain: np.ndarray | No
         out["oof_auc_slices_with_intracranial_mask"] = round(float(roc_auc_score(y[brain], scores[brain])), 4)
     if levels is not None:
         by_level = {}
-        for name, lo, hi in LEVEL_BANDS:
-            band = (levels >= lo) & ((levels < hi) if hi < 1 else (levels <= hi))
+        third = np.minimum((np.asarray(levels) * 3).astype(int), 2)  # the top slice (1.0) counts as upper
+        for k, name in enumerate(LEVEL_BANDS):
+            band = third == k
             if len(set(y[band])) == 2:
                 by_level[name] = {"oof_auc": round(float(roc_auc_score(y[band], scores[band])), 4),
                                   "slices": {"positive": int(y[band].sum()), "negative": int((1 - y[band]).sum())}}

@@ -195,11 +195,11 @@ ADULT_CALCIFICATION = {"pineal": (0.8, (120.0, 700.0)), "choroid": (0.85, (120.0
                        "falx": (0.25, (150.0, 700.0)), "basal_ganglia": (0.08, (100.0, 350.0))}
 
 
-def parse_calcification(value: float) -> float:
-    """``--calcification``: the share of series drawn with adult physiological calcification, 0 to 1."""
+def _parse_share(what: str, value: float) -> float:
+    """A share of series (``--twins``, ``--calcification``), 0 to 1."""
     share = float(value)
     if not 0.0 <= share <= 1.0:
-        raise IchscanError(f"calcification {value}: expected a share between 0 and 1")
+        raise IchscanError(f"{what} {value}: expected a share between 0 and 1")
     return share
 
 
@@ -214,7 +214,7 @@ def _draw_calcification(seed: int, index: int, share: float) -> dict:
         return {}
     out = {}
     for name, (rate, (lo, hi)) in ADULT_CALCIFICATION.items():
-        present, density = r.random() < rate, float(r.uniform(lo, hi))
+        present, density = r.random() < rate, float(r.uniform(lo, hi))  # both drawn: each kind's draws fixed
         if present:
             out[name] = round(density, 1)
     return out
@@ -237,11 +237,10 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     ``calcification`` (0 to 1) is the share of series drawn as adult heads with physiological calcification
     (``ADULT_CALCIFICATION``: pineal, choroid plexus, falx, basal ganglia), added to the confounders the
     series has anyway; a twin keeps its source's."""
-    if not 0.0 <= twins <= 1.0:
-        raise IchscanError(f"twins {twins}: expected a share between 0 and 1")
+    _parse_share("twins", twins)
     t_lo, t_hi = parse_thickness(thickness)
     pitch = parse_pitch(pitch)
-    calcification = parse_calcification(calcification)
+    calcification = _parse_share("calcification", calcification)
     if studies < 1:
         raise IchscanError(f"studies must be at least 1 (got {studies})")
     lo, hi = int(slices[0]), int(slices[1])
@@ -403,8 +402,8 @@ def _stamp(studies: int, seed: int, size: int, slices: tuple[int, int], thicknes
                  "prevalence": parse_prevalence(prevalence), "layout": layout, "masks": masks}
     if pitch:  # recorded only when used, so sets made before --pitch existed still resume
         arguments["pitch"] = parse_pitch(pitch)
-    if calcification:  # the same
-        arguments["calcification"] = parse_calcification(calcification)
+    if calcification:  # likewise only when used
+        arguments["calcification"] = _parse_share("calcification", calcification)
     return json.loads(json.dumps({"kind": "ichscan-phantoms", "seed": seed, "arguments": arguments},
                                  default=_jsonable))
 
