@@ -266,3 +266,34 @@ def test_series_head_tensors_are_handed_back_not_loaded(tmp_path):
     assert torch.equal(report.extra_state["series_head.fc.weight"], head)
     assert "1 series_head tensors not loaded" in report.line()
     assert torch.equal(model.backbone.conv1[0].weight, state["backbone.conv1.0.weight"])
+
+
+def test_init_keeps_the_checkpoints_size_unless_another_is_asked_for(tmp_path):
+    from ichscan.errors import IchscanError
+    from ichscan.train import TrainConfig, resolve_init
+
+    path, _ = saved(tmp_path, "best")  # a resnet10t at 32 px
+    said: list[str] = []
+    # Not asked (the preset's own size): the checkpoint's 32 px, its architecture and windows.
+    config = resolve_init(TrainConfig.from_preset("sim2real", init=str(path)), said.append)
+    assert (config.arch, config.image_size, config.windows) == (ARCH, 32, ("brain", "blood", "soft_tissue"))
+    assert said[-1].endswith(f"({ARCH}, 32 px, windows brain, blood, soft_tissue)")
+    # Asked: fine-tuning at a higher resolution keeps the weights and trains at the new size, and says so.
+    config = resolve_init(TrainConfig.from_preset("sim2real", init=str(path), image_size=256), said.append)
+    assert (config.arch, config.image_size) == (ARCH, 256)
+    assert "trained at 32 px, now 256 px" in said[-1]
+    # Another architecture cannot come from these weights: one line naming both.
+    with pytest.raises(IchscanError, match=r"is a resnet10t; --arch resnet18 cannot change that"):
+        resolve_init(TrainConfig.from_preset("sim2real", init=str(path), arch="resnet18"))
+
+
+def test_a_gpu_named_without_an_index_is_the_processs_own():
+    from ichscan.train import pick_device
+
+    # torch.cuda.set_device refuses a bare "cuda" (seen on an H200 with torch 2.11): it gets an index.
+    assert pick_device("cuda", 0, True) == torch.device("cuda", 0)
+    assert pick_device("cuda", 3, True) == torch.device("cuda", 3)  # torchrun's LOCAL_RANK 3
+    assert pick_device("cuda:1", 3, True) == torch.device("cuda", 1)  # an index given is kept
+    assert pick_device("cpu", 0, True) == torch.device("cpu")
+    assert pick_device(None, 2, True) == torch.device("cuda", 2)
+    assert pick_device(None, 0, False) == torch.device("cpu")

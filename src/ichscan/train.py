@@ -274,15 +274,21 @@ def detect_distributed() -> Distributed:
     return Distributed(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def pick_device(asked: str | None, local_rank: int, cuda_available: bool) -> torch.device:
+    """The device this process trains on: ``asked`` (``--device``) or the GPU when there is one, else the CPU.
+
+    A GPU named without an index ("cuda") is this process's own, ``cuda:<local rank>``: torch refuses to
+    select a bare "cuda" as the current device."""
+    if asked:
+        device = torch.device(asked)
+        return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+    return torch.device("cuda", local_rank) if cuda_available else torch.device("cpu")
+
+
 def init_distributed(config: TrainConfig) -> tuple[Distributed, torch.device]:
     """Join torchrun's process group (once) and pick this process's device."""
     dist_info = detect_distributed()
-    if config.device:
-        device = torch.device(config.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", dist_info.local_rank)
-    else:
-        device = torch.device("cpu")
+    device = pick_device(config.device, dist_info.local_rank, torch.cuda.is_available())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if dist_info.enabled:
@@ -1048,8 +1054,9 @@ def _ensure_cache(root: str | os.PathLike, frame, config: TrainConfig, workers: 
 
 
 def resolve_init(config: TrainConfig, report: Callable[[str], None] | None = None) -> TrainConfig:
-    """With ``config.init``: the starting checkpoint's architecture, windows and image size in the config
-    (given otherwise: a one-line error), and its path resolved (``bundled`` -> the shipped member)."""
+    """With ``config.init``: the starting checkpoint's architecture and windows in the config (another
+    architecture asked for: a one-line error), its image size unless another was asked for, and its path
+    resolved (``bundled`` -> the shipped member)."""
     if not config.init:
         return config
     from ichscan.model import read_checkpoint_meta, resolve_init_checkpoint
@@ -1061,17 +1068,26 @@ def resolve_init(config: TrainConfig, report: Callable[[str], None] | None = Non
 
     windows = tuple(w.name if WINDOW_PRESETS.get(w.name) == w else w.to_dict() for w in get_windows(meta.windows))
     preset = PRESETS.get(config.preset, {})
-    for key, value in (("arch", meta.arch), ("image_size", meta.image_size)):
-        given = getattr(config, key)
-        if given != value and given != preset.get(key, getattr(TrainConfig, key)):
-            raise IchscanError(f"--init {config.init} is a {meta.arch} at {meta.image_size} px; --{key.replace('_', '-')} "
-                               f"{given} cannot change that")
+
+    def given(key: str):
+        """The config's value when it was asked for (differs from the preset's), else None."""
+        value = getattr(config, key)
+        return None if value == preset.get(key, getattr(TrainConfig, key)) else value
+
+    if given("arch") not in (None, meta.arch):
+        raise IchscanError(f"--init {config.init} is a {meta.arch}; --arch {config.arch} cannot change that")
+    # A CNN with global pooling takes any input size, so a new --image-size is honoured: the weights carry
+    # over and training adapts them to the new scale (fine-tuning at a higher resolution). Unasked, the
+    # checkpoint's own size is kept.
+    image_size = given("image_size") or meta.image_size
     if tuple(config.labels) != tuple(meta.labels) and set(config.labels) != set(meta.labels):
         raise IchscanError(f"--init {config.init} has labels {list(meta.labels)}, not {list(config.labels)}")
     if report:
         names = ", ".join(w.name for w in get_windows(meta.windows))
-        report(f"starting from {path} ({meta.arch}, {meta.image_size} px, windows {names})")
-    return dataclasses.replace(config, init=str(path), arch=meta.arch, image_size=meta.image_size, windows=windows)
+        size = f"{meta.image_size} px" if image_size == meta.image_size else \
+            f"trained at {meta.image_size} px, now {image_size} px"
+        report(f"starting from {path} ({meta.arch}, {size}, windows {names})")
+    return dataclasses.replace(config, init=str(path), arch=meta.arch, image_size=image_size, windows=windows)
 
 
 def run_training(config: TrainConfig, inputs: RunInputs, out_dir: str | os.PathLike, *, resume: bool = False,

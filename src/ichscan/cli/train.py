@@ -67,7 +67,8 @@ def register(subparsers) -> None:
     w = m.add_mutually_exclusive_group()
     w.add_argument("--init", metavar="CKPT",
                    help="start from an ichscan checkpoint, ensemble manifest (its first member) or 'bundled': "
-                        "all its weights, its architecture, windows and image size")
+                        "all its weights, its architecture and windows, and its image size unless --image-size "
+                        "asks for another (fine-tuning at a higher resolution)")
     w.add_argument("--pretrained", metavar="PATH",
                    help="backbone weights: a timm/ImageNet file or an ichscan checkpoint (ichscan never downloads)")
     w.add_argument("--no-pretrained", action="store_true", help="random initialisation")
