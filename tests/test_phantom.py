@@ -446,3 +446,59 @@ def test_calcification_draws_dense_foci_on_the_same_head(tmp_path):
     generate_dataset(tmp_path / "set", 2, seed=3, size=64, slices=(8, 8), calcification=0.5)
     manifest = (tmp_path / "set" / "manifest.json").read_text()
     assert '"calcification": 0.5' in manifest
+
+
+def test_export_round_trip_keeps_the_brain_window_and_coarsens_the_rest():
+    """Values a reader can check: inside the brain window HU come back to within a grey level (120/255 =
+    0.47 HU) on flat regions; air floors at the bone window's lower edge (700 - 3200/2 = -900 HU); bone
+    comes back to within a bone-window grey level (12.5 HU) plus JPEG error."""
+    from ichscan.phantom.export import Export, export_series
+
+    e = Export(brain=(40.0, 120.0), bone=(700.0, 3200.0), quality=90, pixel_mm=0.35)
+    hu = np.full((1, 128, 128), -1000.0, np.float32)
+    hu[0, 16:112, 16:112] = 1000.0  # skull
+    hu[0, 28:100, 28:100] = 30.0  # brain
+    hu[0, 52:76, 52:76] = 70.0  # blood
+    out = export_series(hu, 0.9, e, (-1024, 3071))[0]
+    assert out.dtype == np.float32 and np.array_equal(out, np.rint(out))
+    assert abs(out[40, 40] - 30) <= 0.5 and abs(out[64, 64] - 70) <= 0.5
+    assert out[4, 4] == -900.0  # air: below the brain window, rebuilt from the bone window's floor
+    assert abs(out[20, 64] - 1000) <= 13
+    # The export is lossy where the image changes: the brain-blood edge is smoothed by the resampling.
+    assert 30 < out[64, 52] < 70 or 30 < out[64, 51] < 70
+    # Quantisation: the grey levels of a brain-window ramp come back at about 120/255 HU apart.
+    ramp = np.tile(np.linspace(-10, 90, 128, dtype=np.float32), (128, 1))[None]
+    back = export_series(ramp, 0.35, Export((40.0, 120.0), (700.0, 3200.0), 95, 0.35), (-1024, 3071))[0]
+    assert np.abs(back[64, 8:120] - ramp[0, 64, 8:120]).max() <= 1.0
+
+
+def test_export_stores_a_share_of_series_and_changes_nothing_else(tmp_path):
+    import dataclasses
+
+    kw = dict(size=64, slices=(8, 10), prevalence="any=0.9", twins=1.0)
+    plans, plain = plan_dataset(200, 6, export=0.5, **kw), plan_dataset(200, 6, **kw)
+    assert [dataclasses.replace(p, export=None) for p in plans] == plain
+    share = np.mean([p.export is not None for p in plans if p.twin_of is None])
+    assert 0.35 <= share <= 0.65
+    for p in plans:
+        if p.export is not None:
+            assert 35 <= p.export.brain[0] <= 45 and 80 <= p.export.brain[1] <= 160
+            assert 70 <= p.export.quality <= 95 and 0.3 <= p.export.pixel_mm <= 0.5
+    twins = [p for p in plans if p.twin_of is not None]
+    assert twins and all(t.export == plans[t.twin_of].export for t in twins)  # stored as its source was
+    # The same scan exported: its labels and masks are the plain one's; its pixels are not.
+    p, q = next((p, q) for p, q in zip(plans, plain) if p.export is not None and p.subtypes)
+    a, b = render_series(p), render_series(q)
+    assert all(np.array_equal(a.masks[s], b.masks[s]) for s in SUBTYPES)
+    assert a.series_labels() == b.series_labels() and not np.array_equal(a.hu, b.hu)
+    floor = p.export.bone[0] - p.export.bone[1] / 2  # air comes back no darker than the bone window's floor
+    assert a.hu[b.hu < -950].min() >= max(floor, -1024) - 0.5
+    with pytest.raises(IchscanError, match="export 2"):
+        plan_dataset(2, 6, size=64, slices=(8, 10), export=2)
+    generate_dataset(tmp_path / "set", 3, seed=3, size=64, slices=(8, 8), export=1.0)
+    manifest = (tmp_path / "set" / "manifest.json").read_text()
+    assert '"export": 1.0' in manifest and '"quality":' in manifest
+    # Read back through ichscan.dicom, the files hold exactly the exported HU.
+    plan = plan_dataset(3, 3, size=64, slices=(8, 8), export=1.0)[0]
+    series = next(s for s in find_series(tmp_path / "set").series if s.series_uid == plan.series_uid)
+    assert np.array_equal(series.volume(), render_series(plan).hu)

@@ -12,6 +12,7 @@ examples:
   ichscan phantom --out tree --studies 10 --seed 3 --layout series
   ichscan phantom --out tilted --studies 50 --seed 4 --pitch 20      # scan planes tilted against the head
   ichscan phantom --out adults --studies 50 --seed 5 --calcification 0.75   # pineal, choroid... as in most adults
+  ichscan phantom --out exported --studies 50 --seed 6 --export 0.5   # half stored as windowed JPEGs
 
 Writes images/ID_<hex>.dcm (or <patient>/<study>/<series>/ with --layout series), labels.csv in the
 RSNA stage_2_train.csv format, series_labels.csv, manifest.json and, with --masks, masks/<series>.npz.
@@ -60,6 +61,9 @@ def register(subparsers) -> None:
     p.add_argument("--calcification", type=float, default=0.0,
                    help="share of series drawn as adult heads with physiological calcification (pineal, choroid "
                         "plexus, falx, basal ganglia at adult rates): default 0, only the confounders' few")
+    p.add_argument("--export", type=float, default=0.0,
+                   help="share of series stored as brain- and bone-window 8-bit JPEGs and rebuilt to HU, as some "
+                        "collections and PACS exports keep CT: default 0, none")
     p.add_argument("--layout", choices=("rsna", "series"), default="rsna",
                    help="rsna: one images/ folder of ID_<hex>.dcm; series: patient/study/series folders")
     p.add_argument("--masks", action="store_true", help="also write lesion masks (masks/<series_uid>.npz)")
@@ -88,7 +92,7 @@ def run(args) -> int:
     total = sum(p.n_slices for p in plan_dataset(args.studies, args.seed, size=args.size, slices=args.slices,
                                                  thickness=args.thickness, prevalence=prevalence,
                                                  twins=args.twins, pitch=args.pitch,
-                                                 calcification=args.calcification))
+                                                 calcification=args.calcification, export=args.export))
     bar = None
 
     def progress(n: int) -> None:
@@ -101,7 +105,8 @@ def run(args) -> int:
         summary = generate_dataset(args.out, args.studies, args.seed, size=args.size, slices=args.slices,
                                    thickness=args.thickness, prevalence=prevalence, layout=args.layout,
                                    masks=args.masks, workers=args.workers, progress=progress, twins=args.twins,
-                                   overwrite=args.overwrite, pitch=args.pitch, calcification=args.calcification)
+                                   overwrite=args.overwrite, pitch=args.pitch, calcification=args.calcification,
+                                   export=args.export)
     finally:
         if bar is not None:
             bar.close()
