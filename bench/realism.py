@@ -239,9 +239,12 @@ def slice_features(inside: np.ndarray, patches: np.ndarray, f: np.ndarray, profi
     return [*q, share, *noise]
 
 
-def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, window_at=()) -> SourceStats:
+def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, window_at=(),
+                region: str = "whole") -> SourceStats:
     """Read ``series_list`` (``CTSeries``) through ichscan and accumulate the measures; the slices whose
-    running index is in ``window_at`` are also kept as the three paper windows at ``image_size``."""
+    running index is in ``window_at`` are also kept as the three paper windows at ``image_size``: the whole
+    slice, or with ``region="intracranial"`` only what the intracranial mask holds (everything else set to
+    0 HU, and slices without a mask all 0 HU), to ask whether the cranial contents alone give phantoms away."""
     from ichscan.windows import PAPER_WINDOWS, window_image
 
     st = SourceStats(name)
@@ -276,7 +279,8 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
             st.groups.append(f"{name}:{series.patient_id}")
             st.levels.append(i / max(len(vol) - 1, 1))
             if st.slices in window_at:
-                st.images[st.slices] = window_image(hu, PAPER_WINDOWS, image_size, np.uint8)
+                shown = hu if region == "whole" else np.where(mask, hu, 0.0)
+                st.images[st.slices] = window_image(shown, PAPER_WINDOWS, image_size, np.uint8)
             st.slices += 1
         log.info("%s: series %d/%d, %d slices, %.0f s", name, k + 1, len(series_list), st.slices,
                  time.perf_counter() - t0)
@@ -514,6 +518,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="phantom generator processes (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="CNN training threads (default 1)")
     ap.add_argument("--no-cnn", action="store_true", help="only the logistic-regression discriminator")
+    ap.add_argument("--cnn-region", choices=("whole", "intracranial"), default="whole",
+                    help="what the CNN sees: the whole slice (default) or only the intracranial mask's pixels")
     ap.add_argument("--keep-phantoms", action="store_true", help="leave the phantoms in --work")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
@@ -555,8 +561,10 @@ def main() -> None:
         per_class = min(n_p, n_r) if args.per_class <= 0 else min(args.per_class, n_p, n_r)
         pick_p, pick_r = evenly(n_p, per_class), evenly(n_r, per_class)
         img = dict(patch=args.nps_patch, image_size=args.image_size)
-        phantom = scan_source("phantom", found["phantom"], window_at=() if args.no_cnn else pick_p, **img)
-        real = scan_source("ctich_dev", found["ctich_dev"], window_at=() if args.no_cnn else pick_r, **img)
+        phantom = scan_source("phantom", found["phantom"], window_at=() if args.no_cnn else pick_p,
+                              region=args.cnn_region, **img)
+        real = scan_source("ctich_dev", found["ctich_dev"], window_at=() if args.no_cnn else pick_r,
+                           region=args.cnn_region, **img)
         ge = scan_source("ge_normal", found["ge_normal"], **img) if "ge_normal" in found else None
         seconds["read_and_measure"] = round(time.perf_counter() - t, 1)
     finally:
@@ -588,7 +596,10 @@ def main() -> None:
         seconds["cnn"] = round(time.perf_counter() - t, 1)
         disc["cnn"] = {"model": "4 conv blocks (16-32-64-64, first conv stride 2), GAP, linear; "
                                 "AdamW one-cycle 2e-3, batch 32, hflip",
-                       "input": f"3 paper windows (brain, blood, soft tissue) at {args.image_size} px, uint8",
+                       "input": f"3 paper windows (brain, blood, soft tissue) at {args.image_size} px, uint8"
+                                + ("" if args.cnn_region == "whole" else
+                                   "; only the intracranial mask's pixels (the rest 0 HU)"),
+                       "region": args.cnn_region,
                        "epochs": args.epochs, "torch_seed": f"{args.seed} * 1000 + fold", "threads": args.threads,
                        **auc_report(scores, y, splits, brain, levels)}
         disc["headline_auc"] = disc["cnn"]["oof_auc"]

@@ -159,6 +159,13 @@ def test_a_phantom_series_goes_through_the_same_path(realism, tmp_path):
     assert st.slices_with_mask > 0 and st.hist.sum() > 0
     stats = realism.hist_stats(st.hist)
     assert 15 <= stats["median_hu"] <= 45  # brain
+    # Only the cranial contents: outside the mask 0 HU, which the soft-tissue window (40/380) shows as grey
+    # level round(255 * (0 - 40 + 190) / 380) = 101 and the brain window (40/80) as 0; the bone is gone.
+    inner = realism.scan_source("phantom", series, patch=16, image_size=32, window_at=[5], region="intracranial")
+    whole, only = st.images[5], inner.images[5]
+    assert only[2, 0, 0] == 101 and only[0, 0, 0] == 0 and whole[2, 0, 0] == 0  # a corner: air in the whole slice
+    assert only[2].max() < 200 < whole[2].max()  # the skull (over 230 HU) is bright only in the whole slice
+    assert (only[0] > 0).mean() > 0.2  # the brain is still there
 
 
 @pytest.mark.skipif(not (REALCT / "ge-normal").is_dir(),
