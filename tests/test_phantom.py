@@ -502,3 +502,20 @@ def test_export_stores_a_share_of_series_and_changes_nothing_else(tmp_path):
     plan = plan_dataset(3, 3, size=64, slices=(8, 8), export=1.0)[0]
     series = next(s for s in find_series(tmp_path / "set").series if s.series_uid == plan.series_uid)
     assert np.array_equal(series.volume(), render_series(plan).hu)
+
+
+def test_cli_export_is_recorded_and_refused_out_of_range(tmp_path, capsys):
+    import json
+
+    from ichscan.cli import main
+
+    out = tmp_path / "exp"
+    assert main(["phantom", "--out", str(out), "--studies", "2", "--seed", "1", "--size", "48",
+                 "--slices", "4-5", "--export", "1"]) == 0
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["arguments"]["export"] == 1.0
+    assert all(set(s["export"]) == {"brain", "bone", "quality", "pixel_mm"} for s in doc["series"])
+    capsys.readouterr()
+    assert main(["phantom", "--out", str(tmp_path / "bad"), "--studies", "2", "--seed", "1", "--export", "1.5"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "export 1.5" in err[0]
