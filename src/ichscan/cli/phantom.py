@@ -64,6 +64,9 @@ def register(subparsers) -> None:
     p.add_argument("--export", type=float, default=0.0,
                    help="share of series stored as brain- and bone-window 8-bit JPEGs and rebuilt to HU, as some "
                         "collections and PACS exports keep CT: default 0, none")
+    p.add_argument("--randomize-outside", type=float, default=0.0, metavar="SHARE",
+                   help="share of series whose outside (beyond a few mm outside the inner table) is replaced by "
+                        "random texture, so that a model learns to ignore it (for training): default 0, none")
     p.add_argument("--layout", choices=("rsna", "series"), default="rsna",
                    help="rsna: one images/ folder of ID_<hex>.dcm; series: patient/study/series folders")
     p.add_argument("--masks", action="store_true", help="also write lesion masks (masks/<series_uid>.npz)")
@@ -92,7 +95,8 @@ def run(args) -> int:
     total = sum(p.n_slices for p in plan_dataset(args.studies, args.seed, size=args.size, slices=args.slices,
                                                  thickness=args.thickness, prevalence=prevalence,
                                                  twins=args.twins, pitch=args.pitch,
-                                                 calcification=args.calcification, export=args.export))
+                                                 calcification=args.calcification, export=args.export,
+                                                 randomize_outside=args.randomize_outside))
     bar = None
 
     def progress(n: int) -> None:
@@ -106,7 +110,7 @@ def run(args) -> int:
                                    thickness=args.thickness, prevalence=prevalence, layout=args.layout,
                                    masks=args.masks, workers=args.workers, progress=progress, twins=args.twins,
                                    overwrite=args.overwrite, pitch=args.pitch, calcification=args.calcification,
-                                   export=args.export)
+                                   export=args.export, randomize_outside=args.randomize_outside)
     finally:
         if bar is not None:
             bar.close()

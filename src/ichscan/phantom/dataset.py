@@ -36,6 +36,7 @@ from ichscan.labels import LABELS, RSNA_CSV_ORDER, SUBTYPES
 from ichscan.phantom import anatomy as an
 from ichscan.phantom import writer
 from ichscan.phantom.export import Export, draw_export, export_series
+from ichscan.phantom.outside import Outside, draw_outside, randomize_outside
 from ichscan.phantom.series import PhantomSeries, make_series, sample_confounders
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class SeriesPlan:
     pitch: float = 0.0  # degrees: tilt of the scan plane against the head (``ichscan.phantom.oblique``)
     roll: float = 0.0
     export: Export | None = None  # stored as windowed 8-bit JPEGs and rebuilt (``ichscan.phantom.export``)
+    outside: Outside | None = None  # random texture beyond the inner table (``ichscan.phantom.outside``)
 
     @property
     def n_slices(self) -> int:
@@ -231,10 +233,18 @@ def _draw_export(seed: int, index: int, share: float) -> Export | None:
     return draw_export(r) if r.random() < share else None
 
 
+def _draw_outside(seed: int, index: int, share: float) -> Outside | None:
+    """Whether one series' outside is randomised (``--randomize-outside share``) and how. Its own stream."""
+    if not share:
+        return None
+    r = np.random.default_rng([seed, 7, index])
+    return draw_outside(r) if r.random() < share else None
+
+
 def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int, int] = (32, 40),
                  thickness: float | str | tuple[float, float] = 5.0, prevalence=None,
                  twins: float = 0.0, pitch: float = 0.0, calcification: float = 0.0,
-                 export: float = 0.0) -> list[SeriesPlan]:
+                 export: float = 0.0, randomize_outside: float = 0.0) -> list[SeriesPlan]:
     """Every series of the set, decided from the seed alone (one series per study). ``thickness`` is the
     slice thickness and spacing in mm, or a (low, high) range drawn per series.
 
@@ -251,9 +261,13 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     series has anyway; a twin keeps its source's.
 
     ``export`` (0 to 1) is the share of series stored as windowed 8-bit JPEGs and rebuilt to HU, as some
-    collections and exports keep CT (``ichscan.phantom.export``); a twin is stored as its source is."""
+    collections and exports keep CT (``ichscan.phantom.export``); a twin is stored as its source is.
+
+    ``randomize_outside`` (0 to 1) is the share of series whose outside (beyond a few mm outside the inner
+    table) is replaced by random texture (``ichscan.phantom.outside``); a twin gets its source's."""
     _parse_share("twins", twins)
     export = _parse_share("export", export)
+    randomize_outside = _parse_share("randomize-outside", randomize_outside)
     t_lo, t_hi = parse_thickness(thickness)
     pitch = parse_pitch(pitch)
     calcification = _parse_share("calcification", calcification)
@@ -315,6 +329,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                         "kvp": float(rng.choice([100.0, 120.0, 140.0])), "reverse": bool(rng.random() < 0.3),
                         "table_z": float(rng.uniform(-250, 50)), "study_in_patient": st},
                 pitch=tilt[0], roll=tilt[1], export=_draw_export(seed, i, export),
+                outside=_draw_outside(seed, i, randomize_outside),
             ))
             src = plans[-1]
             if twins and src.subtypes and len(plans) < studies and rng.random() < twins:
@@ -354,6 +369,9 @@ def render_series(plan: SeriesPlan) -> PhantomSeries:
     ps = make_series(head_for(plan), plan.subtypes, rng, n=plan.n_slices, rows=plan.rows, cols=plan.cols,
                      thickness=plan.thickness, confounders=plan.confounders, hu_range=enc.hu_range,
                      lesion_rng=lesion_rng, pitch=plan.pitch, roll=plan.roll)
+    if plan.outside is not None:  # the twin's texture is its source's: the same stream, the same scan
+        ps.hu = randomize_outside(ps.hu, ps.depth, ps.frame.spacing, plan.outside,
+                                  np.random.default_rng([plan.seed, 7, scan, 1]), enc.hu_range)
     if plan.export is not None:  # the masks stay: the blood is where it was, only its pixels were stored lossily
         ps.hu = export_series(ps.hu, ps.frame.spacing, plan.export, enc.hu_range)
     return ps
@@ -410,12 +428,14 @@ def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
             "confounders": ps.confounders, "head": {"age": head.age, "atrophy": round(head.atrophy, 2)},
             **({"pitch_deg": plan.pitch, "roll_deg": plan.roll} if plan.pitch or plan.roll else {}),
             **({"export": plan.export.describe()} if plan.export is not None else {}),
+            **({"randomized_outside": plan.outside.describe()} if plan.outside is not None else {}),
         },
     }
 
 
 def _stamp(studies: int, seed: int, size: int, slices: tuple[int, int], thickness, prevalence, layout: str,
-           masks: bool, twins: float, pitch: float = 0.0, calcification: float = 0.0, export: float = 0.0) -> dict:
+           masks: bool, twins: float, pitch: float = 0.0, calcification: float = 0.0, export: float = 0.0,
+           randomize_outside: float = 0.0) -> dict:
     """The arguments that decide a set's files, as the journal and the manifest record them."""
     arguments = {"studies": studies, "size": size, "slices": list(slices),
                  "thickness": list(parse_thickness(thickness)), "twins": twins,
@@ -426,6 +446,8 @@ def _stamp(studies: int, seed: int, size: int, slices: tuple[int, int], thicknes
         arguments["calcification"] = _parse_share("calcification", calcification)
     if export:  # likewise
         arguments["export"] = _parse_share("export", export)
+    if randomize_outside:  # likewise
+        arguments["randomize_outside"] = _parse_share("randomize-outside", randomize_outside)
     return json.loads(json.dumps({"kind": "ichscan-phantoms", "seed": seed, "arguments": arguments},
                                  default=_jsonable))
 
@@ -475,7 +497,8 @@ def _remove_set(out: Path, previous: dict | None) -> None:
         plans = plan_dataset(args["studies"], previous["seed"], size=args["size"], slices=tuple(args["slices"]),
                              thickness=tuple(args.get("thickness", (5.0, 5.0))), prevalence=args["prevalence"],
                              twins=args.get("twins", 0.0), pitch=args.get("pitch", 0.0),
-                             calcification=args.get("calcification", 0.0), export=args.get("export", 0.0))
+                             calcification=args.get("calcification", 0.0), export=args.get("export", 0.0),
+                             randomize_outside=args.get("randomize_outside", 0.0))
         for plan in plans:
             files += _series_files(out, plan, args.get("layout", "rsna"), args.get("masks", False))
     else:
@@ -515,7 +538,8 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
                      thickness: float | str | tuple[float, float] = 5.0, prevalence=None, layout: str = "rsna",
                      masks: bool = False, workers: int = 1, progress: Callable[[int], None] | None = None,
                      twins: float = 0.0, overwrite: bool = False, pitch: float = 0.0,
-                     calcification: float = 0.0, export: float = 0.0) -> DatasetSummary:
+                     calcification: float = 0.0, export: float = 0.0,
+                     randomize_outside: float = 0.0) -> DatasetSummary:
     """Write a phantom set under ``out`` (see docs/phantom.md); ``progress(n)`` is told of n more slices.
 
     Resumes: series an interrupted run finished are kept and only the rest drawn, and the files come out
@@ -529,9 +553,10 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
     if out_p.exists() and not out_p.is_dir():
         raise IchscanError("is a file; --out needs a folder", out_p)
     plans = plan_dataset(studies, seed, size=size, slices=slices, thickness=thickness, prevalence=prevalence,
-                         twins=twins, pitch=pitch, calcification=calcification, export=export)
+                         twins=twins, pitch=pitch, calcification=calcification, export=export,
+                         randomize_outside=randomize_outside)
     stamp = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins, pitch, calcification,
-                   export)
+                   export, randomize_outside)
     with lock_folder(out_p):
         lines = _start_journal(out_p, stamp, plans, layout, masks, overwrite)
         summary = _write_set(out_p, plans, lines, stamp, layout, masks, workers, progress)
