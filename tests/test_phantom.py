@@ -519,3 +519,37 @@ def test_cli_export_is_recorded_and_refused_out_of_range(tmp_path, capsys):
     assert main(["phantom", "--out", str(tmp_path / "bad"), "--studies", "2", "--seed", "1", "--export", "1.5"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "export 1.5" in err[0]
+
+
+def test_randomize_outside_changes_only_what_lies_beyond_the_inner_table(tmp_path):
+    import dataclasses
+    import json
+
+    kw = dict(size=96, slices=(10, 12), prevalence="any=0.9", twins=1.0)
+    plans, plain = plan_dataset(60, 6, randomize_outside=0.5, **kw), plan_dataset(60, 6, **kw)
+    assert [dataclasses.replace(p, outside=None) for p in plans] == plain
+    assert 0.25 <= np.mean([p.outside is not None for p in plans if p.twin_of is None]) <= 0.75
+    twins = [p for p in plans if p.twin_of is not None]
+    assert twins and all(t.outside == plans[t.twin_of].outside for t in twins)
+    p, q = next((p, q) for p, q in zip(plans, plain) if p.outside is not None and p.subtypes)
+    o = p.outside
+    assert 1.5 <= o.margin_mm <= 4 and -1000 <= o.low <= o.high <= 2000 and 2 <= o.grain_mm <= 25
+    a, b = render_series(p), render_series(q)
+    inside = a.depth >= 0
+    assert np.array_equal(a.hu[inside], b.hu[inside])  # the cranial contents, blood included, untouched
+    assert all(np.array_equal(a.masks[s], b.masks[s]) for s in SUBTYPES)
+    away = a.depth < -o.margin_mm
+    assert (a.hu[away] != b.hu[away]).mean() > 0.9
+    # The new texture spans the drawn range (white noise of noise_hu on top), whatever the head had there.
+    assert o.low - 6 * o.noise_hu <= np.median(a.hu[away]) <= o.high + 6 * o.noise_hu
+    # A twin's outside is its source's texture: outside the blood's reach the two are the same scan.
+    t = next(t for t in twins if t.outside is not None)
+    src, twin = render_series(plans[t.twin_of]), render_series(t)
+    far = src.depth < -t.outside.margin_mm
+    assert np.array_equal(src.hu[far], twin.hu[far])
+    with pytest.raises(IchscanError, match="randomize-outside 1.5"):
+        plan_dataset(2, 6, size=64, slices=(8, 10), randomize_outside=1.5)
+    generate_dataset(tmp_path / "set", 2, seed=3, size=64, slices=(8, 8), randomize_outside=1.0)
+    doc = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    assert doc["arguments"]["randomize_outside"] == 1.0
+    assert all("randomized_outside" in s for s in doc["series"])
