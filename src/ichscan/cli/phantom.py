@@ -13,6 +13,7 @@ examples:
   ichscan phantom --out tilted --studies 50 --seed 4 --pitch 20      # scan planes tilted against the head
   ichscan phantom --out adults --studies 50 --seed 5 --calcification 0.75   # pineal, choroid... as in most adults
   ichscan phantom --out exported --studies 50 --seed 6 --export 0.5   # half stored as windowed JPEGs
+  ichscan phantom --out rnd --studies 50 --seed 7 --randomize-outside 0.5   # random texture beyond the skull
 
 Writes images/ID_<hex>.dcm (or <patient>/<study>/<series>/ with --layout series), labels.csv in the
 RSNA stage_2_train.csv format, series_labels.csv, manifest.json and, with --masks, masks/<series>.npz.
