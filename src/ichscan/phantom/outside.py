@@ -44,7 +44,8 @@ def draw_outside(rng: np.random.Generator) -> Outside:
 def randomize_outside(hu: np.ndarray, depth: np.ndarray, spacing_mm: float, o: Outside,
                       rng: np.random.Generator, hu_range: tuple[float, float]) -> np.ndarray:
     """``hu`` (n, H, W) with every pixel deeper than ``o.margin_mm`` outside the inner table (``depth`` in mm,
-    negative outside) replaced by a fresh random field per slice; integral HU clipped to ``hu_range``."""
+    negative outside; the whole slice below the cranial cavity) replaced by a fresh random field per slice,
+    scaled to ``o.low``..``o.high``; integral HU clipped to ``hu_range``."""
     out = hu.copy()
     sigma = max(o.grain_mm / spacing_mm, 0.5)
     for k in range(hu.shape[0]):
