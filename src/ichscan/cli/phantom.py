@@ -59,15 +59,15 @@ def register(subparsers) -> None:
     p.add_argument("--pitch", type=float, default=0.0,
                    help="tilt each series' scan plane against the head (head bent in its holder, or gantry tilt) "
                         "by up to this many degrees (SD half of it; roll a quarter as large): default 0, none")
-    p.add_argument("--calcification", type=float, default=0.0,
-                   help="share of series drawn as adult heads with physiological calcification (pineal, choroid "
-                        "plexus, falx, basal ganglia at adult rates): default 0, only the confounders' few")
-    p.add_argument("--export", type=float, default=0.0,
-                   help="share of series stored as brain- and bone-window 8-bit JPEGs and rebuilt to HU, as some "
-                        "collections and PACS exports keep CT: default 0, none")
-    p.add_argument("--randomize-outside", type=float, default=0.0, metavar="SHARE",
-                   help="share of series whose outside (beyond a few mm outside the inner table) is replaced by "
-                        "random texture, so that a model learns to ignore it (for training): default 0, none")
+    for flag, what, default in (
+            ("--calcification", "drawn as adult heads with physiological calcification (pineal, choroid plexus, "
+                                "falx, basal ganglia at adult rates)", "only the confounders' few"),
+            ("--export", "stored as brain- and bone-window 8-bit JPEGs and rebuilt to HU, as some collections and "
+                         "PACS exports keep CT", "none"),
+            ("--randomize-outside", "whose outside (beyond a few mm outside the inner table) is replaced by random "
+                                    "texture, so that a model learns to ignore it (for training)", "none")):
+        p.add_argument(flag, type=float, default=0.0, metavar="SHARE",
+                       help=f"share of series {what}: default 0, {default}")
     p.add_argument("--layout", choices=("rsna", "series"), default="rsna",
                    help="rsna: one images/ folder of ID_<hex>.dcm; series: patient/study/series folders")
     p.add_argument("--masks", action="store_true", help="also write lesion masks (masks/<series_uid>.npz)")
@@ -91,13 +91,13 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ichscan.phantom import generate_dataset, parse_prevalence, plan_dataset
+    from ichscan.phantom.dataset import SHARE_OPTIONS
 
     prevalence = parse_prevalence(args.prevalence)  # fail before any work on a bad value
+    shares = {name: getattr(args, name) for name in SHARE_OPTIONS}
     total = sum(p.n_slices for p in plan_dataset(args.studies, args.seed, size=args.size, slices=args.slices,
                                                  thickness=args.thickness, prevalence=prevalence,
-                                                 twins=args.twins, pitch=args.pitch,
-                                                 calcification=args.calcification, export=args.export,
-                                                 randomize_outside=args.randomize_outside))
+                                                 twins=args.twins, pitch=args.pitch, **shares))
     bar = None
 
     def progress(n: int) -> None:
@@ -110,8 +110,7 @@ def run(args) -> int:
         summary = generate_dataset(args.out, args.studies, args.seed, size=args.size, slices=args.slices,
                                    thickness=args.thickness, prevalence=prevalence, layout=args.layout,
                                    masks=args.masks, workers=args.workers, progress=progress, twins=args.twins,
-                                   overwrite=args.overwrite, pitch=args.pitch, calcification=args.calcification,
-                                   export=args.export, randomize_outside=args.randomize_outside)
+                                   overwrite=args.overwrite, pitch=args.pitch, **shares)
     finally:
         if bar is not None:
             bar.close()

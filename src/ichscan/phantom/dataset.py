@@ -199,22 +199,34 @@ ADULT_CALCIFICATION = {"pineal": (0.8, (120.0, 700.0)), "choroid": (0.85, (120.0
                        "falx": (0.25, (150.0, 700.0)), "basal_ganglia": (0.08, (100.0, 350.0))}
 
 
+# Options that apply to a share of series, as plan_dataset's keywords and the stamp's arguments; each is
+# recorded only when used, so that sets made before it existed still resume.
+SHARE_OPTIONS = ("calcification", "export", "randomize_outside")
+
+
 def _parse_share(what: str, value: float) -> float:
-    """A share of series (``--twins``, ``--calcification``), 0 to 1."""
+    """A share of series (``--twins`` and ``SHARE_OPTIONS``), 0 to 1."""
     share = float(value)
     if not 0.0 <= share <= 1.0:
-        raise IchscanError(f"{what} {value}: expected a share between 0 and 1")
+        raise IchscanError(f"{what.replace('_', '-')} {value}: expected a share between 0 and 1")
     return share
+
+
+def _chosen(seed: int, stream: int, index: int, share: float) -> np.random.Generator | None:
+    """Series ``index``'s own stream ``[seed, stream, index]`` when its first draw puts it in ``share`` of
+    series, else None. An option drawn this way leaves every other draw of a set as it was without it."""
+    if not share:
+        return None
+    r = np.random.default_rng([seed, stream, index])
+    return r if r.random() < share else None
 
 
 def _draw_calcification(seed: int, index: int, share: float) -> dict:
     """The physiological calcifications of one series under ``--calcification share``: with probability
     ``share`` an adult head, each calcification then present with its ``ADULT_CALCIFICATION`` rate and a
-    density drawn from its range. Their own stream, so that sets without the option keep every other draw."""
-    if not share:
-        return {}
-    r = np.random.default_rng([seed, 5, index])
-    if r.random() >= share:
+    density drawn from its range."""
+    r = _chosen(seed, 5, index, share)
+    if r is None:
         return {}
     out = {}
     for name, (rate, (lo, hi)) in ADULT_CALCIFICATION.items():
@@ -225,20 +237,15 @@ def _draw_calcification(seed: int, index: int, share: float) -> dict:
 
 
 def _draw_export(seed: int, index: int, share: float) -> Export | None:
-    """Whether one series is stored as an export (``--export share``) and how (``draw_export``). Its own
-    stream, so that sets without the option keep every other draw."""
-    if not share:
-        return None
-    r = np.random.default_rng([seed, 6, index])
-    return draw_export(r) if r.random() < share else None
+    """Whether one series is stored as an export (``--export share``) and how (``draw_export``)."""
+    r = _chosen(seed, 6, index, share)
+    return None if r is None else draw_export(r)
 
 
 def _draw_outside(seed: int, index: int, share: float) -> Outside | None:
-    """Whether one series' outside is randomised (``--randomize-outside share``) and how. Its own stream."""
-    if not share:
-        return None
-    r = np.random.default_rng([seed, 7, index])
-    return draw_outside(r) if r.random() < share else None
+    """Whether one series' outside is randomised (``--randomize-outside share``) and how (``draw_outside``)."""
+    r = _chosen(seed, 7, index, share)
+    return None if r is None else draw_outside(r)
 
 
 def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int, int] = (32, 40),
@@ -267,7 +274,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     table) is replaced by random texture (``ichscan.phantom.outside``); a twin gets its source's."""
     _parse_share("twins", twins)
     export = _parse_share("export", export)
-    randomize_outside = _parse_share("randomize-outside", randomize_outside)
+    randomize_outside = _parse_share("randomize_outside", randomize_outside)
     t_lo, t_hi = parse_thickness(thickness)
     pitch = parse_pitch(pitch)
     calcification = _parse_share("calcification", calcification)
@@ -434,20 +441,16 @@ def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
 
 
 def _stamp(studies: int, seed: int, size: int, slices: tuple[int, int], thickness, prevalence, layout: str,
-           masks: bool, twins: float, pitch: float = 0.0, calcification: float = 0.0, export: float = 0.0,
-           randomize_outside: float = 0.0) -> dict:
+           masks: bool, twins: float, pitch: float = 0.0, **shares: float) -> dict:
     """The arguments that decide a set's files, as the journal and the manifest record them."""
     arguments = {"studies": studies, "size": size, "slices": list(slices),
                  "thickness": list(parse_thickness(thickness)), "twins": twins,
                  "prevalence": parse_prevalence(prevalence), "layout": layout, "masks": masks}
     if pitch:  # recorded only when used, so sets made before --pitch existed still resume
         arguments["pitch"] = parse_pitch(pitch)
-    if calcification:  # likewise only when used
-        arguments["calcification"] = _parse_share("calcification", calcification)
-    if export:  # likewise
-        arguments["export"] = _parse_share("export", export)
-    if randomize_outside:  # likewise
-        arguments["randomize_outside"] = _parse_share("randomize-outside", randomize_outside)
+    for name in SHARE_OPTIONS:  # likewise
+        if shares.get(name):
+            arguments[name] = _parse_share(name, shares[name])
     return json.loads(json.dumps({"kind": "ichscan-phantoms", "seed": seed, "arguments": arguments},
                                  default=_jsonable))
 
@@ -497,8 +500,7 @@ def _remove_set(out: Path, previous: dict | None) -> None:
         plans = plan_dataset(args["studies"], previous["seed"], size=args["size"], slices=tuple(args["slices"]),
                              thickness=tuple(args.get("thickness", (5.0, 5.0))), prevalence=args["prevalence"],
                              twins=args.get("twins", 0.0), pitch=args.get("pitch", 0.0),
-                             calcification=args.get("calcification", 0.0), export=args.get("export", 0.0),
-                             randomize_outside=args.get("randomize_outside", 0.0))
+                             **{name: args.get(name, 0.0) for name in SHARE_OPTIONS})
         for plan in plans:
             files += _series_files(out, plan, args.get("layout", "rsna"), args.get("masks", False))
     else:
@@ -555,8 +557,8 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
     plans = plan_dataset(studies, seed, size=size, slices=slices, thickness=thickness, prevalence=prevalence,
                          twins=twins, pitch=pitch, calcification=calcification, export=export,
                          randomize_outside=randomize_outside)
-    stamp = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins, pitch, calcification,
-                   export, randomize_outside)
+    stamp = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins, pitch,
+                   calcification=calcification, export=export, randomize_outside=randomize_outside)
     with lock_folder(out_p):
         lines = _start_journal(out_p, stamp, plans, layout, masks, overwrite)
         summary = _write_set(out_p, plans, lines, stamp, layout, masks, workers, progress)
