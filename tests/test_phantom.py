@@ -553,3 +553,50 @@ def test_randomize_outside_changes_only_what_lies_beyond_the_inner_table(tmp_pat
     doc = json.loads((tmp_path / "set" / "manifest.json").read_text())
     assert doc["arguments"]["randomize_outside"] == 1.0
     assert all("randomized_outside" in s for s in doc["series"])
+
+
+def test_outside_margin_keeps_skull_and_scalp_and_randomizes_beyond(tmp_path, capsys):
+    import dataclasses
+    import json
+
+    kw = dict(size=96, slices=(10, 12), prevalence="any=0.9,epidural=0.9", twins=0.5, randomize_outside=0.5)
+    near, wide = plan_dataset(40, 6, **kw), plan_dataset(40, 6, outside_margin="25-40", **kw)
+    # Only the kept margin differs: which series are randomised, and their textures, are drawn as before.
+    assert [dataclasses.replace(p, outside=None) for p in wide] == [dataclasses.replace(p, outside=None) for p in near]
+    pairs = [(p, q) for p, q in zip(wide, near) if p.outside is not None]
+    assert pairs and all(q.outside is not None for _, q in pairs)
+    assert all(25 <= p.outside.margin_mm <= 40 and dataclasses.replace(p.outside, margin_mm=0)
+               == dataclasses.replace(q.outside, margin_mm=0) for p, q in pairs)
+    p = next(p for p, _ in pairs if p.subtypes)
+    plain = render_series(dataclasses.replace(p, outside=None))
+    a = render_series(p)
+    m = p.outside.margin_mm
+    # The skull (5-7.5 mm, thicker at the base) and scalp (4-7 mm) lie within 25 mm of the inner table on the
+    # slices that have a cranial cavity: kept to the HU, as is everything inside.
+    kept = a.depth >= -m
+    assert np.array_equal(a.hu[kept], plain.hu[kept])
+    vault = (a.depth < -1) & (a.depth > -12) & (plain.hu > 300)
+    assert vault.sum() > 100 and np.array_equal(a.hu[vault], plain.hu[vault])  # bone there, unchanged
+    away = a.depth < -m
+    assert away.any() and (a.hu[away] != plain.hu[away]).mean() > 0.9
+    with pytest.raises(IchscanError, match="outside-margin 25-40 mm applies only with --randomize-outside"):
+        plan_dataset(2, 6, size=64, slices=(8, 10), outside_margin="25-40")
+    with pytest.raises(IchscanError, match="outside-margin 40-25 mm"):
+        plan_dataset(2, 6, size=64, slices=(8, 10), randomize_outside=1.0, outside_margin=(40, 25))
+    # Recorded in the manifest (only when not the default, so earlier sets still resume) and refused when
+    # the folder's set was made with another margin.
+    out = tmp_path / "set"
+    generate_dataset(out, 2, seed=3, size=64, slices=(8, 8), randomize_outside=1.0, outside_margin=30)
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["arguments"]["outside_margin"] == [30.0, 30.0]
+    assert all(s["randomized_outside"]["margin_mm"] == 30.0 for s in doc["series"])
+    with pytest.raises(IchscanError, match="outside_margin"):
+        generate_dataset(out, 2, seed=3, size=64, slices=(8, 8), randomize_outside=1.0)
+    from ichscan.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # argparse's own one-line usage error
+        main(["phantom", "--out", str(tmp_path / "bad"), "--studies", "2", "--seed", "1",
+              "--randomize-outside", "1", "--outside-margin", "abc"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "outside-margin 'abc'" in err[-1]

@@ -14,6 +14,7 @@ examples:
   ichscan phantom --out adults --studies 50 --seed 5 --calcification 0.75   # pineal, choroid... as in most adults
   ichscan phantom --out exported --studies 50 --seed 6 --export 0.5   # half stored as windowed JPEGs
   ichscan phantom --out rnd --studies 50 --seed 7 --randomize-outside 0.5   # random texture beyond the skull
+  ichscan phantom --out rnd2 --studies 50 --seed 7 --randomize-outside 0.5 --outside-margin 25-40  # keep the skull
 
 Writes images/ID_<hex>.dcm (or <patient>/<study>/<series>/ with --layout series), labels.csv in the
 RSNA stage_2_train.csv format, series_labels.csv, manifest.json and, with --masks, masks/<series>.npz.
@@ -68,6 +69,9 @@ def register(subparsers) -> None:
                                     "texture, so that a model learns to ignore it (for training)", "none")):
         p.add_argument(flag, type=float, default=0.0, metavar="SHARE",
                        help=f"share of series {what}: default 0, {default}")
+    p.add_argument("--outside-margin", type=_margin, default=(1.5, 4.0), metavar="MM",
+                   help="with --randomize-outside: how far outside the inner table the head is kept, N or LOW-HIGH "
+                        "mm drawn per series (default 1.5-4; 25-40 keeps the vault's skull and scalp)")
     p.add_argument("--layout", choices=("rsna", "series"), default="rsna",
                    help="rsna: one images/ folder of ID_<hex>.dcm; series: patient/study/series folders")
     p.add_argument("--masks", action="store_true", help="also write lesion masks (masks/<series_uid>.npz)")
@@ -87,6 +91,16 @@ def _thickness(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _margin(text: str) -> tuple[float, float]:
+    from ichscan.errors import IchscanError
+    from ichscan.phantom.outside import parse_margin
+
+    try:
+        return parse_margin(text)
+    except IchscanError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -97,7 +111,8 @@ def run(args) -> int:
     shares = {name: getattr(args, name) for name in SHARE_OPTIONS}
     total = sum(p.n_slices for p in plan_dataset(args.studies, args.seed, size=args.size, slices=args.slices,
                                                  thickness=args.thickness, prevalence=prevalence,
-                                                 twins=args.twins, pitch=args.pitch, **shares))
+                                                 twins=args.twins, pitch=args.pitch,
+                                                 outside_margin=args.outside_margin, **shares))
     bar = None
 
     def progress(n: int) -> None:
@@ -110,7 +125,8 @@ def run(args) -> int:
         summary = generate_dataset(args.out, args.studies, args.seed, size=args.size, slices=args.slices,
                                    thickness=args.thickness, prevalence=prevalence, layout=args.layout,
                                    masks=args.masks, workers=args.workers, progress=progress, twins=args.twins,
-                                   overwrite=args.overwrite, pitch=args.pitch, **shares)
+                                   overwrite=args.overwrite, pitch=args.pitch,
+                                   outside_margin=args.outside_margin, **shares)
     finally:
         if bar is not None:
             bar.close()

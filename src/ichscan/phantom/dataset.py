@@ -36,7 +36,7 @@ from ichscan.labels import LABELS, RSNA_CSV_ORDER, SUBTYPES
 from ichscan.phantom import anatomy as an
 from ichscan.phantom import writer
 from ichscan.phantom.export import Export, draw_export, export_series
-from ichscan.phantom.outside import Outside, draw_outside, randomize_outside
+from ichscan.phantom.outside import DEFAULT_MARGIN, Outside, draw_outside, parse_margin, randomize_outside
 from ichscan.phantom.series import PhantomSeries, make_series, sample_confounders
 
 log = logging.getLogger(__name__)
@@ -221,6 +221,14 @@ def _chosen(seed: int, stream: int, index: int, share: float) -> np.random.Gener
     return r if r.random() < share else None
 
 
+def _parse_outside_margin(value, share: float) -> tuple[float, float]:
+    """``--outside-margin`` as a (low, high) range in mm; another than the default needs ``--randomize-outside``."""
+    margin = parse_margin(value)
+    if margin != DEFAULT_MARGIN and not share:
+        raise IchscanError(f"outside-margin {margin[0]:g}-{margin[1]:g} mm applies only with --randomize-outside")
+    return margin
+
+
 def _draw_calcification(seed: int, index: int, share: float) -> dict:
     """The physiological calcifications of one series under ``--calcification share``: with probability
     ``share`` an adult head, each calcification then present with its ``ADULT_CALCIFICATION`` rate and a
@@ -242,16 +250,18 @@ def _draw_export(seed: int, index: int, share: float) -> Export | None:
     return None if r is None else draw_export(r)
 
 
-def _draw_outside(seed: int, index: int, share: float) -> Outside | None:
-    """Whether one series' outside is randomised (``--randomize-outside share``) and how (``draw_outside``)."""
+def _draw_outside(seed: int, index: int, share: float, margin: tuple[float, float]) -> Outside | None:
+    """Whether one series' outside is randomised (``--randomize-outside share``) and how (``draw_outside``,
+    its kept margin drawn from ``margin``, mm)."""
     r = _chosen(seed, 7, index, share)
-    return None if r is None else draw_outside(r)
+    return None if r is None else draw_outside(r, margin)
 
 
 def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int, int] = (32, 40),
                  thickness: float | str | tuple[float, float] = 5.0, prevalence=None,
                  twins: float = 0.0, pitch: float = 0.0, calcification: float = 0.0,
-                 export: float = 0.0, randomize_outside: float = 0.0) -> list[SeriesPlan]:
+                 export: float = 0.0, randomize_outside: float = 0.0,
+                 outside_margin: float | str | tuple[float, float] = DEFAULT_MARGIN) -> list[SeriesPlan]:
     """Every series of the set, decided from the seed alone (one series per study). ``thickness`` is the
     slice thickness and spacing in mm, or a (low, high) range drawn per series.
 
@@ -271,10 +281,13 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     collections and exports keep CT (``ichscan.phantom.export``); a twin is stored as its source is.
 
     ``randomize_outside`` (0 to 1) is the share of series whose outside (beyond a few mm outside the inner
-    table) is replaced by random texture (``ichscan.phantom.outside``); a twin gets its source's."""
+    table) is replaced by random texture (``ichscan.phantom.outside``); a twin gets its source's.
+    ``outside_margin`` (mm, a number or a (low, high) range drawn per series) is how far outside the inner
+    table the head is kept (default 1.5-4); 25-40 keeps the vault's skull and scalp."""
     _parse_share("twins", twins)
     export = _parse_share("export", export)
     randomize_outside = _parse_share("randomize_outside", randomize_outside)
+    margin = _parse_outside_margin(outside_margin, randomize_outside)
     t_lo, t_hi = parse_thickness(thickness)
     pitch = parse_pitch(pitch)
     calcification = _parse_share("calcification", calcification)
@@ -336,7 +349,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                         "kvp": float(rng.choice([100.0, 120.0, 140.0])), "reverse": bool(rng.random() < 0.3),
                         "table_z": float(rng.uniform(-250, 50)), "study_in_patient": st},
                 pitch=tilt[0], roll=tilt[1], export=_draw_export(seed, i, export),
-                outside=_draw_outside(seed, i, randomize_outside),
+                outside=_draw_outside(seed, i, randomize_outside, margin),
             ))
             src = plans[-1]
             if twins and src.subtypes and len(plans) < studies and rng.random() < twins:
@@ -441,7 +454,7 @@ def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
 
 
 def _stamp(studies: int, seed: int, size: int, slices: tuple[int, int], thickness, prevalence, layout: str,
-           masks: bool, twins: float, pitch: float = 0.0, **shares: float) -> dict:
+           masks: bool, twins: float, pitch: float = 0.0, outside_margin=DEFAULT_MARGIN, **shares: float) -> dict:
     """The arguments that decide a set's files, as the journal and the manifest record them."""
     arguments = {"studies": studies, "size": size, "slices": list(slices),
                  "thickness": list(parse_thickness(thickness)), "twins": twins,
@@ -451,6 +464,8 @@ def _stamp(studies: int, seed: int, size: int, slices: tuple[int, int], thicknes
     for name in SHARE_OPTIONS:  # likewise
         if shares.get(name):
             arguments[name] = _parse_share(name, shares[name])
+    if parse_margin(outside_margin) != DEFAULT_MARGIN:  # likewise
+        arguments["outside_margin"] = list(parse_margin(outside_margin))
     return json.loads(json.dumps({"kind": "ichscan-phantoms", "seed": seed, "arguments": arguments},
                                  default=_jsonable))
 
@@ -500,6 +515,7 @@ def _remove_set(out: Path, previous: dict | None) -> None:
         plans = plan_dataset(args["studies"], previous["seed"], size=args["size"], slices=tuple(args["slices"]),
                              thickness=tuple(args.get("thickness", (5.0, 5.0))), prevalence=args["prevalence"],
                              twins=args.get("twins", 0.0), pitch=args.get("pitch", 0.0),
+                             outside_margin=tuple(args.get("outside_margin", DEFAULT_MARGIN)),
                              **{name: args.get(name, 0.0) for name in SHARE_OPTIONS})
         for plan in plans:
             files += _series_files(out, plan, args.get("layout", "rsna"), args.get("masks", False))
@@ -541,7 +557,8 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
                      masks: bool = False, workers: int = 1, progress: Callable[[int], None] | None = None,
                      twins: float = 0.0, overwrite: bool = False, pitch: float = 0.0,
                      calcification: float = 0.0, export: float = 0.0,
-                     randomize_outside: float = 0.0) -> DatasetSummary:
+                     randomize_outside: float = 0.0,
+                     outside_margin: float | str | tuple[float, float] = DEFAULT_MARGIN) -> DatasetSummary:
     """Write a phantom set under ``out`` (see docs/phantom.md); ``progress(n)`` is told of n more slices.
 
     Resumes: series an interrupted run finished are kept and only the rest drawn, and the files come out
@@ -556,9 +573,10 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
         raise IchscanError("is a file; --out needs a folder", out_p)
     plans = plan_dataset(studies, seed, size=size, slices=slices, thickness=thickness, prevalence=prevalence,
                          twins=twins, pitch=pitch, calcification=calcification, export=export,
-                         randomize_outside=randomize_outside)
+                         randomize_outside=randomize_outside, outside_margin=outside_margin)
     stamp = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins, pitch,
-                   calcification=calcification, export=export, randomize_outside=randomize_outside)
+                   calcification=calcification, export=export, randomize_outside=randomize_outside,
+                   outside_margin=outside_margin)
     with lock_folder(out_p):
         lines = _start_journal(out_p, stamp, plans, layout, masks, overwrite)
         summary = _write_set(out_p, plans, lines, stamp, layout, masks, workers, progress)

@@ -33,10 +33,34 @@ class Outside:
         return asdict(self)
 
 
-def draw_outside(rng: np.random.Generator) -> Outside:
-    """Margin 1.5-4 mm; a density range anywhere from air to dense bone (-1000 to 2000 HU); texture 2-25 mm."""
+DEFAULT_MARGIN = (1.5, 4.0)  # mm beyond the inner table kept: the dura's edge and the first bone
+MAX_MARGIN = 100.0
+
+
+def parse_margin(value: float | str | tuple[float, float]) -> tuple[float, float]:
+    """``--outside-margin``: ``3``, ``"25-40"`` or ``(25, 40)`` as a (low, high) range in mm, 0 to ``MAX_MARGIN``."""
+    from ichscan.errors import IchscanError
+
+    text = value if isinstance(value, str) else None
+    try:
+        if isinstance(value, str):
+            lo, sep, hi = value.partition("-")
+            value = (float(lo), float(hi)) if sep else float(lo)
+        lo, hi = (float(value[0]), float(value[1])) if isinstance(value, (tuple, list)) else (float(value),) * 2
+    except (TypeError, ValueError):
+        raise IchscanError(f"outside-margin {text or value!r}: expected mm, e.g. 3 or 25-40") from None
+    if not 0.0 <= lo <= hi <= MAX_MARGIN:
+        raise IchscanError(f"outside-margin {lo:g}-{hi:g} mm: expected 0 <= low <= high <= {MAX_MARGIN:g}")
+    return lo, hi
+
+
+def draw_outside(rng: np.random.Generator, margin: tuple[float, float] = DEFAULT_MARGIN) -> Outside:
+    """The kept margin from ``margin`` (mm; by default 1.5-4: the inner table's edge, with skull and scalp
+    randomised; 25-40 keeps the vault's skull and scalp, a scalp swelling included, and randomises air, head
+    holder, face and the slices above and below the cranial cavity); a density range anywhere from air to
+    dense bone (-1000 to 2000 HU); texture 2-25 mm."""
     low, high = np.sort(rng.uniform(-1000, 2000, 2))
-    return Outside(margin_mm=round(float(rng.uniform(1.5, 4.0)), 2), low=round(float(low), 1),
+    return Outside(margin_mm=round(float(rng.uniform(*margin)), 2), low=round(float(low), 1),
                    high=round(float(high), 1), grain_mm=round(float(rng.uniform(2.0, 25.0)), 2),
                    noise_hu=round(float(rng.uniform(2.0, 20.0)), 2))
 
