@@ -297,3 +297,37 @@ def test_a_gpu_named_without_an_index_is_the_processs_own():
     assert pick_device("cpu", 0, True) == torch.device("cpu")
     assert pick_device(None, 2, True) == torch.device("cuda", 2)
     assert pick_device(None, 0, False) == torch.device("cpu")
+
+
+def test_average_checkpoints_is_the_weighted_mean_of_every_tensor(tmp_path):
+    from ichscan.model import average_checkpoints, sha256_file
+
+    a, wa = saved(tmp_path, "a", seed=1)
+    b, wb = saved(tmp_path, "b", seed=2)
+    out = average_checkpoints([a, b], tmp_path / "avg", shares=[3, 1])
+    got = load_file(str(out.with_suffix(".safetensors")))
+    assert got.keys() == wa.keys()
+    key = "backbone.conv1.0.weight"
+    assert torch.allclose(got[key], 0.75 * wa[key] + 0.25 * wb[key], atol=1e-7)
+    var = next(k for k in wa if k.endswith("running_var"))  # batch-norm statistics are averaged too
+    assert torch.allclose(got[var], 0.75 * wa[var] + 0.25 * wb[var], atol=1e-7)
+    steps = next(k for k in wa if k.endswith("num_batches_tracked"))
+    assert torch.equal(got[steps], wa[steps])  # integer buffers: the first source's
+    model, meta = load_checkpoint(out)  # a checkpoint like any other, which predicts
+    x = torch.rand(1, 3, 32, 32)
+    assert model(x).shape == (1, len(LABELS))
+    record = meta.record
+    assert record["metrics"] == {} and [s["share"] for s in record["averaged_from"]] == [0.75, 0.25]
+    assert record["averaged_from"][1]["sha256"] == sha256_file(b.with_suffix(".safetensors"))
+    # Equal shares by default; a checkpoint averaged with itself is itself.
+    same = load_file(str(average_checkpoints([a, a], tmp_path / "same").with_suffix(".safetensors")))
+    assert all(torch.equal(same[k], wa[k]) for k in wa)
+    # Another network, or another way of feeding it, is refused in one line naming the file.
+    other = save_checkpoint(tmp_path / "other", trained(3), dict(META, image_size=64))
+    with pytest.raises(CheckpointError, match="image_size differ") as err:
+        average_checkpoints([a, other], tmp_path / "bad")
+    assert "other.json" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="at least two"):
+        average_checkpoints([a], tmp_path / "bad")
+    with pytest.raises(CheckpointError, match="one non-negative share"):
+        average_checkpoints([a, b], tmp_path / "bad", shares=[1, -1])

@@ -815,6 +815,60 @@ def copy_checkpoint(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
     return json_path
 
 
+# What must agree for two checkpoints' weights to be averaged: the same network, fed the same way.
+_SAME_NETWORK = ("arch", "labels", "in_chans", "normalize", "model_kwargs", "windows", "image_size", "series_head")
+
+
+def average_checkpoints(sources: Sequence[str | os.PathLike], dest: str | os.PathLike,
+                        shares: Sequence[float] | None = None) -> Path:
+    """One checkpoint whose every floating-point weight and batch-norm statistic is the ``shares``-weighted
+    mean (default equal) of ``sources``' (weight-space ensembling, as WiSE-FT averages a model with its
+    fine-tuned descendant; meaningful for checkpoints that share a starting point). Integer buffers (batch
+    norm's step counts) are the first source's. The sources must be the same network fed the same way
+    (``_SAME_NETWORK``) with the same tensors; the JSON is the first source's, with empty metrics and
+    ``averaged_from`` naming each source, its sha256, share and training config. Returns the new JSON."""
+    from safetensors.torch import load_file
+    from safetensors.torch import save as st_save
+
+    weights_path, json_path = checkpoint_paths(dest)
+    if len(sources) < 2:
+        raise CheckpointError("averaging needs at least two checkpoints", json_path)
+    shares = [1.0] * len(sources) if shares is None else [float(x) for x in shares]
+    if len(shares) != len(sources) or min(shares) < 0 or sum(shares) <= 0:
+        raise CheckpointError(f"shares {shares}: give one non-negative share per checkpoint, not all zero", json_path)
+    total = sum(shares)
+    metas = [read_checkpoint_meta(src) for src in sources]
+    first = metas[0]
+    for meta in metas[1:]:
+        differ = [k for k in _SAME_NETWORK if meta.record.get(k) != first.record.get(k)]
+        if differ:
+            raise CheckpointError(f"cannot average with {first.path}: {', '.join(differ)} differ", meta.path)
+    states = []
+    for meta in metas:
+        if not meta.weights.is_file():
+            raise CheckpointError("checkpoint weights (.safetensors) missing beside its JSON", meta.weights)
+        states.append(load_file(str(meta.weights), device="cpu"))
+    for meta, state in zip(metas[1:], states[1:]):
+        odd = sorted(k for k in state.keys() ^ states[0].keys()) or sorted(
+            k for k in state if state[k].shape != states[0][k].shape)
+        if odd:
+            raise CheckpointError(f"cannot average with {first.weights}: tensors differ ({_names(odd)})", meta.weights)
+    out = {}
+    for key, tensor in states[0].items():
+        if tensor.is_floating_point():
+            acc = sum(st[key].double() * (w / total) for st, w in zip(states, shares))
+            out[key] = acc.to(tensor.dtype).contiguous()
+        else:
+            out[key] = tensor.clone()
+    record = dict(first.record, weights=weights_path.name, metrics={}, averaged_from=[
+        {"checkpoint": str(meta.path), "sha256": sha256_file(meta.weights), "share": w / total,
+         "config": meta.record.get("config", {})} for meta, w in zip(metas, shares)])
+    write_bytes(weights_path, st_save(out, metadata={"format": "pt"}))
+    write_json(json_path, record)
+    read_checkpoint_meta(json_path)
+    return json_path
+
+
 def write_ensemble(path: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
                    weights: Sequence[float] | None = None, *, sha256: bool = False,
                    extra: Mapping[str, Any] | None = None) -> Path:
