@@ -331,3 +331,22 @@ def test_average_checkpoints_is_the_weighted_mean_of_every_tensor(tmp_path):
         average_checkpoints([a], tmp_path / "bad")
     with pytest.raises(CheckpointError, match="one non-negative share"):
         average_checkpoints([a, b], tmp_path / "bad", shares=[1, -1])
+
+
+def test_cli_average_writes_the_mean_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from ichscan.cli import main
+
+    a, wa = saved(tmp_path, "a", seed=1)
+    b, wb = saved(tmp_path, "b", seed=2)
+    manifest = write_ensemble(tmp_path / "pair.json", [b, a])  # a manifest stands for its first member: b
+    assert main(["average", str(a), str(manifest), "--shares", "1,3", "--out", str(tmp_path / "avg")]) == 0
+    out = capsys.readouterr().out
+    assert "avg.json" in out and "(0.25)" in out and "(0.75)" in out
+    got = load_file(str(tmp_path / "avg.safetensors"))
+    key = "backbone.conv1.0.weight"
+    assert torch.allclose(got[key], 0.25 * wa[key] + 0.75 * wb[key], atol=1e-7)
+    assert main(["average", str(a), str(b), "--shares", "1,x", "--out", str(tmp_path / "bad")]) == 1
+    assert main(["average", str(a), str(tmp_path / "missing.json"), "--out", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--shares '1,x'" in err[0] and "missing" in err[1]
+    assert not (tmp_path / "bad.json").exists()
