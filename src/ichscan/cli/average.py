@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             shares = [float(x) for x in args.shares.split(",")]
         except ValueError:
-            raise IchscanError(f"--shares {args.shares!r}: expected numbers separated by commas, e.g. 0.5,0.5") from None
+            raise IchscanError(f"--shares {args.shares!r}: expected numbers separated by commas, "
+                               "e.g. 0.5,0.5") from None
     sources = [resolve_init_checkpoint(c) for c in args.checkpoints]
     path = average_checkpoints(sources, args.out, shares)
     total = sum(shares) if shares else len(sources)
