@@ -378,6 +378,35 @@ def test_lesion_free_twins_differ_only_by_the_bleed():
         assert len(plan_dataset(3, seed, size=32, slices=(4, 4), twins=1.0, prevalence="any=1")) == 3
 
 
+def test_subcalvarial_brightening_is_exponential_inside_the_table_and_widens_towards_the_vertex():
+    """amplitude x exp(-depth / reach) inside the inner table only, with the reach 1.8x as long on the
+    inner table's vertex slice as at and below the head's widest level (the vault cut obliquely)."""
+    from ichscan.phantom import artifacts
+
+    rng = np.random.default_rng(4)
+    head = an.sample_head(rng)
+    fr = an.make_frame(rng, head, 40, 96, 96, 5.0)
+    anat = an.build(head, fr, rng)
+    rise = artifacts.vertex_rise(head, fr)
+    assert rise[fr.z <= head.widest].max() == 0 and rise[fr.z >= head.top].min() == 1
+    assert np.all(np.diff(rise) >= 0)
+    hu0 = anat.hu.copy()
+    artifacts.subcalvarial_brightening(anat.hu, anat, 20.0, 3.0, rise=rise)
+    added = anat.hu - hu0
+    assert (added[anat.depth <= 0] == 0).all()  # nothing outside the cranial cavity
+    for i in (int(np.argmin(np.abs(fr.z - head.widest + 10))), int(np.argmax(np.where(rise < 1, rise, -1)))):
+        reach = 3.0 * (1 + 0.8 * rise[i])
+        near = (anat.depth[i] > 0) & (anat.depth[i] < 4 * reach)
+        assert near.any() and np.allclose(added[i][near], 20.0 * np.exp(-anat.depth[i][near] / reach), atol=1e-3)
+        assert (added[i][anat.depth[i] >= 4 * reach] == 0).all()
+    # Without ``rise`` the band is as wide on every slice.
+    plain = an.build(head, fr, np.random.default_rng(5))
+    h1 = plain.hu.copy()
+    artifacts.subcalvarial_brightening(plain.hu, plain, 20.0, 3.0)
+    d = plain.depth[(plain.depth > 0) & (plain.depth < 12)]
+    assert np.allclose((plain.hu - h1)[(plain.depth > 0) & (plain.depth < 12)], 20.0 * np.exp(-d / 3.0), atol=1e-3)
+
+
 def test_holder_and_scalp_haematoma_stay_outside_the_cranium():
     """The head rest is painted only into air, at its plastic's HU; a scalp haematoma only outside the
     skull, so neither can be mistaken for (or counted as) intracranial blood."""

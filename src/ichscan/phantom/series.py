@@ -123,5 +123,9 @@ def _draw_head(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Genera
     if rng.random() < 0.85:
         drawn["holder"] = artifacts.head_holder(anat.hu, anat.tissue, head, fr, rng)
     artifacts.beam_hardening(anat.hu, head, fr, anat, float(rng.uniform(5, 25)))
-    artifacts.subcalvarial_brightening(anat.hu, anat, float(rng.uniform(0, 12)), float(rng.uniform(1.0, 5.0)))
+    # Amplitude 0-40 HU, mostly low (median 10): real heads range from a few HU (CT-ICH) to 30-40 (a GE head)
+    # at the inner table; the single uniform draw keeps every later draw of the series as it was.
+    amplitude = 40.0 * float(rng.uniform(0, 1)) ** 2
+    artifacts.subcalvarial_brightening(anat.hu, anat, amplitude, float(rng.uniform(1.0, 5.0)),
+                                       rise=artifacts.vertex_rise(head, fr))
     return anat, masks, planned, drawn
