@@ -69,7 +69,7 @@ def register(subparsers) -> None:
                                     "texture, so that a model learns to ignore it (for training)", "none")):
         p.add_argument(flag, type=float, default=0.0, metavar="SHARE",
                        help=f"share of series {what}: default 0, {default}")
-    p.add_argument("--outside-margin", type=_margin, default=(1.5, 4.0), metavar="MM",
+    p.add_argument("--outside-margin", type=_margin, metavar="MM",
                    help="with --randomize-outside: how far outside the inner table the head is kept, N or LOW-HIGH "
                         "mm drawn per series (default 1.5-4; 25-40 keeps the vault's skull and scalp)")
     p.add_argument("--layout", choices=("rsna", "series"), default="rsna",
@@ -106,13 +106,15 @@ def run(args) -> int:
 
     from ichscan.phantom import generate_dataset, parse_prevalence, plan_dataset
     from ichscan.phantom.dataset import SHARE_OPTIONS
+    from ichscan.phantom.outside import DEFAULT_MARGIN
 
     prevalence = parse_prevalence(args.prevalence)  # fail before any work on a bad value
+    margin = DEFAULT_MARGIN if args.outside_margin is None else args.outside_margin
     shares = {name: getattr(args, name) for name in SHARE_OPTIONS}
     total = sum(p.n_slices for p in plan_dataset(args.studies, args.seed, size=args.size, slices=args.slices,
                                                  thickness=args.thickness, prevalence=prevalence,
                                                  twins=args.twins, pitch=args.pitch,
-                                                 outside_margin=args.outside_margin, **shares))
+                                                 outside_margin=margin, **shares))
     bar = None
 
     def progress(n: int) -> None:
@@ -126,7 +128,7 @@ def run(args) -> int:
                                    thickness=args.thickness, prevalence=prevalence, layout=args.layout,
                                    masks=args.masks, workers=args.workers, progress=progress, twins=args.twins,
                                    overwrite=args.overwrite, pitch=args.pitch,
-                                   outside_margin=args.outside_margin, **shares)
+                                   outside_margin=margin, **shares)
     finally:
         if bar is not None:
             bar.close()

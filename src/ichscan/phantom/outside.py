@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from ichscan.errors import IchscanError
+
 
 @dataclass(frozen=True)
 class Outside:
@@ -39,8 +41,6 @@ MAX_MARGIN = 100.0
 
 def parse_margin(value: float | str | tuple[float, float]) -> tuple[float, float]:
     """``--outside-margin``: ``3``, ``"25-40"`` or ``(25, 40)`` as a (low, high) range in mm, 0 to ``MAX_MARGIN``."""
-    from ichscan.errors import IchscanError
-
     text = value if isinstance(value, str) else None
     try:
         if isinstance(value, str):
