@@ -225,7 +225,8 @@ def _parse_outside_margin(value, share: float) -> tuple[float, float]:
     """``--outside-margin`` as a (low, high) range in mm; another than the default needs ``--randomize-outside``."""
     margin = parse_margin(value)
     if margin != DEFAULT_MARGIN and not share:
-        raise IchscanError(f"outside-margin {margin[0]:g}-{margin[1]:g} mm applies only with --randomize-outside")
+        shown = f"{margin[0]:g}" if margin[0] == margin[1] else f"{margin[0]:g}-{margin[1]:g}"
+        raise IchscanError(f"outside-margin {shown} mm applies only with --randomize-outside")
     return margin
 
 
