@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, required=True, help="random seed: same seed, same files")
     p.add_argument("--size", type=int, default=512, help="image matrix in pixels (default 512; a few series differ)")
     p.add_argument("--slices", type=_slices, default=(32, 40), help="slices per series, N or LOW-HIGH (default 32-40)")
-    p.add_argument("--thickness", type=_thickness, default=(5.0, 5.0),
+    p.add_argument("--thickness", type=_parsed("ichscan.phantom.dataset", "parse_thickness"), default=(5.0, 5.0),
                    help="slice thickness and spacing in mm, N or LOW-HIGH drawn per series (default 5)")
     p.add_argument("--prevalence", help="share of series per label, e.g. any=0.5,epidural=0.15")
     p.add_argument("--twins", type=float, default=0.0,
@@ -69,7 +69,7 @@ def register(subparsers) -> None:
                                     "texture, so that a model learns to ignore it (for training)", "none")):
         p.add_argument(flag, type=float, default=0.0, metavar="SHARE",
                        help=f"share of series {what}: default 0, {default}")
-    p.add_argument("--outside-margin", type=_margin, metavar="MM",
+    p.add_argument("--outside-margin", type=_parsed("ichscan.phantom.outside", "parse_margin"), metavar="MM",
                    help="with --randomize-outside: how far outside the inner table the head is kept, N or LOW-HIGH "
                         "mm drawn per series (default 1.5-4; 25-40 keeps the vault's skull and scalp)")
     p.add_argument("--layout", choices=("rsna", "series"), default="rsna",
@@ -81,24 +81,19 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _thickness(text: str) -> tuple[float, float]:
-    from ichscan.errors import IchscanError
-    from ichscan.phantom.dataset import parse_thickness
+def _parsed(module: str, name: str):
+    """An argparse type that calls ichscan's parser ``module.name`` (imported when used, so that the CLI
+    starts quickly) and turns its one-line error into argparse's."""
+    def parse(text: str):
+        import importlib
 
-    try:
-        return parse_thickness(text)
-    except IchscanError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        from ichscan.errors import IchscanError
 
-
-def _margin(text: str) -> tuple[float, float]:
-    from ichscan.errors import IchscanError
-    from ichscan.phantom.outside import parse_margin
-
-    try:
-        return parse_margin(text)
-    except IchscanError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        try:
+            return getattr(importlib.import_module(module), name)(text)
+        except IchscanError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def run(args) -> int:

@@ -131,13 +131,10 @@ def subcalvarial_brightening(hu: np.ndarray, anat: an.Anatomy, amplitude: float,
     where the slice cuts the vault obliquely: reach x (1 + 0.8 rise). Measured on two real sources
     (docs/phantom.md), the band is about twice as wide on the upper slices as on the middle ones."""
     d = anat.depth
-    reach = np.float32(reach_mm)
-    if rise is not None:
-        reach = (reach_mm * (1.0 + 0.8 * np.clip(np.asarray(rise, np.float32), 0, 1)))[:, None, None]
-        reach = np.broadcast_to(reach, d.shape)
+    rise = np.zeros(len(d), np.float32) if rise is None else np.clip(np.asarray(rise, np.float32), 0, 1)
+    reach = np.broadcast_to((reach_mm * (1.0 + 0.8 * rise))[:, None, None], d.shape)
     near = (d > 0) & (d < 4 * reach)
-    r = reach[near] if np.ndim(reach) else reach
-    hu[near] += (amplitude * np.exp(-d[near] / r)).astype(np.float32)
+    hu[near] += (amplitude * np.exp(-d[near] / reach[near])).astype(np.float32)
 
 
 def vertex_rise(head: HeadShape, fr: Frame) -> np.ndarray:

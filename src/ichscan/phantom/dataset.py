@@ -36,6 +36,7 @@ from ichscan.labels import LABELS, RSNA_CSV_ORDER, SUBTYPES
 from ichscan.phantom import anatomy as an
 from ichscan.phantom import writer
 from ichscan.phantom.export import Export, draw_export, export_series
+from ichscan.phantom.geometry import parse_mm_range
 from ichscan.phantom.outside import DEFAULT_MARGIN, Outside, draw_outside, parse_margin, randomize_outside
 from ichscan.phantom.series import PhantomSeries, make_series, sample_confounders
 
@@ -154,16 +155,7 @@ def _subtypes(rng: np.random.Generator, prev: dict[str, float]) -> tuple[str, ..
 
 def parse_thickness(value: float | str | tuple[float, float]) -> tuple[float, float]:
     """``5``, ``"5"``, ``"2.5-8"`` or ``(2.5, 8)`` as a (low, high) range in mm."""
-    if isinstance(value, str):
-        lo, sep, hi = value.partition("-")
-        try:
-            value = (float(lo), float(hi)) if sep else float(lo)
-        except ValueError:
-            raise IchscanError(f"thickness {value!r}: expected mm, e.g. 5 or 2.5-8") from None
-    lo, hi = (float(value[0]), float(value[1])) if isinstance(value, (tuple, list)) else (float(value),) * 2
-    if not 0.1 <= lo <= hi <= 20:
-        raise IchscanError(f"thickness {lo}-{hi} mm: expected 0.1 <= low <= high <= 20")
-    return lo, hi
+    return parse_mm_range(value, "thickness", 0.1, 20.0, "5 or 2.5-8")
 
 
 def _draw_thickness(rng: np.random.Generator, lo: float, hi: float) -> float:

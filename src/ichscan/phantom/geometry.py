@@ -10,6 +10,24 @@ from __future__ import annotations
 
 import numpy as np
 
+from ichscan.errors import IchscanError
+
+
+def parse_mm_range(value, what: str, low: float, high: float, example: str) -> tuple[float, float]:
+    """``5``, ``"5"``, ``"2.5-8"`` or ``(2.5, 8)`` as a (low, high) range in mm within ``low``..``high``;
+    ``what`` and ``example`` name the option in the one-line error."""
+    text = value
+    try:
+        if isinstance(value, str):
+            lo, sep, hi = value.partition("-")
+            value = (float(lo), float(hi)) if sep else float(lo)
+        lo, hi = (float(value[0]), float(value[1])) if isinstance(value, (tuple, list)) else (float(value),) * 2
+    except (TypeError, ValueError, IndexError):
+        raise IchscanError(f"{what} {text!r}: expected mm, e.g. {example}") from None
+    if not low <= lo <= hi <= high:
+        raise IchscanError(f"{what} {lo:g}-{hi:g} mm: expected {low:g} <= low <= high <= {high:g}")
+    return lo, hi
+
 
 def ramp(signed_distance, width):
     """Fraction inside for a signed distance (negative inside), ramped over ``width`` mm."""

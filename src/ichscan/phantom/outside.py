@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from ichscan.errors import IchscanError
+from ichscan.phantom.geometry import parse_mm_range
 
 
 @dataclass(frozen=True)
@@ -41,17 +41,7 @@ MAX_MARGIN = 100.0
 
 def parse_margin(value: float | str | tuple[float, float]) -> tuple[float, float]:
     """``--outside-margin``: ``3``, ``"25-40"`` or ``(25, 40)`` as a (low, high) range in mm, 0 to ``MAX_MARGIN``."""
-    text = value if isinstance(value, str) else None
-    try:
-        if isinstance(value, str):
-            lo, sep, hi = value.partition("-")
-            value = (float(lo), float(hi)) if sep else float(lo)
-        lo, hi = (float(value[0]), float(value[1])) if isinstance(value, (tuple, list)) else (float(value),) * 2
-    except (TypeError, ValueError):
-        raise IchscanError(f"outside-margin {text or value!r}: expected mm, e.g. 3 or 25-40") from None
-    if not 0.0 <= lo <= hi <= MAX_MARGIN:
-        raise IchscanError(f"outside-margin {lo:g}-{hi:g} mm: expected 0 <= low <= high <= {MAX_MARGIN:g}")
-    return lo, hi
+    return parse_mm_range(value, "outside-margin", 0.0, MAX_MARGIN, "3 or 25-40")
 
 
 def draw_outside(rng: np.random.Generator, margin: tuple[float, float] = DEFAULT_MARGIN) -> Outside:
