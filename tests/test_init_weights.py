@@ -350,3 +350,35 @@ def test_cli_average_writes_the_mean_and_refuses_bad_input_in_one_line(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--shares '1,x'" in err[0] and "missing" in err[1]
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_average_ensembles_member_by_member(tmp_path, capsys):
+    """Member k of the result is the weighted mean of every source's member k; the manifest records the
+    members' hashes (checked on read) and the sources; ensembles of different sizes are refused in one line."""
+    from ichscan.cli import main
+    from ichscan.model import average_ensembles, read_manifest
+
+    (a0, wa0), (a1, wa1) = saved(tmp_path, "a0", seed=1), saved(tmp_path, "a1", seed=2)
+    (b0, wb0), (b1, wb1) = saved(tmp_path, "b0", seed=3), saved(tmp_path, "b1", seed=4)
+    pair_a = write_ensemble(tmp_path / "pair_a.json", [a0, a1])
+    pair_b = write_ensemble(tmp_path / "pair_b.json", [b0, b1])
+    out = average_ensembles([pair_a, pair_b], tmp_path / "soup" / "pair", shares=[3, 1])
+    assert out == tmp_path / "soup" / "pair.json"
+    manifest = read_manifest(out)  # every member's sha256 checked
+    assert len(manifest.members) == 2 and all(m.sha256 for m in manifest.members)
+    assert [m.checkpoint.name for m in manifest.members] == ["pair-member0.json", "pair-member1.json"]
+    key = "backbone.conv1.0.weight"
+    for member, wa, wb in zip(manifest.members, (wa0, wa1), (wb0, wb1)):
+        got = load_file(str(member.checkpoint.with_suffix(".safetensors")))
+        assert torch.allclose(got[key], 0.75 * wa[key] + 0.25 * wb[key], atol=1e-7)
+    assert [s["share"] for s in manifest.info["averaged_from"]] == [0.75, 0.25]
+    assert manifest.thresholds is None  # operating points are chosen anew for a new model
+    # The CLI: --members averages every member; a checkpoint is an ensemble of one, so it cannot pair with two.
+    assert main(["average", "--members", str(pair_a), str(pair_b), "--out", str(tmp_path / "cli")]) == 0
+    assert "an ensemble of 2" in capsys.readouterr().out
+    cli0 = load_file(str(tmp_path / "cli-member0.safetensors"))
+    assert torch.allclose(cli0[key], 0.5 * wa0[key] + 0.5 * wb0[key], atol=1e-7)
+    assert main(["average", "--members", str(pair_a), str(b0), "--out", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "b0.json" in err[0] and "1 member(s) where" in err[0]
+    assert not list(tmp_path.glob("bad*"))

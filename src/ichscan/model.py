@@ -869,6 +869,28 @@ def average_checkpoints(sources: Sequence[str | os.PathLike], dest: str | os.Pat
     return json_path
 
 
+def average_ensembles(sources: Sequence[str | os.PathLike], dest: str | os.PathLike,
+                      shares: Sequence[float] | None = None) -> Path:
+    """Member by member: member k of the result is ``average_checkpoints`` of every source's member k, written
+    as ``DEST-member{k}``, and ``DEST.json`` is the ensemble manifest naming them (equal weights, hashes
+    recorded, no operating points: choose them anew). Each source is a manifest, ``"bundled"`` or a single
+    checkpoint (an ensemble of one); all must hold the same number of members. Returns the manifest."""
+    _, manifest_path = checkpoint_paths(dest)
+    stem = manifest_path.with_name(manifest_path.name[:-len(".json")])
+    if len(sources) < 2:
+        raise CheckpointError("averaging needs at least two ensembles", manifest_path)
+    members = [init_member_checkpoints(src) for src in sources]
+    n = len(members[0])
+    for src, ms in zip(sources[1:], members[1:]):
+        if len(ms) != n:
+            raise CheckpointError(f"{len(ms)} member(s) where {sources[0]} has {n}: averaging member by member "
+                                  "needs ensembles of the same size", src)
+    averaged = [average_checkpoints([ms[k] for ms in members], f"{stem}-member{k}", shares) for k in range(n)]
+    total = sum(shares) if shares else float(len(sources))
+    return write_ensemble(manifest_path, averaged, sha256=True, extra={"averaged_from": [
+        {"source": str(src), "share": (float(shares[i]) if shares else 1.0) / total} for i, src in enumerate(sources)]})
+
+
 def write_ensemble(path: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
                    weights: Sequence[float] | None = None, *, sha256: bool = False,
                    extra: Mapping[str, Any] | None = None) -> Path:
