@@ -363,6 +363,15 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
     for row in comparison[comparison["aggregation"] != "slices"].itertuples():
         recomputed = roc_auc_score(series["true_any"], series[f"{row.model}_{row.aggregation}_any"])
         assert recomputed == pytest.approx(row.auc_any, abs=1e-4), (row.model, row.aggregation)
+    # the gain over the starting model, paired on the same series: the adapted model's head against the
+    # starting model's top-3 (it has no head), as ichscan compare computes it
+    gain = json.loads((out / "gain.json").read_text())
+    assert gain["names"] == ["baseline topk", "adapted context"] and gain["n"] == 40
+    any_row = gain["per_label"][0]
+    assert any_row["diff"] == pytest.approx(roc_auc_score(series["true_any"], series["adapted_context_any"])
+                                            - roc_auc_score(series["true_any"], series["baseline_topk_any"]))
+    assert any_row["boot_low"] <= any_row["diff"] <= any_row["boot_high"]
+    assert "The gain over the starting model" in (out / "crossval.md").read_text()
     final = read_checkpoint_meta(result.final)
     assert final.operating_points["thresholds"] == pytest.approx(result.thresholds)
     assert final.record["aggregation"]["method"] == "context" and final.record["series_head"]["kind"] == "gru"

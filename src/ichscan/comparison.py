@@ -262,13 +262,13 @@ def comparison_markdown(c: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(c: Comparison, out: str | os.PathLike) -> dict[str, Path]:
-    """comparison.md, comparison.csv and comparison.json in ``out`` (each written atomically)."""
+def write_comparison(c: Comparison, out: str | os.PathLike, stem: str = "comparison") -> dict[str, Path]:
+    """STEM.md, STEM.csv and STEM.json in ``out`` (each written atomically)."""
     import pandas as pd
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame([r.to_dict() for r in c.per_label])
-    return {"md": write_text(out / "comparison.md", comparison_markdown(c)),
-            "csv": write_csv(out / "comparison.csv", table),
-            "json": write_json(out / "comparison.json", c.to_dict())}
+    return {"md": write_text(out / f"{stem}.md", comparison_markdown(c)),
+            "csv": write_csv(out / f"{stem}.csv", table),
+            "json": write_json(out / f"{stem}.json", c.to_dict())}

@@ -506,7 +506,20 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
                             source={"crossval": os.fspath(out), "predictions": "out-of-fold"})
         write_table1(slice_ev, out, stem="table1_slices")
         write_roc(slice_ev, out, stem="roc_slices")
-    write_text(out / "crossval.md", _markdown(record, comparison, ev, slice_ev, points, options, table1_markdown))
+    gain = None
+    if baseline is not None:
+        # The gain over the starting model as a paired difference on the same series (ichscan compare):
+        # the adapted model's primary aggregation against the starting model's, or its top-3 mean.
+        from ichscan.comparison import compare, write_comparison
+
+        base_key = f"baseline_{options.primary}" if f"baseline_{options.primary}" in columns else "baseline_topk"
+        gain = compare(truth, np.clip(columns[base_key], 0, 1), np.clip(primary, 0, 1), groups=patients,
+                       labels=labels, n_bootstrap=options.n_bootstrap, level="series",
+                       names=(base_key.replace("_", " "), f"adapted {options.primary}"),
+                       source={"crossval": os.fspath(out), "predictions": "out-of-fold series"})
+        write_comparison(gain, out, stem="gain")
+    write_text(out / "crossval.md", _markdown(record, comparison, ev, slice_ev, points, options, table1_markdown,
+                                              gain))
 
     # ---- the final model, on everything, with the OOF operating points
     final_path = None
@@ -569,7 +582,7 @@ def model_windows(config: TrainConfig) -> list[dict[str, Any]]:
 
 
 def _markdown(record: dict[str, Any], comparison: pd.DataFrame, ev: Any, slice_ev: Any, points: Any,
-              options: CrossvalOptions, table1_markdown: Callable[[Any], str]) -> str:
+              options: CrossvalOptions, table1_markdown: Callable[[Any], str], gain: Any = None) -> str:
     data = record["data"]
     lines = [
         f"# Cross-validation: {data['source']}",
@@ -591,8 +604,13 @@ def _markdown(record: dict[str, Any], comparison: pd.DataFrame, ev: Any, slice_e
     adapted = ("fine-tuned per fold" if not options.keep_start else
                f"fine-tuned per fold and averaged with the starting model as it is (its share {options.keep_start:g})")
     lines += ["", f"`baseline`: the starting model without adaptation; `adapted`: {adapted}. `slices`: "
-              "slice-level AUC over labelled slices.", "",
-              f"## Table 1: out-of-fold series, aggregation `{options.primary}`", "",
+              "slice-level AUC over labelled slices.", ""]
+    if gain is not None:
+        from ichscan.comparison import comparison_markdown
+
+        lines += ["## The gain over the starting model, paired on the same series (`gain.md`)", "",
+                  comparison_markdown(gain)]
+    lines += [f"## Table 1: out-of-fold series, aggregation `{options.primary}`", "",
               f"Thresholds ({points.method}) chosen on these same out-of-fold predictions: ACC, PREC and REC at "
               "them are optimistic; AUC and log loss do not depend on them.", "", table1_markdown(ev)]
     if slice_ev is not None:
