@@ -34,7 +34,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                   help="checkpoints (.json, .safetensors or stem), manifests or 'bundled' (their first member)")
+                   help="checkpoints (.json, .safetensors or stem), manifests or 'bundled' (their first member; "
+                        "every member with --members)")
     p.add_argument("--shares", help="comma-separated share per checkpoint (default equal), e.g. 0.7,0.3")
     p.add_argument("--members", action="store_true",
                    help="average ensembles member by member: writes STEM-member0, STEM-member1, ... and the "
