@@ -83,6 +83,9 @@ def test_delong_is_withheld_when_patients_have_several_rows():
     row = c["any"]
     assert row.p_value is None and row.delong_low is None and "not independent" in row.reason
     assert row.boot_low is not None and c.n_units == 20
+    # Slices without patient IDs: no DeLong, and the note says the bootstrap's interval is too narrow.
+    c = compare(y, a, np.clip(a + 0.1 * rng.random(a.shape), 0, 1), level="slice", n_bootstrap=50)
+    assert c["any"].p_value is None and "give the patients" in c["any"].reason
 
 
 def _write(tmp_path, name, uids, probs):

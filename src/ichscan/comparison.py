@@ -164,8 +164,14 @@ def compare(y_true, prob_a, prob_b, *, groups=None, labels: Sequence[str] = LABE
     groups_arr = np.arange(n).astype(str) if groups is None else np.asarray(groups).astype(str)
     codes, uniques = _factorize(groups_arr)
     n_units = len(uniques)
-    delong_reason = None if n_units == n else (
-        f"DeLong not given: {n} rows from {n_units} patients are not independent; read the paired bootstrap")
+    if groups is None and level == "slice":
+        delong_reason = ("DeLong not given: slices without patient IDs are not independent rows, and the bootstrap "
+                         "resamples slices, so its interval is too narrow; give the patients (--groups)")
+    elif n_units < n:
+        delong_reason = (f"DeLong not given: {n} rows from {n_units} patients are not independent; "
+                         "read the paired bootstrap")
+    else:
+        delong_reason = None
     wl = np.asarray(loss_weights(labels), dtype=np.float64)
     wll_rows = [_row_log_loss(y, p) @ wl / wl.sum() for p in (pa, pb)]
     ranked = [[np.unique(p[:, j], return_inverse=True) for j in range(len(labels))] for p in (pa, pb)]
