@@ -15,11 +15,15 @@ predicted under ``SelectionRules.permissive()`` and ``selection`` in the JSON sa
   every series' probabilities (``series``), so each number can be recomputed from the JSON.
 * ``ge_normal``: the six probabilities, the slice that drove each one (index, z, InstanceNumber), and whether
   ``any`` stays below the ``any`` threshold the model carries (or ``--thresholds`` gives; null without).
+* ``against`` (with ``--against CKPT``, e.g. ``bundled``): the same for a second model on the same series,
+  and ``paired``: the checkpoint against it as ``ichscan compare`` computes it (``ichscan.comparison``),
+  per aggregation on the series (DeLong and a paired patient bootstrap) and on the slices (the bootstrap).
 
     .venv/bin/python bench/realct.py --checkpoint bundled          # the model shipped with ichscan
     .venv/bin/python bench/realct.py --checkpoint runs/demo/models/model_a.json
     .venv/bin/python bench/realct.py --checkpoint runs/demo/ensemble.json --aggregation all --out realct.json
     .venv/bin/python bench/realct.py --checkpoint model.json --limit 4 --dump-dir /tmp/realct-preds
+    .venv/bin/python bench/realct.py --checkpoint candidate/bundled.json --against bundled --out cmp.json
 """
 
 from __future__ import annotations
@@ -258,6 +262,19 @@ def measure(args: argparse.Namespace) -> dict:
     ge_s = time.perf_counter() - t0
     if ge_failed:
         raise IchscanError(f"the GE series failed: {ge_failed[0]['reason']}", realct / "ge-normal")
+    base = None
+    if args.against:  # a second model, predicted the same way, for a paired comparison
+        base_ckpt = resolve_checkpoint(args.against)
+        base_predictor = Predictor.from_checkpoint(base_ckpt, device=args.device, tta=args.tta,
+                                                   precision=args.precision, batch_size=args.batch_size,
+                                                   aggregation=first, top_k=args.top_k)
+        base_preds, base_failed = predict_all(base_predictor, ctich)
+        base_ge, _ = predict_all(base_predictor, [ge])
+        if base_failed or not base_ge:
+            raise IchscanError("the --against model failed on series the checkpoint predicted", base_ckpt)
+        base_thresholds = (run_thresholds(args.thresholds, base_predictor.operating_points)[0]
+                           if args.thresholds or base_predictor.operating_points else None)
+        base = (base_ckpt, base_predictor, base_preds, base_ge[0], base_thresholds)
 
     config = dict(predictor.describe(), rules=dataclasses.asdict(rules))
     with tempfile.TemporaryDirectory(prefix="ichscan-realct-") as tmp:
@@ -265,6 +282,7 @@ def measure(args: argparse.Namespace) -> dict:
         ctich_result = ctich_report(ctich_preds, data, dump / "ctich-dev", methods, predictor.top_k, thresholds, config)
         if args.dump_dir:  # the GE series' files too, for a look at its slices
             write_outputs(dump / "ge-normal", ge_preds, thresholds=thresholds, config=config)
+        against = None if base is None else against_report(base, data, dump, methods, predictor.top_k, ge)
     with open(data / "series_labels.csv") as f:
         n_labelled = sum(1 for _ in f) - 1
     return {
@@ -297,7 +315,27 @@ def measure(args: argparse.Namespace) -> dict:
             **ctich_result,
         },
         "ge_normal": ge_report(ge_preds[0], ge, methods, predictor.top_k, thresholds),
+        **({} if against is None else {"against": against}),
     }
+
+
+def against_report(base, data: Path, dump: Path, methods: Sequence[str], top_k: int, ge: CTSeries) -> dict:
+    """The --against model's metrics on the same series (aggregated as the checkpoint's are), and the
+    checkpoint against it, paired, from both models' files in ``dump``."""
+    from ichscan.comparison import compare_files
+
+    ckpt, predictor, preds, ge_pred, thresholds = base
+    config = dict(predictor.describe())
+    result = ctich_report(preds, data, dump / "against-ctich-dev", methods, top_k, thresholds, config)
+    names = ("against", "checkpoint")
+    paired = {"series": {m: compare_files(dump / "against-ctich-dev" / f"series_{m}.csv",
+                                          dump / "ctich-dev" / f"series_{m}.csv", data / "series_labels.csv",
+                                          level="series", names=names).to_dict() for m in methods},
+              "slices": compare_files(dump / "against-ctich-dev" / "slices.csv", dump / "ctich-dev" / "slices.csv",
+                                      data / "labels.csv", level="slice", names=names).to_dict()}
+    return {"checkpoint": describe_checkpoint(ckpt, predictor), "thresholds": thresholds,
+            "ctich_dev": {k: v for k, v in result.items() if k != "series"},
+            "ge_normal": ge_report(ge_pred, ge, methods, top_k, thresholds), "paired": paired}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -322,6 +360,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, help="only the first N CT-ICH series (by patient), for quick checks")
     ap.add_argument("--dump-dir", help="keep slices.csv, series_<aggregation>.csv, predictions.json here")
     ap.add_argument("--out", help="also write the JSON to this file")
+    ap.add_argument("--against", metavar="CKPT",
+                    help="a second model ('bundled', a checkpoint or manifest) on the same series: its numbers "
+                         "and the checkpoint against it, paired (DeLong, patient bootstrap)")
     args = ap.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         ap.error("--limit must be at least 1")

@@ -186,6 +186,26 @@ def test_operating_points_carried_by_the_checkpoint(bench, ckpt, work, tmp_path,
     assert ge["probs"]["max"] == pytest.approx(first["ge_normal"]["probs"]["max"], abs=1e-9)
 
 
+def test_against_itself_every_paired_difference_is_zero(bench, ckpt, work, capsys):
+    """--against: the second model's numbers on the same series and the paired comparison; a model against
+    itself has the same AUCs, a difference of exactly 0 with a p of 1 (DeLong, one series per patient) and
+    a bootstrap interval [0, 0]; the slices get no DeLong (several per patient)."""
+    rc, report = _run(bench, capsys, "--checkpoint", ckpt, "--work", work, "--limit", LIMIT, "--against", ckpt,
+                      "--batch-size", 32)
+    assert rc == 0
+    against = report["against"]
+    assert against["ctich_dev"]["series_auc"] == report["ctich_dev"]["series_auc"]
+    assert against["ctich_dev"]["slice_auc"] == report["ctich_dev"]["slice_auc"]
+    assert against["ge_normal"]["probs"] == report["ge_normal"]["probs"]
+    series = against["paired"]["series"]["max"]
+    assert series["names"] == ["against", "checkpoint"] and series["n"] == LIMIT
+    row = series["per_label"][0]
+    assert row["label"] == "any" and (row["pos"], row["neg"]) == (2, 2)
+    assert row["diff"] == 0.0 and row["p_value"] == 1.0 and row["boot_low"] == row["boot_high"] == 0.0
+    slices = against["paired"]["slices"]["per_label"][0]
+    assert slices["diff"] == 0.0 and slices["p_value"] is None and "not independent" in slices["reason"]
+
+
 def test_bundled_without_a_bundled_model_is_one_clear_error(bench, work, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ICHSCAN_BUNDLED_DIR", str(tmp_path))  # a folder without bundled.json
     assert bench.main(["--checkpoint", "bundled", "--work", str(work), "--limit", "1"]) == 1
