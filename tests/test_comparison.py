@@ -86,6 +86,7 @@ def test_delong_is_withheld_when_patients_have_several_rows():
     # Slices without patient IDs: no DeLong, and the note says the bootstrap's interval is too narrow.
     c = compare(y, a, np.clip(a + 0.1 * rng.random(a.shape), 0, 1), level="slice", n_bootstrap=50)
     assert c["any"].p_value is None and "give the patients" in c["any"].reason
+    assert c.unit == "row" and c.to_dict()["bootstrap"]["unit"] == "row"
 
 
 def _write(tmp_path, name, uids, probs):

@@ -133,6 +133,7 @@ class Comparison:
     seed: int = 0
     delong_reason: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    unit: str = "patient"  # what the bootstrap resamples: "patient", or "row" without patient IDs
 
     def __getitem__(self, label: str) -> LabelComparison:
         for row in self.per_label:
@@ -142,7 +143,7 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         return {"names": list(self.names), "level": self.level, "n": self.n, "n_patients": self.n_units,
-                "bootstrap": {"n": self.n_bootstrap, "ci": self.ci, "seed": self.seed, "unit": "patient",
+                "bootstrap": {"n": self.n_bootstrap, "ci": self.ci, "seed": self.seed, "unit": self.unit,
                               "paired": True, "method": "percentile"},
                 "delong": self.delong_reason or "given: one row per patient",
                 "difference": "B - A", "per_label": [r.to_dict() for r in self.per_label],
@@ -211,7 +212,8 @@ def compare(y_true, prob_a, prob_b, *, groups=None, labels: Sequence[str] = LABE
                                     float(point[1, j] - point[0, j]), reason="; ".join(reasons) or None, **fields))
     wll_low, wll_high, _, _ = _percentile_ci(boot_wll, ci, n_bootstrap)
     return Comparison(tuple(names), labels, tuple(rows), float(wll_rows[0].mean()), float(wll_rows[1].mean()),
-                      wll_low, wll_high, n, n_units, level, n_bootstrap, ci, seed, delong_reason, dict(source or {}))
+                      wll_low, wll_high, n, n_units, level, n_bootstrap, ci, seed, delong_reason, dict(source or {}),
+                      "row" if groups is None else "patient")
 
 
 def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -247,8 +249,9 @@ def comparison_markdown(c: Comparison) -> str:
     a, b = c.names
     pct = f"{100 * c.ci:g}%"
     unit = {"series": "series", "slice": "slices"}.get(c.level, "rows")
-    lines = [f"Model B ({b}) against model A ({a}) on the same {c.n} {unit} from {c.n_units} patients. "
-             f"Difference B - A; {pct} CIs by DeLong's test and by a paired bootstrap of patients "
+    whose = f"from {c.n_units} patients" if c.unit == "patient" else "(no patient IDs: each row its own unit)"
+    lines = [f"Model B ({b}) against model A ({a}) on the same {c.n} {unit} {whose}. "
+             f"Difference B - A; {pct} CIs by DeLong's test and by a paired bootstrap of {c.unit}s "
              f"({c.n_bootstrap} resamples, seed {c.seed}).", "",
              f"| Label | POS | NEG | AUC A | AUC B | B - A | {pct} CI (DeLong) | p (DeLong) "
              f"| {pct} CI (paired bootstrap) |",
