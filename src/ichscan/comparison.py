@@ -29,8 +29,8 @@ import numpy as np
 
 from ichscan.errors import DataError
 from ichscan.fileio import write_csv, write_json, write_text
-from ichscan.labels import LABELS, loss_weights
-from ichscan.metrics import _auc_ranked, _percentile_ci, _row_log_loss, load_eval_data
+from ichscan.labels import LABELS
+from ichscan.metrics import _auc_ranked, _percentile_ci, load_eval_data, patient_resamples, weighted_log_loss_rows
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,7 @@ def compare(y_true, prob_a, prob_b, *, groups=None, labels: Sequence[str] = LABE
         raise ValueError(f"truth {y.shape}, A {pa.shape} and B {pb.shape} must all be (n, {len(labels)})")
     n = y.shape[0]
     groups_arr = np.arange(n).astype(str) if groups is None else np.asarray(groups).astype(str)
-    codes, uniques = _factorize(groups_arr)
-    n_units = len(uniques)
+    n_units = len(np.unique(groups_arr))
     if groups is None and level == "slice":
         delong_reason = ("DeLong not given: slices without patient IDs are not independent rows, and the bootstrap "
                          "resamples slices, so its interval is too narrow; give the patients (--groups)")
@@ -173,8 +172,7 @@ def compare(y_true, prob_a, prob_b, *, groups=None, labels: Sequence[str] = LABE
                          "read the paired bootstrap")
     else:
         delong_reason = None
-    wl = np.asarray(loss_weights(labels), dtype=np.float64)
-    wll_rows = [_row_log_loss(y, p) @ wl / wl.sum() for p in (pa, pb)]
+    wll_rows = [weighted_log_loss_rows(y, p, labels=labels) for p in (pa, pb)]
     ranked = [[np.unique(p[:, j], return_inverse=True) for j in range(len(labels))] for p in (pa, pb)]
 
     def aucs(w: np.ndarray) -> np.ndarray:
@@ -184,9 +182,7 @@ def compare(y_true, prob_a, prob_b, *, groups=None, labels: Sequence[str] = LABE
 
     boot = np.full((n_bootstrap, len(labels)), np.nan)
     boot_wll = np.full(n_bootstrap, np.nan)
-    rng = np.random.default_rng(seed)
-    for b in range(n_bootstrap):
-        w = np.bincount(rng.integers(0, n_units, n_units), minlength=n_units)[codes].astype(np.float64)
+    for b, w in enumerate(patient_resamples(groups_arr, n_bootstrap, seed)):  # both models on each draw
         a = aucs(w)
         boot[b] = a[1] - a[0]
         boot_wll[b] = (w @ wll_rows[1] - w @ wll_rows[0]) / w.sum()
@@ -214,11 +210,6 @@ def compare(y_true, prob_a, prob_b, *, groups=None, labels: Sequence[str] = LABE
     return Comparison(tuple(names), labels, tuple(rows), float(wll_rows[0].mean()), float(wll_rows[1].mean()),
                       wll_low, wll_high, n, n_units, level, n_bootstrap, ci, seed, delong_reason, dict(source or {}),
                       "row" if groups is None else "patient")
-
-
-def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    uniques, codes = np.unique(values, return_inverse=True)
-    return codes.ravel(), uniques
 
 
 def compare_files(pred_a: str | os.PathLike, pred_b: str | os.PathLike, labels_path: str | os.PathLike, *,

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -162,10 +162,28 @@ def weighted_log_loss(
     p = np.asarray(y_prob, dtype=np.float64)
     if y.ndim != 2 or y.shape != p.shape or y.shape[1] != len(labels):
         raise ValueError(f"expected two (n, {len(labels)}) arrays, got {y.shape} and {p.shape}")
-    wl = np.asarray(loss_weights(tuple(labels)) if weights is None else weights, dtype=np.float64)
-    per_row = _row_log_loss(y, p, eps) @ wl / wl.sum()
+    per_row = weighted_log_loss_rows(y, p, labels=labels, weights=weights, eps=eps)
     w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     return _ratio(float(np.sum(w * per_row)), float(np.sum(w)))
+
+
+def weighted_log_loss_rows(y: np.ndarray, p: np.ndarray, *, labels: Sequence[str] = LABELS,
+                           weights: Sequence[float] | None = None, eps: float = EPS) -> np.ndarray:
+    """Each row's term of the weighted log loss (its ``weights``-weighted mean cross-entropy over labels), so
+    that a bootstrap re-weights rows without recomputing logarithms."""
+    wl = np.asarray(loss_weights(tuple(labels)) if weights is None else weights, dtype=np.float64)
+    return _row_log_loss(y, p, eps) @ wl / wl.sum()
+
+
+def patient_resamples(groups, n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
+    """Row weights of ``n_bootstrap`` resamples of patients (``np.random.default_rng(seed)``): each draws as
+    many patients as there are, with replacement, and a patient drawn k times weighs all of its rows k.
+    ``groups`` gives each row's patient. The one resampling scheme of Table 1 and of paired comparisons."""
+    codes, uniques = pd.factorize(np.asarray(groups))
+    n_units = len(uniques)
+    rng = np.random.default_rng(seed)
+    for _ in range(n_bootstrap):
+        yield np.bincount(rng.integers(0, n_units, n_units), minlength=n_units)[codes].astype(np.float64)
 
 
 def confusion_from_summary(
@@ -428,8 +446,7 @@ def evaluate(
 
     # Per-row quantities that every resample re-weights.
     ll = _row_log_loss(y, p)
-    wl = np.asarray(loss_weights(labels), dtype=np.float64)
-    wll_row = ll @ wl / wl.sum()
+    wll_row = weighted_log_loss_rows(y, p, labels=labels)
     tp_row, fp_row = y * calls, (1 - y) * calls
     fn_row = y * (1 - calls)
     ranked = []
@@ -453,15 +470,11 @@ def evaluate(
         return out, float(w @ wll_row / total)
 
     point, point_wll = stats(np.ones(n))
-    codes, uniques = pd.factorize(groups_arr)
-    n_units = len(uniques)
+    n_units = len(pd.unique(groups_arr))
     boot = np.full((n_bootstrap, len(labels), len(METRICS)), np.nan)
     boot_wll = np.full(n_bootstrap, np.nan)
-    rng = np.random.default_rng(seed)
-    for b in range(n_bootstrap):
-        # Draw patients, not rows: a patient drawn k times contributes all of its rows k times.
-        counts = np.bincount(rng.integers(0, n_units, n_units), minlength=n_units)
-        boot[b], boot_wll[b] = stats(counts[codes].astype(np.float64))
+    for b, w in enumerate(patient_resamples(groups_arr, n_bootstrap, seed)):
+        boot[b], boot_wll[b] = stats(w)
 
     rows = []
     for j, name in enumerate(labels):

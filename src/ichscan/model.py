@@ -886,9 +886,9 @@ def average_ensembles(sources: Sequence[str | os.PathLike], dest: str | os.PathL
             raise CheckpointError(f"{len(ms)} member(s) where {sources[0]} has {n}: averaging member by member "
                                   "needs ensembles of the same size", src)
     averaged = [average_checkpoints([ms[k] for ms in members], f"{stem}-member{k}", shares) for k in range(n)]
-    total = sum(shares) if shares else float(len(sources))
+    normalised = [a["share"] for a in read_checkpoint_meta(averaged[0]).record["averaged_from"]]
     return write_ensemble(manifest_path, averaged, sha256=True, extra={"averaged_from": [
-        {"source": str(src), "share": (float(shares[i]) if shares else 1.0) / total} for i, src in enumerate(sources)]})
+        {"source": str(src), "share": share} for src, share in zip(sources, normalised)]})
 
 
 def write_ensemble(path: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],

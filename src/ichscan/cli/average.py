@@ -46,7 +46,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ichscan.errors import IchscanError
-    from ichscan.model import average_checkpoints, average_ensembles, read_manifest, resolve_init_checkpoint
+    from ichscan.model import (average_checkpoints, average_ensembles, read_checkpoint_meta, read_manifest,
+                               resolve_init_checkpoint)
 
     shares = None
     if args.shares:
@@ -57,9 +58,11 @@ def run(args: argparse.Namespace) -> int:
                                "e.g. 0.5,0.5") from None
     sources = args.checkpoints if args.members else [resolve_init_checkpoint(c) for c in args.checkpoints]
     path = (average_ensembles if args.members else average_checkpoints)(sources, args.out, shares)
-    total = sum(shares) if shares else len(sources)
-    parts = ", ".join(f"{s} ({(shares[i] if shares else 1.0) / total:.3g})" for i, s in enumerate(sources))
-    what = (f"an ensemble of {len(read_manifest(path).members)}, member by member the weight average"
-            if args.members else "the weight average")
+    written = read_manifest(path)  # hashes checked; the shares as normalised and recorded
+    recorded = written.info["averaged_from"] if args.members else read_checkpoint_meta(path).record["averaged_from"]
+    parts = ", ".join(f"{s} ({a['share']:.3g})" for s, a in zip(sources, recorded))
+    what = "the weight average"
+    if args.members:
+        what = f"an ensemble of {len(written.members)}, member by member {what}"
     print(f"wrote {path}: {what} of {parts}")
     return 0
