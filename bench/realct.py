@@ -230,7 +230,8 @@ def measure(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     first = None if args.aggregation in (None, "all") else args.aggregation
     predictor = Predictor.from_checkpoint(checkpoint, device=args.device, tta=args.tta, precision=args.precision,
-                                          batch_size=args.batch_size, aggregation=first, top_k=args.top_k)
+                                          batch_size=args.batch_size, aggregation=first, top_k=args.top_k,
+                                          adapt_bn=args.adapt_bn)
     # without --aggregation, what `ichscan predict` would do: the model's choice, else max
     methods = [predictor.aggregation]
     if args.aggregation == "all":
@@ -360,6 +361,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, help="only the first N CT-ICH series (by patient), for quick checks")
     ap.add_argument("--dump-dir", help="keep slices.csv, series_<aggregation>.csv, predictions.json here")
     ap.add_argument("--out", help="also write the JSON to this file")
+    ap.add_argument("--adapt-bn", type=float, metavar="N",
+                    help="the checkpoint's batch norms adapted to each series, as ichscan predict --adapt-bn N "
+                         "(not the --against model's)")
     ap.add_argument("--against", metavar="CKPT",
                     help="a second model ('bundled', a checkpoint or manifest) on the same series: its numbers "
                          "and the checkpoint against it, paired (DeLong, patient bootstrap)")

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from ichscan.cli._args import positive_int
+from ichscan.cli._args import non_negative_float, positive_int
 
 EPILOG = """\
 examples:
@@ -60,6 +60,11 @@ def register(subparsers) -> None:
     m.add_argument("--compile", action="store_true",
                    help="torch.compile the model(s): 20-25%% faster per image after a compile of 5-15 s per "
                         "checkpoint (cached by torch); for batch runs over many series")
+    m.add_argument("--adapt-bn", type=non_negative_float, metavar="N",
+                   help="adapt each series' batch-norm statistics to the series itself: mean and variance "
+                        "N/(N+n) x the model's + n/(N+n) x the series' (n its slices; no labels, no other series "
+                        "used); costs one more forward pass; operating points chosen without it may not fit "
+                        "(docs/predict.md)")
     s = p.add_argument_group("series selection (what a triage product reads)")
     s.add_argument("--min-slices", type=int, default=10, help="fewer slices: rejected (default 10)")
     s.add_argument("--max-obliquity", type=float, default=30.0,
@@ -155,7 +160,8 @@ def run(args) -> int:
     try:
         predictor = Predictor.from_checkpoint(
             checkpoint, device=args.device, tta=args.tta, precision=args.precision,
-            batch_size=args.batch_size, aggregation=args.aggregation, top_k=args.top_k, compile=args.compile)
+            batch_size=args.batch_size, aggregation=args.aggregation, top_k=args.top_k, compile=args.compile,
+            adapt_bn=args.adapt_bn)
     except ValueError as err:
         print(f"ichscan predict: error: {err}", file=sys.stderr)
         return 2
@@ -170,7 +176,9 @@ def run(args) -> int:
         aggregation += " (the model's choice)"
     print(f"model: {len(predictor.describe()['members'])} checkpoint(s), {predictor.image_size} px, "
           f"TTA {'+'.join(predictor.tta)}, {predictor.precision}{', compiled' if predictor.compile else ''}, "
-          f"aggregation {aggregation}", file=sys.stderr)
+          f"aggregation {aggregation}"
+          + (f", batch norms adapted to each series (N = {predictor.adapt_bn:g})" if predictor.adapt_bn is not None
+             else ""), file=sys.stderr)
     print(f"thresholds: {thresholds_from}: " + ", ".join(f"{n} {t:.4g}" for n, t in thresholds.items()),
           file=sys.stderr)
     bar = None

@@ -228,6 +228,7 @@ class Predictor:
         trained_on: str | None = None,
         sources: Sequence[str] | None = None,
         folded: Sequence[bool] | None = None,
+        adapt_bn: float | None = None,
     ):
         import torch
 
@@ -243,6 +244,20 @@ class Predictor:
                 raise CheckpointError(f"aggregation 'context' needs a series head in every model; member "
                                       f"{lacking[0] + 1} has none (train one with ichscan series-head, or choose "
                                       f"max, topk or noisy_or)")
+        if adapt_bn is not None:
+            adapt_bn = float(adapt_bn)
+            if not adapt_bn >= 0:
+                raise ValueError(f"adapt_bn {adapt_bn}: expected a number of pseudo-slices >= 0")
+            if compile:
+                raise ValueError("adapt_bn changes batch-norm statistics per series, which torch.compile "
+                                 "freezes into the compiled model; use one or the other")
+            from ichscan.predict.adaptation import batchnorm_layers
+
+            lacking = [i for i, m in enumerate(ensemble.members) if not batchnorm_layers(m.model)]
+            if lacking:
+                raise CheckpointError(f"adapt_bn needs batch norms with running statistics; member {lacking[0] + 1} "
+                                      f"has none (folded into its convolutions, or another normalisation)")
+        self.adapt_bn = adapt_bn
         self.labels = LABELS
         self.device = _usable_device(device)
         self.tta = resolve_tta(tta)
@@ -283,7 +298,8 @@ class Predictor:
 
         ensemble = load_ensemble(path, labels=LABELS)
         manifest = ensemble.manifest
-        # our own copies, loaded just now: safe to change in place
+        # our own copies, loaded just now: safe to change in place; adapting batch norms needs them unfolded
+        fold_batchnorm = fold_batchnorm and kwargs.get("adapt_bn") is None
         folded = [fold_batchnorm and _fold_batchnorm(m.model.eval()) for m in ensemble.members]
         kwargs.setdefault("operating_points", manifest.operating_points)
         kwargs.setdefault("trained_on", manifest.trained_on)
@@ -340,6 +356,8 @@ class Predictor:
             "device": str(self.device),
             "compile": self.compile,
         }
+        if self.adapt_bn is not None:  # only when asked (keeps earlier runs' configs, and their resume, as they were)
+            described["adapt_bn"] = self.adapt_bn
         if self.trained_on:  # only when the model says (keeps earlier runs' configs, and their resume, as they were)
             described["trained_on"] = self.trained_on
         return described
@@ -373,6 +391,26 @@ class Predictor:
             self._runners[i] = torch.compile(member.model, dynamic=True, options=options)
         return self._runners[i]
 
+    def _adapted(self, member: EnsembleMember, x_all: np.ndarray, views: Sequence[str]):
+        """A context in which ``member`` normalises with statistics mixed from its own and this series'
+        (``adapt_bn``; ``ichscan.predict.adaptation``); a no-op without ``adapt_bn``."""
+        import contextlib
+
+        if self.adapt_bn is None:
+            return contextlib.nullcontext()
+        import torch
+
+        from ichscan.predict.adaptation import adapted_batchnorm, stats_indices
+
+        x = torch.from_numpy(np.ascontiguousarray(x_all[stats_indices(len(x_all))])).to(self.device)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        batch = torch.cat([_apply_view(x, v) for v in views]) if len(views) > 1 else _apply_view(x, views[0])
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return adapted_batchnorm(member.model, batch, n_slices=len(x_all), prior=self.adapt_bn,
+                                 forward=lambda b: self._forward(member.model, b))
+
     def _run(self, i: int, member: EnsembleMember, batch):
         runner = self._runner(i, member)
         if runner is member.model:
@@ -402,23 +440,31 @@ class Predictor:
             for i, member in enumerate(self.ensemble.members):
                 x_all = arrays[member.prep]
                 member_probs = np.empty((n, len(LABELS)), dtype=np.float64)
-                for start in range(0, n, chunk):
-                    x = torch.from_numpy(np.ascontiguousarray(x_all[start:start + chunk])).to(self.device)
-                    if x.dtype == torch.uint8:
-                        x = x.float().div_(255.0)  # what IchClassifier does with uint8, done before TTA
-                    batch = (torch.cat([_apply_view(x, v) for v in views]) if len(views) > 1
-                             else _apply_view(x, views[0]))
-                    if self.channels_last:
-                        batch = batch.contiguous(memory_format=torch.channels_last)
-                    logits = self._run(i, member, batch)
-                    p = torch.sigmoid(logits).double().cpu().numpy()  # LABELS order: the ensemble chose it
-                    member_probs[start:start + chunk] = p.reshape(len(views), -1, len(LABELS)).mean(axis=0)
+                with self._adapted(member, x_all, views):
+                    self._member_probs(i, member, x_all, member_probs, views, chunk)
                 per_member.append(member_probs)
         probs = self.ensemble.average(per_member)
         if not np.all(np.isfinite(probs)):
             raise CheckpointError("the model returned NaN or infinite outputs; check the checkpoint "
                                   "(or try --precision fp32)", self._sources[0])
         return probs.astype(np.float32)
+
+    def _member_probs(self, i: int, member: EnsembleMember, x_all: np.ndarray, out: np.ndarray,
+                      views: Sequence[str], chunk: int) -> None:
+        """Member ``i``'s probabilities for every image of ``x_all`` into ``out``, averaged over the views."""
+        import torch
+
+        for start in range(0, len(x_all), chunk):
+            x = torch.from_numpy(np.ascontiguousarray(x_all[start:start + chunk])).to(self.device)
+            if x.dtype == torch.uint8:
+                x = x.float().div_(255.0)  # what IchClassifier does with uint8, done before TTA
+            batch = (torch.cat([_apply_view(x, v) for v in views]) if len(views) > 1
+                     else _apply_view(x, views[0]))
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            logits = self._run(i, member, batch)
+            p = torch.sigmoid(logits).double().cpu().numpy()  # LABELS order: the ensemble chose it
+            out[start:start + chunk] = p.reshape(len(views), -1, len(LABELS)).mean(axis=0)
 
     def _context_arrays(self, arrays: dict, n: int, views: Sequence[str], chunk: int) -> np.ndarray:
         """Aggregation ``context``: each member's slice logits and embeddings (averaged over the TTA views) go
@@ -431,21 +477,23 @@ class Predictor:
             for member in self.ensemble.members:
                 model, x_all = member.model, arrays[member.prep]
                 rows_logits, rows_emb = [], []
-                for start in range(0, n, chunk):
-                    x = torch.from_numpy(np.ascontiguousarray(x_all[start:start + chunk])).to(self.device)
-                    if x.dtype == torch.uint8:
-                        x = x.float().div_(255.0)
-                    batch = torch.cat([_apply_view(x, v) for v in views]) if len(views) > 1 else x
-                    if self.channels_last:
-                        batch = batch.contiguous(memory_format=torch.channels_last)
-                    if self._autocast is not None:
-                        with torch.autocast(device_type=self.device.type, dtype=self._autocast):
+                with self._adapted(member, x_all, views):
+                    for start in range(0, n, chunk):
+                        x = torch.from_numpy(np.ascontiguousarray(x_all[start:start + chunk])).to(self.device)
+                        if x.dtype == torch.uint8:
+                            x = x.float().div_(255.0)
+                        batch = (torch.cat([_apply_view(x, v) for v in views]) if len(views) > 1
+                                 else _apply_view(x, views[0]))
+                        if self.channels_last:
+                            batch = batch.contiguous(memory_format=torch.channels_last)
+                        if self._autocast is not None:
+                            with torch.autocast(device_type=self.device.type, dtype=self._autocast):
+                                logits, emb = model.forward_with_embedding(batch)
+                        else:
                             logits, emb = model.forward_with_embedding(batch)
-                    else:
-                        logits, emb = model.forward_with_embedding(batch)
-                    m = len(x)
-                    rows_logits.append(logits.float().reshape(len(views), m, -1).mean(0))
-                    rows_emb.append(emb.float().reshape(len(views), m, -1).mean(0))
+                        m = len(x)
+                        rows_logits.append(logits.float().reshape(len(views), m, -1).mean(0))
+                        rows_emb.append(emb.float().reshape(len(views), m, -1).mean(0))
                 logits_sum, emb_sum = torch.cat(rows_logits), torch.cat(rows_emb)  # (N, L), (N, D): one series
                 slice_logits, series_logits = model.series_context(emb_sum, logits_sum)
                 slice_parts.append(torch.sigmoid(slice_logits).double().cpu().numpy())
