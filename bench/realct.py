@@ -273,8 +273,9 @@ def measure(args: argparse.Namespace) -> dict:
         base_ge, _ = predict_all(base_predictor, [ge])
         if base_failed or not base_ge:
             raise IchscanError("the --against model failed on series the checkpoint predicted", base_ckpt)
-        base_thresholds = (run_thresholds(args.thresholds, base_predictor.operating_points)[0]
-                           if args.thresholds or base_predictor.operating_points else None)
+        # its own operating points: --thresholds was chosen for the checkpoint, not for this model
+        base_thresholds = (run_thresholds(None, base_predictor.operating_points)[0]
+                           if base_predictor.operating_points else None)
         base = (base_ckpt, base_predictor, base_preds, base_ge[0], base_thresholds)
 
     config = dict(predictor.describe(), rules=dataclasses.asdict(rules))
@@ -353,7 +354,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=None,
                     help="k for the topk aggregation (default: the model's, else 3)")
     ap.add_argument("--thresholds",
-                    help="a thresholds JSON to use instead of the model's own operating points (default: those)")
+                    help="a thresholds JSON to use instead of the checkpoint's own operating points (default: "
+                         "those); the --against model always uses its own")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     # fp32 by default: a measuring stick should give the same numbers on every CPU
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32", help="(default fp32)")

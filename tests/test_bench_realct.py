@@ -186,14 +186,18 @@ def test_operating_points_carried_by_the_checkpoint(bench, ckpt, work, tmp_path,
     assert ge["probs"]["max"] == pytest.approx(first["ge_normal"]["probs"]["max"], abs=1e-9)
 
 
-def test_against_itself_every_paired_difference_is_zero(bench, ckpt, work, capsys):
+def test_against_itself_every_paired_difference_is_zero(bench, ckpt, work, tmp_path, capsys):
     """--against: the second model's numbers on the same series and the paired comparison; a model against
     itself has the same AUCs, a difference of exactly 0 with a p of 1 (DeLong, one series per patient) and
-    a bootstrap interval [0, 0]; the slices get no DeLong (several per patient)."""
+    a bootstrap interval [0, 0]; the slices get no DeLong (several per patient). --thresholds is the
+    checkpoint's alone: the --against model keeps its own operating points (here none)."""
+    thr = tmp_path / "thr.json"
+    thr.write_text(json.dumps({"method": "manual", "thresholds": {"any": 0.2}}))
     rc, report = _run(bench, capsys, "--checkpoint", ckpt, "--work", work, "--limit", LIMIT, "--against", ckpt,
-                      "--batch-size", 32)
+                      "--batch-size", 32, "--thresholds", thr)
     assert rc == 0
     against = report["against"]
+    assert report["thresholds"]["any"] == 0.2 and against["thresholds"] is None
     assert against["ctich_dev"]["series_auc"] == report["ctich_dev"]["series_auc"]
     assert against["ctich_dev"]["slice_auc"] == report["ctich_dev"]["slice_auc"]
     assert against["ge_normal"]["probs"] == report["ge_normal"]["probs"]
