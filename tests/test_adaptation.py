@@ -16,7 +16,13 @@ from ichscan.dicom import find_series
 from ichscan.errors import CheckpointError
 from ichscan.model import build_model, load_checkpoint, save_checkpoint
 from ichscan.predict import Predictor
-from ichscan.predict.adaptation import adapted_batchnorm, batchnorm_layers, series_share, stats_indices
+from ichscan.predict.adaptation import (
+    adapted_batchnorm,
+    batchnorm_layers,
+    series_share,
+    stats_indices,
+    stats_slice_limit,
+)
 from ichscan.windows import PAPER_WINDOWS, PRESETS
 
 EPS = 1e-5  # nn.BatchNorm2d's
@@ -42,6 +48,8 @@ def test_statistics_come_from_at_most_64_evenly_spaced_slices():
     idx = stats_indices(200)
     assert len(idx) == 64 and idx[0] == 0 and idx[-1] == 199
     assert np.all(np.diff(idx) >= 3) and np.all(np.diff(idx) <= 4)  # 199 / 63 = 3.16 apart
+    # at most 128 images in the statistics pass: 64 slices with identity and flip, 16 with all 8 views
+    assert (stats_slice_limit(1), stats_slice_limit(2), stats_slice_limit(8)) == (64, 64, 16)
 
 
 def test_with_no_prior_a_layer_normalises_with_the_series_own_mean_and_variance():

@@ -22,6 +22,15 @@ from typing import Any
 import numpy as np
 
 STATS_SLICES = 64  # at most this many evenly spaced slices give a series' statistics
+# ... and at most this many images in that one forward pass, TTA views included (memory: at 512 px a
+# large backbone's activations for 128 images already take several GiB)
+STATS_IMAGES = 128
+
+
+def stats_slice_limit(n_views: int) -> int:
+    """How many slices the statistics pass may take with ``n_views`` TTA views: 64 with identity and flip,
+    16 with all eight views."""
+    return max(1, min(STATS_SLICES, STATS_IMAGES // max(1, n_views)))
 
 
 def batchnorm_layers(model: Any) -> list[Any]:

@@ -400,9 +400,10 @@ class Predictor:
             return contextlib.nullcontext()
         import torch
 
-        from ichscan.predict.adaptation import adapted_batchnorm, stats_indices
+        from ichscan.predict.adaptation import adapted_batchnorm, stats_indices, stats_slice_limit
 
-        x = torch.from_numpy(np.ascontiguousarray(x_all[stats_indices(len(x_all))])).to(self.device)
+        chosen = stats_indices(len(x_all), stats_slice_limit(len(views)))
+        x = torch.from_numpy(np.ascontiguousarray(x_all[chosen])).to(self.device)
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
         batch = torch.cat([_apply_view(x, v) for v in views]) if len(views) > 1 else _apply_view(x, views[0])
