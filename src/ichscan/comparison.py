@@ -30,7 +30,7 @@ import numpy as np
 from ichscan.errors import DataError
 from ichscan.fileio import write_csv, write_json, write_text
 from ichscan.labels import LABELS
-from ichscan.metrics import _auc_ranked, _percentile_ci, load_eval_data, patient_resamples, weighted_log_loss_rows
+from ichscan.metrics import auc_ranked, load_eval_data, patient_resamples, percentile_ci, weighted_log_loss_rows
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def compare(y_true, prob_a, prob_b, *, groups=None, labels: Sequence[str] = LABE
 
     def aucs(w: np.ndarray) -> np.ndarray:
         """(2, len(labels)) AUCs for row weights w."""
-        return np.array([[_auc_ranked(inv.ravel(), u.size, y[:, j], w) for j, (u, inv) in enumerate(r)]
+        return np.array([[auc_ranked(inv.ravel(), u.size, y[:, j], w) for j, (u, inv) in enumerate(r)]
                          for r in ranked])
 
     boot = np.full((n_bootstrap, len(labels)), np.nan)
@@ -194,7 +194,7 @@ def compare(y_true, prob_a, prob_b, *, groups=None, labels: Sequence[str] = LABE
             rows.append(LabelComparison(name, pos, neg, None, None, None,
                                         reason=f"no {'positive' if pos == 0 else 'negative'} case: AUC undefined"))
             continue
-        low, high, _, why = _percentile_ci(boot[:, j], ci, n_bootstrap)
+        low, high, _, why = percentile_ci(boot[:, j], ci, n_bootstrap)
         fields: dict[str, Any] = {"boot_low": low, "boot_high": high}
         reasons = [why] if why else []
         if delong_reason:
@@ -206,7 +206,7 @@ def compare(y_true, prob_a, prob_b, *, groups=None, labels: Sequence[str] = LABE
             fields.update(zip(("delong_low", "delong_high"), d.ci(ci)), p_value=d.p_value())
         rows.append(LabelComparison(name, pos, neg, float(point[0, j]), float(point[1, j]),
                                     float(point[1, j] - point[0, j]), reason="; ".join(reasons) or None, **fields))
-    wll_low, wll_high, _, _ = _percentile_ci(boot_wll, ci, n_bootstrap)
+    wll_low, wll_high, _, _ = percentile_ci(boot_wll, ci, n_bootstrap)
     return Comparison(tuple(names), labels, tuple(rows), float(wll_rows[0].mean()), float(wll_rows[1].mean()),
                       wll_low, wll_high, n, n_units, level, n_bootstrap, ci, seed, delong_reason, dict(source or {}),
                       "row" if groups is None else "patient")

@@ -114,8 +114,10 @@ def recall(y_true, y_pred, sample_weight=None) -> float:
     return confusion_counts(y_true, y_pred, sample_weight).recall
 
 
-def _auc_ranked(inverse: np.ndarray, n_unique: int, y: np.ndarray, w: np.ndarray) -> float:
-    """AUC from scores already reduced to sorted unique values (``inverse`` indexes them)."""
+def auc_ranked(inverse: np.ndarray, n_unique: int, y: np.ndarray, w: np.ndarray) -> float:
+    """AUC from scores already reduced to sorted unique values (``inverse`` indexes them, as
+    ``np.unique(scores, return_inverse=True)`` gives): rank once, then score many resamples (weights ``w``)
+    of the same rows cheaply, as the patient bootstrap and ``ichscan.comparison`` do."""
     pos = np.bincount(inverse, weights=w * y, minlength=n_unique)
     neg = np.bincount(inverse, weights=w * (1.0 - y), minlength=n_unique)
     n_pos, n_neg = pos.sum(), neg.sum()
@@ -130,7 +132,7 @@ def roc_auc(y_true, y_score, sample_weight=None) -> float:
     """Area under the ROC curve (Mann-Whitney form, ties count 1/2); NaN without both classes."""
     y, s, w = _vectors(y_true, y_score, sample_weight)
     unique, inverse = np.unique(s, return_inverse=True)
-    return _auc_ranked(inverse.ravel(), unique.size, y, w)
+    return auc_ranked(inverse.ravel(), unique.size, y, w)
 
 
 def _row_log_loss(y: np.ndarray, p: np.ndarray, eps: float = EPS) -> np.ndarray:
@@ -381,9 +383,12 @@ def _undefined_reasons(c: Confusion, label: str, threshold: float) -> dict[str, 
     }
 
 
-def _percentile_ci(
+def percentile_ci(
     samples: np.ndarray, ci: float, n_bootstrap: int
 ) -> tuple[float | None, float | None, int, str | None]:
+    """The ``ci`` percentile interval of a metric's bootstrap ``samples`` (NaN where a resample left it
+    undefined): (low, high, resamples that defined it, why not given). Withheld when fewer than half the
+    ``n_bootstrap`` resamples define the metric; (None, None, 0, None) without a bootstrap."""
     valid = samples[~np.isnan(samples)]
     if n_bootstrap == 0:
         return None, None, 0, None
@@ -464,7 +469,7 @@ def evaluate(
                 (tp + tn) / total,
                 np.where(tp + fp > 0, tp / (tp + fp), np.nan),
                 np.where(tp + fn > 0, tp / (tp + fn), np.nan),
-                [_auc_ranked(inv, k, y[:, j], w) for j, (inv, k) in enumerate(ranked)],
+                [auc_ranked(inv, k, y[:, j], w) for j, (inv, k) in enumerate(ranked)],
                 (w @ ll) / total,
             ])
         return out, float(w @ wll_row / total)
@@ -485,13 +490,13 @@ def evaluate(
             if reasons[metric] is not None or math.isnan(point[j, m]):
                 est[metric] = Estimate(None, reason=reasons[metric] or "undefined")
                 continue
-            low, high, k, why = _percentile_ci(boot[:, j, m], ci, n_bootstrap)
+            low, high, k, why = percentile_ci(boot[:, j, m], ci, n_bootstrap)
             est[metric] = Estimate(float(point[j, m]), low, high, why, k)
         rows.append(LabelMetrics(
             label=name, threshold=t[name], n=n, pos=int(c.tp + c.fn), neg=int(c.tn + c.fp),
             tp=int(c.tp), fp=int(c.fp), fn=int(c.fn), tn=int(c.tn), **est,
         ))
-    low, high, k, why = _percentile_ci(boot_wll, ci, n_bootstrap)
+    low, high, k, why = percentile_ci(boot_wll, ci, n_bootstrap)
     wll = Estimate(point_wll, low, high, why, k) if n else Estimate(None, reason="no cases")
     return Evaluation(
         labels=labels, per_label=tuple(rows), weighted_log_loss=wll, thresholds=t,
