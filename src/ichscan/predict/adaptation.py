@@ -74,6 +74,7 @@ def adapted_batchnorm(model: Any, batch: Any, *, n_slices: int, prior: float,
                          "convolutions, or a normalisation of another kind)")
     share = series_share(n_slices, prior)
     saved = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]
+    index = {id(m): i for i, m in enumerate(layers)}
 
     def mix(module, args):
         x = args[0].float()
@@ -83,7 +84,6 @@ def adapted_batchnorm(model: Any, batch: Any, *, n_slices: int, prior: float,
         module.running_mean.copy_((1.0 - share) * saved[i][0] + share * mean.to(saved[i][0].dtype))
         module.running_var.copy_((1.0 - share) * saved[i][1] + share * var.to(saved[i][1].dtype))
 
-    index = {id(m): i for i, m in enumerate(layers)}
     hooks = [m.register_forward_pre_hook(mix) for m in layers]
     try:
         try:

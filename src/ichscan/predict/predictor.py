@@ -7,6 +7,7 @@ aggregates slices into series probabilities (``ichscan.aggregation``) with the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -394,8 +395,6 @@ class Predictor:
     def _adapted(self, member: EnsembleMember, x_all: np.ndarray, views: Sequence[str]):
         """A context in which ``member`` normalises with statistics mixed from its own and this series'
         (``adapt_bn``; ``ichscan.predict.adaptation``); a no-op without ``adapt_bn``."""
-        import contextlib
-
         if self.adapt_bn is None:
             return contextlib.nullcontext()
         import torch
@@ -426,7 +425,8 @@ class Predictor:
             return self._forward(member.model, batch)
 
     def predict_arrays(self, arrays: np.ndarray | dict[tuple, np.ndarray]) -> np.ndarray:
-        """Probabilities (N, 6) in LABELS order for windowed images (N, C, S, S): uint8 0..255 or float 0..1."""
+        """Probabilities (N, 6) in LABELS order for windowed images (N, C, S, S): uint8 0..255 or float 0..1.
+        With ``adapt_bn`` the images are taken to be one series: its batch-norm statistics come from all of them."""
         import torch
 
         if isinstance(arrays, np.ndarray):  # one preprocessing for all members
