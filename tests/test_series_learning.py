@@ -354,6 +354,10 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
         assert predictor.tta == ("identity", "hflip")
         expect = predictor.predict_arrays(np.stack([ds.image(i) for i in range(len(ds))]))[:, 0]
         assert np.allclose(rows["prob_any"].to_numpy(), expect, atol=1e-5)
+        # the starting model unadapted, made the same way (flip TTA), so the gain measures adaptation alone
+        start = Predictor.from_checkpoint(init, aggregation="max", precision="fp32")
+        base = start.predict_arrays(np.stack([ds.image(i) for i in range(len(ds))]))[:, 0]
+        assert np.allclose(rows["baseline_any"].to_numpy(), base, atol=1e-5)
     series = pd.read_csv(out / "oof_series.csv")
     assert len(series) == 40 and {"adapted_context_any", "adapted_max_any", "baseline_max_any"} <= set(series)
     # a site recomputing an AUC from the OOF file gets comparison.csv's (noisy-OR near 1 keeps its ranking)

@@ -6,8 +6,8 @@ head on the fine-tuned model's features), then one final model made the same way
 
 - every series (and every slice) is predicted by the one model that never saw its patient: out-of-fold (OOF)
   predictions, ``oof_series.csv`` (one column group per aggregation) and ``oof_slices.csv``;
-- the starting model without adaptation is scored on the same series (``baseline_*`` columns), so the gain is
-  measured, not assumed;
+- the starting model without adaptation is scored on the same series (``baseline_*`` columns), made as the OOF
+  predictions are (one series at a time, the same TTA views), so the gain is measured, not assumed;
 - Table 1 on the OOF series with patient-bootstrap CIs, Figure 1 (ROC per subtype), the same for slices where
   slice labels exist, and a comparison of aggregations and models (``comparison.md``);
 - operating points chosen on the OOF series (Youden by default) go into the final model's JSON with its
@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ichscan.aggregation import SLICE_AGGREGATIONS, aggregate
 from ichscan.errors import DataError, IchscanError
@@ -46,7 +45,6 @@ from ichscan.series import (
     SeriesFeatures,
     load_series_data,
     series_order,
-    slice_features,
     train_series_head,
 )
 from ichscan.train import FOLD_SEED, TrainConfig, _ensure_cache, resolve_init, train
@@ -118,10 +116,6 @@ def _aggregations(options: CrossvalOptions) -> list[str]:
 
 def _series_probs(items: Sequence[SeriesFeatures], slice_probs: np.ndarray, method: str, top_k: int) -> np.ndarray:
     return np.stack([aggregate(slice_probs[s.rows], method, top_k)[0] for s in items])
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
 
 def _fit_head(model: Any, slices: Any, targets: pd.DataFrame, options: CrossvalOptions, config: TrainConfig,
@@ -241,20 +235,18 @@ def _slice_truth(frame: pd.DataFrame, labels: Sequence[str]) -> np.ndarray:
 
 
 def _baseline_probs(ensemble: Any, members: Sequence[Any], frame: pd.DataFrame, config: TrainConfig,
-                    cache: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """The starting model (``_start_members``) on every slice."""
+                    cache: Path, options: CrossvalOptions) -> tuple[np.ndarray, dict[str, Any]]:
+    """The starting model (``_start_members``) on every slice, made as the out-of-fold predictions are
+    (``_predict_slices``: one series at a time, the same TTA views, the members averaged by their weights),
+    so that the gain over it measures the adaptation and nothing else."""
     from ichscan.data import SliceDataset
 
     slices = SliceDataset(frame, config.image_size, config.windows, config.labels, cache=cache)
-    parts, weights = [], []
-    for m in members:
-        logits, _ = slice_features(m.model, slices, batch_size=config.batch_size)
-        parts.append(_sigmoid(m.model.to_labels(torch.from_numpy(logits)).numpy()))
-        weights.append(m.weight)
-    w = np.asarray(weights) / np.sum(weights)
-    probs = sum(wi * p for wi, p in zip(w, parts))
+    plain = dataclasses.replace(options, series_head=False)  # the starting model has no head to score
+    probs = _predict_slices([m.model for m in members], slices, config, plain,
+                            weights=[m.weight for m in members])["slice"]
     aggregation = (ensemble.manifest.aggregation if ensemble.manifest is not None else None) or {"method": "max"}
-    return probs, {"members": len(members), "aggregation": aggregation,
+    return probs, {"members": len(members), "aggregation": aggregation, "tta": list(options.tta),
                    "operating_points": ensemble.manifest.thresholds if ensemble.manifest is not None else None}
 
 
@@ -364,9 +356,10 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
         if baseline_path.is_file() and (out / "baseline.json").is_file():
             baseline = np.load(baseline_path)
             baseline_info = json.loads((out / "baseline.json").read_text())
-        else:
+        # scored before the baseline took the OOF predictions' TTA views (or with others): score it again
+        if baseline_info.get("tta") != list(options.tta):
             say(f"scoring the starting model {original_init} on {len(frame)} slices")
-            baseline, baseline_info = _baseline_probs(*start, frame, config, cache_dir)
+            baseline, baseline_info = _baseline_probs(*start, frame, config, cache_dir, options)
             baseline = baseline.astype(np.float32)  # as stored: a resumed run reads the very same numbers
             write_npy(baseline_path, baseline)
             write_json(out / "baseline.json", baseline_info)
