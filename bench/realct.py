@@ -45,6 +45,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from ichscan.aggregation import SLICE_AGGREGATIONS
+from ichscan.cli._args import non_negative_float
 from ichscan.dicom import CTSeries, find_series
 from ichscan.errors import IchscanError
 from ichscan.labels import LABELS
@@ -363,7 +364,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, help="only the first N CT-ICH series (by patient), for quick checks")
     ap.add_argument("--dump-dir", help="keep slices.csv, series_<aggregation>.csv, predictions.json here")
     ap.add_argument("--out", help="also write the JSON to this file")
-    ap.add_argument("--adapt-bn", type=float, metavar="N",
+    ap.add_argument("--adapt-bn", type=non_negative_float, metavar="N",
                     help="the checkpoint's batch norms adapted to each series, as ichscan predict --adapt-bn N "
                          "(not the --against model's)")
     ap.add_argument("--against", metavar="CKPT",
