@@ -58,11 +58,13 @@ def run(args: argparse.Namespace) -> int:
                                "e.g. 0.5,0.5") from None
     sources = args.checkpoints if args.members else [resolve_init_checkpoint(c) for c in args.checkpoints]
     path = (average_ensembles if args.members else average_checkpoints)(sources, args.out, shares)
-    written = read_manifest(path)  # hashes checked; the shares as normalised and recorded
-    recorded = written.info["averaged_from"] if args.members else read_checkpoint_meta(path).record["averaged_from"]
-    parts = ", ".join(f"{s} ({a['share']:.3g})" for s, a in zip(sources, recorded))
     what = "the weight average"
     if args.members:
+        written = read_manifest(path)  # hashes checked
+        recorded = written.info["averaged_from"]  # the shares as normalised and recorded
         what = f"an ensemble of {len(written.members)}, member by member {what}"
+    else:
+        recorded = read_checkpoint_meta(path).record["averaged_from"]
+    parts = ", ".join(f"{s} ({a['share']:.3g})" for s, a in zip(sources, recorded))
     print(f"wrote {path}: {what} of {parts}")
     return 0

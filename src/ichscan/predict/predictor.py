@@ -392,22 +392,28 @@ class Predictor:
             self._runners[i] = torch.compile(member.model, dynamic=True, options=options)
         return self._runners[i]
 
+    def _view_batch(self, images: np.ndarray, views: Sequence[str]):
+        """Windowed images (n, C, S, S) -> one tensor batch of every TTA view (views x n), on the device,
+        in [0, 1] and in the memory format the models run in."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)  # what IchClassifier does with uint8, done before TTA
+        batch = torch.cat([_apply_view(x, v) for v in views]) if len(views) > 1 else _apply_view(x, views[0])
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
     def _adapted(self, member: EnsembleMember, x_all: np.ndarray, views: Sequence[str]):
         """A context in which ``member`` normalises with statistics mixed from its own and this series'
         (``adapt_bn``; ``ichscan.predict.adaptation``); a no-op without ``adapt_bn``."""
         if self.adapt_bn is None:
             return contextlib.nullcontext()
-        import torch
-
         from ichscan.predict.adaptation import adapted_batchnorm, stats_indices, stats_slice_limit
 
         chosen = stats_indices(len(x_all), stats_slice_limit(len(views)))
-        x = torch.from_numpy(np.ascontiguousarray(x_all[chosen])).to(self.device)
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
-        batch = torch.cat([_apply_view(x, v) for v in views]) if len(views) > 1 else _apply_view(x, views[0])
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = self._view_batch(x_all[chosen], views)
         return adapted_batchnorm(member.model, batch, n_slices=len(x_all), prior=self.adapt_bn,
                                  forward=lambda b: self._forward(member.model, b))
 
@@ -456,14 +462,7 @@ class Predictor:
         import torch
 
         for start in range(0, len(x_all), chunk):
-            x = torch.from_numpy(np.ascontiguousarray(x_all[start:start + chunk])).to(self.device)
-            if x.dtype == torch.uint8:
-                x = x.float().div_(255.0)  # what IchClassifier does with uint8, done before TTA
-            batch = (torch.cat([_apply_view(x, v) for v in views]) if len(views) > 1
-                     else _apply_view(x, views[0]))
-            if self.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            logits = self._run(i, member, batch)
+            logits = self._run(i, member, self._view_batch(x_all[start:start + chunk], views))
             p = torch.sigmoid(logits).double().cpu().numpy()  # LABELS order: the ensemble chose it
             out[start:start + chunk] = p.reshape(len(views), -1, len(LABELS)).mean(axis=0)
 
@@ -480,19 +479,13 @@ class Predictor:
                 rows_logits, rows_emb = [], []
                 with self._adapted(member, x_all, views):
                     for start in range(0, n, chunk):
-                        x = torch.from_numpy(np.ascontiguousarray(x_all[start:start + chunk])).to(self.device)
-                        if x.dtype == torch.uint8:
-                            x = x.float().div_(255.0)
-                        batch = (torch.cat([_apply_view(x, v) for v in views]) if len(views) > 1
-                                 else _apply_view(x, views[0]))
-                        if self.channels_last:
-                            batch = batch.contiguous(memory_format=torch.channels_last)
+                        batch = self._view_batch(x_all[start:start + chunk], views)
                         if self._autocast is not None:
                             with torch.autocast(device_type=self.device.type, dtype=self._autocast):
                                 logits, emb = model.forward_with_embedding(batch)
                         else:
                             logits, emb = model.forward_with_embedding(batch)
-                        m = len(x)
+                        m = min(chunk, n - start)
                         rows_logits.append(logits.float().reshape(len(views), m, -1).mean(0))
                         rows_emb.append(emb.float().reshape(len(views), m, -1).mean(0))
                 logits_sum, emb_sum = torch.cat(rows_logits), torch.cat(rows_emb)  # (N, L), (N, D): one series
