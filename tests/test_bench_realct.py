@@ -210,6 +210,32 @@ def test_against_itself_every_paired_difference_is_zero(bench, ckpt, work, tmp_p
     assert slices["diff"] == 0.0 and slices["p_value"] is None and "not independent" in slices["reason"]
 
 
+def test_against_another_model_the_paired_difference_is_the_two_reports_difference(bench, ckpt, work, tmp_path,
+                                                                                     capsys):
+    """Against a different model, each paired difference is this checkpoint's AUC less the other's, both
+    read from their own numbers in the same JSON (so the comparison pairs the right two files)."""
+    from test_predict import tiny_checkpoint
+
+    other = tiny_checkpoint(tmp_path / "other", seed=5)
+    rc, report = _run(bench, capsys, "--checkpoint", ckpt, "--work", work, "--limit", LIMIT, "--against", other,
+                      "--batch-size", 32, "--aggregation", "all")
+    assert rc == 0
+    against = report["against"]
+    assert against["ge_normal"]["probs"] != report["ge_normal"]["probs"]  # two different models
+    for method in report["aggregations"]:
+        for row in against["paired"]["series"][method]["per_label"]:
+            mine, theirs = (r["ctich_dev"]["series_auc"][method][row["label"]] for r in (report, against))
+            if mine is None or theirs is None:
+                continue
+            assert (row["auc_b"], row["auc_a"]) == pytest.approx((mine, theirs), abs=1e-12)
+            assert row["diff"] == pytest.approx(mine - theirs, abs=1e-12)
+    row = against["paired"]["slices"]["per_label"][0]
+    assert row["label"] == "any"
+    assert row["diff"] == pytest.approx(report["ctich_dev"]["slice_auc"]["any"]
+                                        - against["ctich_dev"]["slice_auc"]["any"], abs=1e-12)
+    assert row["boot_low"] <= row["diff"] <= row["boot_high"]
+
+
 def test_bundled_without_a_bundled_model_is_one_clear_error(bench, work, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ICHSCAN_BUNDLED_DIR", str(tmp_path))  # a folder without bundled.json
     assert bench.main(["--checkpoint", "bundled", "--work", str(work), "--limit", "1"]) == 1
