@@ -477,6 +477,91 @@ def test_calcification_draws_dense_foci_on_the_same_head(tmp_path):
     assert '"calcification": 0.5' in manifest
 
 
+def test_fractures_are_drawn_apart_from_the_bleed_and_change_nothing_else():
+    """--fractures: a share of series, bleeding or not alike, gets a fracture; every other draw of the set
+    stays as it was, and a twin keeps its source's."""
+    import dataclasses
+
+    kw = dict(size=64, slices=(8, 10), prevalence="any=0.6", twins=0.5)
+    plans, plain = plan_dataset(600, 9, fractures=0.3, **kw), plan_dataset(600, 9, **kw)
+    assert [dataclasses.replace(p, confounders={}) for p in plans] == [dataclasses.replace(p, confounders={})
+                                                                        for p in plain]
+    for p, q in zip(plans, plain):
+        assert {k: v for k, v in p.confounders.items() if k != "fracture"} == q.confounders
+    sources = [p for p in plans if p.twin_of is None]
+    broken = np.array(["fracture" in p.confounders for p in sources])
+    bleeding = np.array([bool(p.subtypes) for p in sources])
+    assert 0.25 <= broken.mean() <= 0.35
+    # independent of the bleed: as common without blood as with it (a fracture says nothing of the label)
+    assert abs(broken[bleeding].mean() - broken[~bleeding].mean()) < 0.1
+    twins = [p for p in plans if p.twin_of is not None]
+    assert twins and all(t.confounders == plans[t.twin_of].confounders for t in twins)
+    assert not any("fracture" in p.confounders for p in plain)
+    with pytest.raises(IchscanError, match="fractures 1.5"):
+        plan_dataset(2, 6, size=64, slices=(8, 10), fractures=1.5)
+
+
+def test_skull_fracture_breaks_the_vault_and_leaves_the_blood_alone():
+    """A fracture's gap is drawn in bone at the fill density; a depressed piece puts bone inside the inner
+    table; nothing changes deeper than the piece or the air reaches, and no voxel of ``keep`` changes."""
+    from ichscan.phantom import artifacts
+
+    rng = np.random.default_rng(4)
+    head = an.sample_head(rng)
+    fr = an.make_frame(rng, head, 24, 128, 128, 5.0)
+    anat = an.build(head, fr, rng)
+    spec = dict(artifacts.draw_fracture(np.random.default_rng(0)), height=0.5, z_half=20.0, depressed_mm=4.0,
+                segment=0.15, width=2.0, swelling_mm=8.0, air=3, fill_hu=30.0)
+    keep = np.zeros(anat.hu.shape, bool)
+    keep[:, 60:68, :] = True  # a band of "blood" across every slice
+    hu0, tissue0 = anat.hu.copy(), anat.tissue.copy()
+    drawn = artifacts.skull_fracture(anat.hu, anat.tissue, anat.depth, head, fr, spec, keep=keep)
+    changed = anat.hu != hu0
+    assert drawn["slices"] and changed.any()
+    assert not changed[keep].any()
+    assert (anat.depth[changed] < 8.5).all()  # the piece reaches 4 + 1 mm in; a bubble's centre 6, its radius 2.5
+    gap = changed & (tissue0 == an.BONE) & (anat.hu == 30.0)
+    assert gap.sum() > 20  # bone turned to the fill density along the lines
+    inside = changed & (anat.depth > 0.5) & (anat.hu > 300)
+    assert inside.sum() > 5  # the depressed piece: bone where brain was
+    assert (anat.hu[changed & (anat.depth < -head.skull * 1.2) & (hu0 < 20)] >= 30.0).all()  # swelling, not air
+    air = changed & (anat.hu <= -700) & (anat.depth > 0)
+    assert air.any() and (anat.tissue[air] == an.AIR).all()  # pneumocephalus just inside the table
+
+
+def test_fractures_leave_labels_and_lesions_as_they_were(tmp_path):
+    """A series with a bleed, drawn with and without its fracture: the same masks (labels), and the blood
+    voxels' HU unchanged away from the fracture; --fractures is recorded in the manifest."""
+    plans = plan_dataset(30, 5, size=96, slices=(20, 20), prevalence="any=0.9", fractures=1.0)
+    plain = plan_dataset(30, 5, size=96, slices=(20, 20), prevalence="any=0.9")
+    p, q = next((p, q) for p, q in zip(plans, plain) if p.subtypes and not q.confounders)
+    a, b = render_series(p), render_series(q)
+    assert a.confounders["fracture"]["slices"]
+    assert all(np.array_equal(a.masks[s], b.masks[s]) for s in SUBTYPES)
+    assert a.series_labels() == b.series_labels()
+    assert (a.hu != b.hu).any()
+    generate_dataset(tmp_path / "set", 2, seed=3, size=64, slices=(8, 8), fractures=0.5)
+    assert '"fractures": 0.5' in (tmp_path / "set" / "manifest.json").read_text()
+
+
+def test_cli_fractures_are_recorded_and_refused_out_of_range(tmp_path, capsys):
+    import json
+
+    from ichscan.cli import main
+
+    out = tmp_path / "broken"
+    assert main(["phantom", "--out", str(out), "--studies", "3", "--seed", "1", "--size", "48",
+                 "--slices", "6-6", "--fractures", "1"]) == 0
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["arguments"]["fractures"] == 1.0
+    assert all("fracture" in s["confounders"] for s in doc["series"])
+    capsys.readouterr()
+    assert main(["phantom", "--out", str(tmp_path / "bad"), "--studies", "2", "--seed", "1",
+                 "--fractures", "-0.1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fractures -0.1" in err[0]
+
+
 def test_export_round_trip_keeps_the_brain_window_and_coarsens_the_rest():
     """Values a reader can check: inside the brain window HU come back to within a grey level (120/255 =
     0.47 HU) on flat regions; air floors at the bone window's lower edge (700 - 3200/2 = -900 HU); bone

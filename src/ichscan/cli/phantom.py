@@ -15,6 +15,7 @@ examples:
   ichscan phantom --out exported --studies 50 --seed 6 --export 0.5   # half stored as windowed JPEGs
   ichscan phantom --out rnd --studies 50 --seed 7 --randomize-outside 0.5   # random texture beyond the skull
   ichscan phantom --out rnd2 --studies 50 --seed 7 --randomize-outside 0.5 --outside-margin 25-40  # keep the skull
+  ichscan phantom --out broken --studies 50 --seed 8 --fractures 0.3   # skull fractures, bleed or not
 
 Writes images/ID_<hex>.dcm (or <patient>/<study>/<series>/ with --layout series), labels.csv in the
 RSNA stage_2_train.csv format, series_labels.csv, manifest.json and, with --masks, masks/<series>.npz.
@@ -66,7 +67,9 @@ def register(subparsers) -> None:
             ("--export", "stored as brain- and bone-window 8-bit JPEGs and rebuilt to HU, as some collections and "
                          "PACS exports keep CT", "none"),
             ("--randomize-outside", "whose outside (beyond a few mm outside the inner table) is replaced by random "
-                                    "texture, so that a model learns to ignore it (for training)", "none")):
+                                    "texture, so that a model learns to ignore it (for training)", "none"),
+            ("--fractures", "with a skull fracture of the vault drawn apart from any bleed (lucent line, "
+                            "sometimes depressed, scalp swelling, air)", "only some epidurals' own")):
         p.add_argument(flag, type=float, default=0.0, metavar="SHARE",
                        help=f"share of series {what}: default 0, {default}")
     p.add_argument("--outside-margin", type=_parsed("ichscan.phantom.outside", "parse_margin"), metavar="MM",

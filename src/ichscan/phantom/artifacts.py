@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from ichscan.phantom import anatomy as an
 from ichscan.phantom.anatomy import Frame, HeadShape
-from ichscan.phantom.geometry import capsule, ellipse, ellipse_distance, paint, ramp
+from ichscan.phantom.geometry import capsule, ellipse, ellipse_distance, paint, ramp, wrap_angle
 
 
 def scanner_blur(hu: np.ndarray, fr: Frame, sharpness_mm: float) -> np.ndarray:
@@ -168,3 +168,97 @@ def scalp_haematoma(hu: np.ndarray, tissue: np.ndarray, depth: np.ndarray, head:
         hu[i][swell] = np.maximum(hu[i][swell], value)
         tissue[i][swell & (tissue[i] == an.AIR)] = an.SOFT
     return {"phi": round(centre, 2), "z": round(z0, 1), "height_mm": round(height, 1), "hu": round(value)}
+
+
+def draw_fracture(rng: np.random.Generator) -> dict:
+    """A skull fracture of the vault, as ``skull_fracture`` draws it, in numbers only (plain floats, so it
+    travels in a series' plan and its metadata): where around the head and how high (a share of the vault's
+    height), how long along z, how wide, whether a piece is depressed, and whether the scalp swells and air
+    gets in. Drawn apart from any bleed: head injury breaks the skull with or without blood inside."""
+    return {
+        "phi": round(float(rng.uniform(-np.pi, np.pi)), 3),
+        "height": round(float(rng.uniform(0.0, 1.0)), 3),  # 0: the temporal squama, 1: near the vertex
+        "z_half": round(float(rng.uniform(8, 35)), 1),  # mm along z
+        "slope": round(float(rng.uniform(-0.6, 0.6)), 3),  # mm around the head per mm up: the line runs oblique
+        "width": round(float(rng.choice([rng.uniform(0.4, 1.2), rng.uniform(1.2, 3.0)], p=[0.8, 0.2])), 2),
+        "depressed_mm": round(float(rng.uniform(2, 6)) if rng.random() < 0.25 else 0.0, 1),
+        "segment": round(float(rng.uniform(0.08, 0.2)), 3),  # half-angle of a depressed piece (radians)
+        "swelling_mm": round(float(rng.uniform(3, 14)) if rng.random() < 0.7 else 0.0, 1),
+        "swelling_hu": round(float(rng.uniform(35, 65)), 1),
+        "air": int(rng.integers(1, 6)) if rng.random() < 0.3 else 0,  # bubbles of pneumocephalus
+        "air_seed": int(rng.integers(2**31)),
+        "fill_hu": round(float(rng.uniform(15, 60)), 1),  # what fills the gap: soft tissue, blood, partial volume
+    }
+
+
+def skull_fracture(hu: np.ndarray, tissue: np.ndarray, depth: np.ndarray, head: HeadShape, fr: Frame,
+                   spec: dict, keep: np.ndarray | None = None) -> dict:
+    """Draw the fracture ``spec`` (``draw_fracture``) into the series: a lucent line through the vault's
+    bone (filled with ``fill_hu``), running obliquely across the slices; in some, a piece between two such
+    lines pushed ``depressed_mm`` inwards (bone where brain was, scalp where bone was); a swelling of the
+    scalp over it; a few bubbles of air just inside the inner table. No voxel of ``keep`` (the blood) is
+    changed, so the labels stay what they were. Returns where it was drawn (slice indices)."""
+    X, Y = fr.X[0], fr.Y[0]
+    r = np.hypot(X, Y)
+    phi = np.arctan2(X, -Y)
+    w = max(fr.spacing, 0.35)
+    z_lo, z_hi = -10.0, head.top - 12.0
+    z0 = z_lo + spec["height"] * (z_hi - z_lo)
+    z_half = float(spec["z_half"])
+    depressed = float(spec["depressed_mm"])
+    if depressed:
+        z_half = min(z_half, 18.0)
+    air_rng = np.random.default_rng(int(spec["air_seed"]))
+    done = []
+    for i in np.nonzero(np.abs(fr.z - z0) < z_half)[0]:
+        zi = float(np.sqrt(max(0.0, 1 - ((fr.z[i] - z0) / z_half) ** 2)))
+        centre = spec["phi"] + spec["slope"] * (float(fr.z[i]) - z0) / max(float(np.median(r)), 1.0)
+        dphi = wrap_angle(phi - centre)
+        h, t, d = hu[i], tissue[i], depth[i]
+        free = np.ones(h.shape, bool) if keep is None else ~keep[i]
+        in_bone = (d < 0.5) & (d > -head.skull * 1.6 - 2) & (t == an.BONE) & free
+        if not in_bone.any():
+            continue
+        lines = [centre]
+        if depressed:
+            seg = float(spec["segment"])
+            lines = [centre - seg, centre + seg]
+            piece = (np.abs(dphi) < seg) & (d > -head.skull * 1.6 - 3) & (d < depressed + 1.0) & free
+            gy, gx = np.gradient(d)
+            norm = np.hypot(gy, gx) + 1e-6
+            shift = depressed / fr.spacing  # pixels: each point shows what lay that far further out
+            rows, cols = np.nonzero(piece)
+            # depth grows inwards, so "further out" is against its gradient
+            src_r = rows - shift * gy[rows, cols] / norm[rows, cols]
+            src_c = cols - shift * gx[rows, cols] / norm[rows, cols]
+            moved = ndimage.map_coordinates(h, [src_r, src_c], order=1, mode="nearest")
+            moved_t = ndimage.map_coordinates(t, [src_r, src_c], order=0, mode="nearest")
+            h[rows, cols] = moved
+            t[rows, cols] = moved_t
+            in_bone = (d < depressed + 1.0) & (d > -head.skull * 1.6 - 2) & (t == an.BONE) & free
+        for c in lines:
+            arc = np.abs(wrap_angle(phi - c)) * r
+            gap = in_bone & (ramp(arc - spec["width"] / 2, w) >= 0.5)
+            h[gap] = spec["fill_hu"]
+            t[gap] = an.SOFT
+        if spec["swelling_mm"]:
+            span = 0.35 + (float(spec["segment"]) if depressed else 0.0)
+            dome = spec["swelling_mm"] * np.clip(1 - (dphi / span) ** 2, 0, None) * zi
+            swell = (d < -head.skull * 1.2) & (d > -head.skull - head.scalp - dome) & (dome > 0.5) & (h < 20) & free
+            h[swell] = spec["swelling_hu"]
+            t[swell] = an.SOFT
+        done.append(int(i))
+    if spec["air"] and done:
+        for _ in range(int(spec["air"])):
+            i = int(air_rng.choice(done))
+            centre = spec["phi"] + float(air_rng.normal(0, 0.15))
+            rad = float(air_rng.uniform(0.8, 2.5))
+            dd = float(air_rng.uniform(rad + 0.3, 6.0))
+            at = np.abs(wrap_angle(phi - centre)) * r
+            d = depth[i]
+            bubble = (at ** 2 + (d - dd) ** 2 < rad ** 2)
+            if keep is not None:
+                bubble &= ~keep[i]
+            hu[i][bubble] = float(air_rng.uniform(-1000, -700))
+            tissue[i][bubble] = an.AIR
+    return {**spec, "slices": done}

@@ -35,6 +35,7 @@ from ichscan.fileio import atomic_path, lock_folder, write_json, write_text
 from ichscan.labels import LABELS, RSNA_CSV_ORDER, SUBTYPES
 from ichscan.phantom import anatomy as an
 from ichscan.phantom import writer
+from ichscan.phantom.artifacts import draw_fracture
 from ichscan.phantom.export import Export, draw_export, export_series
 from ichscan.phantom.geometry import parse_mm_range
 from ichscan.phantom.outside import DEFAULT_MARGIN, Outside, draw_outside, parse_margin, randomize_outside
@@ -193,7 +194,7 @@ ADULT_CALCIFICATION = {"pineal": (0.8, (120.0, 700.0)), "choroid": (0.85, (120.0
 
 # Options that apply to a share of series, as plan_dataset's keywords and the stamp's arguments; each is
 # recorded only when used, so that sets made before it existed still resume.
-SHARE_OPTIONS = ("calcification", "export", "randomize_outside")
+SHARE_OPTIONS = ("calcification", "export", "randomize_outside", "fractures")
 
 
 def _parse_share(what: str, value: float) -> float:
@@ -237,6 +238,12 @@ def _draw_calcification(seed: int, index: int, share: float) -> dict:
     return out
 
 
+def _draw_fracture(seed: int, index: int, share: float) -> dict:
+    """One series' skull fracture under ``--fractures share`` (``artifacts.draw_fracture``), as a confounder."""
+    r = _chosen(seed, 8, index, share)
+    return {} if r is None else {"fracture": draw_fracture(r)}
+
+
 def _draw_export(seed: int, index: int, share: float) -> Export | None:
     """Whether one series is stored as an export (``--export share``) and how (``draw_export``)."""
     r = _chosen(seed, 6, index, share)
@@ -254,7 +261,8 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                  thickness: float | str | tuple[float, float] = 5.0, prevalence=None,
                  twins: float = 0.0, pitch: float = 0.0, calcification: float = 0.0,
                  export: float = 0.0, randomize_outside: float = 0.0,
-                 outside_margin: float | str | tuple[float, float] = DEFAULT_MARGIN) -> list[SeriesPlan]:
+                 outside_margin: float | str | tuple[float, float] = DEFAULT_MARGIN,
+                 fractures: float = 0.0) -> list[SeriesPlan]:
     """Every series of the set, decided from the seed alone (one series per study). ``thickness`` is the
     slice thickness and spacing in mm, or a (low, high) range drawn per series.
 
@@ -276,7 +284,12 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     ``randomize_outside`` (0 to 1) is the share of series whose outside (beyond a few mm outside the inner
     table) is replaced by random texture (``ichscan.phantom.outside``); a twin gets its source's.
     ``outside_margin`` (mm, a number or a (low, high) range drawn per series) is how far outside the inner
-    table the head is kept (default 1.5-4); 25-40 keeps the vault's skull and scalp."""
+    table the head is kept (default 1.5-4); 25-40 keeps the vault's skull and scalp.
+
+    ``fractures`` (0 to 1) is the share of series with a skull fracture of the vault drawn apart from any
+    bleed (``artifacts.draw_fracture``: a lucent line, sometimes a depressed piece, scalp swelling, air),
+    as head injury leaves one with or without blood inside; a twin keeps its source's. Without it, the only
+    fractures are those some epidurals draw over themselves."""
     _parse_share("twins", twins)
     export = _parse_share("export", export)
     randomize_outside = _parse_share("randomize_outside", randomize_outside)
@@ -284,6 +297,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     t_lo, t_hi = parse_thickness(thickness)
     pitch = parse_pitch(pitch)
     calcification = _parse_share("calcification", calcification)
+    fractures = _parse_share("fractures", fractures)
     if studies < 1:
         raise IchscanError(f"studies must be at least 1 (got {studies})")
     lo, hi = int(slices[0]), int(slices[1])
@@ -334,7 +348,8 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                 study_uid=_uid(seed, "study", i), series_uid=_uid(seed, "series", i), frame_uid=_uid(seed, "for", i),
                 sop_uids=tuple(_uid(seed, "sop", i, k) for k in range(n)), image_ids=tuple(ids),
                 rows=rows, cols=cols, thickness=_draw_thickness(rng, t_lo, t_hi), subtypes=_subtypes(rng, prev),
-                confounders={**sample_confounders(rng), **_draw_calcification(seed, i, calcification)}, encoding=enc,
+                confounders={**sample_confounders(rng), **_draw_calcification(seed, i, calcification),
+                             **_draw_fracture(seed, i, fractures)}, encoding=enc,
                 header={"date": date, "time": tm, "accession": f"PH{seed % 10000:04d}{i:06d}",
                         "series_number": int(rng.integers(2, 9)), "window": window,
                         "kernel": writer.KERNELS[int(rng.integers(len(writer.KERNELS)))],
@@ -551,7 +566,8 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
                      twins: float = 0.0, overwrite: bool = False, pitch: float = 0.0,
                      calcification: float = 0.0, export: float = 0.0,
                      randomize_outside: float = 0.0,
-                     outside_margin: float | str | tuple[float, float] = DEFAULT_MARGIN) -> DatasetSummary:
+                     outside_margin: float | str | tuple[float, float] = DEFAULT_MARGIN,
+                     fractures: float = 0.0) -> DatasetSummary:
     """Write a phantom set under ``out`` (see docs/phantom.md); ``progress(n)`` is told of n more slices.
 
     Resumes: series an interrupted run finished are kept and only the rest drawn, and the files come out
@@ -566,10 +582,10 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
         raise IchscanError("is a file; --out needs a folder", out_p)
     plans = plan_dataset(studies, seed, size=size, slices=slices, thickness=thickness, prevalence=prevalence,
                          twins=twins, pitch=pitch, calcification=calcification, export=export,
-                         randomize_outside=randomize_outside, outside_margin=outside_margin)
+                         randomize_outside=randomize_outside, outside_margin=outside_margin, fractures=fractures)
     stamp = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins, pitch,
                    calcification=calcification, export=export, randomize_outside=randomize_outside,
-                   outside_margin=outside_margin)
+                   outside_margin=outside_margin, fractures=fractures)
     with lock_folder(out_p):
         lines = _start_journal(out_p, stamp, plans, layout, masks, overwrite)
         summary = _write_set(out_p, plans, lines, stamp, layout, masks, workers, progress)

@@ -120,6 +120,10 @@ def _draw_head(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Genera
         drawn["metal"] = artifacts.metal_shunt(anat.hu, anat.tissue, head, fr, rng)
     if rng.random() < SCALP_HAEMATOMA:
         drawn["scalp_haematoma"] = artifacts.scalp_haematoma(anat.hu, anat.tissue, anat.depth, head, fr, rng)
+    if confounders.get("fracture"):  # drawn from the plan's own numbers: no draw of ``rng`` is taken
+        blood = np.logical_or.reduce([masks[s] for s in SUBTYPES])
+        drawn["fracture"] = artifacts.skull_fracture(anat.hu, anat.tissue, anat.depth, head, fr,
+                                                     confounders["fracture"], keep=blood)
     if rng.random() < 0.85:
         drawn["holder"] = artifacts.head_holder(anat.hu, anat.tissue, head, fr, rng)
     artifacts.beam_hardening(anat.hu, head, fr, anat, float(rng.uniform(5, 25)))
