@@ -20,6 +20,13 @@ def test_thresholds_then_evaluate(tmp_path, capsys, caplog):
                  "--target", "0.8", "--out", str(thr)]) == 0
     doc = json.loads(thr.read_text())
     assert doc["method"] == "sensitivity" and doc["target"] == 0.8 and set(doc["thresholds"]) == set(LABELS)
+    lo, hi = doc["details"]["any"]["threshold_ci"]  # by default, 1000 resamples of the validation patients
+    assert 0.0 <= lo <= hi <= 1.0 and doc["details"]["any"]["threshold_bootstrap"] == 1000
+    assert "95% CI of the threshold" in capsys.readouterr().out
+    assert main(["thresholds", "--pred", str(pred), "--labels", str(labels), "--bootstrap", "-1",
+                 "--out", str(tmp_path / "t2.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--bootstrap must be 0 or more" in err[0]
 
     test = tmp_path / "test"
     test.mkdir()

@@ -456,3 +456,44 @@ def test_threshold_on_scores_that_do_not_separate_is_flagged():
     assert "100% of the negatives" in points.notes["any"]
     assert "epidural" not in points.notes
     assert points.details["epidural"]["auc"] == pytest.approx(1 - info["auc"])
+
+
+def test_threshold_interval_over_resampled_patients():
+    """Perfectly separated scores with a gap: Youden's choice on any resample is the lowest positive score
+    drawn, so the interval lies within the positives' scores and starts at the chosen point; the same seed
+    gives the same interval. Two flat-J candidates far apart (scores that barely separate) give a wide one."""
+    y = np.r_[np.zeros(30), np.ones(30)]
+    s = np.r_[np.linspace(0.05, 0.35, 30), np.linspace(0.65, 0.95, 30)]
+    points = m.choose_thresholds(np.c_[y], np.c_[s], labels=("any",), method="youden", n_bootstrap=300, seed=1)
+    d = points.details["any"]
+    assert points.thresholds["any"] == pytest.approx(0.65)
+    lo, hi = d["threshold_ci"]
+    assert lo == pytest.approx(0.65) and 0.65 <= hi <= 0.95 and d["threshold_bootstrap"] == 300
+    again = m.choose_thresholds(np.c_[y], np.c_[s], labels=("any",), method="youden", n_bootstrap=300, seed=1)
+    assert again.details["any"]["threshold_ci"] == d["threshold_ci"]
+    assert "threshold_ci" not in m.choose_thresholds(np.c_[y], np.c_[s], labels=("any",)).details["any"]
+    # each row a patient by default; with groups, whole patients are drawn: with one patient per class, a
+    # resample draws the same patient twice about half the time, and then lacks a class
+    groups = np.r_[np.zeros(30), np.ones(30)]
+    grouped = m.choose_thresholds(np.c_[y], np.c_[s], labels=("any",), n_bootstrap=200, groups=groups)
+    assert grouped.details["any"]["threshold_bootstrap"] < 150
+    # nearly flat J: alternating scores in the middle; the interval spans much of the range
+    y2 = np.r_[np.zeros(20), np.ones(20)]
+    s2 = np.r_[np.linspace(0.0, 0.6, 20), np.linspace(0.4, 1.0, 20)]
+    wide = m.choose_thresholds(np.c_[y2], np.c_[s2], labels=("any",), n_bootstrap=500).details["any"]
+    assert wide["threshold_ci"][1] - wide["threshold_ci"][0] > 0.1
+    with pytest.raises(ValueError, match="n_bootstrap"):
+        m.choose_thresholds(np.c_[y], np.c_[s], labels=("any",), n_bootstrap=-1)
+
+
+@pytest.mark.parametrize("method", ["youden", "sensitivity"])
+def test_weighted_threshold_equals_the_resample_itself(method):
+    """A resample as row weights (how the interval is computed, without copies) chooses the threshold the
+    resampled rows themselves give."""
+    y, p, _ = random_case(3, ties=True)
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        idx = rng.integers(0, len(y), len(y))
+        w = np.bincount(idx, minlength=len(y))
+        assert m.choose_threshold(y, p, method=method, target=0.8, sample_weight=w)[0] == \
+            m.choose_threshold(y[idx], p[idx], method=method, target=0.8)[0]

@@ -19,6 +19,7 @@ Definitions used throughout (``docs/evaluation.md`` has the long form):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -535,7 +536,7 @@ class OperatingPoints:
 
 
 def choose_threshold(
-    y_true, y_score, *, method: str = "youden", target: float = 0.9
+    y_true, y_score, *, method: str = "youden", target: float = 0.9, sample_weight=None
 ) -> tuple[float, dict[str, float]]:
     """One label's threshold on validation data, with the sensitivity and specificity it gives there.
 
@@ -544,14 +545,18 @@ def choose_threshold(
     Thresholds are observed scores, so ``prob >= threshold`` reproduces the validation operating point.
     The details also carry the data's AUC and its number of positive cases, so a caller can tell a threshold
     chosen on scores that separate the label from one that only the rule picked (see ``choose_thresholds``).
-    Raises ValueError when the data lack a positive or a negative case.
+    Raises ValueError when the data lack a positive or a negative case. ``sample_weight`` (rows weighing
+    0 count as absent) is how a bootstrap resample is scored without copying rows.
     """
     from sklearn.metrics import roc_curve
 
-    y, s, _ = _vectors(y_true, y_score, None)
+    y, s, w = _vectors(y_true, y_score, sample_weight)
+    if sample_weight is not None:
+        kept = w > 0
+        y, s, w = y[kept], s[kept], w[kept]
     if y.sum() == 0 or y.sum() == y.size:
         raise ValueError(f"needs positive and negative cases (has {int(y.sum())} of {y.size} positive)")
-    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    fpr, tpr, thr = roc_curve(y, s, sample_weight=w, drop_intermediate=False)
     # Index 0 is sklearn's "call nothing positive" point with an infinite threshold; never choose it.
     fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]
     if method == "youden":
@@ -577,22 +582,38 @@ def choose_thresholds(
     target: float = 0.9,
     default: float = 0.5,
     source: Mapping[str, Any] | None = None,
+    n_bootstrap: int = 0,
+    ci: float = 0.95,
+    seed: int = 0,
+    groups=None,
 ) -> OperatingPoints:
     """Per-label thresholds (see ``choose_threshold``); a label without both classes keeps ``default``.
 
     A label whose scores rank positives no better than chance on these data (AUC <= 0.5) still gets the
     method's threshold, but with a note and a warning: there Youden's J is largest at a near-zero threshold
     that calls almost everything positive, which is the rule working, not an operating point to rely on.
+
+    With ``n_bootstrap`` > 0 each label's details also give ``threshold_ci``: the ``ci`` percentile interval
+    of the thresholds the same method chooses on resamples of the patients (``groups``, one per row; each
+    row its own patient when None; ``patient_resamples`` with ``seed``). On a few dozen validation series
+    Youden's J is often nearly flat over a wide range of thresholds, and the interval shows how far the
+    chosen point could have fallen with other cases.
     """
     labels = tuple(labels)
     if method not in THRESHOLD_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(THRESHOLD_METHODS)}")
+    if n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be 0 or more, got {n_bootstrap}")
     y = _as_matrix(y_true, labels, "y_true")
     p = _as_matrix(y_prob, labels, "y_prob")
+    units = np.arange(len(y)) if groups is None else groups
     thresholds, details, notes = {}, {}, {}
     for j, name in enumerate(labels):
         try:
             thresholds[name], details[name] = choose_threshold(y[:, j], p[:, j], method=method, target=target)
+            if n_bootstrap:
+                details[name].update(_threshold_interval(y[:, j], p[:, j], units, n_bootstrap, seed, method,
+                                                         target, ci))
             if details[name]["auc"] <= 0.5:
                 notes[name] = (f"unreliable: the scores do not separate {name} here (AUC "
                                f"{details[name]['auc']:.3f}, {details[name]['positives']} positive of "
@@ -607,6 +628,22 @@ def choose_thresholds(
     return OperatingPoints(method=method, thresholds=thresholds,
                            target=target if method == "sensitivity" else None,
                            details=details, notes=notes, source=dict(source or {}))
+
+
+def _threshold_interval(y: np.ndarray, s: np.ndarray, groups, n_bootstrap: int, seed: int, method: str,
+                        target: float, ci: float) -> dict[str, Any]:
+    """The ``ci`` interval of the thresholds chosen on each of ``patient_resamples(groups, n_bootstrap, seed)``
+    (the same resamples for every label); a resample without both classes defines none."""
+    chosen = np.full(n_bootstrap, np.nan)
+    for k, w in enumerate(patient_resamples(groups, n_bootstrap, seed)):
+        with contextlib.suppress(ValueError):
+            chosen[k] = choose_threshold(y, s, method=method, target=target, sample_weight=w)[0]
+    low, high, n_valid, why = percentile_ci(chosen, ci, n_bootstrap)
+    out: dict[str, Any] = {"threshold_ci": None if low is None else [low, high], "threshold_ci_level": ci,
+                           "threshold_bootstrap": n_valid}
+    if why:
+        out["threshold_ci_note"] = why
+    return out
 
 
 def save_thresholds(points: OperatingPoints | Mapping[str, float], path: str | os.PathLike) -> Path:
@@ -933,8 +970,13 @@ def choose_thresholds_files(
     target: float = 0.9,
     default: float = 0.5,
     labels: Sequence[str] = LABELS,
+    n_bootstrap: int = 0,
+    ci: float = 0.95,
+    seed: int = 0,
 ) -> OperatingPoints:
-    """``load_eval_data`` on validation files, then ``choose_thresholds``; save with ``save_thresholds``."""
+    """``load_eval_data`` on validation files, then ``choose_thresholds`` (its bootstrap resampling the files'
+    patients); save with ``save_thresholds``."""
     data = load_eval_data(pred_path, labels_path, level=level, labels=labels)
     return choose_thresholds(data.y_true, data.y_prob, labels=data.labels, method=method, target=target,
-                             default=default, source={**data.source, "level": data.level, "n": len(data.ids)})
+                             default=default, source={**data.source, "level": data.level, "n": len(data.ids)},
+                             n_bootstrap=n_bootstrap, ci=ci, seed=seed, groups=data.groups)

@@ -16,6 +16,9 @@ examples:
 
 youden: the threshold maximising sensitivity + specificity - 1 on the validation set.
 sensitivity: the highest threshold whose validation sensitivity is at least --target.
+Each threshold comes with the interval in which the same method's choice falls when the validation
+patients are resampled (--bootstrap): on a few dozen series it is often wide, and then the point chosen
+is one of many that the data support about equally.
 A label without positive or negative validation cases keeps --default, noted in the file.
 Choose thresholds on validation data, never on the test set you report.
 """
@@ -35,6 +38,10 @@ def register(subparsers) -> None:
     p.add_argument("--method", choices=("youden", "sensitivity"), default="youden", help="default youden")
     p.add_argument("--target", type=float, default=0.9, help="sensitivity for --method sensitivity (default 0.9)")
     p.add_argument("--default", type=float, default=0.5, help="threshold for labels that cannot be tuned")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="resamples of patients for each threshold's interval; 0 for none (default 1000)")
+    p.add_argument("--ci", type=float, default=0.95, help="confidence level of that interval (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--out", "-o", default="thresholds.json", help="output JSON (default thresholds.json)")
     p.add_argument("--model", help="also store them in this checkpoint JSON or ensemble manifest (the one that "
                                    "made --pred), for ichscan predict to use")
@@ -51,8 +58,13 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("--target must lie in (0, 1], e.g. 0.9")
     if not 0.0 <= args.default <= 1.0:
         raise DataError("--default must lie in [0, 1]")
+    if args.bootstrap < 0:
+        raise DataError("--bootstrap must be 0 or more")
+    if not 0.0 < args.ci < 1.0:
+        raise DataError("--ci must lie between 0 and 1, e.g. 0.95")
     points = choose_thresholds_files(args.pred, args.labels, level=args.level, method=args.method,
-                                     target=args.target, default=args.default)
+                                     target=args.target, default=args.default, n_bootstrap=args.bootstrap,
+                                     ci=args.ci, seed=args.seed)
     path = save_thresholds(points, args.out)
     if args.model:
         from ichscan.model import set_operating_points
@@ -63,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         d = points.details.get(name)
         how = (f"sensitivity {d['sensitivity']:.3f}, specificity {d['specificity']:.3f}" if d
                else points.notes[name])
+        if d and d.get("threshold_ci"):
+            lo, hi = d["threshold_ci"]
+            how += f"; {d['threshold_ci_level']:.0%} CI of the threshold {lo:.4f}-{hi:.4f} over resampled patients"
         print(f"{name:17s} {t:.4f}  ({how})" + (f"\n{'':17s} note: {points.notes[name]}"
                                                   if d and name in points.notes else ""))
     print(f"wrote {path}")
