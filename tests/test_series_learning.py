@@ -381,6 +381,8 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
     assert final.record["aggregation"]["method"] == "context" and final.record["series_head"]["kind"] == "gru"
     thresholds = json.loads((out / "thresholds.json").read_text())
     assert thresholds["source"]["predictions"] == "out-of-fold series"
+    assert thresholds["details"]["any"]["threshold_bootstrap"] <= 20  # resampled patients, as Table 1's CIs
+    assert "threshold_ci" in thresholds["details"]["any"]
     table = (out / "table1_series.md").read_text()
     assert "any" in table and (out / "roc_series.png").is_file() and (out / "crossval.md").is_file()
     # resume: a finished cross-validation reruns from its files, to the same numbers

@@ -483,9 +483,12 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     write_csv(out / "comparison.csv", comparison, index=False, float_format="%.4f")
 
     primary = columns[f"adapted_{options.primary}"]
+    # with the interval each threshold's choice falls in over resampled patients: on a site's few dozen
+    # series it is often wide (docs/evaluation.md, operating points)
     points = choose_thresholds(truth, primary, labels=labels, method=options.threshold_method,
                                source={"crossval": os.fspath(out), "aggregation": options.primary,
-                                       "predictions": "out-of-fold series"})
+                                       "predictions": "out-of-fold series"},
+                               n_bootstrap=options.n_bootstrap, groups=patients)
     write_json(out / "thresholds.json", points.to_dict())
     ev = evaluate(truth, np.clip(primary, 0, 1), groups=patients, ids=uids, labels=labels,
                   thresholds=points.thresholds, n_bootstrap=options.n_bootstrap, level="series",
