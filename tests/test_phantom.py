@@ -544,24 +544,6 @@ def test_fractures_leave_labels_and_lesions_as_they_were(tmp_path):
     assert '"fractures": 0.5' in (tmp_path / "set" / "manifest.json").read_text()
 
 
-def test_cli_fractures_are_recorded_and_refused_out_of_range(tmp_path, capsys):
-    import json
-
-    from ichscan.cli import main
-
-    out = tmp_path / "broken"
-    assert main(["phantom", "--out", str(out), "--studies", "3", "--seed", "1", "--size", "48",
-                 "--slices", "6-6", "--fractures", "1"]) == 0
-    doc = json.loads((out / "manifest.json").read_text())
-    assert doc["arguments"]["fractures"] == 1.0
-    assert all("fracture" in s["confounders"] for s in doc["series"])
-    capsys.readouterr()
-    assert main(["phantom", "--out", str(tmp_path / "bad"), "--studies", "2", "--seed", "1",
-                 "--fractures", "-0.1"]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fractures -0.1" in err[0]
-
-
 def test_export_round_trip_keeps_the_brain_window_and_coarsens_the_rest():
     """Values a reader can check: inside the brain window HU come back to within a grey level (120/255 =
     0.47 HU) on flat regions; air floors at the bone window's lower edge (700 - 3200/2 = -900 HU); bone
@@ -618,21 +600,25 @@ def test_export_stores_a_share_of_series_and_changes_nothing_else(tmp_path):
     assert np.array_equal(series.volume(), render_series(plan).hu)
 
 
-def test_cli_export_is_recorded_and_refused_out_of_range(tmp_path, capsys):
+@pytest.mark.parametrize("flag, bad, drawn", [
+    ("--export", "1.5", lambda s: set(s["export"]) == {"brain", "bone", "quality", "pixel_mm"}),
+    ("--fractures", "-0.1", lambda s: "fracture" in s["confounders"]),
+])
+def test_cli_share_option_is_recorded_and_refused_out_of_range(tmp_path, capsys, flag, bad, drawn):
     import json
 
     from ichscan.cli import main
 
-    out = tmp_path / "exp"
-    assert main(["phantom", "--out", str(out), "--studies", "2", "--seed", "1", "--size", "48",
-                 "--slices", "4-5", "--export", "1"]) == 0
+    out = tmp_path / "set"
+    assert main(["phantom", "--out", str(out), "--studies", "3", "--seed", "1", "--size", "48",
+                 "--slices", "4-5", flag, "1"]) == 0
     doc = json.loads((out / "manifest.json").read_text())
-    assert doc["arguments"]["export"] == 1.0
-    assert all(set(s["export"]) == {"brain", "bone", "quality", "pixel_mm"} for s in doc["series"])
+    assert doc["arguments"][flag[2:]] == 1.0
+    assert all(drawn(s) for s in doc["series"])
     capsys.readouterr()
-    assert main(["phantom", "--out", str(tmp_path / "bad"), "--studies", "2", "--seed", "1", "--export", "1.5"]) != 0
+    assert main(["phantom", "--out", str(tmp_path / "bad"), "--studies", "2", "--seed", "1", flag, bad]) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "export 1.5" in err[0]
+    assert len(err) == 1 and f"{flag[2:]} {bad}" in err[0]
 
 
 def test_randomize_outside_changes_only_what_lies_beyond_the_inner_table(tmp_path):
