@@ -197,7 +197,7 @@ def skull_fracture(hu: np.ndarray, tissue: np.ndarray, depth: np.ndarray, head: 
     bone (filled with ``fill_hu``), running obliquely across the slices; in some, a piece between two such
     lines pushed ``depressed_mm`` inwards (bone where brain was, scalp where bone was); a swelling of the
     scalp over it; a few bubbles of air just inside the inner table. No voxel of ``keep`` (the blood) is
-    changed, so the labels stay what they were. Returns where it was drawn (slice indices)."""
+    changed, so the labels stay what they were. Returns ``spec`` with ``slices``: where it was drawn."""
     X, Y = fr.X[0], fr.Y[0]
     r = np.hypot(X, Y)
     phi = np.arctan2(X, -Y)
