@@ -202,6 +202,7 @@ def skull_fracture(hu: np.ndarray, tissue: np.ndarray, depth: np.ndarray, head: 
     r = np.hypot(X, Y)
     phi = np.arctan2(X, -Y)
     w = max(fr.spacing, 0.35)
+    radians_per_mm = spec["slope"] / max(float(np.median(r)), 1.0)  # the line's drift around the head, per mm up
     z_lo, z_hi = -10.0, head.top - 12.0
     z0 = z_lo + spec["height"] * (z_hi - z_lo)
     z_half = float(spec["z_half"])
@@ -212,7 +213,7 @@ def skull_fracture(hu: np.ndarray, tissue: np.ndarray, depth: np.ndarray, head: 
     done = []
     for i in np.nonzero(np.abs(fr.z - z0) < z_half)[0]:
         zi = float(np.sqrt(max(0.0, 1 - ((fr.z[i] - z0) / z_half) ** 2)))
-        centre = spec["phi"] + spec["slope"] * (float(fr.z[i]) - z0) / max(float(np.median(r)), 1.0)
+        centre = spec["phi"] + radians_per_mm * (float(fr.z[i]) - z0)
         dphi = wrap_angle(phi - centre)
         h, t, d = hu[i], tissue[i], depth[i]
         free = np.ones(h.shape, bool) if keep is None else ~keep[i]
