@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 HIST_LOW, HIST_HIGH = -100, 200  # intracranial HU kept by the mask; histograms in 1 HU bins over this range
 COMPARE_RANGE = (-20, 100)  # where ctich-dev's HU come from the brain-window JPG (about 0.5 HU a grey level)
 NPS_BIN = 0.05  # cycles/mm, width of the radial bins
+CRANIUM_MM = 20.0  # --cnn-region cranium: reach beyond the (3 mm eroded) mask: inner table, vault, scalp
 NPS_MAX = 1.5  # cycles/mm, last radial bin edge (above every Nyquist met here: 0.35 mm pixels -> 1.43)
 MID_F = 0.25  # cycles/mm: above it, the patches' power is mostly noise, below it mostly anatomy
 HIGH_F = 0.5  # cycles/mm: the fine-grain noise texture (reconstruction kernel, JPEG)
@@ -239,12 +240,34 @@ def slice_features(inside: np.ndarray, patches: np.ndarray, f: np.ndarray, profi
     return [*q, share, *noise]
 
 
+def around(mask: np.ndarray, spacing: tuple[float, float], mm: float) -> np.ndarray:
+    """``mask`` grown by ``mm`` (Euclidean, in PixelSpacing's millimetres); empty when ``mask`` is."""
+    if not mask.any():
+        return mask.copy()
+    return ndi.distance_transform_edt(~mask, sampling=(float(spacing[0]), float(spacing[1]))) <= mm
+
+
+def region_view(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], region: str,
+                cranium_mm: float = CRANIUM_MM) -> np.ndarray:
+    """What the CNN discriminator is shown of a slice (HU): ``whole``; ``intracranial``, the intracranial
+    mask's pixels and 0 HU elsewhere; ``cranium``, everything within ``cranium_mm`` of that mask (the cranial
+    contents, the inner table's edge, the vault and the scalp over it) and air (-1000 HU) beyond (face,
+    head holder, background). A slice without a mask is all 0 HU or all air."""
+    if region == "whole":
+        return hu
+    if region == "intracranial":
+        return np.where(mask, hu, 0.0)
+    if region == "cranium":
+        return np.where(around(mask, spacing, cranium_mm), hu, -1000.0)
+    raise ValueError(f"unknown region {region!r}")
+
+
 def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, window_at=(),
-                region: str = "whole") -> SourceStats:
+                region: str = "whole", cranium_mm: float = CRANIUM_MM) -> SourceStats:
     """Read ``series_list`` (``CTSeries``) through ichscan and accumulate the measures; the slices whose
-    running index is in ``window_at`` are also kept as the three paper windows at ``image_size``: the whole
-    slice, or with ``region="intracranial"`` only what the intracranial mask holds (everything else set to
-    0 HU, and slices without a mask all 0 HU), to ask whether the cranial contents alone give phantoms away."""
+    running index is in ``window_at`` are also kept as the three paper windows at ``image_size``, of the
+    region ``region_view`` names: the whole slice, the cranial contents alone, or the cranium (contents,
+    vault and scalp) without what lies beyond, to ask where phantoms give themselves away."""
     from ichscan.windows import PAPER_WINDOWS, window_image
 
     st = SourceStats(name)
@@ -279,7 +302,7 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
             st.groups.append(f"{name}:{series.patient_id}")
             st.levels.append(i / max(len(vol) - 1, 1))
             if st.slices in window_at:
-                shown = hu if region == "whole" else np.where(mask, hu, 0.0)
+                shown = region_view(hu, mask, spacing, region, cranium_mm)
                 st.images[st.slices] = window_image(shown, PAPER_WINDOWS, image_size, np.uint8)
             st.slices += 1
         log.info("%s: series %d/%d, %d slices, %.0f s", name, k + 1, len(series_list), st.slices,
@@ -518,8 +541,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="phantom generator processes (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="CNN training threads (default 1)")
     ap.add_argument("--no-cnn", action="store_true", help="only the logistic-regression discriminator")
-    ap.add_argument("--cnn-region", choices=("whole", "intracranial"), default="whole",
-                    help="what the CNN sees: the whole slice (default) or only the intracranial mask's pixels")
+    ap.add_argument("--cnn-region", choices=("whole", "intracranial", "cranium"), default="whole",
+                    help="what the CNN sees: the whole slice (default), only the intracranial mask's pixels, or "
+                         "the cranium: everything within --cranium-mm of that mask, air beyond")
+    ap.add_argument("--cranium-mm", type=float, default=CRANIUM_MM,
+                    help=f"reach of --cnn-region cranium beyond the intracranial mask (default {CRANIUM_MM:g} mm)")
     ap.add_argument("--keep-phantoms", action="store_true", help="leave the phantoms in --work")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
@@ -562,9 +588,9 @@ def main() -> None:
         pick_p, pick_r = evenly(n_p, per_class), evenly(n_r, per_class)
         img = dict(patch=args.nps_patch, image_size=args.image_size)
         phantom = scan_source("phantom", found["phantom"], window_at=() if args.no_cnn else pick_p,
-                              region=args.cnn_region, **img)
+                              region=args.cnn_region, cranium_mm=args.cranium_mm, **img)
         real = scan_source("ctich_dev", found["ctich_dev"], window_at=() if args.no_cnn else pick_r,
-                           region=args.cnn_region, **img)
+                           region=args.cnn_region, cranium_mm=args.cranium_mm, **img)
         ge = scan_source("ge_normal", found["ge_normal"], **img) if "ge_normal" in found else None
         seconds["read_and_measure"] = round(time.perf_counter() - t, 1)
     finally:
@@ -597,8 +623,10 @@ def main() -> None:
         disc["cnn"] = {"model": "4 conv blocks (16-32-64-64, first conv stride 2), GAP, linear; "
                                 "AdamW one-cycle 2e-3, batch 32, hflip",
                        "input": f"3 paper windows (brain, blood, soft tissue) at {args.image_size} px, uint8"
-                                + ("" if args.cnn_region == "whole" else
-                                   "; only the intracranial mask's pixels (the rest 0 HU)"),
+                                + {"whole": "",
+                                   "intracranial": "; only the intracranial mask's pixels (the rest 0 HU)",
+                                   "cranium": f"; only what lies within {args.cranium_mm:g} mm of the intracranial "
+                                              "mask (the rest -1000 HU)"}[args.cnn_region],
                        "region": args.cnn_region,
                        "epochs": args.epochs, "torch_seed": f"{args.seed} * 1000 + fold", "threads": args.threads,
                        **auc_report(scores, y, splits, brain, levels)}

@@ -56,6 +56,27 @@ def test_mask_closes_narrow_gaps_keeps_hu_range_and_is_empty_without_skull(reali
     assert not realism.intracranial_mask(np.full((64, 64), 30.0), (1.0, 1.0)).any()
 
 
+def test_region_views_keep_what_they_name(realism):
+    hu, r = skull()  # brain (r < 60 mm), bone 60-66 mm
+    hu[(r >= 66) & (r < 72)] = 40.0  # scalp
+    hu[(r >= 88) & (r < 92)] = 500.0  # a head holder's arc, 16 mm outside the scalp
+    mask = realism.intracranial_mask(hu, (1.0, 1.0))  # a disc of 57 mm (60 less the 3 mm erosion)
+    grown = realism.around(mask, (1.0, 1.0), 20.0)
+    assert grown[r <= 76].all() and not grown[r >= 78].any()  # 57 + 20 mm, to within the mask's 1 mm grid
+    assert np.array_equal(realism.around(mask, (0.5, 0.5), 10.0), grown)  # millimetres, not pixels
+    assert realism.region_view(hu, mask, (1.0, 1.0), "whole") is hu
+    inner = realism.region_view(hu, mask, (1.0, 1.0), "intracranial")
+    assert np.all(inner[mask] == 30.0) and np.all(inner[~mask] == 0.0)
+    cranium = realism.region_view(hu, mask, (1.0, 1.0), "cranium", cranium_mm=20.0)
+    assert np.all(cranium[(r >= 61) & (r < 65)] == 1000.0) and np.all(cranium[(r >= 67) & (r < 71)] == 40.0)
+    assert np.all(cranium[r >= 78] == -1000.0)  # holder and background become air
+    assert np.all(cranium[r < 55] == 30.0)
+    empty = np.zeros_like(mask)
+    assert np.all(realism.region_view(hu, empty, (1.0, 1.0), "cranium") == -1000.0)
+    with pytest.raises(ValueError, match="region"):
+        realism.region_view(hu, mask, (1.0, 1.0), "face")
+
+
 def test_detrend_removes_a_plane_and_keeps_what_is_orthogonal_to_it(realism):
     yy, xx = np.mgrid[:16, :16]
     plane = 40 + 0.7 * yy - 1.3 * xx
