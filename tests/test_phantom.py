@@ -722,3 +722,88 @@ def test_outside_margin_keeps_skull_and_scalp_and_randomizes_beyond(tmp_path, ca
               "--randomize-outside", "1", "--outside-margin", "abc"])
     err = capsys.readouterr().err.strip().splitlines()
     assert "outside-margin 'abc'" in err[-1]
+
+
+def _scalp_profile(hu: np.ndarray, spacing: float) -> tuple[float, float]:
+    """Along one ray of pixels (in order, moving away from the head's centre): the scalp's thickness (mm,
+    from the outer table, > 300 HU, to air, < -500 HU) and its median HU."""
+    bone = np.nonzero(hu > 300)[0]
+    start = bone.max() + 1
+    air = start + np.nonzero(hu[start:] < -500)[0][0]
+    return (air - start) * spacing, float(np.median(hu[start:air]))
+
+
+def test_scalp_is_fat_under_the_skin_and_thicker_over_the_temporal_fossae():
+    """Real heads (the CT-ICH and GE heads of bench/realism.py's sources) read -40..-80 HU a few mm out
+    from the outer table (subcutaneous fat), and their scalp is some 8-11 mm thick on the sides at the
+    temporal levels, where the temporalis lies, against 5-8 mm over the forehead."""
+    import dataclasses
+
+    base = dataclasses.replace(an.sample_head(np.random.default_rng(5)), scalp=6.0)
+    fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=1.0, z=np.array([base.widest + 5.0], np.float32),
+                  angle=0.0, shift=(0.0, 0.0))
+    row, col = (fr.rows - 1) // 2, (fr.cols - 1) // 2
+    got = {}
+    for name, fat, temporalis in (("fatty", 0.8, 5.0), ("lean", 0.0, 0.0)):
+        head = dataclasses.replace(base, scalp_fat=fat, temporalis=temporalis)
+        hu = an.build(head, fr, np.random.default_rng(0)).hu[0]
+        # forehead: up the middle column from the centre (-Y is the front); side: out along the middle row
+        got[name] = {"front": _scalp_profile(hu[:row + 1, col][::-1], fr.spacing),
+                     "side": _scalp_profile(hu[row, col:], fr.spacing)}
+    front_mm, front_hu = got["fatty"]["front"]
+    side_mm, side_hu = got["fatty"]["side"]
+    assert 5.0 <= front_mm <= 7.5  # the scalp's 6 mm, give or take the partial-volume ramp
+    assert -80 <= front_hu <= -20  # fat and septa: 80% of -110..-70 HU over skin of 30-50
+    assert side_mm - front_mm == pytest.approx(5.0, abs=1.5)  # the temporalis on this level, all of it
+    assert side_hu < 0  # muscle on the bone, fat over it
+    assert got["lean"]["front"][1] > 20 and got["lean"]["side"][0] == pytest.approx(front_mm, abs=1.0)
+    assert an.temporal_share(base, base.widest + 5.0) == 1.0 and an.temporal_share(base, base.widest + 35.0) == 0.0
+
+
+def _bone_mm(hu: np.ndarray, spacing: float, angles_deg) -> float:
+    """The vault's thickness (mm) at the image centre's level: the width of the outermost run of bone
+    (> 300 HU) along rays from the centre (0 degrees towards the front, 90 towards the side), the median
+    over ``angles_deg``, so that a suture or a rough patch on one ray does not decide it."""
+    from scipy.ndimage import map_coordinates
+
+    step = 0.25  # mm along each ray
+    r = np.arange(0, hu.shape[0] / 2 * spacing, step)
+    c = (hu.shape[0] - 1) / 2
+    widths = []
+    for a in np.deg2rad(angles_deg):
+        ray = map_coordinates(hu, [c - r * np.cos(a) / spacing, c + r * np.sin(a) / spacing], order=1)
+        bone = np.nonzero(ray > 300)[0]
+        outer = inner = bone.max()
+        while inner > 0 and ray[inner - 1] > 300:
+            inner -= 1
+        widths.append((outer - inner + 1) * step)
+    return float(np.median(widths))
+
+
+def test_vault_is_thinner_on_the_sides_than_front_and_back():
+    """Real vaults (CT-ICH, the GE head) are 5-8 mm thick over the forehead and occiput but 3.5-4.5 mm on
+    the sides, thinnest over the temporal fossae; the phantom's side share is ``head.squama`` (less a
+    quarter at the temporal levels), front and back the full ``head.skull``."""
+    import dataclasses
+
+    head = dataclasses.replace(an.sample_head(np.random.default_rng(5)), skull=7.0, squama=0.6)
+    for z in (head.widest + 5.0, head.widest + 20.0):
+        share = 0.6 * (1 - 0.25 * an.temporal_share(head, z))
+        fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=1.0, z=np.array([z], np.float32), angle=0.0,
+                      shift=(0.0, 0.0))
+        hu = an.build(head, fr, np.random.default_rng(0)).hu[0]
+        front = _bone_mm(hu, 0.5, range(-25, 26, 5))
+        sides = _bone_mm(hu, 0.5, list(range(80, 101, 5)) + list(range(-100, -79, 5)))
+        assert front == pytest.approx(7.0, abs=1.2)
+        assert sides == pytest.approx(7.0 * share, abs=1.0) and sides < 0.75 * front
+    # The same head with squama 1: front and back unchanged, the sides only as thin as the temporal levels make them
+    for z in (head.widest + 5.0, head.widest + 20.0):
+        fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=1.0, z=np.array([z], np.float32), angle=0.0,
+                      shift=(0.0, 0.0))
+        got = {}
+        for squama in (0.6, 1.0):
+            hu = an.build(dataclasses.replace(head, squama=squama), fr, np.random.default_rng(0)).hu[0]
+            got[squama] = (_bone_mm(hu, 0.5, range(-25, 26, 5)),
+                           _bone_mm(hu, 0.5, list(range(80, 101, 5)) + list(range(-100, -79, 5))))
+        assert got[0.6][0] == pytest.approx(got[1.0][0], abs=0.5)  # (the rays at 25 degrees thin a little)
+        assert got[0.6][1] / got[1.0][1] == pytest.approx(0.6, abs=0.12)

@@ -46,6 +46,10 @@ class HeadShape:
     lambdoid: float
     gyri: float  # sulci around the hemisphere
     age: int
+    # Drawn last, so that every field above is what it was before these were added:
+    scalp_fat: float = 0.0  # share of fat in the subcutaneous layer (with its fibrous septa)
+    temporalis: float = 0.0  # mm the temporal muscle adds to the scalp over the temporal fossae
+    squama: float = 1.0  # the vault's thickness on the sides (parietal, temporal squama) over front and back's
 
 
 def sample_head(rng: np.random.Generator) -> HeadShape:
@@ -67,6 +71,12 @@ def sample_head(rng: np.random.Generator) -> HeadShape:
         lambdoid=float(np.deg2rad(rng.uniform(122, 138))),
         gyri=float(rng.uniform(22, 28)),
         age=int(np.clip(20 + (atrophy - 0.8) * 75 + rng.normal(0, 6), 18, 95)),
+        # measured on real heads (bench/realism.py's sources): the scalp over the vault reads -40..-80 HU a
+        # few mm out from the bone (fat), and 8-11 mm thick on the sides at the temporal levels
+        scalp_fat=float(rng.uniform(0.6, 0.9)),
+        temporalis=float(rng.uniform(2.0, 6.0)),
+        # real vaults are 5-8 mm thick front and back but 3.5-4.5 mm on the sides (1-5 at the temporal levels)
+        squama=float(rng.uniform(0.5, 0.75)),
     )
 
 
@@ -250,7 +260,8 @@ class _Canvas:
 class _Vault:
     """Outer contour of the skull, level by level: the scalp lies on it and the skull fills it."""
 
-    thickness: np.ndarray  # (n, 1, 1) mm
+    thickness: np.ndarray  # (n, 1, 1) mm, front and back
+    side: np.ndarray  # (n, 1, 1) the thickness on the sides, as a share of ``thickness``
     A: np.ndarray  # (n, 1, 1) half-axes of the outer table
     B: np.ndarray
     above: np.ndarray  # (n, 1, 1) bool: above the inner table's vertex, where the vault is a cap
@@ -312,29 +323,38 @@ def _blank_canvas(head: HeadShape, fr: Frame) -> _Canvas:
 
 
 def _vault_outline(cv: _Canvas) -> _Vault:
-    """The skull's outer contour: the inner table plus the vault's thickness, which grows towards the base;
-    below the skull base the contour keeps its size there, and above the inner vertex it closes in a cap
-    as thick as the vault."""
+    """The skull's outer contour: the inner table plus the vault's thickness, which grows towards the base
+    and is thinner on the sides (``head.squama``, thinnest over the temporal fossae); below the skull base
+    the contour keeps its size there, and above the inner vertex it closes in a cap as thick as the vault."""
     head, z = cv.head, cv.z
     base = z < 12.0
     tb = np.where(z < 20, head.skull * (1 + 0.03 * np.clip(20 - z, 0, 40)), head.skull)  # thicker at base
-    A_out_sk = np.where(base, head.a * float(cranial_scale(head, np.float32(12.0))), cv.A) + tb
+    side = np.maximum(head.squama * (1 - 0.25 * temporal_share(head, z)), 0.3).astype(np.float32)
+    A_out_sk = np.where(base, head.a * float(cranial_scale(head, np.float32(12.0))), cv.A) + tb * side
     B_out_sk = np.where(base, head.b * float(cranial_scale(head, np.float32(12.0))), cv.B) + tb
     above = z > head.top
     cap = np.sqrt(np.clip(1 - ((z - head.top) / (head.skull + 0.1)) ** 2, 0, 1))
     A_out_sk = np.where(above, (head.a * 0.25 + head.skull) * cap, A_out_sk)
     B_out_sk = np.where(above, (head.b * 0.3 + head.skull) * cap, B_out_sk)
-    return _Vault(thickness=tb, A=A_out_sk, B=B_out_sk, above=above)
+    return _Vault(thickness=tb, side=side, A=A_out_sk, B=B_out_sk, above=above)
+
+
+def temporal_share(head: HeadShape, z):
+    """How much of the temporalis lies on the levels ``z`` (0..1): all of it from the zygomatic arch up to
+    a little below the widest section, thinning to none at the superior temporal line above it."""
+    return np.clip((head.widest + 35.0 - z) / 30.0, 0, 1) * np.clip((z + 25.0) / 15.0, 0, 1)
 
 
 def _scalp(cv: _Canvas, vault: _Vault, rng: np.random.Generator) -> None:
-    """The head's outline: scalp over the skull's outer contour (narrower in the neck) and the nose, a thin
-    subcutaneous fat layer under the skin, and denser soft tissue (galea, muscle) inside it. Everything
-    within is painted over later."""
+    """The head's outline: scalp over the skull's outer contour (narrower in the neck), thicker on the sides
+    over the temporal fossae, and the nose. In layers: skin outside, subcutaneous fat (``head.scalp_fat``
+    of it fat, the rest fibrous septa) under it, and on the bone a dense layer: galea and pericranium, and
+    the temporalis on the sides. Everything within is painted over later."""
     head, z, X, Y, w, smear = cv.head, cv.z, cv.X, cv.Y, cv.w, cv.smear
     hu, tissue, above = cv.hu, cv.tissue, vault.above
+    temporal = head.temporalis * temporal_share(head, z)
     capsc = np.sqrt(np.clip(1 - ((z - head.top) / (head.skull + head.scalp + 0.1)) ** 2, 0, 1))
-    A_head = np.where(above, (head.a * 0.3 + head.skull + head.scalp) * capsc, vault.A + head.scalp)
+    A_head = np.where(above, (head.a * 0.3 + head.skull + head.scalp) * capsc, vault.A + head.scalp + temporal)
     B_head = np.where(above, (head.b * 0.35 + head.skull + head.scalp) * capsc, vault.B + head.scalp)
     bottom = z < -45
     A_head = np.where(bottom, A_head * 0.85, A_head)
@@ -342,9 +362,12 @@ def _scalp(cv: _Canvas, vault: _Vault, rng: np.random.Generator) -> None:
     d_head = ellipse_distance(X, Y, 0, 0, A_head, B_head)  # one distance, offset for the scalp's layers
     scalp = np.maximum(ramp(d_head, smear), nose)
     paint(hu, tissue, float(rng.uniform(30, 50)), scalp, SOFT)
-    fat = ramp(d_head + 1.2, smear) * np.clip(1.0 - 0.4 * np.float32(above), 0, 1)
-    paint(hu, tissue, float(rng.uniform(-110, -70)), fat * 0.3)
-    paint(hu, tissue, float(rng.uniform(35, 55)), ramp(d_head + 1.5 + 0.2 * head.scalp, smear), SOFT)
+    under_skin = ramp(d_head + 1.2, smear)
+    fat = under_skin * np.float32(head.scalp_fat) * np.clip(1.0 - 0.4 * np.float32(above), 0, 1)
+    paint(hu, tissue, float(rng.uniform(-110, -70)), fat)
+    galea = 0.6 + 0.1 * head.scalp  # galea and pericranium, mm
+    d_dense = ellipse_distance(X, Y, 0, 0, vault.A + galea + 0.5 * temporal, vault.B + galea)
+    paint(hu, tissue, float(rng.uniform(35, 55)), np.minimum(ramp(d_dense, smear), under_skin), SOFT)
 
 
 def _cranial_cavity(cv: _Canvas) -> _Cavity:
@@ -403,8 +426,10 @@ def _roughen_inner_table(cv: _Canvas, depth, rng: np.random.Generator) -> None:
 
 def _skull_vault(cv: _Canvas, vault: _Vault, depth, rng: np.random.Generator) -> None:
     """Skull around the cavity: cortical bone from the inner table out to the vault's thickness (a cap
-    above the inner vertex), with diploe between the tables where the bone is thick enough to have it."""
-    hu, tissue, X, Y, w, smear, tb = cv.hu, cv.tissue, cv.X, cv.Y, cv.w, cv.smear, vault.thickness
+    above the inner vertex), thinner towards the sides as the outer contour is, with diploe between the
+    tables where the bone is thick enough to have it."""
+    hu, tissue, X, Y, w, smear = cv.hu, cv.tissue, cv.X, cv.Y, cv.w, cv.smear
+    tb = vault.thickness * (1 - (1 - vault.side) * np.sin(cv.phi) ** 2)  # as the contour's offset goes
     cortical = float(rng.uniform(1300, 1800))
     diploe = float(rng.uniform(350, 700))
     capfrac = ellipse(X, Y, 0, 0, vault.A, vault.B, smear) * vault.above
@@ -498,7 +523,8 @@ def _sutures(cv: _Canvas, depth) -> None:
         for ang in suture_angles(head, float(fr.z[i])):
             wig = 0.8 * np.sin(R[0] * 2.3 + ang * 7)
             arc = np.abs(wrap_angle(cv.phi[0] - ang)) * R[0]
-            gap = ramp(np.abs(arc - wig) - 0.5, w) * (depth[i] > -head.skull - 2) * (depth[i] < 0.5)
+            gap = ramp(np.abs(arc - wig) - 0.5, w) * (depth[i] > -head.skull - 2) * (depth[i] < 0.5) \
+                * (tissue[i] == BONE)  # through the bone, not out into the scalp where the vault is thin
             paint(hu[i], tissue[i], 150.0, gap * 0.85)
 
 
