@@ -724,13 +724,46 @@ def test_outside_margin_keeps_skull_and_scalp_and_randomizes_beyond(tmp_path, ca
     assert "outside-margin 'abc'" in err[-1]
 
 
-def _scalp_profile(hu: np.ndarray, spacing: float) -> tuple[float, float]:
-    """Along one ray of pixels (in order, moving away from the head's centre): the scalp's thickness (mm,
-    from the outer table, > 300 HU, to air, < -500 HU) and its median HU."""
-    bone = np.nonzero(hu > 300)[0]
-    start = bone.max() + 1
-    air = start + np.nonzero(hu[start:] < -500)[0][0]
-    return (air - start) * spacing, float(np.median(hu[start:air]))
+RAY_MM = 0.25  # step along the rays below
+
+
+def _level(head, z: float) -> np.ndarray:
+    """One 200 mm slice of ``head`` at level ``z`` (0.5 mm pixels, upright and centred), before the scanner."""
+    fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=1.0, z=np.array([z], np.float32), angle=0.0,
+                  shift=(0.0, 0.0))
+    return an.build(head, fr, np.random.default_rng(0)).hu[0]
+
+
+def _ray(hu: np.ndarray, angle: float) -> np.ndarray:
+    """HU from the slice's centre outward every ``RAY_MM``, at ``angle`` radians from the front towards the
+    patient's left (as the phantom's angles run); ``hu`` as ``_level`` makes it."""
+    from scipy.ndimage import map_coordinates
+
+    r = np.arange(0, 100, RAY_MM) / 0.5
+    c = (hu.shape[0] - 1) / 2
+    return map_coordinates(hu, [c - r * np.cos(angle), c + r * np.sin(angle)], order=1)
+
+
+def _outer_bone(ray: np.ndarray) -> tuple[int, int]:
+    """Indices of the first and last sample of the outermost run of bone (> 300 HU) along ``ray``."""
+    outer = inner = int(np.nonzero(ray > 300)[0].max())
+    while inner > 0 and ray[inner - 1] > 300:
+        inner -= 1
+    return inner, outer
+
+
+def _scalp_profile(ray: np.ndarray) -> tuple[float, float]:
+    """The scalp along ``ray``: thickness (mm, from the outer table to air, < -500 HU) and median HU."""
+    start = _outer_bone(ray)[1] + 1
+    air = start + np.nonzero(ray[start:] < -500)[0][0]
+    return (air - start) * RAY_MM, float(np.median(ray[start:air]))
+
+
+def _bone_mm(hu: np.ndarray, angles_deg) -> float:
+    """The vault's thickness (mm): the outermost run of bone along rays at ``angles_deg`` (0 the front, 90
+    the side), the median over them, so that a suture or a rough patch on one ray does not decide it."""
+    widths = [np.subtract(*_outer_bone(_ray(hu, np.deg2rad(a)))[::-1]) + 1 for a in angles_deg]
+    return float(np.median(widths)) * RAY_MM
 
 
 def test_scalp_is_fat_under_the_skin_and_thicker_over_the_temporal_fossae():
@@ -740,16 +773,10 @@ def test_scalp_is_fat_under_the_skin_and_thicker_over_the_temporal_fossae():
     import dataclasses
 
     base = dataclasses.replace(an.sample_head(np.random.default_rng(5)), scalp=6.0)
-    fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=1.0, z=np.array([base.widest + 5.0], np.float32),
-                  angle=0.0, shift=(0.0, 0.0))
-    row, col = (fr.rows - 1) // 2, (fr.cols - 1) // 2
     got = {}
     for name, fat, temporalis in (("fatty", 0.8, 5.0), ("lean", 0.0, 0.0)):
-        head = dataclasses.replace(base, scalp_fat=fat, temporalis=temporalis)
-        hu = an.build(head, fr, np.random.default_rng(0)).hu[0]
-        # forehead: up the middle column from the centre (-Y is the front); side: out along the middle row
-        got[name] = {"front": _scalp_profile(hu[:row + 1, col][::-1], fr.spacing),
-                     "side": _scalp_profile(hu[row, col:], fr.spacing)}
+        hu = _level(dataclasses.replace(base, scalp_fat=fat, temporalis=temporalis), base.widest + 5.0)
+        got[name] = {"front": _scalp_profile(_ray(hu, 0.0)), "side": _scalp_profile(_ray(hu, np.pi / 2))}
     front_mm, front_hu = got["fatty"]["front"]
     side_mm, side_hu = got["fatty"]["side"]
     assert 5.0 <= front_mm <= 7.5  # the scalp's 6 mm, give or take the partial-volume ramp
@@ -760,24 +787,22 @@ def test_scalp_is_fat_under_the_skin_and_thicker_over_the_temporal_fossae():
     assert an.temporal_share(base, base.widest + 5.0) == 1.0 and an.temporal_share(base, base.widest + 35.0) == 0.0
 
 
-def _bone_mm(hu: np.ndarray, spacing: float, angles_deg) -> float:
-    """The vault's thickness (mm) at the image centre's level: the width of the outermost run of bone
-    (> 300 HU) along rays from the centre (0 degrees towards the front, 90 towards the side), the median
-    over ``angles_deg``, so that a suture or a rough patch on one ray does not decide it."""
-    from scipy.ndimage import map_coordinates
+def test_sutures_cut_the_bone_and_not_the_scalp(monkeypatch):
+    """A suture is a gap through the vault: drawing the sutures changes bone and nothing else (the gap used
+    to be painted 2 mm out into the scalp, a bright line where the vault is thin)."""
+    import dataclasses
 
-    step = 0.25  # mm along each ray
-    r = np.arange(0, hu.shape[0] / 2 * spacing, step)
-    c = (hu.shape[0] - 1) / 2
-    widths = []
-    for a in np.deg2rad(angles_deg):
-        ray = map_coordinates(hu, [c - r * np.cos(a) / spacing, c + r * np.sin(a) / spacing], order=1)
-        bone = np.nonzero(ray > 300)[0]
-        outer = inner = bone.max()
-        while inner > 0 and ray[inner - 1] > 300:
-            inner -= 1
-        widths.append((outer - inner + 1) * step)
-    return float(np.median(widths))
+    head = dataclasses.replace(an.sample_head(np.random.default_rng(5)), scalp_fat=0.8, squama=0.6)
+    fr = an.Frame(rows=200, cols=200, spacing=1.0, thickness=5.0, z=np.array([head.widest + 10.0, head.top - 10.0],
+                  np.float32), angle=0.0, shift=(0.0, 0.0))
+    with_sutures = an.build(head, fr, np.random.default_rng(0))
+    monkeypatch.setattr(an, "_sutures", lambda cv, depth: None)
+    without = an.build(head, fr, np.random.default_rng(0))
+    changed = with_sutures.hu != without.hu
+    assert changed.sum() > 50  # the coronal and lambdoid (or sagittal) sutures on both slices
+    # bone, or the inner table's edge that the cranial contents paint over later; never scalp or air
+    assert np.isin(without.tissue[changed], (an.BONE, an.CSF)).all()
+    assert (with_sutures.hu[changed] < without.hu[changed]).all()  # gaps: less dense than the bone
 
 
 def test_vault_is_thinner_on_the_sides_than_front_and_back():
@@ -787,23 +812,16 @@ def test_vault_is_thinner_on_the_sides_than_front_and_back():
     import dataclasses
 
     head = dataclasses.replace(an.sample_head(np.random.default_rng(5)), skull=7.0, squama=0.6)
+    front_rays, side_rays = range(-25, 26, 5), list(range(80, 101, 5)) + list(range(-100, -79, 5))
     for z in (head.widest + 5.0, head.widest + 20.0):
         share = 0.6 * (1 - 0.25 * an.temporal_share(head, z))
-        fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=1.0, z=np.array([z], np.float32), angle=0.0,
-                      shift=(0.0, 0.0))
-        hu = an.build(head, fr, np.random.default_rng(0)).hu[0]
-        front = _bone_mm(hu, 0.5, range(-25, 26, 5))
-        sides = _bone_mm(hu, 0.5, list(range(80, 101, 5)) + list(range(-100, -79, 5)))
-        assert front == pytest.approx(7.0, abs=1.2)
-        assert sides == pytest.approx(7.0 * share, abs=1.0) and sides < 0.75 * front
-    # The same head with squama 1: front and back unchanged, the sides only as thin as the temporal levels make them
-    for z in (head.widest + 5.0, head.widest + 20.0):
-        fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=1.0, z=np.array([z], np.float32), angle=0.0,
-                      shift=(0.0, 0.0))
         got = {}
         for squama in (0.6, 1.0):
-            hu = an.build(dataclasses.replace(head, squama=squama), fr, np.random.default_rng(0)).hu[0]
-            got[squama] = (_bone_mm(hu, 0.5, range(-25, 26, 5)),
-                           _bone_mm(hu, 0.5, list(range(80, 101, 5)) + list(range(-100, -79, 5))))
-        assert got[0.6][0] == pytest.approx(got[1.0][0], abs=0.5)  # (the rays at 25 degrees thin a little)
-        assert got[0.6][1] / got[1.0][1] == pytest.approx(0.6, abs=0.12)
+            hu = _level(dataclasses.replace(head, squama=squama), z)
+            got[squama] = (_bone_mm(hu, front_rays), _bone_mm(hu, side_rays))
+        front, sides = got[0.6]
+        assert front == pytest.approx(7.0, abs=1.2)
+        assert sides == pytest.approx(7.0 * share, abs=1.0) and sides < 0.75 * front
+        # squama 1: front and back as they were, the sides only as thin as the temporal levels make them
+        assert front == pytest.approx(got[1.0][0], abs=0.5)  # (the rays at 25 degrees thin a little)
+        assert sides / got[1.0][1] == pytest.approx(0.6, abs=0.12)
