@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mil-pooling", choices=("lse", "max"), help="crossval --mil-pooling, for --label-level series/both")
     ap.add_argument("--keep-start", type=float, default=0.5,
                     help="crossval --keep-start W (default 0.5, as crossval; 0: fine-tuned alone, series head)")
+    ap.add_argument("--replay", help="crossval --replay DIR: a labelled phantom folder replayed beside each fold")
+    ap.add_argument("--replay-share", type=float, help="crossval --replay-share (default 0.5)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -55,7 +57,8 @@ def main(argv=None) -> int:
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out}: not empty; the benchmark times a run from scratch")
     config = TrainConfig.from_preset("finetune", init=args.init, label_level=args.label_level,
-                                     freeze_stages=args.freeze_stages, mil_pooling=args.mil_pooling)
+                                     freeze_stages=args.freeze_stages, mil_pooling=args.mil_pooling,
+                                     replay=args.replay, replay_share=args.replay_share)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     options = CrossvalOptions(folds=args.folds, members=args.members, keep_start=args.keep_start,
@@ -92,6 +95,8 @@ def main(argv=None) -> int:
         "keep_start": args.keep_start,
         "freeze_stages": config.freeze_stages,
         "mil_pooling": config.mil_pooling,
+        "replay": config.replay,
+        "replay_share": config.replay_share if config.replay else None,
         "machine": {"cpu_count": cpu_count(), "torch_threads": torch.get_num_threads(),
                     "cuda": torch.cuda.is_available()},
         "seconds": {k: round(v, 1) for k, v in times.items()},

@@ -47,7 +47,7 @@ from ichscan.series import (
     series_order,
     train_series_head,
 )
-from ichscan.train import FOLD_SEED, TrainConfig, _ensure_cache, resolve_init, train
+from ichscan.train import FOLD_SEED, TrainConfig, _ensure_cache, load_replay, resolve_init, train, with_replay
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +346,16 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     cache_dir = Path(cache) if cache else out / "cache"
     _ensure_cache(cache_dir, frame, config, io_workers,
                   (lambda d, t: data_progress("cache", d, t)) if data_progress else None, say)
+    # Replayed beside every fold's training data (a draw of its own per fold and model): never predicted, so
+    # it cannot leak a site patient into a fold; the OOF guard below holds as before.
+    replay_set = None
+    if config.replay:
+        replay_root = Path(config.replay)
+        replay_set = load_replay(
+            config, cache=out / "replay-cache",
+            index_cache=None if os.access(replay_root, os.W_OK) else out / "replay-index.parquet",
+            io_workers=io_workers, say=say,
+            progress=(lambda d, t: data_progress("replay", d, t)) if data_progress else None)
 
     # ---- the starting model, unadapted: scored on every slice (its predictions depend on no fold) and kept
     start = (_start_members(original_init, config, say)
@@ -399,8 +409,9 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
                 seed = config.seed + k + 100 * i
                 member_dir = _member_dir(fold_dir, i, len(member_configs))
                 member_config = dataclasses.replace(member_config, seed=seed)
-                model = _fit_backbone(member_config, train_set, member_dir, progress,
-                                      {"source": os.fspath(data), "crossval_fold": k, "train": train_set.summary()})
+                member_set = with_replay(member_config, train_set, replay_set, say)
+                model = _fit_backbone(member_config, member_set, member_dir, progress,
+                                      {"source": os.fspath(data), "crossval_fold": k, "train": member_set.summary()})
                 if options.series_head:
                     _fit_head(model, train_slices, targets, options, member_config, seed, say)
                     save_checkpoint(member_dir / "model", model, {
@@ -545,8 +556,9 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
                 seed = config.seed + options.folds + 100 * i
                 member_config = dataclasses.replace(member_config, seed=config.seed + 100 * i)
                 member_dir = _member_dir(final_dir, i, n)
-                model = _fit_backbone(member_config, train_set, member_dir, progress,
-                                      {"source": os.fspath(data), "train": train_set.summary()})
+                member_set = with_replay(member_config, train_set, replay_set, say)
+                model = _fit_backbone(member_config, member_set, member_dir, progress,
+                                      {"source": os.fspath(data), "train": member_set.summary()})
                 if options.series_head:
                     _fit_head(model, all_slices, targets, options, member_config, seed, say)
                 checkpoints.append(save_checkpoint(member_dir / "model", model, {

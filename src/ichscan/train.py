@@ -103,6 +103,11 @@ class TrainConfig:
     series_batch: int = 2  # series per step at series level
     max_series_slices: int = 64
     slice_weight: float = 1.0  # the slice loss beside the series loss at level "both"
+    # Rehearsal while adapting (issue 12): a labelled folder of another source (the phantoms the starting model
+    # learnt from) whose items join every epoch, a fixed seeded draw making up ``replay_share`` of it, so that
+    # what a site's few series cannot teach (subtypes with a handful of positives) is not forgotten.
+    replay: str | None = None
+    replay_share: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -943,6 +948,8 @@ class RunInputs:
     val_cache: str | os.PathLike | None = None
     io_workers: int | None = None  # processes for indexing and caching (default: all cores)
     series_labels: str | os.PathLike | None = None  # series_labels.csv (default <data>/series_labels.csv)
+    replay_cache: str | os.PathLike | None = None  # image cache for ``config.replay`` (needed with it)
+    replay_index: str | os.PathLike | None = None  # its header index (default <replay>/ichscan_index.parquet)
 
 
 FOLD_SEED = 0  # folds are a property of the data, the same for every run and training seed
@@ -1016,6 +1023,12 @@ def prepare_datasets(config: TrainConfig, inputs: RunInputs, *, report: Callable
             val_set = SeriesDataset(val_set, val_targets if val_targets is not None else targets,
                                     max_slices=config.max_series_slices)
         summary["label_level"] = config.label_level
+    if config.replay:
+        if inputs.replay_cache is None:
+            raise IchscanError("a replay folder needs an image cache folder (RunInputs.replay_cache)")
+        replay_set = load_replay(config, cache=inputs.replay_cache, index_cache=inputs.replay_index,
+                                 io_workers=inputs.io_workers, say=say, progress=step("replay"))
+        train_set = with_replay(config, train_set, replay_set, say)
     summary["train"] = train_set.summary()
     summary["val"] = val_set.summary() if val_set is not None else None
     return train_set, val_set, summary
@@ -1051,6 +1064,88 @@ def _ensure_cache(root: str | os.PathLike, frame, config: TrainConfig, workers: 
         result = build_cache(own, root, config.image_size, config.windows, workers=workers, progress=progress)
     for line in result.lines()[:6]:
         say(line)
+
+
+class ReplayMix(Dataset):
+    """A site's training items followed by a fixed draw from a replay set (``TrainConfig.replay``).
+
+    The draw is ``share / (1 - share)`` times the site's items (all of the replay set if it has fewer), made
+    once from ``seed`` without replacement, so a resumed run sees the same items and an epoch is the site's
+    data once plus the draw. Both sets must give items alike: slices (image, targets) or, at series level,
+    whole series (``SeriesDataset``)."""
+
+    def __init__(self, own: Dataset, replay: Dataset, share: float, seed: int):
+        if not 0.0 < share < 1.0:
+            raise IchscanError(f"--replay-share {share:g}: the replayed share of each epoch must lie in (0, 1)")
+        if tuple(replay.labels) != tuple(own.labels):
+            raise DataError(f"replay labels {list(replay.labels)} differ from the training data's {list(own.labels)}")
+        if hasattr(own, "series_y") != hasattr(replay, "series_y"):
+            raise IchscanError("replay and training data must both be slices or both be series")
+        n = min(len(replay), int(round(len(own) * share / (1.0 - share))))
+        rng = np.random.default_rng([int(seed), 0x5EED])
+        self.picks = np.sort(rng.choice(len(replay), size=n, replace=False))
+        self.own, self.replay, self.share = own, replay, float(share)
+        self.labels = tuple(own.labels)
+        if hasattr(own, "series_y"):
+            self.series_y = np.concatenate([own.series_y, replay.series_y[self.picks]])
+
+    def __len__(self) -> int:
+        return len(self.own) + len(self.picks)
+
+    def __getitem__(self, i: int):
+        n_own = len(self.own)
+        return self.own[i] if i < n_own else self.replay[int(self.picks[i - n_own])]
+
+    def summary(self) -> dict[str, Any]:
+        out = dict(self.own.summary())
+        out["replay"] = {"items": int(len(self.picks)), "of": int(len(self.replay)), "share": self.share}
+        return out
+
+
+def load_replay(config: TrainConfig, *, cache: str | os.PathLike, index_cache: str | os.PathLike | None = None,
+                io_workers: int | None = None, say: Callable[[str], None] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> Dataset:
+    """The replay folder ``config.replay`` as training items at the run's label level, image size and windows,
+    cached at ``cache`` (built or finished when needed). Its slices and series keep their own labels; at level
+    ``series`` its slice labels are withheld as the site's are."""
+    from ichscan.data import SliceDataset, load_labelled
+
+    say = say or (lambda line: log.info("%s", line))
+    root = Path(config.replay)
+    if not root.is_dir():
+        raise DataError("replay folder not found", root)
+    if index_cache is None and not os.access(root, os.W_OK):
+        raise DataError("replay folder is read-only: its header index needs a writable place", root)
+    if config.label_level != "slice":
+        from ichscan.series import SeriesDataset, load_series_data
+
+        data, targets = load_series_data(root, level=config.label_level, index_cache=index_cache,
+                                         workers=io_workers, progress=progress, labels=config.labels)
+    else:
+        data, targets = load_labelled(root, index_cache=index_cache, workers=io_workers, progress=progress,
+                                      labels=config.labels), None
+    frame = data.frame
+    if config.label_level == "slice":
+        frame = frame[frame[list(config.labels)].notna().all(axis=1)].reset_index(drop=True)
+    if len(frame) == 0:
+        raise DataError("no labelled images to replay", root)
+    _ensure_cache(cache, frame, config, io_workers, progress, say)
+    slices = SliceDataset(frame, config.image_size, config.windows, config.labels, cache=cache)
+    if targets is not None:
+        return SeriesDataset(slices, targets, max_slices=config.max_series_slices)
+    return slices
+
+
+def with_replay(config: TrainConfig, train_set: Dataset, replay_set: Dataset | None,
+                say: Callable[[str], None] | None = None) -> Dataset:
+    """``train_set`` mixed with ``replay_set`` as ``config`` asks (``ReplayMix``), or as it is without one."""
+    if replay_set is None:
+        return train_set
+    mixed = ReplayMix(train_set, replay_set, config.replay_share, config.seed)
+    if say:
+        say(f"replay: {len(mixed.picks)} of {len(replay_set)} items of {config.replay} join the "
+            f"{len(train_set)} training items each epoch (share {config.replay_share:g})")
+    return mixed
 
 
 def resolve_init(config: TrainConfig, report: Callable[[str], None] | None = None) -> TrainConfig:

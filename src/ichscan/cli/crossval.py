@@ -11,6 +11,7 @@ examples:
   ichscan crossval site/ --init bundled --label-level series --out runs/site-cv-series
   ichscan crossval site/ --init bundled --keep-start 0 --out runs/site-cv-head   # fine-tuned alone, series head
   ichscan crossval site/ --init bundled --out runs/site-cv --resume      # continue where it stopped
+  ichscan crossval site/ --init bundled --replay phantoms/ --out runs/site-cv-replay   # phantoms rehearsed
   ichscan predict new_study/ --checkpoint runs/site-cv/final/ensemble.json --out results/
 
 DATA is laid out as for ichscan train: images/ with labels.csv (slice labels), series_labels.csv (series
@@ -44,6 +45,11 @@ def register(subparsers) -> None:
                         "labels.csv), both")
     p.add_argument("--labels", help="slice label CSV, when not DATA/labels.csv")
     p.add_argument("--series-labels", help="series label CSV, when not DATA/series_labels.csv")
+    p.add_argument("--replay", metavar="DIR",
+                   help="a labelled folder of another source (the phantoms --init learnt from) replayed beside "
+                        "each fold's training series, so that adapting does not forget what DATA cannot teach")
+    p.add_argument("--replay-share", type=float,
+                   help="share of each epoch drawn from --replay (default 0.5)")
     r = p.add_argument_group("recipe (override the preset)")
     r.add_argument("--epochs", type=int)
     r.add_argument("--lr", type=float)
@@ -116,7 +122,8 @@ def run(args) -> int:
                      freeze_epochs=args.freeze_epochs, freeze_bn=args.freeze_bn,
                      freeze_stages=args.freeze_stages, mil_pooling=args.mil_pooling,
                      max_steps_per_epoch=args.max_steps_per_epoch, device=args.device, precision=args.precision,
-                     arch=args.arch, image_size=args.image_size, init=init, label_level=_label_level(args))
+                     arch=args.arch, image_size=args.image_size, init=init, label_level=_label_level(args),
+                     replay=args.replay, replay_share=args.replay_share)
     if init is None and args.preset == "finetune":
         say("--init none: training from scratch with the finetune recipe")
     config = TrainConfig.from_preset(args.preset, **overrides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EPILOG = """\
@@ -15,6 +16,7 @@ examples:
   ichscan train rsna/ --out runs/paper --resume   # continue an interrupted run exactly
   ichscan train site/ --init bundled --preset finetune --out runs/site      # adapt to a site's own series
   ichscan train site/ --init bundled --preset finetune --label-level series --out runs/site-series
+  ichscan train site/ --init bundled --replay phantoms/ --out runs/site-replay   # phantoms replayed beside
 
 DATA holds labels.csv (or stage_2_train.csv; RSNA's ID_<image>_<label>,Label) and images/ (or
 stage_2_train/); series_labels.csv (series_uid + one 0/1 column per label) gives series labels, which
@@ -49,6 +51,12 @@ def register(subparsers) -> None:
     d.add_argument("--cache", help="uint8 image cache folder for DATA (built or finished first if needed)")
     d.add_argument("--val-cache", help="image cache folder for --val")
     d.add_argument("--io-workers", type=int, help="processes for indexing and caching (default: all cores)")
+    d.add_argument("--replay", metavar="DIR",
+                   help="a labelled folder of another source (the phantoms the --init model learnt from) replayed "
+                        "beside DATA every epoch, so that adapting does not forget what DATA cannot teach")
+    d.add_argument("--replay-share", type=float,
+                   help="share of each epoch drawn from --replay (default 0.5: as many replayed items as DATA's)")
+    d.add_argument("--replay-cache", help="image cache folder for --replay (default OUT/replay-cache)")
     m = p.add_argument_group("model and recipe (override the preset)")
     m.add_argument("--arch", help="any timm architecture name")
     m.add_argument("--image-size", type=int)
@@ -113,7 +121,8 @@ def config_from_args(args):
         augment=AugmentConfig.none() if args.no_augment else None,
         init=init, label_level=getattr(args, "label_level", None), mil_pooling=getattr(args, "mil_pooling", None),
         freeze_epochs=getattr(args, "freeze_epochs", None), freeze_bn=getattr(args, "freeze_bn", None),
-        freeze_stages=getattr(args, "freeze_stages", None),
+        freeze_stages=getattr(args, "freeze_stages", None), replay=getattr(args, "replay", None),
+        replay_share=getattr(args, "replay_share", None),
     )
     return TrainConfig.from_preset(preset, **overrides)
 
@@ -146,7 +155,9 @@ def run(args) -> int:
         say("(the paper starts from ImageNet weights: give the file with --pretrained PATH, or --no-pretrained)")
     inputs = RunInputs(data=args.data, val_data=args.val, labels_csv=args.labels, index=args.index,
                        cache=args.cache, val_cache=args.val_cache, io_workers=args.io_workers,
-                       series_labels=args.series_labels)
+                       series_labels=args.series_labels,
+                       replay_cache=(args.replay_cache or os.path.join(args.out, "replay-cache")) if config.replay
+                       else None)
     bars: dict[str, tqdm] = {}
     quiet = args.no_progress or not main
 
