@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mil-pooling", choices=("lse", "max"), help="crossval --mil-pooling, for --label-level series/both")
     ap.add_argument("--keep-start", type=float, default=0.5,
                     help="crossval --keep-start W (default 0.5, as crossval; 0: fine-tuned alone, series head)")
-    ap.add_argument("--replay", help="crossval --replay DIR: a labelled phantom folder replayed beside each fold")
+    ap.add_argument("--replay", default="auto",
+                    help="crossval --replay DIR|auto|none (default auto, as crossval: the bundle's phantoms)")
     ap.add_argument("--replay-share", type=float, help="crossval --replay-share (default 0.5)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     times["one_epoch_s"] = time.perf_counter() - t0
 
     comparison = pd.read_csv(out / "cv" / "comparison.csv")
+    replay = json.loads((out / "cv" / "crossval.json").read_text())["config"]["replay"]
     auc = {f"{r['model']}_{r['aggregation']}": {c[4:]: (None if pd.isna(r[c]) else round(float(r[c]), 4))
                                                   for c in comparison.columns if c.startswith("auc_")}
            for _, r in comparison.iterrows()}
@@ -95,8 +97,8 @@ def main(argv=None) -> int:
         "keep_start": args.keep_start,
         "freeze_stages": config.freeze_stages,
         "mil_pooling": config.mil_pooling,
-        "replay": config.replay,
-        "replay_share": config.replay_share if config.replay else None,
+        "replay": replay,  # the folder it resolved to (auto: OUT/cv/replay-phantoms, drawn inside crossval_s)
+        "replay_share": config.replay_share if replay else None,
         "machine": {"cpu_count": cpu_count(), "torch_threads": torch.get_num_threads(),
                     "cuda": torch.cuda.is_available()},
         "seconds": {k: round(v, 1) for k, v in times.items()},

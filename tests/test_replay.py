@@ -169,3 +169,74 @@ def test_crossval_replays_beside_every_fold_and_predicts_only_the_site(sets, tmp
         assert meta["data"]["train"]["replay"]["items"] == meta["data"]["train"]["images"]
         held = set(slices.loc[slices["fold"] == k, "patient_id"])
         assert held and not held & set(fold["train_patients"])
+
+
+def test_replay_auto_draws_phantoms_as_the_bundles_last_stage_did_with_a_seed_of_its_own():
+    """REPLAY_PHANTOMS plans exactly the phantoms of the bundle's recorded last-stage command (parsed by the
+    phantom CLI), but for the seed, and no stage of the bundle used that seed."""
+    import shlex
+
+    from ichscan.bundled import REPLAY_PHANTOMS
+    from ichscan.cli import build_parser
+    from ichscan.model import bundled_dir
+    from ichscan.phantom import parse_prevalence, plan_dataset
+
+    recipe = json.loads((bundled_dir() / "bundled.json").read_text())["recipe"]
+    stages = recipe["stages"]
+    commands = [c for stage in stages for c in stage.get("phantoms", [])]
+    used = {int(shlex.split(c)[shlex.split(c).index("--seed") + 1]) for c in commands}
+    assert REPLAY_PHANTOMS["seed"] not in used
+    words = shlex.split(stages[-1]["phantoms"][0])[1:]  # 'ichscan phantom ...' -> 'phantom ...'
+    args = build_parser().parse_args(words)
+    ours = dict(REPLAY_PHANTOMS)
+    studies, seed = ours.pop("studies"), ours.pop("seed")
+    assert studies == 100  # a quarter of a stage's 400: about as many slices as a site of 100 series
+    theirs = plan_dataset(studies, seed, size=args.size, slices=args.slices, thickness=args.thickness,
+                          prevalence=parse_prevalence(args.prevalence), twins=args.twins, export=args.export,
+                          randomize_outside=args.randomize_outside, outside_margin=args.outside_margin,
+                          fractures=args.fractures)
+    assert plan_dataset(studies, seed, **ours) == theirs
+
+
+def test_resolve_replay_auto_only_for_the_bundled_model(tmp_path, monkeypatch):
+    import ichscan.bundled
+    from ichscan.train import TrainConfig, resolve_replay
+
+    lines: list[str] = []
+    other = TrainConfig.from_preset("finetune", init=str(tmp_path / "mine.json"), replay="auto")
+    assert resolve_replay(other, tmp_path / "a", say=lines.append).replay is None
+    assert "is not the bundled model" in lines[-1] and not (tmp_path / "a").exists()
+    for off in ("none", "", None):
+        assert resolve_replay(dataclass_replace(other, replay=off), tmp_path / "a").replay is None
+    assert resolve_replay(dataclass_replace(other, replay="/some/dir"), tmp_path / "a").replay == "/some/dir"
+
+    # the bundled model: its phantoms drawn into OUT/replay-phantoms (a small recipe here; the real one is
+    # checked above against the bundle's record), and kept, not redrawn, by a second run
+    small = dict(ichscan.bundled.REPLAY_PHANTOMS, studies=3, size=64, slices=(6, 8))
+    monkeypatch.setattr(ichscan.bundled, "REPLAY_PHANTOMS", small)
+    bundled = dataclass_replace(other, init="bundled")
+    resolved = resolve_replay(bundled, tmp_path / "b", workers=1, say=lines.append)
+    folder = tmp_path / "b" / "replay-phantoms"
+    assert resolved.replay == str(folder) and "3 phantom studies" in lines[-1]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["seed"] == small["seed"] and manifest["counts"]["series"] == 3
+    assert manifest["arguments"]["fractures"] == small["fractures"]
+    stamp = {p: p.stat().st_mtime_ns for p in folder.rglob("*.dcm")}
+    assert len(stamp) >= 18
+    assert resolve_replay(bundled, tmp_path / "b", workers=1, say=lines.append).replay == str(folder)
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*.dcm")} == stamp
+    assert "already in" in lines[-1]
+    # another recipe finds no set of its own there (and, drawing into it, would be refused by the generator)
+    from ichscan.phantom.dataset import holds_set
+
+    recipe = dict(small)
+    studies, seed = recipe.pop("studies"), recipe.pop("seed")
+    assert holds_set(folder, studies, seed, **recipe)
+    assert not holds_set(folder, studies, seed + 1, **recipe)
+    assert not holds_set(folder, studies, seed, **dict(recipe, fractures=0.0))
+
+
+def dataclass_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)

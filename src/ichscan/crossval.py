@@ -47,7 +47,16 @@ from ichscan.series import (
     series_order,
     train_series_head,
 )
-from ichscan.train import FOLD_SEED, TrainConfig, _ensure_cache, load_replay, resolve_init, train, with_replay
+from ichscan.train import (
+    FOLD_SEED,
+    TrainConfig,
+    _ensure_cache,
+    load_replay,
+    resolve_init,
+    resolve_replay,
+    train,
+    with_replay,
+)
 
 log = logging.getLogger(__name__)
 
@@ -250,12 +259,16 @@ def _baseline_probs(ensemble: Any, members: Sequence[Any], frame: pd.DataFrame, 
                    "operating_points": ensemble.manifest.thresholds if ensemble.manifest is not None else None}
 
 
+def _refuse_another_run(out: Path, resume: bool) -> None:
+    if (out / "crossval.json").is_file() and not resume:
+        raise IchscanError("a cross-validation is already in this folder; continue it with --resume or "
+                           "choose another --out", out)
+
+
 def _check_resume(out: Path, record: dict[str, Any], resume: bool) -> None:
     path = out / "crossval.json"
     if path.is_file():
-        if not resume:
-            raise IchscanError("a cross-validation is already in this folder; continue it with --resume or "
-                               "choose another --out", out)
+        _refuse_another_run(out, resume)
         before = json.loads(path.read_text())
         changed = sorted(k for k in ("config", "options", "data")
                          if _comparable(before.get(k), k) != _comparable(record.get(k), k))
@@ -303,6 +316,9 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     if options.keep_start and options.series_head:
         raise IchscanError("a series head needs --keep-start 0: the blend with the starting model, which has "
                            "no series head, is aggregated by the mean of the top k slices")
+    _refuse_another_run(out, resume)  # before phantoms are drawn for --replay auto
+    out.mkdir(parents=True, exist_ok=True)
+    config = resolve_replay(config, out, workers=io_workers, say=say)
     member_configs = _member_configs(config, original_init, options.members, say)
     config = member_configs[0]
     labels = list(config.labels)

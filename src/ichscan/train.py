@@ -1136,6 +1136,49 @@ def load_replay(config: TrainConfig, *, cache: str | os.PathLike, index_cache: s
     return slices
 
 
+REPLAY_AUTO = "auto"
+
+
+def _is_bundled(init: str | None) -> bool:
+    if not init:
+        return False
+    if init == "bundled":
+        return True
+    from ichscan.model import bundled_dir
+
+    return Path(init).resolve().parent == bundled_dir().resolve()
+
+
+def resolve_replay(config: TrainConfig, out_dir: str | os.PathLike, *, workers: int | None = None,
+                   say: Callable[[str], None] | None = None) -> TrainConfig:
+    """``config.replay`` made a folder or None. ``auto``: adapting the bundled model, the phantoms it learnt
+    from (``ichscan.bundled.REPLAY_PHANTOMS``) drawn into ``OUT/replay-phantoms`` (resumed, not redrawn, when
+    there); any other start's training data is unknown to ichscan, so nothing is replayed and the run says
+    so. ``none`` or empty: nothing."""
+    say = say or (lambda line: log.info("%s", line))
+    if config.replay in (None, "", "none"):
+        return dataclasses.replace(config, replay=None)
+    if config.replay != REPLAY_AUTO:
+        return config
+    if not _is_bundled(config.init):
+        say(f"replay: none (--init {config.init or 'none'} is not the bundled model, so what it learnt from is "
+            "unknown; give --replay DIR to rehearse it)")
+        return dataclasses.replace(config, replay=None)
+    from ichscan.bundled import REPLAY_PHANTOMS
+    from ichscan.phantom import generate_dataset
+    from ichscan.phantom.dataset import holds_set
+
+    folder = Path(out_dir) / "replay-phantoms"
+    recipe = dict(REPLAY_PHANTOMS)
+    studies, seed = recipe.pop("studies"), recipe.pop("seed")
+    if holds_set(folder, studies, seed, **recipe):
+        say(f"replay: the {studies} phantom studies already in {folder}")
+    else:
+        say(f"replay: {studies} phantom studies drawn as the bundled model's own (seed {seed}) into {folder}")
+        generate_dataset(folder, studies, seed, workers=workers or cpu_count(), **recipe)
+    return dataclasses.replace(config, replay=str(folder))
+
+
 def with_replay(config: TrainConfig, train_set: Dataset, replay_set: Dataset | None,
                 say: Callable[[str], None] | None = None) -> Dataset:
     """``train_set`` mixed with ``replay_set`` as ``config`` asks (``ReplayMix``), or as it is without one."""

@@ -11,7 +11,7 @@ examples:
   ichscan crossval site/ --init bundled --label-level series --out runs/site-cv-series
   ichscan crossval site/ --init bundled --keep-start 0 --out runs/site-cv-head   # fine-tuned alone, series head
   ichscan crossval site/ --init bundled --out runs/site-cv --resume      # continue where it stopped
-  ichscan crossval site/ --init bundled --replay phantoms/ --out runs/site-cv-replay   # phantoms rehearsed
+  ichscan crossval site/ --init bundled --replay none --out runs/site-cv-alone   # no phantoms rehearsed
   ichscan predict new_study/ --checkpoint runs/site-cv/final/ensemble.json --out results/
 
 DATA is laid out as for ichscan train: images/ with labels.csv (slice labels), series_labels.csv (series
@@ -45,9 +45,11 @@ def register(subparsers) -> None:
                         "labels.csv), both")
     p.add_argument("--labels", help="slice label CSV, when not DATA/labels.csv")
     p.add_argument("--series-labels", help="series label CSV, when not DATA/series_labels.csv")
-    p.add_argument("--replay", metavar="DIR",
-                   help="a labelled folder of another source (the phantoms --init learnt from) replayed beside "
-                        "each fold's training series, so that adapting does not forget what DATA cannot teach")
+    p.add_argument("--replay", metavar="DIR|auto|none", default="auto",
+                   help="a labelled folder of another source (what --init learnt from) replayed beside each "
+                        "fold's training series, so that adapting does not forget what DATA cannot teach; auto "
+                        "(default): with --init bundled, phantoms drawn as the bundle's own into OUT/replay-phantoms, "
+                        "else none; none: off")
     p.add_argument("--replay-share", type=float,
                    help="share of each epoch drawn from --replay (default 0.5)")
     r = p.add_argument_group("recipe (override the preset)")

@@ -51,9 +51,10 @@ def register(subparsers) -> None:
     d.add_argument("--cache", help="uint8 image cache folder for DATA (built or finished first if needed)")
     d.add_argument("--val-cache", help="image cache folder for --val")
     d.add_argument("--io-workers", type=int, help="processes for indexing and caching (default: all cores)")
-    d.add_argument("--replay", metavar="DIR",
-                   help="a labelled folder of another source (the phantoms the --init model learnt from) replayed "
-                        "beside DATA every epoch, so that adapting does not forget what DATA cannot teach")
+    d.add_argument("--replay", metavar="DIR|auto",
+                   help="a labelled folder of another source (what the --init model learnt from) replayed beside "
+                        "DATA every epoch, so that adapting does not forget what DATA cannot teach; auto: with "
+                        "--init bundled, phantoms drawn as the bundle's own into OUT/replay-phantoms")
     d.add_argument("--replay-share", type=float,
                    help="share of each epoch drawn from --replay (default 0.5: as many replayed items as DATA's)")
     d.add_argument("--replay-cache", help="image cache folder for --replay (default OUT/replay-cache)")
@@ -137,6 +138,14 @@ def run(args) -> int:
     config = config_from_args(args)
     main = detect_distributed().is_main
     say = (lambda line: print(line, file=sys.stderr)) if main else (lambda line: None)
+    if config.replay:
+        from ichscan.errors import IchscanError
+        from ichscan.train import REPLAY_AUTO, resolve_replay
+
+        if config.replay == REPLAY_AUTO and detect_distributed().enabled:
+            raise IchscanError("--replay auto draws phantoms in one process; under torchrun draw them first "
+                               "(ichscan phantom, docs/training.md#site) and give --replay DIR")
+        config = resolve_replay(config, args.out, workers=args.io_workers, say=say)
     config = resolve_init(config, say)
     say(f"preset {config.preset}: {PRESET_REASONS.get(config.preset, '')}")
     start = f"init={config.init}" if config.init else f"pretrained={config.pretrained}"

@@ -560,6 +560,25 @@ def _start_journal(out: Path, stamp: dict, plans: list[SeriesPlan], layout: str,
     return kept
 
 
+def holds_set(out, studies: int, seed: int, size: int = 512, slices: tuple[int, int] = (32, 40),
+              thickness: float | str | tuple[float, float] = 5.0, prevalence=None, layout: str = "rsna",
+              masks: bool = False, twins: float = 0.0, pitch: float = 0.0,
+              outside_margin: float | str | tuple[float, float] = DEFAULT_MARGIN, **shares: float) -> bool:
+    """Whether ``out`` holds a finished set made with exactly these arguments (``generate_dataset``'s): its
+    manifest records them, no run of it is half done, and its label file is there. A caller that needs the set
+    can then use it as it is; ``generate_dataset`` on it would write every file again, byte for byte."""
+    out = Path(out)
+    if (out / JOURNAL_NAME).exists() or not (out / "labels.csv" if layout == "rsna" else out).exists():
+        return False
+    try:
+        doc = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    want = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins, pitch,
+                  outside_margin=outside_margin, **shares)
+    return isinstance(doc, dict) and {k: doc.get(k) for k in ("kind", "seed", "arguments")} == want
+
+
 def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tuple[int, int] = (32, 40),
                      thickness: float | str | tuple[float, float] = 5.0, prevalence=None, layout: str = "rsna",
                      masks: bool = False, workers: int = 1, progress: Callable[[int], None] | None = None,
