@@ -317,7 +317,6 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
         raise IchscanError("a series head needs --keep-start 0: the blend with the starting model, which has "
                            "no series head, is aggregated by the mean of the top k slices")
     _refuse_another_run(out, resume)  # before phantoms are drawn for --replay auto
-    out.mkdir(parents=True, exist_ok=True)
     config = resolve_replay(config, out, workers=io_workers, say=say)
     member_configs = _member_configs(config, original_init, options.members, say)
     config = member_configs[0]
