@@ -243,8 +243,8 @@ def test_the_models_aggregation_is_used_unless_one_is_asked_for(tmp_path):
 # and for its lesion-free twin (the same scan without the bleed), through DICOM files, the default TTA and
 # the bundle's own aggregation (mean of the top 3 slices). Re-measured whenever the generator draws this pair
 # differently or the bundle changes (5 Dec 2026: the fatty scalp took the twin from 0.049 to 0.096 under the bundle
-# of e84ecff; the bundle trained on that generator gives it 0.051).
-SHIPPED_PHANTOM_ANY = {"bleed": 0.9995, "twin": 0.0512}
+# of e84ecff; the bundle trained on that generator gives it 0.051; the folded sulci of 5 Dec 2026, later, 0.062).
+SHIPPED_PHANTOM_ANY = {"bleed": 0.9995, "twin": 0.0615}
 
 
 @pytest.mark.skipif(not (SHIPPED / BUNDLED_MANIFEST).is_file(),

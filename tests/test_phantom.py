@@ -825,3 +825,73 @@ def test_vault_is_thinner_on_the_sides_than_front_and_back():
         # squama 1: front and back as they were, the sides only as thin as the temporal levels make them
         assert front == pytest.approx(got[1.0][0], abs=0.5)  # (the rays at 25 degrees thin a little)
         assert sides / got[1.0][1] == pytest.approx(0.6, abs=0.12)
+
+
+def _cortical_band(head, z: float):
+    """(tissue codes, mask of the cortical band) of one 0.5 mm slice of ``head`` at ``z``: the band 1.5-14 mm
+    inside the inner table, the interhemispheric fissure (4 mm either side of the midline) left out."""
+    fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=1.0, z=np.array([z], np.float32), angle=0.0,
+                  shift=(0.0, 0.0))
+    tissue = an.build(head, fr, np.random.default_rng(0)).tissue[0]
+    bone = tissue == an.BONE
+    cavity = ndimage.binary_fill_holes(bone) & ~bone
+    parts, n = ndimage.label(cavity)
+    cavity = parts == 1 + int(np.argmax(ndimage.sum(cavity, parts, range(1, n + 1))))
+    inside = ndimage.distance_transform_edt(cavity) * 0.5
+    x = (np.arange(400) - 199.5) * 0.5
+    return tissue, (inside > 1.5) & (inside < 14) & (np.abs(x)[None, :] > 4)
+
+
+def test_sulci_are_irregular_clefts_that_widen_with_age():
+    """Sulci meander, branch and end at uneven intervals, as real ones do on axial CT, where they used to be
+    straight spokes at even angles (the gaps between neighbouring sulci then varied by a third of their mean;
+    now by over half); older heads have wider ones (more CSF in the cortical band)."""
+    import dataclasses
+
+    spreads, shares = [], {}
+    for seed in (5, 6, 7, 8):
+        head = an.sample_head(np.random.default_rng(seed))
+        for atrophy in (0.9, 1.5):
+            for dz in (10.0, 30.0):
+                tissue, band = _cortical_band(dataclasses.replace(head, atrophy=atrophy), head.widest + dz)
+                sulci = (tissue == an.CSF) & band
+                shares[seed, atrophy, dz] = sulci.sum() / band.sum()
+                parts, n = ndimage.label(sulci, np.ones((3, 3)))
+                size = ndimage.sum(sulci, parts, range(1, n + 1))
+                centres = ndimage.center_of_mass(sulci, parts, range(1, n + 1))
+                angles = np.sort([np.arctan2(c[1] - 199.5, 199.5 - c[0]) for c, s in zip(centres, size) if s >= 8])
+                gaps = np.diff(np.concatenate([angles, angles[:1] + 2 * np.pi]))
+                assert len(angles) >= 5 and 0.005 < shares[seed, atrophy, dz] < 0.12
+                spreads.append(gaps.std() / gaps.mean())
+                extent = max(max(s[0].stop - s[0].start, s[1].stop - s[1].start) for s in ndimage.find_objects(parts))
+                assert extent * 0.5 < 30  # clefts a few mm to two centimetres long, never a ring
+    assert np.median(spreads) > 0.5, spreads  # the spokes measured 0.31
+    for seed in (5, 6, 7, 8):
+        for dz in (10.0, 30.0):
+            assert shares[seed, 1.5, dz] > 1.5 * shares[seed, 0.9, dz]
+
+
+def test_the_folding_pattern_changes_the_cortex_and_no_other_draw(monkeypatch):
+    """The folds are drawn from a generator of their own, seeded by the cortex's own draw: with the folding
+    left unpainted (the same two draws taken from the head's generator), everything outside the cranial
+    cavity is identical, and what changes is the cortex (grey, white matter, sulcal CSF)."""
+    import dataclasses
+
+    head = dataclasses.replace(an.sample_head(np.random.default_rng(6)), atrophy=1.3)
+    fr = an.Frame(rows=200, cols=200, spacing=1.0, thickness=5.0,
+                  z=np.array([head.widest + 10.0, head.widest + 30.0], np.float32), angle=0.0, shift=(0.0, 0.0))
+    folded = an.build(head, fr, np.random.default_rng(0))
+
+    def unfolded(cv, cavity, extra, efface, distended, rng):
+        rng.uniform(0, 2 * np.pi, 3)
+        rng.uniform(0.45, 1.15)
+
+    monkeypatch.setattr(an, "_cortex_and_sulci", unfolded)
+    plain = an.build(head, fr, np.random.default_rng(0))
+    changed = folded.hu != plain.hu
+    assert changed.sum() > 500
+    cortex = np.isin(folded.tissue[changed], (an.GREY, an.WHITE, an.CSF))
+    assert cortex.mean() > 0.95  # the rest: deep structures laid partly over the folds at their edges
+    outside = np.isin(plain.tissue, (an.AIR, an.SOFT, an.FAT, an.BONE))
+    assert outside.sum() > 10_000 and np.array_equal(folded.hu[outside], plain.hu[outside])
+    assert np.array_equal(folded.tissue[outside], plain.tissue[outside])

@@ -556,11 +556,40 @@ def _mass_effect(cv: _Canvas, mass: MassEffect | None) -> tuple[np.ndarray, np.n
     return Xw, efface
 
 
+def _folding_field(sub: np.random.Generator, waves: int, wavelength: float, stretch: tuple[float, float]):
+    """A smooth random field over the cortex, unit variance: ``waves`` plane waves of random direction and
+    phase in (arc along the surface, depth, z), mm, their wavelengths around ``wavelength`` along the surface
+    and ``stretch`` times longer in depth and in z. Returns (field(s, d, z), rms gradient along the surface)."""
+    kappa = 2 * np.pi / (wavelength * sub.uniform(0.8, 1.25, waves))
+    theta = sub.uniform(0, 2 * np.pi, waves)
+    lean = sub.normal(0, 1, waves)
+    k_s = (kappa * np.cos(theta)).astype(np.float32)
+    k_z = (kappa * np.sin(theta) / stretch[1]).astype(np.float32)
+    k_d = (kappa * lean / stretch[0]).astype(np.float32)
+    phase = sub.uniform(0, 2 * np.pi, waves).astype(np.float32)
+    amp = np.float32(np.sqrt(2.0 / waves))
+
+    def field(sc, dc, zc):
+        out = np.zeros(sc.shape, np.float32)
+        for i in range(waves):
+            out += np.cos(k_s[i] * sc + k_d[i] * dc + k_z[i] * zc + phase[i])
+        return out * amp
+
+    return field, float(np.sqrt(np.mean(k_s.astype(np.float64) ** 2)))
+
+
 def _cortex_and_sulci(cv: _Canvas, cavity: _Cavity, extra: float, efface, distended: list[dict] | None,
                       rng: np.random.Generator) -> None:
-    """Cortex, gyri and sulci: white matter under a cortical ribbon that folds around the hemisphere, and
-    CSF in the supratentorial sulci, widened by atrophy and by blood (``distended``), narrowed by a mass
-    (``efface``). Computed only on voxels inside the cavity."""
+    """Cortex, gyri and sulci: white matter under a cortical ribbon that folds, and CSF in the
+    supratentorial sulci, widened by atrophy and by blood (``distended``), narrowed by a mass (``efface``).
+    Computed only on voxels inside the cavity.
+
+    The sulci are the zero set of a smooth random field over (arc along the surface, depth, z): they run
+    from the surface inwards, meander, branch and end, and where a slice cuts one along its length it reads
+    as a wider cleft, as real sulci do on axial CT (the generator of 5 Dec 2026, morning, and before drew
+    ``gyri`` straight radial spokes of one depth pattern, which a realism discriminator could tell at a
+    glance: docs/phantom.md). The white matter reaches up into each gyrus, furthest where the field is
+    furthest from zero."""
     head, hu, tissue, w = cv.head, cv.hu, cv.tissue, cv.w
     depth = cavity.depth
     cav = depth > 0
@@ -571,14 +600,15 @@ def _cortex_and_sulci(cv: _Canvas, cavity: _Cavity, extra: float, efface, disten
     zc = np.broadcast_to(cv.z, full)[cav]
     phic = np.arctan2(Xc, -Yc)
     rphase = rng.uniform(0, 2 * np.pi, 3).astype(np.float32)
-    dd = np.minimum(dc, 20)
-    bend = 0.09 * dd * np.sin(5 * phic + 0.04 * zc + rphase[2]) \
-        + 0.012 * dd**1.5 * np.sin(13 * phic - 0.06 * zc + rphase[1])  # sulci curve and wander as they deepen
-    psi = head.gyri * phic + 0.35 * zc + rphase[0] + 1.2 * np.sin(3 * phic + 0.05 * zc + rphase[1]) \
-        + 0.6 * np.sin(7 * phic - 0.08 * zc + rphase[2]) + bend
-    g = np.cos(psi)
-    period = 2 * np.pi * np.maximum(np.hypot(Xc, Yc), 5) / head.gyri
-    arc = np.abs(wrap_angle(psi - np.pi)) / (2 * np.pi) * period
+    # The folding pattern's own generator, seeded from the draw above: no draw after this one changes.
+    sub = np.random.default_rng(np.frombuffer(rphase.tobytes(), np.uint32).tolist())
+    # arc length along the surface at the cavity's edge (so that a sulcus keeps its place as it deepens)
+    sc = phic * (np.maximum(np.hypot(Xc, Yc), 5) + dc)
+    spacing = 2 * np.pi * 70.0 / head.gyri  # mm between sulci along the surface: 16-20 mm
+    # a random field crosses zero about twice per wavelength: waves twice the spacing long
+    fold, slope = _folding_field(sub, 24, 2 * spacing, stretch=(3.0, 1.3))
+    f = fold(sc, dc, zc)
+    arc = np.abs(f) / np.float32(slope)  # about the distance (mm, along the surface) to the nearest sulcus
     # Sulci from barely visible (young, thick slices: partial volume) to wide (atrophy).
     sulcus_w = np.float32((0.8 + 1.6 * (head.atrophy - 0.8)) * float(rng.uniform(0.45, 1.15)))
     for reg in distended or ():
@@ -589,10 +619,12 @@ def _cortex_and_sulci(cv: _Canvas, cavity: _Cavity, extra: float, efface, disten
         sulcus_w = sulcus_w * (1 - 0.85 * np.broadcast_to(efface, full)[cav])
     sulc_depth = 11.0 + 3 * (head.atrophy - 0.8)
     cortex = 2.6
-    wm_depth = extra + cortex + (sulc_depth * 0.75) * ((1 - g) / 2) ** 1.3
+    crown = np.clip(np.abs(f) / 1.2, 0, 1)  # 0 in a sulcus, 1 at a gyrus' crown
+    wm_depth = extra + cortex + (sulc_depth * 0.75) * (1 - crown) ** 1.3
     h_c, t_c = hu[cav], tissue[cav]
     paint(h_c, t_c, head.white, ramp(wm_depth - dc, w), WHITE)
-    fundus = extra + sulc_depth * (0.75 + 0.5 * np.cos(1.7 * psi / head.gyri * 5))  # sulci of varied depth
+    deep, _ = _folding_field(sub, 8, 6 * spacing, stretch=(4.0, 1.0))
+    fundus = extra + sulc_depth * (0.75 + 0.35 * np.clip(deep(sc, dc, zc), -1.5, 1.5))  # sulci of varied depth
     sul = ramp(arc - sulcus_w / 2, w) * ramp(dc - fundus, w)
     paint(h_c, t_c, head.csf, sul * (cavity.cerebrum[cav] & (zc >= 12)), CSF)
     hu[cav], tissue[cav] = h_c, t_c
@@ -649,8 +681,16 @@ def _deep_grey_and_insula(cv: _Canvas, s: _Band, depth) -> None:
                                            6.5 * bgb + .01, w), GREY)
         sy = s.profile(6, wl + 6)
         x_out = sx * head.a * float(cranial_scale(head, np.float32(30.0)))
-        syl = ramp(segment_distance(X, Y, x_out, -0.08 * head.b, x_out * 0.62, 0.05 * head.b)
-                   - (1.0 + 0.9 * v) * sy, w) * (sy > 0.05)
+        # The fissure bows and wavers along its course (phase and bow from the head's own gyri draw, so no
+        # new draw), thin in young heads (1 mm) and wide with atrophy (3-4 mm), widest where it opens to the
+        # surface: real ones are seldom the straight, even 4-5 mm band they once were here.
+        phase = float((head.gyri * 7.3 + 1.7 * sx) % (2 * np.pi))
+        t_along = np.clip((X - x_out) / (x_out * 0.62 - x_out), 0, 1)
+        Yw = Y - (0.05 * head.b * np.sin(np.pi * t_along) * np.sin(phase)
+                  + 1.2 * np.sin(0.35 * X + phase) * (1 - t_along))
+        half = (0.4 + 1.4 * (v - 0.8)) * (1.3 - 0.6 * t_along) * sy
+        syl = ramp(segment_distance(X, Yw, x_out, -0.08 * head.b, x_out * 0.62, 0.05 * head.b) - half, w) \
+            * (sy > 0.05)
         paint(h_s, t_s, head.csf, syl * (depth > 0), CSF)
 
 
