@@ -4,6 +4,7 @@ starting model knew where the site's data has nothing to teach."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -240,3 +241,24 @@ def dataclass_replace(config, **changes):
     import dataclasses
 
     return dataclasses.replace(config, **changes)
+
+
+def test_a_read_only_replay_folder_is_indexed_beside_its_cache(sets, tmp_path, monkeypatch):
+    """A replay folder the run may not write to (a shared phantom set): its header index goes beside the
+    replay cache, and the folder is left as it was. (Root, as CI runs, writes through file modes, so the
+    folder is made unwritable to the check itself, os.access, and only for it.)"""
+    import os
+    import shutil
+
+    from ichscan.train import TrainConfig, load_replay
+
+    folder = tmp_path / "shared"
+    shutil.copytree(sets / "replay", folder, ignore=shutil.ignore_patterns("ichscan_index.parquet"))
+    before = sorted(p.name for p in folder.iterdir())
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (False if Path(path) == folder and mode & os.W_OK
+                                                                 else real_access(path, mode, **kw)))
+    config = TrainConfig.from_preset("finetune", image_size=64, replay=str(folder))
+    replay = load_replay(config, cache=tmp_path / "cache")
+    assert len(replay) == len(pd.read_csv(folder / "labels.csv")) // len(LABELS)
+    assert (tmp_path / "cache-index.parquet").is_file() and sorted(p.name for p in folder.iterdir()) == before

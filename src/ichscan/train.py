@@ -1107,15 +1107,16 @@ def load_replay(config: TrainConfig, *, cache: str | os.PathLike, index_cache: s
                 progress: Callable[[int, int], None] | None = None) -> Dataset:
     """The replay folder ``config.replay`` as training items at the run's label level, image size and windows,
     cached at ``cache`` (built or finished when needed). Its slices and series keep their own labels; at level
-    ``series`` its slice labels are withheld as the site's are."""
+    ``series`` its slice labels are withheld as the site's are. Its header index goes to ``index_cache``, else
+    into the folder, else (read-only) beside the cache."""
     from ichscan.data import SliceDataset, load_labelled
 
     say = say or (lambda line: log.info("%s", line))
     root = Path(config.replay)
     if not root.is_dir():
         raise DataError("replay folder not found", root)
-    if index_cache is None and not os.access(root, os.W_OK):
-        raise DataError("replay folder is read-only: its header index needs a writable place", root)
+    if index_cache is None and not os.access(root, os.W_OK):  # a read-only folder: the index beside the cache
+        index_cache = Path(f"{os.fspath(cache)}-index.parquet")
     if config.label_level != "slice":
         from ichscan.series import SeriesDataset, load_series_data
 
