@@ -895,3 +895,28 @@ def test_the_folding_pattern_changes_the_cortex_and_no_other_draw(monkeypatch):
     outside = np.isin(plain.tissue, (an.AIR, an.SOFT, an.FAT, an.BONE))
     assert outside.sum() > 10_000 and np.array_equal(folded.hu[outside], plain.hu[outside])
     assert np.array_equal(folded.tissue[outside], plain.tissue[outside])
+
+
+def test_grey_matter_fills_the_outer_centimetre_and_white_matter_the_depth():
+    """Both real sources (bench/realism.py's CT-ICH and GE heads, upper half of each series) read about 40
+    HU 2-5 mm inside the inner table, 36-37 HU 8-12 mm in and 30-34 HU 15-40 mm in: cortex folded into gyri
+    fills most of the outer centimetre. The phantom's cortex (3.5 mm, white matter deepest under the
+    sulci) is grey over most of the outer 8 mm, about half of 8-12 mm, and white beyond (its white matter
+    used to begin a few mm in, which left the band under the table 2-3 HU darker than real)."""
+    for seed in (5, 6, 7, 8):
+        head = an.sample_head(np.random.default_rng(seed))
+        for dz in (10.0, 30.0):
+            fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=1.0, z=np.array([head.widest + dz], np.float32),
+                          angle=0.0, shift=(0.0, 0.0))
+            tissue = an.build(head, fr, np.random.default_rng(0)).tissue[0]
+            bone = tissue == an.BONE
+            cavity = ndimage.binary_fill_holes(bone) & ~bone
+            parts, n = ndimage.label(cavity)
+            cavity = parts == 1 + int(np.argmax(ndimage.sum(cavity, parts, range(1, n + 1))))
+            inside = ndimage.distance_transform_edt(cavity) * 0.5
+            brain = np.isin(tissue, (an.GREY, an.WHITE))
+
+            def grey(lo: float, hi: float) -> float:
+                return float((tissue[(inside > lo) & (inside <= hi) & brain] == an.GREY).mean())
+
+            assert grey(2, 8) > 0.7 and 0.35 < grey(8, 12) < 0.8 and grey(15, 25) < 0.05, (seed, dz)

@@ -618,9 +618,9 @@ def _cortex_and_sulci(cv: _Canvas, cavity: _Cavity, extra: float, efface, disten
     if efface is not None:
         sulcus_w = sulcus_w * (1 - 0.85 * np.broadcast_to(efface, full)[cav])
     sulc_depth = 11.0 + 3 * (head.atrophy - 0.8)
-    cortex = 2.6
-    crown = np.clip(np.abs(f) / 1.2, 0, 1)  # 0 in a sulcus, 1 at a gyrus' crown
-    wm_depth = extra + cortex + (sulc_depth * 0.75) * (1 - crown) ** 1.3
+    cortex = 3.5  # 2.5-3 mm of cortex, cut obliquely by slices of several mm
+    crown = np.clip(np.abs(f) / 1.6, 0, 1)  # 0 in a sulcus, 1 at a gyrus' crown
+    wm_depth = extra + cortex + sulc_depth * (1 - crown) ** 0.8
     h_c, t_c = hu[cav], tissue[cav]
     paint(h_c, t_c, head.white, ramp(wm_depth - dc, w), WHITE)
     deep, _ = _folding_field(sub, 8, 6 * spacing, stretch=(4.0, 1.0))
