@@ -44,7 +44,7 @@ class HeadShape:
     csf: float
     coronal: float  # suture angles from the front, radians
     lambdoid: float
-    gyri: float  # sulci around the hemisphere
+    gyri: float  # sulci around the hemisphere: they lie about 2 pi x 70 mm / gyri apart along the surface
     age: int
     # Drawn last, so that every field above is what it was before these were added:
     scalp_fat: float = 0.0  # share of fat in the subcutaneous layer (with its fibrous septa)
