@@ -6,9 +6,9 @@ is given (or ``--checkpoint bundled``). ``ichscan.model`` reads and checks it (`
 ``read_manifest``); ``python -m ichscan.bundled.make`` writes it (``ichscan.model.write_bundle``).
 """
 
-# What `--replay auto` draws when adapting the bundled model to a site (docs/training.md#site): phantoms as the
-# bundle's last stage drew its own (the generator's arguments recorded in bundled.json's recipe), 100 studies
-# of a seed no stage used. Rehearsed beside a site's series, they keep what the site's few positives cannot
+# What `--replay auto` draws when adapting the bundled model to a site (docs/training.md#site): phantoms of the
+# plan the bundle's last stage drew its own with (the generator's arguments recorded in bundled.json's recipe),
+# 100 studies of a seed no stage used, drawn by the generator as it now is. Rehearsed beside a site's series, they keep what the site's few positives cannot
 # teach (measured by cross-validation on ctich-dev under the rule of commit 3b81076).
 REPLAY_PHANTOMS = {
     "studies": 100,
