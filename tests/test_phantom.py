@@ -827,9 +827,8 @@ def test_vault_is_thinner_on_the_sides_than_front_and_back():
         assert sides / got[1.0][1] == pytest.approx(0.6, abs=0.12)
 
 
-def _cortical_band(head, z: float):
-    """(tissue codes, mask of the cortical band) of one 0.5 mm slice of ``head`` at ``z``: the band 1.5-14 mm
-    inside the inner table, the interhemispheric fissure (4 mm either side of the midline) left out."""
+def _tissue_by_depth(head, z: float):
+    """(tissue codes, mm inside the inner table) of one 0.5 mm slice of ``head`` at ``z``, 400 x 400, centred."""
     fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=1.0, z=np.array([z], np.float32), angle=0.0,
                   shift=(0.0, 0.0))
     tissue = an.build(head, fr, np.random.default_rng(0)).tissue[0]
@@ -837,7 +836,13 @@ def _cortical_band(head, z: float):
     cavity = ndimage.binary_fill_holes(bone) & ~bone
     parts, n = ndimage.label(cavity)
     cavity = parts == 1 + int(np.argmax(ndimage.sum(cavity, parts, range(1, n + 1))))
-    inside = ndimage.distance_transform_edt(cavity) * 0.5
+    return tissue, ndimage.distance_transform_edt(cavity) * 0.5
+
+
+def _cortical_band(head, z: float):
+    """(tissue codes, mask of the cortical band) of one 0.5 mm slice of ``head`` at ``z``: the band 1.5-14 mm
+    inside the inner table, the interhemispheric fissure (4 mm either side of the midline) left out."""
+    tissue, inside = _tissue_by_depth(head, z)
     x = (np.arange(400) - 199.5) * 0.5
     return tissue, (inside > 1.5) & (inside < 14) & (np.abs(x)[None, :] > 4)
 
@@ -906,14 +911,7 @@ def test_grey_matter_fills_the_outer_centimetre_and_white_matter_the_depth():
     for seed in (5, 6, 7, 8):
         head = an.sample_head(np.random.default_rng(seed))
         for dz in (10.0, 30.0):
-            fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=1.0, z=np.array([head.widest + dz], np.float32),
-                          angle=0.0, shift=(0.0, 0.0))
-            tissue = an.build(head, fr, np.random.default_rng(0)).tissue[0]
-            bone = tissue == an.BONE
-            cavity = ndimage.binary_fill_holes(bone) & ~bone
-            parts, n = ndimage.label(cavity)
-            cavity = parts == 1 + int(np.argmax(ndimage.sum(cavity, parts, range(1, n + 1))))
-            inside = ndimage.distance_transform_edt(cavity) * 0.5
+            tissue, inside = _tissue_by_depth(head, head.widest + dz)
             brain = np.isin(tissue, (an.GREY, an.WHITE))
 
             def grey(lo: float, hi: float) -> float:
