@@ -270,8 +270,13 @@ def test_interrupted_phantom_run_resumes_to_the_same_bytes(tmp_path, layout):
     assert kept.stat().st_ino == inode  # a finished series is kept, not drawn again
     assert _digests(tmp_path / "resumed") == _digests(tmp_path / "whole")
 
-    # A finished set has no journal; rerunning it rewrites the same bytes, other arguments are refused.
-    generate_dataset(tmp_path / "resumed", **kwargs)
+    # A finished set has no journal; rerunning it keeps every file as it is (nothing drawn again); with a file
+    # missing it is drawn again whole, to the same bytes; other arguments are refused.
+    kept = {f: f.stat().st_ino for f in (tmp_path / "resumed").rglob("*") if f.is_file()}
+    assert generate_dataset(tmp_path / "resumed", **kwargs).resumed == 4
+    assert {f: f.stat().st_ino for f in (tmp_path / "resumed").rglob("*") if f.is_file()} == kept
+    next((tmp_path / "resumed").rglob("*.dcm")).unlink()
+    assert generate_dataset(tmp_path / "resumed", **kwargs).resumed == 0
     assert _digests(tmp_path / "resumed") == _digests(tmp_path / "whole")
     with pytest.raises(IchscanError, match="seed 11 \\(now 12\\)"):
         generate_dataset(tmp_path / "resumed", **dict(kwargs, seed=12))

@@ -1167,16 +1167,14 @@ def resolve_replay(config: TrainConfig, out_dir: str | os.PathLike, *, workers: 
         return dataclasses.replace(config, replay=None)
     from ichscan.bundled import REPLAY_PHANTOMS
     from ichscan.phantom import generate_dataset
-    from ichscan.phantom.dataset import holds_set
 
     folder = Path(out_dir) / "replay-phantoms"
     recipe = dict(REPLAY_PHANTOMS)
     studies, seed = recipe.pop("studies"), recipe.pop("seed")
-    if holds_set(folder, studies, seed, **recipe):
-        say(f"replay: the {studies} phantom studies already in {folder}")
-    else:
-        say(f"replay: {studies} phantom studies drawn as the bundled model's own (seed {seed}) into {folder}")
-        generate_dataset(folder, studies, seed, workers=workers or cpu_count(), **recipe)
+    say(f"replay: {studies} phantom studies of the bundled model's plan (seed {seed}) in {folder}")
+    drawn = generate_dataset(folder, studies, seed, workers=workers or cpu_count(), **recipe)
+    if drawn.resumed == drawn.series:
+        say("replay: those phantoms were already there, kept as they are")
     return dataclasses.replace(config, replay=str(folder))
 
 

@@ -131,7 +131,7 @@ def run(args) -> int:
         if bar is not None:
             bar.close()
     pos = ", ".join(f"{k} {v}" for k, v in summary.series_positive.items())
-    resumed = f" ({summary.resumed} series kept from an interrupted run)" if summary.resumed else ""
+    resumed = f" ({summary.resumed} series kept from an earlier run)" if summary.resumed else ""
     print(f"wrote {summary.slices} slices, {summary.series} series of {summary.patients} patients to {summary.out} "
           f"in {summary.seconds:.1f} s ({summary.slices / max(summary.seconds, 1e-9):.0f} slices/s){resumed}")
     print(f"series positive: {pos}; with confounders: {summary.confounded_series}")

@@ -602,7 +602,8 @@ def _cortex_and_sulci(cv: _Canvas, cavity: _Cavity, extra: float, efface, disten
     rphase = rng.uniform(0, 2 * np.pi, 3).astype(np.float32)
     # The folding pattern's own generator, seeded from the draw above: no draw after this one changes.
     sub = np.random.default_rng(np.frombuffer(rphase.tobytes(), np.uint32).tolist())
-    # arc length along the surface at the cavity's edge (so that a sulcus keeps its place as it deepens)
+    # arc length along the surface at the cavity's edge (so that a sulcus keeps its place as it deepens); it
+    # jumps where phi wraps, behind the midline, under the interhemispheric fissure drawn there later
     sc = phic * (np.maximum(np.hypot(Xc, Yc), 5) + dc)
     spacing = 2 * np.pi * 70.0 / head.gyri  # mm between sulci along the surface: 16-20 mm
     # a random field crosses zero about twice per wavelength: waves twice the spacing long

@@ -560,23 +560,28 @@ def _start_journal(out: Path, stamp: dict, plans: list[SeriesPlan], layout: str,
     return kept
 
 
-def holds_set(out, studies: int, seed: int, size: int = 512, slices: tuple[int, int] = (32, 40),
-              thickness: float | str | tuple[float, float] = 5.0, prevalence=None, layout: str = "rsna",
-              masks: bool = False, twins: float = 0.0, pitch: float = 0.0,
-              outside_margin: float | str | tuple[float, float] = DEFAULT_MARGIN, **shares: float) -> bool:
-    """Whether ``out`` holds a finished set made with exactly these arguments (``generate_dataset``'s): its
-    manifest records them, no run of it is half done, and its label file is there. A caller that needs the set
-    can then use it as it is; ``generate_dataset`` on it would write every file again, byte for byte."""
-    out = Path(out)
-    if (out / JOURNAL_NAME).exists() or not (out / "labels.csv" if layout == "rsna" else out).exists():
-        return False
+def _set_files(out_p: Path, layout: str) -> dict[str, str]:
+    return {"labels": str(out_p / "labels.csv"), "series_labels": str(out_p / "series_labels.csv"),
+            "images": str(out_p / "images") if layout == "rsna" else str(out_p)}
+
+
+def _finished_set(out_p: Path, stamp: dict, plans: list[SeriesPlan], layout: str, masks: bool
+                  ) -> DatasetSummary | None:
+    """The set already in ``out_p`` when it is finished (a manifest, no journal), was made with ``stamp`` and
+    still has every file it planned: kept as it is, its summary from its manifest. Else None."""
+    if (out_p / JOURNAL_NAME).exists() or _previous_run(out_p)[0] != stamp:
+        return None
     try:
-        doc = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    want = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins, pitch,
-                  outside_margin=outside_margin, **shares)
-    return isinstance(doc, dict) and {k: doc.get(k) for k in ("kind", "seed", "arguments")} == want
+        counts = json.loads((out_p / "manifest.json").read_text(encoding="utf-8"))["counts"]
+        kept = {k: counts[k] for k in ("patients", "studies", "series", "slices", "series_positive",
+                                       "slices_positive", "confounded_series")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    files = _set_files(out_p, layout)
+    if not (Path(files["labels"]).is_file() and Path(files["series_labels"]).is_file()) \
+            or not all(f.exists() for plan in plans for f in _series_files(out_p, plan, layout, masks)):
+        return None
+    return DatasetSummary(out=str(out_p), **kept, seconds=0.0, files=files, resumed=len(plans))
 
 
 def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tuple[int, int] = (32, 40),
@@ -590,9 +595,10 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
     """Write a phantom set under ``out`` (see docs/phantom.md); ``progress(n)`` is told of n more slices.
 
     Resumes: series an interrupted run finished are kept and only the rest drawn, and the files come out
-    byte for byte as an uninterrupted run writes them. A folder holding a set made with other arguments is
-    refused unless ``overwrite``, which first removes that set's files (only those). One run at a time
-    writes a folder (``ichscan.fileio.lock_folder``)."""
+    byte for byte as an uninterrupted run writes them; a finished set of the same arguments with all its
+    files is kept as it is (``resumed`` counts every series). A folder holding a set made with other
+    arguments is refused unless ``overwrite``, which first removes that set's files (only those). One run at
+    a time writes a folder (``ichscan.fileio.lock_folder``)."""
     if layout not in ("rsna", "series"):
         raise IchscanError(f"layout {layout!r}: expected 'rsna' or 'series'")
     t0 = time.perf_counter()
@@ -606,8 +612,10 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
                    calcification=calcification, export=export, randomize_outside=randomize_outside,
                    outside_margin=outside_margin, fractures=fractures)
     with lock_folder(out_p):
-        lines = _start_journal(out_p, stamp, plans, layout, masks, overwrite)
-        summary = _write_set(out_p, plans, lines, stamp, layout, masks, workers, progress)
+        summary = None if overwrite else _finished_set(out_p, stamp, plans, layout, masks)
+        if summary is None:
+            lines = _start_journal(out_p, stamp, plans, layout, masks, overwrite)
+            summary = _write_set(out_p, plans, lines, stamp, layout, masks, workers, progress)
     summary.seconds = round(time.perf_counter() - t0, 2)
     log.info("wrote %d slices of %d series to %s in %.1f s (%d series resumed)", summary.slices, summary.series,
              out_p, summary.seconds, summary.resumed)
@@ -674,8 +682,7 @@ def _write_set(out_p: Path, plans: list[SeriesPlan], lines: dict[int, str], stam
         out=str(out_p), patients=len({p.patient_id for p in plans}), studies=len(plans), series=len(plans),
         slices=n_slices, series_positive=series_pos, slices_positive=slices_pos,
         confounded_series=sum(1 for p in plans if p.confounders), seconds=0.0,
-        files={"labels": str(labels_path), "series_labels": str(series_path),
-               "images": str(out_p / "images") if layout == "rsna" else str(out_p)},
+        files=_set_files(out_p, layout),
         resumed=resumed,
     )
     manifest = {
