@@ -918,3 +918,37 @@ def test_grey_matter_fills_the_outer_centimetre_and_white_matter_the_depth():
                 return float((tissue[(inside > lo) & (inside <= hi) & brain] == an.GREY).mean())
 
             assert grey(2, 8) > 0.7 and 0.35 < grey(8, 12) < 0.8 and grey(15, 25) < 0.05, (seed, dz)
+
+
+def test_brainstem_cisterns_lie_in_front_and_at_the_sides_and_widen_with_age():
+    """The cisterns of the brainstem are the prepontine and cerebellopontine ones, in front and at its
+    sides; behind it lie the fourth ventricle and the cerebellum. The phantom's used to be a ring of CSF
+    2-3 mm wide all round, so its lower slices held several times the deep CSF of real heads
+    (docs/phantom.md). Along rays out of the brainstem's centre (mid-pons level, 0.5 mm pixels): CSF in
+    front, up to about 1 mm in a young head and 2.5 mm or more in an old one, and next to none behind it
+    at 45 degrees either side of the midline."""
+    import dataclasses
+
+    from scipy.ndimage import map_coordinates
+
+    for seed in (5, 6, 7):
+        head = an.sample_head(np.random.default_rng(seed))
+        front = {}
+        for atrophy in (0.8, 1.6):
+            tissue, _ = _tissue_by_depth(dataclasses.replace(head, atrophy=atrophy), -10.0)
+            centre = 199.5 + 0.12 * head.b / 0.5  # row of the brainstem's centre (rows run to the back)
+
+            def ray(angle: float) -> np.ndarray:  # tissue codes every 0.1 mm out of the centre; 0 = forward
+                r = np.arange(0, 30, 0.1) / 0.5
+                return map_coordinates(tissue, [centre - r * np.cos(angle), 199.5 + r * np.sin(angle)], order=0)
+
+            def csf_beyond_stem(codes: np.ndarray) -> float:  # mm of CSF right after the brainstem's edge
+                edge = int(np.nonzero(codes != an.WHITE)[0][0])
+                after = codes[edge:] == an.CSF
+                return float(np.argmin(after) if not after.all() else len(after)) * 0.1
+
+            assert ray(0)[0] == an.WHITE
+            front[atrophy] = csf_beyond_stem(ray(0.0))
+            for back in (np.deg2rad(135), np.deg2rad(-135)):
+                assert csf_beyond_stem(ray(back)) <= 0.6, (seed, atrophy)  # the ring: 2.3-3.1 mm
+        assert front[0.8] <= 1.2 and front[1.6] >= 2.5, (seed, front)

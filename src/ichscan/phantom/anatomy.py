@@ -769,7 +769,12 @@ def _posterior_fossa(cv: _Canvas, cavity: _Cavity) -> None:
     inpf = (dpf > 0) & (np.abs(Y - pf_y) < 0.5 * head.b) & (Y > 0.02 * head.b)
     bs = s.profile(-48, 12)
     paint(h_p, t_p, head.grey + 1, ramp(1.5 - dpf, w) * inpf, GREY)
-    paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.12 * head.b, (12.5 + v) * bs, (10.5 + v) * bs, w) * inpf, CSF)
+    # The brainstem's cisterns lie in front of it and at its sides (prepontine, cerebellopontine angles), a
+    # millimetre or less in young heads, a few mm with atrophy; behind it are the fourth ventricle and the
+    # cerebellum, not a ring of CSF.
+    gap = 0.6 + 3.0 * (v - 0.8)
+    paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.12 * head.b - 0.5 * gap * bs, (11 + 0.6 * gap) * bs,
+                                      (9 + 0.5 * gap) * bs, w) * (dpf > 0), CSF)
     paint(h_p, t_p, head.white + 5, ellipse(X, Y, 0, 0.12 * head.b, 11 * bs + .01, 9 * bs + .01, w), WHITE)
     fv = s.profile(-22, 10)
     paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.28 * head.b, (4 + 1.5 * v) * fv + .01, (2.5 + v) * fv + .01, w),
