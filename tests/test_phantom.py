@@ -922,11 +922,11 @@ def test_grey_matter_fills_the_outer_centimetre_and_white_matter_the_depth():
 
 def test_brainstem_cisterns_lie_in_front_and_at_the_sides_and_widen_with_age():
     """The cisterns of the brainstem are the prepontine and cerebellopontine ones, in front and at its
-    sides; behind it lie the fourth ventricle and the cerebellum. The phantom's used to be a ring of CSF
+    sides, with the clivus in front of them; behind it lie the fourth ventricle and the cerebellum. The phantom's used to be a ring of CSF
     2-3 mm wide all round, so its lower slices held several times the deep CSF of real heads
     (docs/phantom.md). Along rays out of the brainstem's centre (mid-pons level, 0.5 mm pixels): CSF in
-    front, up to about 1 mm in a young head and 2.5 mm or more in an old one, and next to none behind it
-    at 45 degrees either side of the midline."""
+    front, up to about 1 mm in a young head and 2.5 mm or more in an old one, bone right after it, and next
+    to none behind it at 45 degrees either side of the midline."""
     import dataclasses
 
     from scipy.ndimage import map_coordinates
@@ -949,6 +949,10 @@ def test_brainstem_cisterns_lie_in_front_and_at_the_sides_and_widen_with_age():
 
             assert ray(0)[0] == an.WHITE
             front[atrophy] = csf_beyond_stem(ray(0.0))
+            ahead = ray(0.0)
+            ahead = ahead[int(np.nonzero(ahead != an.WHITE)[0][0]):]
+            # then the clivus: the fossa no longer reaches two centimetres in front of the brainstem
+            assert np.nonzero(ahead == an.BONE)[0][0] * 0.1 <= front[atrophy] + 1.5, (seed, atrophy)
             for back in (np.deg2rad(135), np.deg2rad(-135)):
                 assert csf_beyond_stem(ray(back)) <= 0.6, (seed, atrophy)  # the ring: 2.3-3.1 mm
         assert front[0.8] <= 1.2 and front[1.6] >= 2.5, (seed, front)

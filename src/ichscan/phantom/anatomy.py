@@ -408,6 +408,15 @@ def _cranial_cavity(cv: _Canvas) -> _Cavity:
         zp = fr.z[pf][:, None, None]
         p = profile(zp, -44, 22)
         d = -ellipse_distance(X, Y, pf_c[0], pf_c[1], 0.72 * head.a * p, 0.5 * head.b * p)
+        # In front the fossa ends at the clivus, which the pons and medulla lie against (only their cistern
+        # between, ``_posterior_fossa``), and at the sides along the petrous ridges, which run back and out
+        # from the petrous apices beside it; what lies before them is bone (until 5 Dec 2026 the fossa was an
+        # ellipse reaching two centimetres in front of the brainstem, filled with brain).
+        bs = profile(zp, -48, 12)
+        wall = 0.12 * head.b - (9.0 + _brainstem_cistern(head)) * bs - 0.5
+        slope = 0.22 * head.b / (0.6 * head.a)  # the ridges' run, as ``_skull_base`` draws them
+        front = (Y - wall - slope * np.maximum(np.abs(X) - 0.15 * head.a, 0)) / np.float32(np.hypot(1, slope))
+        d = np.minimum(d, np.where(bs > 0, front, d))
         # above the tentorium (z > 8) the occipital lobes take over: the posterior fossa shrinks away
         d = np.where(zp > 8, np.minimum(d, -ellipse_distance(X, Y, 0, pf_c[1], 0.2 * head.a, 0.25 * head.b)), d)
         depth[pf] = np.maximum(depth[pf], d)
@@ -526,6 +535,11 @@ def _sutures(cv: _Canvas, depth) -> None:
             gap = ramp(np.abs(arc - wig) - 0.5, w) * (depth[i] > -head.skull - 2) * (depth[i] < 0.5) \
                 * (tissue[i] == BONE)  # through the bone, not out into the scalp where the vault is thin
             paint(hu[i], tissue[i], 150.0, gap * 0.85)
+
+
+def _brainstem_cistern(head: HeadShape) -> float:
+    """Width (mm) of the CSF in front of the pons and medulla: under 1 mm in young heads, 3 with atrophy."""
+    return 0.6 + 3.0 * (head.atrophy - 0.8)
 
 
 def _csf_and_brain(cv: _Canvas, depth, rng: np.random.Generator) -> float:
@@ -772,7 +786,7 @@ def _posterior_fossa(cv: _Canvas, cavity: _Cavity) -> None:
     # The brainstem's cisterns lie in front of it and at its sides (prepontine, cerebellopontine angles), a
     # millimetre or less in young heads, a few mm with atrophy; behind it are the fourth ventricle and the
     # cerebellum, not a ring of CSF.
-    gap = 0.6 + 3.0 * (v - 0.8)
+    gap = _brainstem_cistern(head)
     paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.12 * head.b - 0.5 * gap * bs, (11 + 0.6 * gap) * bs,
                                       (9 + 0.5 * gap) * bs, w) * (dpf > 0), CSF)
     paint(h_p, t_p, head.white + 5, ellipse(X, Y, 0, 0.12 * head.b, 11 * bs + .01, 9 * bs + .01, w), WHITE)
