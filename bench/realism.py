@@ -567,6 +567,7 @@ def main() -> None:
 
     phantom_dir = args.work / f"phantoms-seed{args.seed}"
     shutil.rmtree(phantom_dir, ignore_errors=True)
+    identity = generator_identity()  # the code that draws them, before anything can change it under a long run
     t = time.perf_counter()
     log.info("generating %d phantom series at %d px", args.phantoms, args.phantom_size)
     generate_dataset(phantom_dir, studies=args.phantoms, seed=args.seed, size=args.phantom_size, workers=args.workers,
@@ -637,7 +638,7 @@ def main() -> None:
     seconds["total"] = round(time.perf_counter() - t_start, 1)
     report = {
         "benchmark": "realism: ichscan phantoms vs real head CT",
-        "generator": {"ichscan_version": ichscan.__version__, **generator_identity(), "phantom_seed": args.seed,
+        "generator": {"ichscan_version": ichscan.__version__, **identity, "phantom_seed": args.seed,
                       "phantom_size": args.phantom_size, "phantom_series": args.phantoms, "pitch_deg": args.pitch,
                       "calcification": args.calcification, "export": args.export},
         "sources": {s.name: source_summary(s) for s in sources},
