@@ -12,7 +12,9 @@ predicted under ``SelectionRules.permissive()`` and ``selection`` in the JSON sa
 
 * ``ctich_dev``: series AUC per label and series weighted log loss (RSNA weights, ``ichscan.metrics``) for
   each aggregation, slice AUC per label (slices joined to the RSNA ``labels.csv`` by image id), counts, and
-  every series' probabilities (``series``), so each number can be recomputed from the JSON.
+  every series' probabilities (``series``), so each number can be recomputed from the JSON; and
+  ``negatives``, where the false alarms lie: the top-k slices of the series without a bleed by fifth of the
+  series (foot to head), and the subtype leading on each one's brightest slice.
 * ``ge_normal``: the six probabilities, the slice that drove each one (index, z, InstanceNumber), and whether
   ``any`` stays below the ``any`` threshold the model carries (or ``--thresholds`` gives; null without).
 * ``against`` (with ``--against CKPT``, e.g. ``bundled``): the same for a second model on the same series,
@@ -191,9 +193,41 @@ def ctich_report(predictions: list[SeriesPrediction], data: Path, dump: Path, me
         "n_positive_slices": {n: int(v) for n, v in zip(LABELS, slices.y_true.sum(axis=0))},
         "slice_auc": _aucs(slices.y_true, slices.y_prob),
         "slice_weighted_log_loss": float(weighted_log_loss(slices.y_true, slices.y_prob)),
+        # where the false alarms lie, for reading a model, not scoring it
+        "negatives": negatives_report(predictions, {u: r["labels"]["any"] for u, r in per_series.items()}, top_k),
         "series": [{"series_uid": uid, "patient_id": by_uid[uid].patient_id, "n_slices": by_uid[uid].n_slices,
                     **row} for uid, row in per_series.items()],
     }
+
+
+def negatives_report(predictions: list[SeriesPrediction], any_label: dict[str, int], top_k: int) -> dict:
+    """Where a model's false alarms lie on real heads: over the series whose `any` label is 0, their
+    ``top_k`` slices by `any` counted by fifth of the series (foot to head: by z where every slice has one,
+    else in the series' order; a fifth is a fifth of its slices), and on each series' brightest slice the
+    subtype with the highest probability."""
+    subtypes = LABELS[1:]
+    by_fifth, brightest_fifth = [0] * 5, [0] * 5
+    leading = dict.fromkeys(subtypes, 0)
+    brightest_any = []
+    for p in predictions:
+        if any_label.get(p.series_uid) != 0:
+            continue
+        n = p.n_slices
+        probs = p.slice_probs[:, list(p.labels).index("any")]
+        order = np.argsort(p.z, kind="stable") if all(z is not None for z in p.z) else np.arange(n)
+        rank = np.empty(n, int)
+        rank[order] = np.arange(n)
+        top = np.argsort(-probs, kind="stable")[:top_k]
+        for i in top:
+            by_fifth[rank[i] * 5 // n] += 1
+        b = int(top[0])
+        brightest_fifth[rank[b] * 5 // n] += 1
+        brightest_any.append(float(probs[b]))
+        sub = [float(p.slice_probs[b, list(p.labels).index(name)]) for name in subtypes]
+        leading[subtypes[int(np.argmax(sub))]] += 1
+    return {"n_series": len(brightest_any), "top_k": top_k, "top_slices_by_fifth": by_fifth,
+            "brightest_slice": {"by_fifth": brightest_fifth, "leading_subtype": leading,
+                                "any_median": float(np.median(brightest_any)) if brightest_any else None}}
 
 
 def ge_report(p: SeriesPrediction, series: CTSeries, methods: Sequence[str], top_k: int,

@@ -252,3 +252,25 @@ def test_every_series_unlimited(bench, ckpt, work, capsys):
     assert ct["n_positive_series"] == {"any": 18, "epidural": 11, "intraparenchymal": 9, "intraventricular": 3,
                                        "subarachnoid": 5, "subdural": 2}
     assert all(v is not None for v in ct["series_auc"]["max"].values())
+
+
+def test_negatives_report_from_the_dumped_slices(limited, work):
+    """Where the false alarms lie, recomputed from slices.csv: the top-3 slices by `any` of each series
+    without a bleed, by fifth of the series ordered foot to head by z, and the subtype leading on the
+    brightest one."""
+    _, report, dump = limited
+    neg = report["ctich_dev"]["negatives"]
+    clean = {s["series_uid"] for s in report["ctich_dev"]["series"] if s["labels"]["any"] == 0}
+    rows = _csv(dump / "ctich-dev" / "slices.csv")
+    by_fifth, leading = [0] * 5, dict.fromkeys(LABELS[1:], 0)
+    for uid in clean:
+        mine = sorted((r for r in rows if r["series_uid"] == uid), key=lambda r: float(r["z"]))
+        p = [float(r["prob_any"]) for r in mine]
+        top = sorted(range(len(p)), key=lambda i: -p[i])[:3]
+        for i in top:
+            by_fifth[i * 5 // len(p)] += 1
+        subs = {n: float(mine[top[0]][f"prob_{n}"]) for n in LABELS[1:]}
+        leading[max(subs, key=subs.get)] += 1
+    assert neg["n_series"] == len(clean) == 2 and neg["top_k"] == 3
+    assert neg["top_slices_by_fifth"] == by_fifth and sum(by_fifth) == 6
+    assert neg["brightest_slice"]["leading_subtype"] == leading
