@@ -956,3 +956,31 @@ def test_brainstem_cisterns_lie_in_front_and_at_the_sides_and_widen_with_age():
             for back in (np.deg2rad(135), np.deg2rad(-135)):
                 assert csf_beyond_stem(ray(back)) <= 0.6, (seed, atrophy)  # the ring: 2.3-3.1 mm
         assert front[0.8] <= 1.2 and front[1.6] >= 2.5, (seed, front)
+
+
+def test_choroid_glomus_is_a_tuft_in_each_atrium_calcified_in_clumps():
+    """The choroid plexus glomus hangs in each atrium as a tuft of lobules (about 5 x 7 mm young, up to
+    10 x 14 mm old), different on the two sides; an adult head's is calcified in clumps. Calcifying it
+    changes nothing outside the ventricles (it used to be one 5 x 7 mm ellipse of fixed place and size,
+    and bright spots like real calcified glomera drew intraventricular calls from the bundled model on
+    clean real heads: docs/training.md)."""
+    import dataclasses
+
+    areas = {}
+    for seed in (5, 6, 7):
+        for atrophy in (0.85, 1.55):
+            head = dataclasses.replace(an.sample_head(np.random.default_rng(seed)), atrophy=atrophy)
+            fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=5.0, z=np.array([head.widest - 8], np.float32),
+                          angle=0.0, shift=(0.0, 0.0))
+            plain = an.build(head, fr, np.random.default_rng(0))
+            calc = an.build(head, fr, np.random.default_rng(0), calcified={"choroid": 500.0})
+            changed = plain.hu[0] != calc.hu[0]
+            assert changed.any() and (plain.tissue[0][changed] == an.VENTRICLE).all()
+            dense = (calc.tissue[0] == an.CALCIUM) & (calc.hu[0] > 250)
+            x = (np.arange(400) - 199.5) * 0.5
+            left, right = dense & (x[None, :] > 0), dense & (x[None, :] < 0)
+            areas[seed, atrophy] = (left.sum() * 0.25, right.sum() * 0.25)
+            assert min(areas[seed, atrophy]) > 1.0 and max(areas[seed, atrophy]) < 120, areas
+            assert not np.array_equal(left, np.fliplr(right))  # not a mirror image
+    for seed in (5, 6, 7):
+        assert sum(areas[seed, 1.55]) > 1.5 * sum(areas[seed, 0.85]), areas

@@ -752,11 +752,9 @@ def _choroid_and_calcifications(cv: _Canvas, s: _Band, calcified: dict) -> None:
     head, w, v, wl = cv.head, cv.w, cv.head.atrophy, cv.head.widest
     X, Y, h_s, t_s = s.X, s.Y, s.hu, s.tissue
     bgb = _basal_ganglia_size(head, s)
+    atr = s.profile(wl - 18, wl + 4)
     for sx in (-1, 1):
-        atr = s.profile(wl - 18, wl + 4)
-        chp = ellipse(X, Y, sx * (13 + 3 * v), 0.36 * head.b, 2.5 * atr + .01, 3.5 * atr + .01, w)
-        val = float(calcified.get("choroid", 0.0)) or head.grey
-        paint(h_s, t_s, val, chp, CALCIUM if val > 100 else None)
+        _choroid_glomus(cv, s, sx, atr, calcified.get("choroid"))
         if "basal_ganglia" in calcified:
             paint(h_s, t_s, float(calcified["basal_ganglia"]),
                   ellipse(X, Y, sx * 0.30 * head.a, 0.0, 2.2 * bgb + .01, 3.0 * bgb + .01, w), CALCIUM)
@@ -768,6 +766,31 @@ def _choroid_and_calcifications(cv: _Canvas, s: _Band, calcified: dict) -> None:
         fb = s.profile(wl + 20, wl + 55)
         paint(h_s, t_s, float(calcified["falx"]), ellipse(X, Y, 0, -0.45 * head.b, 1.1 * fb + .01,
                                                           5 * fb + .01, w) * _interhemispheric(cv, s), CALCIUM)
+
+
+def _choroid_glomus(cv: _Canvas, s: _Band, sx: int, atr, calcified_hu: float | None) -> None:
+    """The choroid plexus glomus in one atrium: a lobulated tuft of 3-5 lobules, about 5 x 7 mm in a young
+    head and up to 10 x 14 mm in an old one, different on each side, inside the ventricle. Soft tissue
+    (grey-matter density), or, where ``calcified_hu`` is given, calcified in clumps (most lobules, each
+    60-100% of that density), as adult heads mostly show it. Its layout comes from a generator seeded by
+    the head's own draws, so no other draw changes."""
+    head, w, v = cv.head, cv.w, cv.head.atrophy
+    X, Y, h_s, t_s = s.X, s.Y, s.hu, s.tissue
+    sub = np.random.default_rng([int(head.gyri * 1e6) % 2**31, int(head.b * 1e4) % 2**31, sx + 1])
+    k = int(sub.integers(3, 6))
+    dx, dy = sub.uniform(-1.5, 1.5, k) * v, sub.uniform(-2.4, 2.4, k) * v
+    radius = sub.uniform(1.0, 2.0, k) * v
+    lumps = sub.random(k) < 0.75
+    lumps[int(sub.integers(k))] = True  # at least one calcified lobule
+    share = sub.uniform(0.6, 1.0, k)
+    cx, cy = sx * (13 + 3 * v), 0.36 * head.b
+    inside = t_s == VENTRICLE  # the tuft hangs in the ventricle, never in the brain around it
+    for j in range(k):
+        lobule = ellipse(X, Y, cx + dx[j], cy + dy[j], radius[j] * atr + .01, radius[j] * atr + .01, w) * inside
+        if calcified_hu is not None and lumps[j]:
+            paint(h_s, t_s, float(calcified_hu) * float(share[j]), lobule, CALCIUM)
+        else:
+            paint(h_s, t_s, head.grey, lobule, None)
 
 
 def _posterior_fossa(cv: _Canvas, cavity: _Cavity) -> None:
