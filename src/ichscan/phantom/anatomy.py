@@ -775,7 +775,6 @@ def _choroid_glomus(cv: _Canvas, s: _Band, sx: int, atr, calcified_hu: float | N
     60-100% of that density), as adult heads mostly show it. Its layout comes from a generator seeded by
     the head's own draws, so no other draw changes."""
     head, w, v = cv.head, cv.w, cv.head.atrophy
-    X, Y, h_s, t_s = s.X, s.Y, s.hu, s.tissue
     sub = np.random.default_rng([int(head.gyri * 1e6) % 2**31, int(head.b * 1e4) % 2**31, sx + 1])
     k = int(sub.integers(3, 6))
     dx, dy = sub.uniform(-1.5, 1.5, k) * v, sub.uniform(-2.4, 2.4, k) * v
@@ -784,6 +783,11 @@ def _choroid_glomus(cv: _Canvas, s: _Band, sx: int, atr, calcified_hu: float | N
     lumps[int(sub.integers(k))] = True  # at least one calcified lobule
     share = sub.uniform(0.6, 1.0, k)
     cx, cy = sx * (13 + 3 * v), 0.36 * head.b
+    on = np.nonzero(np.ravel(atr) > 0)[0]  # drawn only on its own slices (a contiguous run): views, not copies
+    if not len(on):
+        return
+    run = slice(int(on[0]), int(on[-1]) + 1)
+    X, Y, h_s, t_s, atr = (s.X[run] if s.X.shape[0] > 1 else s.X), s.Y, s.hu[run], s.tissue[run], atr[run]
     inside = t_s == VENTRICLE  # the tuft hangs in the ventricle, never in the brain around it
     for j in range(k):
         lobule = ellipse(X, Y, cx + dx[j], cy + dy[j], radius[j] * atr + .01, radius[j] * atr + .01, w) * inside
