@@ -167,6 +167,22 @@ def test_looks_like_head_on_real_phantom_and_synthetic_slices(testdata, tmp_path
         assert not looks_like_head(blank, (2.0, 2.0))
 
 
+def test_the_head_check_measures_the_cavity_alike_at_coarse_and_fine_pixels():
+    """The brain region is kept one block away from the bone, and its size is measured with that block
+    added back, so that a cavity 84 mm across (a small head's posterior fossa) passes at 3.3 mm pixels as at
+    0.45 mm (without it, the coarse slice measured about 78 mm, under the 80 mm minimum), while one 70 mm
+    across fails at both."""
+    for across, passes in ((84.0, True), (70.0, False)):
+        for spacing in (3.3, 0.45):
+            n = int(round(220 / spacing))
+            y, x = (np.mgrid[:n, :n] - (n - 1) / 2) * spacing
+            r = np.hypot(x, y)
+            hu = np.full((n, n), -1000.0)
+            hu[r < across / 2 + 7] = 1200.0  # a 7 mm skull
+            hu[r < across / 2] = 35.0
+            assert looks_like_head(hu, (spacing, spacing)) == passes, (across, spacing)
+
+
 @pytest.fixture(scope="module")
 def phantom_heads(tmp_path_factory) -> Path:
     from ichscan.phantom import generate_dataset
