@@ -204,7 +204,7 @@ def test_replay_auto_draws_phantoms_as_the_bundles_last_stage_did_with_a_seed_of
     theirs = plan_dataset(studies, seed, size=args.size, slices=args.slices, thickness=args.thickness,
                           prevalence=parse_prevalence(args.prevalence), twins=args.twins, export=args.export,
                           randomize_outside=args.randomize_outside, outside_margin=args.outside_margin,
-                          fractures=args.fractures)
+                          fractures=args.fractures, calcification=args.calcification)
     assert plan_dataset(studies, seed, **ours) == theirs
 
 

@@ -23,4 +23,5 @@ REPLAY_PHANTOMS = {
     "randomize_outside": 0.5,
     "outside_margin": (25.0, 40.0),
     "fractures": 0.3,
+    "calcification": 0.5,
 }
