@@ -922,11 +922,11 @@ def test_grey_matter_fills_the_outer_centimetre_and_white_matter_the_depth():
 
 def test_brainstem_cisterns_lie_in_front_and_at_the_sides_and_widen_with_age():
     """The cisterns of the brainstem are the prepontine and cerebellopontine ones, in front and at its
-    sides, with the clivus in front of them; behind it lie the fourth ventricle and the cerebellum. The phantom's used to be a ring of CSF
-    2-3 mm wide all round, so its lower slices held several times the deep CSF of real heads
-    (docs/phantom.md). Along rays out of the brainstem's centre (mid-pons level, 0.5 mm pixels): CSF in
-    front, up to about 1 mm in a young head and 2.5 mm or more in an old one, bone right after it, and next
-    to none behind it at 45 degrees either side of the midline."""
+    sides, with the clivus in front of them; behind it lie the fourth ventricle and the cerebellum. The
+    phantom's used to be a ring of CSF 2-3 mm wide all round, so its lower slices held several times the
+    deep CSF of real heads (docs/phantom.md). Along rays out of the brainstem's centre (mid-pons level,
+    0.5 mm pixels): CSF in front, up to about 1 mm in a young head and 2.5 mm or more in an old one, bone
+    right after it, and next to none behind it at 45 degrees either side of the midline."""
     import dataclasses
 
     from scipy.ndimage import map_coordinates

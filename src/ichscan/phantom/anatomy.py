@@ -749,7 +749,7 @@ def _ventricles(cv: _Canvas, s: _Band) -> None:
 def _choroid_and_calcifications(cv: _Canvas, s: _Band, calcified: dict) -> None:
     """Choroid plexus in the atria, calcified when ``calcified`` has a "choroid" density, and the other
     physiological calcifications it names: basal ganglia, pineal gland, falx."""
-    head, w, v, wl = cv.head, cv.w, cv.head.atrophy, cv.head.widest
+    head, w, wl = cv.head, cv.w, cv.head.widest
     X, Y, h_s, t_s = s.X, s.Y, s.hu, s.tissue
     bgb = _basal_ganglia_size(head, s)
     atr = s.profile(wl - 18, wl + 4)

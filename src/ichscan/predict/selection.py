@@ -158,8 +158,9 @@ def looks_like_head(hu: np.ndarray, spacing: tuple[float, float] | None) -> bool
 
     The largest connected region of brain density (``BRAIN_HU``), kept one block away from bone so it
     cannot leak out through a thin or partial-volumed skull, must, with its holes filled and that block
-    added back round it, have the area of a disc of ``HEAD_DIAMETER_MM``, be brain density for ``MIN_BRAIN_FILL`` of it (lungs and fat are
-    not), and have bone along ``MIN_BONE_OUTLINE`` of its outline (sutures and foramina are gaps).
+    added back round it, have the area of a disc of ``HEAD_DIAMETER_MM``, be brain density for
+    ``MIN_BRAIN_FILL`` of it (lungs and fat are not), and have bone along ``MIN_BONE_OUTLINE`` of its
+    outline (sutures and foramina are gaps).
     """
     from scipy import ndimage
 
