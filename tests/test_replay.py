@@ -190,6 +190,7 @@ def test_replay_auto_draws_phantoms_as_the_bundles_last_stage_did_with_a_seed_of
     from ichscan.cli import build_parser
     from ichscan.model import bundled_dir
     from ichscan.phantom import parse_prevalence, plan_dataset
+    from ichscan.phantom.dataset import SHARE_OPTIONS  # every option a stage's command can carry
 
     recipe = json.loads((bundled_dir() / "bundled.json").read_text())["recipe"]
     stages = recipe["stages"]
@@ -202,9 +203,8 @@ def test_replay_auto_draws_phantoms_as_the_bundles_last_stage_did_with_a_seed_of
     studies, seed = ours.pop("studies"), ours.pop("seed")
     assert studies == 100  # a quarter of a stage's 400: about as many slices as a site of 100 series
     theirs = plan_dataset(studies, seed, size=args.size, slices=args.slices, thickness=args.thickness,
-                          prevalence=parse_prevalence(args.prevalence), twins=args.twins, export=args.export,
-                          randomize_outside=args.randomize_outside, outside_margin=args.outside_margin,
-                          fractures=args.fractures, calcification=args.calcification)
+                          prevalence=parse_prevalence(args.prevalence), twins=args.twins,
+                          outside_margin=args.outside_margin, **{k: getattr(args, k) for k in SHARE_OPTIONS})
     assert plan_dataset(studies, seed, **ours) == theirs
 
 

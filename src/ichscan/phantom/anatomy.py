@@ -25,6 +25,10 @@ TISSUE_NAMES = (
     "calcification", "metal", "sinus_air", "globe", "dura", "blood",
 )
 PARENCHYMA = (GREY, WHITE)
+# Pons and medulla: the levels they span (mm) and their centre behind the head's (a share of ``HeadShape.b``),
+# shared by the fossa's front wall (``_cranial_cavity``) and the brainstem itself (``_posterior_fossa``).
+BRAINSTEM_LEVELS = (-48.0, 12.0)
+BRAINSTEM_Y = 0.12
 CSF_SPACES = (CSF,)
 
 
@@ -412,8 +416,8 @@ def _cranial_cavity(cv: _Canvas) -> _Cavity:
         # between, ``_posterior_fossa``), and at the sides along the petrous ridges, which run back and out
         # from the petrous apices beside it; what lies before them is bone (until 5 Dec 2026 the fossa was an
         # ellipse reaching two centimetres in front of the brainstem, filled with brain).
-        bs = profile(zp, -48, 12)
-        wall = 0.12 * head.b - (9.0 + _brainstem_cistern(head)) * bs - 0.5
+        bs = profile(zp, *BRAINSTEM_LEVELS)
+        wall = BRAINSTEM_Y * head.b - (9.0 + _brainstem_cistern(head)) * bs - 0.5
         slope = 0.22 * head.b / (0.6 * head.a)  # the ridges' run, as ``_skull_base`` draws them
         front = (Y - wall - slope * np.maximum(np.abs(X) - 0.15 * head.a, 0)) / np.float32(np.hypot(1, slope))
         d = np.minimum(d, np.where(bs > 0, front, d))
@@ -808,15 +812,15 @@ def _posterior_fossa(cv: _Canvas, cavity: _Cavity) -> None:
     dpf = cavity.fossa_depth
     pf_y = cavity.fossa_centre[1]
     inpf = (dpf > 0) & (np.abs(Y - pf_y) < 0.5 * head.b) & (Y > 0.02 * head.b)
-    bs = s.profile(-48, 12)
+    bs = s.profile(*BRAINSTEM_LEVELS)
     paint(h_p, t_p, head.grey + 1, ramp(1.5 - dpf, w) * inpf, GREY)
     # The brainstem's cisterns lie in front of it and at its sides (prepontine, cerebellopontine angles), a
     # millimetre or less in young heads, a few mm with atrophy; behind it are the fourth ventricle and the
     # cerebellum, not a ring of CSF.
     gap = _brainstem_cistern(head)
-    paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.12 * head.b - 0.5 * gap * bs, (11 + 0.6 * gap) * bs,
+    paint(h_p, t_p, head.csf, ellipse(X, Y, 0, BRAINSTEM_Y * head.b - 0.5 * gap * bs, (11 + 0.6 * gap) * bs,
                                       (9 + 0.5 * gap) * bs, w) * (dpf > 0), CSF)
-    paint(h_p, t_p, head.white + 5, ellipse(X, Y, 0, 0.12 * head.b, 11 * bs + .01, 9 * bs + .01, w), WHITE)
+    paint(h_p, t_p, head.white + 5, ellipse(X, Y, 0, BRAINSTEM_Y * head.b, 11 * bs + .01, 9 * bs + .01, w), WHITE)
     fv = s.profile(-22, 10)
     paint(h_p, t_p, head.csf, ellipse(X, Y, 0, 0.28 * head.b, (4 + 1.5 * v) * fv + .01, (2.5 + v) * fv + .01, w),
           VENTRICLE)
