@@ -49,6 +49,8 @@ from scipy.stats import wasserstein_distance
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
+from ichscan.cavity import enclosed_by_bone
+
 log = logging.getLogger("bench.realism")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,24 +77,12 @@ def intracranial_mask(hu: np.ndarray, spacing: tuple[float, float], *, bone_hu: 
     inner table (partial volume), keeping HU in ``keep``; empty when no region of ``min_area_mm2`` is enclosed.
     The shape is found on a grid of about ``grid_mm`` (blocks of pixels; bone wherever a block holds some),
     so it costs the same at any matrix and its edge is good to about one block."""
-    h, w = hu.shape
-    k = max(1, int(round(grid_mm / min(spacing))))
-    ph, pw = -(-h // k) * k, -(-w // k) * k
-    full = np.zeros((ph, pw), bool)
-    full[:h, :w] = hu > bone_hu
-    bone = full[::k, ::k].copy()
-    for i in range(k):
-        for j in range(k):
-            bone |= full[i::k, j::k]
     empty = np.zeros(hu.shape, bool)
-    if not bone.any():
+    found = enclosed_by_bone(hu, spacing, bone_hu=bone_hu, close_mm=close_mm, grid_mm=grid_mm)
+    if found is None:
         return empty
-    sampling = (float(spacing[0]) * k, float(spacing[1]) * k)
-    dilated = ndi.distance_transform_edt(~bone, sampling=sampling) <= close_mm
-    closed = (ndi.distance_transform_edt(dilated, sampling=sampling) > close_mm) | bone  # closing
-    labels, _ = ndi.label(~closed)
-    border = np.unique(np.r_[labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    inside = ~closed & ~np.isin(labels, border)  # holes: regions of non-bone that do not reach the border
+    inside, sampling, k = found
+    h, w = hu.shape
     inside = ndi.distance_transform_edt(inside, sampling=sampling) > erode_mm
     labels, n = ndi.label(inside)
     if n == 0:

@@ -311,6 +311,7 @@ class StoredPixels:
     intercept: float
     fixes: tuple[str, ...] = ()
     lut: ModalityLUT | None = None  # a Modality LUT Sequence, used instead of slope and intercept
+    spacing: tuple[float, float] | None = None  # (row, column) mm, where the file gives it (cavity windows)
 
     def hu_of(self, values: np.ndarray) -> np.ndarray:
         """The modality LUT (and RSNA fix when recorded) applied to any array of stored values -> float32."""
@@ -885,6 +886,15 @@ def read_slice(path: str | os.PathLike, *, pixels: bool = True, allow_non_ct: bo
     return slices[0]
 
 
+def _spacing_or_none(spacing) -> tuple[float, float] | None:
+    """(row, column) mm as two positive floats, or None (absent or unusable)."""
+    try:
+        row, col = (float(v) for v in spacing)
+    except (TypeError, ValueError):
+        return None
+    return (row, col) if row > 0 and col > 0 else None
+
+
 def read_pixels(path: str | os.PathLike, *, allow_non_ct: bool = False) -> StoredPixels:
     """Stored values of a single-frame slice plus its modality LUT (the fast path behind load_windows)."""
     src = _source_for(path)
@@ -895,9 +905,11 @@ def read_pixels(path: str | os.PathLike, *, allow_non_ct: bool = False) -> Store
     enhanced = "PerFrameFunctionalGroupsSequence" in ds
     if enhanced:
         meta = _frame_meta(ds, 0)
-        slope, intercept = meta["slope"], meta["intercept"]
-    else:  # only what the modality LUT needs: this is the hot path of the training cache
+        slope, intercept, spacing = meta["slope"], meta["intercept"], meta["spacing"]
+    else:  # only what the modality LUT needs (and the pixel size): this is the hot path of the training cache
         slope, intercept = _float(ds.get("RescaleSlope")), _float(ds.get("RescaleIntercept"))
+        spacing = _floats(ds.get("PixelSpacing"))
+        spacing = spacing[:2] if len(spacing) >= 2 else None
     is_ct = _is_ct(ds)
     if is_ct and (enhanced or not _has_lut_sequence(ds)):
         _check_rescale(slope, intercept, src.path)
@@ -907,7 +919,7 @@ def read_pixels(path: str | os.PathLike, *, allow_non_ct: bool = False) -> Store
     fixes = (RSNA_FIX,) if lut is None and _needs_rsna_fix(ds, intercept) else ()
     slope = 1.0 if slope is None else slope
     intercept = intercept or 0.0
-    pixels = StoredPixels(src.path, stored, slope, intercept, fixes, lut)
+    pixels = StoredPixels(src.path, stored, slope, intercept, fixes, lut, _spacing_or_none(spacing))
     if is_ct:
         _check_stored(pixels, _int(ds.get("BitsStored")))
     return pixels
@@ -930,7 +942,8 @@ def read_stored(s: CTSlice, *, allow_non_ct: bool = False) -> StoredPixels:
                     raw = fh.read(count * dtype.itemsize)
                     if len(raw) == count * dtype.itemsize:
                         stored = np.frombuffer(raw, dtype=dtype).reshape(loc.rows, loc.columns)
-                        pixels = StoredPixels(s.path, stored, loc.slope, loc.intercept, loc.fixes)
+                        pixels = StoredPixels(s.path, stored, loc.slope, loc.intercept, loc.fixes,
+                                              spacing=_spacing_or_none(s.spacing))
                         if loc.is_ct:
                             _check_stored(pixels, loc.bits_stored)
                         return pixels

@@ -506,7 +506,7 @@ def write_dicom_results(prediction: Any, series: Any, predictor: Any, out_dir: s
             s, header = keys[label]
             source = str(s.path)
             hu = _hu(s)
-            heat = grad_cam(predictor, hu, label)
+            heat = grad_cam(predictor, hu, label, spacing=s.spacing)
             objects[folder / KEY_PATTERN.format(label=label)] = _build_key_image(
                 prediction, label, s, header, hu, heat, float(thresholds.get(label, 0.5)), number, model_hash, when)
         encoded = {path: _encoded(ds, path, when) for path, ds in objects.items()}

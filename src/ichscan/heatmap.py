@@ -102,7 +102,8 @@ def _to_slice(cam: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
     return out[0, 0].numpy()
 
 
-def grad_cam(predictor: Any, hu: np.ndarray, label: str, *, members: Sequence[int] | None = None) -> np.ndarray:
+def grad_cam(predictor: Any, hu: np.ndarray, label: str, *, members: Sequence[int] | None = None,
+             spacing: Sequence[float] | None = None) -> np.ndarray:
     """Grad-CAM of ``label`` on one slice of HU (H, W): float32 (H, W) in [0, 1], peak 1 (0 everywhere when no
     region raises the logit).
 
@@ -126,7 +127,8 @@ def grad_cam(predictor: Any, hu: np.ndarray, label: str, *, members: Sequence[in
     with torch.inference_mode(False), torch.enable_grad():
         for member in chosen:
             windows, size = member.prep
-            x = torch.from_numpy(predictor.preprocess([hu], (windows, size))).to(predictor.device).float().div_(255.0)
+            x = predictor.preprocess([hu], (windows, size), spacing)
+            x = torch.from_numpy(x).to(predictor.device).float().div_(255.0)
             cam = _to_slice(_member_cam(member.model, x, column), hu.shape, int(size))
             peak = float(cam.max())
             if peak > 0:

@@ -687,15 +687,15 @@ def predictions_report(
         except (IchscanError, OSError, ValueError) as err:  # probabilities still shown; images say why not
             log.warning("HTML report: cannot scan %s for key slices: %s", folder, err)
     image_cache: dict[tuple[str, str | None], Any] = {}
-    last_hu: dict[str, np.ndarray] = {}  # one slice: a series' findings often share their key slice
-    last_frames: dict[str, dict[int | None, np.ndarray]] = {}  # one multi-frame file or volume, decoded once
+    last_hu: dict[str, Any] = {}  # one slice: a series' findings often share their key slice
+    last_frames: dict[str, dict[int | None, Any]] = {}  # one multi-frame file or volume, decoded once
 
-    def slice_hu(path: str, frame: int | None) -> np.ndarray:
+    def read_key_slice(path: str, frame: int | None) -> Any:
         if frame is None:
-            return read_slice(path).hu
+            return read_slice(path)
         if path not in last_frames:
             last_frames.clear()
-            last_frames[path] = {f.frame: f.hu for f in read_slices(path)}
+            last_frames[path] = {f.frame: f for f in read_slices(path)}
         return last_frames[path][frame]
 
     def key_image(image_id: str, caption: str, label: str) -> str:
@@ -709,14 +709,14 @@ def predictions_report(
             try:
                 if image_id not in last_hu:
                     last_hu.clear()
-                    last_hu[image_id] = slice_hu(path, frame)
-                hu = last_hu[image_id]
+                    last_hu[image_id] = read_key_slice(path, frame)
+                hu, spacing = last_hu[image_id].hu, last_hu[image_id].spacing
                 heat = None
                 if predictor is not None:
                     from ichscan.heatmap import grad_cam
 
                     try:
-                        heat = grad_cam(predictor, hu, label)
+                        heat = grad_cam(predictor, hu, label, spacing=spacing)
                     except IchscanError as err:  # a backbone without a spatial map: the slice without heat
                         log.warning("HTML report: no heat map for %s: %s", path, err)
                 image_cache[key] = _key_slice_image(hu, windows, image_size, heat)

@@ -108,9 +108,14 @@ class TrainConfig:
     # what a site's few series cannot teach (subtypes with a handful of positives) is not forgotten.
     replay: str | None = None
     replay_share: float = 0.5
+    # What every input window sees: None as the windows (or the --init model's) say; "whole" the whole slice;
+    # "cavity" only the cranial cavity, air elsewhere (ichscan.cavity). Applied to the windows by resolve_init.
+    region: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if d["region"] is None:  # unasked: the record earlier runs wrote (and resume compares) stays as it was
+            del d["region"]
         d["augment"] = self.augment.to_dict()
         d["windows"] = list(self.windows)
         d["labels"] = list(self.labels)
@@ -1194,16 +1199,21 @@ def resolve_init(config: TrainConfig, report: Callable[[str], None] | None = Non
     """With ``config.init``: the starting checkpoint's architecture and windows in the config (another
     architecture asked for: a one-line error), its image size unless another was asked for, and its path
     resolved (``bundled`` -> the shipped member)."""
+    from ichscan.windows import REGIONS, get_windows
+
+    if config.region is not None and config.region not in REGIONS:
+        raise IchscanError(f"region {config.region!r} is not one of {', '.join(REGIONS)}")
+
+    def in_region(windows) -> tuple:
+        return tuple(w.in_region(config.region).spec() if config.region else w.spec() for w in get_windows(windows))
+
     if not config.init:
-        return config
+        return dataclasses.replace(config, windows=in_region(config.windows)) if config.region else config
     from ichscan.model import read_checkpoint_meta, resolve_init_checkpoint
-    from ichscan.windows import get_windows
 
     path = resolve_init_checkpoint(config.init)
     meta = read_checkpoint_meta(path)
-    from ichscan.windows import PRESETS as WINDOW_PRESETS
-
-    windows = tuple(w.name if WINDOW_PRESETS.get(w.name) == w else w.to_dict() for w in get_windows(meta.windows))
+    windows = in_region(meta.windows)  # a --region asked for replaces the model's (its weights take either)
     preset = PRESETS.get(config.preset, {})
 
     def given(key: str):
@@ -1220,7 +1230,7 @@ def resolve_init(config: TrainConfig, report: Callable[[str], None] | None = Non
     if tuple(config.labels) != tuple(meta.labels) and set(config.labels) != set(meta.labels):
         raise IchscanError(f"--init {config.init} has labels {list(meta.labels)}, not {list(config.labels)}")
     if report:
-        names = ", ".join(w.name for w in get_windows(meta.windows))
+        names = ", ".join(w.name if w.region == "whole" else f"{w.name} ({w.region})" for w in get_windows(windows))
         size = f"{meta.image_size} px" if image_size == meta.image_size else \
             f"trained at {meta.image_size} px, now {image_size} px"
         report(f"starting from {path} ({meta.arch}, {size}, windows {names})")

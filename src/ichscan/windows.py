@@ -18,6 +18,7 @@ RGBX image that Pillow resizes in a single pass, byte for byte what resizing eac
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 AIR_HU = -1000.0
+REGIONS = ("whole", "cavity")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class Window:
     name: str
     level: float
     width: float
+    region: str = "whole"  # "cavity": the channel sees only the cranial cavity (ichscan.cavity), air elsewhere
+
+    def __post_init__(self) -> None:
+        if self.region not in REGIONS:
+            raise ValueError(f"window {self.name!r}: region {self.region!r} is not one of {', '.join(REGIONS)}")
 
     @property
     def low(self) -> float:
@@ -57,7 +64,20 @@ class Window:
         return self.level + self.width / 2
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "level": self.level, "width": self.width}
+        d = {"name": self.name, "level": self.level, "width": self.width}
+        if self.region != "whole":  # whole-slice windows keep the record they always had
+            d["region"] = self.region
+        return d
+
+    def spec(self) -> str | dict:
+        """The shortest form ``get_windows`` reads back: a preset's name (``brain:cavity`` with a region),
+        else the dict."""
+        if PRESETS.get(self.name) == dataclasses.replace(self, region="whole"):
+            return self.name if self.region == "whole" else f"{self.name}:{self.region}"
+        return self.to_dict()
+
+    def in_region(self, region: str) -> Window:
+        return dataclasses.replace(self, region=region)
 
 
 PRESETS: dict[str, Window] = {
@@ -75,7 +95,8 @@ WindowSpec = str | Window | dict
 
 
 def get_windows(windows: WindowSpec | Iterable[WindowSpec] = PAPER_WINDOWS) -> tuple[Window, ...]:
-    """Preset names, ``Window`` objects or ``{name, level, width}`` dicts (as in checkpoints) -> Windows."""
+    """Preset names (``brain``, or ``brain:cavity`` for the preset seeing only the cranial cavity), ``Window``
+    objects or ``{name, level, width[, region]}`` dicts (as in checkpoints) -> Windows."""
     if isinstance(windows, (str, Window, dict)):
         windows = [windows]
     out = []
@@ -83,11 +104,13 @@ def get_windows(windows: WindowSpec | Iterable[WindowSpec] = PAPER_WINDOWS) -> t
         if isinstance(w, Window):
             out.append(w)
         elif isinstance(w, dict):
-            out.append(Window(str(w["name"]), float(w["level"]), float(w["width"])))
-        elif w in PRESETS:
-            out.append(PRESETS[w])
+            out.append(Window(str(w["name"]), float(w["level"]), float(w["width"]), str(w.get("region", "whole"))))
+        elif isinstance(w, str) and w.partition(":")[0] in PRESETS:
+            name, _, region = w.partition(":")
+            out.append(PRESETS[name].in_region(region) if region else PRESETS[name])
         else:
-            raise ValueError(f"unknown window {w!r}; presets are {', '.join(PRESETS)}")
+            raise ValueError(f"unknown window {w!r}; presets are {', '.join(PRESETS)} (name:cavity for the "
+                             f"cranial cavity alone)")
     if not out:
         raise ValueError("no windows given")
     return tuple(out)
@@ -156,19 +179,33 @@ def _finish(channels: list[np.ndarray], windows: Sequence[Window], size: int | N
     return np.stack(channels)
 
 
+def _channels(hu: np.ndarray, ws: Sequence[Window], spacing, dt) -> list[np.ndarray]:
+    """Each window on HU, the cavity's windows on the slice cut down to its cranial cavity (found once)."""
+    cut = None
+    if any(w.region == "cavity" for w in ws):
+        if spacing is None:
+            raise ValueError("a cavity window needs the slice's pixel spacing (mm), and none was given")
+        from ichscan.cavity import cut_to_cavity
+
+        cut = cut_to_cavity(hu, (float(spacing[0]), float(spacing[1])))
+    return [_apply(cut if w.region == "cavity" else hu, w, dt) for w in ws]
+
+
 def window_image(
     hu: np.ndarray,
     windows: WindowSpec | Iterable[WindowSpec] = PAPER_WINDOWS,
     size: int | None = 512,
     dtype=np.uint8,
+    spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """HU (H, W) -> (C, size, size) in ``dtype`` (uint8 0..255 or float32 0..1); ``size=None`` keeps H, W."""
+    """HU (H, W) -> (C, size, size) in ``dtype`` (uint8 0..255 or float32 0..1); ``size=None`` keeps H, W.
+    ``spacing`` (row, column mm) is needed only by cavity windows."""
     dt = _check_dtype(dtype)
     ws = get_windows(windows)
     hu = np.asarray(hu)
     if hu.ndim != 2:
         raise ValueError(f"expected one (H, W) slice, got shape {hu.shape}")
-    return _finish([_apply(hu, w, dt) for w in ws], ws, size, dt)
+    return _finish(_channels(hu, ws, spacing, dt), ws, size, dt)
 
 
 @functools.lru_cache(maxsize=64)
@@ -221,7 +258,9 @@ def window_stored(
     dt = _check_dtype(dtype)
     ws = get_windows(windows)
     stored = pixels.stored
-    if getattr(pixels, "lut", None) is None and stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2:
+    cavity = any(w.region == "cavity" for w in ws)  # needs HU to find the cavity in: no lookup tables
+    if (not cavity and getattr(pixels, "lut", None) is None and stored.dtype.kind in "iu"
+            and stored.dtype.itemsize <= 2):
         if not stored.dtype.isnative:
             stored = stored.astype(stored.dtype.newbyteorder("="))
         index = stored.view(f"u{stored.dtype.itemsize}")  # the bit pattern indexes the table
@@ -238,8 +277,12 @@ def window_stored(
             return out
         channels = list(out)
     else:
-        hu = pixels.hu()
-        channels = [_apply(hu, w, dt) for w in ws]
+        try:
+            channels = _channels(pixels.hu(), ws, getattr(pixels, "spacing", None), dt)
+        except ValueError as err:
+            from ichscan.errors import PixelDataError
+
+            raise PixelDataError(str(err), getattr(pixels, "path", None)) from None
     return _finish(channels, ws, size, dt)
 
 

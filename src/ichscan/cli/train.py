@@ -61,6 +61,9 @@ def register(subparsers) -> None:
     m = p.add_argument_group("model and recipe (override the preset)")
     m.add_argument("--arch", help="any timm architecture name")
     m.add_argument("--image-size", type=int)
+    m.add_argument("--region", choices=("whole", "cavity"),
+                   help="what every input window sees: the whole slice, or only the cranial cavity (air elsewhere); "
+                        "default: as the --init model's windows, else whole")
     m.add_argument("--epochs", type=int)
     m.add_argument("--batch-size", type=int)
     m.add_argument("--lr", type=float)
@@ -120,7 +123,8 @@ def config_from_args(args):
         workers=args.workers, device=args.device, max_steps_per_epoch=args.max_steps_per_epoch,
         compile=True if args.compile else None, channels_last=False if args.no_channels_last else None,
         augment=AugmentConfig.none() if args.no_augment else None,
-        init=init, label_level=getattr(args, "label_level", None), mil_pooling=getattr(args, "mil_pooling", None),
+        init=init, region=getattr(args, "region", None),
+        label_level=getattr(args, "label_level", None), mil_pooling=getattr(args, "mil_pooling", None),
         freeze_epochs=getattr(args, "freeze_epochs", None), freeze_bn=getattr(args, "freeze_bn", None),
         freeze_stages=getattr(args, "freeze_stages", None), replay=getattr(args, "replay", None),
         replay_share=getattr(args, "replay_share", None),

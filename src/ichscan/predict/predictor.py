@@ -148,7 +148,7 @@ def _windowed_series(series: Any, preps: Sequence[tuple], allow_non_ct: bool = F
     for s in series.slices:
         try:
             if getattr(s, "hu", None) is not None:
-                images = [window_image(s.hu, windows, size, np.uint8) for windows, size in preps]
+                images = [window_image(s.hu, windows, size, np.uint8, s.spacing) for windows, size in preps]
             elif getattr(s, "frame", None) is not None:
                 if s.path not in frames:  # one multi-frame object (or NIfTI volume) decoded at a time
                     try:
@@ -158,8 +158,8 @@ def _windowed_series(series: Any, preps: Sequence[tuple], allow_non_ct: bool = F
                 got = frames[s.path]
                 if isinstance(got, IchscanError):
                     raise got
-                hu = got[s.frame].hu
-                images = [window_image(hu, windows, size, np.uint8) for windows, size in preps]
+                frame = got[s.frame]
+                images = [window_image(frame.hu, windows, size, np.uint8, frame.spacing) for windows, size in preps]
             else:
                 stored = read_stored(s, allow_non_ct=allow_non_ct)
                 images = [window_stored(stored, windows, size, np.uint8) for windows, size in preps]
@@ -364,12 +364,14 @@ class Predictor:
         return described
 
     # -- preprocessing (numpy) --------------------------------------------------------------------
-    def preprocess(self, images: Sequence[np.ndarray], prep: tuple | None = None) -> np.ndarray:
-        """HU slices -> uint8 (N, C, S, S), windowed and sized as the (first) checkpoint expects."""
+    def preprocess(self, images: Sequence[np.ndarray], prep: tuple | None = None,
+                   spacing: Sequence[float] | None = None) -> np.ndarray:
+        """HU slices -> uint8 (N, C, S, S), windowed and sized as the (first) checkpoint expects; ``spacing``
+        (row, column mm, one for all the slices) is needed by a model whose windows see only the cavity."""
         from ichscan.windows import window_image
 
         windows, size = prep or self._preps[0]
-        return np.stack([window_image(hu, windows, size, np.uint8) for hu in images])
+        return np.stack([window_image(hu, windows, size, np.uint8, spacing) for hu in images])
 
     # -- model ------------------------------------------------------------------------------------
     def _forward(self, model, x):
