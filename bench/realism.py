@@ -242,9 +242,15 @@ def region_view(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], 
     """What the CNN discriminator is shown of a slice (HU): ``whole``; ``intracranial``, the intracranial
     mask's pixels and 0 HU elsewhere; ``cranium``, everything within ``cranium_mm`` of that mask (the cranial
     contents, the inner table's edge, the vault and the scalp over it) and air (-1000 HU) beyond (face,
-    head holder, background). A slice without a mask is all 0 HU or all air."""
+    head holder, background); ``cavity``, exactly what a model trained with ``--region cavity`` sees
+    (``ichscan.cavity.cut_to_cavity``: the cranial cavity, not eroded, air elsewhere). A slice without a
+    mask (or cavity) is all 0 HU or all air."""
     if region == "whole":
         return hu
+    if region == "cavity":
+        from ichscan.cavity import cut_to_cavity
+
+        return cut_to_cavity(hu, spacing)
     if region == "intracranial":
         return np.where(mask, hu, 0.0)
     if region == "cranium":
@@ -531,9 +537,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="phantom generator processes (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="CNN training threads (default 1)")
     ap.add_argument("--no-cnn", action="store_true", help="only the logistic-regression discriminator")
-    ap.add_argument("--cnn-region", choices=("whole", "intracranial", "cranium"), default="whole",
-                    help="what the CNN sees: the whole slice (default), only the intracranial mask's pixels, or "
-                         "the cranium: everything within --cranium-mm of that mask, air beyond")
+    ap.add_argument("--cnn-region", choices=("whole", "intracranial", "cranium", "cavity"), default="whole",
+                    help="what the CNN sees: the whole slice (default), only the intracranial mask's pixels, "
+                         "the cranium: everything within --cranium-mm of that mask, air beyond; or the cavity: "
+                         "what a model trained with --region cavity sees")
     ap.add_argument("--cranium-mm", type=float, default=CRANIUM_MM,
                     help=f"reach of --cnn-region cranium beyond the intracranial mask (default {CRANIUM_MM:g} mm)")
     ap.add_argument("--keep-phantoms", action="store_true", help="leave the phantoms in --work")
@@ -617,7 +624,9 @@ def main() -> None:
                                 + {"whole": "",
                                    "intracranial": "; only the intracranial mask's pixels (the rest 0 HU)",
                                    "cranium": f"; only what lies within {args.cranium_mm:g} mm of the intracranial "
-                                              "mask (the rest -1000 HU)"}[args.cnn_region],
+                                              "mask (the rest -1000 HU)",
+                                   "cavity": "; only the cranial cavity as a --region cavity model sees it "
+                                             "(ichscan.cavity.cut_to_cavity; the rest -1000 HU)"}[args.cnn_region],
                        "region": args.cnn_region,
                        "epochs": args.epochs, "torch_seed": f"{args.seed} * 1000 + fold", "threads": args.threads,
                        **auc_report(scores, y, splits, brain, levels)}

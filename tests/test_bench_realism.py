@@ -71,6 +71,8 @@ def test_region_views_keep_what_they_name(realism):
     assert np.all(cranium[(r >= 61) & (r < 65)] == 1000.0) and np.all(cranium[(r >= 67) & (r < 71)] == 40.0)
     assert np.all(cranium[r >= 78] == -1000.0)  # holder and background become air
     assert np.all(cranium[r < 55] == 30.0)
+    cavity = realism.region_view(hu, mask, (1.0, 1.0), "cavity")  # what a --region cavity model sees: not eroded
+    assert np.all(cavity[r < 59.5] == 30.0) and np.all(cavity[r >= 60.5] == -1000.0)
     empty = np.zeros_like(mask)
     assert np.all(realism.region_view(hu, empty, (1.0, 1.0), "cranium") == -1000.0)
     with pytest.raises(ValueError, match="region"):

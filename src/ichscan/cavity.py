@@ -11,10 +11,11 @@ through ``cut_to_cavity``: the cavity as it is, every other pixel air (-1000 HU)
 How the cavity is found (``cavity_mask``): bone is HU above ``bone_hu``; on a grid of about ``grid_mm``
 (a block counts as bone when any of its pixels is) gaps in the bone up to about 2 x ``close_mm`` wide
 (sutures, foramina, a fracture line) are closed; the regions of non-bone that do not reach the image's
-border are what the bone encloses. The cavity is the largest of them, with its holes filled (calcified
-pineal gland, choroid plexus and falx lie inside it), plus every other enclosed region of at least
-``min_part_mm2`` whose median HU is brain-like (both middle cranial fossae at the skull base; not the
-sinuses, mastoid cells or orbits, which are air or fat), provided the largest has ``min_area_mm2``. The
+border are what the bone encloses. The cavity is every enclosed region of at least ``min_part_mm2``
+whose median HU is brain-like (the posterior and both middle cranial fossae at the skull base; not the
+sinuses, mastoid cells or orbits, nor the air between a head and a ring-shaped holder), each with its
+holes filled (calcified pineal gland, choroid plexus and falx lie inside it), provided the largest of
+them has ``min_area_mm2``. The
 grid's edge is then refined at full resolution: pixels within one block of it that are not bone join it,
 so blood against the inner table is kept to the pixel.
 
@@ -138,31 +139,32 @@ def cavity_mask(hu: np.ndarray, spacing: tuple[float, float], *, bone_hu: float 
 
 def _keep_cavity(hu: np.ndarray, inside: np.ndarray, sampling: tuple[float, float], k: int, *, bone_hu: float,
                  min_area_mm2: float, min_part_mm2: float, part_hu: tuple[float, float]) -> np.ndarray:
-    """From the enclosed grid cells ``inside``: the largest region with its holes filled, and every other of
-    ``min_part_mm2`` whose median HU lies in ``part_hu``, at full resolution with its edge refined."""
+    """From the enclosed grid cells ``inside``, the regions of at least ``min_part_mm2`` whose median HU lies
+    in ``part_hu`` (brain or blood, not air or fat), each with its holes filled, when the largest of them has
+    ``min_area_mm2``; at full resolution with the edge refined. Empty otherwise."""
     from scipy import ndimage as ndi
 
     empty = np.zeros(hu.shape, bool)
     labels, n = ndi.label(inside)
     if n == 0:
         return empty
-    block_mm2 = sampling[0] * sampling[1]
-    sizes = np.bincount(labels.ravel())[1:] * block_mm2
-    biggest = int(np.argmax(sizes)) + 1
-    if sizes[biggest - 1] < min_area_mm2:
-        return empty
     h, w = hu.shape
+    sizes = np.bincount(labels.ravel())[1:] * (sampling[0] * sampling[1])
     small = np.zeros(inside.shape, bool)
-    for part in range(1, n + 1):
-        if part != biggest and sizes[part - 1] < min_part_mm2:
-            continue
+    largest = 0.0
+    for part in np.argsort(-sizes) + 1:
+        if sizes[part - 1] < min_part_mm2:
+            break
         region = ndi.binary_fill_holes(labels == part)
-        if part != biggest:
-            up = np.repeat(np.repeat(region, k, axis=0), k, axis=1)[:h, :w]
-            median = float(np.median(hu[up]))
-            if not part_hu[0] <= median <= part_hu[1]:
-                continue  # air cells, sinuses, orbits: enclosed, but not brain
+        if region[small].any():
+            continue  # inside a region kept already (its holes are filled)
+        up = np.repeat(np.repeat(region, k, axis=0), k, axis=1)[:h, :w]
+        if not part_hu[0] <= float(np.median(hu[up])) <= part_hu[1]:
+            continue  # air cells, sinuses, orbits, the air between a head and a holder: enclosed, but not brain
+        largest = max(largest, float(sizes[part - 1]))
         small |= region
+    if largest < min_area_mm2:
+        return empty
     mask = np.repeat(np.repeat(small, k, axis=0), k, axis=1)[:h, :w]
     # the grid's edge sits up to a block inside the bone: the pixels between, where they are not bone, join it
     edge = ndi.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=k) & ~mask
