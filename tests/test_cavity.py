@@ -184,3 +184,25 @@ def test_region_is_asked_for_with_init_and_recorded(tmp_path: Path):
 
     with pytest.raises(IchscanError, match="region 'skull'"):
         resolve_init(TrainConfig.from_preset("paper", region="skull"))
+
+
+def test_a_whole_slice_cache_is_not_used_for_a_cavity_model(tmp_path: Path):
+    from ichscan.data import SliceDataset, build_cache, load_labelled
+    from ichscan.errors import DataError
+
+    for i in range(2):
+        write_ct(tmp_path / "images" / f"ID_{i:09x}.dcm", head(blood_inside=bool(i)), spacing=(SPACING, SPACING))
+    (tmp_path / "labels.csv").write_text("ID,Label\n" + "".join(
+        f"ID_{i:09x}_{label},{int(i == 1 and label in ('any', 'epidural'))}\n" for i in range(2) for label in LABELS))
+    frame = load_labelled(tmp_path).frame
+    build_cache(frame, tmp_path / "cache", 64, PAPER_WINDOWS, workers=1)
+    from ichscan.data import ImageCache
+
+    with pytest.raises(DataError, match=r"brain:cavity"):
+        SliceDataset(frame, 64, CAVITY, cache=ImageCache(tmp_path / "cache"))
+    build_cache(frame, tmp_path / "cache_cavity", 64, CAVITY, workers=1)
+    cached = SliceDataset(frame, 64, CAVITY, cache=ImageCache(tmp_path / "cache_cavity"))
+    images = {str(frame["image_id"].iloc[j]): cached[j][0] for j in range(len(frame))}
+    hu = read_slice(tmp_path / "images" / "ID_000000001.dcm").hu
+    np.testing.assert_array_equal(images["ID_000000001"], window_image(cut_to_cavity(hu, (SPACING, SPACING)),
+                                                                       PAPER_WINDOWS, 64))

@@ -359,6 +359,13 @@ CACHE_FORMAT = "ichscan-cache/1"
 TODO, DONE, FAILED = 0, 1, 2
 
 
+def _window_labels(windows: Sequence[Any]) -> list[str]:
+    """Window records -> their labels (``brain``, ``brain:cavity``) for messages."""
+    from ichscan.windows import get_windows
+
+    return [w.label for w in get_windows(windows)]
+
+
 def _window_dicts(windows: Sequence[Any]) -> list[dict[str, Any]]:
     from ichscan.windows import get_windows
 
@@ -550,8 +557,8 @@ class SliceDataset:
             self.cache = cache if isinstance(cache, ImageCache) else ImageCache(cache)
             if not self.cache.matches(self.size, self.windows):
                 raise DataError(f"cache is {self.cache.size} px with windows "
-                                f"{[w['name'] for w in self.cache.windows]}; this dataset needs {self.size} px "
-                                f"with {[w['name'] for w in self.windows]}", self.cache.root)
+                                f"{_window_labels(self.cache.windows)}; this dataset needs {self.size} px "
+                                f"with {_window_labels(self.windows)}", self.cache.root)
             status = self.cache.status
             for i, image_id in enumerate(self.image_ids):
                 row = self.cache.row_of.get(image_id, -1)

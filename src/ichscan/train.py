@@ -1045,7 +1045,7 @@ def _ensure_cache(root: str | os.PathLike, frame, config: TrainConfig, workers: 
     over its own image list); images it does not hold are read from DICOM."""
     import pandas as pd
 
-    from ichscan.data import DONE, ImageCache, build_cache
+    from ichscan.data import DONE, ImageCache, _window_labels, build_cache
 
     try:
         cache = ImageCache(root)
@@ -1055,8 +1055,9 @@ def _ensure_cache(root: str | os.PathLike, frame, config: TrainConfig, workers: 
         result = build_cache(frame, root, config.image_size, config.windows, workers=workers, progress=progress)
     else:
         if not cache.matches(config.image_size, config.windows):
-            raise DataError(f"cache is {cache.size} px with windows {[w['name'] for w in cache.windows]}; this "
-                            f"run needs {config.image_size} px with {list(config.windows)}: use another folder",
+            raise DataError(f"cache is {cache.size} px with windows {_window_labels(cache.windows)}; this "
+                            f"run needs {config.image_size} px with {_window_labels(config.windows)}: use another "
+                            "folder",
                             root)
         status = cache.status
         rows = [cache.row_of.get(i, -1) for i in frame["image_id"].astype(str)]
@@ -1230,7 +1231,7 @@ def resolve_init(config: TrainConfig, report: Callable[[str], None] | None = Non
     if tuple(config.labels) != tuple(meta.labels) and set(config.labels) != set(meta.labels):
         raise IchscanError(f"--init {config.init} has labels {list(meta.labels)}, not {list(config.labels)}")
     if report:
-        names = ", ".join(w.name if w.region == "whole" else f"{w.name} ({w.region})" for w in get_windows(windows))
+        names = ", ".join(w.label for w in get_windows(windows))
         size = f"{meta.image_size} px" if image_size == meta.image_size else \
             f"trained at {meta.image_size} px, now {image_size} px"
         report(f"starting from {path} ({meta.arch}, {size}, windows {names})")

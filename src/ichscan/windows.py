@@ -76,6 +76,11 @@ class Window:
             return self.name if self.region == "whole" else f"{self.name}:{self.region}"
         return self.to_dict()
 
+    @property
+    def label(self) -> str:
+        """The name, with ``:region`` where the window does not see the whole slice (``brain:cavity``)."""
+        return self.name if self.region == "whole" else f"{self.name}:{self.region}"
+
     def in_region(self, region: str) -> Window:
         return dataclasses.replace(self, region=region)
 

@@ -70,7 +70,8 @@ def run(args) -> int:
         if args.cache:
             from ichscan.train import TrainConfig, _ensure_cache
 
-            cache = Path(args.cache) / f"{meta.image_size}px-{'-'.join(w.name for w in meta.windows)}"
+            names = "-".join(w.label.replace(":", ".") for w in meta.windows)
+            cache = Path(args.cache) / f"{meta.image_size}px-{names}"
             config = TrainConfig(image_size=meta.image_size, windows=tuple(w.to_dict() for w in meta.windows))
             _ensure_cache(cache, loaded.frame, config, args.io_workers, None, say)
         slices = SliceDataset(loaded.frame, meta.image_size, meta.windows, meta.labels, cache=cache)
