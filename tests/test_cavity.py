@@ -206,3 +206,23 @@ def test_a_whole_slice_cache_is_not_used_for_a_cavity_model(tmp_path: Path):
     hu = read_slice(tmp_path / "images" / "ID_000000001.dcm").hu
     np.testing.assert_array_equal(images["ID_000000001"], window_image(cut_to_cavity(hu, (SPACING, SPACING)),
                                                                        PAPER_WINDOWS, 64))
+
+
+def test_a_cavity_model_warns_when_the_images_have_no_bone(tmp_path: Path, caplog):
+    """A series exported in a brain window (bone clipped to 80 HU) has no cavity to find: say so, by series."""
+    for i in range(6):
+        write_ct(tmp_path / f"s{i}.dcm", np.minimum(head(pineal=False), 80.0), spacing=(SPACING, SPACING),
+                 position=(-80.0, -80.0, 5.0 * i), instance=i + 1)
+    series = find_series(tmp_path).series[0]
+    pred = Predictor.from_models([_blood_detector()], windows=CAVITY, image_size=64, tta="identity", precision="fp32")
+    with caplog.at_level("WARNING", logger="ichscan.predict.predictor"):
+        pred.predict_series(series)
+    assert f"series {series.series_uid}: no cranial cavity found on 4 of its 4 middle slices" in caplog.text
+    caplog.clear()
+    write_ct(tmp_path / "s0.dcm", head(pineal=False), spacing=(SPACING, SPACING), position=(-80.0, -80.0, 0.0),
+             instance=1)
+    whole = Predictor.from_models([_blood_detector()], windows=PAPER_WINDOWS, image_size=64, tta="identity",
+                                  precision="fp32")
+    with caplog.at_level("WARNING", logger="ichscan.predict.predictor"):
+        whole.predict_series(find_series(tmp_path).series[0])  # a whole-slice model: nothing to say
+    assert "cranial cavity" not in caplog.text

@@ -516,8 +516,24 @@ class Predictor:
             err = SeriesError(f"none of its {len(bad)} slices could be decoded", f"series {series.series_uid}")
             err.skipped = tuple(bad)  # the files at fault, for the batch report
             raise err
+        self._check_cavity(series, arrays)
         slice_probs = self.predict_arrays(arrays)
         return self._assemble(series, kept, slice_probs, bad)
+
+    def _check_cavity(self, series: Any, arrays: dict[tuple, np.ndarray]) -> None:
+        """A model that sees only the cranial cavity is blind where none is found; say so when that is most of
+        the middle half of a series (where a head has its cavity on every slice), as images without bone
+        (windowed exports, a skull stripped already) or a wide defect would leave it."""
+        for (windows, _), images in arrays.items():
+            if not any(getattr(w, "region", "whole") == "cavity" for w in windows) or len(images) < 4:
+                continue
+            n = len(images)
+            middle = images[n // 4: n - n // 4]
+            blank = int((middle.reshape(len(middle), -1).max(axis=1) == 0).sum())
+            if blank > len(middle) // 2:
+                log.warning("series %s: no cranial cavity found on %d of its %d middle slices, and this model sees "
+                            "only the cavity: those slices are air to it; do the images keep the skull's bone "
+                            "(> 300 HU)?", series.series_uid, blank, len(middle))
 
     def predict_series_arrays(self, arrays: np.ndarray | dict[tuple, np.ndarray]
                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
