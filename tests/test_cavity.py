@@ -226,3 +226,22 @@ def test_a_cavity_model_warns_when_the_images_have_no_bone(tmp_path: Path, caplo
     with caplog.at_level("WARNING", logger="ichscan.predict.predictor"):
         whole.predict_series(find_series(tmp_path).series[0])  # a whole-slice model: nothing to say
     assert "cranial cavity" not in caplog.text
+
+
+def test_a_slice_without_pixel_spacing_is_skipped_by_a_cavity_model(tmp_path: Path):
+    """No PixelSpacing: the cavity cannot be measured in mm; that slice is reported, the series goes on."""
+    for i in range(3):
+        write_ct(tmp_path / f"s{i}.dcm", head(pineal=False), spacing=(SPACING, SPACING),
+                 position=(-80.0, -80.0, 5.0 * i), instance=i + 1)
+    import pydicom
+
+    ds = pydicom.dcmread(tmp_path / "s1.dcm")
+    del ds.PixelSpacing
+    ds.save_as(tmp_path / "s1.dcm")
+    headers = find_series(tmp_path).series[0]  # read as predict reads it: pixels come from the stored values
+    decoded = type(headers)(**{**headers.__dict__, "slices": [read_slice(s.path) for s in headers.slices]})  # HU
+    pred = Predictor.from_models([_blood_detector()], windows=CAVITY, image_size=64, tta="identity", precision="fp32")
+    for series in (headers, decoded):
+        got = pred.predict_series(series)
+        assert len(got.slice_probs) == 2
+        assert [(Path(b.path).name, "pixel spacing" in b.reason) for b in got.skipped] == [("s1.dcm", True)]
