@@ -112,7 +112,9 @@ def test_cavity_windows_are_named_recorded_and_read_back():
     assert get_windows([brain.to_dict()]) == (brain,) and brain.spec() == "brain:cavity" and blood.spec() == "blood"
     with pytest.raises(ValueError, match="region 'skull'"):
         get_windows({"name": "x", "level": 0, "width": 10, "region": "skull"})
-    with pytest.raises(ValueError, match="pixel spacing"):
+    from ichscan.errors import PixelDataError
+
+    with pytest.raises(PixelDataError, match="pixel spacing"):
         window_image(head(), CAVITY, size=None)
 
 
@@ -177,6 +179,9 @@ def test_region_is_asked_for_with_init_and_recorded(tmp_path: Path):
     config = resolve_init(TrainConfig.from_preset("finetune", init="bundled", region="cavity"))
     assert config.windows == CAVITY  # the bundled model's paper windows, each seeing only the cavity
     assert config.to_dict()["region"] == "cavity"
+    from ichscan.train import _window_records
+
+    assert [w.get("region") for w in _window_records(config.windows)] == ["cavity"] * 3  # what checkpoints record
     assert "region" not in TrainConfig.from_preset("finetune").to_dict()  # unasked: the record runs always wrote
     plain = resolve_init(TrainConfig.from_preset("paper", region="cavity", windows=("brain", "blood")))
     assert plain.windows == ("brain:cavity", "blood:cavity")

@@ -39,19 +39,19 @@ CAVITY_HU = (0.0, 100.0)  # median HU of an enclosed region that is brain (or bl
 AIR_HU = -1000.0
 TISSUE_HU = -300.0  # above it: the head (scalp fat included), below it air
 BRAIN_HU = (15.0, 45.0)  # grey and white matter
-HULL_FILL = 0.75  # a cavity found by the bone's hull must be this much brain or blood (0-100 HU), not scalp or air
+HULL_FILL = 0.75  # a cavity found by the skull's hull must be this much brain or blood (part_hu), not scalp or air
 BRAIN_AREA_MM2 = 5000.0  # brain density on a slice through the cerebrum: a disc of 80 mm and more
 
 
-def _bone_grid(hu: np.ndarray, spacing: tuple[float, float], bone_hu: float, grid_mm: float
-               ) -> tuple[np.ndarray, tuple[float, float], int]:
-    """Blocks of k x k pixels (about ``grid_mm``), True where any of a block's pixels is above ``bone_hu``:
+def _blocks_above(hu: np.ndarray, spacing: tuple[float, float], threshold: float, grid_mm: float
+                  ) -> tuple[np.ndarray, tuple[float, float], int]:
+    """Blocks of k x k pixels (about ``grid_mm``), True where any of a block's pixels is above ``threshold``:
     (grid, its (row, column) spacing in mm, k)."""
     h, w = hu.shape
     k = max(1, int(round(grid_mm / min(spacing))))
     ph, pw = -(-h // k) * k, -(-w // k) * k
     full = np.zeros((ph, pw), bool)
-    full[:h, :w] = hu > bone_hu
+    full[:h, :w] = hu > threshold
     bone = full[::k, ::k].copy()
     for i in range(k):
         for j in range(k):
@@ -65,16 +65,21 @@ def enclosed_by_bone(hu: np.ndarray, spacing: tuple[float, float], *, bone_hu: f
     """Non-bone regions the bone encloses, on a grid of blocks of k x k pixels (about ``grid_mm``):
     (bool grid, the grid's (row, column) spacing in mm, k), or None when the slice has no bone. Gaps in
     the bone up to about 2 x ``close_mm`` are closed first (a closing by distance transforms)."""
-    from scipy import ndimage as ndi
-
-    bone, sampling, k = _bone_grid(hu, spacing, bone_hu, grid_mm)
+    bone, sampling, k = _blocks_above(hu, spacing, bone_hu, grid_mm)
     if not bone.any():
         return None
+    return _enclosed(bone, sampling, close_mm), sampling, k
+
+
+def _enclosed(bone: np.ndarray, sampling: tuple[float, float], close_mm: float) -> np.ndarray:
+    """Grid cells of non-bone that do not reach the border once gaps up to about 2 x ``close_mm`` are closed."""
+    from scipy import ndimage as ndi
+
     dilated = ndi.distance_transform_edt(~bone, sampling=sampling) <= close_mm
     closed = (ndi.distance_transform_edt(dilated, sampling=sampling) > close_mm) | bone  # closing
     labels, _ = ndi.label(~closed)
     border = np.unique(np.r_[labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    return ~closed & ~np.isin(labels, border), sampling, k
+    return ~closed & ~np.isin(labels, border)
 
 
 def _inside_hull(bone: np.ndarray, tissue: np.ndarray) -> np.ndarray:
@@ -116,24 +121,22 @@ def cavity_mask(hu: np.ndarray, spacing: tuple[float, float], *, bone_hu: float 
     if spacing is None or len(spacing) != 2 or min(spacing) <= 0:
         raise ValueError(f"the cavity needs the pixel spacing in mm, got {spacing!r}")
     keep = dict(bone_hu=bone_hu, min_area_mm2=min_area_mm2, min_part_mm2=min_part_mm2, part_hu=part_hu)
-    found = enclosed_by_bone(hu, spacing, bone_hu=bone_hu, close_mm=close_mm, grid_mm=grid_mm)
-    if found is None:
+    bone, sampling, k = _blocks_above(hu, spacing, bone_hu, grid_mm)
+    if not bone.any():
         return np.zeros(hu.shape, bool)
-    mask = _keep_cavity(hu, *found, **keep)
+    mask = _keep_cavity(hu, _enclosed(bone, sampling, close_mm), sampling, k, **keep)
     if mask.any():
         return mask
     brain = np.count_nonzero((hu >= BRAIN_HU[0]) & (hu <= BRAIN_HU[1])) * float(spacing[0]) * float(spacing[1])
     if brain < min_brain_mm2:
         return mask  # below the skull base, above the vertex: nothing to look for
     for wider in wider_close_mm:
-        found = enclosed_by_bone(hu, spacing, bone_hu=bone_hu, close_mm=wider, grid_mm=grid_mm)
-        mask = _keep_cavity(hu, *found, **keep)
+        mask = _keep_cavity(hu, _enclosed(bone, sampling, wider), sampling, k, **keep)
         if mask.any():
             return mask
-    bone, sampling, k = _bone_grid(hu, spacing, bone_hu, grid_mm)
-    tissue, _, _ = _bone_grid(hu, spacing, TISSUE_HU, grid_mm)
+    tissue, _, _ = _blocks_above(hu, spacing, TISSUE_HU, grid_mm)
     mask = _keep_cavity(hu, _inside_hull(bone, tissue), sampling, k, **keep)
-    share = np.count_nonzero((hu[mask] >= CAVITY_HU[0]) & (hu[mask] <= CAVITY_HU[1])) / max(1, mask.sum())
+    share = np.count_nonzero((hu[mask] >= part_hu[0]) & (hu[mask] <= part_hu[1])) / max(1, mask.sum())
     return mask if share >= HULL_FILL else np.zeros(hu.shape, bool)
 
 

@@ -687,7 +687,7 @@ def predictions_report(
         except (IchscanError, OSError, ValueError) as err:  # probabilities still shown; images say why not
             log.warning("HTML report: cannot scan %s for key slices: %s", folder, err)
     image_cache: dict[tuple[str, str | None], Any] = {}
-    last_hu: dict[str, Any] = {}  # one slice: a series' findings often share their key slice
+    last_slice: dict[str, Any] = {}  # one slice: a series' findings often share their key slice
     last_frames: dict[str, dict[int | None, Any]] = {}  # one multi-frame file or volume, decoded once
 
     def read_key_slice(path: str, frame: int | None) -> Any:
@@ -707,10 +707,10 @@ def predictions_report(
         key = (image_id, label if predictor is not None else None)
         if key not in image_cache:
             try:
-                if image_id not in last_hu:
-                    last_hu.clear()
-                    last_hu[image_id] = read_key_slice(path, frame)
-                hu, spacing = last_hu[image_id].hu, last_hu[image_id].spacing
+                if image_id not in last_slice:
+                    last_slice.clear()
+                    last_slice[image_id] = read_key_slice(path, frame)
+                hu, spacing = last_slice[image_id].hu, last_slice[image_id].spacing
                 heat = None
                 if predictor is not None:
                     from ichscan.heatmap import grad_cam

@@ -184,12 +184,16 @@ def _finish(channels: list[np.ndarray], windows: Sequence[Window], size: int | N
     return np.stack(channels)
 
 
-def _channels(hu: np.ndarray, ws: Sequence[Window], spacing, dt) -> list[np.ndarray]:
-    """Each window on HU, the cavity's windows on the slice cut down to its cranial cavity (found once)."""
+def _channels(hu: np.ndarray, ws: Sequence[Window], spacing, dt, path=None) -> list[np.ndarray]:
+    """Each window on HU, the cavity's windows on the slice cut down to its cranial cavity (found once). A
+    slice without a pixel spacing cannot be cut: ``PixelDataError`` (naming ``path`` when given), which
+    batch work reports by file and goes on."""
     cut = None
     if any(w.region == "cavity" for w in ws):
         if spacing is None:
-            raise ValueError("a cavity window needs the slice's pixel spacing (mm), and none was given")
+            from ichscan.errors import PixelDataError
+
+            raise PixelDataError("a cavity window needs the slice's pixel spacing (mm), and it has none", path)
         from ichscan.cavity import cut_to_cavity
 
         cut = cut_to_cavity(hu, (float(spacing[0]), float(spacing[1])))
@@ -204,7 +208,7 @@ def window_image(
     spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
     """HU (H, W) -> (C, size, size) in ``dtype`` (uint8 0..255 or float32 0..1); ``size=None`` keeps H, W.
-    ``spacing`` (row, column mm) is needed only by cavity windows."""
+    ``spacing`` (row, column mm) is needed only by cavity windows (``PixelDataError`` without it)."""
     dt = _check_dtype(dtype)
     ws = get_windows(windows)
     hu = np.asarray(hu)
@@ -282,12 +286,7 @@ def window_stored(
             return out
         channels = list(out)
     else:
-        try:
-            channels = _channels(pixels.hu(), ws, getattr(pixels, "spacing", None), dt)
-        except ValueError as err:
-            from ichscan.errors import PixelDataError
-
-            raise PixelDataError(str(err), getattr(pixels, "path", None)) from None
+        channels = _channels(pixels.hu(), ws, getattr(pixels, "spacing", None), dt, getattr(pixels, "path", None))
     return _finish(channels, ws, size, dt)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ichscan.aggregation import AGGREGATIONS, aggregate
 from ichscan.dicom import SkippedFile
-from ichscan.errors import CheckpointError, IchscanError, PixelDataError, SeriesError
+from ichscan.errors import CheckpointError, IchscanError, SeriesError
 from ichscan.fileio import escape_undecodable
 from ichscan.geometry import position_along
 from ichscan.hardware import autocast_dtype, resolve_precision
@@ -129,17 +129,6 @@ def _fold_batchnorm(model: Any) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Pixels
 
-def _window_hu(hu: np.ndarray, windows, size: int, spacing, path) -> np.ndarray:
-    """``window_image`` to uint8, its one-line complaint (a cavity window on a slice without a pixel spacing)
-    an error naming the file, so that the slice is skipped and reported, not the batch stopped."""
-    from ichscan.windows import window_image
-
-    try:
-        return window_image(hu, windows, size, np.uint8, spacing)
-    except ValueError as err:
-        raise PixelDataError(str(err), path) from None
-
-
 def _windowed_series(series: Any, preps: Sequence[tuple], allow_non_ct: bool = False
                      ) -> tuple[list, dict[tuple, np.ndarray], list[SkippedFile]]:
     """Decode and window every slice of a (headers-only) series for each (windows, size) in ``preps``.
@@ -151,7 +140,7 @@ def _windowed_series(series: Any, preps: Sequence[tuple], allow_non_ct: bool = F
     be decoded are dropped and reported, the rest kept.
     """
     from ichscan.dicom import read_slices, read_stored
-    from ichscan.windows import window_stored
+    from ichscan.windows import window_image, window_stored
 
     kept, bad = [], []
     out: dict[tuple, list[np.ndarray]] = {prep: [] for prep in preps}
@@ -159,7 +148,7 @@ def _windowed_series(series: Any, preps: Sequence[tuple], allow_non_ct: bool = F
     for s in series.slices:
         try:
             if getattr(s, "hu", None) is not None:
-                images = [_window_hu(s.hu, windows, size, s.spacing, s.path) for windows, size in preps]
+                images = [window_image(s.hu, windows, size, np.uint8, s.spacing) for windows, size in preps]
             elif getattr(s, "frame", None) is not None:
                 if s.path not in frames:  # one multi-frame object (or NIfTI volume) decoded at a time
                     try:
@@ -170,7 +159,7 @@ def _windowed_series(series: Any, preps: Sequence[tuple], allow_non_ct: bool = F
                 if isinstance(got, IchscanError):
                     raise got
                 frame = got[s.frame]
-                images = [_window_hu(frame.hu, windows, size, frame.spacing, s.path) for windows, size in preps]
+                images = [window_image(frame.hu, windows, size, np.uint8, frame.spacing) for windows, size in preps]
             else:
                 stored = read_stored(s, allow_non_ct=allow_non_ct)
                 images = [window_stored(stored, windows, size, np.uint8) for windows, size in preps]
