@@ -984,3 +984,19 @@ def test_choroid_glomus_is_a_tuft_in_each_atrium_calcified_in_clumps():
             assert not np.array_equal(left, np.fliplr(right))  # not a mirror image
     for seed in (5, 6, 7):
         assert sum(areas[seed, 1.55]) > 1.5 * sum(areas[seed, 0.85]), areas
+
+
+def test_thin_phantom_slices_carry_the_noise_of_their_thickness():
+    """Noise at a fixed dose grows as 1 / sqrt(thickness): the same draw at 1.25 mm is exactly twice that at 5 mm."""
+    from ichscan.phantom import anatomy as an
+    from ichscan.phantom.artifacts import add_noise
+
+    def noise(thickness):
+        fr = an.Frame(rows=64, cols=64, spacing=0.5, thickness=thickness, z=np.array([40.0], np.float32),
+                      angle=0.0, shift=(0.0, 0.0))
+        hu = np.full((1, 64, 64), 30.0, np.float32)
+        add_noise(hu, fr, 4.0, np.random.default_rng(7))
+        return hu - 30.0
+
+    assert np.allclose(noise(1.25), 2.0 * noise(5.0), atol=1e-4)
+    assert np.allclose(noise(10.0), noise(5.0) / np.sqrt(2.0), atol=1e-4)
