@@ -142,7 +142,7 @@ def _aucs(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float | None]:
 def _reaggregated(p: SeriesPrediction, method: str, top_k: int) -> SeriesPrediction:
     if method == p.aggregation:  # the predictor's own (context: the series head's, not from slices)
         return p
-    probs, _ = aggregate(p.slice_probs, method, top_k)  # key slices do not depend on the method
+    probs, _ = aggregate(p.read_probs, method, top_k)  # key slices do not depend on the method
     return dataclasses.replace(p, probs=probs, aggregation=method)
 
 

@@ -137,7 +137,7 @@ def test_a_file_on_disk_is_cut_alike_for_training_and_prediction(tmp_path: Path)
     series = find_series(tmp_path).series[0]
     pred = Predictor.from_models([_blood_detector()], windows=CAVITY, image_size=128, tta="identity",
                                  precision="fp32")
-    _, arrays, _ = pred.decode_series(series)
+    _, arrays, _, _ = pred.decode_series(series)
     np.testing.assert_array_equal(next(iter(arrays.values()))[0], want)  # prediction's path
 
 

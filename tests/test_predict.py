@@ -233,9 +233,10 @@ def test_batch_outputs_follow_the_contract(tmp_path, ckpt, phantoms):
     run = predict_path(phantoms, tmp_path / "out", predictor, rules=RULES)
     assert run.complete and run.n_predicted == 4 and not run.skipped and not run.failed
     slices = pd.read_csv(run.outputs["slices"])
-    assert list(slices.columns[:8]) == ["patient_id", "study_uid", "series_uid", "sop_uid", "image_id",
-                                        "slice_index", "z", "path"]
-    assert list(slices.columns[8:]) == [f"prob_{n}" for n in LABELS]
+    assert list(slices.columns[:9]) == ["patient_id", "study_uid", "series_uid", "sop_uid", "image_id",
+                                        "slice_index", "slab", "z", "path"]
+    assert list(slices.columns[9:]) == [f"prob_{n}" for n in LABELS]
+    assert (slices["slab"] == slices["slice_index"]).all()  # 5 mm phantoms: each slice read alone
     assert all(Path(f).is_file() and Path(f).stem == i for f, i in zip(slices.path, slices.image_id))
     series = pd.read_csv(run.outputs["series"])
     assert list(series.columns) == (["patient_id", "study_uid", "series_uid", "n_slices"]

@@ -572,7 +572,7 @@ def test_predict_uses_the_checkpoints_series_head(tmp_path):
     predictor = Predictor.from_checkpoint(path, tta="none", precision="fp32")
     assert predictor.aggregation == "context"
     pred = predictor.predict_series(series)
-    kept, arrays, _ = predictor.decode_series(series)
+    kept, arrays, _, _ = predictor.decode_series(series)
     x = torch.from_numpy(next(iter(arrays.values()))).float() / 255
     with torch.no_grad():
         logits, emb = model.forward_with_embedding(x)

@@ -65,6 +65,10 @@ def register(subparsers) -> None:
                         "N/(N+n) x the model's + n/(N+n) x the series' (n its slices; no labels, no other series "
                         "used); costs one more forward pass; operating points chosen without it may not fit "
                         "(docs/predict.md)")
+    m.add_argument("--slab", type=non_negative_float, default=0.0, metavar="MM",
+                   help="read a thin series (slices closer than MM/2) as slabs of about MM, e.g. 5: each slab the "
+                        "mean of its slices in HU, as a scanner's thick reconstruction; every slice gets its slab's "
+                        "probabilities (default 0: every slice as it is)")
     s = p.add_argument_group("series selection (what a triage product reads)")
     s.add_argument("--min-slices", type=int, default=10, help="fewer slices: rejected (default 10)")
     s.add_argument("--max-obliquity", type=float, default=30.0,
@@ -161,7 +165,7 @@ def run(args) -> int:
         predictor = Predictor.from_checkpoint(
             checkpoint, device=args.device, tta=args.tta, precision=args.precision,
             batch_size=args.batch_size, aggregation=args.aggregation, top_k=args.top_k, compile=args.compile,
-            adapt_bn=args.adapt_bn)
+            adapt_bn=args.adapt_bn, slab_mm=args.slab)
     except ValueError as err:
         print(f"ichscan predict: error: {err}", file=sys.stderr)
         return 2
@@ -178,7 +182,8 @@ def run(args) -> int:
           f"TTA {'+'.join(predictor.tta)}, {predictor.precision}{', compiled' if predictor.compile else ''}, "
           f"aggregation {aggregation}"
           + (f", batch norms adapted to each series (N = {predictor.adapt_bn:g})" if predictor.adapt_bn is not None
-             else ""), file=sys.stderr)
+             else "")
+          + (f", thin series read as {predictor.slab_mm:g} mm slabs" if predictor.slab_mm else ""), file=sys.stderr)
     print(f"thresholds: {thresholds_from}: " + ", ".join(f"{n} {t:.4g}" for n, t in thresholds.items()),
           file=sys.stderr)
     bar = None

@@ -52,10 +52,27 @@ class SeriesPrediction:
     aggregation: str = "max"
     skipped: tuple[SkippedFile, ...] = ()
     paths: tuple[str, ...] = ()  # the file of each slice (printable: undecodable bytes escaped)
+    # A thin series read as slabs (``Predictor(slab_mm=...)``): the slab of each slice, 0-based in z order, and
+    # the thickness asked for; every slice holds its slab's probabilities. Empty when each slice was read alone.
+    slabs: tuple[int, ...] = ()
+    slab_mm: float | None = None
 
     @property
     def n_slices(self) -> int:
         return int(self.slice_probs.shape[0])
+
+    @property
+    def read_probs(self) -> np.ndarray:
+        """Probabilities (M, L) of what the model read: one row per slab of a thin series read as slabs, else
+        ``slice_probs``. Series aggregations are over these rows (a slab counts once, not once per slice)."""
+        if not self.slabs:
+            return self.slice_probs
+        first = np.unique(np.asarray(self.slabs), return_index=True)[1]
+        return self.slice_probs[first]
+
+    def slab_index(self, i: int) -> int:
+        """The slab slice ``i`` was read in (its own index when each slice was read alone)."""
+        return self.slabs[i] if self.slabs else i
 
     def prob(self, label: str) -> float:
         return float(self.probs[self.labels.index(label)])
@@ -76,10 +93,12 @@ class SeriesPrediction:
             "patient_id": self.patient_id,
             "labels": list(self.labels),
             "aggregation": self.aggregation,
+            **({"slab_mm": self.slab_mm} if self.slabs else {}),
             "probs": [float(p) for p in self.probs],
             "key_slices": [dataclasses.asdict(k) for k in self.key_slices],
             "slices": [
-                {"index": i, "sop_uid": s, "image_id": im, "z": z, "path": path, "probs": [float(p) for p in row]}
+                {"index": i, "sop_uid": s, "image_id": im, "z": z, "path": path, "probs": [float(p) for p in row],
+                 **({"slab": self.slabs[i]} if self.slabs else {})}
                 for i, (s, im, z, path, row) in enumerate(zip(self.sop_uids, self.image_ids, self.z, self._paths(),
                                                               self.slice_probs))
             ],
@@ -103,6 +122,8 @@ class SeriesPrediction:
             aggregation=d.get("aggregation", "max"),
             skipped=tuple(SkippedFile(**s) for s in d.get("skipped", [])),
             paths=tuple(s.get("path", "") for s in slices),
+            slabs=tuple(int(s["slab"]) for s in slices) if slices and "slab" in slices[0] else (),
+            slab_mm=d.get("slab_mm"),
         )
 
     def _paths(self) -> tuple[str, ...]:
@@ -125,11 +146,11 @@ def slice_table(predictions: Sequence[SeriesPrediction]):
     for p in predictions:
         for i in range(p.n_slices):
             row = {"patient_id": p.patient_id, "study_uid": p.study_uid, "series_uid": p.series_uid,
-                   "sop_uid": p.sop_uids[i], "image_id": p.image_ids[i], "slice_index": i, "z": p.z[i],
-                   "path": p._paths()[i]}
+                   "sop_uid": p.sop_uids[i], "image_id": p.image_ids[i], "slice_index": i, "slab": p.slab_index(i),
+                   "z": p.z[i], "path": p._paths()[i]}
             row.update({f"prob_{name}": float(p.slice_probs[i, j]) for j, name in enumerate(p.labels)})
             rows.append(row)
-    columns = ["patient_id", "study_uid", "series_uid", "sop_uid", "image_id", "slice_index", "z", "path"] + [
+    columns = ["patient_id", "study_uid", "series_uid", "sop_uid", "image_id", "slice_index", "slab", "z", "path"] + [
         f"prob_{name}" for name in LABELS]
     return pd.DataFrame(rows, columns=columns)
 

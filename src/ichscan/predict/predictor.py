@@ -20,7 +20,7 @@ import numpy as np
 
 from ichscan.aggregation import AGGREGATIONS, aggregate
 from ichscan.dicom import SkippedFile
-from ichscan.errors import CheckpointError, IchscanError, SeriesError
+from ichscan.errors import CheckpointError, IchscanError, PixelDataError, SeriesError
 from ichscan.fileio import escape_undecodable
 from ichscan.geometry import position_along
 from ichscan.hardware import autocast_dtype, resolve_precision
@@ -173,6 +173,108 @@ def _windowed_series(series: Any, preps: Sequence[tuple], allow_non_ct: bool = F
     return kept, {prep: np.stack(v) for prep, v in out.items() if v}, bad
 
 
+# --------------------------------------------------------------------------------------------------
+# Thin slices read as slabs
+
+SLAB_MM = 5.0  # ``--slab``'s usual value: the thickness head CT is read at, the middle of the bundled model's 2.5-8 mm
+GAP_FACTOR = 1.5  # a step this many times the series' usual spacing is a gap: no slab reaches across it
+
+
+def slab_groups(slices: Sequence[Any], slab_mm: float | None) -> list[list[int]] | None:
+    """Indices of ``slices`` (sorted along the normal) grouped into slabs of about ``slab_mm``, or None when
+    the series is not thin: its usual spacing (the median step between positions) is at least half of
+    ``slab_mm``, or positions are missing. Slices are grouped in z order, k = round(slab_mm / spacing) to a
+    slab and shared out evenly within each run of evenly spaced slices (no slab reaches across a gap, and
+    the last slab of a run is never a leftover of one or two slices)."""
+    if not slab_mm or len(slices) < 2:
+        return None
+    z = [_z(s) for s in slices]
+    if any(v is None for v in z):
+        return None
+    steps = np.abs(np.diff(np.asarray(z, dtype=np.float64)))
+    spacing = float(np.median(steps))
+    if not spacing > 0 or spacing >= slab_mm / 2:
+        return None
+    k = max(2, int(round(slab_mm / spacing)))
+    runs, start = [], 0
+    for i, step in enumerate(steps, start=1):
+        if step > GAP_FACTOR * spacing:
+            runs.append(range(start, i))
+            start = i
+    runs.append(range(start, len(slices)))
+    groups = []
+    for run in runs:
+        n = max(1, int(round(len(run) / k)))
+        groups.extend([int(i) for i in part] for part in np.array_split(np.asarray(run), n))
+    return groups
+
+
+def _slice_hu(s: Any, frames: dict, allow_non_ct: bool) -> tuple[np.ndarray, Any]:
+    """(HU image float32, pixel spacing) of one slice of a headers-only series; ``frames`` keeps the last
+    multi-frame object decoded, so its frames are decoded once."""
+    from ichscan.dicom import read_slices, read_stored
+
+    if getattr(s, "hu", None) is not None:
+        return np.asarray(s.hu, dtype=np.float32), s.spacing
+    if getattr(s, "frame", None) is not None:
+        if s.path not in frames:
+            try:
+                frames.clear()
+                frames[s.path] = {f.frame: f for f in read_slices(s.path, allow_non_ct=allow_non_ct)}
+            except IchscanError as err:
+                frames[s.path] = err
+        got = frames[s.path]
+        if isinstance(got, IchscanError):
+            raise got
+        frame = got[s.frame]
+        return np.asarray(frame.hu, dtype=np.float32), frame.spacing
+    stored = read_stored(s, allow_non_ct=allow_non_ct)
+    return np.asarray(stored.hu(), dtype=np.float32), stored.spacing
+
+
+def _windowed_slabs(series: Any, groups: Sequence[Sequence[int]], preps: Sequence[tuple], allow_non_ct: bool = False
+                    ) -> tuple[list, dict[tuple, np.ndarray], list[SkippedFile], tuple[int, ...]]:
+    """``_windowed_series`` for a thin series read as slabs: each group of slices is averaged in HU (the
+    mean of what its slices hold, as a scanner's thick reconstruction is) and windowed once. Returns the
+    slices kept, {prep: uint8 images, one per slab}, the files dropped and the slab of each slice kept. A
+    slice that cannot be decoded is dropped and reported and its slab made of the others; a slab with none
+    left is left out."""
+    from ichscan.windows import window_image
+
+    kept, bad, slab_of = [], [], []
+    out: dict[tuple, list[np.ndarray]] = {prep: [] for prep in preps}
+    frames: dict = {}
+    for group in groups:
+        total, spacing, members = None, None, []
+        for i in group:
+            s = series.slices[i]
+            try:
+                hu, sp = _slice_hu(s, frames, allow_non_ct)
+                if total is not None and hu.shape != total.shape:
+                    raise PixelDataError(f"image of {hu.shape[1]}x{hu.shape[0]} pixels in a series of "
+                                         f"{total.shape[1]}x{total.shape[0]}: not averaged into a slab", s.path)
+            except IchscanError as err:
+                bad.append(SkippedFile(str(err.path or s.path), err.reason, type(err).__name__, str(series.series_uid)))
+                continue
+            total = hu.astype(np.float64) if total is None else total + hu
+            spacing = spacing if spacing is not None else sp
+            members.append(s)
+        if not members:
+            continue
+        mean = (total / len(members)).astype(np.float32)
+        try:
+            images = [window_image(mean, windows, size, np.uint8, spacing) for windows, size in preps]
+        except IchscanError as err:
+            bad.extend(SkippedFile(str(err.path or s.path), err.reason, type(err).__name__, str(series.series_uid))
+                       for s in members)
+            continue
+        for prep, image in zip(preps, images):
+            out[prep].append(image)
+        slab_of.extend([len(out[preps[0]]) - 1] * len(members))
+        kept.extend(members)
+    return kept, {prep: np.stack(v) for prep, v in out.items() if v}, bad, tuple(slab_of)
+
+
 def _z(s: Any) -> float | None:
     """Position along the slice's own normal in mm (ichscan.geometry), to 1e-6 mm as the outputs record it."""
     pos = getattr(s, "position", None)
@@ -230,6 +332,7 @@ class Predictor:
         sources: Sequence[str] | None = None,
         folded: Sequence[bool] | None = None,
         adapt_bn: float | None = None,
+        slab_mm: float | None = None,
     ):
         import torch
 
@@ -259,6 +362,9 @@ class Predictor:
                 raise CheckpointError(f"adapt_bn needs batch norms with running statistics; member {lacking[0] + 1} "
                                       f"has none (folded into its convolutions, or another normalisation)")
         self.adapt_bn = adapt_bn
+        if slab_mm is not None and not float(slab_mm) >= 0:
+            raise ValueError(f"slab_mm {slab_mm}: expected a thickness in mm (0 or None: every slice as it is)")
+        self.slab_mm = float(slab_mm) if slab_mm else None
         self.labels = LABELS
         self.device = _usable_device(device)
         self.tta = resolve_tta(tta)
@@ -357,6 +463,8 @@ class Predictor:
             "device": str(self.device),
             "compile": self.compile,
         }
+        if self.slab_mm:  # only when asked (keeps earlier runs' configs, and their resume, as they were)
+            described["slab_mm"] = self.slab_mm
         if self.adapt_bn is not None:  # only when asked (keeps earlier runs' configs, and their resume, as they were)
             described["adapt_bn"] = self.adapt_bn
         if self.trained_on:  # only when the model says (keeps earlier runs' configs, and their resume, as they were)
@@ -502,23 +610,28 @@ class Predictor:
         return probs.astype(np.float32)
 
     # -- series -----------------------------------------------------------------------------------
-    def decode_series(self, series: Any, allow_non_ct: bool = False) -> tuple[list, dict[tuple, np.ndarray], list]:
-        """Decode and window a series: (slices kept, {prep: uint8 images}, bad files). Numpy only, so it
-        runs in a helper thread while the model works on the previous series."""
-        return _windowed_series(series, self._preps, allow_non_ct)
+    def decode_series(self, series: Any, allow_non_ct: bool = False
+                      ) -> tuple[list, dict[tuple, np.ndarray], list, tuple[int, ...] | None]:
+        """Decode and window a series: (slices kept, {prep: uint8 images}, bad files, the slab of each slice
+        kept or None). A thin series (``slab_groups``) is read as slabs of about ``slab_mm``: one image per
+        slab. Numpy only, so it runs in a helper thread while the model works on the previous series."""
+        groups = slab_groups(series.slices, self.slab_mm)
+        if groups is not None:
+            return _windowed_slabs(series, groups, self._preps, allow_non_ct)
+        return (*_windowed_series(series, self._preps, allow_non_ct), None)
 
     def predict_series(self, series: Any, *, loaded: tuple | None = None, allow_non_ct: bool = False
                        ) -> SeriesPrediction:
         """Probabilities for one ``CTSeries`` (headers-only or with pixels). Slices that cannot be
         decoded are dropped and listed in ``SeriesPrediction.skipped``; none left raises SeriesError."""
-        kept, arrays, bad = loaded if loaded is not None else self.decode_series(series, allow_non_ct)
+        kept, arrays, bad, slab_of = loaded if loaded is not None else self.decode_series(series, allow_non_ct)
         if not kept:
             err = SeriesError(f"none of its {len(bad)} slices could be decoded", f"series {series.series_uid}")
             err.skipped = tuple(bad)  # the files at fault, for the batch report
             raise err
         self._check_cavity(series, arrays)
-        slice_probs = self.predict_arrays(arrays)
-        return self._assemble(series, kept, slice_probs, bad)
+        probs = self.predict_arrays(arrays)  # one row per image read: a slice, or a slab of a thin series
+        return self._assemble(series, kept, probs, bad, slab_of)
 
     def _check_cavity(self, series: Any, arrays: dict[tuple, np.ndarray]) -> None:
         """A model that sees only the cranial cavity is blind where none is found; say so when that is most of
@@ -551,8 +664,15 @@ class Predictor:
                     np.argmax(np.asarray(slice_probs, dtype=np.float64), axis=0))
         return aggregate(slice_probs, self.aggregation, self.top_k)
 
-    def _assemble(self, series, kept, slice_probs, bad) -> SeriesPrediction:
-        probs, key = self._series_of(slice_probs)
+    def _assemble(self, series, kept, read_probs, bad, slab_of=None) -> SeriesPrediction:
+        probs, key = self._series_of(read_probs)
+        slice_probs = read_probs
+        if slab_of is not None:  # every slice gets its slab's probabilities; a key slab's middle slice is its key slice
+            slab_of = np.asarray(slab_of)
+            slice_probs = read_probs[slab_of]
+            middle = [int(np.flatnonzero(slab_of == j)[len(np.flatnonzero(slab_of == j)) // 2])
+                      for j in range(len(read_probs))]
+            key = np.asarray([middle[int(k)] for k in key])
         sop_uids = tuple(str(s.sop_uid) for s in kept)
         image_ids = tuple(str(s.image_id) for s in kept)
         zs = tuple(_z(s) for s in kept)
@@ -574,6 +694,8 @@ class Predictor:
             z=zs,
             aggregation=self.aggregation,
             skipped=tuple(bad),
+            slabs=tuple(int(j) for j in slab_of) if slab_of is not None else (),
+            slab_mm=self.slab_mm if slab_of is not None else None,
         )
 
     def iter_predict(self, series_list: Sequence[Any], *, prefetch: bool = True, allow_non_ct: bool = False
