@@ -23,9 +23,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# Speed benchmarks. bench/realct.py measures a checkpoint on real CT kept outside the repository; run it by hand.
+# Speed benchmarks. bench/realct.py measures a checkpoint on real CT kept outside the repository, and
+# bench/crossval.py cross-validates on such data (--data); run those by hand.
 bench: $(STAMP)
-	for b in bench/*.py; do [ $$b = bench/realct.py ] && continue; echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	for b in bench/*.py; do case $$b in bench/realct.py|bench/crossval.py) continue;; esac; \
+		echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
