@@ -44,6 +44,12 @@ def test_markdown_table(ev):
     assert "120 series from 60 patients" in md and "per-label thresholds" in md
 
 
+def test_a_threshold_near_1_or_0_is_not_printed_as_1_or_0():
+    # noisy-OR series probabilities sit near 1, and so do thresholds chosen on them (0.9999 on ctich-dev)
+    assert [r.threshold_text(t) for t in (0.5, 0.4622, 0.99990, 0.9999999, 1.0, 0.0, 2e-7)] == [
+        "0.5", "0.462", "0.9999", "0.9999999", "1", "0", "2e-07"]
+
+
 def test_csv_and_json_carry_numbers_and_cis(ev, tmp_path):
     paths = r.write_table1(ev, tmp_path)
     assert {p.name for p in paths.values()} == {"table1.md", "table1.csv", "table1.json"}

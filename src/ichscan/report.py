@@ -82,14 +82,24 @@ def _unit_words(ev: Evaluation) -> tuple[str, str]:
     return rows, units
 
 
+def threshold_text(t: float, digits: int = 3) -> str:
+    """A threshold in ``digits`` significant digits, or as many more as it takes not to read as 0 or 1 when it
+    is neither (a noisy-OR threshold of 0.99990 is not "1": every series would be called negative at 1)."""
+    for d in range(digits, 17):
+        text = f"{t:.{d}g}"
+        if (float(text) < 1) == (t < 1) and (float(text) > 0) == (t > 0):
+            return text
+    return repr(t)
+
+
 def table1_caption(ev: Evaluation) -> str:
     """One paragraph saying what the numbers are: level, counts, thresholds, CI method."""
     rows, units = _unit_words(ev)
     thresholds = set(ev.thresholds.values())
     if len(thresholds) == 1:
-        at = f"threshold {thresholds.pop():g} for every label"
+        at = f"threshold {threshold_text(thresholds.pop(), 6)} for every label"
     else:
-        at = "per-label thresholds " + ", ".join(f"{k} {v:.3g}" for k, v in ev.thresholds.items())
+        at = "per-label thresholds " + ", ".join(f"{k} {threshold_text(v)}" for k, v in ev.thresholds.items())
     text = (f"Table 1. {ev.level.capitalize()}-level results on {ev.n} {rows}"
             + (f" from {ev.n_units} patients" if ev.resampling_unit == "patient" else "")
             + f"; a finding is called when its probability is at or above the {at}.")
