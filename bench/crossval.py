@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--replay", default="auto",
                     help="crossval --replay DIR|auto|none (default auto, as crossval: the bundle's phantoms)")
     ap.add_argument("--replay-share", type=float, help="crossval --replay-share (default 0.5)")
+    ap.add_argument("--aggregation", help="crossval --aggregation (default: the recipe's; auto: chosen on the OOF)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     options = CrossvalOptions(folds=args.folds, members=args.members, keep_start=args.keep_start,
-                              series_head=not args.keep_start)
+                              series_head=not args.keep_start, aggregation=args.aggregation)
     result = run_crossval(config, args.data, out / "cv", options=options,
                           report=lambda line: print(line, file=sys.stderr))
     times["crossval_s"] = time.perf_counter() - t0
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
         "ratio": round(times["crossval_s"] / args.target_s, 3),
         "epochs_equivalent": round(times["crossval_s"] / times["one_epoch_s"], 1),
         "target_met": times["crossval_s"] <= args.target_s,
+        "aggregation": (json.loads((out / "cv" / "aggregation.json").read_text())
+                        if (out / "cv" / "aggregation.json").exists() else args.aggregation or "the recipe's"),
         "oof_series_auc": auc,
         "final_model": os.fspath(result.final) if result.final else None,
     }, indent=2))

@@ -615,3 +615,31 @@ def test_cli_train_pretrained_checkpoint_loads_and_says_so(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
     assert len(err) == 1 and err[0].startswith("ichscan train: error:")
     assert "other.json" in err[0] and "resnet18" in err[0]
+
+
+def test_crossval_aggregation_auto_goes_into_the_thresholds_and_the_final_model(phantom_sets, tmp_path):
+    """--aggregation auto: the aggregation.json choice is the best OOF series AUC for any (recomputed here from
+    oof_series.csv with scikit-learn), the nested estimate is in comparison.csv as adapted auto, and the
+    thresholds and the final model carry the choice."""
+    from sklearn.metrics import roc_auc_score
+
+    from ichscan.crossval import CrossvalOptions, run_crossval
+    from ichscan.model import read_manifest
+    from ichscan.train import TrainConfig
+
+    config = TrainConfig.from_preset("finetune", arch="resnet10t", image_size=32, epochs=1, max_steps_per_epoch=1,
+                                     batch_size=16)
+    out = tmp_path / "cv"
+    result = run_crossval(config, phantom_sets / "train", out,
+                          options=CrossvalOptions(folds=2, n_bootstrap=10, aggregation="auto"))
+    auto = json.loads((out / "aggregation.json").read_text())
+    oof = pd.read_csv(out / "oof_series.csv")
+    aucs = {m: roc_auc_score(oof["true_any"], oof[f"adapted_{m}_any"]) for m in ("max", "topk", "noisy_or")}
+    assert auto["auc_any"] == pytest.approx(aucs)
+    assert aucs[auto["chosen"]] == max(aucs.values()) and auto["default"] == "max"  # no start: max is the recipe's
+    nested = result.comparison.set_index(["model", "aggregation"]).loc[("adapted", "auto"), "auc_any"]
+    assert nested == pytest.approx(auto["nested_auc_any"], abs=1e-4)
+    assert json.loads((out / "thresholds.json").read_text())["source"]["aggregation"] == auto["chosen"]
+    final = read_manifest(result.final)
+    assert final.aggregation["method"] == auto["chosen"] and "out-of-fold" in final.aggregation["chosen_on"]
+    assert f"aggregation `{auto['chosen']}`" in (out / "crossval.md").read_text()

@@ -95,18 +95,44 @@ class CrossvalOptions:
     # The views every out-of-fold prediction averages: ichscan predict's default, so that the estimate is
     # of what predict will do.
     tta: tuple[str, ...] = ("identity", "hflip")
+    # The series aggregation of the thresholds, Table 1, the gain and the final model: None, the recipe's own
+    # (``primary``); one of the aggregations computed; or "auto", the one whose out-of-fold series AUC for
+    # ``any`` is highest (``choose_aggregation``), with a nested estimate beside it.
+    aggregation: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["head"] = dataclasses.asdict(self.head)
         d["tta"] = list(self.tta)
+        if d["aggregation"] is None:  # keeps the records of earlier runs as they were
+            del d["aggregation"]
         return d
 
     @property
     def primary(self) -> str:
+        """The recipe's own aggregation: the series head's, else the top k (with keep_start) or the maximum."""
         if self.series_head:
             return "context"
         return "topk" if self.keep_start else "max"
+
+
+AUTO_LABEL = "any"  # what ``--aggregation auto`` ranks the aggregations by: the triage question
+
+
+def choose_aggregation(truth: np.ndarray, columns: dict[str, np.ndarray], methods: Sequence[str], default: str,
+                       labels: Sequence[str], rows: np.ndarray | None = None) -> tuple[str, dict[str, float]]:
+    """The aggregation of ``methods`` whose series probabilities (``columns["adapted_<method>"]``, over ``rows``)
+    rank ``AUTO_LABEL`` best by AUC, ties to ``default``; with each one's AUC. ``default`` where the rows hold
+    no positive or no negative series."""
+    from ichscan.metrics import roc_auc
+
+    rows = np.arange(len(truth)) if rows is None else rows
+    y = truth[rows, list(labels).index(AUTO_LABEL)]
+    if not 0 < y.sum() < len(y):
+        return default, {}
+    aucs = {m: float(roc_auc(y, columns[f"adapted_{m}"][rows, list(labels).index(AUTO_LABEL)])) for m in methods}
+    order = [default, *[m for m in methods if m != default]]  # max() keeps the first of equals
+    return max(order, key=lambda m: aucs[m]), aucs
 
 
 @dataclass
@@ -466,6 +492,7 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     if baseline is not None:
         for method in SLICE_AGGREGATIONS:
             columns[f"baseline_{method}"] = _series_probs(items, baseline, method, options.top_k)
+    chosen, auto = _resolve_aggregation(options, truth, columns, fold_table["fold"].to_numpy(), labels)
     for key, probs in columns.items():
         for j, name in enumerate(labels):
             table[f"{key}_{name}"] = probs[:, j]
@@ -508,17 +535,21 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     comparison = pd.DataFrame(rows)
     write_csv(out / "comparison.csv", comparison, index=False, float_format="%.4f")
 
-    primary = columns[f"adapted_{options.primary}"]
+    if auto is not None:
+        write_json(out / "aggregation.json", auto)
+    elif (out / "aggregation.json").exists():  # of an earlier run in this folder; not of this one
+        (out / "aggregation.json").unlink()
+    primary = columns[f"adapted_{chosen}"]
     # with the interval each threshold's choice falls in over resampled patients: on a site's few dozen
     # series it is often wide (docs/evaluation.md, operating points)
     points = choose_thresholds(truth, primary, labels=labels, method=options.threshold_method,
-                               source={"crossval": os.fspath(out), "aggregation": options.primary,
+                               source={"crossval": os.fspath(out), "aggregation": chosen,
                                        "predictions": "out-of-fold series"},
                                n_bootstrap=options.n_bootstrap, groups=patients)
     write_json(out / "thresholds.json", points.to_dict())
     ev = evaluate(truth, np.clip(primary, 0, 1), groups=patients, ids=uids, labels=labels,
                   thresholds=points.thresholds, n_bootstrap=options.n_bootstrap, level="series",
-                  source={"crossval": os.fspath(out), "aggregation": options.primary, "predictions": "out-of-fold"})
+                  source={"crossval": os.fspath(out), "aggregation": chosen, "predictions": "out-of-fold"})
     write_table1(ev, out, stem="table1_series")
     write_roc(ev, out, stem="roc_series")
     slice_ev = None
@@ -534,14 +565,14 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
         # the adapted model's primary aggregation against the starting model's, or its top-3 mean.
         from ichscan.comparison import compare, write_comparison
 
-        base_key = f"baseline_{options.primary}" if f"baseline_{options.primary}" in columns else "baseline_topk"
+        base_key = f"baseline_{chosen}" if f"baseline_{chosen}" in columns else "baseline_topk"
         gain = compare(truth, np.clip(columns[base_key], 0, 1), np.clip(primary, 0, 1), groups=patients,
                        labels=labels, n_bootstrap=options.n_bootstrap, level="series",
-                       names=(base_key.replace("_", " "), f"adapted {options.primary}"),
+                       names=(base_key.replace("_", " "), f"adapted {chosen}"),
                        source={"crossval": os.fspath(out), "predictions": "out-of-fold series"})
         write_comparison(gain, out, stem="gain")
     write_text(out / "crossval.md", _markdown(record, comparison, ev, slice_ev, points, options, table1_markdown,
-                                              gain))
+                                              gain, chosen, auto))
 
     # ---- the final model, on everything, with the OOF operating points
     final_path = None
@@ -560,7 +591,9 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
             about = {
                 "metrics": {"crossval": os.fspath(out), "oof_series": summary},
                 "operating_points": points.to_dict(),
-                "aggregation": {"method": options.primary, "top_k": options.top_k},
+                "aggregation": {"method": chosen, "top_k": options.top_k,
+                                **({"chosen_on": "out-of-fold series AUC of any (ichscan crossval --aggregation auto)"}
+                                   if auto is not None else {})},
                 "trained_on": f"{os.fspath(data)}: {len(targets)} series, {config.label_level} labels, fine-tuned "
                               f"from {original_init or 'scratch'} (ichscan crossval)"
                               + (f", averaged with it as it was (its share {options.keep_start:g})"
@@ -604,8 +637,43 @@ def model_windows(config: TrainConfig) -> list[dict[str, Any]]:
     return [w.to_dict() for w in get_windows(config.windows)]
 
 
+def _resolve_aggregation(options: CrossvalOptions, truth: np.ndarray, columns: dict[str, np.ndarray],
+                         folds: np.ndarray, labels: Sequence[str]) -> tuple[str, dict[str, Any] | None]:
+    """The aggregation the run goes on with, and for ``auto`` what chose it: each aggregation's OOF AUC, the
+    choice on every fold's complement and the nested estimate, whose probabilities are added to ``columns``
+    as ``adapted_auto`` (each fold's series by the aggregation chosen without them)."""
+    methods = [k.split("_", 1)[1] for k in columns if k.startswith("adapted_") and k != "adapted_auto"]
+    wanted = options.aggregation or options.primary
+    if wanted != "auto":
+        if wanted not in methods:
+            raise ValueError(f"aggregation {wanted!r}: this cross-validation computes {', '.join(methods)}"
+                             + (" (context needs the series head: --keep-start 0)" if wanted == "context" else ""))
+        return wanted, None
+    chosen, aucs = choose_aggregation(truth, columns, methods, options.primary, labels)
+    nested = np.zeros_like(columns[f"adapted_{chosen}"])
+    per_fold = {}
+    for k in sorted(set(int(f) for f in folds)):
+        inside = folds == k
+        pick, fold_aucs = choose_aggregation(truth, columns, methods, options.primary, labels, np.flatnonzero(~inside))
+        nested[inside] = columns[f"adapted_{pick}"][inside]
+        per_fold[str(k)] = {"chosen": pick, "auc_any_on_the_other_folds": fold_aucs}
+    columns["adapted_auto"] = nested
+    from ichscan.metrics import roc_auc
+
+    j = list(labels).index(AUTO_LABEL)
+    y = truth[:, j]
+    return chosen, {
+        "chosen": chosen, "by": f"out-of-fold series AUC of {AUTO_LABEL}", "default": options.primary,
+        "auc_any": aucs, "folds": per_fold,
+        "nested_auc_any": float(roc_auc(y, nested[:, j])) if 0 < y.sum() < len(y) else None,
+        "nested": "each fold's series scored by the aggregation chosen on the other folds' out-of-fold series "
+                  "(adapted_auto in comparison.csv and oof_series.csv)",
+    }
+
+
 def _markdown(record: dict[str, Any], comparison: pd.DataFrame, ev: Any, slice_ev: Any, points: Any,
-              options: CrossvalOptions, table1_markdown: Callable[[Any], str], gain: Any = None) -> str:
+              options: CrossvalOptions, table1_markdown: Callable[[Any], str], gain: Any = None,
+              chosen: str | None = None, auto: dict[str, Any] | None = None) -> str:
     data = record["data"]
     lines = [
         f"# Cross-validation: {data['source']}",
@@ -633,7 +701,16 @@ def _markdown(record: dict[str, Any], comparison: pd.DataFrame, ev: Any, slice_e
 
         lines += ["## The gain over the starting model, paired on the same series (`gain.md`)", "",
                   comparison_markdown(gain)]
-    lines += [f"## Table 1: out-of-fold series, aggregation `{options.primary}`", "",
+    chosen = chosen or options.primary
+    if auto is not None:
+        folds = ", ".join(f"{k}: {v['chosen']}" for k, v in auto["folds"].items())
+        nested = f"{auto['nested_auc_any']:.3f}" if auto["nested_auc_any"] is not None else "NA"
+        lines += ["## The aggregation, chosen on these series (`--aggregation auto`, `aggregation.json`)", "",
+                  f"`{chosen}`: the highest out-of-fold series AUC for `any` ("
+                  + ", ".join(f"{m} {a:.3f}" for m, a in auto["auc_any"].items()) + "). Chosen on the series it is "
+                  f"judged by, so that figure flatters it; the nested estimate, each fold's series scored by the "
+                  f"aggregation chosen on the other folds (folds {folds}), is `auto` above: `any` {nested}.", ""]
+    lines += [f"## Table 1: out-of-fold series, aggregation `{chosen}`", "",
               f"Thresholds ({points.method}) chosen on these same out-of-fold predictions: ACC, PREC and REC at "
               "them are optimistic; AUC and log loss do not depend on them.", "", table1_markdown(ev)]
     if slice_ev is not None:

@@ -80,6 +80,10 @@ def register(subparsers) -> None:
                    help="with --keep-start 0: no series head, aggregate slices by maximum")
     s.add_argument("--head", choices=("gru", "conv"), default="gru", help="series head kind (default gru)")
     s.add_argument("--head-epochs", type=int, default=40)
+    s.add_argument("--aggregation", choices=("auto", "max", "topk", "noisy_or", "context"),
+                   help="series aggregation of the thresholds, Table 1 and the final model (default: the recipe's: "
+                        "top-3 with --keep-start, else the series head's); auto: the one whose out-of-fold series "
+                        "AUC for any is highest, with a nested estimate (aggregation.json)")
     s.add_argument("--threshold-method", choices=("youden", "sensitivity"), default="youden")
     s.add_argument("--bootstrap", type=int, default=1000, help="patient-bootstrap resamples (default 1000)")
     s.add_argument("--no-final", action="store_true", help="skip the final model on all of DATA")
@@ -134,7 +138,7 @@ def run(args) -> int:
                               keep_start=keep, head_kind=args.head,
                               head=HeadRecipe(epochs=args.head_epochs), threshold_method=args.threshold_method,
                               n_bootstrap=args.bootstrap, final=not args.no_final, baseline=not args.no_baseline,
-                              members=args.members, tta=resolve_tta(args.tta))
+                              members=args.members, tta=resolve_tta(args.tta), aggregation=args.aggregation)
     bars: dict[str, tqdm] = {}
 
     def progress(event) -> None:
