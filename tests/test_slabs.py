@@ -110,6 +110,29 @@ def test_a_slice_that_will_not_decode_leaves_its_slab_to_the_others(tmp_path, ck
     assert np.array_equal(arrays[pred._preps[0]][0], window_image(brain_at(29.0), PAPER_WINDOWS, SIZE, np.uint8))
 
 
+def test_a_thin_nifti_volume_is_read_as_slabs_of_its_frames(tmp_path, ckpt, monkeypatch):
+    """A NIfTI volume's slices are frames of one file: 10 slices 1 mm apart, slice i a head of brain 20 + 4 i HU,
+    give two 5 mm slabs of brain 28 and 48 HU, the file decoded once."""
+    from test_nifti import write_nifti
+
+    import ichscan.dicom as dicom
+
+    volume = np.stack([brain_at(20.0 + 4 * i) for i in range(10)], axis=-1).astype(np.float32)  # (x, y, z)
+    path = write_nifti(tmp_path / "thin.nii.gz", volume, np.diag([0.5, 0.5, 1.0, 1.0]))
+    series = find_series(path).series[0]
+    pred = Predictor.from_checkpoint(ckpt, tta="none", precision="fp32", slab_mm=5.0)
+    real, calls = dicom.read_slices, []
+    monkeypatch.setattr(dicom, "read_slices", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    kept, arrays, bad, slab_of = pred.decode_series(series)
+    monkeypatch.undo()
+    assert len(kept) == 10 and not bad and slab_of == (0,) * 5 + (1,) * 5 and len(calls) == 1
+    frames = dicom.read_slices(path)  # the slices as the reader turns them
+    for j, brain in enumerate((28.0, 48.0)):
+        slab = np.mean([f.hu for f in frames[5 * j:5 * j + 5]], axis=0)
+        assert np.median(slab[(slab > 10) & (slab < 58)]) == brain
+        assert np.array_equal(arrays[pred._preps[0]][j], window_image(slab, PAPER_WINDOWS, SIZE, np.uint8))
+
+
 def test_predict_path_writes_every_slice_with_its_slab_and_resumes(tmp_path, ckpt):
     write_thin_series(tmp_path / "thin")
     pred = Predictor.from_checkpoint(ckpt, tta="none", precision="fp32", slab_mm=5.0)

@@ -139,7 +139,7 @@ def _windowed_series(series: Any, preps: Sequence[tuple], allow_non_ct: bool = F
     frames of multi-frame objects are windowed from HU, which gives the same bytes. Slices that cannot
     be decoded are dropped and reported, the rest kept.
     """
-    from ichscan.dicom import read_slices, read_stored
+    from ichscan.dicom import read_stored
     from ichscan.windows import window_image, window_stored
 
     kept, bad = [], []
@@ -150,15 +150,7 @@ def _windowed_series(series: Any, preps: Sequence[tuple], allow_non_ct: bool = F
             if getattr(s, "hu", None) is not None:
                 images = [window_image(s.hu, windows, size, np.uint8, s.spacing) for windows, size in preps]
             elif getattr(s, "frame", None) is not None:
-                if s.path not in frames:  # one multi-frame object (or NIfTI volume) decoded at a time
-                    try:
-                        frames = {s.path: {f.frame: f for f in read_slices(s.path, allow_non_ct=allow_non_ct)}}
-                    except IchscanError as err:  # kept: its other frames fail alike, without decoding again
-                        frames = {s.path: err}
-                got = frames[s.path]
-                if isinstance(got, IchscanError):
-                    raise got
-                frame = got[s.frame]
+                frame = _frame(s, frames, allow_non_ct)
                 images = [window_image(frame.hu, windows, size, np.uint8, frame.spacing) for windows, size in preps]
             else:
                 stored = read_stored(s, allow_non_ct=allow_non_ct)
@@ -209,24 +201,31 @@ def slab_groups(slices: Sequence[Any], slab_mm: float | None) -> list[list[int]]
     return groups
 
 
+def _frame(s: Any, frames: dict, allow_non_ct: bool) -> Any:
+    """The decoded frame ``s`` stands for, of a multi-frame object (or NIfTI volume); ``frames`` holds the one
+    object decoded last (or its error, which its other frames share without decoding it again)."""
+    from ichscan.dicom import read_slices
+
+    if s.path not in frames:
+        frames.clear()
+        try:
+            frames[s.path] = {f.frame: f for f in read_slices(s.path, allow_non_ct=allow_non_ct)}
+        except IchscanError as err:
+            frames[s.path] = err
+    got = frames[s.path]
+    if isinstance(got, IchscanError):
+        raise got
+    return got[s.frame]
+
+
 def _slice_hu(s: Any, frames: dict, allow_non_ct: bool) -> tuple[np.ndarray, Any]:
-    """(HU image float32, pixel spacing) of one slice of a headers-only series; ``frames`` keeps the last
-    multi-frame object decoded, so its frames are decoded once."""
-    from ichscan.dicom import read_slices, read_stored
+    """(HU image float32, pixel spacing) of one slice of a headers-only series (``frames`` as for ``_frame``)."""
+    from ichscan.dicom import read_stored
 
     if getattr(s, "hu", None) is not None:
         return np.asarray(s.hu, dtype=np.float32), s.spacing
     if getattr(s, "frame", None) is not None:
-        if s.path not in frames:
-            try:
-                frames.clear()
-                frames[s.path] = {f.frame: f for f in read_slices(s.path, allow_non_ct=allow_non_ct)}
-            except IchscanError as err:
-                frames[s.path] = err
-        got = frames[s.path]
-        if isinstance(got, IchscanError):
-            raise got
-        frame = got[s.frame]
+        frame = _frame(s, frames, allow_non_ct)
         return np.asarray(frame.hu, dtype=np.float32), frame.spacing
     stored = read_stored(s, allow_non_ct=allow_non_ct)
     return np.asarray(stored.hu(), dtype=np.float32), stored.spacing
