@@ -33,7 +33,7 @@ from ichscan.dicomout import (
 from ichscan.errors import IchscanError
 from ichscan.heatmap import grad_cam
 from ichscan.labels import LABELS
-from ichscan.predict import Predictor, predict_path
+from ichscan.predict import Predictor, SelectionRules, predict_path
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 THRESHOLD = 0.2  # the two phantom series: any called in both, several subtypes in one (checked below)
@@ -331,3 +331,55 @@ def test_a_nifti_volume_gets_no_dicom_results_and_is_told_why(setup, tmp_path):
         write_dicom_results(prediction, s, predictor, tmp_path / "dicom", thresholds={n: THRESHOLD for n in LABELS})
     assert "NIfTI" in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "dicom").exists()
+
+
+def test_a_thin_series_read_as_slabs_shows_and_cites_its_key_slab(tmp_path, capsys):
+    """--slab 5 on 1 mm phantom slices: each key image is the slab the model read (its grey pixels the blood
+    window of the mean HU of the slab's slices), cites every slice of the slab as a source, says so in its
+    burned-in text, and passes dciodvfy; the HTML report's caption says the same."""
+    from ichscan.cli import main
+    from ichscan.phantom import generate_dataset
+
+    generate_dataset(tmp_path / "data", studies=1, seed=22, size=96, slices=(30, 30), thickness=1.0,
+                     layout="series", prevalence="any=1.0")
+    predictor = Predictor.from_checkpoint("bundled", slab_mm=5.0)
+    thresholds = {n: 0.0 for n in LABELS}  # every finding called: a key image for each
+    run = predict_path(tmp_path / "data", tmp_path / "out", predictor, thresholds=thresholds,
+                       rules=SelectionRules(head_check=False), dicom_out=tmp_path / "dicom")
+    assert run.complete and not run.failed and len(run.predictions) == 1
+    p = run.predictions[0]
+    assert p.slab_mm == 5.0 and len(set(p.slabs)) == 6  # 30 slices 1 mm apart: six slabs of five
+    s = find_series(tmp_path / "data").series[0]
+    by_uid = {str(t.sop_uid): t for t in s.slices}
+    key = p.key_slice("any")
+    members = p.slab_members(key.index)
+    assert len(members) == 5 and members[2] == key.index  # the middle slice stands for its slab
+    ds = pydicom.dcmread(_folder(run, p.series_uid) / "key_any.dcm")
+    cited = [item.ReferencedSOPInstanceUID for item in ds.SourceImageSequence]
+    assert cited[0] == key.sop_uid and sorted(cited) == sorted(p.sop_uids[i] for i in members)
+    assert "5 slices averaged" in ds.DerivationDescription
+    from ichscan.dicomout import KEY_WINDOW
+    from ichscan.heatmap import overlay
+    from ichscan.windows import window_image
+
+    def picture(hu):  # the blood window with the model's heat map on it, as the key image draws it
+        hu = np.asarray(hu, dtype=np.float32)
+        return overlay(window_image(hu, KEY_WINDOW, size=None, dtype=np.uint8)[0], grad_cam(predictor, hu, "any"))
+
+    slab = np.mean([next(iter_hu([by_uid[p.sop_uids[i]]]))[1].astype(np.float64) for i in members], axis=0)
+    k = ds.Columns // 96
+    at = ds.pixel_array[: k * 96][k // 2::k, k // 2::k].astype(int)
+    assert np.abs(at - picture(slab)).max() <= 1  # the slab, to float rounding
+    alone = picture(next(iter_hu([by_uid[key.sop_uid]]))[1])
+    assert (np.abs(at - alone) > 1).sum() > 100  # not the key slice alone
+    if shutil.which("dciodvfy") is not None:
+        result = subprocess.run(["dciodvfy", str(_folder(run, p.series_uid) / "key_any.dcm")], capture_output=True,
+                                text=True, check=False)
+        assert not [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+    thr = tmp_path / "thr.json"
+    thr.write_text(json.dumps({"method": "fixed", "thresholds": thresholds}))
+    assert main(["predict", str(tmp_path / "data"), "--out", str(tmp_path / "cli"), "--slab", "5", "--html",
+                 "--thresholds", str(thr), "--all-series", "--no-progress"]) == 0
+    text = (tmp_path / "cli" / "report.html").read_text()
+    a, b = members[0] + 1, members[-1] + 1
+    assert f"key slices {a}-{b} of 30 as one 5 mm slab" in text and "slab probability" in text

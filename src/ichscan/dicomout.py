@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -336,7 +336,7 @@ def _build_sr(prediction: Any, keys: dict[str, tuple[Any, Any]], predictor: Any,
 
 
 def _build_key_image(prediction: Any, label: str, s: Any, header: Any, hu: np.ndarray, heat: np.ndarray,
-                     threshold: float, number: int, model_hash: str, when) -> Any:
+                     threshold: float, number: int, model_hash: str, when, sources: Sequence[Any] = ()) -> Any:
     from highdicom.sc import SCImage
     from pydicom.dataset import Dataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -345,7 +345,7 @@ def _build_key_image(prediction: Any, label: str, s: Any, header: Any, hu: np.nd
     name = FINDINGS[label][3]
     z = f", z {key.z:.1f} mm" if key.z is not None else ""
     lines = [(f"{name}: probability {prediction.prob(label):.3f} (threshold {threshold:.3f})", (255, 255, 255)),
-             (f"key slice {key.index + 1} of {prediction.n_slices}{z}; heat map: Grad-CAM, ichscan {__version__}",
+             (f"key {prediction.slab_text(key.index)}{z}; heat map: Grad-CAM, ichscan {__version__}",
               (200, 200, 200)),
              (BURNED_IN_WARNING, (255, 170, 0))]
     pixels = key_image_pixels(hu, heat, lines)
@@ -372,14 +372,18 @@ def _build_key_image(prediction: Any, label: str, s: Any, header: Any, hu: np.nd
     image.RecognizableVisualFeatures = "NO"
     image.LossyImageCompression = "00"
     image.ImageComments = f"{name}; {DISCLAIMER}"
-    image.DerivationDescription = (f"key slice of {label} in the blood window 80/200 with the ichscan Grad-CAM heat "
+    what = "key slice" if len(sources) <= 1 else f"key slab ({len(sources)} slices averaged in HU)"
+    image.DerivationDescription = (f"{what} of {label} in the blood window 80/200 with the ichscan Grad-CAM heat "
                                    f"map blended on; {DISCLAIMER}")[:1024]
-    source = Dataset()
-    source.ReferencedSOPClassUID = header.SOPClassUID
-    source.ReferencedSOPInstanceUID = header.SOPInstanceUID
-    if getattr(s, "frame", None) is not None:
-        source.ReferencedFrameNumber = int(s.frame) + 1
-    image.SourceImageSequence = [source]
+    refs = []
+    for t in sources or [s]:  # the key slice first, then the rest of its slab
+        source = Dataset()
+        source.ReferencedSOPClassUID = header.SOPClassUID
+        source.ReferencedSOPInstanceUID = t.sop_uid if t is not s else header.SOPInstanceUID
+        if getattr(t, "frame", None) is not None:
+            source.ReferencedFrameNumber = int(t.frame) + 1
+        refs.append(source)
+    image.SourceImageSequence = refs
     return image
 
 
@@ -437,18 +441,31 @@ def _folder(out_dir: Path, prediction: Any) -> Path:
     return out_dir / f"{_SAFE.sub('_', str(prediction.series_uid))[:80]}-{digest}"
 
 
-def _key_slices(prediction: Any, series: Any) -> dict[str, Any]:
-    """label -> the CTSlice of its key slice, matched by SOP instance UID and image id (frames of one file)."""
+def _key_slices(prediction: Any, series: Any) -> dict[str, list[Any]]:
+    """label -> the CTSlices the model read as its key image, matched by SOP instance UID and image id (frames
+    of one file): the key slice alone, or the slices of its slab (``ichscan predict --slab``), the key slice
+    (the slab's middle one) first."""
     by_id = {(str(s.sop_uid), str(s.image_id)): s for s in series.slices}
     out = {}
     for label in LABELS:
         key = prediction.key_slice(label)
-        s = by_id.get((str(key.sop_uid), str(key.image_id)))
-        if s is None:
-            raise IchscanError(f"the key slice of {label} ({key.image_id}) is not in this series; predict it again",
-                               f"series {prediction.series_uid}")
-        out[label] = s
+        members = [key.index] + [i for i in prediction.slab_members(key.index) if i != key.index]
+        found = []
+        for i in members:
+            s = by_id.get((str(prediction.sop_uids[i]), str(prediction.image_ids[i])))
+            if s is None:
+                raise IchscanError(f"the key slice of {label} ({prediction.image_ids[i]}) is not in this series; "
+                                   "predict it again", f"series {prediction.series_uid}")
+            found.append(s)
+        out[label] = found
     return out
+
+
+def key_hu(slices: Sequence[Any]) -> np.ndarray:
+    """HU of what the model read: one slice, or the mean of a slab's slices (as ``ichscan predict --slab``)."""
+    if len(slices) == 1:
+        return _hu(slices[0])
+    return np.mean([_hu(s).astype(np.float64) for s in slices], axis=0).astype(np.float32)
 
 
 def _hu(s: Any) -> np.ndarray:
@@ -486,7 +503,8 @@ def write_dicom_results(prediction: Any, series: Any, predictor: Any, out_dir: s
     out = Path(out_dir)
     folder = _folder(out, prediction)
     decisions = prediction.decisions(dict(thresholds))
-    slices = _key_slices(prediction, series)
+    read = _key_slices(prediction, series)
+    slices = {label: members[0] for label, members in read.items()}
     model_hash = model_sha256(predictor)
     when = datetime.datetime.now().replace(microsecond=0)
     headers: dict[str, Any] = {}  # one read per file, however many findings share its slice
@@ -505,10 +523,11 @@ def write_dicom_results(prediction: Any, series: Any, predictor: Any, out_dir: s
                 continue
             s, header = keys[label]
             source = str(s.path)
-            hu = _hu(s)
+            hu = key_hu(read[label])
             heat = grad_cam(predictor, hu, label, spacing=s.spacing)
             objects[folder / KEY_PATTERN.format(label=label)] = _build_key_image(
-                prediction, label, s, header, hu, heat, float(thresholds.get(label, 0.5)), number, model_hash, when)
+                prediction, label, s, header, hu, heat, float(thresholds.get(label, 0.5)), number, model_hash, when,
+                sources=read[label])
         encoded = {path: _encoded(ds, path, when) for path, ds in objects.items()}
     except IchscanError:
         raise

@@ -708,12 +708,13 @@ def predictions_report(
             last_frames[path] = {f.frame: f for f in read_slices(path)}
         return last_frames[path][frame]
 
-    def key_image(image_id: str, caption: str, label: str) -> str:
-        found = where.get(image_id)
-        if found is None:
-            return (f'<figure class="missing"><figcaption>{esc(caption)}: slice {esc(image_id)} not found under '
+    def key_image(image_id: str, caption: str, label: str, slab: Sequence[str] = ()) -> str:
+        """``slab``: the other slices the model read with this one, averaged in HU (``ichscan predict --slab``)."""
+        missing = [i for i in (image_id, *slab) if i not in where]
+        if missing:
+            return (f'<figure class="missing"><figcaption>{esc(caption)}: slice {esc(missing[0])} not found under '
                     f"the input</figcaption></figure>")
-        path, frame = found
+        path, frame = where[image_id]
         key = (image_id, label if predictor is not None else None)
         if key not in image_cache:
             try:
@@ -721,6 +722,9 @@ def predictions_report(
                     last_slice.clear()
                     last_slice[image_id] = read_key_slice(path, frame)
                 hu, spacing = last_slice[image_id].hu, last_slice[image_id].spacing
+                if slab:  # the slab the model read: the mean of its slices
+                    hu = np.mean([hu.astype(np.float64)] + [read_key_slice(*where[i]).hu for i in slab],
+                                 axis=0).astype(np.float32)
                 heat = None
                 if predictor is not None:
                     from ichscan.heatmap import grad_cam
@@ -763,11 +767,13 @@ def predictions_report(
         for name in called:
             key = p.key_slice(name)
             z = f", z {key.z:.1f} mm" if key.z is not None else ""
-            caption = (f"{name} {p.prob(name):.{digits}f}: key slice {key.index + 1} of {p.n_slices}{z}"
-                       f" (slice probability {key.prob:.{digits}f})")
+            caption = (f"{name} {p.prob(name):.{digits}f}: key {p.slab_text(key.index)}{z}"
+                       f" ({'slab' if len(p.slab_members(key.index)) > 1 else 'slice'} probability "
+                       f"{key.prob:.{digits}f})")
             if predictor is not None:
                 caption += "; heat map (Grad-CAM) on the blood window"
-            figures.append(key_image(key.image_id, caption, name))
+            slab = [p.image_ids[i] for i in p.slab_members(key.index) if i != key.index]
+            figures.append(key_image(key.image_id, caption, name, slab))
         strip = _img(_strip_png(p, thresholds), "slice probability per label (dashed: threshold)", 'class="strip"')
         verdict = ", ".join(n for n in called if decisions[n]) or "no hemorrhage called"
         ids = " &middot; ".join(esc(f"{k} {v}") for k, v in (("patient", p.patient_id), ("study", p.study_uid)) if v)

@@ -74,6 +74,20 @@ class SeriesPrediction:
         """The slab slice ``i`` was read in (its own index when each slice was read alone)."""
         return self.slabs[i] if self.slabs else i
 
+    def slab_members(self, i: int) -> list[int]:
+        """The slices read together with slice ``i`` (in z order, ``i`` among them): its slab, or ``[i]``."""
+        if not self.slabs:
+            return [i]
+        return [k for k, j in enumerate(self.slabs) if j == self.slabs[i]]
+
+    def slab_text(self, i: int) -> str:
+        """How slice ``i`` was read, counted from 1: "slice 5 of 34", or "slices 4-8 of 162 as one 5 mm slab"."""
+        members = self.slab_members(i)
+        if len(members) == 1:
+            return f"slice {i + 1} of {self.n_slices}"
+        mm = f" {self.slab_mm:g} mm" if self.slab_mm else ""
+        return f"slices {members[0] + 1}-{members[-1] + 1} of {self.n_slices} as one{mm} slab"
+
     def prob(self, label: str) -> float:
         return float(self.probs[self.labels.index(label)])
 
