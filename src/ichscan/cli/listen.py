@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ichscan.cli._args import positive_int
+from ichscan.cli._args import non_negative_float, positive_int
 
 EPILOG = """\
 examples:
@@ -69,6 +69,8 @@ def register(subparsers) -> None:
     m.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
     m.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    m.add_argument("--slab", type=non_negative_float, default=0.0, metavar="MM",
+                   help="read thin series as slabs of about MM, as for predict (default 0: every slice as it is)")
     m.add_argument("--not-head-ok", action="store_true",
                    help="predict series that fail the head check too (with a warning in the node's output)")
     p.add_argument("--shutdown-grace", type=_seconds, default=60.0,
@@ -123,7 +125,8 @@ def run(args) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     try:
         predictor = Predictor.from_checkpoint(checkpoint, device=args.device, tta=args.tta,
-                                              precision=args.precision, batch_size=args.batch_size)
+                                              precision=args.precision, batch_size=args.batch_size,
+                                              slab_mm=args.slab)
     except ValueError as err:
         print(f"ichscan listen: error: {err}", file=sys.stderr)
         return 2
