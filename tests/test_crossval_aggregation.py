@@ -58,14 +58,20 @@ def test_auto_chooses_on_the_out_of_fold_series_and_nests_the_choice_by_fold():
     assert auto["nested_auc_any"] == pytest.approx(roc_auc_score(y, nested[:, 0]))
 
 
-def test_a_fixed_aggregation_is_taken_as_given_and_one_not_computed_is_refused():
+def test_a_fixed_aggregation_is_taken_as_given_and_one_not_computed_is_refused_before_training(tmp_path):
     truth = np.zeros((4, len(LABELS)))
     truth[:2, 0] = 1
     cols = columns_of({"max": [0.9, 0.2, 0.5, 0.1], "topk": [0.9, 0.8, 0.1, 0.2], "noisy_or": [0.99, 0.98, 0.3, 0.4]})
     folds = np.array([0, 1, 0, 1])
     assert _resolve_aggregation(CrossvalOptions(), truth, dict(cols), folds, LABELS) == ("topk", None)
     assert _resolve_aggregation(CrossvalOptions(aggregation="max"), truth, dict(cols), folds, LABELS) == ("max", None)
-    with pytest.raises(ValueError, match="context needs the series head"):
-        _resolve_aggregation(CrossvalOptions(aggregation="context"), truth, dict(cols), folds, LABELS)
+    from ichscan.crossval import run_crossval
+    from ichscan.errors import IchscanError
+    from ichscan.train import TrainConfig
+
+    config = TrainConfig.from_preset("finetune", arch="resnet10t", image_size=32, epochs=1)
+    with pytest.raises(IchscanError, match="context needs the series head"):  # no data read, nothing trained
+        run_crossval(config, tmp_path / "nowhere", tmp_path / "cv", options=CrossvalOptions(aggregation="context"))
+    assert not (tmp_path / "cv").exists()
     assert "aggregation" not in CrossvalOptions().to_dict()  # earlier runs' records resume as they were
     assert CrossvalOptions(aggregation="auto").to_dict()["aggregation"] == "auto"

@@ -342,6 +342,12 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     if options.keep_start and options.series_head:
         raise IchscanError("a series head needs --keep-start 0: the blend with the starting model, which has "
                            "no series head, is aggregated by the mean of the top k slices")
+    computed = _aggregations(options)
+    if options.aggregation not in (None, "auto", *computed):  # said now, not after every fold has trained
+        raise IchscanError(f"--aggregation {options.aggregation}: this cross-validation computes "
+                           f"{', '.join(computed)}, or auto"
+                           + (" (context needs the series head: --keep-start 0)"
+                              if options.aggregation == "context" else ""))
     _refuse_another_run(out, resume)  # before phantoms are drawn for --replay auto
     config = resolve_replay(config, out, workers=io_workers, say=say)
     member_configs = _member_configs(config, original_init, options.members, say)
@@ -644,10 +650,7 @@ def _resolve_aggregation(options: CrossvalOptions, truth: np.ndarray, columns: d
     as ``adapted_auto`` (each fold's series by the aggregation chosen without them)."""
     methods = [k.split("_", 1)[1] for k in columns if k.startswith("adapted_") and k != "adapted_auto"]
     wanted = options.aggregation or options.primary
-    if wanted != "auto":
-        if wanted not in methods:
-            raise ValueError(f"aggregation {wanted!r}: this cross-validation computes {', '.join(methods)}"
-                             + (" (context needs the series head: --keep-start 0)" if wanted == "context" else ""))
+    if wanted != "auto":  # run_crossval refused any other before training
         return wanted, None
     chosen, aucs = choose_aggregation(truth, columns, methods, options.primary, labels)
     nested = np.zeros_like(columns[f"adapted_{chosen}"])

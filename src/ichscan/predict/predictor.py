@@ -669,8 +669,8 @@ class Predictor:
         if slab_of is not None:  # every slice gets its slab's probabilities; a key slab's middle slice is its key slice
             slab_of = np.asarray(slab_of)
             slice_probs = read_probs[slab_of]
-            middle = [int(np.flatnonzero(slab_of == j)[len(np.flatnonzero(slab_of == j)) // 2])
-                      for j in range(len(read_probs))]
+            members = [np.flatnonzero(slab_of == j) for j in range(len(read_probs))]
+            middle = [int(m[len(m) // 2]) for m in members]
             key = np.asarray([middle[int(k)] for k in key])
         sop_uids = tuple(str(s.sop_uid) for s in kept)
         image_ids = tuple(str(s.image_id) for s in kept)
