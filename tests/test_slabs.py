@@ -149,6 +149,11 @@ def test_predict_path_writes_every_slice_with_its_slab_and_resumes(tmp_path, ckp
     assert doc["config"]["slab_mm"] == 5.0 and doc["series"][0]["slab_mm"] == 5.0
     again = predict_path(tmp_path / "thin", tmp_path / "out", pred, rules=RULES)
     assert again.n_resumed == 1 and again.n_predicted == 0
+    from ichscan.errors import IchscanError
+
+    plain = Predictor.from_checkpoint(ckpt, tta="none", precision="fp32")  # slice by slice: other results
+    with pytest.raises(IchscanError, match="--slab"):
+        predict_path(tmp_path / "thin", tmp_path / "out", plain, rules=RULES)
     assert np.array_equal(load_predictions(tmp_path / "out")[0].read_probs, run.predictions[0].read_probs)
 
 

@@ -78,8 +78,9 @@ def _check_config(work: Path, config: dict, restart: bool) -> None:
         previous = json.loads(stamp.read_text())
         if previous != config:
             raise IchscanError(
-                "this output folder holds results of another configuration (checkpoint, TTA, precision or "
-                "aggregation differ); use another --out, or --restart to discard them", work.parent)
+                "this output folder holds results of another configuration (checkpoint, TTA, precision, "
+                "aggregation, --slab or --adapt-bn differ); use another --out, or --restart to discard them",
+                work.parent)
     else:
         write_text(stamp, json.dumps(config, indent=1, sort_keys=True) + "\n")
 
