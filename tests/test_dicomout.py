@@ -333,7 +333,7 @@ def test_a_nifti_volume_gets_no_dicom_results_and_is_told_why(setup, tmp_path):
     assert not (tmp_path / "dicom").exists()
 
 
-def test_a_thin_series_read_as_slabs_shows_and_cites_its_key_slab(tmp_path, capsys):
+def test_a_thin_series_read_as_slabs_shows_and_cites_its_key_slab(tmp_path, capsys, monkeypatch):
     """--slab 5 on 1 mm phantom slices: each key image is the slab the model read (its grey pixels the blood
     window of the mean HU of the slab's slices), cites every slice of the slab as a source, says so in its
     burned-in text, and passes dciodvfy; the HTML report's caption says the same."""
@@ -344,6 +344,10 @@ def test_a_thin_series_read_as_slabs_shows_and_cites_its_key_slab(tmp_path, caps
                      layout="series", prevalence="any=1.0")
     predictor = Predictor.from_checkpoint("bundled", slab_mm=5.0)
     thresholds = {n: 0.0 for n in LABELS}  # every finding called: a key image for each
+    import ichscan.dicomout as dicomout
+
+    decoded, real_hu = [], dicomout._hu
+    monkeypatch.setattr(dicomout, "_hu", lambda t: decoded.append(str(t.sop_uid)) or real_hu(t))
     run = predict_path(tmp_path / "data", tmp_path / "out", predictor, thresholds=thresholds,
                        rules=SelectionRules(head_check=False), dicom_out=tmp_path / "dicom")
     assert run.complete and not run.failed and len(run.predictions) == 1
@@ -354,6 +358,9 @@ def test_a_thin_series_read_as_slabs_shows_and_cites_its_key_slab(tmp_path, caps
     key = p.key_slice("any")
     members = p.slab_members(key.index)
     assert len(members) == 5 and members[2] == key.index  # the middle slice stands for its slab
+    # each slice of each key slab decoded once, however many of the six findings share that slab
+    key_slabs = {p.slab_index(p.key_slice(n).index) for n in LABELS}
+    assert len(decoded) == len(set(decoded)) == 5 * len(key_slabs)
     ds = pydicom.dcmread(_folder(run, p.series_uid) / "key_any.dcm")
     cited = [item.ReferencedSOPInstanceUID for item in ds.SourceImageSequence]
     assert cited[0] == key.sop_uid and sorted(cited) == sorted(p.sop_uids[i] for i in members)

@@ -461,13 +461,6 @@ def _key_slices(prediction: Any, series: Any) -> dict[str, list[Any]]:
     return out
 
 
-def key_hu(slices: Sequence[Any]) -> np.ndarray:
-    """HU of what the model read: one slice, or the mean of a slab's slices (as ``ichscan predict --slab``)."""
-    if len(slices) == 1:
-        return _hu(slices[0])
-    return np.mean([_hu(s).astype(np.float64) for s in slices], axis=0).astype(np.float32)
-
-
 def _hu(s: Any) -> np.ndarray:
     from ichscan.dicom import iter_hu
 
@@ -499,6 +492,7 @@ def write_dicom_results(prediction: Any, series: Any, predictor: Any, out_dir: s
     from ichscan.fileio import write_bytes
     from ichscan.heatmap import grad_cam
     from ichscan.nifti import is_nifti
+    from ichscan.predict.predictor import slab_mean
 
     out = Path(out_dir)
     folder = _folder(out, prediction)
@@ -515,6 +509,7 @@ def write_dicom_results(prediction: Any, series: Any, predictor: Any, out_dir: s
         if str(s.path) not in headers:
             headers[str(s.path)] = _read_header(s.path)
     keys = {label: (s, headers[str(s.path)]) for label, s in slices.items()}
+    images: dict[tuple[str, ...], np.ndarray] = {}  # one decode per key slice or slab, however many findings share it
     source = str(slices["any"].path)
     try:
         objects = {folder / SR_NAME: _build_sr(prediction, keys, predictor, thresholds, decisions, model_hash, when)}
@@ -523,7 +518,10 @@ def write_dicom_results(prediction: Any, series: Any, predictor: Any, out_dir: s
                 continue
             s, header = keys[label]
             source = str(s.path)
-            hu = key_hu(read[label])
+            shown = tuple(str(t.image_id) for t in read[label])
+            if shown not in images:  # what the model read: the key slice, or the mean of its slab's slices
+                images[shown] = slab_mean([_hu(t) for t in read[label]])
+            hu = images[shown]
             heat = grad_cam(predictor, hu, label, spacing=s.spacing)
             objects[folder / KEY_PATTERN.format(label=label)] = _build_key_image(
                 prediction, label, s, header, hu, heat, float(thresholds.get(label, 0.5)), number, model_hash, when,

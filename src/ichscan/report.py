@@ -679,6 +679,7 @@ def predictions_report(
     """
     from ichscan.dicom import find_series, read_slice, read_slices
     from ichscan.errors import IchscanError
+    from ichscan.predict.predictor import slab_mean
 
     esc = html.escape
     preds = list(predictions)
@@ -697,7 +698,7 @@ def predictions_report(
         except (IchscanError, OSError, ValueError) as err:  # probabilities still shown; images say why not
             log.warning("HTML report: cannot scan %s for key slices: %s", folder, err)
     image_cache: dict[tuple[str, str | None], Any] = {}
-    last_slice: dict[str, Any] = {}  # one slice: a series' findings often share their key slice
+    last_image: dict[str, tuple[Any, Any]] = {}  # one key image's (HU, spacing): a series' findings often share it
     last_frames: dict[str, dict[int | None, Any]] = {}  # one multi-frame file or volume, decoded once
 
     def read_key_slice(path: str, frame: int | None) -> Any:
@@ -718,13 +719,12 @@ def predictions_report(
         key = (image_id, label if predictor is not None else None)
         if key not in image_cache:
             try:
-                if image_id not in last_slice:
-                    last_slice.clear()
-                    last_slice[image_id] = read_key_slice(path, frame)
-                hu, spacing = last_slice[image_id].hu, last_slice[image_id].spacing
-                if slab:  # the slab the model read: the mean of its slices
-                    hu = np.mean([hu.astype(np.float64)] + [read_key_slice(*where[i]).hu for i in slab],
-                                 axis=0).astype(np.float32)
+                if image_id not in last_image:  # the key slice, or the slab the model read: its slices' mean
+                    last_image.clear()
+                    key_slice = read_key_slice(path, frame)
+                    last_image[image_id] = (slab_mean([key_slice.hu] + [read_key_slice(*where[i]).hu for i in slab]),
+                                            key_slice.spacing)
+                hu, spacing = last_image[image_id]
                 heat = None
                 if predictor is not None:
                     from ichscan.heatmap import grad_cam

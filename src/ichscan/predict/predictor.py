@@ -201,6 +201,14 @@ def slab_groups(slices: Sequence[Any], slab_mm: float | None) -> list[list[int]]
     return groups
 
 
+def slab_mean(images: Sequence[np.ndarray]) -> np.ndarray:
+    """A slab from its slices' HU images: their mean, summed in float64, as float32 (one image: itself). What
+    prediction reads, and what the key images of ``ichscan.dicomout`` and ``ichscan.report`` show."""
+    if len(images) == 1:
+        return np.asarray(images[0], dtype=np.float32)
+    return np.mean([np.asarray(hu, dtype=np.float64) for hu in images], axis=0).astype(np.float32)
+
+
 def _frame(s: Any, frames: dict, allow_non_ct: bool) -> Any:
     """The decoded frame ``s`` stands for, of a multi-frame object (or NIfTI volume); ``frames`` holds the one
     object decoded last (or its error, which its other frames share without decoding it again)."""
@@ -244,23 +252,23 @@ def _windowed_slabs(series: Any, groups: Sequence[Sequence[int]], preps: Sequenc
     out: dict[tuple, list[np.ndarray]] = {prep: [] for prep in preps}
     frames: dict = {}
     for group in groups:
-        total, spacing, members = None, None, []
+        hus, spacing, members = [], None, []
         for i in group:
             s = series.slices[i]
             try:
                 hu, sp = _slice_hu(s, frames, allow_non_ct)
-                if total is not None and hu.shape != total.shape:
+                if hus and hu.shape != hus[0].shape:
                     raise PixelDataError(f"image of {hu.shape[1]}x{hu.shape[0]} pixels in a series of "
-                                         f"{total.shape[1]}x{total.shape[0]}: not averaged into a slab", s.path)
+                                         f"{hus[0].shape[1]}x{hus[0].shape[0]}: not averaged into a slab", s.path)
             except IchscanError as err:
                 bad.append(SkippedFile(str(err.path or s.path), err.reason, type(err).__name__, str(series.series_uid)))
                 continue
-            total = hu.astype(np.float64) if total is None else total + hu
+            hus.append(hu)
             spacing = spacing if spacing is not None else sp
             members.append(s)
         if not members:
             continue
-        mean = (total / len(members)).astype(np.float32)
+        mean = slab_mean(hus)
         try:
             images = [window_image(mean, windows, size, np.uint8, spacing) for windows, size in preps]
         except IchscanError as err:
