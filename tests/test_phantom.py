@@ -1000,3 +1000,122 @@ def test_thin_phantom_slices_carry_the_noise_of_their_thickness():
 
     assert np.allclose(noise(1.25), 2.0 * noise(5.0), atol=1e-4)
     assert np.allclose(noise(10.0), noise(5.0) / np.sqrt(2.0), atol=1e-4)
+
+
+def _head_frame(seed: int, z: list[float], thickness: float = 5.0, size: int = 400, spacing: float = 0.5):
+    head = an.sample_head(np.random.default_rng(seed))
+    fr = an.Frame(rows=size, cols=size, spacing=spacing, thickness=thickness, z=np.array(z, np.float32),
+                  angle=0.0, shift=(0.0, 0.0))
+    return head, fr
+
+
+def test_tentorium_is_a_v_opening_forward_with_the_straight_sinus_at_its_apex(monkeypatch):
+    """Cut axially between the torcula and the vein of Galen, the tentorium is a band of dura on each side
+    whose leaves come together behind (the straight sinus, dense with blood, at the apex) and part in front
+    around the midbrain. With the tentorium and deep veins left undrawn, nothing else changes: they take
+    no draw of the head's generator."""
+    for seed in (5, 6, 7):
+        head, _ = _head_frame(seed, [0.0])
+        t = an.tentorium(head)
+        z = t.z_torc + 0.45 * (t.z_galen - t.z_torc)
+        head, fr = _head_frame(seed, [z], thickness=2.5)
+        drawn = an.build(head, fr, np.random.default_rng(0))
+        monkeypatch.setattr(an, "_tentorium_and_deep_veins", lambda *a, **k: None)
+        plain = an.build(head, fr, np.random.default_rng(0))
+        monkeypatch.undo()
+        rise = drawn.hu[0] - plain.hu[0]
+        assert (rise >= -1e-3).all()  # dura and venous blood are denser than the brain they lie in
+        changed = rise > 0.5
+        assert np.isin(plain.tissue[0][changed], (an.GREY, an.WHITE, an.CSF, an.VENTRICLE, an.DURA)).all()
+        x = (np.arange(400) - 199.5) * 0.5  # head frame mm: columns run to the patient's left, rows to the back
+        y = (np.arange(400) - 199.5) * 0.5
+
+        def band_half_width(row_y: float) -> float:  # |X| of the band's densest point on one row, left side
+            r = int(round(row_y / 0.5 + 199.5))
+            left = np.where(x > 4, rise[r], 0)
+            return float(x[int(np.argmax(left))]) if left.max() > 3 else float("nan")
+
+        # the leaves part towards the front: the band lies further out on a row nearer the midbrain
+        y_apex = t.y_torc - (z - t.z_torc) / (t.z_galen - t.z_torc) * (t.y_torc - t.y_galen)
+        back, front = band_half_width(y_apex - 8), band_half_width(y_apex - 24)
+        assert 3 < back < front, (seed, back, front)
+        # the straight sinus: blood density in the midline at the apex, none of it at the same row's sides
+        r = int(round(y_apex / 0.5 + 199.5))
+        c = int(np.argmin(np.abs(x)))
+        assert drawn.hu[0][r, c] > 40 and rise[r, c] > 8, (seed, drawn.hu[0][r, c])
+        assert y[r] > 0.3 * head.b
+        # in front of the vein of Galen (the incisura) the midline is untouched
+        r_front = int(round((t.y_galen - 12) / 0.5 + 199.5))
+        assert abs(rise[r_front, c]) < 1e-3
+
+
+def test_tentorium_partial_volume_shrinks_with_slice_thickness():
+    """A sheet of dura about 1 mm thick fills a larger share of a thin slice than of a thick one: the
+    band's peak rise over the brain falls as the slice thickens (dura over a 10 mm slice is a haze)."""
+    head, _ = _head_frame(6, [0.0])
+    t = an.tentorium(head)
+    z = t.z_torc + 0.4 * (t.z_galen - t.z_torc)
+    peaks = {}
+    for thickness in (1.0, 5.0, 10.0):
+        _, fr = _head_frame(6, [z], thickness=thickness)
+        level, cover = an.tentorium_level(head, t, fr.X[0], fr.Y[0])
+        gy, gx = np.gradient(level, fr.spacing)
+        share = an._through_slice(level, z, thickness, t.dura * np.sqrt(1 + gx**2 + gy**2)) * cover
+        peaks[thickness] = float(share.max())
+    assert peaks[1.0] > 0.9 and peaks[1.0] > peaks[5.0] > peaks[10.0] > 0.05, peaks
+
+
+@pytest.mark.parametrize("site", ["tentorium", "falx"])
+def test_subdurals_along_the_tentorium_and_falx_lie_on_the_dura_on_one_side(site):
+    """A tentorial subdural is blood on the upper face of one leaf, a falcine one a layer beside the falx
+    on one side; both are labelled, and the blood is the lesion's density where it fills the voxel."""
+    from ichscan.phantom import lesions
+
+    head, _ = _head_frame(5, [0.0])
+    t = an.tentorium(head)
+    zs = list(np.arange(t.z_lat, t.z_galen + 5, 2.5)) if site == "tentorium" else [70.0, 80.0]
+    head, fr = _head_frame(5, zs, thickness=2.5)
+    anat = an.build(head, fr, np.random.default_rng(0))
+    if site == "tentorium":
+        les = lesions.Lesion("subdural", "acute", (t.z_lat + t.z_galen) / 2, (t.z_galen - t.z_lat) / 2 + 3, 70.0,
+                             1.0, {"site": site, "thickness": 5.0, "mass_mm": 0.0})
+    else:
+        les = lesions.Lesion("subdural", "acute", 75.0, 20.0, 70.0, 1.0, {
+            "site": site, "thickness": 4.0, "y_centre": -0.3 * head.b, "y_half": 0.35 * head.b, "mass_mm": 0.0})
+    mask = lesions.paint_lesion(les, head, fr, anat, np.random.default_rng(0))
+    assert mask.sum() > 300
+    x = np.broadcast_to(fr.X, mask.shape)
+    assert (x[mask] > 0).all()  # the patient's left only
+    blood = anat.hu[mask]
+    assert blood.max() <= 70.0 + 1e-3 and (np.abs(blood - 70.0) < 1e-3).mean() > 0.3 and np.median(blood) > 55
+    if site == "falx":
+        assert x[mask].max() < 0.35 + 4.0 + 0.5  # within the layer's thickness of the midline
+    else:
+        level, cover = an.tentorium_level(head, t, fr.X[0], fr.Y[0])
+        for i in np.nonzero(mask.any(axis=(1, 2)))[0]:
+            above = np.broadcast_to(level, mask[i].shape)[mask[i]]
+            # on the sheet's upper face: its level lies within the slice or just below it
+            assert (above <= fr.z[i] + fr.thickness / 2 + 1e-3).all() and (cover[mask[i]] > 0.5).all()
+
+
+def test_some_acute_subdurals_are_planned_along_the_tentorium_and_falx():
+    """About a tenth of acute subdurals each lie along the tentorium and the falx; the choice takes no draw
+    from the plan's generator, so every lesion planned after a subdural is what it was."""
+    from ichscan.phantom import lesions
+
+    head = an.sample_head(np.random.default_rng(3))
+    fr = an.Frame(rows=64, cols=64, spacing=4.0, thickness=5.0, z=np.arange(-40, 120, 5, dtype=np.float32),
+                  angle=0.0, shift=(0.0, 0.0))
+    sites = Counter()
+    for seed in range(400):
+        rng = np.random.default_rng(seed)
+        les = lesions.plan_lesion("subdural", head, fr, rng)
+        sites[les.params.get("site", "convexity")] += 1
+        after = rng.random()
+        if les.params.get("site") in ("tentorium", "falx"):
+            assert les.kind == "acute"
+            # the same draws as a convexity plan: the generator is where it would have been
+            rng2 = np.random.default_rng(seed)
+            lesions.plan_lesion("subdural", head, fr, rng2)
+            assert rng2.random() == after
+    assert 15 < sites["tentorium"] < 50 and 15 < sites["falx"] < 50, sites

@@ -305,7 +305,8 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     _deep_cerebrum(cv, cavity, Xw, calcified or {})
     _posterior_fossa(cv, cavity)
     hu, tissue, depth = cv.hu, cv.tissue, cavity.depth
-    _venous_sinuses(head, fr, hu, tissue, depth, rng)
+    sinus_hu = _venous_sinuses(head, fr, hu, tissue, depth, rng)
+    _tentorium_and_deep_veins(head, fr, hu, tissue, depth, sinus_hu)
     _face_and_neck(head, fr, hu, tissue, depth, cv.w, rng)
     _parenchymal_texture(hu, tissue, fr, rng)
     sector = np.where(depth > -30, sector_of(head, cv.phi, cv.z), 0).astype(np.uint8)
@@ -890,11 +891,11 @@ def _skull_base_clutter(head: HeadShape, fr: Frame, hu, tissue, lo, depth, w, rn
                     paint(hu[i], tissue[i], float(rng.uniform(600, 1800)), frac, BONE)
 
 
-def _venous_sinuses(head: HeadShape, fr: Frame, hu, tissue, depth, rng: np.random.Generator) -> None:
+def _venous_sinuses(head: HeadShape, fr: Frame, hu, tissue, depth, rng: np.random.Generator) -> float:
     """Dense dural venous sinuses (45-72 HU, with the haematocrit): the superior sagittal sinus as a
     triangle under the vault in the midline, front and back, and the transverse sinuses along the
     occipital inner table at the tentorium. On every head, the classic mimic of a thin subdural or
-    epidural collection."""
+    epidural collection. Returns the blood's density, which the deep veins share."""
     value = float(rng.uniform(45, 72))
     X, Y = fr.X, fr.Y
     z = fr.z[:, None, None]
@@ -920,6 +921,98 @@ def _venous_sinuses(head: HeadShape, fr: Frame, hu, tissue, depth, rng: np.rando
         h, t = hu[low], tissue[low]
         paint(h, t, value, frac * 0.9, DURA)
         hu[low], tissue[low] = h, t
+    return value
+
+
+@dataclass(frozen=True)
+class Tentorium:
+    """The tentorium cerebelli of one head: a tent of dura over the posterior fossa whose ridge, the
+    straight sinus, climbs from the torcula at the back to the vein of Galen behind the pineal, and whose
+    leaves fall to the transverse sinuses and petrous ridges at the sides; open in front at the incisura,
+    where the midbrain passes. Levels in mm of the head frame (``HeadShape``)."""
+
+    z_lat: float  # where the leaves meet the transverse sinuses and petrous ridges
+    z_torc: float  # the ridge at the torcula
+    z_galen: float  # the ridge at the vein of Galen, its highest point
+    y_torc: float
+    y_galen: float
+    notch: float  # half-width of the incisura
+    power: float  # how the leaves fall away from the ridge: < 1 a steep fall at the sides, > 1 at the ridge
+    dura: float  # thickness of the dural sheet, mm
+    galen: float  # radius of the vein of Galen, mm
+    straight: float  # radius of the straight sinus, mm
+
+
+def tentorium(head: HeadShape) -> Tentorium:
+    """The head's tentorium, from a generator seeded by the head's own draws: the same for every study of
+    a patient, and no other draw of a series changes with it."""
+    sub = np.random.default_rng([int(head.a * 1e6) % 2**31, int(head.top * 1e4) % 2**31, 23])
+    z_lat = float(sub.uniform(6, 11))
+    return Tentorium(z_lat=z_lat, z_torc=z_lat + float(sub.uniform(1, 4)),
+                     z_galen=head.widest - float(sub.uniform(6, 12)),
+                     y_torc=0.84 * head.b, y_galen=0.30 * head.b, notch=float(sub.uniform(12, 16)),
+                     power=float(sub.uniform(0.8, 1.4)), dura=float(sub.uniform(0.8, 1.5)),
+                     galen=float(sub.uniform(2.5, 4.0)), straight=float(sub.uniform(1.8, 2.8)))
+
+
+def tentorium_level(head: HeadShape, t: Tentorium, X, Y):
+    """Level (mm) of the tentorium over each in-plane point, and the share of each point the sheet
+    covers in plane (0 outside the posterior fossa and in the incisura, ramped at its free edge)."""
+    span = np.float32(t.y_torc - t.y_galen)
+    ridge = t.z_torc + (t.z_galen - t.z_torc) * np.clip((t.y_torc - Y) / span, 0, 1)
+    half = 0.72 * head.a * np.sqrt(np.clip(1 - ((Y - 0.36 * head.b) / (0.5 * head.b)) ** 2, 0, 1)) + 1e-3
+    fall = np.clip(1 - np.abs(X) / half, 0, 1) ** np.float32(t.power)
+    level = (t.z_lat + (ridge - t.z_lat) * fall).astype(np.float32)
+    length = t.y_galen + 0.05 * head.b + 5.0  # from the vein of Galen forward past the petrous apices
+    notch = ellipse_distance(X, Y, 0, t.y_galen - length, t.notch, length)
+    # over the posterior fossa at its widest, in front along the petrous ridges (as ``_skull_base`` runs them)
+    fossa = ellipse_distance(X, Y, 0, 0.36 * head.b, 0.72 * head.a, 0.5 * head.b)
+    ridge_y = 0.05 * head.b + 0.22 * head.b / (0.6 * head.a) * np.maximum(np.abs(X) - 0.15 * head.a, 0)
+    cover = ramp(-notch, 1.0) * ramp(fossa, 2.0) * ramp(ridge_y - Y, 2.0)
+    return level, cover.astype(np.float32)
+
+
+def _through_slice(level, z, thickness: float, vertical: float):
+    """Share of each voxel of slices at ``z`` (thickness mm) that a sheet at ``level`` of ``vertical`` mm
+    (its thickness measured along z) fills."""
+    lo = np.maximum(level - vertical / 2, z - thickness / 2)
+    hi = np.minimum(level + vertical / 2, z + thickness / 2)
+    return (np.clip(hi - lo, 0, None) / thickness).astype(np.float32)
+
+
+def _tentorium_and_deep_veins(head: HeadShape, fr: Frame, hu, tissue, depth, sinus_hu: float) -> None:
+    """The tentorium (dura, 48-58 HU, with its partial volume through each slice: a faint band where the
+    tent is cut steeply, a haze where it is cut flat), the straight sinus along its ridge and the vein of
+    Galen at its apex (the blood of the other sinuses). Cut axially, the tent is the V that opens forward
+    around the midbrain on the slices between the torcula and the vein of Galen, with the vermis inside it
+    and the occipital lobes outside: the classic mimic of blood along the tentorium."""
+    t = tentorium(head)
+    X, Y, w = fr.X, fr.Y, max(fr.spacing, 0.35)
+    level, cover = tentorium_level(head, t, X[0], Y[0])
+    gy, gx = np.gradient(level, fr.spacing)
+    vertical = (t.dura * np.sqrt(1 + gx**2 + gy**2)).astype(np.float32)
+    dura_hu = 48.0 + 10.0 * (t.dura - 0.8) / 0.7
+    idx = np.nonzero((fr.z > t.z_lat - fr.thickness) & (fr.z < t.z_galen + t.galen + fr.thickness))[0]
+    for i in idx:
+        inside = (depth[i] > 0.5) & (tissue[i] != BONE)
+        frac = _through_slice(level, float(fr.z[i]), fr.thickness, vertical) * cover * inside
+        paint(hu[i], tissue[i], dura_hu, frac, DURA)
+        # the straight sinus: a tube along the ridge, cut obliquely into an ellipse drawn out along Y
+        zi = float(fr.z[i])
+        if t.z_torc - fr.thickness / 2 < zi < t.z_galen + fr.thickness / 2:
+            rise = (t.z_galen - t.z_torc) / (t.y_torc - t.y_galen)  # tan of its angle to the slice
+            yc = t.y_torc - (float(np.clip(zi, t.z_torc, t.z_galen)) - t.z_torc) / rise
+            along = t.straight * np.hypot(1, rise) / rise + fr.thickness / 2 / rise
+            share = min(1.0, 2 * t.straight * np.hypot(1, rise) / fr.thickness)
+            paint(hu[i], tissue[i], sinus_hu, ellipse(X[0], Y[0], 0, yc, t.straight, along, w) * inside * 0.9 * share,
+                  DURA)
+        # the vein of Galen, a short wide vein under the splenium
+        dz = abs(float(fr.z[i]) - t.z_galen)
+        if dz < t.galen + fr.thickness / 2:
+            r = t.galen * np.sqrt(max(0.0, 1 - (max(dz - fr.thickness / 2, 0) / t.galen) ** 2))
+            share = min(1.0, 2 * t.galen / fr.thickness)
+            paint(hu[i], tissue[i], sinus_hu, ellipse(X[0], Y[0], 0, t.y_galen, r + .01, 1.3 * r + .01, w)
+                  * inside * 0.95 * share, DURA)
 
 
 def _face_and_neck(head: HeadShape, fr: Frame, hu, tissue, depth, w, rng: np.random.Generator) -> None:

@@ -101,6 +101,20 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
         thick = float(rng.choice([rng.uniform(2, 4), rng.uniform(4, 7), rng.uniform(7, 18)], p=[0.15, 0.25, 0.6]))
         if kind != "acute":  # older collections that come to CT are mostly large
             thick = float(rng.uniform(7, 20))
+        # A tenth of acute subdurals lie along the tentorium and as many along the falx, where trauma and
+        # the elderly's falls put them too: chosen by a generator seeded from this plan's own draws, so
+        # that every draw of ``rng`` stays as it was.
+        site_rng = np.random.default_rng([int(hu * 1e6) % 2**31, int(z * 1e4) % 2**31, 29])
+        site = str(site_rng.choice(["convexity", "tentorium", "falx"], p=[0.8, 0.1, 0.1]))
+        if kind == "acute" and site == "tentorium":
+            t = an.tentorium(head)
+            return Lesion("subdural", kind, (t.z_lat + t.z_galen) / 2, (t.z_galen - t.z_lat) / 2 + 3, float(hu), side,
+                          {"site": site, "thickness": float(site_rng.uniform(2.5, 7)), "mass_mm": 0.0})
+        if kind == "acute" and site == "falx":
+            y_centre = float(site_rng.uniform(-0.6, 0.6)) * head.b
+            return Lesion("subdural", kind, z, z_half, float(hu), side, {
+                "site": site, "thickness": float(site_rng.uniform(2, 6)), "y_centre": y_centre,
+                "y_half": float(site_rng.uniform(0.2, 0.45)) * head.b, "mass_mm": 0.0})
         return Lesion("subdural", kind, z, z_half, float(hu), side, {
             "phi": side * centre, "phi_half": half, "thickness": thick, "suture": float(suture),
             "mass_mm": thick * 0.55, "y": float(-np.cos(centre) * head.b)})
@@ -199,6 +213,36 @@ def _plan_contusion(head: HeadShape, fr: Frame, side: float, lobes, oedema, rng:
                       "focus_hu": [float(rng.uniform(52, 82)) for _ in foci]})
 
 
+def _dural_subdural(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, i: int, X, Y):
+    """A subdural along the tentorium (a layer of blood on its upper face, on one side, thickest halfway
+    out along the leaf) or along the falx (a layer beside it on one side, over a stretch front to back).
+    Returns the voxels the blood mostly fills and the share of every voxel it fills, through the slice's
+    thickness, inside the cavity."""
+    p = les.params
+    z = float(fr.z[i])
+    inside = (anat.depth[i] > 0.5) & (anat.tissue[i] != an.BONE)
+    if p["site"] == "tentorium":
+        t = an.tentorium(head)
+        level, cover = an.tentorium_level(head, t, X, Y)
+        half = 0.72 * head.a
+        h = p["thickness"] * np.clip(np.sin(np.pi * np.clip(np.abs(X) / half, 0, 1)) * 1.3, 0.15, 1.0)
+        lo = np.maximum(level, z - fr.thickness / 2)
+        hi = np.minimum(level + h, z + fr.thickness / 2)
+        frac = np.clip(hi - lo, 0, None) / np.minimum(h, fr.thickness)
+        frac = np.clip(frac, 0, 1) * (cover > 0.5) * (np.sign(X) == les.side)
+    else:
+        zp = float(an.profile(np.float32(z), les.z - les.z_half, les.z + les.z_half))
+        dy = (Y - p["y_centre"]) / p["y_half"]
+        h = p["thickness"] * np.clip(1 - dy**2, 0, None) ** 0.8 * zp
+        off = X * les.side  # mm from the midline towards the lesion's side
+        frac = ramp(off - 0.35 - h, max(fr.spacing, 0.35)) * (off > 0.35) * (h > 0.3)
+        # only where the falx reaches down between the hemispheres (``anatomy._interhemispheric``)
+        reach = (np.abs(Y) > 0.36 * head.b * float(an.cranial_scale(head, np.float32(z)))) | (z > head.widest + 22)
+        frac = frac * reach * (anat.tissue[i] != an.VENTRICLE)
+    frac = (frac * inside).astype(np.float32)
+    return frac >= 0.5, frac
+
+
 def _zprof(fr: Frame, les: Lesion):
     """(n, 1, 1) half-ellipse profile of the lesion along z, with the slices it touches."""
     zp = an.profile(fr.z, les.z - les.z_half, les.z + les.z_half)
@@ -218,7 +262,12 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
     for i in idx:
         hu, tissue, depth = anat.hu[i], anat.tissue[i], anat.depth[i]
         zi = float(zp[i, 0, 0])
-        if les.subtype in ("epidural", "subdural"):
+        if les.subtype == "subdural" and p.get("site") in ("tentorium", "falx"):
+            region, frac = _dural_subdural(les, head, fr, anat, i, X, Y)
+            hu += frac * (les.hu - hu)
+            tissue[region] = an.BLOOD
+            mask[i] = region
+        elif les.subtype in ("epidural", "subdural"):
             dphi = wrap_angle(phi - p["phi"]) / p["phi_half"]
             if les.subtype == "epidural":  # biconvex lens
                 h = p["thickness"] * np.sqrt(np.clip(zi**2 - dphi**2, 0, None))
