@@ -101,9 +101,8 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
         thick = float(rng.choice([rng.uniform(2, 4), rng.uniform(4, 7), rng.uniform(7, 18)], p=[0.15, 0.25, 0.6]))
         if kind != "acute":  # older collections that come to CT are mostly large
             thick = float(rng.uniform(7, 20))
-        # A tenth of acute subdurals lie along the tentorium and as many along the falx, where trauma and
-        # the elderly's falls put them too: chosen by a generator seeded from this plan's own draws, so
-        # that every draw of ``rng`` stays as it was.
+        # Acute subdurals also collect along the tentorium and beside the falx (a tenth each here), chosen
+        # by a generator seeded from this plan's own draws, so that every draw of ``rng`` stays as it was.
         site_rng = np.random.default_rng([int(hu * 1e6) % 2**31, int(z * 1e4) % 2**31, 29])
         site = str(site_rng.choice(["convexity", "tentorium", "falx"], p=[0.8, 0.1, 0.1]))
         if kind == "acute" and site == "tentorium":
