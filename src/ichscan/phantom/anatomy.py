@@ -992,27 +992,27 @@ def _tentorium_and_deep_veins(head: HeadShape, fr: Frame, hu, tissue, depth, sin
     gy, gx = np.gradient(level, fr.spacing)
     vertical = (t.dura * np.sqrt(1 + gx**2 + gy**2)).astype(np.float32)
     dura_hu = 48.0 + 10.0 * (t.dura - 0.8) / 0.7
+    rise = (t.z_galen - t.z_torc) / (t.y_torc - t.y_galen)  # tan of the straight sinus's angle to the slice
+    along = t.straight * np.hypot(1, rise) / rise + fr.thickness / 2 / rise  # its half-length, cut obliquely
+    sinus_share = min(1.0, 2 * t.straight * np.hypot(1, rise) / fr.thickness)
+    galen_share = min(1.0, 2 * t.galen / fr.thickness)
     idx = np.nonzero((fr.z > t.z_lat - fr.thickness) & (fr.z < t.z_galen + t.galen + fr.thickness))[0]
     for i in idx:
+        zi = float(fr.z[i])
         inside = (depth[i] > 0.5) & (tissue[i] != BONE)
-        frac = _through_slice(level, float(fr.z[i]), fr.thickness, vertical) * cover * inside
+        frac = _through_slice(level, zi, fr.thickness, vertical) * cover * inside
         paint(hu[i], tissue[i], dura_hu, frac, DURA)
         # the straight sinus: a tube along the ridge, cut obliquely into an ellipse drawn out along Y
-        zi = float(fr.z[i])
         if t.z_torc - fr.thickness / 2 < zi < t.z_galen + fr.thickness / 2:
-            rise = (t.z_galen - t.z_torc) / (t.y_torc - t.y_galen)  # tan of its angle to the slice
             yc = t.y_torc - (float(np.clip(zi, t.z_torc, t.z_galen)) - t.z_torc) / rise
-            along = t.straight * np.hypot(1, rise) / rise + fr.thickness / 2 / rise
-            share = min(1.0, 2 * t.straight * np.hypot(1, rise) / fr.thickness)
-            paint(hu[i], tissue[i], sinus_hu, ellipse(X[0], Y[0], 0, yc, t.straight, along, w) * inside * 0.9 * share,
-                  DURA)
+            paint(hu[i], tissue[i], sinus_hu,
+                  ellipse(X[0], Y[0], 0, yc, t.straight, along, w) * inside * 0.9 * sinus_share, DURA)
         # the vein of Galen, a short wide vein under the splenium
-        dz = abs(float(fr.z[i]) - t.z_galen)
+        dz = abs(zi - t.z_galen)
         if dz < t.galen + fr.thickness / 2:
             r = t.galen * np.sqrt(max(0.0, 1 - (max(dz - fr.thickness / 2, 0) / t.galen) ** 2))
-            share = min(1.0, 2 * t.galen / fr.thickness)
             paint(hu[i], tissue[i], sinus_hu, ellipse(X[0], Y[0], 0, t.y_galen, r + .01, 1.3 * r + .01, w)
-                  * inside * 0.95 * share, DURA)
+                  * inside * 0.95 * galen_share, DURA)
 
 
 def _face_and_neck(head: HeadShape, fr: Frame, hu, tissue, depth, w, rng: np.random.Generator) -> None:
