@@ -186,6 +186,23 @@ def cranial_scale(head: HeadShape, z):
     return np.where(z >= head.widest, np.sqrt(np.clip(1 - up**2, 0, 1)), 1 - 0.30 * down**1.6).astype(np.float32)
 
 
+def fossa_outline(head: HeadShape) -> tuple[float, float, float]:
+    """The posterior fossa at its widest level: its centre behind the head's (mm, along Y) and its
+    half-width and half-length (mm). The cavity, the tentorium over it and the blood on it share these."""
+    return 0.36 * head.b, 0.72 * head.a, 0.5 * head.b
+
+
+def petrous_slope(head: HeadShape) -> float:
+    """How far back (mm) the petrous ridges run for each mm out from the petrous apices."""
+    return 0.22 * head.b / (0.6 * head.a)
+
+
+def falx_reach(head: HeadShape, Y, B, z):
+    """Where the falx reaches down between the hemispheres: in front of and behind the deep structures
+    (beyond 0.36 of ``B``, the cavity's half-length at level ``z``), and all the way across high up."""
+    return (np.abs(Y) > 0.36 * B) | (z > head.widest + 22)
+
+
 def sector_of(head: HeadShape, phi, z):
     """Skull bone over a point: 1/4 frontal, 2/5 parietal, 3/6 occipital (right/left).
 
@@ -407,19 +424,20 @@ def _cranial_cavity(cv: _Canvas) -> _Cavity:
         depth[midfossa] = np.maximum(depth[midfossa], d)
         cerebrum[midfossa] |= d > 0
     pf = np.nonzero((fr.z > -42) & (fr.z < 20))[0]
-    pf_c = (0.0, 0.36 * head.b)
+    pf_y, pf_a, pf_b = fossa_outline(head)
+    pf_c = (0.0, pf_y)
     pf_depth = None
     if len(pf):
         zp = fr.z[pf][:, None, None]
         p = profile(zp, -44, 22)
-        d = -ellipse_distance(X, Y, pf_c[0], pf_c[1], 0.72 * head.a * p, 0.5 * head.b * p)
+        d = -ellipse_distance(X, Y, pf_c[0], pf_c[1], pf_a * p, pf_b * p)
         # In front the fossa ends at the clivus, which the pons and medulla lie against (only their cistern
         # between, ``_posterior_fossa``), and at the sides along the petrous ridges, which run back and out
         # from the petrous apices beside it; what lies before them is bone (until 5 Dec 2026 the fossa was an
         # ellipse reaching two centimetres in front of the brainstem, filled with brain).
         bs = profile(zp, *BRAINSTEM_LEVELS)
         wall = BRAINSTEM_Y * head.b - (9.0 + _brainstem_cistern(head)) * bs - 0.5
-        slope = 0.22 * head.b / (0.6 * head.a)  # the ridges' run, as ``_skull_base`` draws them
+        slope = petrous_slope(head)  # the ridges' run, as ``_skull_base`` draws them
         front = (Y - wall - slope * np.maximum(np.abs(X) - 0.15 * head.a, 0)) / np.float32(np.hypot(1, slope))
         d = np.minimum(d, np.where(bs > 0, front, d))
         # above the tentorium (z > 8) the occipital lobes take over: the posterior fossa shrinks away
@@ -666,10 +684,8 @@ def _deep_cerebrum(cv: _Canvas, cavity: _Cavity, Xw, calcified: dict) -> None:
 
 
 def _interhemispheric(cv: _Canvas, s: _Band):
-    """Where the falx reaches down between the hemispheres: in front of and behind the deep structures,
-    and all the way across high up."""
-    high = s.z > cv.head.widest + 22
-    return (np.abs(s.Y) > 0.36 * cv.B[s.idx]) | high
+    """``falx_reach`` on the slices of ``s``."""
+    return falx_reach(cv.head, s.Y, cv.B[s.idx], s.z)
 
 
 def _basal_ganglia_size(head: HeadShape, s: _Band):
@@ -960,14 +976,15 @@ def tentorium_level(head: HeadShape, t: Tentorium, X, Y):
     covers in plane (0 outside the posterior fossa and in the incisura, ramped at its free edge)."""
     span = np.float32(t.y_torc - t.y_galen)
     ridge = t.z_torc + (t.z_galen - t.z_torc) * np.clip((t.y_torc - Y) / span, 0, 1)
-    half = 0.72 * head.a * np.sqrt(np.clip(1 - ((Y - 0.36 * head.b) / (0.5 * head.b)) ** 2, 0, 1)) + 1e-3
+    pf_y, pf_a, pf_b = fossa_outline(head)
+    half = pf_a * np.sqrt(np.clip(1 - ((Y - pf_y) / pf_b) ** 2, 0, 1)) + 1e-3
     fall = np.clip(1 - np.abs(X) / half, 0, 1) ** np.float32(t.power)
     level = (t.z_lat + (ridge - t.z_lat) * fall).astype(np.float32)
     length = t.y_galen + 0.05 * head.b + 5.0  # from the vein of Galen forward past the petrous apices
     notch = ellipse_distance(X, Y, 0, t.y_galen - length, t.notch, length)
     # over the posterior fossa at its widest, in front along the petrous ridges (as ``_skull_base`` runs them)
-    fossa = ellipse_distance(X, Y, 0, 0.36 * head.b, 0.72 * head.a, 0.5 * head.b)
-    ridge_y = 0.05 * head.b + 0.22 * head.b / (0.6 * head.a) * np.maximum(np.abs(X) - 0.15 * head.a, 0)
+    fossa = ellipse_distance(X, Y, 0, pf_y, pf_a, pf_b)
+    ridge_y = 0.05 * head.b + petrous_slope(head) * np.maximum(np.abs(X) - 0.15 * head.a, 0)
     cover = ramp(-notch, 1.0) * ramp(fossa, 2.0) * ramp(ridge_y - Y, 2.0)
     return level, cover.astype(np.float32)
 

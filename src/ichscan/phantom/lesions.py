@@ -212,32 +212,39 @@ def _plan_contusion(head: HeadShape, fr: Frame, side: float, lobes, oedema, rng:
                       "focus_hu": [float(rng.uniform(52, 82)) for _ in foci]})
 
 
-def _dural_subdural(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, i: int, X, Y):
-    """A subdural along the tentorium (a layer of blood on its upper face, on one side, thickest halfway
-    out along the leaf) or along the falx (a layer beside it on one side, over a stretch front to back).
-    Returns the voxels the blood mostly fills and the share of every voxel it fills, through the slice's
-    thickness, inside the cavity."""
+def _dural_layer(les: Lesion, head: HeadShape, X, Y):
+    """Where a subdural along the tentorium or the falx lies in plane, the same on every slice: for the
+    tentorium, the leaf's level under each point (blood on its upper face, on one side, thickest halfway
+    out along the leaf) and the layer's thickness there; for the falx, each point's distance from the
+    midline towards the lesion's side and the layer's thickness over its stretch front to back (before
+    the level's own profile)."""
     p = les.params
+    if p["site"] == "tentorium":
+        level, cover = an.tentorium_level(head, an.tentorium(head), X, Y)
+        half = an.fossa_outline(head)[1]
+        h = p["thickness"] * np.clip(np.sin(np.pi * np.clip(np.abs(X) / half, 0, 1)) * 1.3, 0.15, 1.0)
+        return level, h * (cover > 0.5) * (np.sign(X) == les.side)
+    dy = (Y - p["y_centre"]) / p["y_half"]
+    return X * les.side, p["thickness"] * np.clip(1 - dy**2, 0, None) ** 0.8
+
+
+def _dural_subdural(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, i: int, layer, Y):
+    """Slice ``i`` of a subdural along the tentorium or the falx (``layer`` from ``_dural_layer``): the
+    voxels the blood mostly fills and the share of every voxel it fills, through the slice's thickness,
+    inside the cavity."""
     z = float(fr.z[i])
     inside = (anat.depth[i] > 0.5) & (anat.tissue[i] != an.BONE)
-    if p["site"] == "tentorium":
-        t = an.tentorium(head)
-        level, cover = an.tentorium_level(head, t, X, Y)
-        half = 0.72 * head.a
-        h = p["thickness"] * np.clip(np.sin(np.pi * np.clip(np.abs(X) / half, 0, 1)) * 1.3, 0.15, 1.0)
+    if les.params["site"] == "tentorium":
+        level, h = layer
         lo = np.maximum(level, z - fr.thickness / 2)
         hi = np.minimum(level + h, z + fr.thickness / 2)
-        frac = np.clip(hi - lo, 0, None) / np.minimum(h, fr.thickness)
-        frac = np.clip(frac, 0, 1) * (cover > 0.5) * (np.sign(X) == les.side)
+        frac = np.clip(np.clip(hi - lo, 0, None) / np.minimum(np.maximum(h, 1e-6), fr.thickness), 0, 1) * (h > 0)
     else:
-        zp = float(an.profile(np.float32(z), les.z - les.z_half, les.z + les.z_half))
-        dy = (Y - p["y_centre"]) / p["y_half"]
-        h = p["thickness"] * np.clip(1 - dy**2, 0, None) ** 0.8 * zp
-        off = X * les.side  # mm from the midline towards the lesion's side
+        off, h = layer  # mm from the midline towards the lesion's side; the layer's thickness
+        h = h * float(an.profile(np.float32(z), les.z - les.z_half, les.z + les.z_half))
         frac = ramp(off - 0.35 - h, max(fr.spacing, 0.35)) * (off > 0.35) * (h > 0.3)
-        # only where the falx reaches down between the hemispheres (``anatomy._interhemispheric``)
-        reach = (np.abs(Y) > 0.36 * head.b * float(an.cranial_scale(head, np.float32(z)))) | (z > head.widest + 22)
-        frac = frac * reach * (anat.tissue[i] != an.VENTRICLE)
+        B = head.b * an.cranial_scale(head, np.float32(z))  # the cavity's half-length here
+        frac = frac * an.falx_reach(head, Y, B, z) * (anat.tissue[i] != an.VENTRICLE)
     frac = (frac * inside).astype(np.float32)
     return frac >= 0.5, frac
 
@@ -258,11 +265,13 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
     phi = np.arctan2(X, -Y)
     w = max(fr.spacing, 0.35)
     p = les.params
+    dural = les.subtype == "subdural" and p.get("site") in ("tentorium", "falx")
+    layer = _dural_layer(les, head, X, Y) if dural else None
     for i in idx:
         hu, tissue, depth = anat.hu[i], anat.tissue[i], anat.depth[i]
         zi = float(zp[i, 0, 0])
-        if les.subtype == "subdural" and p.get("site") in ("tentorium", "falx"):
-            region, frac = _dural_subdural(les, head, fr, anat, i, X, Y)
+        if layer is not None:
+            region, frac = _dural_subdural(les, head, fr, anat, i, layer, Y)
             hu += frac * (les.hu - hu)
             tissue[region] = an.BLOOD
             mask[i] = region
