@@ -625,6 +625,7 @@ def test_export_stores_a_share_of_series_and_changes_nothing_else(tmp_path):
 @pytest.mark.parametrize("flag, bad, drawn", [
     ("--export", "1.5", lambda s: set(s["export"]) == {"brain", "bone", "quality", "pixel_mm"}),
     ("--fractures", "-0.1", lambda s: "fracture" in s["confounders"]),
+    ("--children", "2", lambda s: s["head"]["age"] < 18 and s["head"]["scale"] < 1),
 ])
 def test_cli_share_option_is_recorded_and_refused_out_of_range(tmp_path, capsys, flag, bad, drawn):
     import json
@@ -1123,3 +1124,112 @@ def test_some_acute_subdurals_are_planned_along_the_tentorium_and_falx():
             lesions.plan_lesion("subdural", head, fr, rng2)
             assert rng2.random() == after
     assert 15 < sites["tentorium"] < 50 and 15 < sites["falx"] < 50, sites
+
+
+def test_a_childs_head_grows_towards_an_adults():
+    """``child_head``: the head's size against an adult's (growth charts: about 87% of the circumference at
+    2 years, 92% at 5, 97% at 10), a thin vault (40% of the adult draw at 2, all of it from 16), no atrophy,
+    and sinuses that pneumatize with age (frontal from 6, sphenoid from 3)."""
+    head = an.sample_head(np.random.default_rng(4))
+    kids = {age: an.child_head(head, age, np.random.default_rng(0)) for age in (2.0, 5.0, 10.0, 17.0)}
+    assert [round(kids[a].scale, 2) for a in (2.0, 5.0, 10.0)] == [0.87, 0.92, 0.97] and kids[17.0].scale > 0.98
+    # head-frame sizes are the patient's over the scale: the vault in the patient's mm
+    assert kids[2.0].skull * kids[2.0].scale == pytest.approx(0.4 * head.skull)
+    assert kids[10.0].skull * kids[10.0].scale == pytest.approx((0.4 + 0.6 * 8 / 14) * head.skull)
+    assert kids[17.0].skull * kids[17.0].scale == pytest.approx(head.skull)
+    assert (kids[2.0].frontal_sinus, kids[2.0].sphenoid_sinus, kids[5.0].frontal_sinus) == (0.0, 0.0, 0.0)
+    assert kids[10.0].frontal_sinus == pytest.approx(4 / 9) and kids[17.0].frontal_sinus == 1.0
+    assert kids[2.0].suture_gap == pytest.approx(1.1) and kids[17.0].suture_gap == 0.5
+    assert all(0.76 <= k.atrophy <= 0.86 and k.age == int(a) for a, k in kids.items())
+    # the rest is the adult draw's
+    assert (kids[5.0].grey, kids[5.0].white, kids[5.0].coronal, kids[5.0].a) == (head.grey, head.white,
+                                                                                 head.coronal, head.a)
+    assert head.scale == 1.0 and head.frontal_sinus == 1.0 and head.suture_gap == 0.5
+    with pytest.raises(ValueError, match="child age 1"):
+        an.child_head(head, 1.0, np.random.default_rng(0))
+
+
+def _widest_cavity_mm(ps) -> float:
+    """The cranial cavity's widest extent across any row of any slice, in the patient's mm."""
+    return float(max((d > 0).sum(axis=1).max() for d in ps.depth)) * ps.frame.mm_spacing
+
+
+def test_a_childs_head_is_drawn_smaller_in_the_same_field_of_view():
+    """The same head drawn as a 4-year-old's and as an adult's on the same draws: the pixels and slices are
+    the patient's millimetres alike, and the child's cavity is ``scale`` as wide; its vault is thinner."""
+    head = an.sample_head(np.random.default_rng(4))
+    kid = an.child_head(head, 4.0, np.random.default_rng(0))
+    adult, child = (make_series(h, (), np.random.default_rng(7), n=30, rows=256, cols=256, thickness=5.0,
+                                confounders={}) for h in (head, kid))
+    assert child.frame.mm_spacing == pytest.approx(adult.frame.mm_spacing)
+    assert 200 <= child.frame.mm_spacing * 256 <= 262
+    assert child.frame.mm_thickness == pytest.approx(5.0) and child.frame.thickness == pytest.approx(5.0 / kid.scale)
+    assert np.allclose(np.diff(child.frame.mm_z), 5.0, atol=1e-4)
+    assert _widest_cavity_mm(child) / _widest_cavity_mm(adult) == pytest.approx(kid.scale, abs=0.02)
+
+    def vault_voxels(ps):  # bone within 12 mm outside the inner table, over the vault's levels
+        up = ps.frame.z > 30
+        return int(((ps.tissue[up] == an.BONE) & (ps.depth[up] < 0) & (ps.depth[up] > -12)).sum())
+    assert vault_voxels(child) < 0.75 * vault_voxels(adult)
+
+
+def test_a_young_childs_frontal_and_sphenoid_sinuses_are_not_yet_air():
+    """Air in the frontal bone (levels above the skull base, only the frontal sinuses have any) and in the
+    sphenoid body: none at 2-4 years, some at 12, an adult's most."""
+    head = an.sample_head(np.random.default_rng(4))
+
+    def air(h):
+        ps = make_series(h, (), np.random.default_rng(7), n=40, rows=192, cols=192, thickness=3.0, confounders={})
+        z = ps.frame.z
+        sinus = ps.tissue == an.SINUS
+        Y = ps.frame.Y[0]
+        sphenoid = (np.abs(ps.frame.X[0]) < 10) & (np.abs(Y + 0.28 * h.b) < 9)
+        return int(sinus[z > 13].sum()), int(sinus[(z > -10) & (z < 6)][:, sphenoid].sum())
+    adult, twelve, two = air(head), air(an.child_head(head, 12.0, np.random.default_rng(0))), \
+        air(an.child_head(head, 2.5, np.random.default_rng(0)))
+    assert two == (0, 0)
+    assert 0 < twelve[0] < adult[0] and twelve[1] > 0 and adult[1] > 0
+
+
+def test_children_are_a_share_of_patients_and_change_nothing_else():
+    """--children: a share of patients, each of their studies (and a twin) the same child; every other draw
+    of the set stays as it was, except that a child has no adult calcification."""
+    import dataclasses
+
+    from ichscan.phantom.dataset import head_for
+
+    kw = dict(size=64, slices=(8, 10), prevalence="any=0.6", twins=0.5, calcification=1.0)
+    plans, plain = plan_dataset(600, 9, children=0.25, **kw), plan_dataset(600, 9, **kw)
+    assert [dataclasses.replace(p, child=None, confounders={}) for p in plans] == \
+           [dataclasses.replace(p, confounders={}) for p in plain]
+    for p, q in zip(plans, plain):
+        assert p.confounders == (q.confounders if p.child is None else
+                                 {k: v for k, v in q.confounders.items() if k not in CALCIFIED} |
+                                 {k: v for k, v in p.confounders.items() if k in CALCIFIED})
+    by_patient: dict[int, set] = {}
+    for p in plans:
+        by_patient.setdefault(p.patient_index, set()).add(p.child)
+    assert all(len(ages) == 1 for ages in by_patient.values())
+    young = [a for (a,) in by_patient.values() if a is not None]
+    assert 0.18 <= len(young) / len(by_patient) <= 0.32 and all(2 <= a <= 17 for a in young)
+    kid = next(p for p in plans if p.child is not None)
+    h = head_for(kid)
+    assert h.age == int(kid.child) and h.scale < 1 and head_for(plain[kid.index]).scale == 1.0
+    assert not any(p.child is not None for p in plain)
+    with pytest.raises(IchscanError, match="children 1.5"):
+        plan_dataset(2, 6, size=64, slices=(8, 10), children=1.5)
+
+
+def test_childrens_files_carry_the_patients_millimetres(tmp_path):
+    """A child's series as written: PixelSpacing and the slice positions in the patient's mm (the field of
+    view 200-262 mm, slices the thickness apart), PatientAge under 18 years, the scale in the manifest."""
+    import json
+
+    generate_dataset(tmp_path, 2, seed=4, size=64, slices=(6, 6), thickness=4.0, children=1.0)
+    for s in find_series(tmp_path).series:
+        assert s.slice_spacing == pytest.approx(4.0, abs=1e-3)
+        assert 200 <= s.pixel_spacing[0] * 64 <= 262
+        ds = dcmread(s.slices[0].path, stop_before_pixels=True)
+        assert int(ds.PatientAge[:3]) < 18 and float(ds.SliceThickness) == 4.0
+    heads = [s["head"] for s in json.loads((tmp_path / "manifest.json").read_text())["series"]]
+    assert all(h["age"] < 18 and 0.86 < h["scale"] < 1 for h in heads)

@@ -16,6 +16,7 @@ examples:
   ichscan phantom --out rnd --studies 50 --seed 7 --randomize-outside 0.5   # random texture beyond the skull
   ichscan phantom --out rnd2 --studies 50 --seed 7 --randomize-outside 0.5 --outside-margin 25-40  # keep the skull
   ichscan phantom --out broken --studies 50 --seed 8 --fractures 0.3   # skull fractures, bleed or not
+  ichscan phantom --out young --studies 50 --seed 8 --children 0.5     # half the patients children of 2-17
 
 Writes images/ID_<hex>.dcm (or <patient>/<study>/<series>/ with --layout series), labels.csv in the
 RSNA stage_2_train.csv format, series_labels.csv, manifest.json and, with --masks, masks/<series>.npz.
@@ -69,9 +70,11 @@ def register(subparsers) -> None:
             ("--randomize-outside", "whose outside (beyond a few mm outside the inner table) is replaced by random "
                                     "texture, so that a model learns to ignore it (for training)", "none"),
             ("--fractures", "with a skull fracture of the vault drawn apart from any bleed (lucent line, "
-                            "sometimes depressed, scalp swelling, air)", "only some epidurals' own")):
+                            "sometimes depressed, scalp swelling, air)", "only some epidurals' own"),
+            ("--children", "who are children of 2-17 years (a smaller head, a thin vault with wide "
+                           "sutures, no atrophy, sinuses still pneumatizing; no adult calcification)", "adults only")):
         p.add_argument(flag, type=float, default=0.0, metavar="SHARE",
-                       help=f"share of series {what}: default 0, {default}")
+                       help=f"share of {'patients' if flag == '--children' else 'series'} {what}: default 0, {default}")
     p.add_argument("--outside-margin", type=_parsed("ichscan.phantom.outside", "parse_margin"), metavar="MM",
                    help="with --randomize-outside: how far outside the inner table the head is kept, N or LOW-HIGH "
                         "mm drawn per series (default 1.5-4; 25-40 keeps the vault's skull and scalp)")

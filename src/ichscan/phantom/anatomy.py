@@ -11,6 +11,7 @@ over a band of levels are computed only on the slices of that band.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,12 @@ class HeadShape:
     scalp_fat: float = 0.0  # share of fat in the subcutaneous layer (with its fibrous septa)
     temporalis: float = 0.0  # mm the temporal muscle adds to the scalp over the temporal fossae
     squama: float = 1.0  # the vault's thickness on the sides (parietal, temporal squama) over front and back's
+    # A child's head (``child_head``); an adult's keeps these defaults:
+    scale: float = 1.0  # mm of the patient per mm of the head frame: a child's head is a smaller one
+    frontal_sinus: float = 1.0  # size of the frontal sinuses, sphenoid sinus and mastoid air cells as a share
+    sphenoid_sinus: float = 1.0  # of an adult's (they pneumatize through childhood)
+    mastoid: float = 1.0
+    suture_gap: float = 0.5  # half-width (mm) of the sutures' fibrous gap: wider while the skull grows
 
 
 def sample_head(rng: np.random.Generator) -> HeadShape:
@@ -84,6 +91,38 @@ def sample_head(rng: np.random.Generator) -> HeadShape:
     )
 
 
+CHILD_AGES = (2.0, 17.0)  # years: the ages ``child_head`` draws (``--children``); infants are not drawn
+
+
+def child_head(head: HeadShape, age: float, rng: np.random.Generator) -> HeadShape:
+    """``head`` as a child's of ``age`` years (2-17). What changes, from growth charts and paediatric CT:
+    - size: the head's circumference is about 87% of an adult's at 2, 92% at 5, 97% at 10 (``scale``; every
+      structure shrinks alike, the image's pixels and slices do not);
+    - the vault: 2-3 mm thick at 2, an adult's by the late teens, with wider sutures while it grows;
+    - no atrophy: small ventricles, sulci and cisterns, the brain filling the skull;
+    - the sinuses pneumatize: the frontal sinuses from about 6 years (an adult's size by 15), the sphenoid
+      from about 3 (by 12), the mastoid air cells mostly by 10;
+    - a thinner scalp with less fat, and a smaller temporalis.
+    The rest (densities, sutures' angles, gyri) is the adult draw's. ``rng`` draws only the atrophy."""
+    if not CHILD_AGES[0] <= age <= CHILD_AGES[1]:
+        raise ValueError(f"child age {age}: expected {CHILD_AGES[0]:g} to {CHILD_AGES[1]:g} years")
+    grown = min(1.0, (age - 2.0) / 14.0)  # 0 at 2 years, 1 at 16
+    scale = float(1.0 - 0.13 * np.exp(-(age - 2.0) / 6.0))
+    return dataclasses.replace(
+        head, age=int(age), scale=scale,
+        atrophy=float(rng.uniform(0.76, 0.86)),
+        # head-frame sizes are the patient's divided by ``scale``
+        skull=head.skull * (0.4 + 0.6 * grown) / scale,
+        scalp=head.scalp * (0.75 + 0.25 * grown) / scale,
+        scalp_fat=head.scalp_fat * (0.6 + 0.4 * grown),
+        temporalis=head.temporalis * (0.5 + 0.5 * grown),
+        frontal_sinus=float(np.clip((age - 6.0) / 9.0, 0.0, 1.0)),
+        sphenoid_sinus=float(np.clip((age - 3.0) / 9.0, 0.0, 1.0)),
+        mastoid=float(np.clip(0.3 + 0.7 * (age - 2.0) / 8.0, 0.0, 1.0)),
+        suture_gap=0.5 + 0.6 * (1.0 - grown),
+    )
+
+
 @dataclass
 class Frame:
     """Where the pixels of one series lie in the head frame."""
@@ -91,7 +130,7 @@ class Frame:
     rows: int
     cols: int
     spacing: float  # mm per pixel, square pixels
-    thickness: float
+    thickness: float  # head frame, mm (the patient's ``thickness * scale``)
     z: np.ndarray  # (n,) slice centres, head frame
     angle: float  # in-plane rotation of the head, radians
     shift: tuple[float, float]  # head centre in the image frame (mm from the image centre)
@@ -102,6 +141,9 @@ class Frame:
     # back of the image and tan(roll) per mm towards the patient's left (``ichscan.phantom.oblique``).
     pitch: float = 0.0
     roll: float = 0.0
+    # mm of the patient per mm of the head frame (``HeadShape.scale``): ``spacing``, ``thickness`` and ``z``
+    # are head-frame mm, which every structure is drawn in; the scanner and the file see the patient's mm.
+    scale: float = 1.0
     X: np.ndarray = field(repr=False, default=None)  # (1, H, W) head frame
     Y: np.ndarray = field(repr=False, default=None)
     x_img: np.ndarray = field(repr=False, default=None)  # (1, H, W) image frame, mm from the centre
@@ -129,9 +171,24 @@ class Frame:
     def n(self) -> int:
         return len(self.z)
 
+    @property
+    def mm_spacing(self) -> float:
+        """Pixel size in the patient's mm (the file's PixelSpacing)."""
+        return self.spacing * self.scale
+
+    @property
+    def mm_thickness(self) -> float:
+        return self.thickness * self.scale
+
+    @property
+    def mm_z(self) -> np.ndarray:
+        return (self.z * np.float32(self.scale)).astype(np.float32)
+
 
 def make_frame(rng, head: HeadShape, n: int, rows: int, cols: int, thickness: float) -> Frame:
-    fov = float(rng.uniform(200, 262))
+    """Where ``n`` slices of ``thickness`` mm (the patient's) lie on ``head``, in a field of view of 200-262 mm."""
+    fov = float(rng.uniform(200, 262)) / head.scale  # head-frame mm: a child's head fills less of it
+    thickness = thickness / head.scale
     coverage = (n - 1) * thickness
     full = head.top + head.skull + head.scalp + 38.0  # foramen magnum to the top of the scalp
     if coverage >= full:
@@ -141,7 +198,7 @@ def make_frame(rng, head: HeadShape, n: int, rows: int, cols: int, thickness: fl
         z0 = rng.uniform(-38.0, max(-37.9, head.top + head.skull + head.scalp - coverage))
     z = (z0 + thickness * np.arange(n)).astype(np.float32)
     return Frame(
-        rows=rows, cols=cols, spacing=fov / max(rows, cols), thickness=thickness, z=z,
+        rows=rows, cols=cols, spacing=fov / max(rows, cols), thickness=thickness, z=z, scale=head.scale,
         # heads lie turned and off-centre: mostly a few degrees, sometimes 20 or more
         angle=float(np.deg2rad(np.clip(rng.normal(0, 6) if rng.random() < 0.8 else rng.normal(0, 16), -35, 35))),
         shift=(float(rng.normal(0, 7)), float(rng.normal(-4, 8))),
@@ -492,7 +549,7 @@ def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
         paint(h_l, t_l, 900.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m + wall, 17 * m + wall, w),
               BONE)
         paint(h_l, t_l, -950.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m, 17 * m, w), SINUS)
-        mc = s.profile(-30, 0)
+        mc = s.profile(-30, 0) * np.float32(head.mastoid)
         cells = ellipse(X, Y, sx * 0.78 * head.a, 0.22 * head.b, 8 * mc, 9 * mc, w)
         cells = cells * (0.55 + 0.45 * np.sin(X * 1.3) * np.sin(Y * 1.1) > 0.55)
         paint(h_l, t_l, -700.0, cells, SINUS)
@@ -509,6 +566,7 @@ def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
     sp = s.profile(-12, 8)
     wall = 2.0 * (sp > 0)
     paint(h_l, t_l, 900.0, ellipse(X, Y, 0, -0.28 * head.b, 9 * sp + wall, 8 * sp + wall, w), BONE)
+    sp = sp * np.float32(head.sphenoid_sinus)  # unpneumatized in young children: the body stays bone
     paint(h_l, t_l, -900.0, ellipse(X, Y, 0, -0.28 * head.b, 9 * sp, 8 * sp, w), SINUS)  # sphenoid
     cl = s.profile(-40, 0)
     paint(h_l, t_l, 800.0, ellipse(X, Y, 0, -0.05 * head.b, 6 * cl, 9 * cl, w), BONE)  # clivus
@@ -536,10 +594,10 @@ def _frontal_sinuses(cv: _Canvas) -> None:
     """The frontal sinuses: air in the frontal bone, in front of the inner table above the orbits."""
     head = cv.head
     fs = np.nonzero((cv.fr.z > 2) & (cv.fr.z < 32))[0]
-    if not len(fs):
+    if not len(fs) or head.frontal_sinus <= 0:
         return
     s = cv.band(fs)
-    p = s.profile(2, 32)
+    p = s.profile(2, 32) * np.float32(head.frontal_sinus)
     Bi = head.b * cranial_scale(head, s.z)
     paint(s.hu, s.tissue, -950.0, ellipse(s.X, s.Y, 0, -Bi - head.skull * 0.55 - 1.5 * p, 13 * p, 3.5 * p + 0.01,
                                           cv.w), SINUS)
@@ -555,7 +613,7 @@ def _sutures(cv: _Canvas, depth) -> None:
         for ang in suture_angles(head, float(fr.z[i])):
             wig = 0.8 * np.sin(R[0] * 2.3 + ang * 7)
             arc = np.abs(wrap_angle(cv.phi[0] - ang)) * R[0]
-            gap = ramp(np.abs(arc - wig) - 0.5, w) * (depth[i] > -head.skull - 2) * (depth[i] < 0.5) \
+            gap = ramp(np.abs(arc - wig) - head.suture_gap, w) * (depth[i] > -head.skull - 2) * (depth[i] < 0.5) \
                 * (tissue[i] == BONE)  # through the bone, not out into the scalp where the vault is thin
             paint(hu[i], tissue[i], 150.0, gap * 0.85)
 
@@ -877,6 +935,7 @@ def _skull_base_clutter(head: HeadShape, fr: Frame, hu, tissue, lo, depth, w, rn
     sphenoid wings) jut into the cranial fossae and air cells riddle the bone, so bone partial volume
     and dense edges meet brain on every low slice. Drawn as random small bony bits at the margin of the
     cavity and air or bone lumps outside it, on the slices below the supratentorial vault."""
+    pneumatized = 0.5 * (head.sphenoid_sinus + head.mastoid)  # 1 in an adult
     for i in lo:
         zi = float(fr.z[i])
         if zi < -44:
@@ -901,7 +960,7 @@ def _skull_base_clutter(head: HeadShape, fr: Frame, hu, tissue, lo, depth, w, rn
                 x0, y0 = float(X[cy, cx]), float(Y[cy, cx])
                 r = float(rng.uniform(1.5, 6.0))
                 frac = ellipse(X, Y, x0, y0, r, r * float(rng.uniform(0.5, 1.0)), w, angle=float(rng.uniform(0, np.pi)))
-                if rng.random() < 0.5:
+                if rng.random() < 0.5 * pneumatized:  # air cells, fewer where a child's bone is not yet
                     paint(hu[i], tissue[i], float(rng.uniform(-950, -400)), frac * (d < -1), SINUS)
                 else:
                     paint(hu[i], tissue[i], float(rng.uniform(600, 1800)), frac, BONE)

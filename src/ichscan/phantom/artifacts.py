@@ -19,7 +19,7 @@ NOISE_THICKNESS_MM = 5.0  # the slice thickness a series' drawn noise level is f
 
 def scanner_blur(hu: np.ndarray, fr: Frame, sharpness_mm: float) -> np.ndarray:
     """The reconstruction kernel's point spread: a Gaussian of ``sharpness_mm`` in plane."""
-    sigma = sharpness_mm / fr.spacing
+    sigma = sharpness_mm / fr.mm_spacing  # the scanner's mm, the patient's
     if sigma < 0.15:
         return hu
     return ndimage.gaussian_filter(hu, sigma=(0, sigma, sigma), mode="nearest", truncate=3.0)
@@ -34,9 +34,10 @@ def add_noise(hu: np.ndarray, fr: Frame, sigma_hu: float, rng: np.random.Generat
     sqrt(5 mm / thickness), as on a scanner at a fixed dose (a 0.625 mm slice shows 2.8 times the noise of
     a 5 mm one). ``grain_mm`` is the noise's correlation length, which the reconstruction kernel
     sets: short for sharp (bone) kernels, long for smooth (soft-tissue) ones."""
-    sigma_hu = sigma_hu * min(1.0, float(np.sqrt(0.5 / fr.spacing))) * float(np.sqrt(NOISE_THICKNESS_MM / fr.thickness))
+    sigma_hu = (sigma_hu * min(1.0, float(np.sqrt(0.5 / fr.mm_spacing)))
+                * float(np.sqrt(NOISE_THICKNESS_MM / fr.mm_thickness)))
     white = rng.standard_normal(hu.shape, dtype=np.float32)
-    corr = max(0.35, grain_mm / fr.spacing)  # pixels: CT noise is blotchy rather than white
+    corr = max(0.35, grain_mm / fr.mm_spacing)  # pixels: CT noise is blotchy rather than white
     noise = ndimage.gaussian_filter(white, sigma=(0, corr, corr), mode="wrap", truncate=3.0)
     r = int(np.ceil(3 * corr))
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / corr) ** 2)

@@ -83,6 +83,7 @@ class SeriesPlan:
     roll: float = 0.0
     export: Export | None = None  # stored as windowed 8-bit JPEGs and rebuilt (``ichscan.phantom.export``)
     outside: Outside | None = None  # random texture beyond the inner table (``ichscan.phantom.outside``)
+    child: float | None = None  # the patient is a child of this age, years (``--children``, ``anatomy.child_head``)
 
     @property
     def n_slices(self) -> int:
@@ -194,7 +195,7 @@ ADULT_CALCIFICATION = {"pineal": (0.8, (120.0, 700.0)), "choroid": (0.85, (120.0
 
 # Options that apply to a share of series, as plan_dataset's keywords and the stamp's arguments; each is
 # recorded only when used, so that sets made before it existed still resume.
-SHARE_OPTIONS = ("calcification", "export", "randomize_outside", "fractures")
+SHARE_OPTIONS = ("calcification", "export", "randomize_outside", "fractures", "children")
 
 
 def _parse_share(what: str, value: float) -> float:
@@ -244,6 +245,13 @@ def _draw_fracture(seed: int, index: int, share: float) -> dict:
     return {} if r is None else {"fracture": draw_fracture(r)}
 
 
+def _draw_child(seed: int, patient: int, share: float) -> float | None:
+    """A patient's age in years when ``--children share`` makes them a child (2-17, uniform), else None.
+    Drawn per patient, so that each of their studies (and a twin) shows the same head."""
+    r = _chosen(seed, 9, patient, share)
+    return None if r is None else round(float(r.uniform(*an.CHILD_AGES)), 1)
+
+
 def _draw_export(seed: int, index: int, share: float) -> Export | None:
     """Whether one series is stored as an export (``--export share``) and how (``draw_export``)."""
     r = _chosen(seed, 6, index, share)
@@ -262,7 +270,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                  twins: float = 0.0, pitch: float = 0.0, calcification: float = 0.0,
                  export: float = 0.0, randomize_outside: float = 0.0,
                  outside_margin: float | str | tuple[float, float] = DEFAULT_MARGIN,
-                 fractures: float = 0.0) -> list[SeriesPlan]:
+                 fractures: float = 0.0, children: float = 0.0) -> list[SeriesPlan]:
     """Every series of the set, decided from the seed alone (one series per study). ``thickness`` is the
     slice thickness and spacing in mm, or a (low, high) range drawn per series.
 
@@ -289,7 +297,12 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     ``fractures`` (0 to 1) is the share of series with a skull fracture of the vault drawn apart from any
     bleed (``artifacts.draw_fracture``: a lucent line, sometimes a depressed piece, scalp swelling, air),
     as head injury leaves one with or without blood inside; a twin keeps its source's. Without it, the only
-    fractures are those some epidurals draw over themselves."""
+    fractures are those some epidurals draw over themselves.
+
+    ``children`` (0 to 1) is the share of patients who are children of 2-17 years (``anatomy.child_head``:
+    a smaller head, a thin vault with wide sutures, no atrophy, sinuses still pneumatizing), as head CT after
+    injury is often of a child; their series carry no ``calcification`` (adult heads only). Each option
+    draws from its own stream, so a set keeps every other draw when one is added."""
     _parse_share("twins", twins)
     export = _parse_share("export", export)
     randomize_outside = _parse_share("randomize_outside", randomize_outside)
@@ -298,6 +311,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     pitch = parse_pitch(pitch)
     calcification = _parse_share("calcification", calcification)
     fractures = _parse_share("fractures", fractures)
+    children = _parse_share("children", children)
     if studies < 1:
         raise IchscanError(f"studies must be at least 1 (got {studies})")
     lo, hi = int(slices[0]), int(slices[1])
@@ -321,6 +335,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     while len(plans) < studies:
         n_studies = 2 if (rng.random() < SECOND_STUDY and studies - len(plans) >= 2) else 1
         pid = "ID_" + _hex(seed, "patient", patient)[:9]
+        child = _draw_child(seed, patient, children)
         for st in range(n_studies):
             if len(plans) >= studies:  # a twin took the place of this patient's second study
                 break
@@ -348,7 +363,8 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                 study_uid=_uid(seed, "study", i), series_uid=_uid(seed, "series", i), frame_uid=_uid(seed, "for", i),
                 sop_uids=tuple(_uid(seed, "sop", i, k) for k in range(n)), image_ids=tuple(ids),
                 rows=rows, cols=cols, thickness=_draw_thickness(rng, t_lo, t_hi), subtypes=_subtypes(rng, prev),
-                confounders={**sample_confounders(rng), **_draw_calcification(seed, i, calcification),
+                confounders={**sample_confounders(rng),
+                             **({} if child is not None else _draw_calcification(seed, i, calcification)),
                              **_draw_fracture(seed, i, fractures)}, encoding=enc,
                 header={"date": date, "time": tm, "accession": f"PH{seed % 10000:04d}{i:06d}",
                         "series_number": int(rng.integers(2, 9)), "window": window,
@@ -357,7 +373,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                         "kvp": float(rng.choice([100.0, 120.0, 140.0])), "reverse": bool(rng.random() < 0.3),
                         "table_z": float(rng.uniform(-250, 50)), "study_in_patient": st},
                 pitch=tilt[0], roll=tilt[1], export=_draw_export(seed, i, export),
-                outside=_draw_outside(seed, i, randomize_outside, margin),
+                outside=_draw_outside(seed, i, randomize_outside, margin), child=child,
             ))
             src = plans[-1]
             if twins and src.subtypes and len(plans) < studies and rng.random() < twins:
@@ -384,8 +400,12 @@ def _twin(src: SeriesPlan, i: int, seen: set[str]) -> SeriesPlan:
 
 
 def head_for(plan: SeriesPlan) -> an.HeadShape:
-    """A patient's head is the same in each of their studies."""
-    return an.sample_head(np.random.default_rng([plan.seed, 1, plan.patient_index]))
+    """A patient's head is the same in each of their studies; a child's is drawn as an adult's, then made
+    a child's (``anatomy.child_head``) from a stream of its own."""
+    head = an.sample_head(np.random.default_rng([plan.seed, 1, plan.patient_index]))
+    if plan.child is None:
+        return head
+    return an.child_head(head, plan.child, np.random.default_rng([plan.seed, 10, plan.patient_index]))
 
 
 def render_series(plan: SeriesPlan) -> PhantomSeries:
@@ -398,10 +418,10 @@ def render_series(plan: SeriesPlan) -> PhantomSeries:
                      thickness=plan.thickness, confounders=plan.confounders, hu_range=enc.hu_range,
                      lesion_rng=lesion_rng, pitch=plan.pitch, roll=plan.roll)
     if plan.outside is not None:  # the twin's texture is its source's: the same stream, the same scan
-        ps.hu = randomize_outside(ps.hu, ps.depth, ps.frame.spacing, plan.outside,
+        ps.hu = randomize_outside(ps.hu, ps.depth, ps.frame.mm_spacing, plan.outside,
                                   np.random.default_rng([plan.seed, 7, scan, 1]), enc.hu_range)
     if plan.export is not None:  # the masks stay: the blood is where it was, only its pixels were stored lossily
-        ps.hu = export_series(ps.hu, ps.frame.spacing, plan.export, enc.hu_range)
+        ps.hu = export_series(ps.hu, ps.frame.mm_spacing, plan.export, enc.hu_range)
     return ps
 
 
@@ -420,6 +440,12 @@ def _series_files(out: Path, plan: SeriesPlan, layout: str, masks: bool) -> list
     return files
 
 
+def _head_record(head: an.HeadShape, plan: SeriesPlan) -> dict:
+    """The head's age and atrophy in the manifest, and a child's scale (``anatomy.child_head``)."""
+    out = {"age": head.age, "atrophy": round(head.atrophy, 2)}
+    return out if plan.child is None else {**out, "scale": round(head.scale, 3)}
+
+
 def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
     ps = render_series(plan)
     out_p = Path(out)
@@ -431,12 +457,12 @@ def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
         patient_sex="F" if int(plan.patient_id[3:5], 16) % 2 else "M", patient_age=head.age,
         study_uid=plan.study_uid, series_uid=plan.series_uid, frame_uid=plan.frame_uid,
         study_date=h["date"], study_time=h["time"], accession=h["accession"], series_number=h["series_number"],
-        thickness=plan.thickness, spacing=fr.spacing, rows=plan.rows, cols=plan.cols,
-        origin_xy=(-(plan.cols - 1) / 2 * fr.spacing, -(plan.rows - 1) / 2 * fr.spacing),
+        thickness=plan.thickness, spacing=fr.mm_spacing, rows=plan.rows, cols=plan.cols,
+        origin_xy=(-(plan.cols - 1) / 2 * fr.mm_spacing, -(plan.rows - 1) / 2 * fr.mm_spacing),
         table_z=h["table_z"], encoding=writer.ENCODINGS[plan.encoding], window=h["window"], kernel=h["kernel"],
         manufacturer=h["manufacturer"], kvp=h["kvp"], reverse_instances=h["reverse"])
     paths = [str(f) for f in _series_files(out_p, plan, layout, masks=False)]
-    writer.write_series(paths, ps.hu, fr.z, list(plan.sop_uids), sh)
+    writer.write_series(paths, ps.hu, fr.mm_z, list(plan.sop_uids), sh)
     slice_lab = ps.slice_labels()
     if masks:
         bits = np.zeros(ps.hu.shape, np.uint8)
@@ -450,10 +476,10 @@ def _write_one(plan: SeriesPlan, out: str, layout: str, masks: bool) -> dict:
         "series_labels": ps.series_labels(),
         "manifest": {
             "patient_id": plan.patient_id, "study_uid": plan.study_uid, "series_uid": plan.series_uid,
-            "n_slices": plan.n_slices, "rows": plan.rows, "cols": plan.cols, "spacing_mm": round(fr.spacing, 4),
+            "n_slices": plan.n_slices, "rows": plan.rows, "cols": plan.cols, "spacing_mm": round(fr.mm_spacing, 4),
             "thickness_mm": plan.thickness, "encoding": plan.encoding, "noise_sigma_hu": round(ps.noise_sigma, 2),
             "twin_of": plan.twin_of, "subtypes_planned": list(plan.subtypes), "lesions": [les.describe() for les in ps.lesions],
-            "confounders": ps.confounders, "head": {"age": head.age, "atrophy": round(head.atrophy, 2)},
+            "confounders": ps.confounders, "head": _head_record(head, plan),
             **({"pitch_deg": plan.pitch, "roll_deg": plan.roll} if plan.pitch or plan.roll else {}),
             **({"export": plan.export.describe()} if plan.export is not None else {}),
             **({"randomized_outside": plan.outside.describe()} if plan.outside is not None else {}),
@@ -591,7 +617,7 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
                      calcification: float = 0.0, export: float = 0.0,
                      randomize_outside: float = 0.0,
                      outside_margin: float | str | tuple[float, float] = DEFAULT_MARGIN,
-                     fractures: float = 0.0) -> DatasetSummary:
+                     fractures: float = 0.0, children: float = 0.0) -> DatasetSummary:
     """Write a phantom set under ``out`` (see docs/phantom.md); ``progress(n)`` is told of n more slices.
 
     Resumes: series an interrupted run finished are kept and only the rest drawn, and the files come out
@@ -607,10 +633,11 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
         raise IchscanError("is a file; --out needs a folder", out_p)
     plans = plan_dataset(studies, seed, size=size, slices=slices, thickness=thickness, prevalence=prevalence,
                          twins=twins, pitch=pitch, calcification=calcification, export=export,
-                         randomize_outside=randomize_outside, outside_margin=outside_margin, fractures=fractures)
+                         randomize_outside=randomize_outside, outside_margin=outside_margin, fractures=fractures,
+                         children=children)
     stamp = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins, pitch,
                    calcification=calcification, export=export, randomize_outside=randomize_outside,
-                   outside_margin=outside_margin, fractures=fractures)
+                   outside_margin=outside_margin, fractures=fractures, children=children)
     with lock_folder(out_p):
         summary = None if overwrite else _finished_set(out_p, stamp, plans, layout, masks)
         if summary is None:
