@@ -129,8 +129,8 @@ class Frame:
 
     rows: int
     cols: int
-    spacing: float  # mm per pixel, square pixels
-    thickness: float  # head frame, mm (the patient's ``thickness * scale``)
+    spacing: float  # head-frame mm per pixel, square pixels (the patient's: ``mm_spacing``)
+    thickness: float  # head-frame mm (the patient's: ``mm_thickness``)
     z: np.ndarray  # (n,) slice centres, head frame
     angle: float  # in-plane rotation of the head, radians
     shift: tuple[float, float]  # head centre in the image frame (mm from the image centre)
