@@ -1166,11 +1166,11 @@ def test_a_childs_head_is_drawn_smaller_in_the_same_field_of_view():
     assert child.frame.mm_thickness == pytest.approx(5.0) and child.frame.thickness == pytest.approx(5.0 / kid.scale)
     assert np.allclose(np.diff(child.frame.mm_z), 5.0, atol=1e-4)
     assert _widest_cavity_mm(child) / _widest_cavity_mm(adult) == pytest.approx(kid.scale, abs=0.02)
-
-    def vault_voxels(ps):  # bone within 12 mm outside the inner table, over the vault's levels
-        up = ps.frame.z > 30
-        return int(((ps.tissue[up] == an.BONE) & (ps.depth[up] < 0) & (ps.depth[up] > -12)).sum())
-    assert vault_voxels(child) < 0.75 * vault_voxels(adult)
+    # the vault over the forehead, in the patient's mm: at 4 years (0.4 + 0.6 x 2/14) of the adult draw
+    z, rays = head.widest + 20.0, range(-25, 26, 5)
+    adult_mm, child_mm = _bone_mm(_level(head, z), rays), _bone_mm(_level(kid, z), rays) * kid.scale
+    assert adult_mm == pytest.approx(head.skull, abs=1.2)
+    assert child_mm == pytest.approx((0.4 + 0.6 * 2 / 14) * head.skull, abs=1.0) and child_mm < 0.6 * adult_mm
 
 
 def test_a_young_childs_frontal_and_sphenoid_sinuses_are_not_yet_air():
