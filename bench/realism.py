@@ -534,6 +534,9 @@ def main() -> None:
     ap.add_argument("--export", type=float, default=0.0,
                     help="store that share of phantoms as windowed 8-bit JPEGs rebuilt to HU (ichscan phantom "
                          "--export; default 0)")
+    ap.add_argument("--children", type=float, default=0.0,
+                    help="draw that share of phantom patients as children of 2-17 years (ichscan phantom --children; "
+                         "default 0)")
     ap.add_argument("--workers", type=int, default=1, help="phantom generator processes (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="CNN training threads (default 1)")
     ap.add_argument("--no-cnn", action="store_true", help="only the logistic-regression discriminator")
@@ -568,7 +571,8 @@ def main() -> None:
     t = time.perf_counter()
     log.info("generating %d phantom series at %d px", args.phantoms, args.phantom_size)
     generate_dataset(phantom_dir, studies=args.phantoms, seed=args.seed, size=args.phantom_size, workers=args.workers,
-                     pitch=args.pitch, calcification=args.calcification, export=args.export)
+                     pitch=args.pitch, calcification=args.calcification, export=args.export,
+                     children=args.children)
     seconds["phantoms"] = round(time.perf_counter() - t, 1)
 
     from ichscan.dicom import find_series
@@ -639,7 +643,7 @@ def main() -> None:
         "benchmark": "realism: ichscan phantoms vs real head CT",
         "generator": {"ichscan_version": ichscan.__version__, **identity, "phantom_seed": args.seed,
                       "phantom_size": args.phantom_size, "phantom_series": args.phantoms, "pitch_deg": args.pitch,
-                      "calcification": args.calcification, "export": args.export},
+                      "calcification": args.calcification, "export": args.export, "children": args.children},
         "sources": {s.name: source_summary(s) for s in sources},
         "discriminator": disc,
         "intracranial_hu": {
