@@ -1200,12 +1200,15 @@ def test_children_are_a_share_of_patients_and_change_nothing_else():
 
     kw = dict(size=64, slices=(8, 10), prevalence="any=0.6", twins=0.5, calcification=1.0)
     plans, plain = plan_dataset(600, 9, children=0.25, **kw), plan_dataset(600, 9, **kw)
+    uncalcified = plan_dataset(600, 9, **{**kw, "calcification": 0.0})
     assert [dataclasses.replace(p, child=None, confounders={}) for p in plans] == \
            [dataclasses.replace(p, confounders={}) for p in plain]
-    for p, q in zip(plans, plain):
-        assert p.confounders == (q.confounders if p.child is None else
-                                 {k: v for k, v in q.confounders.items() if k not in CALCIFIED} |
-                                 {k: v for k, v in p.confounders.items() if k in CALCIFIED})
+    # an adult's confounders are the plain set's; a child's those the set has without --calcification
+    for p, q, u in zip(plans, plain, uncalcified):
+        assert p.confounders == (q.confounders if p.child is None else u.confounders)
+    dropped = [p for p, q, u in zip(plans, plain, uncalcified)
+               if p.child is not None and q.confounders != u.confounders]
+    assert len(dropped) > 20  # children whom the adult rates would have given calcifications
     by_patient: dict[int, set] = {}
     for p in plans:
         by_patient.setdefault(p.patient_index, set()).add(p.child)
@@ -1226,8 +1229,13 @@ def test_childrens_files_carry_the_patients_millimetres(tmp_path):
     import json
 
     generate_dataset(tmp_path, 2, seed=4, size=64, slices=(6, 6), thickness=4.0, children=1.0)
+    frames = {p.series_uid: render_series(p).frame for p in plan_dataset(2, 4, size=64, slices=(6, 6),
+                                                                         thickness=4.0, children=1.0)}
     for s in find_series(tmp_path).series:
-        assert s.slice_spacing == pytest.approx(4.0, abs=1e-3)
+        fr = frames[s.series_uid]
+        assert fr.scale < 0.99  # drawn in a head frame larger than the patient's mm
+        assert s.slice_spacing == pytest.approx(4.0, abs=1e-3) and fr.thickness == pytest.approx(4.0 / fr.scale)
+        assert s.pixel_spacing[0] == pytest.approx(fr.spacing * fr.scale, rel=1e-5)
         assert 200 <= s.pixel_spacing[0] * 64 <= 262
         ds = dcmread(s.slices[0].path, stop_before_pixels=True)
         assert int(ds.PatientAge[:3]) < 18 and float(ds.SliceThickness) == 4.0

@@ -182,7 +182,7 @@ class Frame:
 
     @property
     def mm_z(self) -> np.ndarray:
-        return (self.z * np.float32(self.scale)).astype(np.float32)
+        return self.z * np.float32(self.scale)
 
 
 def make_frame(rng, head: HeadShape, n: int, rows: int, cols: int, thickness: float) -> Frame:
