@@ -236,6 +236,22 @@ def profile(z, z0, z1):
     return np.sqrt(np.clip(1 - ((z - c) / h) ** 2, 0, 1)).astype(np.float32)
 
 
+# The frontal compartment of the cavity below the supratentorial vault (``_cranial_cavity``): an ellipse
+# centred FRONTAL_Y * b in front of the head's centre that grows from nothing at level 0 to FRONTAL_A * a by
+# FRONTAL_B * b at ROOF_TOP mm. Its floor, the anterior cranial fossa, is lowest in the midline over the
+# cribriform plate and rises over the orbital roofs to the rim.
+ROOF_TOP = 12.0
+FRONTAL_Y, FRONTAL_A, FRONTAL_B = -0.55, 0.55, 0.32
+
+
+def orbital_roof_height(head: HeadShape, X, Y):
+    """Level (mm, head frame) of the anterior cranial fossa's floor under each point: the frontal
+    compartment holds the points above it. Beyond the compartment's rim (more than ``ROOF_TOP``) the
+    floor is not the orbital roof."""
+    rho = np.sqrt((X / (FRONTAL_A * head.a)) ** 2 + ((Y - FRONTAL_Y * head.b) / (FRONTAL_B * head.b)) ** 2)
+    return (ROOF_TOP * rho).astype(np.float32)
+
+
 def cranial_scale(head: HeadShape, z):
     """Relative size of the supratentorial cavity at level z (1 at the widest level, 0 at the vertex)."""
     up = np.clip((z - head.widest) / (head.top - head.widest), 0, 1)
@@ -381,6 +397,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     hu, tissue, depth = cv.hu, cv.tissue, cavity.depth
     sinus_hu = _venous_sinuses(head, fr, hu, tissue, depth, rng)
     _tentorium_and_deep_veins(head, fr, hu, tissue, depth, sinus_hu)
+    _orbital_roofs(head, fr, hu, tissue, depth)
     _face_and_neck(head, fr, hu, tissue, depth, cv.w, rng)
     _parenchymal_texture(hu, tissue, fr, rng)
     sector = np.where(depth > -30, sector_of(head, cv.phi, cv.z), 0).astype(np.uint8)
@@ -465,18 +482,11 @@ def _cranial_cavity(cv: _Canvas) -> _Cavity:
     midfossa = np.nonzero((fr.z > -16) & (fr.z < 12.0))[0]
     if len(midfossa):
         zm = fr.z[midfossa][:, None, None]
-        t = np.clip((zm + 16) / 28.0, 0, 1)
-        sc12 = float(cranial_scale(head, np.float32(12.0)))
-        parts = []
-        for sx in (-1, 1):  # temporal lobes in the middle cranial fossae
-            parts.append(-ellipse_distance(X, Y, sx * 0.55 * head.a, -0.12 * head.b, (0.18 + 0.22 * t) * head.a,
-                                           (0.22 + 0.18 * t) * head.b))
-        # frontal lobes over the orbital roofs, above the orbits
-        tf = np.clip((zm - 0) / 12.0, 0, 1)
-        parts.append(np.where(tf > 0, -ellipse_distance(X, Y, 0, -0.55 * head.b, 0.55 * head.a * tf + 0.01,
-                                                        0.32 * head.b * tf + 0.01), -100))
-        # near the top of this band the compartments merge into the cerebrum
-        parts.append(-ellipse_distance(X, Y, 0, 0, head.a * sc12 * t**3 + 0.01, head.b * sc12 * t**3 + 0.01))
+        parts = _temporal_and_merging(head, X, Y, zm)
+        # frontal lobes over the orbital roofs, above the orbits (their floor: ``orbital_roof_height``)
+        tf = np.clip((zm - 0) / ROOF_TOP, 0, 1)
+        parts.insert(2, np.where(tf > 0, -ellipse_distance(X, Y, 0, FRONTAL_Y * head.b, FRONTAL_A * head.a * tf + 0.01,
+                                                           FRONTAL_B * head.b * tf + 0.01), -100))
         d = np.max(np.stack(parts), axis=0)
         depth[midfossa] = np.maximum(depth[midfossa], d)
         cerebrum[midfossa] |= d > 0
@@ -503,6 +513,20 @@ def _cranial_cavity(cv: _Canvas) -> _Cavity:
         pf_depth = d
     return _Cavity(depth=depth, cerebrum=cerebrum, supra=np.nonzero(sup)[0], fossa=pf, fossa_centre=pf_c,
                    fossa_depth=pf_depth)
+
+
+def _temporal_and_merging(head: HeadShape, X, Y, zm) -> list[np.ndarray]:
+    """Depth (mm) inside the cavity's other compartments below the supratentorial vault at levels ``zm``
+    (n, 1, 1): the temporal lobes in the middle cranial fossae, and the ellipse through which the
+    compartments merge into the cerebrum near the top of the band."""
+    t = np.clip((zm + 16) / 28.0, 0, 1)
+    sc12 = float(cranial_scale(head, np.float32(12.0)))
+    parts = []
+    for sx in (-1, 1):
+        parts.append(-ellipse_distance(X, Y, sx * 0.55 * head.a, -0.12 * head.b, (0.18 + 0.22 * t) * head.a,
+                                       (0.22 + 0.18 * t) * head.b))
+    parts.append(-ellipse_distance(X, Y, 0, 0, head.a * sc12 * t**3 + 0.01, head.b * sc12 * t**3 + 0.01))
+    return parts
 
 
 def _roughen_inner_table(cv: _Canvas, depth, rng: np.random.Generator) -> None:
@@ -1089,6 +1113,57 @@ def _tentorium_and_deep_veins(head: HeadShape, fr: Frame, hu, tissue, depth, sin
             r = t.galen * np.sqrt(max(0.0, 1 - (max(dz - fr.thickness / 2, 0) / t.galen) ** 2))
             paint(hu[i], tissue[i], sinus_hu, ellipse(X[0], Y[0], 0, t.y_galen, r + .01, 1.3 * r + .01, w)
                   * inside * 0.95 * galen_share, DURA)
+
+
+def _orbital_roofs(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
+    """The anterior cranial fossa's floor as a slice of some thickness sees it. The orbital roofs rise gently
+    (``orbital_roof_height``: a few mm over centimetres), so a slab of a few mm cuts them obliquely: over a
+    band a centimetre or more wide each voxel holds brain above the roof, a share of its thin bony plate and
+    the orbit, ethmoid cells or bone below. Real scans show this as a bright haze over the frontal lobes
+    on the slices just above the orbits, strongest on thick slices; it is drawn here as those shares of the
+    three (the rest of the phantom draws each slice at its centre level). The roofs are not smooth: ridges
+    and hollows of a millimetre or two (juga and digitate impressions), drawn by a generator of their own
+    seeded from the head, so that every other draw is unchanged."""
+    t = float(fr.thickness)
+    sub = np.random.default_rng([int(head.a * 1e4), int(head.b * 1e4), int(head.top * 1e4), 43])
+    plate = float(sub.uniform(0.8, 2.0))  # mm of bone along z
+    bone_hu = float(sub.uniform(900, 1500))
+    bumps = float(sub.uniform(0.8, 2.5))
+    lo = fr.z - t / 2
+    hi = fr.z + t / 2
+    idx = np.nonzero((hi > -plate - bumps) & (lo < ROOF_TOP + bumps))[0]
+    if not len(idx):
+        return
+    X, Y = fr.X[0], fr.Y[0]
+    height = orbital_roof_height(head, X, Y)
+    foot = height < ROOF_TOP
+    floor = height + bumps * _smooth_field(sub, (1,) + X.shape, fr.spacing, float(sub.uniform(6, 12)))[0]
+    # What lies above and below the roof in each voxel's slab is what the neighbouring slices draw there
+    # (their centres are a slice apart, beyond the slab's ends); at the series' ends: cortex above, and
+    # orbital fat, ethmoid air cells or bone below.
+    below_est = np.full(X.shape, 700.0, np.float32)
+    ethmoid = ellipse_distance(X, Y, 0, -0.62 * head.b, 11.0, 12.0) < 0
+    below_est[ethmoid] = -500.0
+    for sx in (-1, 1):
+        below_est[(ellipse_distance(X, Y, sx * 0.36 * head.a, -0.78 * head.b, 16.0, 20.0) < 0) & ~ethmoid] = -90.0
+    brain_est = np.full(X.shape, head.grey - 2, np.float32)
+    drawn = {int(j): hu[j].copy() for j in np.unique(np.clip(np.concatenate([idx - 1, idx + 1]), 0, fr.n - 1))}
+    for i in idx:
+        z0, z1 = float(lo[i]), float(hi[i])
+        other = np.max(np.stack(_temporal_and_merging(head, X, Y, np.float32(z0))), axis=0) > 0
+        above = np.clip((z1 - floor) / t, 0, 1)
+        bone = np.clip((np.minimum(z1, floor) - np.maximum(z0, floor - plate)) / t, 0, 1)
+        under = np.clip(1 - above - bone, 0, 1)
+        cut = foot & ~other & (above < 1) & (above + bone > 0)
+        if not cut.any():
+            continue
+        inside = depth[i] > 0  # drawn at the slice's centre level as brain, or as what is under the roof
+        h = hu[i]
+        up = drawn[i + 1] if i + 1 < fr.n else brain_est
+        down = drawn[i - 1] if i > 0 else below_est
+        mixed = above * np.where(inside, h, up) + bone * bone_hu + under * np.where(inside, down, h)
+        h[cut] = mixed[cut]
+        tissue[i][cut & (above < 0.5)] = BONE
 
 
 def _face_and_neck(head: HeadShape, fr: Frame, hu, tissue, depth, w, rng: np.random.Generator) -> None:
