@@ -1139,8 +1139,8 @@ def _orbital_roofs(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
     foot = height < ROOF_TOP
     floor = height + bumps * _smooth_field(sub, (1,) + X.shape, fr.spacing, float(sub.uniform(6, 12)))[0]
     # What lies above and below the roof in each voxel's slab is what the neighbouring slices draw there
-    # (their centres are a slice apart, beyond the slab's ends); at the series' ends: cortex above, and
-    # orbital fat, ethmoid air cells or bone below.
+    # (a slice apart in every series the generator draws, so beyond the slab's ends); at the series' ends,
+    # or where slices overlap: cortex above, and orbital fat, ethmoid air cells or bone below.
     below_est = np.full(X.shape, 700.0, np.float32)
     ethmoid = ellipse_distance(X, Y, 0, -0.62 * head.b, 11.0, 12.0) < 0
     below_est[ethmoid] = -500.0
@@ -1159,8 +1159,8 @@ def _orbital_roofs(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
             continue
         inside = depth[i] > 0  # drawn at the slice's centre level as brain, or as what is under the roof
         h = hu[i]
-        up = drawn[i + 1] if i + 1 < fr.n else brain_est
-        down = drawn[i - 1] if i > 0 else below_est
+        up = drawn[i + 1] if i + 1 < fr.n and fr.z[i + 1] >= z1 else brain_est
+        down = drawn[i - 1] if i > 0 and fr.z[i - 1] <= z0 else below_est
         mixed = above * np.where(inside, h, up) + bone * bone_hu + under * np.where(inside, down, h)
         h[cut] = mixed[cut]
         tissue[i][cut & (above < 0.5)] = BONE
