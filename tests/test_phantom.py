@@ -1302,3 +1302,20 @@ def test_the_orbital_roof_haze_widens_with_slice_thickness_and_takes_no_draw(mon
     plain = an.build(head, fr, np.random.default_rng(0))
     assert np.array_equal(drawn.hu[[0, 2]], plain.hu[[0, 2]])
     assert not np.array_equal(drawn.hu[1], plain.hu[1])
+
+
+def test_the_orbital_roof_haze_takes_from_neighbours_only_beyond_the_slab():
+    """What lies below the roof in a voxel's slab comes from the slice below when that slice's centre lies
+    beyond the slab (a marker of 5000 HU there shows up), and never from a slice that overlaps the slab,
+    where the pass falls back to orbit, ethmoid or bone of at most 700 HU (with the plate, at most 1500)."""
+    head, _ = _head_frame(2, [0.0])
+    peaks = {}
+    for below in (1.0, 4.0):  # a slice apart (5 mm slices), or overlapping the slab of the slice at 6 mm
+        _, fr = _head_frame(2, [below, 6.0], thickness=5.0, size=256, spacing=0.9)
+        hu = np.stack([np.full((256, 256), 5000.0, np.float32), np.full((256, 256), 30.0, np.float32)])
+        tissue = np.zeros(hu.shape, np.uint8)
+        depth = np.full(hu.shape, 10.0, np.float32)  # brain at the slice's centre everywhere
+        an._orbital_roofs(head, fr, hu, tissue, depth)
+        peaks[below] = float(hu[1].max())
+    assert peaks[1.0] > 2000, peaks
+    assert 100 < peaks[4.0] <= 1500, peaks

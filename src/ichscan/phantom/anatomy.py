@@ -242,6 +242,10 @@ def profile(z, z0, z1):
 # cribriform plate and rises over the orbital roofs to the rim.
 ROOF_TOP = 12.0
 FRONTAL_Y, FRONTAL_A, FRONTAL_B = -0.55, 0.55, 0.32
+# Under it (``_skull_base``): each orbit centred ORBIT_X * a to the side and ORBIT_Y * b in front, at most
+# ORBIT_HALF mm across and long; the ethmoid cells in the midline, ETHMOID_Y * b in front, ETHMOID_HALF.
+ORBIT_X, ORBIT_Y, ORBIT_HALF = 0.36, -0.78, (16.0, 20.0)
+ETHMOID_Y, ETHMOID_HALF = -0.62, (11.0, 12.0)
 
 
 def orbital_roof_height(head: HeadShape, X, Y):
@@ -484,9 +488,9 @@ def _cranial_cavity(cv: _Canvas) -> _Cavity:
         zm = fr.z[midfossa][:, None, None]
         parts = _temporal_and_merging(head, X, Y, zm)
         # frontal lobes over the orbital roofs, above the orbits (their floor: ``orbital_roof_height``)
-        tf = np.clip((zm - 0) / ROOF_TOP, 0, 1)
-        parts.insert(2, np.where(tf > 0, -ellipse_distance(X, Y, 0, FRONTAL_Y * head.b, FRONTAL_A * head.a * tf + 0.01,
-                                                           FRONTAL_B * head.b * tf + 0.01), -100))
+        tf = np.clip(zm / ROOF_TOP, 0, 1)
+        parts.append(np.where(tf > 0, -ellipse_distance(X, Y, 0, FRONTAL_Y * head.b, FRONTAL_A * head.a * tf + 0.01,
+                                                        FRONTAL_B * head.b * tf + 0.01), -100))
         d = np.max(np.stack(parts), axis=0)
         depth[midfossa] = np.maximum(depth[midfossa], d)
         cerebrum[midfossa] |= d > 0
@@ -562,8 +566,8 @@ def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
     orbit_band = s.profile(-22, 8)
     for sx in (-1, 1):
         # orbit: fat cone with the globe at its front
-        paint(h_l, t_l, -90.0, ellipse(X, Y, sx * 0.36 * head.a, -0.78 * head.b, 16 * orbit_band,
-                                       20 * orbit_band, w), FAT)
+        paint(h_l, t_l, -90.0, ellipse(X, Y, sx * ORBIT_X * head.a, ORBIT_Y * head.b, ORBIT_HALF[0] * orbit_band,
+                                       ORBIT_HALF[1] * orbit_band, w), FAT)
         g = s.profile(-16, 2)
         paint(h_l, t_l, 12.0, ellipse(X, Y, sx * 0.38 * head.a, -0.95 * head.b, 11.5 * g, 11.5 * g, w), GLOBE)
         paint(h_l, t_l, 110.0, ellipse(X, Y, sx * 0.38 * head.a, -1.08 * head.b, 4 * g, 1.6 * g, w))
@@ -583,10 +587,11 @@ def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
                                        -0.02 * head.b, 4.5 * pr + 0.01, w) * (pr > 0.05), BONE)
     e = s.profile(-22, 10)
     wall = 1.5 * (e > 0)
-    paint(h_l, t_l, 700.0, ellipse(X, Y, 0, -0.62 * head.b, 11 * e + wall, 12 * e + wall, w), BONE)
-    eth = ellipse(X, Y, 0, -0.62 * head.b, 11 * e, 12 * e, w) * (np.sin(X * 0.9) * np.sin(Y * 0.9) > -0.6)
+    ey, (ea, eb) = ETHMOID_Y * head.b, ETHMOID_HALF
+    paint(h_l, t_l, 700.0, ellipse(X, Y, 0, ey, ea * e + wall, eb * e + wall, w), BONE)
+    eth = ellipse(X, Y, 0, ey, ea * e, eb * e, w) * (np.sin(X * 0.9) * np.sin(Y * 0.9) > -0.6)
     paint(h_l, t_l, -900.0, eth, SINUS)  # ethmoid air cells
-    paint(h_l, t_l, 300.0, ellipse(X, Y, 0, -0.62 * head.b, 0.9 * e, 12 * e, w))  # septum
+    paint(h_l, t_l, 300.0, ellipse(X, Y, 0, ey, 0.9 * e, eb * e, w))  # septum
     sp = s.profile(-12, 8)
     wall = 2.0 * (sp > 0)
     paint(h_l, t_l, 900.0, ellipse(X, Y, 0, -0.28 * head.b, 9 * sp + wall, 8 * sp + wall, w), BONE)
@@ -1142,10 +1147,10 @@ def _orbital_roofs(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
     # (a slice apart in every series the generator draws, so beyond the slab's ends); at the series' ends,
     # or where slices overlap: cortex above, and orbital fat, ethmoid air cells or bone below.
     below_est = np.full(X.shape, 700.0, np.float32)
-    ethmoid = ellipse_distance(X, Y, 0, -0.62 * head.b, 11.0, 12.0) < 0
+    ethmoid = ellipse_distance(X, Y, 0, ETHMOID_Y * head.b, *ETHMOID_HALF) < 0
     below_est[ethmoid] = -500.0
     for sx in (-1, 1):
-        below_est[(ellipse_distance(X, Y, sx * 0.36 * head.a, -0.78 * head.b, 16.0, 20.0) < 0) & ~ethmoid] = -90.0
+        below_est[(ellipse_distance(X, Y, sx * ORBIT_X * head.a, ORBIT_Y * head.b, *ORBIT_HALF) < 0) & ~ethmoid] = -90.0
     brain_est = np.full(X.shape, head.grey - 2, np.float32)
     drawn = {int(j): hu[j].copy() for j in np.unique(np.clip(np.concatenate([idx - 1, idx + 1]), 0, fr.n - 1))}
     for i in idx:
