@@ -35,7 +35,25 @@ from ichscan.node import (
     study_key,
 )
 
-DCMTK = shutil.which("echoscu") and shutil.which("storescu")
+
+def _dcmtk(tool: str) -> str | None:
+    """dcmtk's ``tool`` on PATH. pynetdicom installs apps of the same names (echoscu, storescu) with other
+    options into the virtual environment, which come first on PATH once it is activated."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = shutil.which(tool, path=folder)
+        if path is None:
+            continue
+        try:
+            version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if "dcmtk" in version.lower():
+            return path
+    return None
+
+
+ECHOSCU, STORESCU = _dcmtk("echoscu"), _dcmtk("storescu")
+DCMTK = ECHOSCU and STORESCU
 needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="dcmtk's echoscu and storescu are not installed "
                                                    "(apt-get install dcmtk); the node is tested with them as the sender")
 
@@ -182,13 +200,13 @@ class NodeProcess:
 
 
 def echo(port: int) -> subprocess.CompletedProcess:
-    return subprocess.run(["echoscu", "-aet", "TESTSCU", "-aec", "ICHSCAN", "-to", "5", "127.0.0.1", str(port)],
+    return subprocess.run([ECHOSCU, "-aet", "TESTSCU", "-aec", "ICHSCAN", "-to", "5", "127.0.0.1", str(port)],
                           capture_output=True, text=True, timeout=60, check=False)
 
 
 def storescu(port: int, files, *, wait: bool = True, options=()):
     """dcmtk's storescu, one association for the files given; returns the process (finished if ``wait``)."""
-    cmd = ["storescu", "-aet", "MODALITY", "-aec", "ICHSCAN", "-to", "10", *options, "127.0.0.1", str(port),
+    cmd = [STORESCU, "-aet", "MODALITY", "-aec", "ICHSCAN", "-to", "10", *options, "127.0.0.1", str(port),
            *map(str, files)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
