@@ -483,7 +483,7 @@ def _cranial_cavity(cv: _Canvas) -> _Cavity:
         d = -ellipse_distance(X, Y, 0, 0, cv.A[sup], cv.B[sup])
         depth[sup] = d
         cerebrum[sup] = d > 0
-    midfossa = np.nonzero((fr.z > -16) & (fr.z < 12.0))[0]
+    midfossa = np.nonzero((fr.z > TEMPORAL_LEVELS[0]) & (fr.z < TEMPORAL_LEVELS[1]))[0]
     if len(midfossa):
         zm = fr.z[midfossa][:, None, None]
         parts = _temporal_and_merging(head, X, Y, zm)
@@ -523,14 +523,34 @@ def _temporal_and_merging(head: HeadShape, X, Y, zm) -> list[np.ndarray]:
     """Depth (mm) inside the cavity's other compartments below the supratentorial vault at levels ``zm``
     (n, 1, 1): the temporal lobes in the middle cranial fossae, and the ellipse through which the
     compartments merge into the cerebrum near the top of the band."""
-    t = np.clip((zm + 16) / 28.0, 0, 1)
+    t = temporal_share_of_band(zm)
     sc12 = float(cranial_scale(head, np.float32(12.0)))
     parts = []
     for sx in (-1, 1):
-        parts.append(-ellipse_distance(X, Y, sx * 0.55 * head.a, -0.12 * head.b, (0.18 + 0.22 * t) * head.a,
-                                       (0.22 + 0.18 * t) * head.b))
+        parts.append(-ellipse_distance(X, Y, *_temporal_outline(head, sx, t)))
     parts.append(-ellipse_distance(X, Y, 0, 0, head.a * sc12 * t**3 + 0.01, head.b * sc12 * t**3 + 0.01))
     return parts
+
+
+# The middle cranial fossae: on each side a compartment for the temporal lobe, an ellipse centred
+# TEMPORAL_X * a to the side and TEMPORAL_Y * b in front that grows from its floor at TEMPORAL_LEVELS[0] mm
+# (half-axes TEMPORAL_A[0] * a and TEMPORAL_B[0] * b) by TEMPORAL_A[1] * a and TEMPORAL_B[1] * b up to
+# TEMPORAL_LEVELS[1] mm, where the supratentorial vault takes over.
+TEMPORAL_X, TEMPORAL_Y = 0.55, -0.12
+TEMPORAL_A, TEMPORAL_B = (0.18, 0.22), (0.22, 0.18)
+TEMPORAL_LEVELS = (-16.0, 12.0)
+
+
+def temporal_share_of_band(z):
+    """How far up the middle fossae's band the levels ``z`` lie: 0 at its floor, 1 at its top."""
+    return np.clip((z - TEMPORAL_LEVELS[0]) / (TEMPORAL_LEVELS[1] - TEMPORAL_LEVELS[0]), 0, 1)
+
+
+def _temporal_outline(head: HeadShape, sx: float, t):
+    """Centre and half-axes (mm) of the temporal compartment on side ``sx`` at ``t`` (0 at the fossa's
+    floor, 1 at the top of the band)."""
+    return (sx * TEMPORAL_X * head.a, TEMPORAL_Y * head.b, (TEMPORAL_A[0] + TEMPORAL_A[1] * t) * head.a,
+            (TEMPORAL_B[0] + TEMPORAL_B[1] * t) * head.b)
 
 
 def _roughen_inner_table(cv: _Canvas, depth, rng: np.random.Generator) -> None:
