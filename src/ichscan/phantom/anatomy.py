@@ -403,6 +403,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     _tentorium_and_deep_veins(head, fr, hu, tissue, depth, sinus_hu)
     _orbital_roofs(head, fr, hu, tissue, depth)
     _face_and_neck(head, fr, hu, tissue, depth, cv.w, rng)
+    _middle_fossae(head, fr, hu, tissue, depth)
     _parenchymal_texture(hu, tissue, fr, rng)
     sector = np.where(depth > -30, sector_of(head, cv.phi, cv.z), 0).astype(np.uint8)
     return Anatomy(hu=hu, tissue=tissue, depth=depth, sector=sector, cerebrum=cavity.cerebrum & (depth > 0),
@@ -486,37 +487,44 @@ def _cranial_cavity(cv: _Canvas) -> _Cavity:
     midfossa = np.nonzero((fr.z > TEMPORAL_LEVELS[0]) & (fr.z < TEMPORAL_LEVELS[1]))[0]
     if len(midfossa):
         zm = fr.z[midfossa][:, None, None]
-        parts = _temporal_and_merging(head, X, Y, zm)
-        # frontal lobes over the orbital roofs, above the orbits (their floor: ``orbital_roof_height``)
-        tf = np.clip(zm / ROOF_TOP, 0, 1)
-        parts.append(np.where(tf > 0, -ellipse_distance(X, Y, 0, FRONTAL_Y * head.b, FRONTAL_A * head.a * tf + 0.01,
-                                                        FRONTAL_B * head.b * tf + 0.01), -100))
-        d = np.max(np.stack(parts), axis=0)
+        d = np.max(np.stack(_temporal_and_merging(head, X, Y, zm) + [_frontal_depth(head, X, Y, zm)]), axis=0)
         depth[midfossa] = np.maximum(depth[midfossa], d)
         cerebrum[midfossa] |= d > 0
     pf = np.nonzero((fr.z > -42) & (fr.z < 20))[0]
-    pf_y, pf_a, pf_b = fossa_outline(head)
-    pf_c = (0.0, pf_y)
+    pf_c = (0.0, fossa_outline(head)[0])
     pf_depth = None
     if len(pf):
-        zp = fr.z[pf][:, None, None]
-        p = profile(zp, -44, 22)
-        d = -ellipse_distance(X, Y, pf_c[0], pf_c[1], pf_a * p, pf_b * p)
-        # In front the fossa ends at the clivus, which the pons and medulla lie against (only their cistern
-        # between, ``_posterior_fossa``), and at the sides along the petrous ridges, which run back and out
-        # from the petrous apices beside it; what lies before them is bone (until 5 Dec 2026 the fossa was an
-        # ellipse reaching two centimetres in front of the brainstem, filled with brain).
-        bs = profile(zp, *BRAINSTEM_LEVELS)
-        wall = BRAINSTEM_Y * head.b - (9.0 + _brainstem_cistern(head)) * bs - 0.5
-        slope = petrous_slope(head)  # the ridges' run, as ``_skull_base`` draws them
-        front = (Y - wall - slope * np.maximum(np.abs(X) - 0.15 * head.a, 0)) / np.float32(np.hypot(1, slope))
-        d = np.minimum(d, np.where(bs > 0, front, d))
-        # above the tentorium (z > 8) the occipital lobes take over: the posterior fossa shrinks away
-        d = np.where(zp > 8, np.minimum(d, -ellipse_distance(X, Y, 0, pf_c[1], 0.2 * head.a, 0.25 * head.b)), d)
+        d = _posterior_fossa_depth(head, X, Y, fr.z[pf][:, None, None])
         depth[pf] = np.maximum(depth[pf], d)
         pf_depth = d
     return _Cavity(depth=depth, cerebrum=cerebrum, supra=np.nonzero(sup)[0], fossa=pf, fossa_centre=pf_c,
                    fossa_depth=pf_depth)
+
+
+def _frontal_depth(head: HeadShape, X, Y, zm):
+    """Depth (mm) inside the frontal compartment at levels ``zm``: the frontal lobes over the orbital
+    roofs, above the orbits (their floor: ``orbital_roof_height``)."""
+    tf = np.clip(zm / ROOF_TOP, 0, 1)
+    return np.where(tf > 0, -ellipse_distance(X, Y, 0, FRONTAL_Y * head.b, FRONTAL_A * head.a * tf + 0.01,
+                                              FRONTAL_B * head.b * tf + 0.01), -100)
+
+
+def _posterior_fossa_depth(head: HeadShape, X, Y, zp):
+    """Depth (mm) inside the posterior fossa at levels ``zp`` (n, 1, 1) between -42 and 20 mm."""
+    pf_y, pf_a, pf_b = fossa_outline(head)
+    p = profile(zp, -44, 22)
+    d = -ellipse_distance(X, Y, 0.0, pf_y, pf_a * p, pf_b * p)
+    # In front the fossa ends at the clivus, which the pons and medulla lie against (only their cistern
+    # between, ``_posterior_fossa``), and at the sides along the petrous ridges, which run back and out
+    # from the petrous apices beside it; what lies before them is bone (until 5 Dec 2026 the fossa was an
+    # ellipse reaching two centimetres in front of the brainstem, filled with brain).
+    bs = profile(zp, *BRAINSTEM_LEVELS)
+    wall = BRAINSTEM_Y * head.b - (9.0 + _brainstem_cistern(head)) * bs - 0.5
+    slope = petrous_slope(head)  # the ridges' run, as ``_skull_base`` draws them
+    front = (Y - wall - slope * np.maximum(np.abs(X) - 0.15 * head.a, 0)) / np.float32(np.hypot(1, slope))
+    d = np.minimum(d, np.where(bs > 0, front, d))
+    # above the tentorium (z > 8) the occipital lobes take over: the posterior fossa shrinks away
+    return np.where(zp > 8, np.minimum(d, -ellipse_distance(X, Y, 0, pf_y, 0.2 * head.a, 0.25 * head.b)), d)
 
 
 def _temporal_and_merging(head: HeadShape, X, Y, zm) -> list[np.ndarray]:
@@ -1146,49 +1154,141 @@ def _orbital_roofs(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
     band a centimetre or more wide each voxel holds brain above the roof, a share of its thin bony plate and
     the orbit, ethmoid cells or bone below. Real scans show this as a bright haze over the frontal lobes
     on the slices just above the orbits, strongest on thick slices; it is drawn here as those shares of the
-    three (the rest of the phantom draws each slice at its centre level). The roofs are not smooth: ridges
-    and hollows of a millimetre or two (juga and digitate impressions), drawn by a generator of their own
-    seeded from the head, so that every other draw is unchanged."""
-    t = float(fr.thickness)
+    three (``_floor_through_slab``). The roofs are not smooth: ridges and hollows of a millimetre or two
+    (juga and digitate impressions), drawn by a generator of their own seeded from the head, so that every
+    other draw is unchanged."""
     sub = np.random.default_rng([int(head.a * 1e4), int(head.b * 1e4), int(head.top * 1e4), 43])
     plate = float(sub.uniform(0.8, 2.0))  # mm of bone along z
     bone_hu = float(sub.uniform(900, 1500))
     bumps = float(sub.uniform(0.8, 2.5))
-    lo = fr.z - t / 2
-    hi = fr.z + t / 2
-    idx = np.nonzero((hi > -plate - bumps) & (lo < ROOF_TOP + bumps))[0]
-    if not len(idx):
+    t = float(fr.thickness)
+    if not ((fr.z + t / 2 > -plate - bumps) & (fr.z - t / 2 < ROOF_TOP + bumps)).any():
         return
     X, Y = fr.X[0], fr.Y[0]
     height = orbital_roof_height(head, X, Y)
-    foot = height < ROOF_TOP
     floor = height + bumps * _smooth_field(sub, (1,) + X.shape, fr.spacing, float(sub.uniform(6, 12)))[0]
-    # What lies above and below the roof in each voxel's slab is what the neighbouring slices draw there
-    # (a slice apart in every series the generator draws, so beyond the slab's ends); at the series' ends,
-    # or where slices overlap: cortex above, and orbital fat, ethmoid air cells or bone below.
+    # Below the roof at the series' ends, or where slices overlap: orbital fat, ethmoid air cells or bone.
     below_est = np.full(X.shape, 700.0, np.float32)
     ethmoid = ellipse_distance(X, Y, 0, ETHMOID_Y * head.b, *ETHMOID_HALF) < 0
     below_est[ethmoid] = -500.0
     for sx in (-1, 1):
         below_est[(ellipse_distance(X, Y, sx * ORBIT_X * head.a, ORBIT_Y * head.b, *ORBIT_HALF) < 0) & ~ethmoid] = -90.0
-    brain_est = np.full(X.shape, head.grey - 2, np.float32)
-    drawn = {int(j): hu[j].copy() for j in np.unique(np.clip(np.concatenate([idx - 1, idx + 1]), 0, fr.n - 1))}
+
+    def elsewhere(z0: float):  # the temporal lobes and the merging ellipse have floors of their own
+        return np.max(np.stack(_temporal_and_merging(head, X, Y, np.float32(z0))), axis=0) > 0
+
+    _floor_through_slab(fr, hu, tissue, depth, floor, height < ROOF_TOP, (-plate - bumps, ROOF_TOP + bumps),
+                        plate, bone_hu, head.grey - 2, below_est, elsewhere)
+
+
+def _floor_through_slab(fr: Frame, hu, tissue, depth, floor, foot, levels: tuple[float, float], plate: float,
+                        bone_hu: float, above_est, below_est, elsewhere) -> None:
+    """Partial volume through the slice over a bony floor of the cranial cavity at ``floor`` (H, W: mm, head
+    frame) under the points ``foot``, a plate ``plate`` mm deep (along z) of ``bone_hu``. Every voxel of the
+    slices that overlap ``levels`` holds its shares of brain above the floor, the plate, and what lies
+    below, outside the points ``elsewhere(z0)`` says belong to another compartment at the slab's lower face
+    ``z0``. Brain and what lies below are what the slices draw there: the voxel's own drawing (at its
+    centre level) for the side it was drawn as, and the neighbouring slice's for the other side where that
+    slice's centre lies beyond the slab (a slice apart in every series the generator draws) and it was
+    drawn as that side there; otherwise ``above_est`` and ``below_est``. A voxel drawn as brain whose slab
+    lies wholly under the floor (its roughness, or a floor that is not the drawn compartment's) is what
+    lies below; one drawn as not brain wholly above the floor is brain. Voxels left mostly plate or below
+    are coded bone."""
+    t = float(fr.thickness)
+    lo = fr.z - t / 2
+    hi = fr.z + t / 2
+    idx = np.nonzero((hi > levels[0]) & (lo < levels[1]))[0]
+    if not len(idx):
+        return
+    near = np.unique(np.clip(np.concatenate([idx - 1, idx + 1]), 0, fr.n - 1))
+    drawn = {int(j): (hu[j].copy(), depth[j] > 0) for j in near}
     for i in idx:
         z0, z1 = float(lo[i]), float(hi[i])
-        other = np.max(np.stack(_temporal_and_merging(head, X, Y, np.float32(z0))), axis=0) > 0
+        other = elsewhere(z0)
         above = np.clip((z1 - floor) / t, 0, 1)
         bone = np.clip((np.minimum(z1, floor) - np.maximum(z0, floor - plate)) / t, 0, 1)
         under = np.clip(1 - above - bone, 0, 1)
-        cut = foot & ~other & (above < 1) & (above + bone > 0)
+        inside = depth[i] > 0  # drawn at the slice's centre level as brain, or as what is under the floor
+        cut = foot & ~other & ~((above >= 1) & inside) & ~((under >= 1) & ~inside)
         if not cut.any():
             continue
-        inside = depth[i] > 0  # drawn at the slice's centre level as brain, or as what is under the roof
         h = hu[i]
-        up = drawn[i + 1] if i + 1 < fr.n and fr.z[i + 1] >= z1 else brain_est
-        down = drawn[i - 1] if i > 0 and fr.z[i - 1] <= z0 else below_est
+        up, down = above_est, below_est
+        if i + 1 < fr.n and fr.z[i + 1] >= z1:
+            up = np.where(drawn[i + 1][1], drawn[i + 1][0], above_est)
+        if i > 0 and fr.z[i - 1] <= z0:
+            down = np.where(drawn[i - 1][1], below_est, drawn[i - 1][0])
         mixed = above * np.where(inside, h, up) + bone * bone_hu + under * np.where(inside, down, h)
         h[cut] = mixed[cut]
         tissue[i][cut & (above < 0.5)] = BONE
+        tissue[i][cut & (above >= 0.5) & ~inside] = GREY
+
+
+def middle_fossa_floor(head: HeadShape, X, Y, rise: float = 0.0):
+    """Level (mm, head frame) of the middle cranial fossae's floors under each point (inf beyond them): the
+    level at which the temporal compartment (``_temporal_outline``) first holds the point. With ``rise``
+    (mm) the floor is a bowl, ``rise`` lower in the middle of the compartment's base than at its rim, and
+    its walls run from there up as the compartment grows; with 0 it is the drawn compartment's floor."""
+    level = np.full(X.shape, np.inf, np.float32)
+    span = TEMPORAL_LEVELS[1] - TEMPORAL_LEVELS[0]
+    for sx in (-1, 1):
+        def q(t):
+            cx, cy, a, b = _temporal_outline(head, sx, t)
+            return ((X - cx) / a) ** 2 + ((Y - cy) / b) ** 2
+
+        q0, reach = q(np.float32(0)), q(np.float32(1)) < 1
+        lo, hi = np.zeros(X.shape, np.float32), np.ones(X.shape, np.float32)
+        for _ in range(16):  # the share of the band at which the growing ellipse first holds the point
+            mid = (lo + hi) / 2
+            held = q(mid) < 1
+            hi, lo = np.where(held, mid, hi), np.where(held, lo, mid)
+        wall = TEMPORAL_LEVELS[0] + rise + (span - rise) * hi
+        side = np.where(q0 < 1, TEMPORAL_LEVELS[0] + rise * q0, np.where(reach, wall, np.inf))
+        level = np.minimum(level, side).astype(np.float32)
+    return level
+
+
+# How far up the middle fossae's walls their floor's partial volume is drawn (a share of the band):
+# higher up the walls are steep (the squama) and meet the other compartments.
+TEMPORAL_FOOT = 0.6
+
+
+def _middle_fossae(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
+    """The middle cranial fossae's floors as a slice of some thickness sees them. The temporal lobes lie
+    in two bowls of bone (the greater wings of the sphenoid in front, the squama at the sides, the petrous
+    ridges behind) over the infratemporal fossae; a slab of a few mm cuts the curved floor and its walls
+    obliquely, so on the slices through the fossae's lower half each voxel near the floor holds brain, a
+    share of the 1-3 mm plate and the soft tissue below: the hazy bone over the temporal lobes that real
+    scans show on the slices above the skull base, strongest on thick slices (a frequent mimic of blood).
+    Drawn as those shares (``_floor_through_slab``), on a floor ``rise`` lower in the middle than at the
+    compartment's rim (``middle_fossa_floor``), with ridges and hollows of a millimetre or two; by a
+    generator of its own seeded from the head, so that every other draw is unchanged."""
+    sub = np.random.default_rng([int(head.a * 1e4), int(head.b * 1e4), int(head.top * 1e4), 47])
+    rise = float(sub.uniform(3.0, 9.0))  # mm: how much deeper the bowl is in its middle than at its rim
+    plate = float(sub.uniform(1.0, 3.0))  # mm of bone along z
+    bone_hu = float(sub.uniform(900, 1500))
+    bumps = float(sub.uniform(0.8, 2.5))
+    span = TEMPORAL_LEVELS[1] - TEMPORAL_LEVELS[0]
+    top = TEMPORAL_LEVELS[0] + rise + (span - rise) * TEMPORAL_FOOT
+    levels = (TEMPORAL_LEVELS[0] - plate - bumps, top + bumps)
+    t = float(fr.thickness)
+    if not ((fr.z + t / 2 > levels[0]) & (fr.z - t / 2 < levels[1])).any():
+        return
+    X, Y = fr.X[0], fr.Y[0]
+    height = middle_fossa_floor(head, X, Y, rise)
+    foot = height < top
+    floor = np.where(foot, height, 0) + bumps * _smooth_field(sub, (1,) + X.shape, fr.spacing,
+                                                               float(sub.uniform(6, 12)))[0]
+
+    def elsewhere(z0: float):  # the frontal lobes, the merging ellipse and the posterior fossa
+        zz = np.float32(z0)
+        parts = _temporal_and_merging(head, X, Y, zz)[2:] + [_frontal_depth(head, X, Y, zz)]
+        if -42 < z0 < 20:
+            parts.append(_posterior_fossa_depth(head, X, Y, zz))
+        return np.max(np.stack(parts), axis=0) > 0
+
+    _floor_through_slab(fr, hu, tissue, depth, floor, foot, levels, plate, bone_hu, head.grey - 2,
+                        np.float32(40.0), elsewhere)
 
 
 def _face_and_neck(head: HeadShape, fr: Frame, hu, tissue, depth, w, rng: np.random.Generator) -> None:
