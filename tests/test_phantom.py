@@ -1325,7 +1325,8 @@ def test_the_orbital_roof_haze_takes_from_neighbours_only_beyond_the_slab():
 def test_the_temporal_compartments_lie_above_the_middle_fossa_floor():
     """``middle_fossa_floor`` with no bowl is the floor the temporal compartments are drawn with: away from
     the other compartments, thin slices hold brain above it and none below it, but for the inner table's
-    roughness; with a bowl the floor is lower in the middle of each fossa than at its rim, never higher."""
+    roughness. With a bowl of ``rise`` mm the floor lies at or above that one: at the drawn level in the middle
+    of each fossa's base, rising to ``rise`` mm above it at the base's rim."""
     for seed in (1, 2):
         head, fr = _head_frame(seed, [-15.0, -12.0, -8.0, -4.0], thickness=0.5, size=256, spacing=0.9)
         anat = an.build(head, fr, np.random.default_rng(0))
