@@ -12,6 +12,8 @@ the same way: ``ichscan.dicom.find_series`` -> ``CTSeries.volume()`` (HU) -> the
 * ``intracranial_hu``: per slice an intracranial mask made without labels (``intracranial_mask``), pooled
   HU histograms per source; Wasserstein and Jensen-Shannon distances over -20..100 HU (1 HU bins), and
   each source's median, 5th/95th percentiles and share of intracranial pixels in 50-90 HU.
+* ``inner_table``: the width of the brain-to-bone transition at the inner table along rays (partial volume
+  of the vault cut obliquely), by third of each series: median, 90th percentile, share of rays >= 3 mm.
 * ``nps``: noise power spectrum from flat brain patches (fully inside the mask, mean 15-45 HU, a fitted
   plane subtracted), radially averaged in cycles/mm (PixelSpacing); noise std, mean frequency, peak
   frequency and the distance between the normalised curves.
@@ -93,6 +95,52 @@ def intracranial_mask(hu: np.ndarray, spacing: tuple[float, float], *, bone_hu: 
         return empty
     region = np.repeat(np.repeat(labels == biggest, k, axis=0), k, axis=1)[:h, :w]
     return region & (hu >= keep[0]) & (hu <= keep[1])
+
+
+INNER_TABLE_RAYS = 90
+INNER_TABLE_STEP_MM = 0.5
+INNER_TABLE_WIDE_MM = 3.0
+
+
+def inner_table_widths(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], *,
+                       rays: int = INNER_TABLE_RAYS, step_mm: float = INNER_TABLE_STEP_MM,
+                       brain_below: float = 60.0, bone_above: float = 300.0) -> np.ndarray:
+    """Width (mm) of the brain-to-bone transition at the inner table on ``rays`` rays out from the centroid of
+    ``mask`` (the intracranial pixels): on each, from the last sample below ``brain_below`` HU to the first
+    above ``bone_above`` HU, sampled every ``step_mm`` (nearest pixel). A thick slice that cuts the vault
+    obliquely widens it: partial volume of bone along the inner table, the band a model can read as a
+    thin extra-axial collection. Rays that meet no bone, or no brain before it, give nothing; empty without
+    a mask."""
+    if not mask.any():
+        return np.zeros(0)
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    reach = np.hypot(*hu.shape) * min(spacing)
+    r = np.arange(0.0, reach, step_mm)
+    out = []
+    for ang in np.linspace(0, 2 * np.pi, rays, endpoint=False):
+        py = np.rint(cy + np.sin(ang) * r / spacing[0]).astype(int)
+        px = np.rint(cx + np.cos(ang) * r / spacing[1]).astype(int)
+        keep = (py >= 0) & (py < hu.shape[0]) & (px >= 0) & (px < hu.shape[1])
+        prof = hu[py[keep], px[keep]]
+        bone = np.nonzero(prof > bone_above)[0]
+        if not len(bone):
+            continue
+        brain = np.nonzero(prof[:bone[0]] < brain_below)[0]
+        if len(brain):
+            out.append((bone[0] - brain[-1]) * step_mm)
+    return np.asarray(out, float)
+
+
+def inner_table_summary(widths_by_level: list) -> dict:
+    """Median, 90th percentile and share of rays at least ``INNER_TABLE_WIDE_MM`` wide, per third of the
+    series (``LEVEL_BANDS``), from (level, widths) pairs."""
+    out = {}
+    for k, name in enumerate(LEVEL_BANDS):
+        w = np.concatenate([ws for lv, ws in widths_by_level if min(int(lv * 3), 2) == k] or [np.zeros(0)])
+        out[name] = ({"rays": int(w.size), "median_mm": float(np.median(w)), "p90_mm": float(np.percentile(w, 90)),
+                      "share_wide": round(float(np.mean(w >= INNER_TABLE_WIDE_MM)), 4)} if w.size else None)
+    return out
 
 
 def detrend_plane(patches: np.ndarray) -> np.ndarray:
@@ -211,6 +259,7 @@ class SourceStats:
     images: dict = field(default_factory=dict)  # running slice index -> (3, size, size) uint8
     groups: list = field(default_factory=list)
     levels: list = field(default_factory=list)  # each slice's place in its series: 0 first (lowest), 1 last
+    inner_table: list = field(default_factory=list)  # (level, widths in mm) of the slices with a mask
 
 
 def slice_features(inside: np.ndarray, patches: np.ndarray, f: np.ndarray, profile: np.ndarray) -> list[float]:
@@ -297,6 +346,8 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
             st.features.append(slice_features(inside, ps, f, profile))
             st.groups.append(f"{name}:{series.patient_id}")
             st.levels.append(i / max(len(vol) - 1, 1))
+            if inside.size:
+                st.inner_table.append((st.levels[-1], inner_table_widths(hu, mask, spacing)))
             if st.slices in window_at:
                 shown = region_view(hu, mask, spacing, region, cranium_mm)
                 st.images[st.slices] = window_image(shown, PAPER_WINDOWS, image_size, np.uint8)
@@ -651,6 +702,12 @@ def main() -> None:
             "per_source": {s.name: hist_stats(s.hist) for s in sources},
             **{f"{a.name}_vs_{b.name}": hist_distance(a.hist, b.hist) for a, b in pairs},
             "distance_range_hu": list(COMPARE_RANGE),
+        },
+        "inner_table": {
+            "method": f"{INNER_TABLE_RAYS} rays from the intracranial mask's centroid, every {INNER_TABLE_STEP_MM} mm: "
+                      "the distance from the last sample below 60 HU to the first above 300 HU; share_wide: rays "
+                      f"at least {INNER_TABLE_WIDE_MM} mm wide. By third of each series (foot to head)",
+            "per_source": {s.name: inner_table_summary(s.inner_table) for s in sources},
         },
         "nps": {
             "method": f"{args.nps_patch}x{args.nps_patch} px patches on a grid, fully intracranial, mean 15-45 HU, "

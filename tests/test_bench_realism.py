@@ -203,3 +203,28 @@ def test_real_ge_series_masks_brain(realism):
     assert 20 <= stats["median_hu"] <= 40 and stats["share_50_90"] < 0.1  # brain, no bleed
     nps = realism.nps_source(st)
     assert st.patches > 50 and 2 < nps["noise_std_hu"] < 15
+
+
+def test_inner_table_width_is_the_dense_band_between_brain_and_bone(realism):
+    """A brain disc (30 HU, radius 50 mm) under a band of 90 HU ``w`` mm wide, then 8 mm of bone (1200 HU) and
+    air: every ray reads ``w`` to within 1 mm, its median within 0.5 mm (0.5 mm steps, nearest of 0.5 mm
+    pixels), 1.5 mm and 6 mm here. By third, a slice at level 0.1 counts as lower and one at 0.9 as upper,
+    and share_wide counts the rays of at least 3 mm."""
+    spacing = (0.5, 0.5)
+    yy, xx = (np.mgrid[:300, :300] - 149.5) * 0.5
+    r = np.hypot(yy, xx)
+    got = {}
+    for w in (1.5, 6.0):
+        hu = np.full(r.shape, -1000.0)
+        hu[r < 58 + w] = 1200.0
+        hu[r < 50 + w] = 90.0
+        hu[r < 50] = 30.0
+        mask = r < 45
+        widths = realism.inner_table_widths(hu, mask, spacing)
+        assert len(widths) == realism.INNER_TABLE_RAYS
+        assert abs(float(np.median(widths)) - w) <= 0.5 and np.all(np.abs(widths - w) <= 1.0), (w, widths)
+        got[w] = widths
+    summary = realism.inner_table_summary([(0.1, got[1.5]), (0.9, got[6.0])])
+    assert summary["lower_third"]["share_wide"] == 0.0 and summary["upper_third"]["share_wide"] == 1.0
+    assert summary["middle_third"] is None and summary["lower_third"]["rays"] == realism.INNER_TABLE_RAYS
+    assert realism.inner_table_widths(hu, np.zeros(r.shape, bool), spacing).size == 0
