@@ -529,8 +529,8 @@ def _posterior_fossa_depth(head: HeadShape, X, Y, zp):
 
 def _temporal_and_merging(head: HeadShape, X, Y, zm) -> list[np.ndarray]:
     """Depth (mm) inside the cavity's other compartments below the supratentorial vault at levels ``zm``
-    (n, 1, 1): the temporal lobes in the middle cranial fossae, and the ellipse through which the
-    compartments merge into the cerebrum near the top of the band."""
+    (n, 1, 1), in this order: the right and left temporal lobes in the middle cranial fossae, and the ellipse
+    through which the compartments merge into the cerebrum near the top of the band."""
     t = temporal_share_of_band(zm)
     sc12 = float(cranial_scale(head, np.float32(12.0)))
     parts = []
@@ -1282,7 +1282,7 @@ def _middle_fossae(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
 
     def elsewhere(z0: float):  # the frontal lobes, the merging ellipse and the posterior fossa
         zz = np.float32(z0)
-        parts = _temporal_and_merging(head, X, Y, zz)[2:] + [_frontal_depth(head, X, Y, zz)]
+        parts = _temporal_and_merging(head, X, Y, zz)[2:] + [_frontal_depth(head, X, Y, zz)]  # [2:]: merging
         if -42 < z0 < 20:
             parts.append(_posterior_fossa_depth(head, X, Y, zz))
         return np.max(np.stack(parts), axis=0) > 0
