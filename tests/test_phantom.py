@@ -1284,21 +1284,31 @@ def test_a_thick_slice_over_the_orbital_roofs_is_the_mean_of_the_thin_slices_it_
     assert np.mean([d[1] for d in centre]) > 200, centre
 
 
-def test_the_orbital_roof_haze_widens_with_slice_thickness_and_takes_no_draw(monkeypatch):
-    """The band of the frontal compartment that a slice over the roof shows as neither brain nor bone
-    (80-600 HU) is wider on a 5 mm slice than on a 1 mm one, as a gently rising plate cut by a thicker slab
-    spreads further; and the pass changes only the slices over the anterior fossa's floor."""
+# Each floor drawn through the slice: the pass, a level over its floor, a level far below it, and the points
+# over the floor.
+FLOOR_PASSES = {
+    "orbital_roofs": ("_orbital_roofs", 6.0, -30.0, lambda h, X, Y: an.orbital_roof_height(h, X, Y) < an.ROOF_TOP),
+    "middle_fossae": ("_middle_fossae", -12.0, -34.0, lambda h, X, Y: np.isfinite(an.middle_fossa_floor(h, X, Y))),
+}
+
+
+@pytest.mark.parametrize("floor", sorted(FLOOR_PASSES))
+def test_a_floor_haze_widens_with_slice_thickness_and_takes_no_draw(monkeypatch, floor):
+    """Over the anterior cranial fossa's floor (the orbital roofs) and the middle fossae's: the band a slice
+    over the floor shows as neither brain nor bone (80-600 HU) is wider on a 5 mm slice than on a 1 mm one,
+    as a gently rising plate cut by a thicker slab spreads further; and the pass changes only the slices
+    over its floor, taking no draw of the head's generator."""
+    name, level, below, over = FLOOR_PASSES[floor]
     head, _ = _head_frame(3, [0.0])
     widths = {}
     for thickness in (1.0, 5.0):
-        _, fr = _head_frame(3, [6.0], thickness=thickness, size=256, spacing=0.9)
+        _, fr = _head_frame(3, [level], thickness=thickness, size=256, spacing=0.9)
         hu = an.build(head, fr, np.random.default_rng(0)).hu[0]
-        floor = an.orbital_roof_height(head, fr.X[0], fr.Y[0])
-        widths[thickness] = int(((hu > 80) & (hu < 600) & (floor < an.ROOF_TOP)).sum())
+        widths[thickness] = int(((hu > 80) & (hu < 600) & over(head, fr.X[0], fr.Y[0])).sum())
     assert widths[5.0] > 1.5 * widths[1.0], widths
-    _, fr = _head_frame(3, [-30.0, 6.0, 40.0], thickness=5.0, size=128, spacing=1.8)
+    _, fr = _head_frame(3, [below, level, 40.0], thickness=5.0, size=128, spacing=1.8)
     drawn = an.build(head, fr, np.random.default_rng(0))
-    monkeypatch.setattr(an, "_orbital_roofs", lambda *a, **k: None)
+    monkeypatch.setattr(an, name, lambda *a, **k: None)
     plain = an.build(head, fr, np.random.default_rng(0))
     assert np.array_equal(drawn.hu[[0, 2]], plain.hu[[0, 2]])
     assert not np.array_equal(drawn.hu[1], plain.hu[1])
@@ -1375,26 +1385,6 @@ def test_a_thick_slice_over_the_middle_fossae_is_the_mean_of_the_thin_slices_it_
     centre = errors()
     assert max(d[1] for d in drawn) < 40 and np.mean([d[0] for d in drawn]) < 40, drawn
     assert np.mean([d[1] for d in centre]) > 100, centre
-
-
-def test_the_middle_fossa_haze_widens_with_slice_thickness_and_takes_no_draw(monkeypatch):
-    """The part of the temporal fossae that a slice over their floor shows as neither brain nor bone
-    (80-600 HU) is wider on a 5 mm slice than on a 1 mm one; and the pass changes only the slices over the
-    middle fossae's floor, taking no draw of the head's generator."""
-    head, _ = _head_frame(3, [0.0])
-    widths = {}
-    for thickness in (1.0, 5.0):
-        _, fr = _head_frame(3, [-12.0], thickness=thickness, size=256, spacing=0.9)
-        hu = an.build(head, fr, np.random.default_rng(0)).hu[0]
-        floor = an.middle_fossa_floor(head, fr.X[0], fr.Y[0])
-        widths[thickness] = int(((hu > 80) & (hu < 600) & np.isfinite(floor)).sum())
-    assert widths[5.0] > 1.5 * widths[1.0], widths
-    _, fr = _head_frame(3, [-34.0, -12.0, 40.0], thickness=5.0, size=128, spacing=1.8)
-    drawn = an.build(head, fr, np.random.default_rng(0))
-    monkeypatch.setattr(an, "_middle_fossae", lambda *a, **k: None)
-    plain = an.build(head, fr, np.random.default_rng(0))
-    assert np.array_equal(drawn.hu[[0, 2]], plain.hu[[0, 2]])
-    assert not np.array_equal(drawn.hu[1], plain.hu[1])
 
 
 def test_a_floor_pass_makes_the_drawing_agree_with_the_floor_on_both_sides():
