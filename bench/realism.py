@@ -137,7 +137,7 @@ def inner_table_summary(widths_by_level: list) -> dict:
     series (``LEVEL_BANDS``), from (level, widths) pairs."""
     out = {}
     for k, name in enumerate(LEVEL_BANDS):
-        w = np.concatenate([ws for lv, ws in widths_by_level if min(int(lv * 3), 2) == k] or [np.zeros(0)])
+        w = np.concatenate([ws for lv, ws in widths_by_level if level_third(lv) == k] or [np.zeros(0)])
         out[name] = ({"rays": int(w.size), "median_mm": float(np.median(w)), "p90_mm": float(np.percentile(w, 90)),
                       "share_wide": round(float(np.mean(w >= INNER_TABLE_WIDE_MM)), 4)} if w.size else None)
     return out
@@ -422,6 +422,12 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> l
 LEVEL_BANDS = ("lower_third", "middle_third", "upper_third")
 
 
+def level_third(levels):
+    """Which of ``LEVEL_BANDS`` each place in its series (0 lowest slice, 1 highest) falls in: 0, 1 or 2
+    (the top slice counts as upper)."""
+    return np.minimum((np.asarray(levels) * 3).astype(int), 2)
+
+
 def auc_report(scores: np.ndarray, y: np.ndarray, splits, brain: np.ndarray | None = None,
                levels: np.ndarray | None = None) -> dict:
     """AUC of the pooled out-of-fold scores, and per fold; with ``brain`` (a mask of slices), also the
@@ -434,7 +440,7 @@ def auc_report(scores: np.ndarray, y: np.ndarray, splits, brain: np.ndarray | No
         out["oof_auc_slices_with_intracranial_mask"] = round(float(roc_auc_score(y[brain], scores[brain])), 4)
     if levels is not None:
         by_level = {}
-        third = np.minimum((np.asarray(levels) * 3).astype(int), 2)  # the top slice (1.0) counts as upper
+        third = level_third(levels)
         for k, name in enumerate(LEVEL_BANDS):
             band = third == k
             if len(set(y[band])) == 2:

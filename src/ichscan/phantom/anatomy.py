@@ -535,7 +535,7 @@ def _temporal_and_merging(head: HeadShape, X, Y, zm) -> list[np.ndarray]:
     sc12 = float(cranial_scale(head, np.float32(12.0)))
     parts = []
     for sx in (-1, 1):
-        parts.append(-ellipse_distance(X, Y, *_temporal_outline(head, sx, t)))
+        parts.append(-ellipse_distance(X, Y, *temporal_outline(head, sx, t)))
     parts.append(-ellipse_distance(X, Y, 0, 0, head.a * sc12 * t**3 + 0.01, head.b * sc12 * t**3 + 0.01))
     return parts
 
@@ -554,7 +554,7 @@ def temporal_share_of_band(z):
     return np.clip((z - TEMPORAL_LEVELS[0]) / (TEMPORAL_LEVELS[1] - TEMPORAL_LEVELS[0]), 0, 1)
 
 
-def _temporal_outline(head: HeadShape, sx: float, t):
+def temporal_outline(head: HeadShape, sx: float, t):
     """Centre and half-axes (mm) of the temporal compartment on side ``sx`` at ``t`` (0 at the fossa's
     floor, 1 at the top of the band)."""
     return (sx * TEMPORAL_X * head.a, TEMPORAL_Y * head.b, (TEMPORAL_A[0] + TEMPORAL_A[1] * t) * head.a,
@@ -1161,8 +1161,8 @@ def _orbital_roofs(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
     plate = float(sub.uniform(0.8, 2.0))  # mm of bone along z
     bone_hu = float(sub.uniform(900, 1500))
     bumps = float(sub.uniform(0.8, 2.5))
-    t = float(fr.thickness)
-    if not ((fr.z + t / 2 > -plate - bumps) & (fr.z - t / 2 < ROOF_TOP + bumps)).any():
+    levels = (-plate - bumps, ROOF_TOP + bumps)
+    if not len(_slices_over(fr, levels)):
         return
     X, Y = fr.X[0], fr.Y[0]
     height = orbital_roof_height(head, X, Y)
@@ -1177,8 +1177,14 @@ def _orbital_roofs(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
     def elsewhere(z0: float):  # the temporal lobes and the merging ellipse have floors of their own
         return np.max(np.stack(_temporal_and_merging(head, X, Y, np.float32(z0))), axis=0) > 0
 
-    _floor_through_slab(fr, hu, tissue, depth, floor, height < ROOF_TOP, (-plate - bumps, ROOF_TOP + bumps),
-                        plate, bone_hu, head.grey - 2, below_est, elsewhere)
+    _floor_through_slab(fr, hu, tissue, depth, floor, height < ROOF_TOP, levels, plate, bone_hu, head.grey - 2,
+                        below_est, elsewhere)
+
+
+def _slices_over(fr: Frame, levels: tuple[float, float]) -> np.ndarray:
+    """Indices of the slices whose slabs overlap the levels between ``levels`` (mm, head frame)."""
+    t = float(fr.thickness)
+    return np.nonzero((fr.z + t / 2 > levels[0]) & (fr.z - t / 2 < levels[1]))[0]
 
 
 def _floor_through_slab(fr: Frame, hu, tissue, depth, floor, foot, levels: tuple[float, float], plate: float,
@@ -1197,7 +1203,7 @@ def _floor_through_slab(fr: Frame, hu, tissue, depth, floor, foot, levels: tuple
     t = float(fr.thickness)
     lo = fr.z - t / 2
     hi = fr.z + t / 2
-    idx = np.nonzero((hi > levels[0]) & (lo < levels[1]))[0]
+    idx = _slices_over(fr, levels)
     if not len(idx):
         return
     near = np.unique(np.clip(np.concatenate([idx - 1, idx + 1]), 0, fr.n - 1))
@@ -1206,7 +1212,7 @@ def _floor_through_slab(fr: Frame, hu, tissue, depth, floor, foot, levels: tuple
         z0, z1 = float(lo[i]), float(hi[i])
         other = elsewhere(z0)
         above = np.clip((z1 - floor) / t, 0, 1)
-        bone = np.clip((np.minimum(z1, floor) - np.maximum(z0, floor - plate)) / t, 0, 1)
+        bone = _through_slice(floor - plate / 2, float(fr.z[i]), t, plate)  # the plate: a sheet under the floor
         under = np.clip(1 - above - bone, 0, 1)
         inside = depth[i] > 0  # drawn at the slice's centre level as brain, or as what is under the floor
         cut = foot & ~other & ~((above >= 1) & inside) & ~((under >= 1) & ~inside)
@@ -1226,14 +1232,14 @@ def _floor_through_slab(fr: Frame, hu, tissue, depth, floor, foot, levels: tuple
 
 def middle_fossa_floor(head: HeadShape, X, Y, rise: float = 0.0):
     """Level (mm, head frame) of the middle cranial fossae's floors under each point (inf beyond them): the
-    level at which the temporal compartment (``_temporal_outline``) first holds the point. With ``rise``
+    level at which the temporal compartment (``temporal_outline``) first holds the point. With ``rise``
     (mm) the floor is a bowl, ``rise`` lower in the middle of the compartment's base than at its rim, and
     its walls run from there up as the compartment grows; with 0 it is the drawn compartment's floor."""
     level = np.full(X.shape, np.inf, np.float32)
     span = TEMPORAL_LEVELS[1] - TEMPORAL_LEVELS[0]
     for sx in (-1, 1):
         def q(t):
-            cx, cy, a, b = _temporal_outline(head, sx, t)
+            cx, cy, a, b = temporal_outline(head, sx, t)
             return ((X - cx) / a) ** 2 + ((Y - cy) / b) ** 2
 
         q0, reach = q(np.float32(0)), q(np.float32(1)) < 1
@@ -1271,8 +1277,7 @@ def _middle_fossae(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
     span = TEMPORAL_LEVELS[1] - TEMPORAL_LEVELS[0]
     top = TEMPORAL_LEVELS[0] + rise + (span - rise) * TEMPORAL_FOOT
     levels = (TEMPORAL_LEVELS[0] - plate - bumps, top + bumps)
-    t = float(fr.thickness)
-    if not ((fr.z + t / 2 > levels[0]) & (fr.z - t / 2 < levels[1])).any():
+    if not len(_slices_over(fr, levels)):
         return
     X, Y = fr.X[0], fr.Y[0]
     height = middle_fossa_floor(head, X, Y, rise)

@@ -176,10 +176,10 @@ def _contusion_cluster(site: str, side: float, head: HeadShape, fr: Frame, rng: 
         y = -float(rng.uniform(0.55, 0.78)) * head.b * s
     elif site == "temporal_pole":
         z = _vault_range(head, fr, -8, 14, rng, 6)
-        t = float(an.temporal_share_of_band(z))  # within the temporal compartment at that level
-        half_a, half_b = an.TEMPORAL_A[0] + an.TEMPORAL_A[1] * t, an.TEMPORAL_B[0] + an.TEMPORAL_B[1] * t
-        x = side * (an.TEMPORAL_X + float(rng.uniform(-0.4, 0.5)) * half_a) * head.a
-        y = (an.TEMPORAL_Y - float(rng.uniform(0.3, 0.85)) * half_b) * head.b
+        # within the temporal compartment at that level
+        cx, cy, half_a, half_b = an.temporal_outline(head, side, float(an.temporal_share_of_band(z)))
+        x = cx + side * float(rng.uniform(-0.4, 0.5)) * half_a
+        y = cy - float(rng.uniform(0.3, 0.85)) * half_b
     else:
         z = _vault_range(head, fr, head.widest - 24, head.widest + 12, rng, 6)
         ang = side * float(rng.uniform(0.3, 1.9))
