@@ -335,6 +335,7 @@ class _Canvas:
     smear: np.ndarray  # (n, 1, 1) ramp of the cranial surfaces, wider where they cross the slices obliquely
     A: np.ndarray  # (n, 1, 1) half-axes of the supratentorial inner table at each level
     B: np.ndarray
+    slab: _Slab | None = None  # the cavity's depth through each voxel's slab (``_slab_through``)
 
     @property
     def X(self) -> np.ndarray:
@@ -387,6 +388,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     vault = _vault_outline(cv)
     _scalp(cv, vault, rng)
     cavity = _cranial_cavity(cv)
+    cv.slab = _slab_through(cv, cavity.depth)
     _roughen_inner_table(cv, cavity.depth, rng)
     _skull_vault(cv, vault, cavity.depth, rng)
     _skull_base(cv, cavity.depth, rng)
@@ -475,30 +477,85 @@ def _cranial_cavity(cv: _Canvas) -> _Cavity:
     """Depth inside the inner table, as the union of soft ellipses: the supratentorial vault above the skull
     base; below it the temporal lobes in the middle cranial fossae and the frontal lobes over the orbital
     roofs, merging into the vault; and the posterior fossa under the tentorium."""
-    head, fr, X, Y = cv.head, cv.fr, cv.X, cv.Y
-    n, H, W = fr.n, fr.rows, fr.cols
-    sup = ~(cv.z < 12.0)[:, 0, 0] & (fr.z < head.top)
+    return _cavity_at(cv.head, cv.fr.z, cv.X, cv.Y)
+
+
+def _cavity_at(head: HeadShape, levels: np.ndarray, X, Y) -> _Cavity:
+    """``_cranial_cavity`` at the head levels ``levels`` (mm, 1-D) on the grid ``X``, ``Y``."""
+    n, H, W = len(levels), X.shape[-2], X.shape[-1]
+    z = levels[:, None, None]
+    sup = (levels >= 12.0) & (levels < head.top)
     depth = np.full((n, H, W), -100.0, np.float32)
     cerebrum = np.zeros((n, H, W), bool)
     if sup.any():
-        d = -ellipse_distance(X, Y, 0, 0, cv.A[sup], cv.B[sup])
+        s = cranial_scale(head, z[sup])
+        d = -ellipse_distance(X, Y, 0, 0, head.a * s, head.b * s)
         depth[sup] = d
         cerebrum[sup] = d > 0
-    midfossa = np.nonzero((fr.z > TEMPORAL_LEVELS[0]) & (fr.z < TEMPORAL_LEVELS[1]))[0]
+    midfossa = np.nonzero((levels > TEMPORAL_LEVELS[0]) & (levels < TEMPORAL_LEVELS[1]))[0]
     if len(midfossa):
-        zm = fr.z[midfossa][:, None, None]
+        zm = z[midfossa]
         d = np.max(np.stack(_temporal_and_merging(head, X, Y, zm) + [_frontal_depth(head, X, Y, zm)]), axis=0)
         depth[midfossa] = np.maximum(depth[midfossa], d)
         cerebrum[midfossa] |= d > 0
-    pf = np.nonzero((fr.z > -42) & (fr.z < 20))[0]
+    pf = np.nonzero((levels > -42) & (levels < 20))[0]
     pf_c = (0.0, fossa_outline(head)[0])
     pf_depth = None
     if len(pf):
-        d = _posterior_fossa_depth(head, X, Y, fr.z[pf][:, None, None])
+        d = _posterior_fossa_depth(head, X, Y, z[pf])
         depth[pf] = np.maximum(depth[pf], d)
         pf_depth = d
     return _Cavity(depth=depth, cerebrum=cerebrum, supra=np.nonzero(sup)[0], fossa=pf, fossa_centre=pf_c,
                    fossa_depth=pf_depth)
+
+
+def _mean_ramp(a, b, width):
+    """Mean of ``ramp(x, width)`` as x runs linearly from ``a`` to ``b`` (exact: the ramp's integral)."""
+    half = np.float32(width / 2)
+
+    def tail(x):  # integral of the ramp from x to infinity
+        return np.where(x < -half, -x, np.where(x > half, np.float32(0), (half - x) ** 2 / (4 * half)))
+
+    run = b - a
+    flat = np.abs(run) < 1e-3
+    return np.where(flat, ramp((a + b) / 2, width), (tail(a) - tail(b)) / np.where(flat, 1, run)).astype(np.float32)
+
+
+@dataclass
+class _Slab:
+    """The cranial cavity's depth at the bottom, centre and top of each voxel's slab. A surface that crosses
+    the slab obliquely (the skull curving through a thick slice) fills each voxel by the share of the slab
+    that lies on its side, which with depth linear from bottom to centre and from centre to top is exact:
+    the slope of each compartment counts where it is (the temporal squama, the lateral frontal and the
+    occipital bone, the vertex), and a compartment that begins within the slab fills part of it. Over the
+    orbital roofs and the middle fossae's floors (``floor_feet``) the floors' passes draw the slab's shares
+    themselves, from the slice as drawn at its centre, so there a voxel keeps the slice's single width."""
+
+    lo: np.ndarray  # (n, H, W) depth (mm) at the slab's bottom and top
+    hi: np.ndarray
+    width: np.float32  # in-plane ramp, about a pixel
+    smear: np.ndarray  # (n, 1, 1) the slice's single width, where ``own`` holds
+    own: np.ndarray  # (n, H, W) bool: voxels a floor's pass draws through the slab
+
+    def share(self, depth, level=0.0):
+        """(n, H, W) share of each voxel's slab deeper than ``level`` mm inside the inner table (``depth``:
+        at the slab's centre)."""
+        x0, x1, x2 = level - self.lo, level - depth, level - self.hi
+        through = (_mean_ramp(x0, x1, self.width) + _mean_ramp(x1, x2, self.width)) / 2
+        return np.where(self.own, ramp(x1, self.smear), through).astype(np.float32)
+
+
+def _slab_through(cv: _Canvas, depth) -> _Slab:
+    """The cavity through each voxel's slab (``_Slab``): its depth at the slab's faces, beyond -30 and 30 mm
+    held there (a compartment absent at a face is simply far). Until 6 Dec 2026 a surface was ramped over one
+    width per slice from the supratentorial ellipse's slope alone (``_Canvas.smear``), which left the
+    compartments below it as sharp on an 8 mm slice as on a 1 mm one."""
+    fr, half = cv.fr, np.float32(cv.fr.thickness / 2)
+    lo, hi = (np.clip(_cavity_at(cv.head, fr.z + sign * half, cv.X, cv.Y).depth, -30, 30) for sign in (-1, 1))
+    own = np.zeros(depth.shape, bool)
+    for foot, levels in floor_feet(cv.head, cv.X[0], cv.Y[0]):
+        own[_slices_over(fr, levels)] |= foot
+    return _Slab(lo=lo, hi=hi, width=cv.w, smear=cv.smear, own=own)
 
 
 def _frontal_depth(head: HeadShape, X, Y, zm):
@@ -566,20 +623,24 @@ def _roughen_inner_table(cv: _Canvas, depth, rng: np.random.Generator) -> None:
     skull, the extra-axial space and the brain follow alike (all are drawn from ``depth``)."""
     scale = float(rng.uniform(4, 10))
     rough = _smooth_field(rng, depth.shape, cv.fr.spacing, scale) * np.float32(rng.uniform(0.2, 1.2))
-    depth += np.where(depth > -40, rough, np.float32(0))
+    rough = np.where(depth > -40, rough, np.float32(0))
+    depth += rough
+    if cv.slab is not None:  # the same markings through the slab
+        cv.slab.lo += rough
+        cv.slab.hi += rough
 
 
 def _skull_vault(cv: _Canvas, vault: _Vault, depth, rng: np.random.Generator) -> None:
     """Skull around the cavity: cortical bone from the inner table out to the vault's thickness (a cap
     above the inner vertex), thinner towards the sides as the outer contour is, with diploe between the
     tables where the bone is thick enough to have it."""
-    hu, tissue, X, Y, w, smear = cv.hu, cv.tissue, cv.X, cv.Y, cv.w, cv.smear
+    hu, tissue, X, Y, w, slab = cv.hu, cv.tissue, cv.X, cv.Y, cv.w, cv.slab
     tb = vault.thickness * (1 - (1 - vault.side) * np.sin(cv.phi) ** 2)  # as the contour's offset goes
     cortical = float(rng.uniform(1300, 1800))
     diploe = float(rng.uniform(350, 700))
-    capfrac = ellipse(X, Y, 0, 0, vault.A, vault.B, smear) * vault.above
-    paint(hu, tissue, cortical, np.maximum(ramp(-(depth + tb), smear), capfrac), BONE)
-    paint(hu, tissue, diploe, ramp(-(depth + tb - 1.8), smear) * ramp(depth + 1.3, w) * (tb > 4.0))
+    capfrac = ellipse(X, Y, 0, 0, vault.A, vault.B, cv.smear) * vault.above
+    paint(hu, tissue, cortical, np.maximum(slab.share(depth, -tb), capfrac), BONE)
+    paint(hu, tissue, diploe, slab.share(depth, 1.8 - tb) * ramp(depth + 1.3, w) * (tb > 4.0))
 
 
 def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
@@ -683,12 +744,12 @@ def _brainstem_cistern(head: HeadShape) -> float:
 def _csf_and_brain(cv: _Canvas, depth, rng: np.random.Generator) -> float:
     """Intracranial contents: CSF fills the cavity, then grey matter inside an extra-axial CSF layer (the
     white matter and the sulci are carved into it later). Returns the layer's width, mm."""
-    head, hu, tissue, smear = cv.head, cv.hu, cv.tissue, cv.smear
-    inside = ramp(-depth, smear)
+    head, hu, tissue, slab = cv.head, cv.hu, cv.tissue, cv.slab
+    inside = slab.share(depth)
     # Extra-axial CSF: next to none in many young heads (brain against the inner table), wide when atrophic.
     extra = (0.8 + 1.4 * (head.atrophy - 0.8)) * float(rng.uniform(0.1, 1.1))
     paint(hu, tissue, head.csf, inside, CSF)
-    brain = ramp(extra - depth, smear)
+    brain = slab.share(depth, extra)
     paint(hu, tissue, head.grey, brain, GREY)
     return extra
 
@@ -1158,9 +1219,9 @@ def _orbital_roofs(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
     (juga and digitate impressions), drawn by a generator of their own seeded from the head, so that every
     other draw is unchanged."""
     sub = np.random.default_rng([int(head.a * 1e4), int(head.b * 1e4), int(head.top * 1e4), 43])
-    plate = float(sub.uniform(0.8, 2.0))  # mm of bone along z
+    plate = float(sub.uniform(*ROOF_PLATE))  # mm of bone along z
     bone_hu = float(sub.uniform(900, 1500))
-    bumps = float(sub.uniform(0.8, 2.5))
+    bumps = float(sub.uniform(*FLOOR_BUMPS))
     levels = (-plate - bumps, ROOF_TOP + bumps)
     if not len(_slices_over(fr, levels)):
         return
@@ -1257,6 +1318,23 @@ def middle_fossa_floor(head: HeadShape, X, Y, rise: float = 0.0):
 # How far up the middle fossae's walls their floor's partial volume is drawn (a share of the band):
 # higher up the walls are steep (the squama) and meet the other compartments.
 TEMPORAL_FOOT = 0.6
+# The floors' plates (mm along z), ridges (mm) and the middle fossae's bowls (mm), drawn per head in these ranges.
+ROOF_PLATE = (0.8, 2.0)
+FOSSA_PLATE = (1.0, 3.0)
+FOSSA_RISE = (3.0, 9.0)
+FLOOR_BUMPS = (0.8, 2.5)
+
+
+def floor_feet(head: HeadShape, X, Y) -> list[tuple[np.ndarray, tuple[float, float]]]:
+    """Where the floors' passes (``_orbital_roofs``, ``_middle_fossae``) draw the partial volume through the
+    slab themselves: for each, the points over its floor (H, W) and the levels (mm) its slices can reach with
+    the thickest plate and the highest ridges any head draws. A wall of the middle fossae is over the
+    floor below ``TEMPORAL_FOOT`` of its height whatever the bowl's depth, so the points need no draw."""
+    span = TEMPORAL_LEVELS[1] - TEMPORAL_LEVELS[0]
+    fossa_top = TEMPORAL_LEVELS[0] + FOSSA_RISE[1] + (span - FOSSA_RISE[1]) * TEMPORAL_FOOT
+    return [(orbital_roof_height(head, X, Y) < ROOF_TOP, (-ROOF_PLATE[1] - FLOOR_BUMPS[1], ROOF_TOP + FLOOR_BUMPS[1])),
+            (middle_fossa_floor(head, X, Y) < TEMPORAL_LEVELS[0] + span * TEMPORAL_FOOT,
+             (TEMPORAL_LEVELS[0] - FOSSA_PLATE[1] - FLOOR_BUMPS[1], fossa_top + FLOOR_BUMPS[1]))]
 
 
 def _middle_fossae(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
@@ -1270,10 +1348,10 @@ def _middle_fossae(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
     compartment's rim (``middle_fossa_floor``), with ridges and hollows of a millimetre or two; by a
     generator of its own seeded from the head, so that every other draw is unchanged."""
     sub = np.random.default_rng([int(head.a * 1e4), int(head.b * 1e4), int(head.top * 1e4), 47])
-    rise = float(sub.uniform(3.0, 9.0))  # mm: how much deeper the bowl is in its middle than at its rim
-    plate = float(sub.uniform(1.0, 3.0))  # mm of bone along z
+    rise = float(sub.uniform(*FOSSA_RISE))  # mm: how much deeper the bowl is in its middle than at its rim
+    plate = float(sub.uniform(*FOSSA_PLATE))  # mm of bone along z
     bone_hu = float(sub.uniform(900, 1500))
-    bumps = float(sub.uniform(0.8, 2.5))
+    bumps = float(sub.uniform(*FLOOR_BUMPS))
     span = TEMPORAL_LEVELS[1] - TEMPORAL_LEVELS[0]
     top = TEMPORAL_LEVELS[0] + rise + (span - rise) * TEMPORAL_FOOT
     levels = (TEMPORAL_LEVELS[0] - plate - bumps, top + bumps)
