@@ -332,7 +332,7 @@ class _Canvas:
     z: np.ndarray  # (n, 1, 1) slice levels
     phi: np.ndarray  # (1, H, W) angle from the front, +pi/2 on the patient's left
     w: np.float32  # partial-volume ramp, mm
-    smear: np.ndarray  # (n, 1, 1) ramp of the cranial surfaces, wider where they cross the slices obliquely
+    smear: np.ndarray  # (n, 1, 1) one ramp per slice from the vault's slope: the scalp, the cap, the floors' feet
     A: np.ndarray  # (n, 1, 1) half-axes of the supratentorial inner table at each level
     B: np.ndarray
     slab: _Slab | None = None  # the cavity's depth through each voxel's slab (``_slab_through``)
@@ -539,10 +539,21 @@ class _Slab:
 
     def share(self, depth, level=0.0):
         """(n, H, W) share of each voxel's slab deeper than ``level`` mm inside the inner table (``depth``:
-        at the slab's centre)."""
-        x0, x1, x2 = level - self.lo, level - depth, level - self.hi
-        through = (_mean_ramp(x0, x1, self.width) + _mean_ramp(x1, x2, self.width)) / 2
-        return np.where(self.own, ramp(x1, self.smear), through).astype(np.float32)
+        at the slab's centre). Worked out only where the surface passes within a ramp of the slab: elsewhere
+        the voxel is wholly on one side (1 or 0, as the formula gives there)."""
+        level = np.broadcast_to(np.asarray(level, np.float32), depth.shape)
+        reach = np.float32(self.width / 2 + 1e-3)
+        deepest = np.maximum(np.maximum(self.lo, self.hi), depth)
+        shallowest = np.minimum(np.minimum(self.lo, self.hi), depth)
+        out = (shallowest > level).astype(np.float32)
+        near = (shallowest < level + reach) & (deepest > level - reach)
+        at = level[near]
+        x1 = at - depth[near]
+        w = self.width
+        out[near] = (_mean_ramp(at - self.lo[near], x1, w) + _mean_ramp(x1, at - self.hi[near], w)) / 2
+        own = self.own
+        out[own] = ramp(level[own] - depth[own], np.broadcast_to(self.smear, depth.shape)[own])
+        return out
 
 
 def _slab_through(cv: _Canvas, depth) -> _Slab:
