@@ -230,6 +230,100 @@ def test_blood_lies_in_its_compartment(subtype, allowed):
         assert 45 <= np.median(ps.hu[inner]) <= 95
 
 
+def _sah_seed(head, fr, site):
+    """The first seed whose lesion generator plans subarachnoid blood at ``site`` ("basal" for basal)."""
+    from ichscan.phantom import lesions
+
+    for seed in range(400):
+        les = lesions.plan_lesion("subarachnoid", head, fr, np.random.default_rng(seed))
+        if les.params.get("site", les.kind) == site:
+            return seed
+    raise AssertionError(f"no {site} subarachnoid blood planned")
+
+
+def _sah_and_twin(seed, site, size=160):
+    rng = np.random.default_rng(seed)
+    head = an.sample_head(rng)
+    lseed = _sah_seed(head, an.make_frame(rng, head, 34, size, size, 5.0), site)  # make_series' own frame
+
+    def render(subtypes):
+        r = np.random.default_rng(seed)
+        h = an.sample_head(r)
+        return make_series(h, subtypes, r, n=34, rows=size, cols=size, thickness=5.0, confounders={},
+                           lesion_rng=np.random.default_rng(lseed))
+
+    return render(("subarachnoid",)), render(())
+
+
+def test_subarachnoid_sites_and_coverage_are_drawn_without_moving_the_plan():
+    """Convexity blood lies in sulci, the interhemispheric fissure or a Sylvian fissure in about the shares
+    of ``SAH_SITES``, each lesion holding blood in a share of its reach; the draws that place it come from
+    a generator of its own, so the plan's generator is left exactly where the old plan left it (its
+    next draw is the same whatever the site)."""
+    from ichscan.phantom import lesions
+
+    rng = np.random.default_rng(3)
+    head = an.sample_head(rng)
+    fr = an.make_frame(rng, head, 36, 64, 64, 5.0)
+    sites, after = Counter(), set()
+    for s in range(600):
+        r = np.random.default_rng(s)
+        les = lesions.plan_lesion("subarachnoid", head, fr, r)
+        sites[les.params.get("site", les.kind)] += 1
+        lo, hi = (0.6, 1.0) if les.kind == "basal" else (0.35, 0.9)
+        assert lo <= les.params["coverage"] <= hi
+        # the plan took side, kind, density, extent, level and 1 (basal) or 4 (convexity) shape draws
+        ref = np.random.default_rng(s)
+        ref.choice([-1.0, 1.0]), ref.choice(["basal", "convexity"], p=[0.5, 0.5]), ref.uniform(55, 80)
+        ref.uniform(0, 1), ref.uniform(0, 1)
+        for _ in range(1 if les.kind == "basal" else 4):
+            ref.uniform(0, 1)
+        after.add(r.uniform() == ref.uniform())
+    assert after == {True}
+    conv = sites["sulcal"] + sites["interhemispheric"] + sites["sylvian"]
+    assert 240 <= sites["basal"] <= 360 and conv == 600 - sites["basal"]
+    for site, share in lesions.SAH_SITES.items():
+        assert abs(sites[site] / conv - share) < 0.07, (site, sites[site] / conv)
+
+
+@pytest.mark.parametrize("site", ["sulcal", "interhemispheric", "basal"])
+def test_subarachnoid_blood_is_patchy_and_fills_its_csf_as_partial_volume(site):
+    """Against the lesion-free twin (same scan, same noise): the blood is denser than the CSF it replaces
+    inside its mask; the grey matter bordering it gains density too (its share of CSF is blood now: no
+    dark rim of CSF around the blood); nothing changes away from CSF; and where the patch
+    field's coverage is under 1, only part of the CSF in reach holds blood."""
+    ps, twin = _sah_and_twin(13, site)
+    les = ps.lesions[0]
+    assert les.params.get("site", les.kind) == site  # planned once: it found CSF to fill
+    m = ps.masks["subarachnoid"]
+    assert m.any() and np.isin(ps.tissue[m], (an.CSF,)).all()
+    diff = ps.hu.astype(np.float32) - twin.hu.astype(np.float32)
+    assert diff[m].mean() > 25  # blood (55-80 HU) over CSF (2-12 HU), blurred at its edges
+    rim = np.zeros_like(m)
+    for i in np.nonzero(m.any(axis=(1, 2)))[0]:
+        rim[i] = ndimage.binary_dilation(m[i], iterations=1) & ~m[i]
+    rim &= ps.tissue == an.GREY
+    assert rim.sum() > 10 and diff[rim].mean() > 4, diff[rim].mean()
+    far = ~ndimage.binary_dilation(np.isin(ps.tissue, (an.CSF,)), PLANE, iterations=4)
+    if site == "sulcal":  # blood widens its sulci, also some too thin to be mostly CSF anywhere
+        assert np.mean(diff[far] != 0) < 1e-4
+    else:
+        assert np.abs(diff[far]).max() == 0
+    if site == "interhemispheric":
+        X = np.broadcast_to(ps.frame.X, m.shape)
+        assert np.abs(X[m]).max() < 6.0
+    # the CSF in reach on the lesion's busiest slice: the mask holds part of it, not all
+    k = int(np.argmax(m.sum(axis=(1, 2))))
+    csf = ps.tissue[k] == an.CSF
+    if les.params["coverage"] < 0.8:
+        X, Y = ps.frame.X[0], ps.frame.Y[0]
+        if site == "interhemispheric":
+            reach = csf & (np.abs(X) < 6.0) & (np.abs(Y - les.params["y_centre"]) < les.params["y_half"])
+        else:
+            reach = csf & (ps.depth[k] > 0)
+        assert m[k].sum() < 0.95 * reach.sum()
+
+
 def _contusion_rng(head, fr):
     """The first seed whose lesion generator plans a traumatic contusion for an intraparenchymal bleed."""
     from ichscan.phantom import lesions

@@ -123,12 +123,13 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
         if kind == "basal":
             z_half = float(rng.uniform(12, 22))  # around the circle of Willis, not up to the vertex
             z = _vault_range(head, fr, 8, head.widest - 6, rng, z_half)
-            return Lesion("subarachnoid", kind, z, z_half, hu, side, {"radius": float(rng.uniform(45, 70))})
-        z_half = float(rng.uniform(10, 25))
-        z = _vault_range(head, fr, 25, head.top - 12, rng, z_half)
-        return Lesion("subarachnoid", kind, z, z_half, hu, side, {
-            "phi": side * float(rng.uniform(0.4, 2.6)), "phi_half": float(np.deg2rad(rng.uniform(25, 60))),
-            "depth": float(rng.uniform(10, 20)), "widen": float(rng.uniform(1.2, 2.5))})
+            params = {"radius": float(rng.uniform(45, 70))}
+        else:
+            z_half = float(rng.uniform(10, 25))
+            z = _vault_range(head, fr, 25, head.top - 12, rng, z_half)
+            params = {"phi": side * float(rng.uniform(0.4, 2.6)), "phi_half": float(np.deg2rad(rng.uniform(25, 60))),
+                      "depth": float(rng.uniform(10, 20)), "widen": float(rng.uniform(1.2, 2.5))}
+        return _subarachnoid_site(Lesion("subarachnoid", kind, z, z_half, hu, side, params), head, fr)
     if subtype == "intraventricular":
         kind = str(rng.choice(["layering", "cast"], p=[0.6, 0.4]))
         z_half = float(rng.uniform(12, 30))
@@ -158,6 +159,91 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
             "x": float(x), "y": float(y), "radius": r, **oedema, "mass_mm": max(0.0, r - 8) * 0.6, "lobes": lobes,
             "foci": [[float(x), float(y), z, r, z_half, 0.0]]})
     raise ValueError(f"unknown subtype {subtype!r}")
+
+
+# Subarachnoid blood is seldom a uniform cast of every CSF space in reach. Traumatic SAH, the commonest
+# kind, is a few sulci of the convexity, often only parts of them, the interhemispheric fissure along the
+# falx, or a Sylvian fissure; even aneurysmal blood fills the basal cisterns unevenly. Each lesion carries
+# a smooth 3-D field whose highest ``coverage`` share holds blood (``SAH_PATCH_MM``: its wavelengths), and
+# convexity blood lies in one of ``SAH_SITES`` with the sulci it fills widened from not at all to fully.
+SAH_SITES = {"sulcal": 0.6, "interhemispheric": 0.25, "sylvian": 0.15}
+SAH_PATCH_MM = (14.0, 32.0)
+SAH_PATCH_WAVES = 10
+
+
+def _subarachnoid_site(les: Lesion, head: HeadShape, fr: Frame) -> Lesion:
+    """Where in its reach the blood lies, drawn by a generator seeded from the plan's own draws, so that
+    every draw of the plan's ``rng`` stays as it was."""
+    sr = np.random.default_rng([int(les.hu * 1e6) % 2**31, int(les.z * 1e4) % 2**31, 31])
+    p = dict(les.params, patch_seed=int(sr.integers(2**31)))
+    z = les.z
+    if les.kind == "basal":
+        p["coverage"] = float(sr.uniform(0.6, 1.0))
+        return Lesion(les.subtype, les.kind, z, les.z_half, les.hu, les.side, p)
+    p["coverage"] = float(sr.uniform(0.35, 0.9))
+    site = str(sr.choice(list(SAH_SITES), p=list(SAH_SITES.values())))
+    p["site"] = site
+    if site == "sulcal":
+        p["widen"] = p["widen"] * float(sr.uniform(0.0, 1.0))
+    else:  # fissures are not sulci of the convexity: nothing there is widened
+        p["widen"] = 0.0
+    if site == "interhemispheric":  # the fissure's front or back half, where the falx reaches down
+        p["y_centre"] = float(sr.choice([-1.0, 1.0]) * sr.uniform(0.45, 0.8) * head.b)
+        p["y_half"] = float(sr.uniform(0.15, 0.35) * head.b)
+    elif site == "sylvian":  # at the levels of the fissure, under the widest section
+        z = _vault_range(head, fr, 10, head.widest + 2, sr, les.z_half)
+    return Lesion(les.subtype, les.kind, z, les.z_half, les.hu, les.side, p)
+
+
+def _patch_field(seed: int, X, Y, z: float) -> np.ndarray:
+    """A smooth random field over the head frame, about standard normal at every point: the same at a
+    point whichever slice holds it."""
+    r = np.random.default_rng(seed)
+    k = 2 * np.pi / r.uniform(*SAH_PATCH_MM, SAH_PATCH_WAVES)
+    d = r.standard_normal((SAH_PATCH_WAVES, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    ph = r.uniform(0, 2 * np.pi, SAH_PATCH_WAVES)
+    out = np.zeros(np.broadcast_shapes(X.shape, Y.shape), np.float32)
+    for j in range(SAH_PATCH_WAVES):
+        out += np.cos(k[j] * (d[j, 0] * X + d[j, 1] * Y + d[j, 2] * z) + ph[j]).astype(np.float32)
+    return out * np.float32(np.sqrt(2.0 / SAH_PATCH_WAVES))
+
+
+def _paint_subarachnoid(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, i: int, zi: float, X, Y, phi):
+    """Blood in the CSF spaces within the lesion's reach, where its patch field holds blood: each voxel
+    gains its share of CSF times the blood's density over CSF's, so that a partly filled sulcus reads as
+    partial volume does, without a rim of CSF around the blood. Returns the mask: the voxels that were
+    mostly CSF and are now mostly blood."""
+    hu, tissue, depth = anat.hu[i], anat.tissue[i], anat.depth[i]
+    p = les.params
+    site = p.get("site", "basal" if les.kind == "basal" else "sulcal")
+    if site == "basal":
+        sel = np.hypot(X, Y + 0.05 * head.b) < p["radius"] * (0.6 + 0.4 * zi)
+    elif site == "interhemispheric":
+        sel = (np.abs(X) < 6.0) & (np.abs(Y - p["y_centre"]) < p["y_half"] * zi)
+    elif site == "sylvian":
+        sel = (np.sign(X) == les.side) & (np.abs(X) > 0.3 * head.a) & (Y > -0.35 * head.b) & (Y < 0.15 * head.b)
+    else:
+        dphi = wrap_angle(phi - p["phi"]) / p["phi_half"]
+        sel = (np.abs(dphi) < zi) & (depth < p["depth"]) & (np.sign(X) == np.sign(p["phi"]))
+    sel &= depth > 0
+    csf = tissue == an.CSF
+    reach = sel & (csf | ((tissue == an.GREY) & ndimage.binary_dilation(csf, iterations=1)))
+    if not reach.any():
+        return np.zeros(hu.shape, bool)
+    if "patch_seed" in p:
+        field = _patch_field(int(p["patch_seed"]), X[reach], Y[reach], float(fr.z[i]))
+        cut = float(ndtri(1.0 - p["coverage"]))
+        fill = np.clip((field - cut) / 0.5 + 0.5, 0, 1)
+    else:
+        fill = np.ones(int(reach.sum()), np.float32)
+    share = np.clip((head.grey - hu[reach]) / (head.grey - head.csf), 0, 1)
+    hu[reach] += (share * fill * (les.hu - head.csf)).astype(np.float32)
+    blood = np.zeros(hu.shape, bool)
+    blood[reach] = share * fill >= 0.6
+    region = blood & csf
+    tissue[region] = an.BLOOD
+    return region
 
 
 # Where traumatic contusions lie: the brain strikes the rough floors of the anterior and middle cranial
@@ -309,16 +395,7 @@ def paint_lesion(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, rng: np
                 hu[swell] = float(rng.uniform(40, 60))
                 tissue[swell] = an.SOFT
         elif les.subtype == "subarachnoid":
-            csf = tissue == an.CSF
-            if les.kind == "basal":
-                sel = np.hypot(X, Y + 0.05 * head.b) < p["radius"] * (0.6 + 0.4 * zi)
-            else:
-                dphi = wrap_angle(phi - p["phi"]) / p["phi_half"]
-                sel = (np.abs(dphi) < zi) & (depth < p["depth"]) & (np.sign(X) == np.sign(p["phi"]))
-            region = csf & sel & (depth > 0)
-            hu[region] = les.hu
-            tissue[region] = an.BLOOD
-            mask[i] = region
+            mask[i] = _paint_subarachnoid(les, head, fr, anat, i, zi, X, Y, phi)
         elif les.subtype == "intraventricular":
             vent = tissue == an.VENTRICLE
             if not p["bilateral"]:
