@@ -286,12 +286,12 @@ def test_subarachnoid_sites_and_coverage_are_drawn_without_moving_the_plan():
         assert abs(sites[site] / conv - share) < 0.07, (site, sites[site] / conv)
 
 
-@pytest.mark.parametrize("site", ["sulcal", "interhemispheric", "basal"])
+@pytest.mark.parametrize("site", ["sulcal", "interhemispheric", "sylvian", "basal"])
 def test_subarachnoid_blood_is_patchy_and_fills_its_csf_as_partial_volume(site):
     """Against the lesion-free twin (same scan, same noise): the blood is denser than the CSF it replaces
     inside its mask; the grey matter bordering it gains density too (its share of CSF is blood now: no
     dark rim of CSF around the blood); nothing changes away from CSF; interhemispheric blood stays in the
-    fissure."""
+    fissure, Sylvian blood on its side around the fissure."""
     ps, twin = _sah_and_twin(13, site)
     les = ps.lesions[0]
     assert les.params.get("site", les.kind) == site  # planned once: it found CSF to fill
@@ -309,9 +309,13 @@ def test_subarachnoid_blood_is_patchy_and_fills_its_csf_as_partial_volume(site):
         assert np.mean(diff[far] != 0) < 1e-4
     else:
         assert np.abs(diff[far]).max() == 0
+    X, Y = np.broadcast_to(ps.frame.X, m.shape), np.broadcast_to(ps.frame.Y, m.shape)
     if site == "interhemispheric":
-        X = np.broadcast_to(ps.frame.X, m.shape)
         assert np.abs(X[m]).max() < 6.0
+    if site == "sylvian":  # one side, out from the insula, around the fissure, at or below the widest level
+        assert (np.sign(X[m]) == les.side).all() and np.abs(X[m]).min() > 0.3 * ps.head.a
+        assert -0.35 * ps.head.b < Y[m].min() and Y[m].max() < 0.15 * ps.head.b
+        assert les.z <= ps.head.widest + 2
 
 
 @pytest.mark.parametrize("site", ["sulcal", "basal"])
