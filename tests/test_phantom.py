@@ -230,29 +230,30 @@ def test_blood_lies_in_its_compartment(subtype, allowed):
         assert 45 <= np.median(ps.hu[inner]) <= 95
 
 
-def _sah_seed(head, fr, site):
-    """The first seed whose lesion generator plans subarachnoid blood at ``site`` ("basal" for basal)."""
+def _lesion_seed(subtype, head, fr, wanted):
+    """The first seed whose lesion generator plans a ``subtype`` lesion of which ``wanted(lesion)`` holds."""
     from ichscan.phantom import lesions
 
     for seed in range(400):
-        les = lesions.plan_lesion("subarachnoid", head, fr, np.random.default_rng(seed))
-        if les.params.get("site", les.kind) == site:
+        if wanted(lesions.plan_lesion(subtype, head, fr, np.random.default_rng(seed))):
             return seed
-    raise AssertionError(f"no {site} subarachnoid blood planned")
+    raise AssertionError(f"no such {subtype} lesion planned")
 
 
-def _sah_and_twin(seed, site, size=160):
+def _lesion_and_twin(subtype, seed, wanted, n, size):
+    """One scan with a ``subtype`` lesion of which ``wanted`` holds, and the same scan without it (same head,
+    position and noise), as ``make_series`` draws them."""
     rng = np.random.default_rng(seed)
     head = an.sample_head(rng)
-    lseed = _sah_seed(head, an.make_frame(rng, head, 34, size, size, 5.0), site)  # make_series' own frame
+    lseed = _lesion_seed(subtype, head, an.make_frame(rng, head, n, size, size, 5.0), wanted)  # make_series' frame
 
     def render(subtypes):
         r = np.random.default_rng(seed)
         h = an.sample_head(r)
-        return make_series(h, subtypes, r, n=34, rows=size, cols=size, thickness=5.0, confounders={},
+        return make_series(h, subtypes, r, n=n, rows=size, cols=size, thickness=5.0, confounders={},
                            lesion_rng=np.random.default_rng(lseed))
 
-    return render(("subarachnoid",)), render(())
+    return render((subtype,)), render(())
 
 
 def test_subarachnoid_sites_and_coverage_are_drawn_without_moving_the_plan():
@@ -269,7 +270,7 @@ def test_subarachnoid_sites_and_coverage_are_drawn_without_moving_the_plan():
     for s in range(600):
         r = np.random.default_rng(s)
         les = lesions.plan_lesion("subarachnoid", head, fr, r)
-        sites[les.params.get("site", les.kind)] += 1
+        sites[les.params["site"]] += 1
         lo, hi = (0.6, 1.0) if les.kind == "basal" else (0.35, 0.9)
         assert lo <= les.params["coverage"] <= hi
         # the plan took side, kind, density, extent, level and 1 (basal) or 4 (convexity) shape draws
@@ -292,9 +293,11 @@ def test_subarachnoid_blood_is_patchy_and_fills_its_csf_as_partial_volume(site):
     inside its mask; the grey matter bordering it gains density too (its share of CSF is blood now: no
     dark rim of CSF around the blood); nothing changes away from CSF; interhemispheric blood stays in the
     fissure, Sylvian blood on its side around the fissure."""
-    ps, twin = _sah_and_twin(13, site)
+    from ichscan.phantom import lesions
+
+    ps, twin = _lesion_and_twin("subarachnoid", 13, lambda les: les.params["site"] == site, 34, 160)
     les = ps.lesions[0]
-    assert les.params.get("site", les.kind) == site  # planned once: it found CSF to fill
+    assert les.params["site"] == site  # planned once: it found CSF to fill
     m = ps.masks["subarachnoid"]
     assert m.any() and np.isin(ps.tissue[m], (an.CSF,)).all()
     diff = ps.hu.astype(np.float32) - twin.hu.astype(np.float32)
@@ -311,7 +314,7 @@ def test_subarachnoid_blood_is_patchy_and_fills_its_csf_as_partial_volume(site):
         assert np.abs(diff[far]).max() == 0
     X, Y = np.broadcast_to(ps.frame.X, m.shape), np.broadcast_to(ps.frame.Y, m.shape)
     if site == "interhemispheric":
-        assert np.abs(X[m]).max() < 6.0
+        assert np.abs(X[m]).max() < lesions.SAH_FISSURE_MM
     if site == "sylvian":  # one side, out from the insula, around the fissure, at or below the widest level
         assert (np.sign(X[m]) == les.side).all() and np.abs(X[m]).min() > 0.3 * ps.head.a
         assert -0.35 * ps.head.b < Y[m].min() and Y[m].max() < 0.15 * ps.head.b
@@ -330,7 +333,8 @@ def test_subarachnoid_patches_hold_their_coverage_of_the_reach(site):
     rng = np.random.default_rng(14)
     head = an.sample_head(rng)
     fr = an.make_frame(rng, head, 34, 160, 160, 5.0)
-    les = lesions.plan_lesion("subarachnoid", head, fr, np.random.default_rng(_sah_seed(head, fr, site)))
+    lseed = _lesion_seed("subarachnoid", head, fr, lambda les: les.params["site"] == site)
+    les = lesions.plan_lesion("subarachnoid", head, fr, np.random.default_rng(lseed))
     distended = [dict(les.params, z=les.z, z_half=les.z_half)] if les.kind == "convexity" else None  # as drawn
     anat = an.build(head, fr, rng, distended=distended)
 
@@ -343,16 +347,6 @@ def test_subarachnoid_patches_hold_their_coverage_of_the_reach(site):
     assert full.sum() > 100
     assert not (half & ~full).any()
     assert 0.3 <= half.sum() / full.sum() <= 0.7, half.sum() / full.sum()  # 0.38-0.54 over head seeds 13-18
-
-
-def _contusion_rng(head, fr):
-    """The first seed whose lesion generator plans a traumatic contusion for an intraparenchymal bleed."""
-    from ichscan.phantom import lesions
-
-    for seed in range(200):
-        if lesions.plan_lesion("intraparenchymal", head, fr, np.random.default_rng(seed)).kind == "contusion":
-            return seed
-    raise AssertionError("no contusion planned")
 
 
 def test_contusions_cluster_at_the_skull_base():
@@ -379,18 +373,7 @@ def test_contusions_cluster_at_the_skull_base():
 def test_contusion_is_blood_in_brain_with_oedema_around_it():
     """Against its lesion-free twin (same scan, same noise), a contusion adds blood density inside its mask,
     only in grey and white matter, and lowers the brain around it (oedema)."""
-    seed = 5
-    rng = np.random.default_rng(seed)
-    head = an.sample_head(rng)
-    lseed = _contusion_rng(head, an.make_frame(np.random.default_rng(seed + 1000), head, 30, 128, 128, 5.0))
-
-    def render(subtypes):
-        r = np.random.default_rng(seed)
-        h = an.sample_head(r)
-        return make_series(h, subtypes, r, n=30, rows=128, cols=128, thickness=5.0, confounders={},
-                           lesion_rng=np.random.default_rng(lseed))
-
-    ps, twin = render(("intraparenchymal",)), render(())
+    ps, twin = _lesion_and_twin("intraparenchymal", 5, lambda les: les.kind == "contusion", 30, 128)
     assert ps.lesions[0].kind == "contusion"
     m = ps.masks["intraparenchymal"]
     assert m.any()

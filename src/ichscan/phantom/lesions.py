@@ -60,6 +60,12 @@ def _vault_range(head: HeadShape, fr: Frame, lo: float, hi: float, rng, half: fl
     return float(rng.uniform(zlo, zhi))
 
 
+def _drawn_from_plan(hu: float, z: float, stream: int) -> np.random.Generator:
+    """A generator seeded from a plan's own density and level draws: what it draws changes no draw of the
+    plan's ``rng``, so adding a choice to a lesion leaves every other draw of a set as it was."""
+    return np.random.default_rng([int(hu * 1e6) % 2**31, int(z * 1e4) % 2**31, stream])
+
+
 def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generator) -> Lesion:
     side = float(rng.choice([-1.0, 1.0]))
     high = head.widest + 0.35 * (head.top - head.widest)
@@ -103,7 +109,7 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
             thick = float(rng.uniform(7, 20))
         # Acute subdurals also collect along the tentorium and beside the falx (a tenth each here), chosen
         # by a generator seeded from this plan's own draws, so that every draw of ``rng`` stays as it was.
-        site_rng = np.random.default_rng([int(hu * 1e6) % 2**31, int(z * 1e4) % 2**31, 29])
+        site_rng = _drawn_from_plan(hu, z, 29)
         site = str(site_rng.choice(["convexity", "tentorium", "falx"], p=[0.8, 0.1, 0.1]))
         if kind == "acute" and site == "tentorium":
             t = an.tentorium(head)
@@ -167,6 +173,7 @@ def plan_lesion(subtype: str, head: HeadShape, fr: Frame, rng: np.random.Generat
 # a smooth 3-D field whose highest ``coverage`` share holds blood (``SAH_PATCH_MM``: its wavelengths), and
 # convexity blood lies in one of ``SAH_SITES`` with the sulci it fills widened from not at all to fully.
 SAH_SITES = {"sulcal": 0.6, "interhemispheric": 0.25, "sylvian": 0.15}
+SAH_FISSURE_MM = 6.0  # interhemispheric blood lies within this of the midline
 SAH_PATCH_MM = (14.0, 32.0)
 SAH_PATCH_WAVES = 10
 
@@ -174,11 +181,12 @@ SAH_PATCH_WAVES = 10
 def _subarachnoid_site(les: Lesion, head: HeadShape, fr: Frame) -> Lesion:
     """Where in its reach the blood lies, drawn by a generator seeded from the plan's own draws, so that
     every draw of the plan's ``rng`` stays as it was."""
-    sr = np.random.default_rng([int(les.hu * 1e6) % 2**31, int(les.z * 1e4) % 2**31, 31])
+    sr = _drawn_from_plan(les.hu, les.z, 31)
     p = dict(les.params, patch_seed=int(sr.integers(2**31)))
     z = les.z
     if les.kind == "basal":
         p["coverage"] = float(sr.uniform(0.6, 1.0))
+        p["site"] = "basal"
         return Lesion(les.subtype, les.kind, z, les.z_half, les.hu, les.side, p)
     p["coverage"] = float(sr.uniform(0.35, 0.9))
     site = str(sr.choice(list(SAH_SITES), p=list(SAH_SITES.values())))
@@ -216,11 +224,11 @@ def _paint_subarachnoid(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, 
     mostly CSF and are now mostly blood."""
     hu, tissue, depth = anat.hu[i], anat.tissue[i], anat.depth[i]
     p = les.params
-    site = p.get("site", "basal" if les.kind == "basal" else "sulcal")
+    site = p["site"]
     if site == "basal":
         sel = np.hypot(X, Y + 0.05 * head.b) < p["radius"] * (0.6 + 0.4 * zi)
     elif site == "interhemispheric":
-        sel = (np.abs(X) < 6.0) & (np.abs(Y - p["y_centre"]) < p["y_half"] * zi)
+        sel = (np.abs(X) < SAH_FISSURE_MM) & (np.abs(Y - p["y_centre"]) < p["y_half"] * zi)
     elif site == "sylvian":
         sel = (np.sign(X) == les.side) & (np.abs(X) > 0.3 * head.a) & (Y > -0.35 * head.b) & (Y < 0.15 * head.b)
     else:
@@ -231,12 +239,8 @@ def _paint_subarachnoid(les: Lesion, head: HeadShape, fr: Frame, anat: Anatomy, 
     reach = sel & (csf | ((tissue == an.GREY) & ndimage.binary_dilation(csf, iterations=1)))
     if not reach.any():
         return np.zeros(hu.shape, bool)
-    if "patch_seed" in p:
-        field = _patch_field(int(p["patch_seed"]), X[reach], Y[reach], float(fr.z[i]))
-        cut = float(ndtri(1.0 - p["coverage"]))
-        fill = np.clip((field - cut) / 0.5 + 0.5, 0, 1)
-    else:
-        fill = np.ones(int(reach.sum()), np.float32)
+    field = _patch_field(int(p["patch_seed"]), X[reach], Y[reach], float(fr.z[i]))
+    fill = np.clip((field - float(ndtri(1.0 - p["coverage"]))) / 0.5 + 0.5, 0, 1)
     share = np.clip((head.grey - hu[reach]) / (head.grey - head.csf), 0, 1)
     hu[reach] += (share * fill * (les.hu - head.csf)).astype(np.float32)
     blood = np.zeros(hu.shape, bool)
