@@ -22,7 +22,10 @@ the same way: ``ichscan.dicom.find_series`` -> ``CTSeries.volume()`` (HU) -> the
   on the three paper windows, and logistic regression on per-slice hand features (histogram quantiles,
   noise). 0.5: indistinguishable; 1.0: trivially told apart. Each is also reported within the lower,
   middle and upper third of the series (``oof_auc_by_level``: skull base, mid-brain, vertex), to show where
-  phantoms and real heads differ most.
+  phantoms and real heads differ most. ``cnn.where``: where in the slice the CNN found each slice's own
+  class (Grad-CAM of each fold's model on its test slices), as shares of its evidence in the intracranial
+  mask, the band of vault and scalp around it, the rest of the body and the air, beside the share of the
+  image each covers; ``--cam-picture PNG`` draws it over a few slices per class and third.
 
 ``ge-normal`` enters the histogram and NPS comparisons (reported separately, and against ctich-dev as a
 real-versus-real yardstick), not the discriminator.
@@ -257,6 +260,7 @@ class SourceStats:
     min_nyquist: float = np.inf
     features: list = field(default_factory=list)
     images: dict = field(default_factory=dict)  # running slice index -> (3, size, size) uint8
+    regions: dict = field(default_factory=dict)  # running slice index -> (size, size) uint8 region_labels
     groups: list = field(default_factory=list)
     levels: list = field(default_factory=list)  # each slice's place in its series: 0 first (lowest), 1 last
     inner_table: list = field(default_factory=list)  # (level, widths in mm) of the slices with a mask
@@ -307,6 +311,24 @@ def region_view(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], 
     raise ValueError(f"unknown region {region!r}")
 
 
+REGIONS = ("air", "outside_cranium", "cranium_band", "intracranial")  # region_labels' codes 0..3
+BODY_HU = -300.0  # region_labels: denser than this is body (or head holder), not air
+
+
+def region_labels(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], size: int,
+                  cranium_mm: float = CRANIUM_MM) -> np.ndarray:
+    """Each pixel's region (codes index ``REGIONS``), resized like ``window_image`` to ``size``: 3 the
+    intracranial mask; 2 the band within ``cranium_mm`` of it (the 3 mm under the inner table, the vault,
+    the scalp, and the air just beyond the skin); 1 anything else denser than ``BODY_HU`` (face, neck, skull
+    base and scalp of slices without a mask, head holder); 0 air. Where the CNN's evidence lies."""
+    from PIL import Image
+
+    lab = (hu > BODY_HU).astype(np.uint8)
+    lab[around(mask, spacing, cranium_mm)] = 2
+    lab[mask] = 3
+    return np.asarray(Image.fromarray(lab).resize((size, size), Image.NEAREST))
+
+
 def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, window_at=(),
                 region: str = "whole", cranium_mm: float = CRANIUM_MM) -> SourceStats:
     """Read ``series_list`` (``CTSeries``) through ichscan and accumulate the measures; the slices whose
@@ -351,6 +373,7 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
             if st.slices in window_at:
                 shown = region_view(hu, mask, spacing, region, cranium_mm)
                 st.images[st.slices] = window_image(shown, PAPER_WINDOWS, image_size, np.uint8)
+                st.regions[st.slices] = region_labels(hu, mask, spacing, image_size, cranium_mm)
             st.slices += 1
         log.info("%s: series %d/%d, %d slices, %.0f s", name, k + 1, len(series_list), st.slices,
                  time.perf_counter() - t0)
@@ -480,25 +503,46 @@ def small_cnn(in_channels: int = 3, widths=(16, 32, 64, 64)):
 
 
 def cnn_oof(images: np.ndarray, y: np.ndarray, splits, *, seed: int, epochs: int = 3, batch: int = 32,
-            lr: float = 2e-3, threads: int = 1) -> np.ndarray:
+            lr: float = 2e-3, threads: int = 1, cam: bool = False):
     """Out-of-fold logits of ``small_cnn`` trained per fold from scratch (seeded; horizontal flips), on
-    ``threads`` CPU threads (one is faster than two on a machine whose cores are busy)."""
+    ``threads`` CPU threads (one is faster than two on a machine whose cores are busy). With ``cam``, also
+    each slice's out-of-fold ``grad_cam`` map towards its own class: ``(scores, maps)``."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _cnn_oof(images, y, splits, seed, epochs, batch, lr)
+        return _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam)
     finally:
         torch.set_num_threads(before)
 
 
-def _cnn_oof(images, y, splits, seed, epochs, batch, lr) -> np.ndarray:
+CAM_BLOCKS = 2  # grad_cam reads the second conv block's output: a 16x16 map of 8x8 px cells at 128 px
+
+
+def grad_cam(model, x, sign):
+    """Grad-CAM (Selvaraju et al. 2017) of ``small_cnn`` at ``CAM_BLOCKS`` blocks in: for each image, the
+    ReLU of that block's feature maps weighted by the spatial mean of their gradient of ``sign`` x logit
+    (+1: evidence for phantom, -1: for real), so each map shows where the model found its image's own
+    class. (N, h, w) float, not normalised."""
+    import torch
+
+    cut = 4 * CAM_BLOCKS  # conv, batch norm, ReLU, pool per block
+    with torch.enable_grad():
+        feats = model[:cut](x).detach().requires_grad_(True)
+        (model[cut:](feats) * sign).sum().backward()
+        weights = feats.grad.mean(dim=(2, 3), keepdim=True)
+        return torch.relu((weights * feats).sum(1)).detach()
+
+
+def _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam=False):
     import torch
 
     x_all = torch.from_numpy(np.ascontiguousarray(images))
     y_all = torch.from_numpy(y.astype(np.float32))
     scores = np.zeros(len(y))
+    side = images.shape[-1] // 2 ** (CAM_BLOCKS + 1)
+    maps = np.zeros((len(y), side, side), np.float32) if cam else None
     for k, (tr, te) in enumerate(splits):
         torch.manual_seed(seed * 1000 + k)
         gen = torch.Generator().manual_seed(seed * 1000 + k)
@@ -523,9 +567,69 @@ def _cnn_oof(images, y, splits, seed, epochs, batch, lr) -> np.ndarray:
             te_t = torch.from_numpy(te)
             out = [model(x_all[i].float().div_(255.0).sub_(0.5).div_(0.25)) for i in te_t.split(256)]
             scores[te] = torch.cat(out).numpy()
+        if cam:
+            for i in te_t.split(256):
+                sign = y_all[i] * 2 - 1
+                maps[i.numpy()] = grad_cam(model, x_all[i].float().div_(255.0).sub_(0.5).div_(0.25),
+                                           sign).numpy()
         log.info("cnn fold %d/%d: test AUC %.3f", k + 1, len(splits),
                  roc_auc_score(y[te], scores[te]) if len(set(y[te])) == 2 else float("nan"))
-    return scores
+    return (scores, maps) if cam else scores
+
+
+def cam_summary(maps: np.ndarray, regions: np.ndarray, y: np.ndarray, levels: np.ndarray) -> dict:
+    """Where the CNN's out-of-fold evidence lies (``grad_cam`` maps, each cell spread over the pixels it
+    covers), by class and third of the series: the mean share of each slice's map in each of ``REGIONS``,
+    against the mean share of the image each region covers (evidence spread evenly would give the same);
+    slices whose map is all zero are left out and counted."""
+    scale = regions.shape[-1] // maps.shape[-1]
+    up = np.repeat(np.repeat(maps, scale, axis=1), scale, axis=2)
+    total = up.sum(axis=(1, 2))
+    used = total > 0
+    mass = np.stack([(up * (regions == r)).sum(axis=(1, 2)) for r in range(len(REGIONS))], 1)
+    mass = mass / np.where(used, total, 1)[:, None]
+    area = np.stack([(regions == r).mean(axis=(1, 2)) for r in range(len(REGIONS))], 1)
+    third = level_third(levels)
+    out = {}
+    for cls, name in ((1, "phantom"), (0, "ctich_dev")):
+        by = {}
+        for k, band in [(None, "all"), *enumerate(LEVEL_BANDS)]:
+            sel = (y == cls) & used & (True if k is None else third == k)
+            if sel.any():
+                by[band] = {"slices": int(sel.sum()),
+                            "evidence_share": {r: round(float(mass[sel, i].mean()), 3) for i, r in enumerate(REGIONS)},
+                            "area_share": {r: round(float(area[sel, i].mean()), 3) for i, r in enumerate(REGIONS)}}
+        out[name] = {"by_level": by, "slices_without_evidence": int(((y == cls) & ~used).sum())}
+    return out
+
+
+def write_cam_pictures(path: Path, images: np.ndarray, maps: np.ndarray, y: np.ndarray, levels: np.ndarray,
+                       per_row: int = 8, zoom: int = 2) -> None:
+    """One PNG: a row per class and third of the series (phantom lower, middle, upper; then ctich-dev), each
+    with ``per_row`` slices spread evenly over it, the soft-tissue window in grey with the slice's own
+    ``grad_cam`` map (scaled to its maximum) in red over it."""
+    from PIL import Image, ImageDraw
+
+    size = images.shape[-1] * zoom
+    scale = images.shape[-1] // maps.shape[-1]
+    third = level_third(levels)
+    label_w = 110
+    rows = [(cls, k) for cls in (1, 0) for k in range(len(LEVEL_BANDS))]
+    sheet = Image.new("RGB", (label_w + per_row * size, len(rows) * size), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (cls, k) in enumerate(rows):
+        idx = np.flatnonzero((y == cls) & (third == k))
+        draw.text((4, r * size + 4), f"{'phantom' if cls else 'ctich-dev'}\n{LEVEL_BANDS[k]}", fill="black")
+        for c, i in enumerate(idx[evenly(len(idx), per_row)] if len(idx) else []):
+            grey = images[i, -1].astype(np.float32)
+            heat = np.kron(maps[i], np.ones((scale, scale), np.float32))
+            heat = heat / heat.max() if heat.max() > 0 else heat
+            a = 0.6 * heat
+            rgb = np.stack([grey * (1 - a) + 255 * a, grey * (1 - a), grey * (1 - a)], -1)
+            tile = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
+            sheet.paste(tile, (label_w + c * size, r * size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
 
 
 def evenly(n: int, k: int) -> np.ndarray:
@@ -603,6 +707,8 @@ def main() -> None:
                          "what a model trained with --region cavity sees")
     ap.add_argument("--cranium-mm", type=float, default=CRANIUM_MM,
                     help=f"reach of --cnn-region cranium beyond the intracranial mask (default {CRANIUM_MM:g} mm)")
+    ap.add_argument("--cam-picture", type=Path,
+                    help="also write a PNG of slices with where the CNN found each one's class (Grad-CAM)")
     ap.add_argument("--keep-phantoms", action="store_true", help="leave the phantoms in --work")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
@@ -677,8 +783,17 @@ def main() -> None:
     if not args.no_cnn:
         images = np.stack([phantom.images[i] for i in pick_p] + [real.images[i] for i in pick_r])
         t = time.perf_counter()
-        scores = cnn_oof(images, y, splits, seed=args.seed, epochs=args.epochs, threads=args.threads)
+        scores, maps = cnn_oof(images, y, splits, seed=args.seed, epochs=args.epochs, threads=args.threads,
+                               cam=True)
         seconds["cnn"] = round(time.perf_counter() - t, 1)
+        regions = np.stack([phantom.regions[i] for i in pick_p] + [real.regions[i] for i in pick_r])
+        cam = {"method": f"Grad-CAM at conv block {CAM_BLOCKS} of each fold's model on its own test slices, towards "
+                         "each slice's own class; region codes: intracranial mask, within --cranium-mm of it, "
+                         f"other pixels above {BODY_HU:g} HU, air",
+               **cam_summary(maps, regions, y, levels)}
+        if args.cam_picture:
+            write_cam_pictures(args.cam_picture, images, maps, y, levels)
+            cam["picture"] = str(args.cam_picture)
         disc["cnn"] = {"model": "4 conv blocks (16-32-64-64, first conv stride 2), GAP, linear; "
                                 "AdamW one-cycle 2e-3, batch 32, hflip",
                        "input": f"3 paper windows (brain, blood, soft tissue) at {args.image_size} px, uint8"
@@ -690,7 +805,7 @@ def main() -> None:
                                              "(ichscan.cavity.cut_to_cavity; the rest -1000 HU)"}[args.cnn_region],
                        "region": args.cnn_region,
                        "epochs": args.epochs, "torch_seed": f"{args.seed} * 1000 + fold", "threads": args.threads,
-                       **auc_report(scores, y, splits, brain, levels)}
+                       **auc_report(scores, y, splits, brain, levels), "where": cam}
         disc["headline_auc"] = disc["cnn"]["oof_auc"]
     else:
         disc["headline_auc"] = lr_report["oof_auc"]

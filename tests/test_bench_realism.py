@@ -156,6 +156,53 @@ def test_discriminators_tell_different_sets_apart_and_not_the_same(realism):
     assert auc(realism.logreg_oof(feats, y, splits)) > 0.95
 
 
+def test_grad_cam_finds_the_patch_that_tells_the_classes_apart(realism, tmp_path):
+    """Both classes are the same noise, but class 1 carries a bright 16 px square in the top-left
+    quadrant of a 64 px image: the CNN's out-of-fold evidence for class 1 lies mostly on the square
+    (a sixteenth of the image), and the picture shows it in red there."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    n_groups, per = 12, 10
+    groups = np.r_[_groups(n_groups, per, "a"), _groups(n_groups, per, "b")]
+    y = np.r_[np.ones(n_groups * per), np.zeros(n_groups * per)].astype(int)
+    images = np.clip(rng.normal(100, 25, (len(y), 3, 64, 64)), 0, 255)
+    images[y == 1, :, 8:24, 8:24] += 80
+    images = images.astype(np.uint8)
+    splits = realism.grouped_folds(y, groups, 4, seed=0)
+    scores, maps = realism.cnn_oof(images, y, splits, seed=0, epochs=3, cam=True)
+    assert realism.auc_report(scores, y, splits)["oof_auc"] > 0.95
+    assert maps.shape == (len(y), 8, 8)  # 64 px / 8: two blocks of a strided conv and a pool each
+    square = np.zeros((64, 64), np.uint8)
+    square[8:24, 8:24] = 3  # "intracranial": the square; the rest "air"
+    regions = np.broadcast_to(square, (len(y), 64, 64))
+    where = realism.cam_summary(maps, regions, y, np.linspace(0, 1, len(y)))["phantom"]["by_level"]["all"]
+    assert where["area_share"]["intracranial"] == pytest.approx(1 / 16, abs=1e-3)
+    assert where["evidence_share"]["intracranial"] > 0.4  # 0.57 here: nine times its share of the image
+    png = tmp_path / "cam.png"
+    realism.write_cam_pictures(png, images, maps, y, np.tile(np.linspace(0, 1, len(y) // 2), 2), per_row=4)
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert sheet.shape == (6 * 128, 110 + 4 * 128, 3)  # three thirds for each class, four slices a row, 2x zoom
+    tile = sheet[:128, 110:238]  # the first phantom slice: red over the square, not far from it
+    redness = tile[..., 0] - tile[..., 1]
+    assert redness[16:48, 16:48].mean() > 2 * redness[80:, 80:].mean() + 10
+
+
+def test_region_labels_name_cavity_band_body_and_air(realism):
+    hu, r = skull()  # 1 mm pixels: a 60 mm disc, a 6 mm bone ring, air beyond
+    hu[5:15, 90:110] = 40.0  # "face": soft tissue more than 20 mm out from the cavity
+    mask = realism.intracranial_mask(hu, (1.0, 1.0))
+    lab = realism.region_labels(hu, mask, (1.0, 1.0), 200)
+    c = 100
+    assert lab[c, c] == 3 and lab[c, c + 58] == 2  # inside; 2 mm under the inner table (eroded 3 mm)
+    assert lab[c, c + 63] == 2 and lab[c, c + 75] == 2  # the bone; air 18 mm beyond the mask
+    assert lab[10, 100] == 1 and lab[c, c + 90] == 0 and lab[0, 0] == 0
+    assert realism.REGIONS[lab[10, 100]] == "outside_cranium"
+    half = realism.region_labels(hu, mask, (1.0, 1.0), 100)  # resized as the windowed image is
+    assert half.shape == (100, 100) and half[50, 50] == 3 and half[5, 50] == 1
+
+
 def test_auc_by_level_scores_each_third_of_the_series_apart(realism):
     # 4 slices per class in each third; the scores separate the classes perfectly at the skull base,
     # not at all in the middle (every score equal) and backwards at the vertex
