@@ -263,6 +263,8 @@ class SourceStats:
     regions: dict = field(default_factory=dict)  # running slice index -> (size, size) uint8 region_labels
     groups: list = field(default_factory=list)
     levels: list = field(default_factory=list)  # each slice's place in its series: 0 first (lowest), 1 last
+    cavity_cm2: list = field(default_factory=list)  # each slice's intracranial mask area
+    ends_cm2: list = field(default_factory=list)  # per series, (first, last) slice's head_section_cm2
     inner_table: list = field(default_factory=list)  # (level, widths in mm) of the slices with a mask
 
 
@@ -368,6 +370,7 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
             st.features.append(slice_features(inside, ps, f, profile))
             st.groups.append(f"{name}:{series.patient_id}")
             st.levels.append(i / max(len(vol) - 1, 1))
+            st.cavity_cm2.append(float(mask.sum()) * float(spacing[0]) * float(spacing[1]) / 100.0)
             if inside.size:
                 st.inner_table.append((st.levels[-1], inner_table_widths(hu, mask, spacing)))
             if st.slices in window_at:
@@ -375,16 +378,35 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
                 st.images[st.slices] = window_image(shown, PAPER_WINDOWS, image_size, np.uint8)
                 st.regions[st.slices] = region_labels(hu, mask, spacing, image_size, cranium_mm)
             st.slices += 1
+        st.ends_cm2.append((head_section_cm2(vol[0], spacing), head_section_cm2(vol[-1], spacing)))
         log.info("%s: series %d/%d, %d slices, %.0f s", name, k + 1, len(series_list), st.slices,
                  time.perf_counter() - t0)
     return st
 
 
+def head_section_cm2(hu: np.ndarray, spacing: tuple[float, float]) -> float:
+    """Area of the largest connected region above ``BODY_HU`` (the head's section; a head holder's arc or a
+    cable is smaller), cm2: how far up or down the head a slice lies, whatever its place in its series."""
+    lab, n = ndi.label(hu > BODY_HU)
+    if not n:
+        return 0.0
+    return float(np.bincount(lab.ravel())[1:].max()) * float(spacing[0]) * float(spacing[1]) / 100.0
+
+
 def source_summary(st: SourceStats) -> dict:
-    """Counts and geometry of a source."""
+    """Counts and geometry of a source; ``coverage``: the head's section on each series' first (lowest) and
+    last slice, median and quartiles, so that one sees whether sources cover the same stretch of the head
+    (a series that ends at the vertex ends on a small section, one that stops short of it on a large one)."""
     sp = np.array(st.spacings) if st.spacings else np.array([np.nan])
+    ends = np.array(st.ends_cm2, float).reshape(-1, 2)
+
+    def quartiles(v):
+        return [round(float(q), 1) for q in np.percentile(v, [25, 50, 75])] if len(v) else None
+
     return {"series": st.series, "patients": len(set(st.groups)), "slices": st.slices,
             "slices_with_intracranial_mask": st.slices_with_mask,
+            "coverage": {"first_slice_head_cm2_q25_q50_q75": quartiles(ends[:, 0]),
+                         "last_slice_head_cm2_q25_q50_q75": quartiles(ends[:, 1])},
             "pixel_spacing_mm": {"min": round(float(sp.min()), 4), "median": round(float(np.median(sp)), 4),
                                  "max": round(float(sp.max()), 4)},
             "matrices": sorted(st.matrices)}
@@ -451,12 +473,22 @@ def level_third(levels):
     return np.minimum((np.asarray(levels) * 3).astype(int), 2)
 
 
+CAVITY_BANDS = ((0.0, 0.0), (0.0, 40.0), (40.0, 100.0), (100.0, np.inf))  # cm2 of intracranial mask
+
+
+def cavity_band_names() -> list[str]:
+    return ["none" if hi == 0 else f"{lo:g}-{hi:g}cm2" if np.isfinite(hi) else f">={lo:g}cm2"
+            for lo, hi in CAVITY_BANDS]
+
+
 def auc_report(scores: np.ndarray, y: np.ndarray, splits, brain: np.ndarray | None = None,
-               levels: np.ndarray | None = None) -> dict:
+               levels: np.ndarray | None = None, cavity: np.ndarray | None = None) -> dict:
     """AUC of the pooled out-of-fold scores, and per fold; with ``brain`` (a mask of slices), also the
     pooled AUC over those slices alone; with ``levels`` (each slice's place in its series, 0 lowest to 1
     highest), the pooled AUC within each third of the series (skull base, middle, vertex), so that one
-    sees where the sources differ most. Same scores throughout, no retraining."""
+    sees where the sources differ most; with ``cavity`` (each slice's intracranial mask in cm2), within each
+    of ``CAVITY_BANDS``: slices alike in how much brain they hold, whatever stretch of the head each
+    source's series cover. Same scores throughout, no retraining."""
     fold = [round(float(roc_auc_score(y[te], scores[te])), 4) for _, te in splits if len(set(y[te])) == 2]
     out = {"oof_auc": round(float(roc_auc_score(y, scores)), 4), "fold_aucs": fold}
     if brain is not None and len(set(y[brain])) == 2:
@@ -470,6 +502,16 @@ def auc_report(scores: np.ndarray, y: np.ndarray, splits, brain: np.ndarray | No
                 by_level[name] = {"oof_auc": round(float(roc_auc_score(y[band], scores[band])), 4),
                                   "slices": {"positive": int(y[band].sum()), "negative": int((1 - y[band]).sum())}}
         out["oof_auc_by_level"] = by_level
+    if cavity is not None:
+        cavity = np.asarray(cavity, float)
+        by_area = {}
+        for (lo, hi), name in zip(CAVITY_BANDS, cavity_band_names()):
+            band = (cavity == 0) if hi == 0 else (cavity > lo) & (cavity <= hi)
+            entry = {"slices": {"positive": int(y[band].sum()), "negative": int((1 - y[band]).sum())}}
+            if len(set(y[band])) == 2:
+                entry["oof_auc"] = round(float(roc_auc_score(y[band], scores[band])), 4)
+            by_area[name] = entry
+        out["oof_auc_by_cavity_area"] = by_area
     return out
 
 
@@ -771,7 +813,8 @@ def main() -> None:
     t = time.perf_counter()
     brain = np.isfinite(feats[:, FEATURES.index("hu_q50")])  # slices whose intracranial mask is not empty
     levels = np.array([phantom.levels[i] for i in pick_p] + [real.levels[i] for i in pick_r], float)
-    lr_report = auc_report(logreg_oof(feats, y, splits), y, splits, brain, levels)
+    cavity = np.array([phantom.cavity_cm2[i] for i in pick_p] + [real.cavity_cm2[i] for i in pick_r], float)
+    lr_report = auc_report(logreg_oof(feats, y, splits), y, splits, brain, levels, cavity)
     seconds["logreg"] = round(time.perf_counter() - t, 1)
     disc = {"task": "phantom (positive) vs ctich-dev slices; folds grouped by patient, stratified",
             "slices_per_class": per_class,
@@ -805,7 +848,7 @@ def main() -> None:
                                              "(ichscan.cavity.cut_to_cavity; the rest -1000 HU)"}[args.cnn_region],
                        "region": args.cnn_region,
                        "epochs": args.epochs, "torch_seed": f"{args.seed} * 1000 + fold", "threads": args.threads,
-                       **auc_report(scores, y, splits, brain, levels), "where": cam}
+                       **auc_report(scores, y, splits, brain, levels, cavity), "where": cam}
         disc["headline_auc"] = disc["cnn"]["oof_auc"]
     else:
         disc["headline_auc"] = lr_report["oof_auc"]

@@ -216,6 +216,27 @@ def test_auc_by_level_scores_each_third_of_the_series_apart(realism):
     assert "oof_auc_by_level" not in realism.auc_report(scores, y, splits)
 
 
+def test_auc_by_cavity_area_scores_slices_alike_in_brain_apart(realism):
+    # the same scores as above, banded by how much intracranial mask each slice holds instead of by level:
+    # none (0), small (20 cm2), mid (70) and large (150 cm2); the mid band holds only one class
+    y = np.r_[np.ones(8), np.zeros(8)].astype(int)
+    cavity = np.r_[[0, 0, 20, 20, 150, 150, 150, 150], [0, 0, 20, 20, 70, 70, 150, 150]]
+    scores = np.r_[[0.9, 0.8, 0.1, 0.2, 0.5, 0.5, 0.5, 0.5], [0.1, 0.2, 0.9, 0.8, 0.5, 0.5, 0.5, 0.5]]
+    rep = realism.auc_report(scores, y, [(np.arange(16), np.arange(16))], cavity=cavity)["oof_auc_by_cavity_area"]
+    assert list(rep) == ["none", "0-40cm2", "40-100cm2", ">=100cm2"]
+    assert rep["none"] == {"slices": {"positive": 2, "negative": 2}, "oof_auc": 1.0}
+    assert rep["0-40cm2"]["oof_auc"] == 0.0 and rep[">=100cm2"]["oof_auc"] == 0.5
+    assert rep["40-100cm2"] == {"slices": {"positive": 0, "negative": 2}}  # one class: no AUC
+
+
+def test_head_section_is_the_largest_body_region_not_the_holder(realism):
+    hu, r = skull(size=400, spacing=0.5)  # 0.5 mm pixels, 200 mm across: the skull's outer radius is 66 mm
+    assert realism.head_section_cm2(hu, (0.5, 0.5)) == pytest.approx(np.pi * 6.6 ** 2, rel=0.01)
+    hu[390:396, :] = 200.0  # a holder's slat across the image, 29 mm below the skull: 6 cm2
+    assert realism.head_section_cm2(hu, (0.5, 0.5)) == pytest.approx(np.pi * 6.6 ** 2, rel=0.01)
+    assert realism.head_section_cm2(np.full((50, 50), -1000.0), (1.0, 1.0)) == 0.0
+
+
 def test_a_phantom_series_goes_through_the_same_path(realism, tmp_path):
     from ichscan.dicom import find_series
     from ichscan.phantom import generate_dataset
