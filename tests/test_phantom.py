@@ -242,16 +242,15 @@ def _lesion_seed(subtype, head, fr, wanted):
 
 def _lesion_and_twin(subtype, seed, wanted, n, size):
     """One scan with a ``subtype`` lesion of which ``wanted`` holds, and the same scan without it (same head,
-    position and noise), as ``make_series`` draws them."""
-    rng = np.random.default_rng(seed)
-    head = an.sample_head(rng)
-    lseed = _lesion_seed(subtype, head, an.make_frame(rng, head, n, size, size, 5.0), wanted)  # make_series' frame
+    position and noise), as ``make_series`` draws them. The head and the scan have streams of their own, as
+    in a phantom set (``dataset.head_for``), so a field added to the head moves nothing else."""
+    head = an.sample_head(np.random.default_rng([seed, 1]))
+    frame = an.make_frame(np.random.default_rng([seed, 2]), head, n, size, size, 5.0)  # make_series' frame
+    lseed = _lesion_seed(subtype, head, frame, wanted)
 
     def render(subtypes):
-        r = np.random.default_rng(seed)
-        h = an.sample_head(r)
-        return make_series(h, subtypes, r, n=n, rows=size, cols=size, thickness=5.0, confounders={},
-                           lesion_rng=np.random.default_rng(lseed))
+        return make_series(head, subtypes, np.random.default_rng([seed, 2]), n=n, rows=size, cols=size,
+                           thickness=5.0, confounders={}, lesion_rng=np.random.default_rng(lseed))
 
     return render((subtype,)), render(())
 
@@ -295,7 +294,8 @@ def test_subarachnoid_blood_is_patchy_and_fills_its_csf_as_partial_volume(site):
     fissure, Sylvian blood on its side around the fissure."""
     from ichscan.phantom import lesions
 
-    ps, twin = _lesion_and_twin("subarachnoid", 13, lambda les: les.params["site"] == site, 34, 160)
+    # head 12: each site's lesion holds 50 or more voxels there, enough to measure the grey rim around it
+    ps, twin = _lesion_and_twin("subarachnoid", 12, lambda les: les.params["site"] == site, 34, 160)
     les = ps.lesions[0]
     assert les.params["site"] == site  # planned once: it found CSF to fill
     m = ps.masks["subarachnoid"]
@@ -605,13 +605,13 @@ def test_skull_fracture_breaks_the_vault_and_leaves_the_blood_alone():
     from ichscan.phantom import artifacts
 
     rng = np.random.default_rng(4)
-    head = an.sample_head(rng)
-    fr = an.make_frame(rng, head, 24, 128, 128, 5.0)
+    head = an.sample_head(np.random.default_rng([4, 1]))  # a stream of its own, as in a phantom set
+    fr = an.make_frame(rng, head, 24, 160, 160, 5.0)  # 1.3-1.6 mm pixels: a 2 mm gap holds whole ones
     anat = an.build(head, fr, rng)
     spec = dict(artifacts.draw_fracture(np.random.default_rng(0)), height=0.5, z_half=20.0, depressed_mm=4.0,
                 segment=0.15, width=2.0, swelling_mm=8.0, air=3, fill_hu=30.0)
     keep = np.zeros(anat.hu.shape, bool)
-    keep[:, 60:68, :] = True  # a band of "blood" across every slice
+    keep[:, 75:85, :] = True  # a band of "blood" across every slice
     hu0, tissue0 = anat.hu.copy(), anat.tissue.copy()
     drawn = artifacts.skull_fracture(anat.hu, anat.tissue, anat.depth, head, fr, spec, keep=keep)
     changed = anat.hu != hu0
@@ -884,6 +884,29 @@ def test_scalp_is_fat_under_the_skin_and_thicker_over_the_temporal_fossae():
     assert side_hu < 0  # muscle on the bone, fat over it
     assert got["lean"]["front"][1] > 20 and got["lean"]["side"][0] == pytest.approx(front_mm, abs=1.0)
     assert an.temporal_share(base, base.widest + 5.0) == 1.0 and an.temporal_share(base, base.widest + 35.0) == 0.0
+
+
+def test_scalp_thickens_towards_the_occiput():
+    """Real scalp is thicker behind than in front: outer table to skin, 4-8.5 mm at the forehead and 6-9.5
+    mm over the occiput on CT-ICH (quartiles, upper two thirds of the series), 7.5 and more on the GE head.
+    The phantom adds ``head.occiput`` of ``head.scalp`` straight back, less towards the sides, none in
+    front; the extra is fat under the skin, as the rest of the scalp."""
+    import dataclasses
+
+    base = dataclasses.replace(an.sample_head(np.random.default_rng(5)), scalp=6.0, scalp_fat=0.8, temporalis=0.0)
+    z = base.widest + 15.0
+    got = {}
+    for occiput in (0.0, 0.5):
+        hu = _level(dataclasses.replace(base, occiput=occiput), z)
+        got[occiput] = {name: _scalp_profile(_ray(hu, np.deg2rad(a)))
+                        for name, a in (("front", 0), ("side", 90), ("back_oblique", 135), ("back", 180))}
+    flat, thick = got[0.0], got[0.5]
+    assert flat["back"][0] == pytest.approx(flat["front"][0], abs=1.0)  # without it, the same all round
+    assert thick["back"][0] - flat["back"][0] == pytest.approx(3.0, abs=0.75)  # half of the 6 mm scalp
+    assert flat["back_oblique"][0] + 0.5 < thick["back_oblique"][0] < thick["back"][0] - 0.5  # tapering
+    for name in ("front", "side"):  # nothing changes in front of the widest point
+        assert thick[name][0] == pytest.approx(flat[name][0], abs=0.25)
+    assert -80 <= thick["back"][1] <= -20  # fat and septa, as in front
 
 
 def test_sutures_cut_the_bone_and_not_the_scalp(monkeypatch):

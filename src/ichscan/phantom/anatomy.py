@@ -55,6 +55,7 @@ class HeadShape:
     scalp_fat: float = 0.0  # share of fat in the subcutaneous layer (with its fibrous septa)
     temporalis: float = 0.0  # mm the temporal muscle adds to the scalp over the temporal fossae
     squama: float = 1.0  # the vault's thickness on the sides (parietal, temporal squama) over front and back's
+    occiput: float = 0.0  # share of ``scalp`` the scalp adds behind the head, most over the occiput
     # A child's head (``child_head``); an adult's keeps these defaults:
     scale: float = 1.0  # mm of the patient per mm of the head frame: a child's head is a smaller one
     frontal_sinus: float = 1.0  # size of the frontal sinuses, sphenoid sinus and mastoid air cells as a share
@@ -88,6 +89,9 @@ def sample_head(rng: np.random.Generator) -> HeadShape:
         temporalis=float(rng.uniform(2.0, 6.0)),
         # real vaults are 5-8 mm thick front and back but 3.5-4.5 mm on the sides (1-5 at the temporal levels)
         squama=float(rng.uniform(0.5, 0.75)),
+        # the scalp is thicker behind than in front: on the two real sources, 4-8.5 mm at the forehead and
+        # 6-9.5 mm over the occiput (interquartile, outer table to skin, upper two thirds of the series)
+        occiput=float(rng.uniform(0.15, 0.6)),
     )
 
 
@@ -459,6 +463,9 @@ def _scalp(cv: _Canvas, vault: _Vault, rng: np.random.Generator) -> None:
     capsc = np.sqrt(np.clip(1 - ((z - head.top) / (head.skull + head.scalp + 0.1)) ** 2, 0, 1))
     A_head = np.where(above, (head.a * 0.3 + head.skull + head.scalp) * capsc, vault.A + head.scalp + temporal)
     B_head = np.where(above, (head.b * 0.35 + head.skull + head.scalp) * capsc, vault.B + head.scalp)
+    # behind the widest point (Y > 0) the outline's half-length grows by the occiput's extra scalp: the two
+    # half-ellipses meet with the same tangent at the sides, so the scalp thickens smoothly towards the back
+    B_head = np.where(Y > 0, B_head + head.scalp * head.occiput * np.where(above, capsc, 1.0), B_head)
     bottom = z < -45
     A_head = np.where(bottom, A_head * 0.85, A_head)
     nose = ellipse(X, Y, 0, -B_head + 3, 9, 14, w) * ((z > -40) & (z < 0))

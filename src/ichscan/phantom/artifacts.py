@@ -115,7 +115,7 @@ def head_holder(hu: np.ndarray, tissue: np.ndarray, head: HeadShape, fr: Frame, 
     for k in range(1 + int(rng.random() < 0.4)):
         gap = float(rng.uniform(4, 18)) + 14.0 * k
         rx = head.a + head.skull + head.scalp + head.temporalis + gap + float(rng.uniform(0, 10))
-        ry = head.b + head.skull + head.scalp + gap
+        ry = head.b + head.skull + head.scalp * (1 + head.occiput) + gap  # the gap is from the skin behind
         cy = float(rng.uniform(-10, 10))
         thick = float(rng.uniform(1.2, 3.5))
         value = float(rng.uniform(100, 450))
