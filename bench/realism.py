@@ -25,7 +25,9 @@ the same way: ``ichscan.dicom.find_series`` -> ``CTSeries.volume()`` (HU) -> the
   phantoms and real heads differ most. ``cnn.where``: where in the slice the CNN found each slice's own
   class (Grad-CAM of each fold's model on its test slices), as shares of its evidence in the intracranial
   mask, the band of vault and scalp around it, the rest of the body and the air, beside the share of the
-  image each covers; ``--cam-picture PNG`` draws it over a few slices per class and third.
+  image each covers; ``--cam-picture PNG`` draws it over a few slices per class and third. ``repeats``: both
+  discriminators run again on the same slices with other fold and weight seeds (``--repeats``, default 3),
+  their AUCs' mean, SD and range: how far a change must move them to be more than their own noise.
 
 ``ge-normal`` enters the histogram and NPS comparisons (reported separately, and against ctich-dev as a
 real-versus-real yardstick), not the discriminator.
@@ -674,6 +676,27 @@ def write_cam_pictures(path: Path, images: np.ndarray, maps: np.ndarray, y: np.n
     sheet.save(path)
 
 
+def repeat_spread(feats: np.ndarray, images: np.ndarray | None, y: np.ndarray, groups: np.ndarray, *, folds: int,
+                  seed: int, n: int, epochs: int, threads: int, first: dict) -> dict:
+    """The discriminators' own run-to-run spread on the same slices: ``n`` runs in all, the first the one
+    already made (its AUCs in ``first``), each other with folds and CNN weights seeded ``seed + r``. Not the
+    spread over phantom draws (the phantoms are the same), so a change smaller than this is noise for sure,
+    and one somewhat larger may still be."""
+    runs = {"logreg": [first["logreg"]], "cnn": [first["cnn"]] if images is not None else []}
+    for r in range(1, n):
+        splits = grouped_folds(y, groups, folds, seed + r)
+        runs["logreg"].append(round(float(roc_auc_score(y, logreg_oof(feats, y, splits))), 4))
+        if images is not None:
+            scores = cnn_oof(images, y, splits, seed=seed + r, epochs=epochs, threads=threads)
+            runs["cnn"].append(round(float(roc_auc_score(y, scores)), 4))
+    out = {"runs": n, "seeds": [seed + r for r in range(n)]}
+    for name, aucs in runs.items():
+        if aucs:
+            out[name] = {"oof_auc": aucs, "mean": round(float(np.mean(aucs)), 4),
+                         "sd": round(float(np.std(aucs, ddof=1)), 4), "range": [min(aucs), max(aucs)]}
+    return out
+
+
 def evenly(n: int, k: int) -> np.ndarray:
     """``k`` indices spread evenly over ``range(n)`` (all of them when k >= n)."""
     return np.arange(n) if k >= n else np.round(np.linspace(0, n - 1, k)).astype(int)
@@ -743,6 +766,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="phantom generator processes (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="CNN training threads (default 1)")
     ap.add_argument("--no-cnn", action="store_true", help="only the logistic-regression discriminator")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of the discriminators on the same slices with other fold and weight seeds, for "
+                         "their run-to-run spread (default 3, about 20 s a CNN run; 1: none)")
     ap.add_argument("--cnn-region", choices=("whole", "intracranial", "cranium", "cavity"), default="whole",
                     help="what the CNN sees: the whole slice (default), only the intracranial mask's pixels, "
                          "the cranium: everything within --cranium-mm of that mask, air beyond; or the cavity: "
@@ -852,6 +878,13 @@ def main() -> None:
         disc["headline_auc"] = disc["cnn"]["oof_auc"]
     else:
         disc["headline_auc"] = lr_report["oof_auc"]
+    if args.repeats > 1:
+        t = time.perf_counter()
+        disc["repeats"] = repeat_spread(
+            feats, None if args.no_cnn else images, y, groups, folds=args.folds, seed=args.seed, n=args.repeats,
+            epochs=args.epochs, threads=args.threads,
+            first={"logreg": lr_report["oof_auc"], "cnn": None if args.no_cnn else disc["cnn"]["oof_auc"]})
+        seconds["repeats"] = round(time.perf_counter() - t, 1)
 
     seconds["total"] = round(time.perf_counter() - t_start, 1)
     report = {

@@ -203,6 +203,30 @@ def test_region_labels_name_cavity_band_body_and_air(realism):
     assert half.shape == (100, 100) and half[50, 50] == 3 and half[5, 50] == 1
 
 
+def test_repeats_keep_the_first_run_and_spread_the_others_over_seeds(realism):
+    """Feature 0 tells the classes apart and feature 1 carries nothing: every repeat finds the first near
+    1; with only feature 1, the runs scatter around 0.5 and their SD is that scatter."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    n_groups, per = 12, 10
+    groups = np.r_[_groups(n_groups, per, "a"), _groups(n_groups, per, "b")]
+    y = np.r_[np.ones(n_groups * per), np.zeros(n_groups * per)].astype(int)
+    feats = rng.normal(0, 1, (len(y), 2))
+    feats[y == 1, 0] += 3.0
+    images = np.clip(rng.normal(100, 25, (len(y), 3, 32, 32)) + 60 * y[:, None, None, None], 0, 255).astype(np.uint8)
+    got = realism.repeat_spread(feats, images, y, groups, folds=4, seed=7, n=3, epochs=2, threads=1,
+                                first={"logreg": 0.123, "cnn": 0.456})
+    assert got["runs"] == 3 and got["seeds"] == [7, 8, 9]
+    assert got["logreg"]["oof_auc"][0] == 0.123 and got["cnn"]["oof_auc"][0] == 0.456  # the first as given
+    assert min(got["logreg"]["oof_auc"][1:]) > 0.95 and min(got["cnn"]["oof_auc"][1:]) > 0.95
+    a = got["logreg"]["oof_auc"]
+    assert got["logreg"]["sd"] == pytest.approx(np.std(a, ddof=1), abs=1e-4)
+    assert got["logreg"]["range"] == [min(a), max(a)]
+    none = realism.repeat_spread(feats[:, 1:], None, y, groups, folds=4, seed=7, n=5, epochs=2, threads=1,
+                                 first={"logreg": 0.5, "cnn": None})
+    assert "cnn" not in none and abs(none["logreg"]["mean"] - 0.5) < 0.1 and 0 < none["logreg"]["sd"] < 0.1
+
+
 def test_auc_by_level_scores_each_third_of_the_series_apart(realism):
     # 4 slices per class in each third; the scores separate the classes perfectly at the skull base,
     # not at all in the middle (every score equal) and backwards at the vertex
