@@ -579,6 +579,16 @@ def grad_cam(model, x, sign):
         return torch.relu((weights * feats).sum(1)).detach()
 
 
+def _as_input(x):
+    """uint8 windows -> the CNN's input: 0..1, then centred at 0.5 and scaled by 4."""
+    return x.float().div_(255.0).sub_(0.5).div_(0.25)
+
+
+def _cells_to_pixels(maps: np.ndarray, scale: int) -> np.ndarray:
+    """Each cell of (..., h, w) maps spread over the ``scale`` x ``scale`` pixels it covers."""
+    return np.repeat(np.repeat(maps, scale, axis=-2), scale, axis=-1)
+
+
 def _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam=False):
     import torch
 
@@ -598,7 +608,7 @@ def _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam=False):
         model.train()
         for _ in range(epochs):
             for idx in tr_t[torch.randperm(len(tr_t), generator=gen)].split(batch):
-                x = x_all[idx].float().div_(255.0).sub_(0.5).div_(0.25)
+                x = _as_input(x_all[idx])
                 flip = torch.rand(len(idx), generator=gen) < 0.5
                 x[flip] = x[flip].flip(-1)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y_all[idx])
@@ -609,13 +619,12 @@ def _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam=False):
         model.eval()
         with torch.inference_mode():
             te_t = torch.from_numpy(te)
-            out = [model(x_all[i].float().div_(255.0).sub_(0.5).div_(0.25)) for i in te_t.split(256)]
+            out = [model(_as_input(x_all[i])) for i in te_t.split(256)]
             scores[te] = torch.cat(out).numpy()
         if cam:
             for i in te_t.split(256):
                 sign = y_all[i] * 2 - 1
-                maps[i.numpy()] = grad_cam(model, x_all[i].float().div_(255.0).sub_(0.5).div_(0.25),
-                                           sign).numpy()
+                maps[i.numpy()] = grad_cam(model, _as_input(x_all[i]), sign).numpy()
         log.info("cnn fold %d/%d: test AUC %.3f", k + 1, len(splits),
                  roc_auc_score(y[te], scores[te]) if len(set(y[te])) == 2 else float("nan"))
     return (scores, maps) if cam else scores
@@ -627,7 +636,7 @@ def cam_summary(maps: np.ndarray, regions: np.ndarray, y: np.ndarray, levels: np
     against the mean share of the image each region covers (evidence spread evenly would give the same);
     slices whose map is all zero are left out and counted."""
     scale = regions.shape[-1] // maps.shape[-1]
-    up = np.repeat(np.repeat(maps, scale, axis=1), scale, axis=2)
+    up = _cells_to_pixels(maps, scale)
     total = up.sum(axis=(1, 2))
     used = total > 0
     mass = np.stack([(up * (regions == r)).sum(axis=(1, 2)) for r in range(len(REGIONS))], 1)
@@ -666,7 +675,7 @@ def write_cam_pictures(path: Path, images: np.ndarray, maps: np.ndarray, y: np.n
         draw.text((4, r * size + 4), f"{'phantom' if cls else 'ctich-dev'}\n{LEVEL_BANDS[k]}", fill="black")
         for c, i in enumerate(idx[evenly(len(idx), per_row)] if len(idx) else []):
             grey = images[i, -1].astype(np.float32)
-            heat = np.kron(maps[i], np.ones((scale, scale), np.float32))
+            heat = _cells_to_pixels(maps[i], scale)
             heat = heat / heat.max() if heat.max() > 0 else heat
             a = 0.6 * heat
             rgb = np.stack([grey * (1 - a) + 255 * a, grey * (1 - a), grey * (1 - a)], -1)
