@@ -137,14 +137,27 @@ def inner_table_widths(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     return np.asarray(out, float)
 
 
-def inner_table_summary(widths_by_level: list) -> dict:
+CAVITY_BANDS = ((0.0, 0.0), (0.0, 40.0), (40.0, 100.0), (100.0, np.inf))  # cm2 of intracranial mask
+
+
+def cavity_band_names() -> list[str]:
+    return ["none" if hi == 0 else f"{lo:g}-{hi:g}cm2" if np.isfinite(hi) else f">={lo:g}cm2"
+            for lo, hi in CAVITY_BANDS]
+
+
+def inner_table_summary(slices: list) -> dict:
     """Median, 90th percentile and share of rays at least ``INNER_TABLE_WIDE_MM`` wide, per third of the
-    series (``LEVEL_BANDS``), from (level, widths) pairs."""
-    out = {}
-    for k, name in enumerate(LEVEL_BANDS):
-        w = np.concatenate([ws for lv, ws in widths_by_level if level_third(lv) == k] or [np.zeros(0)])
-        out[name] = ({"rays": int(w.size), "median_mm": float(np.median(w)), "p90_mm": float(np.percentile(w, 90)),
-                      "share_wide": round(float(np.mean(w >= INNER_TABLE_WIDE_MM)), 4)} if w.size else None)
+    series (``LEVEL_BANDS``) and, under ``by_cavity_area``, per band of intracranial area (``CAVITY_BANDS``
+    with a mask: slices alike in brain content whatever stretch of the head the series cover), from
+    (level, intracranial cm2, widths) per slice."""
+    def stats(w):
+        w = np.concatenate(w or [np.zeros(0)])
+        return ({"rays": int(w.size), "median_mm": float(np.median(w)), "p90_mm": float(np.percentile(w, 90)),
+                 "share_wide": round(float(np.mean(w >= INNER_TABLE_WIDE_MM)), 4)} if w.size else None)
+
+    out = {name: stats([ws for lv, _, ws in slices if level_third(lv) == k]) for k, name in enumerate(LEVEL_BANDS)}
+    out["by_cavity_area"] = {name: stats([ws for _, a, ws in slices if lo < a <= hi])
+                             for (lo, hi), name in zip(CAVITY_BANDS, cavity_band_names()) if hi > 0}
     return out
 
 
@@ -267,7 +280,7 @@ class SourceStats:
     levels: list = field(default_factory=list)  # each slice's place in its series: 0 first (lowest), 1 last
     cavity_cm2: list = field(default_factory=list)  # each slice's intracranial mask area
     ends_cm2: list = field(default_factory=list)  # per series, (first, last) slice's head_section_cm2
-    inner_table: list = field(default_factory=list)  # (level, widths in mm) of the slices with a mask
+    inner_table: list = field(default_factory=list)  # (level, cavity cm2, widths in mm) of the slices with a mask
 
 
 def slice_features(inside: np.ndarray, patches: np.ndarray, f: np.ndarray, profile: np.ndarray) -> list[float]:
@@ -374,7 +387,7 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
             st.levels.append(i / max(len(vol) - 1, 1))
             st.cavity_cm2.append(float(mask.sum()) * float(spacing[0]) * float(spacing[1]) / 100.0)
             if inside.size:
-                st.inner_table.append((st.levels[-1], inner_table_widths(hu, mask, spacing)))
+                st.inner_table.append((st.levels[-1], st.cavity_cm2[-1], inner_table_widths(hu, mask, spacing)))
             if st.slices in window_at:
                 shown = region_view(hu, mask, spacing, region, cranium_mm)
                 st.images[st.slices] = window_image(shown, PAPER_WINDOWS, image_size, np.uint8)
@@ -473,14 +486,6 @@ def level_third(levels):
     """Which of ``LEVEL_BANDS`` each place in its series (0 lowest slice, 1 highest) falls in: 0, 1 or 2
     (the top slice counts as upper)."""
     return np.minimum((np.asarray(levels) * 3).astype(int), 2)
-
-
-CAVITY_BANDS = ((0.0, 0.0), (0.0, 40.0), (40.0, 100.0), (100.0, np.inf))  # cm2 of intracranial mask
-
-
-def cavity_band_names() -> list[str]:
-    return ["none" if hi == 0 else f"{lo:g}-{hi:g}cm2" if np.isfinite(hi) else f">={lo:g}cm2"
-            for lo, hi in CAVITY_BANDS]
 
 
 def auc_report(scores: np.ndarray, y: np.ndarray, splits, brain: np.ndarray | None = None,
@@ -912,7 +917,8 @@ def main() -> None:
         "inner_table": {
             "method": f"{INNER_TABLE_RAYS} rays from the intracranial mask's centroid, every {INNER_TABLE_STEP_MM} mm: "
                       "the distance from the last sample below 60 HU to the first above 300 HU; share_wide: rays "
-                      f"at least {INNER_TABLE_WIDE_MM} mm wide. By third of each series (foot to head)",
+                      f"at least {INNER_TABLE_WIDE_MM} mm wide. By third of each series (foot to head), and by "
+                      "the slice's intracranial area (by_cavity_area)",
             "per_source": {s.name: inner_table_summary(s.inner_table) for s in sources},
         },
         "nps": {

@@ -301,7 +301,8 @@ def test_inner_table_width_is_the_dense_band_between_brain_and_bone(realism):
     """A brain disc (30 HU, radius 50 mm) under a band of 90 HU ``w`` mm wide, then 8 mm of bone (1200 HU) and
     air: every ray reads ``w`` to within 1 mm, its median within 0.5 mm (0.5 mm steps, nearest of 0.5 mm
     pixels), 1.5 mm and 6 mm here. By third, a slice at level 0.1 counts as lower and one at 0.9 as upper,
-    and share_wide counts the rays of at least 3 mm."""
+    by intracranial area one of 150 cm2 as over 100 and one of 20 as up to 40; share_wide counts the rays
+    of at least 3 mm."""
     spacing = (0.5, 0.5)
     yy, xx = (np.mgrid[:300, :300] - 149.5) * 0.5
     r = np.hypot(yy, xx)
@@ -316,7 +317,10 @@ def test_inner_table_width_is_the_dense_band_between_brain_and_bone(realism):
         assert len(widths) == realism.INNER_TABLE_RAYS
         assert abs(float(np.median(widths)) - w) <= 0.5 and np.all(np.abs(widths - w) <= 1.0), (w, widths)
         got[w] = widths
-    summary = realism.inner_table_summary([(0.1, got[1.5]), (0.9, got[6.0])])
+    summary = realism.inner_table_summary([(0.1, 150.0, got[1.5]), (0.9, 20.0, got[6.0])])
     assert summary["lower_third"]["share_wide"] == 0.0 and summary["upper_third"]["share_wide"] == 1.0
     assert summary["middle_third"] is None and summary["lower_third"]["rays"] == realism.INNER_TABLE_RAYS
+    by_area = summary["by_cavity_area"]  # the same slices by intracranial area: 150 cm2 and 20 cm2
+    assert by_area[">=100cm2"]["share_wide"] == 0.0 and by_area["0-40cm2"]["share_wide"] == 1.0
+    assert by_area["40-100cm2"] is None and "none" not in by_area
     assert realism.inner_table_widths(hu, np.zeros(r.shape, bool), spacing).size == 0
