@@ -240,6 +240,15 @@ def _lesion_seed(subtype, head, fr, wanted):
     raise AssertionError(f"no such {subtype} lesion planned")
 
 
+def _within_psf(mask, spacing_mm, structure=None):
+    """``mask`` grown by the scanner's point spread (``artifacts.PSF_REACH_MM`` in plane) and one pixel more:
+    a change to the object shows in the image only there."""
+    from ichscan.phantom import artifacts
+
+    reach = int(np.ceil(artifacts.PSF_REACH_MM / spacing_mm)) + 1
+    return ndimage.binary_dilation(mask, structure, iterations=reach)
+
+
 def _lesion_and_twin(subtype, seed, wanted, n, size):
     """One scan with a ``subtype`` lesion of which ``wanted`` holds, and the same scan without it (same head,
     position and noise), as ``make_series`` draws them. The head and the scan have streams of their own, as
@@ -307,7 +316,7 @@ def test_subarachnoid_blood_is_patchy_and_fills_its_csf_as_partial_volume(site):
         rim[i] = ndimage.binary_dilation(m[i], iterations=1) & ~m[i]
     rim &= ps.tissue == an.GREY
     assert rim.sum() > 10 and diff[rim].mean() > 4, diff[rim].mean()
-    far = ~ndimage.binary_dilation(np.isin(ps.tissue, (an.CSF,)), PLANE, iterations=4)
+    far = ~_within_psf(np.isin(ps.tissue, (an.CSF,)), ps.frame.mm_spacing, PLANE)
     if site == "sulcal":  # blood widens its sulci, also some too thin to be mostly CSF anywhere
         assert np.mean(diff[far] != 0) < 1e-4
     else:
@@ -569,7 +578,7 @@ def test_calcification_draws_dense_foci_on_the_same_head(tmp_path):
     assert calcium.sum() > 20 and not (b.tissue == an.CALCIUM).any()
     assert np.median(a.hu[calcium]) > 150
     differs = a.hu != b.hu
-    assert differs.any() and not (differs & ~ndimage.binary_dilation(calcium, iterations=4)).any()
+    assert differs.any() and not (differs & ~_within_psf(calcium, a.frame.mm_spacing)).any()
     generate_dataset(tmp_path / "set", 2, seed=3, size=64, slices=(8, 8), calcification=0.5)
     manifest = (tmp_path / "set" / "manifest.json").read_text()
     assert '"calcification": 0.5' in manifest
@@ -1586,3 +1595,31 @@ def test_the_head_is_painted_through_the_slab():
             slab = an._slab_through(cv, depth)
             pick = (depth[1] > 1.0) & (slab.share(depth)[1] < 0.85) & ~slab.own[1]
             assert pick.sum() > 80 and np.median(anat.hu[1][pick]) > 110, (seed, z, pick.sum())
+
+
+def test_scanner_psf_tail_makes_bone_glow_into_the_brain_beside_it():
+    """A 1200 HU half-plane of bone beside 40 HU brain, 0.25 mm pixels: the Gaussian core of 0.5 mm alone
+    leaves the brain 0.875 mm from the edge at 40 + 1160 x Phi(-1.75) HU; a tail of 0.05 over 2 mm adds
+    0.05 x 1160 x (Phi(-0.44) - Phi(-1.75)) = 15.6 HU there and next to nothing 8 mm away, and keeps the total (the
+    point spread sums to one). Its share and width come from the kernel's own draw, not from the scan's
+    generator."""
+    from scipy.stats import norm
+
+    from ichscan.phantom import artifacts
+
+    fr = an.Frame(rows=1, cols=400, spacing=0.25, thickness=5.0, z=np.array([0.0], np.float32), angle=0.0,
+                  shift=(0.0, 0.0))
+    x = (np.arange(400) - 199.5) * 0.25  # mm; the edge between pixels 199 and 200
+    hu = np.broadcast_to(np.where(x > 0, 1200.0, 40.0).astype(np.float32), (1, 40, 400)).copy()
+    core = artifacts.scanner_blur(hu, fr, 0.5)[0, 20]
+    both = artifacts.scanner_blur(hu, fr, 0.5, tail=0.05, tail_mm=2.0)[0, 20]
+    at1, at8 = 196, 167  # pixel centres 0.875 and 8.125 mm from the edge, in the brain
+    assert x[at1] == -0.875 and x[at8] == -8.125
+    assert core[at1] == pytest.approx(40 + 1160 * norm.cdf(-0.875 / 0.5), abs=3.0)  # a sampled Gaussian kernel
+    glow = 0.05 * 1160 * (norm.cdf(-0.875 / 2) - norm.cdf(-0.875 / 0.5))  # 15.6 HU
+    assert both[at1] - core[at1] == pytest.approx(glow, abs=1.0)
+    assert abs(both[at8] - core[at8]) < 0.1
+    assert both[100:300].sum() == pytest.approx(hu[0, 20, 100:300].sum(), rel=1e-4)
+    share, mm = artifacts.draw_psf_tail(0.6)
+    assert (share, mm) == artifacts.draw_psf_tail(0.6) != artifacts.draw_psf_tail(0.61)
+    assert 0.02 <= share <= 0.07 and 1.2 <= mm <= 2.5 and artifacts.PSF_REACH_MM == 7.5

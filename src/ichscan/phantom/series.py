@@ -79,7 +79,8 @@ def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Gener
         anat, masks = oblique.resample(anat, masks, fine, fr)
     else:
         anat, masks, planned, drawn = _draw_head(head, subtypes, rng, lrng, fr, fr, confounders)
-    hu = artifacts.scanner_blur(anat.hu, fr, float(rng.uniform(0.45, 0.8)))
+    sharpness = float(rng.uniform(0.45, 0.8))
+    hu = artifacts.scanner_blur(anat.hu, fr, sharpness, *artifacts.draw_psf_tail(sharpness))
     artifacts.calibration_offset(hu, float(np.clip(rng.normal(1.0, 2.5), -5, 7)))
     if confounders.get("motion"):
         drawn["motion"] = artifacts.motion(hu, fr, rng)
