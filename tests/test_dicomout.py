@@ -91,7 +91,9 @@ def test_the_run_calls_what_the_tests_need(setup):
     _, _, run, doc, _ = setup
     called = [sum(d.values()) for _, d in _entries(doc)]
     assert all(entry["decisions"]["any"] for entry, _ in _entries(doc))
-    assert max(called) >= 3, called  # several key images in one series
+    # several key images in one series (3 until the phantoms' point spread gained its tail, 6 Dec 2026: the
+    # bundle now calls `any` and one subtype on each of these two series)
+    assert max(called) >= 2, called
     assert len(run.dicom_files) == sum(called) + 2  # one SR per series, one key image per called finding
 
 
