@@ -552,31 +552,32 @@ def small_cnn(in_channels: int = 3, widths=(16, 32, 64, 64)):
 
 
 def cnn_oof(images: np.ndarray, y: np.ndarray, splits, *, seed: int, epochs: int = 3, batch: int = 32,
-            lr: float = 2e-3, threads: int = 1, cam: bool = False):
+            lr: float = 2e-3, threads: int = 1, cam: bool = False, cam_blocks: int = 2):
     """Out-of-fold logits of ``small_cnn`` trained per fold from scratch (seeded; horizontal flips), on
     ``threads`` CPU threads (one is faster than two on a machine whose cores are busy). With ``cam``, also
-    each slice's out-of-fold ``grad_cam`` map towards its own class: ``(scores, maps)``."""
+    each slice's out-of-fold ``grad_cam`` map towards its own class, read ``cam_blocks`` conv blocks in (a
+    map of side/2^(cam_blocks+1) cells): ``(scores, maps)``."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam)
+        return _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam_blocks if cam else 0)
     finally:
         torch.set_num_threads(before)
 
 
-CAM_BLOCKS = 2  # grad_cam reads the second conv block's output: a 16x16 map of 8x8 px cells at 128 px
+CAM_BLOCKS = 2  # grad_cam's default: the second conv block's output, a 16x16 map of 8x8 px cells at 128 px
 
 
-def grad_cam(model, x, sign):
-    """Grad-CAM (Selvaraju et al. 2017) of ``small_cnn`` at ``CAM_BLOCKS`` blocks in: for each image, the
+def grad_cam(model, x, sign, blocks: int = CAM_BLOCKS):
+    """Grad-CAM (Selvaraju et al. 2017) of ``small_cnn`` at ``blocks`` conv blocks in: for each image, the
     ReLU of that block's feature maps weighted by the spatial mean of their gradient of ``sign`` x logit
     (+1: evidence for phantom, -1: for real), so each map shows where the model found its image's own
     class. (N, h, w) float, not normalised."""
     import torch
 
-    cut = 4 * CAM_BLOCKS  # conv, batch norm, ReLU, pool per block
+    cut = 4 * blocks  # conv, batch norm, ReLU, pool per block
     with torch.enable_grad():
         feats = model[:cut](x).detach().requires_grad_(True)
         (model[cut:](feats) * sign).sum().backward()
@@ -594,13 +595,14 @@ def _cells_to_pixels(maps: np.ndarray, scale: int) -> np.ndarray:
     return np.repeat(np.repeat(maps, scale, axis=-2), scale, axis=-1)
 
 
-def _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam=False):
+def _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam_blocks=0):
     import torch
 
     x_all = torch.from_numpy(np.ascontiguousarray(images))
     y_all = torch.from_numpy(y.astype(np.float32))
     scores = np.zeros(len(y))
-    side = images.shape[-1] // 2 ** (CAM_BLOCKS + 1)
+    cam = cam_blocks > 0
+    side = images.shape[-1] // 2 ** (cam_blocks + 1)
     maps = np.zeros((len(y), side, side), np.float32) if cam else None
     for k, (tr, te) in enumerate(splits):
         torch.manual_seed(seed * 1000 + k)
@@ -629,7 +631,7 @@ def _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam=False):
         if cam:
             for i in te_t.split(256):
                 sign = y_all[i] * 2 - 1
-                maps[i.numpy()] = grad_cam(model, _as_input(x_all[i]), sign).numpy()
+                maps[i.numpy()] = grad_cam(model, _as_input(x_all[i]), sign, cam_blocks).numpy()
         log.info("cnn fold %d/%d: test AUC %.3f", k + 1, len(splits),
                  roc_auc_score(y[te], scores[te]) if len(set(y[te])) == 2 else float("nan"))
     return (scores, maps) if cam else scores
@@ -791,6 +793,9 @@ def main() -> None:
                     help=f"reach of --cnn-region cranium beyond the intracranial mask (default {CRANIUM_MM:g} mm)")
     ap.add_argument("--cam-picture", type=Path,
                     help="also write a PNG of slices with where the CNN found each one's class (Grad-CAM)")
+    ap.add_argument("--cam-blocks", type=int, choices=(1, 2, 3), default=CAM_BLOCKS,
+                    help=f"conv blocks in at which Grad-CAM reads the CNN (default {CAM_BLOCKS}: 14 mm cells on a "
+                         "head at 128 px; 1: 7 mm cells, finer and less sure of the class)")
     ap.add_argument("--keep-phantoms", action="store_true", help="leave the phantoms in --work")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
@@ -867,11 +872,11 @@ def main() -> None:
         images = np.stack([phantom.images[i] for i in pick_p] + [real.images[i] for i in pick_r])
         t = time.perf_counter()
         scores, maps = cnn_oof(images, y, splits, seed=args.seed, epochs=args.epochs, threads=args.threads,
-                               cam=True)
+                               cam=True, cam_blocks=args.cam_blocks)
         seconds["cnn"] = round(time.perf_counter() - t, 1)
         regions = np.stack([phantom.regions[i] for i in pick_p] + [real.regions[i] for i in pick_r])
-        cam = {"method": f"Grad-CAM at conv block {CAM_BLOCKS} of each fold's model on its own test slices, towards "
-                         "each slice's own class; region codes: intracranial mask, within --cranium-mm of it, "
+        cam = {"method": f"Grad-CAM at conv block {args.cam_blocks} of each fold's model on its own test slices, "
+                         "towards each slice's own class; region codes: intracranial mask, within --cranium-mm of it, "
                          f"other pixels above {BODY_HU:g} HU, air",
                **cam_summary(maps, regions, y, levels)}
         if args.cam_picture:

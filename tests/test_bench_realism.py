@@ -172,6 +172,10 @@ def test_grad_cam_finds_the_patch_that_tells_the_classes_apart(realism, tmp_path
     scores, maps = realism.cnn_oof(images, y, splits, seed=0, epochs=3, cam=True)
     assert realism.auc_report(scores, y, splits)["oof_auc"] > 0.95
     assert maps.shape == (len(y), 8, 8)  # 64 px / 8: two blocks of a strided conv and a pool each
+    _, fine = realism.cnn_oof(images, y, splits, seed=0, epochs=3, cam=True, cam_blocks=1)
+    assert fine.shape == (len(y), 16, 16)  # one block in: 4 px cells, the square's 16 of 256 of them
+    inside = fine[y == 1][:, 2:6, 2:6].sum() / fine[y == 1].sum()
+    assert inside > 0.3, inside
     square = np.zeros((64, 64), np.uint8)
     square[8:24, 8:24] = 3  # "intracranial": the square; the rest "air"
     regions = np.broadcast_to(square, (len(y), 64, 64))
