@@ -856,9 +856,9 @@ def main() -> None:
     splits = grouped_folds(y, groups, args.folds, args.seed)
     feats = np.array([phantom.features[i] for i in pick_p] + [real.features[i] for i in pick_r], float)
     t = time.perf_counter()
-    brain = np.isfinite(feats[:, FEATURES.index("hu_q50")])  # slices whose intracranial mask is not empty
     levels = np.array([phantom.levels[i] for i in pick_p] + [real.levels[i] for i in pick_r], float)
     cavity = np.array([phantom.cavity_cm2[i] for i in pick_p] + [real.cavity_cm2[i] for i in pick_r], float)
+    brain = cavity > 0  # slices whose intracranial mask is not empty
     lr_report = auc_report(logreg_oof(feats, y, splits), y, splits, brain, levels, cavity)
     seconds["logreg"] = round(time.perf_counter() - t, 1)
     disc = {"task": "phantom (positive) vs ctich-dev slices; folds grouped by patient, stratified",

@@ -103,7 +103,7 @@ def test_the_tilt_has_the_right_direction_on_a_drawn_head():
         # where the mask says blood, the slab reads the blood's own density (this one is chronic, 12.8 HU; the
         # bone's glow adds a few HU to a thin collection against the table: 8.2 over it here), not brain's
         blood = ps.hu[ps.masks["subdural"]]
-        assert abs(np.median(blood) - ps.lesions[0].hu) < 10
+        assert abs(np.median(blood) - ps.lesions[0].hu) < 10 and np.median(blood) < ps.head.white
 
 
 def test_plans_record_the_tilt_and_twins_keep_it():

@@ -249,16 +249,20 @@ def _within_psf(mask, spacing_mm, structure=None):
     return ndimage.binary_dilation(mask, structure, iterations=reach)
 
 
+def _own_streams(seed):
+    """A head and a fresh scan generator for ``seed``, each on a stream of its own as a phantom set draws
+    them (``dataset.head_for``, ``render_series``), so that a field added to the head moves nothing else."""
+    return an.sample_head(np.random.default_rng([seed, 1])), np.random.default_rng([seed, 2])
+
+
 def _lesion_and_twin(subtype, seed, wanted, n, size):
     """One scan with a ``subtype`` lesion of which ``wanted`` holds, and the same scan without it (same head,
-    position and noise), as ``make_series`` draws them. The head and the scan have streams of their own, as
-    in a phantom set (``dataset.head_for``), so a field added to the head moves nothing else."""
-    head = an.sample_head(np.random.default_rng([seed, 1]))
-    frame = an.make_frame(np.random.default_rng([seed, 2]), head, n, size, size, 5.0)  # make_series' frame
-    lseed = _lesion_seed(subtype, head, frame, wanted)
+    position and noise), as ``make_series`` draws them, head and scan on ``_own_streams``."""
+    head, rng = _own_streams(seed)
+    lseed = _lesion_seed(subtype, head, an.make_frame(rng, head, n, size, size, 5.0), wanted)  # make_series' frame
 
     def render(subtypes):
-        return make_series(head, subtypes, np.random.default_rng([seed, 2]), n=n, rows=size, cols=size,
+        return make_series(head, subtypes, _own_streams(seed)[1], n=n, rows=size, cols=size,
                            thickness=5.0, confounders={}, lesion_rng=np.random.default_rng(lseed))
 
     return render((subtype,)), render(())
@@ -339,8 +343,7 @@ def test_subarachnoid_patches_hold_their_coverage_of_the_reach(site):
 
     from ichscan.phantom import lesions
 
-    rng = np.random.default_rng(14)
-    head = an.sample_head(rng)
+    head, rng = _own_streams(14)
     fr = an.make_frame(rng, head, 34, 160, 160, 5.0)
     lseed = _lesion_seed("subarachnoid", head, fr, lambda les: les.params["site"] == site)
     les = lesions.plan_lesion("subarachnoid", head, fr, np.random.default_rng(lseed))
@@ -355,7 +358,7 @@ def test_subarachnoid_patches_hold_their_coverage_of_the_reach(site):
     half, full = painted(0.5), painted(0.999)
     assert full.sum() > 100
     assert not (half & ~full).any()
-    assert 0.3 <= half.sum() / full.sum() <= 0.7, half.sum() / full.sum()  # 0.38-0.54 over head seeds 13-18
+    assert 0.3 <= half.sum() / full.sum() <= 0.7, half.sum() / full.sum()  # 0.40 sulcal, 0.52 basal here
 
 
 def test_contusions_cluster_at_the_skull_base():
@@ -613,8 +616,7 @@ def test_skull_fracture_breaks_the_vault_and_leaves_the_blood_alone():
     table; nothing changes deeper than the piece or the air reaches, and no voxel of ``keep`` changes."""
     from ichscan.phantom import artifacts
 
-    rng = np.random.default_rng(4)
-    head = an.sample_head(np.random.default_rng([4, 1]))  # a stream of its own, as in a phantom set
+    head, rng = _own_streams(4)
     fr = an.make_frame(rng, head, 24, 160, 160, 5.0)  # 1.3-1.6 mm pixels: a 2 mm gap holds whole ones
     anat = an.build(head, fr, rng)
     spec = dict(artifacts.draw_fracture(np.random.default_rng(0)), height=0.5, z_half=20.0, depressed_mm=4.0,
