@@ -30,7 +30,9 @@ the same way: ``ichscan.dicom.find_series`` -> ``CTSeries.volume()`` (HU) -> the
   their AUCs' mean, SD and range: how far a change must move them to be more than their own noise.
 
 ``ge-normal`` enters the histogram and NPS comparisons (reported separately, and against ctich-dev as a
-real-versus-real yardstick), not the discriminator.
+real-versus-real yardstick). No discriminator trains on it: each fold's models score its slices, unseen
+(``unseen_real``), which says whether a discriminator that tells phantoms from ctich-dev tells them from
+another real scanner too, or has learnt one site's images.
 """
 
 from __future__ import annotations
@@ -522,20 +524,25 @@ def auc_report(scores: np.ndarray, y: np.ndarray, splits, brain: np.ndarray | No
     return out
 
 
-def logreg_oof(features: np.ndarray, y: np.ndarray, splits) -> np.ndarray:
-    """Out-of-fold probabilities of a standardised logistic regression (missing features: train median)."""
+def logreg_oof(features: np.ndarray, y: np.ndarray, splits, extra: np.ndarray | None = None):
+    """Out-of-fold probabilities of a standardised logistic regression (missing features: train median).
+    With ``extra`` (features of slices in no fold), also the mean over the folds' models of each one's
+    probability: ``(scores, extra_scores)``."""
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     scores = np.zeros(len(y))
+    unseen = np.zeros(0 if extra is None else len(extra))
     for tr, te in splits:
         model = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
                               LogisticRegression(max_iter=2000))
         model.fit(features[tr], y[tr])
         scores[te] = model.predict_proba(features[te])[:, 1]
-    return scores
+        if extra is not None:
+            unseen += model.predict_proba(extra)[:, 1] / len(splits)
+    return scores if extra is None else (scores, unseen)
 
 
 def small_cnn(in_channels: int = 3, widths=(16, 32, 64, 64)):
@@ -552,19 +559,24 @@ def small_cnn(in_channels: int = 3, widths=(16, 32, 64, 64)):
 
 
 def cnn_oof(images: np.ndarray, y: np.ndarray, splits, *, seed: int, epochs: int = 3, batch: int = 32,
-            lr: float = 2e-3, threads: int = 1, cam: bool = False, cam_blocks: int = 2):
+            lr: float = 2e-3, threads: int = 1, cam: bool = False, cam_blocks: int = 2,
+            extra: np.ndarray | None = None):
     """Out-of-fold logits of ``small_cnn`` trained per fold from scratch (seeded; horizontal flips), on
     ``threads`` CPU threads (one is faster than two on a machine whose cores are busy). With ``cam``, also
     each slice's out-of-fold ``grad_cam`` map towards its own class, read ``cam_blocks`` conv blocks in (a
-    map of side/2^(cam_blocks+1) cells): ``(scores, maps)``."""
+    map of side/2^(cam_blocks+1) cells): ``(scores, maps)``. With ``extra`` (images in no fold), also the
+    mean over the folds' models of each one's logit: ``(what it returns without, extra_scores)``."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam_blocks if cam else 0)
+        scores, maps, unseen = _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam_blocks if cam else 0,
+                                        extra)
     finally:
         torch.set_num_threads(before)
+    out = (scores, maps) if cam else scores
+    return out if extra is None else (out, unseen)
 
 
 CAM_BLOCKS = 2  # grad_cam's default: the second conv block's output, a 16x16 map of 8x8 px cells at 128 px
@@ -595,10 +607,12 @@ def _cells_to_pixels(maps: np.ndarray, scale: int) -> np.ndarray:
     return np.repeat(np.repeat(maps, scale, axis=-2), scale, axis=-1)
 
 
-def _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam_blocks=0):
+def _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam_blocks=0, extra=None):
     import torch
 
     x_all = torch.from_numpy(np.ascontiguousarray(images))
+    x_extra = None if extra is None else torch.from_numpy(np.ascontiguousarray(extra))
+    unseen = np.zeros(0 if extra is None else len(extra))
     y_all = torch.from_numpy(y.astype(np.float32))
     scores = np.zeros(len(y))
     cam = cam_blocks > 0
@@ -628,13 +642,41 @@ def _cnn_oof(images, y, splits, seed, epochs, batch, lr, cam_blocks=0):
             te_t = torch.from_numpy(te)
             out = [model(_as_input(x_all[i])) for i in te_t.split(256)]
             scores[te] = torch.cat(out).numpy()
+            if x_extra is not None:
+                unseen += torch.cat([model(_as_input(x)) for x in x_extra.split(256)]).numpy() / len(splits)
         if cam:
             for i in te_t.split(256):
                 sign = y_all[i] * 2 - 1
                 maps[i.numpy()] = grad_cam(model, _as_input(x_all[i]), sign, cam_blocks).numpy()
         log.info("cnn fold %d/%d: test AUC %.3f", k + 1, len(splits),
                  roc_auc_score(y[te], scores[te]) if len(set(y[te])) == 2 else float("nan"))
-    return (scores, maps) if cam else scores
+    return scores, maps, unseen
+
+
+def unseen_real_report(scores: np.ndarray, y: np.ndarray, unseen: np.ndarray, name: str,
+                       brain: np.ndarray | None = None, unseen_brain: np.ndarray | None = None) -> dict:
+    """How a phantom-vs-real discriminator reads real slices of a source it never trained on (``unseen``:
+    the folds' mean score of each; higher = more phantom-like). ``auc_phantom_vs_it``: the out-of-fold
+    phantom slices against them, the discriminator's AUC as it would be had that source been the real
+    class; ``auc_real_vs_it``: the out-of-fold real slices against them, 0.5 where the unseen source
+    looks to it like the real one it learnt, 1.0 where it reads it as wholly unlike (it separates one
+    site's images, not real from synthetic). ``share_above_median_phantom``: how many unseen slices score
+    above the median out-of-fold phantom slice. With ``brain`` and ``unseen_brain`` (slices with an
+    intracranial mask), the same over those slices alone."""
+    def block(s, yy, u):
+        ph, re = s[yy == 1], s[yy == 0]
+        lab = np.r_[np.ones(len(ph)), np.zeros(len(u))]
+        out = {"slices": int(len(u)),
+               "auc_phantom_vs_it": round(float(roc_auc_score(lab, np.r_[ph, u])), 4),
+               "auc_real_vs_it": round(float(roc_auc_score(np.r_[np.ones(len(u)), np.zeros(len(re))],
+                                                           np.r_[u, re])), 4),
+               "share_above_median_phantom": round(float((u > np.median(ph)).mean()), 4)}
+        return out
+
+    report = {"source": name, **block(scores, y, unseen)}
+    if brain is not None and unseen_brain is not None and unseen_brain.any() and len(set(y[brain])) == 2:
+        report["slices_with_intracranial_mask"] = block(scores[brain], y[brain], unseen[unseen_brain])
+    return report
 
 
 def cam_summary(maps: np.ndarray, regions: np.ndarray, y: np.ndarray, levels: np.ndarray) -> dict:
@@ -843,7 +885,11 @@ def main() -> None:
                               region=args.cnn_region, cranium_mm=args.cranium_mm, **img)
         real = scan_source("ctich_dev", found["ctich_dev"], window_at=() if args.no_cnn else pick_r,
                            region=args.cnn_region, cranium_mm=args.cranium_mm, **img)
-        ge = scan_source("ge_normal", found["ge_normal"], **img) if "ge_normal" in found else None
+        ge = None
+        if "ge_normal" in found:  # every slice windowed too: the discriminators score it, unseen (unseen_real)
+            n_ge = sum(len(s) for s in found["ge_normal"])
+            ge = scan_source("ge_normal", found["ge_normal"], window_at=() if args.no_cnn else range(n_ge),
+                             region=args.cnn_region, cranium_mm=args.cranium_mm, **img)
         seconds["read_and_measure"] = round(time.perf_counter() - t, 1)
     finally:
         if not args.keep_phantoms:
@@ -859,7 +905,14 @@ def main() -> None:
     levels = np.array([phantom.levels[i] for i in pick_p] + [real.levels[i] for i in pick_r], float)
     cavity = np.array([phantom.cavity_cm2[i] for i in pick_p] + [real.cavity_cm2[i] for i in pick_r], float)
     brain = cavity > 0  # slices whose intracranial mask is not empty
-    lr_report = auc_report(logreg_oof(feats, y, splits), y, splits, brain, levels, cavity)
+    ge_brain = None if ge is None else np.array(ge.cavity_cm2) > 0
+    if ge is None:
+        lr_scores = logreg_oof(feats, y, splits)
+    else:
+        lr_scores, ge_lr = logreg_oof(feats, y, splits, extra=np.array(ge.features, float))
+    lr_report = auc_report(lr_scores, y, splits, brain, levels, cavity)
+    if ge is not None:
+        lr_report["unseen_real"] = unseen_real_report(lr_scores, y, ge_lr, ge.name, brain, ge_brain)
     seconds["logreg"] = round(time.perf_counter() - t, 1)
     disc = {"task": "phantom (positive) vs ctich-dev slices; folds grouped by patient, stratified",
             "slices_per_class": per_class,
@@ -871,8 +924,10 @@ def main() -> None:
     if not args.no_cnn:
         images = np.stack([phantom.images[i] for i in pick_p] + [real.images[i] for i in pick_r])
         t = time.perf_counter()
-        scores, maps = cnn_oof(images, y, splits, seed=args.seed, epochs=args.epochs, threads=args.threads,
-                               cam=True, cam_blocks=args.cam_blocks)
+        ge_images = None if ge is None else np.stack([ge.images[i] for i in range(ge.slices)])
+        got = cnn_oof(images, y, splits, seed=args.seed, epochs=args.epochs, threads=args.threads,
+                      cam=True, cam_blocks=args.cam_blocks, extra=ge_images)
+        (scores, maps), ge_cnn = got if ge is not None else (got, None)
         seconds["cnn"] = round(time.perf_counter() - t, 1)
         regions = np.stack([phantom.regions[i] for i in pick_p] + [real.regions[i] for i in pick_r])
         cam = {"method": f"Grad-CAM at conv block {args.cam_blocks} of each fold's model on its own test slices, "
@@ -894,6 +949,8 @@ def main() -> None:
                        "region": args.cnn_region,
                        "epochs": args.epochs, "torch_seed": f"{args.seed} * 1000 + fold", "threads": args.threads,
                        **auc_report(scores, y, splits, brain, levels, cavity), "where": cam}
+        if ge is not None:
+            disc["cnn"]["unseen_real"] = unseen_real_report(scores, y, ge_cnn, ge.name, brain, ge_brain)
         disc["headline_auc"] = disc["cnn"]["oof_auc"]
     else:
         disc["headline_auc"] = lr_report["oof_auc"]

@@ -146,7 +146,12 @@ def test_discriminators_tell_different_sets_apart_and_not_the_same(realism):
         return realism.auc_report(scores, y, splits)["oof_auc"]
 
     different, same = images(90, 160), images(120, 120)
-    assert auc(realism.cnn_oof(different, y, splits, seed=0, epochs=2)) > 0.95
+    # images of a source in no fold, half like each class: the folds' models score them as their class
+    unseen = np.r_[images(90, 160)[:20], images(90, 160)[-20:]]
+    scores, unseen_scores = realism.cnn_oof(different, y, splits, seed=0, epochs=2, extra=unseen)
+    assert auc(scores) > 0.95
+    assert unseen_scores.shape == (40,)
+    assert unseen_scores[:20].min() > unseen_scores[20:].max()
     assert abs(auc(realism.cnn_oof(same, y, splits, seed=0, epochs=2)) - 0.5) < 0.15
 
     feats = rng.normal(0, 1, (len(y), 4))
@@ -154,6 +159,32 @@ def test_discriminators_tell_different_sets_apart_and_not_the_same(realism):
     feats[y == 1, 0] += 4.0
     feats[::7, 1] = np.nan  # missing features (no flat patch) are imputed
     assert auc(realism.logreg_oof(feats, y, splits)) > 0.95
+    # an unseen source like the real class: the discriminator tells phantoms from it as well as from the
+    # real class (it learnt what is real); one like the phantoms: it reads it as phantom (it learnt a site)
+    like_real, like_phantom = rng.normal(0, 1, (60, 4)), rng.normal(0, 1, (60, 4))
+    like_phantom[:, 0] += 4.0
+    lr_scores, u = realism.logreg_oof(feats, y, splits, extra=np.r_[like_real, like_phantom])
+    assert np.array_equal(lr_scores, realism.logreg_oof(feats, y, splits))  # the same out-of-fold scores
+    assert ((u >= 0) & (u <= 1)).all()
+    real_like = realism.unseen_real_report(lr_scores, y, u[:60], "like_real")
+    phantom_like = realism.unseen_real_report(lr_scores, y, u[60:], "like_phantom")
+    assert real_like["auc_phantom_vs_it"] > 0.95 and abs(real_like["auc_real_vs_it"] - 0.5) < 0.15
+    assert abs(phantom_like["auc_phantom_vs_it"] - 0.5) < 0.15 and phantom_like["auc_real_vs_it"] > 0.95
+
+
+def test_unseen_real_report_on_hand_made_scores(realism):
+    y = np.array([1, 1, 1, 0, 0, 0])
+    scores = np.array([0.9, 0.8, 0.7, 0.1, 0.2, 0.3])
+    got = realism.unseen_real_report(scores, y, np.array([0.75, 0.15]), "ge_normal")
+    # phantoms above the unseen slices: 0.9, 0.8 > 0.75 and all three > 0.15, 5 of 6 pairs; the unseen above
+    # the real: 0.75 > all three, 0.15 > 0.1 only, 4 of 6; none above the phantoms' median 0.8
+    assert got == {"source": "ge_normal", "slices": 2, "auc_phantom_vs_it": 0.8333, "auc_real_vs_it": 0.6667,
+                   "share_above_median_phantom": 0.0}
+    brain = np.array([True, True, False, True, True, False])
+    sub = realism.unseen_real_report(scores, y, np.array([0.75, 0.15]), "ge_normal", brain,
+                                     np.array([True, False]))["slices_with_intracranial_mask"]
+    # phantoms 0.9, 0.8 against 0.75: both above; 0.75 against real 0.1, 0.2: above both
+    assert sub == {"slices": 1, "auc_phantom_vs_it": 1.0, "auc_real_vs_it": 1.0, "share_above_median_phantom": 0.0}
 
 
 def test_grad_cam_finds_the_patch_that_tells_the_classes_apart(realism, tmp_path):
