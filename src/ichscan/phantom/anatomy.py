@@ -393,8 +393,8 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     _scalp(cv, vault, rng)
     cavity = _cranial_cavity(cv)
     cv.slab = _slab_through(cv, cavity.depth)
-    _roughen_inner_table(cv, cavity.depth, rng)
-    _skull_vault(cv, vault, cavity.depth, rng)
+    rough = _roughen_inner_table(cv, cavity.depth, rng)
+    _skull_vault(cv, vault, cavity.depth, rough, rng)
     _skull_base(cv, cavity.depth, rng)
     _upper_neck(cv)
     _frontal_sinuses(cv)
@@ -636,9 +636,10 @@ def temporal_outline(head: HeadShape, sx: float, t):
             (TEMPORAL_B[0] + TEMPORAL_B[1] * t) * head.b)
 
 
-def _roughen_inner_table(cv: _Canvas, depth, rng: np.random.Generator) -> None:
+def _roughen_inner_table(cv: _Canvas, depth, rng: np.random.Generator) -> np.ndarray:
     """The inner table is not smooth: digitate markings, ridges and grooves of a millimetre or so, which the
-    skull, the extra-axial space and the brain follow alike (all are drawn from ``depth``)."""
+    extra-axial space and the brain follow (they are drawn from ``depth``). Returns the field added to
+    ``depth`` (mm), so that the outer table can keep its smooth contour (``_skull_vault``)."""
     scale = float(rng.uniform(4, 10))
     rough = _smooth_field(rng, depth.shape, cv.fr.spacing, scale) * np.float32(rng.uniform(0.2, 1.2))
     rough = np.where(depth > -40, rough, np.float32(0))
@@ -646,19 +647,26 @@ def _roughen_inner_table(cv: _Canvas, depth, rng: np.random.Generator) -> None:
     if cv.slab is not None:  # the same markings through the slab
         cv.slab.lo += rough
         cv.slab.hi += rough
+    return rough
 
 
-def _skull_vault(cv: _Canvas, vault: _Vault, depth, rng: np.random.Generator) -> None:
+def _skull_vault(cv: _Canvas, vault: _Vault, depth, rough, rng: np.random.Generator) -> None:
     """Skull around the cavity: cortical bone from the inner table out to the vault's thickness (a cap
     above the inner vertex), thinner towards the sides as the outer contour is, with diploe between the
-    tables where the bone is thick enough to have it."""
+    tables where the bone is thick enough to have it. The inner table follows the roughened ``depth``; the
+    outer table lies ``tb`` beyond the cavity's smooth surface (``depth - rough``), so the markings change
+    the bone's thickness, not its outline. Measured along 360 rays on brain-filled slices (the residual
+    SD of each edge's radius about its 15-degree running mean), real outer tables are the smoother edge:
+    0.28 mm against 0.35 at the inner table on CT-ICH, 0.17 against 0.39 on the GE head; until 6 Dec 2026
+    the whole vault followed the markings, both edges 0.32 mm, and rippled under a smooth scalp."""
     hu, tissue, X, Y, w, slab = cv.hu, cv.tissue, cv.X, cv.Y, cv.w, cv.slab
     tb = vault.thickness * (1 - (1 - vault.side) * np.sin(cv.phi) ** 2)  # as the contour's offset goes
     cortical = float(rng.uniform(1300, 1800))
     diploe = float(rng.uniform(350, 700))
     capfrac = ellipse(X, Y, 0, 0, vault.A, vault.B, cv.smear) * vault.above
-    paint(hu, tissue, cortical, np.maximum(slab.share(depth, -tb), capfrac), BONE)
-    paint(hu, tissue, diploe, slab.share(depth, 1.8 - tb) * ramp(depth + 1.3, w) * (tb > 4.0))
+    outer = rough - tb  # the outer table's level in the roughened depth: -tb in the smooth one
+    paint(hu, tissue, cortical, np.maximum(slab.share(depth, outer), capfrac), BONE)
+    paint(hu, tissue, diploe, slab.share(depth, outer + 1.8) * ramp(depth + 1.3, w) * (tb > 4.0))
 
 
 def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
