@@ -965,6 +965,27 @@ def test_inner_table_is_rough_and_the_outer_table_smooth():
     assert wander(outer - inner) > 0.5  # the thickness carries the markings
 
 
+def test_deep_markings_never_open_the_vault(monkeypatch):
+    """Where the vault is thin (a 5 mm skull, the sides at half of it, less over the temporal fossae) and the
+    markings deep, the bone keeps at least ``VAULT_MIN_MM``; without that floor the markings would cut holes
+    through the squama on this head."""
+    import dataclasses
+
+    head = dataclasses.replace(an.sample_head(np.random.default_rng(5)), skull=5.0, squama=0.5)
+
+    def thinnest(hu):  # mm of the outermost run of bone, the thinnest of 360 rays (none: a hole)
+        widths = []
+        for a in range(360):
+            ray = _ray(hu, np.deg2rad(a))
+            widths.append((np.subtract(*_outer_bone(ray)[::-1]) + 1) * RAY_MM if (ray > 300).any() else 0.0)
+        return min(widths)
+
+    z = head.widest - 10.0
+    assert thinnest(_level(head, z)) >= an.VAULT_MIN_MM - 2 * RAY_MM
+    monkeypatch.setattr(an, "VAULT_MIN_MM", -100.0)  # no floor
+    assert thinnest(_level(head, z)) < 0.5
+
+
 def test_vault_is_thinner_on_the_sides_than_front_and_back():
     """Real vaults (CT-ICH, the GE head) are 5-8 mm thick over the forehead and occiput but 3.5-4.5 mm on
     the sides, thinnest over the temporal fossae; the phantom's side share is ``head.squama`` (less a

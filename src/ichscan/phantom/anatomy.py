@@ -650,6 +650,9 @@ def _roughen_inner_table(cv: _Canvas, depth, rng: np.random.Generator) -> np.nda
     return rough
 
 
+VAULT_MIN_MM = 1.2  # the thinnest the vault gets where the inner table's markings cut deep (temporal squama)
+
+
 def _skull_vault(cv: _Canvas, vault: _Vault, depth, rough, rng: np.random.Generator) -> None:
     """Skull around the cavity: cortical bone from the inner table out to the vault's thickness (a cap
     above the inner vertex), thinner towards the sides as the outer contour is, with diploe between the
@@ -664,7 +667,9 @@ def _skull_vault(cv: _Canvas, vault: _Vault, depth, rough, rng: np.random.Genera
     cortical = float(rng.uniform(1300, 1800))
     diploe = float(rng.uniform(350, 700))
     capfrac = ellipse(X, Y, 0, 0, vault.A, vault.B, cv.smear) * vault.above
-    outer = rough - tb  # the outer table's level in the roughened depth: -tb in the smooth one
+    # the outer table's level in the roughened depth (-tb in the smooth one), at least VAULT_MIN_MM out from the
+    # inner table: deep markings on a thin squama would otherwise open holes through the vault
+    outer = np.minimum(rough - tb, -VAULT_MIN_MM)
     paint(hu, tissue, cortical, np.maximum(slab.share(depth, outer), capfrac), BONE)
     paint(hu, tissue, diploe, slab.share(depth, outer + 1.8) * ramp(depth + 1.3, w) * (tb > 4.0))
 
