@@ -986,6 +986,42 @@ def test_deep_markings_never_open_the_vault(monkeypatch):
     assert thinnest(_level(head, z)) < 0.5
 
 
+def test_ears_stand_out_beside_the_head_and_their_canals_run_into_the_temporal_bone(monkeypatch):
+    """Each side has an auricle, a flap of skin and cartilage (``Ear.thickness`` of ``Ear.hu``) in the air beside
+    the head, and an external auditory canal, air from the skin 22-28 mm in, outside the cranial cavity. They
+    come from a generator of the head's own, so nothing else a series draws changes: without them, every
+    other pixel is the same."""
+    head = an.sample_head(np.random.default_rng([6, 1]))
+    right, left = an.ears(head)
+    assert (right, left) == an.ears(head) and right != left
+    for ear in (right, left):
+        assert 27 <= ear.half_height <= 33 and 3.0 <= ear.thickness <= 5.0 and 22 <= ear.canal_length <= 28
+    levels = np.array([right.z_centre, right.canal_z, right.z_centre + right.half_height + 12.0], np.float32)
+    fr = an.Frame(rows=600, cols=600, spacing=0.4, thickness=1.0, z=levels, angle=0.0, shift=(0.0, 0.0))
+    with_ears = an.build(head, fr, np.random.default_rng(0))
+    monkeypatch.setattr(an, "_ears", lambda cv, vault, depth: None)
+    without = an.build(head, fr, np.random.default_rng(0))
+    changed = with_ears.hu != without.hu
+    assert not changed[2].any()  # above the auricles and their canals: nothing
+    assert not (changed & (without.depth > -2.0)).any()  # never in the cranial cavity
+    flap = changed & (without.tissue == an.AIR)
+    canal = changed & ~flap
+    # the auricle at its mid-level: a band of about thickness x (length + root) beside each side of the head
+    x_img = fr.x_img[0]
+    for sx, ear in ((-1, right), (1, left)):
+        side = flap[0] & (np.sign(x_img) == sx)
+        area = side.sum() * 0.4**2
+        assert ear.thickness * ear.length * 0.6 < area < ear.thickness * (ear.length + 6) * 1.3
+        assert np.median(with_ears.hu[0][side]) == pytest.approx(ear.hu, abs=1.0)
+    # the canals: air at their level on both sides, reaching in about their length from the skin
+    at_canal = canal[1] & (with_ears.hu[1] < -500)
+    assert np.median(with_ears.hu[1][canal[1]]) < -900  # air (its edges partial volume)
+    for sx, ear in ((-1, right), (1, left)):
+        xs = np.abs(x_img[at_canal & (np.sign(x_img) == sx)])
+        skin = np.abs(x_img[(without.hu[1] > -500) & (np.abs(fr.y_img[0] - (ear.y_root - 4.0)) < 0.5)]).max()
+        assert skin - xs.min() == pytest.approx(ear.canal_length, abs=2.5)
+
+
 def test_vault_is_thinner_on_the_sides_than_front_and_back():
     """Real vaults (CT-ICH, the GE head) are 5-8 mm thick over the forehead and occiput but 3.5-4.5 mm on
     the sides, thinnest over the temporal fossae; the phantom's side share is ``head.squama`` (less a

@@ -410,6 +410,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     _orbital_roofs(head, fr, hu, tissue, depth)
     _face_and_neck(head, fr, hu, tissue, depth, cv.w, rng)
     _middle_fossae(head, fr, hu, tissue, depth)
+    _ears(cv, vault, depth)
     _parenchymal_texture(hu, tissue, fr, rng)
     sector = np.where(depth > -30, sector_of(head, cv.phi, cv.z), 0).astype(np.uint8)
     return Anatomy(hu=hu, tissue=tissue, depth=depth, sector=sector, cerebrum=cavity.cerebrum & (depth > 0),
@@ -460,14 +461,10 @@ def _scalp(cv: _Canvas, vault: _Vault, rng: np.random.Generator) -> None:
     head, z, X, Y, w, smear = cv.head, cv.z, cv.X, cv.Y, cv.w, cv.smear
     hu, tissue, above = cv.hu, cv.tissue, vault.above
     temporal = head.temporalis * temporal_share(head, z)
-    capsc = np.sqrt(np.clip(1 - ((z - head.top) / (head.skull + head.scalp + 0.1)) ** 2, 0, 1))
-    A_head = np.where(above, (head.a * 0.3 + head.skull + head.scalp) * capsc, vault.A + head.scalp + temporal)
-    B_head = np.where(above, (head.b * 0.35 + head.skull + head.scalp) * capsc, vault.B + head.scalp)
+    A_head, B_front, B_back = _head_outline(cv, vault)
     # behind the widest point (Y > 0) the outline's half-length grows by the occiput's extra scalp: the two
     # half-ellipses meet with the same tangent at the sides, so the scalp thickens smoothly towards the back
-    B_head = np.where(Y > 0, B_head + head.scalp * head.occiput * np.where(above, capsc, 1.0), B_head)
-    bottom = z < -45
-    A_head = np.where(bottom, A_head * 0.85, A_head)
+    B_head = np.where(Y > 0, B_back, B_front)
     nose = ellipse(X, Y, 0, -B_head + 3, 9, 14, w) * ((z > -40) & (z < 0))
     d_head = ellipse_distance(X, Y, 0, 0, A_head, B_head)  # one distance, offset for the scalp's layers
     scalp = np.maximum(ramp(d_head, smear), nose)
@@ -478,6 +475,97 @@ def _scalp(cv: _Canvas, vault: _Vault, rng: np.random.Generator) -> None:
     galea = 0.6 + 0.1 * head.scalp  # galea and pericranium, mm
     d_dense = ellipse_distance(X, Y, 0, 0, vault.A + galea + 0.5 * temporal, vault.B + galea)
     paint(hu, tissue, float(rng.uniform(35, 55)), np.minimum(ramp(d_dense, smear), under_skin), SOFT)
+
+
+def _head_outline(cv: _Canvas, vault: _Vault):
+    """The skin's outline level by level, an ellipse of half-axes (n, 1, 1): half-width, half-length in front
+    and half-length behind (the occiput's extra scalp), from the skull's outer contour, the scalp and the
+    temporalis; narrower in the neck, closing in a cap above the vertex."""
+    head, z, above = cv.head, cv.z, vault.above
+    temporal = head.temporalis * temporal_share(head, z)
+    capsc = np.sqrt(np.clip(1 - ((z - head.top) / (head.skull + head.scalp + 0.1)) ** 2, 0, 1))
+    A_head = np.where(above, (head.a * 0.3 + head.skull + head.scalp) * capsc, vault.A + head.scalp + temporal)
+    B_head = np.where(above, (head.b * 0.35 + head.skull + head.scalp) * capsc, vault.B + head.scalp)
+    B_back = B_head + head.scalp * head.occiput * np.where(above, capsc, 1.0)
+    A_head = np.where(z < -45, A_head * 0.85, A_head)
+    return A_head, B_head, B_back
+
+
+@dataclass(frozen=True)
+class Ear:
+    """One auricle and its external auditory canal, in head-frame mm. Axially the auricle is a flap of skin
+    over cartilage leaving the side of the head behind the canal's opening and running back and out at
+    ``angle`` to the skin (flatter where the head rests on it), longest at mid-height, its rim (the helix)
+    rolled; the canal is a tube of air from the concha inwards through the temporal bone."""
+
+    z_centre: float  # level of the auricle's middle
+    half_height: float  # the auricle spans z_centre +- this
+    y_root: float  # where it leaves the head at z_centre (Y: positive behind the widest point)
+    lean: float  # mm its root moves back per mm up (the auricle leans back)
+    angle: float  # radians out from the skin
+    length: float  # mm from root to rim at mid-height
+    thickness: float  # mm of the flap
+    hu: float  # skin and cartilage
+    canal_z: float  # level of the external auditory canal
+    canal_length: float  # mm from the skin inwards
+
+
+EAR_CANAL_RADIUS = 3.5  # mm: the external auditory canal is about 7 mm across
+
+
+def ears(head: HeadShape) -> tuple[Ear, Ear]:
+    """The head's two ears (right, left), from a generator seeded by the head's own draws: the same for
+    every study of a patient, and no other draw of a series changes with them. Sizes from anthropometry:
+    auricles 55-65 mm high and 25-35 mm wide, standing out 10-45 degrees from the head, their middle about
+    level with the canal, which lies at the skull base between the orbits' floor and the mastoid."""
+    sub = np.random.default_rng([int(head.a * 1e6) % 2**31, int(head.top * 1e4) % 2**31, 29])
+    z_c = float(sub.uniform(-22, -10))
+    out = []
+    for _ in range(2):  # the two sides differ a little, as they do
+        out.append(Ear(z_centre=z_c + float(sub.uniform(-2, 2)), half_height=float(sub.uniform(27, 33)),
+                       y_root=float(sub.uniform(0.04, 0.12)) * head.b, lean=float(sub.uniform(0.15, 0.35)),
+                       angle=float(np.deg2rad(sub.uniform(10, 45))), length=float(sub.uniform(20, 30)),
+                       thickness=float(sub.uniform(3.0, 5.0)), hu=float(sub.uniform(50, 100)),
+                       canal_z=z_c - float(sub.uniform(0, 4)), canal_length=float(sub.uniform(22, 28))))
+    return out[0], out[1]
+
+
+def _ears(cv: _Canvas, vault: _Vault, depth) -> None:
+    """Draw ``ears(head)``: the auricles in the air beside the head (nothing inside the head changes), and
+    the canals as air from the skin to the temporal bone, outside the cranial cavity. A slice takes each
+    canal by the share of its thickness that the canal's 7 mm fill."""
+    head, fr, w = cv.head, cv.fr, cv.w
+    A_head, _, B_back = _head_outline(cv, vault)
+    X, Y = cv.X[0], cv.Y[0]
+    t = fr.thickness
+    for sx, ear in zip((-1.0, 1.0), ears(head)):
+        for i, z in enumerate(fr.z):
+            z = float(z)
+            hu, tissue = cv.hu[i], cv.tissue[i]
+            u = (z - ear.z_centre) / ear.half_height
+            a_i, b_i = float(A_head[i].item()), float(B_back[i].item())
+            if abs(u) < 1:
+                y0 = ear.y_root + ear.lean * (z - ear.z_centre)
+                x_skin = a_i * np.sqrt(max(1 - (y0 / b_i) ** 2, 0.0))
+                length = ear.length * np.sqrt(1 - u * u)
+                # root (2 mm inside the skin, so that the flap meets it), out and back, then the rim curling in
+                c, s = np.sin(ear.angle), np.cos(ear.angle)
+                p0 = (sx * (x_skin - 2.0), y0)
+                p1 = (p0[0] + sx * c * (0.75 * length + 2.0), p0[1] + s * (0.75 * length + 2.0))
+                curl = ear.angle - 0.5
+                p2 = (p1[0] + sx * np.sin(curl) * 0.25 * length, p1[1] + np.cos(curl) * 0.25 * length)
+                r = ear.thickness / 2
+                flap = np.maximum(capsule(X, Y, *p0, *p1, r, w), capsule(X, Y, *p1, *p2, r, w))
+                flap = np.maximum(flap, ellipse(X, Y, p2[0], p2[1], 1.25 * r, 1.25 * r, w))  # the helix rolled
+                paint(hu, tissue, ear.hu, flap * (tissue == AIR), SOFT)
+            lo, hi = max(z - t / 2, ear.canal_z - EAR_CANAL_RADIUS), min(z + t / 2, ear.canal_z + EAR_CANAL_RADIUS)
+            if hi > lo:
+                share = min(1.0, (hi - lo) / min(t, 2 * EAR_CANAL_RADIUS))
+                y_c = ear.y_root - 4.0
+                x_skin = a_i * np.sqrt(max(1 - (y_c / b_i) ** 2, 0.0))
+                deep = x_skin - ear.canal_length + EAR_CANAL_RADIUS  # its rounded end reaches canal_length in
+                canal = capsule(X, Y, sx * (x_skin + 1.0), y_c, sx * deep, y_c - 3.0, EAR_CANAL_RADIUS, w)
+                paint(hu, tissue, -1000.0, canal * share * (depth[i] < -2.0), SINUS)
 
 
 def _cranial_cavity(cv: _Canvas) -> _Cavity:
