@@ -323,8 +323,8 @@ def test_subarachnoid_blood_is_patchy_and_fills_its_csf_as_partial_volume(site):
     far = ~_within_psf(np.isin(ps.tissue, (an.CSF,)), ps.frame.mm_spacing, PLANE)
     if site == "sulcal":  # blood widens its sulci, also some too thin to be mostly CSF anywhere
         assert np.mean(diff[far] != 0) < 1e-4
-    else:
-        assert np.abs(diff[far]).max() == 0
+    else:  # float32 filtering leaves far voxels within 1e-3 HU, which rounding to whole HU flips at .5 now and then
+        assert np.mean(diff[far] != 0) < 1e-5 and np.abs(diff[far]).max() <= 1
     X, Y = np.broadcast_to(ps.frame.X, m.shape), np.broadcast_to(ps.frame.Y, m.shape)
     if site == "interhemispheric":
         assert np.abs(X[m]).max() < lesions.SAH_FISSURE_MM
@@ -1020,6 +1020,64 @@ def test_ears_stand_out_beside_the_head_and_their_canals_run_into_the_temporal_b
         xs = np.abs(x_img[at_canal & (np.sign(x_img) == sx)])
         skin = np.abs(x_img[(without.hu[1] > -500) & (np.abs(fr.y_img[0] - (ear.y_root - 4.0)) < 0.5)]).max()
         assert skin - xs.min() == pytest.approx(ear.canal_length, abs=2.5)
+
+
+def test_old_hypodensities_come_with_age():
+    """Old infarcts, lacunes and periventricular white-matter hypodensity are drawn for the head from a
+    generator of its own, more often the older the head: a territorial infarct in 5% of heads under 40 and
+    in about a fifth over 65, no lacune under 45, no white-matter hypodensity up to 55."""
+    heads = [an.sample_head(np.random.default_rng([s, 1])) for s in range(800)]
+    olds = [an.old_hypodensities(h) for h in heads]
+    assert olds[3] == an.old_hypodensities(heads[3])
+    ages = np.array([h.age for h in heads])
+    infarct = np.array([bool(o.infarcts) for o in olds])
+    assert infarct[ages < 40].mean() < 0.1 and 0.08 < infarct[ages >= 65].mean() < 0.35
+    assert not any(o.lacunes for o, a in zip(olds, ages) if a < 45)
+    assert any(o.lacunes for o, a in zip(olds, ages) if a >= 65)
+    assert all(o.leuko_hu == 0 for o, a in zip(olds, ages) if a <= 55)
+
+
+def test_old_hypodensities_darken_only_brain_by_their_share_of_the_slab(monkeypatch):
+    """A wedge of old infarct from the cortex inwards and a 4 mm lacune read the head's CSF plus their drawn
+    density where they fill the slab, over grey and white matter only, the tissue codes kept (scarred brain,
+    not a CSF space subarachnoid blood could fill). A 5 mm slice centred 4.5 mm above the lacune's centre
+    holds 2 mm of its 8: its centre pixel moves 2/5 of the way to the lacune's density."""
+    head = an.sample_head(np.random.default_rng([6, 1]))
+    z0 = head.widest + 10.0
+    drawn = an.OldHypodensities(infarcts=((1.0, 1.2, z0, 15.0, 0.25, 30.0, 8.0),),
+                                lacunes=((-20.0, 0.0, z0, 4.0, 5.0),), leuko_hu=6.0, leuko_mm=10.0)
+
+    def render(old, z, thickness):
+        monkeypatch.setattr(an, "old_hypodensities", lambda h: old)
+        fr = an.Frame(rows=400, cols=400, spacing=0.5, thickness=thickness, z=np.array([z], np.float32),
+                      angle=0.0, shift=(0.0, 0.0))
+        return fr, an.build(head, fr, np.random.default_rng(0))
+
+    fr, a = render(drawn, z0, 1.0)
+    _, b = render(an.OldHypodensities(), z0, 1.0)
+    X, Y = fr.X[0], fr.Y[0]
+    assert np.array_equal(a.tissue, b.tissue)
+    changed = a.hu[0] != b.hu[0]
+    assert changed.any() and np.isin(b.tissue[0][changed], (an.GREY, an.WHITE)).all()
+    brain = np.isin(b.tissue[0], (an.GREY, an.WHITE))
+    core = brain & (np.abs(np.arctan2(X, -Y) - 1.2) < 0.08) & (a.depth[0] > 3) & (a.depth[0] < 12)
+    assert core.sum() > 20 and np.allclose(a.hu[0][core], head.csf + 8.0, atol=1.0)
+    lacune = brain & (np.hypot(X + 20.0, Y) < 3.0)
+    assert lacune.sum() > 20 and np.allclose(a.hu[0][lacune], head.csf + 5.0, atol=0.5)
+    # leukoaraiosis: white matter darker next to the ventricles, less further out, untouched beyond 10 mm
+    white, vent = b.tissue[0] == an.WHITE, b.tissue[0] == an.VENTRICLE
+    d = ndimage.distance_transform_edt(~vent) * 0.5
+    far_from_lesions = ~core & (np.hypot(X + 20.0, Y) > 6.0) & (np.abs(np.arctan2(X, -Y) - 1.2) > 0.6)
+    drop = (b.hu[0] - a.hu[0])
+    near, mid, far = (white & far_from_lesions & m for m in ((d < 2), (d > 6) & (d < 8), d > 11))
+    assert drop[near].mean() > drop[mid].mean() > 0.5 and np.abs(drop[far]).max() < 1e-3
+    # through a thick slab: 2 mm of the lacune's 8 in a 5 mm slice
+    only_lacune = an.OldHypodensities(lacunes=((-20.0, 0.0, z0, 4.0, 5.0),))
+    fr5, a5 = render(only_lacune, z0 + 4.5, 5.0)
+    _, b5 = render(an.OldHypodensities(), z0 + 4.5, 5.0)
+    centre = np.unravel_index(np.argmin(np.hypot(fr5.X[0] + 20.0, fr5.Y[0])), fr5.X[0].shape)
+    before = b5.hu[0][centre]
+    assert a5.hu[0][centre] == pytest.approx(before + 0.4 * (head.csf + 5.0 - before), abs=0.05)
 
 
 def test_vault_is_thinner_on_the_sides_than_front_and_back():

@@ -412,6 +412,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     _middle_fossae(head, fr, hu, tissue, depth)
     _ears(cv, vault, depth)
     _parenchymal_texture(hu, tissue, fr, rng)
+    _old_hypodensities(cv, cavity)  # scar: their own density, over the texture of the brain they replaced
     sector = np.where(depth > -30, sector_of(head, cv.phi, cv.z), 0).astype(np.uint8)
     return Anatomy(hu=hu, tissue=tissue, depth=depth, sector=sector, cerebrum=cavity.cerebrum & (depth > 0),
                    side_x=fr.X, sulcal_effacement=efface)
@@ -566,6 +567,91 @@ def _ears(cv: _Canvas, vault: _Vault, depth) -> None:
                 deep = x_skin - ear.canal_length + EAR_CANAL_RADIUS  # its rounded end reaches canal_length in
                 canal = capsule(X, Y, sx * (x_skin + 1.0), y_c, sx * deep, y_c - 3.0, EAR_CANAL_RADIUS, w)
                 paint(hu, tissue, -1000.0, canal * share * (depth[i] < -2.0), SINUS)
+
+
+@dataclass(frozen=True)
+class OldHypodensities:
+    """A head's old, bloodless hypodensities (head-frame mm, HU above the head's CSF): chronic territorial
+    infarcts, wedges of encephalomalacia from the cortex inwards (side, angle from the front, level,
+    half-height, angular half-width at the surface, depth reached, density); lacunes, small round holes
+    in the deep grey matter and the centrum semiovale (x, y, z, radius, density); and how much darker
+    the periventricular white matter is (leukoaraiosis, HU) and over how many mm from the ventricles."""
+
+    infarcts: tuple[tuple[float, float, float, float, float, float, float], ...] = ()
+    lacunes: tuple[tuple[float, float, float, float, float], ...] = ()
+    leuko_hu: float = 0.0
+    leuko_mm: float = 8.0
+
+
+def old_hypodensities(head: HeadShape) -> OldHypodensities:
+    """What ``_old_hypodensities`` draws for ``head``, from a generator seeded by the head's own draws (the
+    same for every study of a patient; no other draw changes). They come with age, as on CT of a general
+    population: a territorial infarct in 5% of heads at 40 rising to 30% at 90, lacunes from 45 (on
+    average 2.5 by 85), periventricular white-matter hypodensity from 55."""
+    sub = np.random.default_rng([int(head.a * 1e6) % 2**31, int(head.top * 1e4) % 2**31, 31])
+    old = float(np.clip((head.age - 40) / 50, 0, 1))
+    infarcts = []
+    if sub.random() < 0.05 + 0.25 * old:
+        sx = float(sub.choice((-1.0, 1.0)))
+        infarcts.append((sx, sx * float(sub.uniform(0.6, 2.4)), head.widest + float(sub.uniform(-15, 30)),
+                         float(sub.uniform(8, 20)), float(sub.uniform(0.12, 0.35)), float(sub.uniform(15, 40)),
+                         float(sub.uniform(3, 12))))
+    lacunes = []
+    for _ in range(int(sub.poisson(2.5 * np.clip((head.age - 45) / 40, 0, 1)))):
+        sx = float(sub.choice((-1.0, 1.0)))
+        if sub.random() < 0.7:  # deep grey: lentiform nuclei, thalami, caudate heads, as _deep_grey_and_insula
+            cx, cy = [(0.33 * head.a, -0.02 * head.b), (7.0 + 3 * head.atrophy, 0.12 * head.b),
+                      (7.5 + 3.2 * head.atrophy, -0.17 * head.b)][int(sub.integers(3))]
+            z = head.widest + float(sub.uniform(-22, 0))
+        else:  # centrum semiovale
+            cx, cy, z = float(sub.uniform(15, 35)), float(sub.uniform(-30, 30)), head.widest + float(sub.uniform(10, 35))
+        lacunes.append((sx * (cx + float(sub.normal(0, 2.5))), cy + float(sub.normal(0, 2.5)), z,
+                        float(sub.uniform(1.5, 5.0)), float(sub.uniform(2, 10))))
+    leuko = float(np.clip((head.age - 55) / 35, 0, 1) * sub.uniform(0, 8))
+    return OldHypodensities(infarcts=tuple(infarcts), lacunes=tuple(lacunes), leuko_hu=leuko,
+                            leuko_mm=float(sub.uniform(5, 12)))
+
+
+def _old_hypodensities(cv: _Canvas, cavity: _Cavity) -> None:
+    """Paint ``old_hypodensities(head)`` over the supratentorial grey and white matter only: the white matter
+    darker towards the ventricles, then the infarcts and lacunes at their own density, each voxel by the
+    share of its slab the lesion fills; tissue codes stay (an old infarct is scarred brain, not a CSF
+    space that subarachnoid blood could fill)."""
+    head, fr, w = cv.head, cv.fr, cv.w
+    old = old_hypodensities(head)
+    if not (old.infarcts or old.lacunes or old.leuko_hu > 0.5):
+        return
+    t = float(fr.thickness)
+    X, Y = cv.X[0], cv.Y[0]
+    radius = 0.5 * (head.a + head.b)
+    for i in cavity.supra:
+        z = float(fr.z[i])
+        hu, tissue, depth, phi = cv.hu[i], cv.tissue[i], cavity.depth[i], cv.phi[0]
+        brain = (tissue == GREY) | (tissue == WHITE)
+        if old.leuko_hu > 0.5:
+            vent = tissue == VENTRICLE  # and a calcified glomus in it: the ventricle's space, however it reads
+            vent = ndimage.binary_propagation(vent, mask=vent | (tissue == CALCIUM))
+            if vent.any():
+                d = ndimage.distance_transform_edt(~vent) * fr.spacing
+                fall = np.clip(1 - d / old.leuko_mm, 0, 1) * (tissue == WHITE)
+                hu -= np.float32(old.leuko_hu) * fall.astype(np.float32)
+        for sx, phi0, z0, hz, half, reach, dens in old.infarcts:
+            through = float(np.clip((hz - abs(z - z0)) / t + 0.5, 0, 1))  # its share of the slab
+            if through <= 0:
+                continue
+            taper = np.clip(1 - depth / reach, 0, 1) ** 0.6  # a wedge: widest at the cortex
+            ragged = 1 + 0.2 * np.sin(0.35 * depth + 3 * phi0) * np.sin(0.25 * z + phi0)  # margins not straight
+            arc = np.abs(wrap_angle(phi - phi0)) * np.maximum(radius - depth, 5.0)
+            f = ramp(arc - half * radius * taper * ragged, 2.0) * (taper > 0) * through
+            paint(hu, tissue, head.csf + dens, f * brain)
+        for x0, y0, z0, r, dens in old.lacunes:
+            lo, hi = max(z - t / 2, z0 - r), min(z + t / 2, z0 + r)
+            if hi <= lo:
+                continue
+            share = min(1.0, (hi - lo) / min(t, 2 * r))
+            near = max(abs(z - z0) - t / 2, 0.0)  # the slab's closest approach to its centre
+            ri = float(np.sqrt(max(r * r - near * near, 0.0))) + 0.01
+            paint(hu, tissue, head.csf + dens, ellipse(X, Y, x0, y0, ri, ri, w) * share * brain)
 
 
 def _cranial_cavity(cv: _Canvas) -> _Cavity:
