@@ -604,7 +604,8 @@ def old_hypodensities(head: HeadShape) -> OldHypodensities:
                       (7.5 + 3.2 * head.atrophy, -0.17 * head.b)][int(sub.integers(3))]
             z = head.widest + float(sub.uniform(-22, 0))
         else:  # centrum semiovale
-            cx, cy, z = float(sub.uniform(15, 35)), float(sub.uniform(-30, 30)), head.widest + float(sub.uniform(10, 35))
+            cx, cy = float(sub.uniform(15, 35)), float(sub.uniform(-30, 30))
+            z = head.widest + float(sub.uniform(10, 35))
         lacunes.append((sx * (cx + float(sub.normal(0, 2.5))), cy + float(sub.normal(0, 2.5)), z,
                         float(sub.uniform(1.5, 5.0)), float(sub.uniform(2, 10))))
     leuko = float(np.clip((head.age - 55) / 35, 0, 1) * sub.uniform(0, 8))
