@@ -1080,6 +1080,84 @@ def test_old_hypodensities_darken_only_brain_by_their_share_of_the_slab(monkeypa
     assert a5.hu[0][centre] == pytest.approx(before + 0.4 * (head.csf + 5.0 - before), abs=0.05)
 
 
+def _face_level(head, z: float, size=500, spacing=0.4, thickness=1.0):
+    fr = an.Frame(rows=size, cols=size, spacing=spacing, thickness=thickness, z=np.array([z], np.float32),
+                  angle=0.0, shift=(0.0, 0.0))
+    return fr, an.build(head, fr, np.random.default_rng(0))
+
+
+def _at(fr, arr, x, y):
+    """``arr``'s value at the pixel nearest head-frame (x, y) mm (an upright, centred frame)."""
+    return arr[int(round(y / fr.spacing + (fr.rows - 1) / 2)), int(round(x / fr.spacing + (fr.cols - 1) / 2))]
+
+
+def test_nasal_cavity_is_air_either_side_of_the_septum_between_the_maxillary_sinuses(monkeypatch):
+    """Mid-way up the nasal cavity the row through its middle reads: bony wall, air (with a turbinate's
+    mucosa on it), the septum (cartilage in front, bone behind) where the plan bows it, air, wall; nothing in
+    the cranial cavity changes, and without the pass that spot is solid face."""
+    head = an.sample_head(np.random.default_rng([5, 1]))
+    plan = an.nasal_plan(head)
+    assert plan == an.nasal_plan(head) and 10.5 <= plan["half_mm"] <= 14 and abs(plan["deviation_mm"]) <= 3.5
+    fr, with_nose = _face_level(head, -32.0)
+    monkeypatch.setattr(an, "_nasal_cavity", lambda cv, vault, depth: None)
+    _, without = _face_level(head, -32.0)
+    changed = with_nose.hu[0] != without.hu[0]
+    assert not (changed & (without.depth[0] > -2.0)).any()
+    X, Y = fr.X[0], fr.Y[0]
+    nasal = changed & (np.abs(X) < plan["half_mm"] + 2)
+    yc = float(np.median(Y[nasal]))
+    row = np.abs(Y - yc) < 0.25
+    xs = X[row]
+    hu = with_nose.hu[0][row]
+    septum = xs[(hu > 60) & (np.abs(xs) < plan["half_mm"] - 3)]
+    assert len(septum) and abs(float(np.median(septum)) - plan["deviation_mm"]) < 1.0
+    for side in (-1, 1):  # air between the septum and each wall
+        gap = hu[(np.sign(xs - plan["deviation_mm"]) == side) & (np.abs(xs - plan["deviation_mm"]) > 2.0)
+                 & (np.abs(xs) < plan["half_mm"] - 2.0)]
+        assert (gap < -500).any()
+    assert _at(fr, without.hu[0], plan["deviation_mm"] + 3.0, yc) > -200  # solid face without it
+
+
+def test_teeth_and_their_fillings_streak_only_their_own_slices(monkeypatch):
+    """Crowns of enamel on each arch at the crowns' level (every ``tooth_centres`` point reads the plan's
+    enamel, or 3000 HU where filled); a filling's streaks change the slice through it far from the teeth,
+    and no slice above the teeth."""
+    import dataclasses
+
+    head = dataclasses.replace(an.sample_head(np.random.default_rng([5, 1])), age=70)
+    plan = an.teeth_plan(head)
+    z = float(np.mean(an.TEETH_LEVELS["upper"]))
+    fr, a = _face_level(head, z)
+    centres = an.tooth_centres(head)
+    assert len(centres) == 2 * an.TEETH_PER_SIDE
+    for k, (x0, y0, _) in enumerate(centres):
+        want = 3000.0 if ("upper", k) in plan["filled"] else plan["enamel"]
+        assert _at(fr, a.hu[0], x0, y0) == pytest.approx(want, abs=1.0)
+    monkeypatch.setattr(an, "teeth_plan", lambda h: dict(plan, filled={("upper", 3)}))
+    _, one = _face_level(head, z)
+    _, one_above = _face_level(head, -30.0)
+    monkeypatch.setattr(an, "teeth_plan", lambda h: dict(plan, filled=set()))
+    _, none = _face_level(head, z)
+    _, none_above = _face_level(head, -30.0)
+    head_px = none.tissue[0] != an.AIR
+    far = head_px & (np.hypot(fr.X[0] - centres[3][0], fr.Y[0] - centres[3][1]) > 40)
+    assert np.mean(np.abs(one.hu[0] - none.hu[0])[far] > 5) > 0.01  # streaks across the slice
+    assert np.array_equal(one_above.hu, none_above.hu)
+
+
+def test_mandible_is_rami_beside_the_maxillary_sinuses_and_an_arch_below():
+    """Beside the maxillary sinuses the mandible is two rami behind them; its arch runs in front only from
+    the teeth down (it used to cross the sinuses, bone where they are air)."""
+    head = an.sample_head(np.random.default_rng([5, 1]))
+    front = (0.5 * head.a, -0.35 * head.b - 0.62 * head.b * np.sqrt(1 - (0.5 / 0.62) ** 2))  # on the U, in front
+    ramus = (0.62 * head.a * np.sqrt(1 - (0.05 / 0.62) ** 2), -0.40 * head.b)  # on the U, behind the sinus
+    fr, sinus_level = _face_level(head, -40.0)
+    _, teeth_level = _face_level(head, -58.0)
+    assert _at(fr, sinus_level.hu[0], *front) < -500  # the maxillary sinus's air
+    assert _at(fr, sinus_level.tissue[0], *ramus) == an.BONE
+    assert _at(fr, teeth_level.tissue[0], *front) == an.BONE
+
+
 def test_vault_is_thinner_on_the_sides_than_front_and_back():
     """Real vaults (CT-ICH, the GE head) are 5-8 mm thick over the forehead and occiput but 3.5-4.5 mm on
     the sides, thinnest over the temporal fossae; the phantom's side share is ``head.squama`` (less a

@@ -409,6 +409,8 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     _tentorium_and_deep_veins(head, fr, hu, tissue, depth, sinus_hu)
     _orbital_roofs(head, fr, hu, tissue, depth)
     _face_and_neck(head, fr, hu, tissue, depth, cv.w, rng)
+    _nasal_cavity(cv, vault, depth)
+    _teeth(cv)
     _middle_fossae(head, fr, hu, tissue, depth)
     _ears(cv, vault, depth)
     _parenchymal_texture(hu, tissue, fr, rng)
@@ -653,6 +655,141 @@ def _old_hypodensities(cv: _Canvas, cavity: _Cavity) -> None:
             near = max(abs(z - z0) - t / 2, 0.0)  # the slab's closest approach to its centre
             ri = float(np.sqrt(max(r * r - near * near, 0.0))) + 0.01
             paint(hu, tissue, head.csf + dens, ellipse(X, Y, x0, y0, ri, ri, w) * share * brain)
+
+
+NASAL_LEVELS = (-50.0, -14.0)  # head-frame mm: from the hard palate up to where the ethmoid cells take over
+NASAL_BACK = -0.38  # the choanae, as a share of ``head.b`` in front of the centre
+TEETH_LEVELS = {"upper": (-62.0, -50.0), "lower": (-76.0, -63.0)}  # the crowns, under the hard palate
+
+
+def _face_rng(head: HeadShape, tag: int) -> np.random.Generator:
+    """A generator seeded by the head's own draws and ``tag``: the same for every study of a patient, and
+    drawing from it moves no other draw of a series."""
+    return np.random.default_rng([int(head.a * 1e6) % 2**31, int(head.top * 1e4) % 2**31, tag])
+
+
+def nasal_plan(head: HeadShape) -> dict:
+    """The head's nasal cavity (``_nasal_cavity``): its half-width at the widest (mm), the septum's bow (mm,
+    signed), the side whose turbinates are swollen and by how much, and the densities of mucosa, the bony
+    septum and walls, and the septal cartilage (HU)."""
+    sub = _face_rng(head, 37)
+    return {"half_mm": float(sub.uniform(10.5, 14.0)), "deviation_mm": float(sub.uniform(-3.5, 3.5)),
+            "swollen": float(sub.choice((-1.0, 1.0))), "cycle": float(sub.uniform(1.0, 1.4)),
+            "mucosa": float(sub.uniform(30, 50)), "bone": float(sub.uniform(400, 900)),
+            "cartilage": float(sub.uniform(80, 140))}
+
+
+def _nasal_cavity(cv: _Canvas, vault: _Vault, depth) -> None:
+    """The nasal cavity between the maxillary sinuses, from the nostrils back to the choanae and from the
+    hard palate up to the ethmoid: air on either side of the septum (bone behind, cartilage in front, often
+    deviated), lined by mucosa, with the inferior and middle turbinates hanging from the lateral walls (one
+    side swollen more than the other: the nasal cycle), inside thin bony walls; and the nostrils in the
+    external nose. Painted over the face's soft tissue and fat, never over the cranial cavity."""
+    head, fr, w = cv.head, cv.fr, cv.w
+    rows = np.nonzero((fr.z > NASAL_LEVELS[0] - 2) & (fr.z < NASAL_LEVELS[1] + 2))[0]
+    if not len(rows):
+        return
+    plan = nasal_plan(head)
+    half_max, deviation, swollen, cycle = plan["half_mm"], plan["deviation_mm"], plan["swollen"], plan["cycle"]
+    mucosa, septum_bone, cartilage = plan["mucosa"], plan["bone"], plan["cartilage"]
+    _, B_front, _ = _head_outline(cv, vault)
+    X, Y = cv.X[0], cv.Y[0]
+    for i in rows:
+        z = float(fr.z[i])
+        p = float(profile(np.float32(z), *NASAL_LEVELS))
+        if p <= 0.05:
+            continue
+        hu, tissue = cv.hu[i], cv.tissue[i]
+        y_front = -float(B_front[i].item()) + 12.0
+        y_back = NASAL_BACK * head.b
+        yc, half_y = 0.5 * (y_front + y_back), 0.5 * (y_back - y_front)
+        half_x = half_max * p ** 0.5
+        along = np.clip((Y - y_front) / (y_back - y_front), 0, 1)
+        keep = (tissue != AIR) & (depth[i] < -2.0)  # never outside the face, never in the cranial cavity
+        paint(hu, tissue, septum_bone, ramp(np.abs(ellipse_distance(X, Y, 0.0, yc, half_x + 0.6, half_y + 0.6)) - 0.6,
+                                             w) * keep, BONE)
+        inner = ellipse(X, Y, 0.0, yc, half_x, half_y, w)
+        paint(hu, tissue, mucosa, inner * keep, SOFT)
+        paint(hu, tissue, -1000.0, ellipse(X, Y, 0.0, yc, half_x - 1.2, half_y - 1.2, w) * keep, SINUS)
+        for sx in (-1.0, 1.0):  # the turbinates: inferior low down, middle above it
+            big = cycle if sx == swollen else 1.0
+            for lo, hi, reach in ((NASAL_LEVELS[0] + 2, -30.0, 0.55), (-32.0, NASAL_LEVELS[1] - 2, 0.45)):
+                t = float(profile(np.float32(z), lo, hi))
+                if t > 0.05:
+                    tx = min(half_x * reach * big * t ** 0.5, half_x - 1.5)
+                    paint(hu, tissue, mucosa, ellipse(X, Y, sx * (half_x - tx / 2), yc + 0.1 * half_y, tx / 2 + 0.8,
+                                                      0.8 * half_y * t ** 0.5, w) * inner, SOFT)
+        sx_dev = deviation * np.sin(np.pi * along)
+        septum = ramp(np.abs(X - sx_dev) - 1.0, w) * inner
+        paint(hu, tissue, cartilage + (septum_bone - cartilage) * np.clip(2 * along - 0.6, 0, 1), septum, BONE)
+        if -40 < z < -28:  # the nostrils, in the external nose below its bridge
+            for sx in (-1.0, 1.0):
+                nostril = ellipse(X, Y, sx * 4.5, -float(B_front[i].item()) - 1.0, 2.6, 4.5, w)
+                paint(hu, tissue, -1000.0, nostril * (tissue == SOFT), SINUS)
+
+
+TEETH_PER_SIDE = 7  # crowns from the midline back on each side of an arch
+
+
+def tooth_centres(head: HeadShape) -> list[tuple[float, float, float]]:
+    """(x, y, angle) of each crown of an arch, right side then left, on a curve just inside the mandible's
+    U (``_face_and_neck``)."""
+    cy, ax, ay = -0.35 * head.b, 0.58 * head.a, 0.58 * head.b
+    out = []
+    for sx in (-1.0, 1.0):
+        for j in range(TEETH_PER_SIDE):
+            ang = (j + 0.5) / TEETH_PER_SIDE * 1.15  # radians round the arch from the midline
+            out.append((float(sx * ax * np.sin(ang)), float(cy - ay * np.cos(ang)), float(sx * ang)))
+    return out
+
+
+def teeth_plan(head: HeadShape) -> dict:
+    """The head's teeth (``_teeth``): the crowns' density, which crowns hold amalgam fillings (a set of
+    (arch, index into ``tooth_centres``); in 20% of heads at 20 rising to 70% at 70), and the fillings'
+    streaks (angles, HU)."""
+    sub = _face_rng(head, 41)
+    enamel = float(sub.uniform(1500, 2800))
+    filled = set()
+    if sub.random() < 0.2 + 0.5 * np.clip((head.age - 20) / 50, 0, 1):
+        keys = [(arch, k) for arch in TEETH_LEVELS for k in range(2 * TEETH_PER_SIDE)]
+        filled = {keys[int(k)] for k in sub.choice(len(keys), size=int(sub.integers(1, 5)), replace=False)}
+    return {"enamel": enamel, "filled": filled, "streak_angles": sub.uniform(0, np.pi, size=8),
+            "streak_hu": float(sub.uniform(150, 500))}
+
+
+def _teeth(cv: _Canvas) -> None:
+    """The teeth under the hard palate: crowns of enamel and dentine (1500-2800 HU) in two arches on the
+    mandible's curve (``tooth_centres``), upper and lower, 6 x 8 mm each; in a share of heads (more with age)
+    some hold amalgam fillings (3000 HU), whose streaks cross the whole slice, as in real CT through the
+    teeth. Drawn from ``teeth_plan``, a generator of the head's own."""
+    head, fr, w = cv.head, cv.fr, cv.w
+    rows = np.nonzero(fr.z < max(hi for _, hi in TEETH_LEVELS.values()) + 3)[0]
+    if not len(rows):
+        return
+    plan = teeth_plan(head)
+    enamel, filled, streak_angles, streak_hu = plan["enamel"], plan["filled"], plan["streak_angles"], plan["streak_hu"]
+    X, Y = cv.X[0], cv.Y[0]
+    for i in rows:
+        z = float(fr.z[i])
+        hu, tissue = cv.hu[i], cv.tissue[i]
+        metal = []
+        for arch, (lo, hi) in TEETH_LEVELS.items():
+            t = float(profile(np.float32(z), lo - 1, hi + 1))
+            if t <= 0.05:
+                continue
+            for (x0, y0, ang), key in zip(tooth_centres(head), ((arch, k) for k in range(2 * TEETH_PER_SIDE))):
+                crown = ellipse(X, Y, x0, y0, 3.2 * t ** 0.5 + 0.01, 4.2 * t ** 0.5 + 0.01, w, angle=ang)
+                paint(hu, tissue, enamel, crown * (tissue != AIR), BONE)
+                if key in filled and t > 0.5:
+                    paint(hu, tissue, 3000.0, ellipse(X, Y, x0, y0, 1.8, 2.2, w), METAL)
+                    metal.append((x0, y0))
+        body = (tissue != AIR).astype(np.float32)  # the scanner clips air; the streaks show in the head
+        for x0, y0 in metal:  # streaks through each filling: bright and dark lines, fading with distance
+            r = np.hypot(X - x0, Y - y0)
+            th = np.arctan2(Y - y0, X - x0)
+            for k, a in enumerate(streak_angles):
+                line = np.exp(-0.5 * (np.abs(np.sin(th - a)) * r / 1.0) ** 2) * np.exp(-r / 80.0)
+                hu += ((1.0 if k % 2 else -1.0) * streak_hu * line * body).astype(np.float32)
 
 
 def _cranial_cavity(cv: _Canvas) -> _Cavity:
@@ -1582,7 +1719,8 @@ def _middle_fossae(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
 
 def _face_and_neck(head: HeadShape, fr: Frame, hu, tissue, depth, w, rng: np.random.Generator) -> None:
     """Below the skull base a head is not one soft-tissue block: fat between the muscles and around the
-    jaw, and the mandible, a U of bone in front."""
+    jaw, and the mandible: its rami beside the maxillary sinuses, and from the teeth down a U of bone in
+    front (until 6 Dec 2026 the U ran through the maxillary sinuses)."""
     idx = np.nonzero(fr.z < -8)[0]
     X, Y = fr.X[0], fr.Y[0]
     for i in idx:
@@ -1596,4 +1734,6 @@ def _face_and_neck(head: HeadShape, fr: Frame, hu, tissue, depth, w, rng: np.ran
         if fr.z[i] < -32:
             r_out = ellipse_distance(X, Y, 0, -0.35 * head.b, 0.62 * head.a, 0.62 * head.b)
             jaw = ramp(np.abs(r_out) - 3.5, w) * (Y < -0.25 * head.b)
+            if fr.z[i] > TEETH_LEVELS["upper"][1]:  # beside the maxillary sinuses only the rami, not the arch
+                jaw = jaw * (Y > -0.55 * head.b)
             paint(hu[i], tissue[i], float(rng.uniform(900, 1600)), jaw * (tissue[i] != AIR), BONE)
