@@ -1145,6 +1145,35 @@ def test_teeth_and_their_fillings_streak_only_their_own_slices(monkeypatch):
     assert np.array_equal(one_above.hu, none_above.hu)
 
 
+def test_an_aneurysm_clip_is_metal_by_the_circle_of_willis_with_streaks_on_its_slices(monkeypatch):
+    """About 3% of adult heads carry a clip from an old aneurysm operation, at one of ``CLIP_SITES``: its
+    centre reads 3000 HU on the slice through it, its streaks change the head far from it (never the air
+    round the head), and a slice clear of it is untouched."""
+    heads = [an.sample_head(np.random.default_rng([s, 1])) for s in range(1500)]
+    plans = [an.clip_plan(h) for h in heads]
+    adults = [p for p, h in zip(plans, heads) if h.age >= 35]
+    assert 0.01 < np.mean([p is not None for p in adults]) < 0.06
+    assert all(p is None for p, h in zip(plans, heads) if h.age < 35)
+    k = next(i for i, p in enumerate(plans) if p is not None)
+    head, plan = heads[k], plans[k]
+    assert plan == an.clip_plan(head) and plan["site"] in an.CLIP_SITES
+
+    def level(z, clipped):
+        monkeypatch.setattr(an, "clip_plan", lambda h: plan if clipped else None)
+        return _face_level(head, z)
+
+    fr, a = level(plan["z"], True)
+    _, b = level(plan["z"], False)
+    assert _at(fr, a.hu[0], plan["x"], plan["y"]) == pytest.approx(3000.0, abs=1.0)
+    assert _at(fr, a.tissue[0], plan["x"], plan["y"]) == an.METAL
+    far = np.hypot(fr.X[0] - plan["x"], fr.Y[0] - plan["y"]) > 30
+    diff = np.abs(a.hu[0] - b.hu[0])
+    assert np.mean(diff[far & (b.tissue[0] != an.AIR)] > 5) > 0.01
+    assert not diff[b.tissue[0] == an.AIR].any()
+    clear = plan["z"] + an.CLIP_HALF[2] + 1.0  # a 1 mm slice whose slab ends 0.5 mm above the clip
+    assert np.array_equal(level(clear, True)[1].hu, level(clear, False)[1].hu)
+
+
 def test_mandible_is_rami_beside_the_maxillary_sinuses_and_an_arch_below():
     """Beside the maxillary sinuses the mandible is two rami behind them; its arch runs in front only from
     the teeth down (it used to cross the sinuses, bone where they are air)."""

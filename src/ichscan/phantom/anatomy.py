@@ -415,6 +415,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     _ears(cv, vault, depth)
     _parenchymal_texture(hu, tissue, fr, rng)
     _old_hypodensities(cv, cavity)  # scar: their own density, over the texture of the brain they replaced
+    _aneurysm_clip(cv)
     sector = np.where(depth > -30, sector_of(head, cv.phi, cv.z), 0).astype(np.uint8)
     return Anatomy(hu=hu, tissue=tissue, depth=depth, sector=sector, cerebrum=cavity.cerebrum & (depth > 0),
                    side_x=fr.X, sulcal_effacement=efface)
@@ -753,7 +754,7 @@ def teeth_plan(head: HeadShape) -> dict:
     if sub.random() < 0.2 + 0.5 * np.clip((head.age - 20) / 50, 0, 1):
         keys = [(arch, k) for arch in TEETH_LEVELS for k in range(2 * TEETH_PER_SIDE)]
         filled = {keys[int(k)] for k in sub.choice(len(keys), size=int(sub.integers(1, 5)), replace=False)}
-    return {"enamel": enamel, "filled": filled, "streak_angles": sub.uniform(0, np.pi, size=8),
+    return {"enamel": enamel, "filled": filled, "streak_angles": tuple(float(a) for a in sub.uniform(0, np.pi, size=8)),
             "streak_hu": float(sub.uniform(150, 500))}
 
 
@@ -783,13 +784,66 @@ def _teeth(cv: _Canvas) -> None:
                 if key in filled and t > 0.5:
                     paint(hu, tissue, 3000.0, ellipse(X, Y, x0, y0, 1.8, 2.2, w), METAL)
                     metal.append((x0, y0))
-        body = (tissue != AIR).astype(np.float32)  # the scanner clips air; the streaks show in the head
-        for x0, y0 in metal:  # streaks through each filling: bright and dark lines, fading with distance
-            r = np.hypot(X - x0, Y - y0)
-            th = np.arctan2(Y - y0, X - x0)
-            for k, a in enumerate(streak_angles):
-                line = np.exp(-0.5 * (np.abs(np.sin(th - a)) * r / 1.0) ** 2) * np.exp(-r / 80.0)
-                hu += ((1.0 if k % 2 else -1.0) * streak_hu * line * body).astype(np.float32)
+        for x0, y0 in metal:
+            _metal_streaks(hu, tissue, X, Y, (x0, y0), streak_angles, streak_hu, width_mm=1.0, fade_mm=80.0)
+
+
+def _metal_streaks(hu, tissue, X, Y, at, angles, strength, *, width_mm: float, fade_mm: float) -> None:
+    """Streaks through metal at ``at`` (x, y mm) on one slice: lines at ``angles``, bright and dark in turn,
+    ``strength`` HU at the metal, ``width_mm`` across (Gaussian SD) and fading over ``fade_mm``; in the head
+    only (a scanner clips air, so they show there), never on the metal itself."""
+    body = ((tissue != AIR) & (tissue != METAL)).astype(np.float32)
+    r = np.hypot(X - at[0], Y - at[1])
+    th = np.arctan2(Y - at[1], X - at[0])
+    for k, a in enumerate(angles):
+        line = np.exp(-0.5 * (np.abs(np.sin(th - a)) * r / width_mm) ** 2) * np.exp(-r / fade_mm)
+        hu += ((1.0 if k % 2 else -1.0) * strength * line * body).astype(np.float32)
+
+
+CLIP_SITES = {  # where clipped aneurysms sit round the circle of Willis: (x mm, y as a share of b, z mm)
+    "anterior_communicating": (0.0, -0.24, 12.0),
+    "middle_cerebral": (24.0, -0.16, 12.0),
+    "posterior_communicating": (7.0, -0.10, 9.0),
+}
+
+
+def clip_plan(head: HeadShape) -> dict | None:
+    """An aneurysm clip from an old operation, in 3% of adult heads (from 35), or None: its site (one of
+    ``CLIP_SITES``, either side), the blades' angle, and the strength of its streaks; from a generator of
+    the head's own."""
+    sub = _face_rng(head, 43)
+    if head.age < 35 or sub.random() >= 0.03:
+        return None
+    site = str(sub.choice(sorted(CLIP_SITES)))
+    x, y, z = CLIP_SITES[site]
+    sx = float(sub.choice((-1.0, 1.0)))
+    return {"site": site, "x": sx * x, "y": y * head.b, "z": z + float(sub.uniform(-3, 3)),
+            "angle": float(sub.uniform(0, np.pi)), "streak_hu": float(sub.uniform(300, 800)),
+            "streak_angles": tuple(float(a) for a in sub.uniform(0, np.pi, size=10))}
+
+
+CLIP_HALF = (4.5, 1.6, 3.0)  # mm: the clip's blades, half-length, half-width and half-height
+
+
+def _aneurysm_clip(cv: _Canvas) -> None:
+    """``clip_plan(head)``: metal (3000 HU) by its share of each slice's slab, and on the slices through it
+    bright and dark streaks across the head, as real clips draw on CT; the tissue under it is METAL."""
+    plan = clip_plan(cv.head)
+    if plan is None:
+        return
+    fr, w = cv.fr, cv.w
+    X, Y = cv.X[0], cv.Y[0]
+    t, hz = float(fr.thickness), CLIP_HALF[2]
+    for i, z in enumerate(fr.z):
+        lo, hi = max(float(z) - t / 2, plan["z"] - hz), min(float(z) + t / 2, plan["z"] + hz)
+        if hi <= lo:
+            continue
+        share = min(1.0, (hi - lo) / min(t, 2 * hz))
+        hu, tissue = cv.hu[i], cv.tissue[i]
+        blades = ellipse(X, Y, plan["x"], plan["y"], CLIP_HALF[0], CLIP_HALF[1], w, angle=plan["angle"])
+        paint(hu, tissue, 3000.0, blades * share, METAL)
+        _metal_streaks(hu, tissue, X, Y, (plan["x"], plan["y"]), plan["streak_angles"], plan["streak_hu"] * share,
+                       width_mm=1.2, fade_mm=70.0)
 
 
 def _cranial_cavity(cv: _Canvas) -> _Cavity:
