@@ -735,17 +735,31 @@ def write_cam_pictures(path: Path, images: np.ndarray, maps: np.ndarray, y: np.n
 
 
 def repeat_spread(feats: np.ndarray, images: np.ndarray | None, y: np.ndarray, groups: np.ndarray, *, folds: int,
-                  seed: int, n: int, epochs: int, threads: int, first: dict) -> dict:
+                  seed: int, n: int, epochs: int, threads: int, first: dict, unseen: dict | None = None) -> dict:
     """The discriminators' own run-to-run spread on the same slices: ``n`` runs in all, the first the one
     already made (its AUCs in ``first``), each other with folds and CNN weights seeded ``seed + r``. Not the
     spread over phantom draws (the phantoms are the same), so a change smaller than this is noise for sure,
-    and one somewhat larger may still be."""
+    and one somewhat larger may still be. With ``unseen`` ({"features", "images"} of a real source in no
+    fold) and ``first`` holding "logreg_unseen" / "cnn_unseen", the same for ``unseen_real_report``'s
+    ``auc_phantom_vs_it`` (as "logreg_unseen", "cnn_unseen")."""
     runs = {"logreg": [first["logreg"]], "cnn": [first["cnn"]] if images is not None else []}
+    if unseen is not None:
+        runs["logreg_unseen"] = [first["logreg_unseen"]]
+        runs["cnn_unseen"] = [first["cnn_unseen"]] if images is not None else []
     for r in range(1, n):
         splits = grouped_folds(y, groups, folds, seed + r)
-        runs["logreg"].append(round(float(roc_auc_score(y, logreg_oof(feats, y, splits))), 4))
+        if unseen is None:
+            lr = logreg_oof(feats, y, splits)
+        else:
+            lr, u = logreg_oof(feats, y, splits, extra=unseen["features"])
+            runs["logreg_unseen"].append(unseen_real_report(lr, y, u, "")["auc_phantom_vs_it"])
+        runs["logreg"].append(round(float(roc_auc_score(y, lr)), 4))
         if images is not None:
-            scores = cnn_oof(images, y, splits, seed=seed + r, epochs=epochs, threads=threads)
+            got = cnn_oof(images, y, splits, seed=seed + r, epochs=epochs, threads=threads,
+                          extra=None if unseen is None else unseen["images"])
+            scores = got if unseen is None else got[0]
+            if unseen is not None:
+                runs["cnn_unseen"].append(unseen_real_report(scores, y, got[1], "")["auc_phantom_vs_it"])
             runs["cnn"].append(round(float(roc_auc_score(y, scores)), 4))
     out = {"runs": n, "seeds": [seed + r for r in range(n)]}
     for name, aucs in runs.items():
@@ -906,6 +920,7 @@ def main() -> None:
     cavity = np.array([phantom.cavity_cm2[i] for i in pick_p] + [real.cavity_cm2[i] for i in pick_r], float)
     brain = cavity > 0  # slices whose intracranial mask is not empty
     ge_brain = None if ge is None else np.array(ge.cavity_cm2) > 0
+    ge_images = None if ge is None or args.no_cnn else np.stack([ge.images[i] for i in range(ge.slices)])
     if ge is None:
         lr_scores = logreg_oof(feats, y, splits)
     else:
@@ -924,7 +939,6 @@ def main() -> None:
     if not args.no_cnn:
         images = np.stack([phantom.images[i] for i in pick_p] + [real.images[i] for i in pick_r])
         t = time.perf_counter()
-        ge_images = None if ge is None else np.stack([ge.images[i] for i in range(ge.slices)])
         got = cnn_oof(images, y, splits, seed=args.seed, epochs=args.epochs, threads=args.threads,
                       cam=True, cam_blocks=args.cam_blocks, extra=ge_images)
         (scores, maps), ge_cnn = got if ge is not None else (got, None)
@@ -956,10 +970,15 @@ def main() -> None:
         disc["headline_auc"] = lr_report["oof_auc"]
     if args.repeats > 1:
         t = time.perf_counter()
+        first = {"logreg": lr_report["oof_auc"], "cnn": None if args.no_cnn else disc["cnn"]["oof_auc"]}
+        unseen = None
+        if ge is not None:
+            unseen = {"features": np.array(ge.features, float), "images": ge_images}
+            first["logreg_unseen"] = lr_report["unseen_real"]["auc_phantom_vs_it"]
+            first["cnn_unseen"] = None if args.no_cnn else disc["cnn"]["unseen_real"]["auc_phantom_vs_it"]
         disc["repeats"] = repeat_spread(
             feats, None if args.no_cnn else images, y, groups, folds=args.folds, seed=args.seed, n=args.repeats,
-            epochs=args.epochs, threads=args.threads,
-            first={"logreg": lr_report["oof_auc"], "cnn": None if args.no_cnn else disc["cnn"]["oof_auc"]})
+            epochs=args.epochs, threads=args.threads, first=first, unseen=unseen)
         seconds["repeats"] = round(time.perf_counter() - t, 1)
 
     seconds["total"] = round(time.perf_counter() - t_start, 1)

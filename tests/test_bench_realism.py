@@ -260,6 +260,16 @@ def test_repeats_keep_the_first_run_and_spread_the_others_over_seeds(realism):
     none = realism.repeat_spread(feats[:, 1:], None, y, groups, folds=4, seed=7, n=5, epochs=2, threads=1,
                                  first={"logreg": 0.5, "cnn": None})
     assert "cnn" not in none and abs(none["logreg"]["mean"] - 0.5) < 0.1 and 0 < none["logreg"]["sd"] < 0.1
+    # an unseen source like the real class: each repeat tells phantoms from it as from the real class
+    like_real = rng.normal(0, 1, (30, 2))
+    like_real_images = np.clip(rng.normal(100, 25, (30, 3, 32, 32)), 0, 255).astype(np.uint8)
+    with_unseen = realism.repeat_spread(feats, images, y, groups, folds=4, seed=7, n=3, epochs=2, threads=1,
+                                        first={"logreg": 0.123, "cnn": 0.456, "logreg_unseen": 0.2,
+                                               "cnn_unseen": 0.3},
+                                        unseen={"features": like_real, "images": like_real_images})
+    assert with_unseen["logreg"]["oof_auc"] == got["logreg"]["oof_auc"]  # the same runs besides
+    assert with_unseen["logreg_unseen"]["oof_auc"][0] == 0.2 and with_unseen["cnn_unseen"]["oof_auc"][0] == 0.3
+    assert min(with_unseen["logreg_unseen"]["oof_auc"][1:]) > 0.9 and min(with_unseen["cnn_unseen"]["oof_auc"][1:]) > 0.9
 
 
 def test_auc_by_level_scores_each_third_of_the_series_apart(realism):
