@@ -938,6 +938,17 @@ def test_sutures_cut_the_bone_and_not_the_scalp(monkeypatch):
     assert (with_sutures.hu[changed] < without.hu[changed]).all()  # gaps: less dense than the bone
 
 
+def test_slab_share_is_the_overlap_of_slab_and_structure():
+    """A 5 mm slab centred 4.5 mm above an 8 mm structure's centre holds 2 mm of it: 2/5; a 1 mm slab through
+    it holds it wholly; a 10 mm slab round a 6 mm one takes all of it; slabs that miss it, nothing."""
+    assert an.slab_share(4.5, 5.0, 0.0, 4.0) == pytest.approx(0.4)
+    assert an.slab_share(0.0, 1.0, 0.0, 4.0) == 1.0
+    assert an.slab_share(0.0, 10.0, 0.0, 3.0) == 1.0
+    assert an.slab_share(10.0, 5.0, 0.0, 4.0) == 0.0 and an.slab_share(6.5, 5.0, 0.0, 4.0) == 0.0
+    head = an.sample_head(np.random.default_rng(3))
+    assert an.head_rng(head, 29).random() == an.head_rng(head, 29).random() != an.head_rng(head, 31).random()
+
+
 def test_inner_table_is_rough_and_the_outer_table_smooth():
     """Digitate markings roughen the inner table; the outer table keeps a smooth outline under the scalp.
     Measured on real heads along 360 rays (bench/realism.py's sources, brain-filled slices; the residual SD

@@ -64,6 +64,20 @@ class HeadShape:
     suture_gap: float = 0.5  # half-width (mm) of the sutures' fibrous gap: wider while the skull grows
 
 
+def head_rng(head: HeadShape, tag: int) -> np.random.Generator:
+    """A generator seeded by the head's own draws and ``tag`` (one per structure): the same for every study
+    of a patient, and drawing from it moves no other draw of a series."""
+    return np.random.default_rng([int(head.a * 1e6) % 2**31, int(head.top * 1e4) % 2**31, tag])
+
+
+def slab_share(z: float, thickness: float, centre: float, half: float) -> float:
+    """The share of a slice's slab (centred at ``z``, ``thickness`` mm) that a structure spanning ``centre``
+    +- ``half`` mm fills, counted against the structure where it is thinner than the slab (so a slice
+    through all of a small structure takes it whole): 0 where they do not meet."""
+    lo, hi = max(z - thickness / 2, centre - half), min(z + thickness / 2, centre + half)
+    return 0.0 if hi <= lo else min(1.0, (hi - lo) / min(thickness, 2 * half))
+
+
 def sample_head(rng: np.random.Generator) -> HeadShape:
     atrophy = float(rng.uniform(0.8, 1.6))
     return HeadShape(
@@ -522,7 +536,7 @@ def ears(head: HeadShape) -> tuple[Ear, Ear]:
     every study of a patient, and no other draw of a series changes with them. Sizes from anthropometry:
     auricles 55-65 mm high and 25-35 mm wide, standing out 10-45 degrees from the head, their middle about
     level with the canal, which lies at the skull base between the orbits' floor and the mastoid."""
-    sub = np.random.default_rng([int(head.a * 1e6) % 2**31, int(head.top * 1e4) % 2**31, 29])
+    sub = head_rng(head, 29)
     z_c = float(sub.uniform(-22, -10))
     out = []
     for _ in range(2):  # the two sides differ a little, as they do
@@ -553,18 +567,17 @@ def _ears(cv: _Canvas, vault: _Vault, depth) -> None:
                 x_skin = a_i * np.sqrt(max(1 - (y0 / b_i) ** 2, 0.0))
                 length = ear.length * np.sqrt(1 - u * u)
                 # root (2 mm inside the skin, so that the flap meets it), out and back, then the rim curling in
-                c, s = np.sin(ear.angle), np.cos(ear.angle)
+                out, back = np.sin(ear.angle), np.cos(ear.angle)
                 p0 = (sx * (x_skin - 2.0), y0)
-                p1 = (p0[0] + sx * c * (0.75 * length + 2.0), p0[1] + s * (0.75 * length + 2.0))
+                p1 = (p0[0] + sx * out * (0.75 * length + 2.0), p0[1] + back * (0.75 * length + 2.0))
                 curl = ear.angle - 0.5
                 p2 = (p1[0] + sx * np.sin(curl) * 0.25 * length, p1[1] + np.cos(curl) * 0.25 * length)
                 r = ear.thickness / 2
                 flap = np.maximum(capsule(X, Y, *p0, *p1, r, w), capsule(X, Y, *p1, *p2, r, w))
                 flap = np.maximum(flap, ellipse(X, Y, p2[0], p2[1], 1.25 * r, 1.25 * r, w))  # the helix rolled
                 paint(hu, tissue, ear.hu, flap * (tissue == AIR), SOFT)
-            lo, hi = max(z - t / 2, ear.canal_z - EAR_CANAL_RADIUS), min(z + t / 2, ear.canal_z + EAR_CANAL_RADIUS)
-            if hi > lo:
-                share = min(1.0, (hi - lo) / min(t, 2 * EAR_CANAL_RADIUS))
+            share = slab_share(z, t, ear.canal_z, EAR_CANAL_RADIUS)
+            if share > 0:
                 y_c = ear.y_root - 4.0
                 x_skin = a_i * np.sqrt(max(1 - (y_c / b_i) ** 2, 0.0))
                 deep = x_skin - ear.canal_length + EAR_CANAL_RADIUS  # its rounded end reaches canal_length in
@@ -591,7 +604,7 @@ def old_hypodensities(head: HeadShape) -> OldHypodensities:
     same for every study of a patient; no other draw changes). They come with age, as on CT of a general
     population: a territorial infarct in 5% of heads at 40 rising to 30% at 90, lacunes from 45 (on
     average 2.5 by 85), periventricular white-matter hypodensity from 55."""
-    sub = np.random.default_rng([int(head.a * 1e6) % 2**31, int(head.top * 1e4) % 2**31, 31])
+    sub = head_rng(head, 31)
     old = float(np.clip((head.age - 40) / 50, 0, 1))
     infarcts = []
     if sub.random() < 0.05 + 0.25 * old:
@@ -649,10 +662,9 @@ def _old_hypodensities(cv: _Canvas, cavity: _Cavity) -> None:
             f = ramp(arc - half * radius * taper * ragged, 2.0) * (taper > 0) * through
             paint(hu, tissue, head.csf + dens, f * brain)
         for x0, y0, z0, r, dens in old.lacunes:
-            lo, hi = max(z - t / 2, z0 - r), min(z + t / 2, z0 + r)
-            if hi <= lo:
+            share = slab_share(z, t, z0, r)
+            if share <= 0:
                 continue
-            share = min(1.0, (hi - lo) / min(t, 2 * r))
             near = max(abs(z - z0) - t / 2, 0.0)  # the slab's closest approach to its centre
             ri = float(np.sqrt(max(r * r - near * near, 0.0))) + 0.01
             paint(hu, tissue, head.csf + dens, ellipse(X, Y, x0, y0, ri, ri, w) * share * brain)
@@ -663,17 +675,11 @@ NASAL_BACK = -0.38  # the choanae, as a share of ``head.b`` in front of the cent
 TEETH_LEVELS = {"upper": (-62.0, -50.0), "lower": (-76.0, -63.0)}  # the crowns, under the hard palate
 
 
-def _face_rng(head: HeadShape, tag: int) -> np.random.Generator:
-    """A generator seeded by the head's own draws and ``tag``: the same for every study of a patient, and
-    drawing from it moves no other draw of a series."""
-    return np.random.default_rng([int(head.a * 1e6) % 2**31, int(head.top * 1e4) % 2**31, tag])
-
-
 def nasal_plan(head: HeadShape) -> dict:
     """The head's nasal cavity (``_nasal_cavity``): its half-width at the widest (mm), the septum's bow (mm,
     signed), the side whose turbinates are swollen and by how much, and the densities of mucosa, the bony
     septum and walls, and the septal cartilage (HU)."""
-    sub = _face_rng(head, 37)
+    sub = head_rng(head, 37)
     return {"half_mm": float(sub.uniform(10.5, 14.0)), "deviation_mm": float(sub.uniform(-3.5, 3.5)),
             "swollen": float(sub.choice((-1.0, 1.0))), "cycle": float(sub.uniform(1.0, 1.4)),
             "mucosa": float(sub.uniform(30, 50)), "bone": float(sub.uniform(400, 900)),
@@ -748,7 +754,7 @@ def teeth_plan(head: HeadShape) -> dict:
     """The head's teeth (``_teeth``): the crowns' density, which crowns hold amalgam fillings (a set of
     (arch, index into ``tooth_centres``); in 20% of heads at 20 rising to 70% at 70), and the fillings'
     streaks (angles, HU)."""
-    sub = _face_rng(head, 41)
+    sub = head_rng(head, 41)
     enamel = float(sub.uniform(1500, 2800))
     filled = set()
     if sub.random() < 0.2 + 0.5 * np.clip((head.age - 20) / 50, 0, 1):
@@ -811,7 +817,7 @@ def clip_plan(head: HeadShape) -> dict | None:
     """An aneurysm clip from an old operation, in 3% of adult heads (from 35), or None: its site (one of
     ``CLIP_SITES``, either side), the blades' angle, and the strength of its streaks; from a generator of
     the head's own."""
-    sub = _face_rng(head, 43)
+    sub = head_rng(head, 43)
     if head.age < 35 or sub.random() >= 0.03:
         return None
     site = str(sub.choice(sorted(CLIP_SITES)))
@@ -833,12 +839,10 @@ def _aneurysm_clip(cv: _Canvas) -> None:
         return
     fr, w = cv.fr, cv.w
     X, Y = cv.X[0], cv.Y[0]
-    t, hz = float(fr.thickness), CLIP_HALF[2]
     for i, z in enumerate(fr.z):
-        lo, hi = max(float(z) - t / 2, plan["z"] - hz), min(float(z) + t / 2, plan["z"] + hz)
-        if hi <= lo:
+        share = slab_share(float(z), float(fr.thickness), plan["z"], CLIP_HALF[2])
+        if share <= 0:
             continue
-        share = min(1.0, (hi - lo) / min(t, 2 * hz))
         hu, tissue = cv.hu[i], cv.tissue[i]
         blades = ellipse(X, Y, plan["x"], plan["y"], CLIP_HALF[0], CLIP_HALF[1], w, angle=plan["angle"])
         paint(hu, tissue, 3000.0, blades * share, METAL)
@@ -1536,7 +1540,7 @@ class Tentorium:
 def tentorium(head: HeadShape) -> Tentorium:
     """The head's tentorium, from a generator seeded by the head's own draws: the same for every study of
     a patient, and no other draw of a series changes with it."""
-    sub = np.random.default_rng([int(head.a * 1e6) % 2**31, int(head.top * 1e4) % 2**31, 23])
+    sub = head_rng(head, 23)
     z_lat = float(sub.uniform(6, 11))
     return Tentorium(z_lat=z_lat, z_torc=z_lat + float(sub.uniform(1, 4)),
                      z_galen=head.widest - float(sub.uniform(6, 12)),
