@@ -27,7 +27,8 @@ the same way: ``ichscan.dicom.find_series`` -> ``CTSeries.volume()`` (HU) -> the
   mask, the band of vault and scalp around it, the rest of the body and the air, beside the share of the
   image each covers; ``--cam-picture PNG`` draws it over a few slices per class and third. ``repeats``: both
   discriminators run again on the same slices with other fold and weight seeds (``--repeats``, default 3),
-  their AUCs' mean, SD and range: how far a change must move them to be more than their own noise.
+  their AUCs' mean, SD and range: how far a change must move them to be more than their own noise (also
+  for their scoring of the GE head, ``logreg_unseen`` and ``cnn_unseen``, below).
 
 ``ge-normal`` enters the histogram and NPS comparisons (reported separately, and against ctich-dev as a
 real-versus-real yardstick). No discriminator trains on it: each fold's models score its slices, unseen
