@@ -1055,7 +1055,7 @@ def test_old_hypodensities_darken_only_brain_by_their_share_of_the_slab(monkeypa
     holds 2 mm of its 8: its centre pixel moves 2/5 of the way to the lacune's density."""
     head = an.sample_head(np.random.default_rng([6, 1]))
     z0 = head.widest + 10.0
-    drawn = an.OldHypodensities(infarcts=((1.0, 1.2, z0, 15.0, 0.25, 30.0, 8.0),),
+    drawn = an.OldHypodensities(infarcts=((1.2, z0, 15.0, 0.25, 30.0, 8.0),),
                                 lacunes=((-20.0, 0.0, z0, 4.0, 5.0),), leuko_hu=6.0, leuko_mm=10.0)
 
     def render(old, z, thickness):
@@ -1127,6 +1127,24 @@ def test_nasal_cavity_is_air_either_side_of_the_septum_between_the_maxillary_sin
                  & (np.abs(xs) < plan["half_mm"] - 2.0)]
         assert (gap < -500).any()
     assert _at(fr, without.hu[0], plan["deviation_mm"] + 3.0, yc) > -200  # solid face without it
+
+
+def test_metal_streaks_are_lines_dark_and_bright_in_turn_fading_with_distance():
+    """Two streaks through the origin, dark at 0 rad and bright at pi/2, 100 HU at the metal, fading over
+    50 mm: 20 mm along the bright one reads +100 e^-0.4 = 67.0 HU (the dark one's tail there is nil), 20 mm
+    along the dark one -67.0; a point off both lines nothing; where the mask is 0, nothing at all."""
+    from ichscan.phantom.geometry import metal_streaks
+
+    y, x = (np.mgrid[:81, :81] - 40).astype(np.float32)  # 1 mm pixels, the metal at the centre
+    hu = np.zeros((81, 81), np.float32)
+    metal_streaks(hu, x, y, (0.0, 0.0), [0.0, np.pi / 2], 100.0, width_mm=1.0, fade_mm=50.0)
+    assert hu[40 + 20, 40] == pytest.approx(100 * np.exp(-0.4), abs=0.01)  # along +Y: pi/2
+    assert hu[40, 40 + 20] == pytest.approx(-100 * np.exp(-0.4), abs=0.01)  # along +X: 0
+    assert abs(hu[40 + 20, 40 + 20]) < 1e-3  # 45 degrees: 14 mm from each line
+    masked = np.zeros_like(hu)
+    metal_streaks(masked, x, y, (0.0, 0.0), [0.0, np.pi / 2], 100.0, width_mm=1.0, fade_mm=50.0,
+                  where=(x < 0).astype(np.float32))
+    assert not masked[:, 40:].any() and masked[40, 40 - 20] == pytest.approx(-100 * np.exp(-0.4), abs=0.01)
 
 
 def test_teeth_and_their_fillings_streak_only_their_own_slices(monkeypatch):

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ichscan.phantom.geometry import capsule, ellipse, ellipse_distance, paint, ramp, segment_distance, wrap_angle
+from ichscan.phantom.geometry import (capsule, ellipse, ellipse_distance, metal_streaks, paint, ramp,
+                                     segment_distance, wrap_angle)
 
 # Tissue codes of ``Anatomy.tissue``: what mostly fills each voxel.
 AIR, SOFT, FAT, BONE, CSF, VENTRICLE, GREY, WHITE, CALCIUM, METAL, SINUS, GLOBE, DURA, BLOOD = range(14)
@@ -588,12 +589,12 @@ def _ears(cv: _Canvas, vault: _Vault, depth) -> None:
 @dataclass(frozen=True)
 class OldHypodensities:
     """A head's old, bloodless hypodensities (head-frame mm, HU above the head's CSF): chronic territorial
-    infarcts, wedges of encephalomalacia from the cortex inwards (side, angle from the front, level,
-    half-height, angular half-width at the surface, depth reached, density); lacunes, small round holes
+    infarcts, wedges of encephalomalacia from the cortex inwards (angle from the front, its sign the side;
+    level, half-height, angular half-width at the surface, depth reached, density); lacunes, small round holes
     in the deep grey matter and the centrum semiovale (x, y, z, radius, density); and how much darker
     the periventricular white matter is (leukoaraiosis, HU) and over how many mm from the ventricles."""
 
-    infarcts: tuple[tuple[float, float, float, float, float, float, float], ...] = ()
+    infarcts: tuple[tuple[float, float, float, float, float, float], ...] = ()
     lacunes: tuple[tuple[float, float, float, float, float], ...] = ()
     leuko_hu: float = 0.0
     leuko_mm: float = 8.0
@@ -609,7 +610,7 @@ def old_hypodensities(head: HeadShape) -> OldHypodensities:
     infarcts = []
     if sub.random() < 0.05 + 0.25 * old:
         sx = float(sub.choice((-1.0, 1.0)))
-        infarcts.append((sx, sx * float(sub.uniform(0.6, 2.4)), head.widest + float(sub.uniform(-15, 30)),
+        infarcts.append((sx * float(sub.uniform(0.6, 2.4)), head.widest + float(sub.uniform(-15, 30)),
                          float(sub.uniform(8, 20)), float(sub.uniform(0.12, 0.35)), float(sub.uniform(15, 40)),
                          float(sub.uniform(3, 12))))
     lacunes = []
@@ -652,7 +653,7 @@ def _old_hypodensities(cv: _Canvas, cavity: _Cavity) -> None:
                 d = ndimage.distance_transform_edt(~vent) * fr.spacing
                 fall = np.clip(1 - d / old.leuko_mm, 0, 1) * (tissue == WHITE)
                 hu -= np.float32(old.leuko_hu) * fall.astype(np.float32)
-        for sx, phi0, z0, hz, half, reach, dens in old.infarcts:
+        for phi0, z0, hz, half, reach, dens in old.infarcts:
             through = float(np.clip((hz - abs(z - z0)) / t + 0.5, 0, 1))  # its share of the slab
             if through <= 0:
                 continue
@@ -764,6 +765,12 @@ def teeth_plan(head: HeadShape) -> dict:
             "streak_hu": float(sub.uniform(150, 500))}
 
 
+def _streaked(tissue) -> np.ndarray:
+    """Where the teeth's and a clip's streaks are drawn (``geometry.metal_streaks``): the head, not the air
+    round it (which the scanner's floor of -1024 HU would clip) nor the metal itself."""
+    return ((tissue != AIR) & (tissue != METAL)).astype(np.float32)
+
+
 def _teeth(cv: _Canvas) -> None:
     """The teeth under the hard palate: crowns of enamel and dentine (1500-2800 HU) in two arches on the
     mandible's curve (``tooth_centres``), upper and lower, 6 x 8 mm each; in a share of heads (more with age)
@@ -791,19 +798,8 @@ def _teeth(cv: _Canvas) -> None:
                     paint(hu, tissue, 3000.0, ellipse(X, Y, x0, y0, 1.8, 2.2, w), METAL)
                     metal.append((x0, y0))
         for x0, y0 in metal:
-            _metal_streaks(hu, tissue, X, Y, (x0, y0), streak_angles, streak_hu, width_mm=1.0, fade_mm=80.0)
-
-
-def _metal_streaks(hu, tissue, X, Y, at, angles, strength, *, width_mm: float, fade_mm: float) -> None:
-    """Streaks through metal at ``at`` (x, y mm) on one slice: lines at ``angles``, bright and dark in turn,
-    ``strength`` HU at the metal, ``width_mm`` across (Gaussian SD) and fading over ``fade_mm``; in the head
-    only (a scanner clips air, so they show there), never on the metal itself."""
-    body = ((tissue != AIR) & (tissue != METAL)).astype(np.float32)
-    r = np.hypot(X - at[0], Y - at[1])
-    th = np.arctan2(Y - at[1], X - at[0])
-    for k, a in enumerate(angles):
-        line = np.exp(-0.5 * (np.abs(np.sin(th - a)) * r / width_mm) ** 2) * np.exp(-r / fade_mm)
-        hu += ((1.0 if k % 2 else -1.0) * strength * line * body).astype(np.float32)
+            metal_streaks(hu, X, Y, (x0, y0), streak_angles, streak_hu, width_mm=1.0, fade_mm=80.0,
+                          where=_streaked(tissue))
 
 
 CLIP_SITES = {  # where clipped aneurysms sit round the circle of Willis: (x mm, y as a share of b, z mm)
@@ -846,8 +842,8 @@ def _aneurysm_clip(cv: _Canvas) -> None:
         hu, tissue = cv.hu[i], cv.tissue[i]
         blades = ellipse(X, Y, plan["x"], plan["y"], CLIP_HALF[0], CLIP_HALF[1], w, angle=plan["angle"])
         paint(hu, tissue, 3000.0, blades * share, METAL)
-        _metal_streaks(hu, tissue, X, Y, (plan["x"], plan["y"]), plan["streak_angles"], plan["streak_hu"] * share,
-                       width_mm=1.2, fade_mm=70.0)
+        metal_streaks(hu, X, Y, (plan["x"], plan["y"]), plan["streak_angles"], plan["streak_hu"] * share,
+                      width_mm=1.2, fade_mm=70.0, where=_streaked(tissue))
 
 
 def _cranial_cavity(cv: _Canvas) -> _Cavity:

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from ichscan.phantom import anatomy as an
 from ichscan.phantom.anatomy import Frame, HeadShape
-from ichscan.phantom.geometry import capsule, ellipse, ellipse_distance, paint, ramp, wrap_angle
+from ichscan.phantom.geometry import capsule, ellipse, ellipse_distance, metal_streaks, paint, ramp, wrap_angle
 
 
 NOISE_THICKNESS_MM = 5.0  # the slice thickness a series' drawn noise level is for
@@ -101,13 +101,8 @@ def metal_shunt(hu: np.ndarray, tissue: np.ndarray, head: HeadShape, fr: Frame, 
         paint(hu[i], tissue[i], 2800.0, frac, an.METAL)
         # Streaks: bright and dark lines through the metal, fading with distance.
         strength = float(rng.uniform(60, 160)) * (1.0 if abs(zz) < 5 else 0.4)
-        r = np.hypot(X - px, Y - py)
-        th = np.arctan2(Y - py, X - px)
-        for k in range(6):
-            a = float(rng.uniform(0, np.pi))
-            dist = np.abs(np.sin(th - a)) * r
-            sign = 1.0 if k % 2 else -1.0
-            hu[i] += (sign * strength * np.exp(-0.5 * (dist / 1.2) ** 2) * np.exp(-r / 60)).astype(np.float32)
+        angles = [float(rng.uniform(0, np.pi)) for _ in range(6)]
+        metal_streaks(hu[i], X, Y, (px, py), angles, strength, width_mm=1.2, fade_mm=60.0)
     return {"side": "left" if side > 0 else "right", "z": round(z0, 1)}
 
 

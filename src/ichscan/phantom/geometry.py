@@ -100,6 +100,19 @@ def capsule(X, Y, x0, y0, x1, y1, radius, width):
     return ramp(segment_distance(X, Y, x0, y0, x1, y1) - radius, width)
 
 
+def metal_streaks(hu, X, Y, at, angles, strength, *, width_mm: float, fade_mm: float, where=None) -> None:
+    """Streak artifacts through metal at ``at`` (x, y mm) on one slice ``hu``, in place: a line at each of
+    ``angles`` (radians), dark and bright in turn, ``strength`` HU at the metal, a Gaussian ``width_mm`` across
+    and fading over ``fade_mm``; only where ``where`` (a 0/1 mask) holds, if given."""
+    r = np.hypot(X - at[0], Y - at[1])
+    th = np.arctan2(Y - at[1], X - at[0])
+    for k, a in enumerate(angles):
+        sign = 1.0 if k % 2 else -1.0
+        dist = np.abs(np.sin(th - a)) * r
+        line = sign * strength * np.exp(-0.5 * (dist / width_mm) ** 2) * np.exp(-r / fade_mm)
+        hu += (line if where is None else line * where).astype(np.float32)
+
+
 def wrap_angle(a):
     return (a + np.pi) % (2 * np.pi) - np.pi
 
