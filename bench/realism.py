@@ -666,13 +666,12 @@ def unseen_real_report(scores: np.ndarray, y: np.ndarray, unseen: np.ndarray, na
     intracranial mask), the same over those slices alone."""
     def block(s, yy, u):
         ph, re = s[yy == 1], s[yy == 0]
-        lab = np.r_[np.ones(len(ph)), np.zeros(len(u))]
-        out = {"slices": int(len(u)),
-               "auc_phantom_vs_it": round(float(roc_auc_score(lab, np.r_[ph, u])), 4),
-               "auc_real_vs_it": round(float(roc_auc_score(np.r_[np.ones(len(u)), np.zeros(len(re))],
-                                                           np.r_[u, re])), 4),
-               "share_above_median_phantom": round(float((u > np.median(ph)).mean()), 4)}
-        return out
+        return {"slices": int(len(u)),
+                "auc_phantom_vs_it": round(float(roc_auc_score(np.r_[np.ones(len(ph)), np.zeros(len(u))],
+                                                               np.r_[ph, u])), 4),
+                "auc_real_vs_it": round(float(roc_auc_score(np.r_[np.ones(len(u)), np.zeros(len(re))],
+                                                            np.r_[u, re])), 4),
+                "share_above_median_phantom": round(float((u > np.median(ph)).mean()), 4)}
 
     report = {"source": name, **block(scores, y, unseen)}
     if brain is not None and unseen_brain is not None and unseen_brain.any() and len(set(y[brain])) == 2:
