@@ -424,6 +424,7 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     _tentorium_and_deep_veins(head, fr, hu, tissue, depth, sinus_hu)
     _orbital_roofs(head, fr, hu, tissue, depth)
     _face_and_neck(head, fr, hu, tissue, depth, cv.w, rng)
+    _mandibular_condyles(cv, vault, depth)
     _nasal_cavity(cv, vault, depth)
     _teeth(cv)
     _middle_fossae(head, fr, hu, tissue, depth)
@@ -584,6 +585,62 @@ def _ears(cv: _Canvas, vault: _Vault, depth) -> None:
                 deep = x_skin - ear.canal_length + EAR_CANAL_RADIUS  # its rounded end reaches canal_length in
                 canal = capsule(X, Y, sx * (x_skin + 1.0), y_c, sx * deep, y_c - 3.0, EAR_CANAL_RADIUS, w)
                 paint(hu, tissue, -1000.0, canal * share * (depth[i] < -2.0), SINUS)
+
+
+CONDYLES = 67  # ``head_rng`` tag of the mandible's condyles
+RAMUS_TOP = -32.0  # mm: where ``_face_and_neck`` stops drawing the rami and the condylar processes take over
+
+
+def condyle_plan(head: HeadShape) -> dict:
+    """The mandible's condyles as ``_mandibular_condyles`` draws them: cortex and marrow (HU), half-axes of
+    the condyle's head (mm: across, front to back, up and down), how deep under the skin its middle lies,
+    how far its long axis turns inwards and back (radians), and for each side (right, left) the level of its
+    middle and how far behind the head's centre it lies (Y, mm): a little below and in front of that side's
+    external auditory canal. From a generator of the head's own."""
+    sub = head_rng(head, CONDYLES)
+    plan = dict(cortex=float(sub.uniform(1000, 1500)), marrow=float(sub.uniform(250, 450)),
+                half_ml=float(sub.uniform(8.0, 10.0)), half_ap=float(sub.uniform(4.0, 5.0)),
+                half_z=float(sub.uniform(4.0, 5.5)), inset=float(sub.uniform(12.0, 16.0)),
+                turn=float(np.deg2rad(sub.uniform(10, 25))))
+    plan["centres"] = [(ear.canal_z - 2.0, ear.y_root - 4.0 - EAR_CANAL_RADIUS - plan["half_ap"] - 1.5)
+                       for ear in ears(head)]
+    return plan
+
+
+def _mandibular_condyles(cv: _Canvas, vault: _Vault, depth) -> None:
+    """The mandible's condylar processes: from the top of each ramus up and back to the condyle, an oval
+    of bone (cortex over marrow, about 18 by 9 mm, its long axis turned inwards and back) in the glenoid
+    fossa just in front of the external auditory canal, outside the cranial cavity. From a generator of the
+    head's own (until 6 Dec 2026 the rami ended 15-25 mm below the skull base and nothing stood in front of
+    the ears' canals)."""
+    head, fr, w = cv.head, cv.fr, cv.w
+    plan = condyle_plan(head)
+    cortex, marrow, half_ml, half_ap, half_z = (plan[k] for k in ("cortex", "marrow", "half_ml", "half_ap", "half_z"))
+    A_head, _, B_back = _head_outline(cv, vault)
+    X, Y = cv.X[0], cv.Y[0]
+    low = np.array([0.61 * head.a, -0.25 * head.b])  # where the ramus stops (``_face_and_neck``)
+    inset, turn = plan["inset"], plan["turn"]
+    for sx, (top, y_c) in zip((-1.0, 1.0), plan["centres"]):
+        for i in np.nonzero((fr.z > RAMUS_TOP - fr.thickness / 2) & (fr.z < top + half_z + fr.thickness / 2))[0]:
+            z = float(fr.z[i])
+            a_i, b_i = float(A_head[i].item()), float(B_back[i].item())
+            x_c = a_i * np.sqrt(max(1 - (y_c / b_i) ** 2, 0.0)) - inset
+            if z < top:  # the neck and the top of the ramus: a plate narrowing upwards
+                u = float(np.clip((z - RAMUS_TOP) / (top - RAMUS_TOP), 0, 1))
+                cx, cy = (1 - u) * low[0] + u * x_c, (1 - u) * low[1] + u * y_c
+                shape = (2.5 + 1.5 * u, 10.0 - 5.5 * u, 0.0)
+                share = 1.0
+            else:  # the condyle's head, cut by the slab
+                cx, cy = x_c, y_c
+                f = float(np.sqrt(max(1 - ((z - top) / half_z) ** 2, 0.0)))
+                shape = (half_ml * max(f, 0.3), half_ap * max(f, 0.3), sx * turn)
+                share = slab_share(z, fr.thickness, top, half_z) if f < 0.3 else 1.0
+            outside = (depth[i] < -2.0) & (cv.tissue[i] != AIR)
+            bone = ellipse(X, Y, sx * cx, cy, shape[0], shape[1], w, angle=shape[2]) * np.float32(share)
+            inner = ellipse(X, Y, sx * cx, cy, max(shape[0] - 1.3, 0.1), max(shape[1] - 1.3, 0.1), w,
+                            angle=shape[2]) * np.float32(share)
+            paint(cv.hu[i], cv.tissue[i], cortex, bone * outside, BONE)
+            paint(cv.hu[i], cv.tissue[i], marrow, inner * outside)
 
 
 @dataclass(frozen=True)
@@ -1063,20 +1120,17 @@ def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
         paint(h_l, t_l, 900.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m + wall, 17 * m + wall, w),
               BONE)
         paint(h_l, t_l, -950.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m, 17 * m, w), SINUS)
-        mc = s.profile(-30, 0) * np.float32(head.mastoid)
-        cells = ellipse(X, Y, sx * 0.78 * head.a, 0.22 * head.b, 8 * mc, 9 * mc, w)
-        cells = cells * (0.55 + 0.45 * np.sin(X * 1.3) * np.sin(Y * 1.1) > 0.55)
-        paint(h_l, t_l, -700.0, cells, SINUS)
-        # petrous ridge: dense bar from the side towards the clivus, between middle and posterior fossae
-        pr = s.profile(-22, 6)
-        paint(h_l, t_l, 1600.0, capsule(X, Y, sx * 0.75 * head.a, 0.20 * head.b, sx * 0.15 * head.a,
-                                       -0.02 * head.b, 4.5 * pr + 0.01, w) * (pr > 0.05), BONE)
+        # petrous pyramid: dense bone from the side towards the clivus, between middle and posterior fossae
+        _petrous_pyramid(cv, s, sx)
     e = s.profile(-22, 10)
     wall = 1.5 * (e > 0)
     ey, (ea, eb) = ETHMOID_Y * head.b, ETHMOID_HALF
     paint(h_l, t_l, 700.0, ellipse(X, Y, 0, ey, ea * e + wall, eb * e + wall, w), BONE)
-    eth = ellipse(X, Y, 0, ey, ea * e, eb * e, w) * (np.sin(X * 0.9) * np.sin(Y * 0.9) > -0.6)
-    paint(h_l, t_l, -900.0, eth, SINUS)  # ethmoid air cells
+    eth = ellipse(X, Y, 0, ey, ea * e, eb * e, w)
+    cells = air_cells(head_rng(head, ETHMOID_CELLS), (0.0, ey, -6.0), (ea, eb, 16.0), 4.5)
+    for k, i in enumerate(s.idx):  # ethmoid air cells: a labyrinth of thin bony septa
+        eth[k] *= _cell_air(cells, X[0], Y[0], float(cv.fr.z[i]), cv.fr.thickness, w, eth[k] > 0)
+    paint(h_l, t_l, -900.0, eth, SINUS)
     paint(h_l, t_l, 300.0, ellipse(X, Y, 0, ey, 0.9 * e, eb * e, w))  # septum
     sp = s.profile(-12, 8)
     wall = 2.0 * (sp > 0)
@@ -1087,7 +1141,153 @@ def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
     paint(h_l, t_l, 800.0, ellipse(X, Y, 0, -0.05 * head.b, 6 * cl, 9 * cl, w), BONE)  # clivus
     cv.put(s)
     _skull_base_clutter(head, cv.fr, cv.hu, cv.tissue, lo, depth, w, rng)
+    for sx in (-1, 1):
+        _mastoid(cv, depth, sx)
 
+
+# Tags of ``head_rng`` for the air cells and the petrous bones (the right side's; the left's is one more).
+MASTOID_CELLS, ETHMOID_CELLS, PETROUS = 53, 59, 61
+# Each mastoid's air cells in an adult: a region centred MASTOID_X * a to the side, MASTOID_Y * b behind the
+# head's centre and MASTOID_Z mm up, of half-axes MASTOID_HALF mm (a child's: smaller, with fewer cells).
+MASTOID_X, MASTOID_Y, MASTOID_Z, MASTOID_HALF = 0.78, 0.24, -16.0, (11.0, 13.0, 15.0)
+
+
+def air_cells(rng: np.random.Generator, centre, half, cell_mm: float) -> np.ndarray:
+    """Seeds (N, 3) in head-frame mm of a foam of air cells filling the ellipsoid at ``centre`` with
+    half-axes ``half``: each cell is the space nearer its seed than any other (a Voronoi foam), so cells
+    of uneven size and shape meet at thin flat septa, as pneumatized bone is built. About ``cell_mm``
+    across on average; seeded once per head, so every slice cuts the same cells."""
+    half = np.asarray(half, np.float64)
+    volume = 4.0 / 3.0 * np.pi * float(np.prod(half))
+    n = max(int(rng.poisson(6.0 * volume / (np.pi * cell_mm**3))), 2)
+    u = rng.normal(size=(n, 3))
+    u *= (rng.random(n) ** (1 / 3) / np.linalg.norm(u, axis=1))[:, None]  # uniform in the unit ball
+    return (np.asarray(centre, np.float64) + u * half).astype(np.float64)
+
+
+def _cell_air(seeds: np.ndarray, X, Y, z: float, thickness: float, w, where, septum: float = 0.6) -> np.ndarray:
+    """Share of air in each pixel of one slice (X, Y: (H, W)) of the foam ``air_cells`` seeded, where
+    ``where`` holds (0 elsewhere): air except on septa ``septum`` mm thick between neighbouring cells,
+    averaged over the slice's slab (a thick slice blurs the septa into a grey honeycomb)."""
+    from scipy.spatial import cKDTree
+
+    out = np.zeros(np.shape(X), np.float32)
+    pick = np.nonzero(where)
+    if not len(pick[0]):
+        return out
+    tree = cKDTree(seeds)
+    m = int(np.clip(round(thickness / 1.5), 1, 5))
+    xy = np.stack([np.asarray(X)[pick], np.asarray(Y)[pick]], axis=1).astype(np.float64)
+    air = np.zeros(len(xy), np.float32)
+    for k in range(m):
+        zk = z - thickness / 2 + thickness * (k + 0.5) / m
+        d, _ = tree.query(np.column_stack([xy, np.full(len(xy), zk)]), k=2)
+        gap = 0.5 * (d[:, 1] - d[:, 0])  # about the distance to the septum between the two nearest cells
+        air += ramp(septum / 2 - gap, w)  # air beyond half a septum from the plane between the cells
+    out[pick] = air / m
+    return out
+
+
+def petrous_plan(head: HeadShape, sx: int) -> dict:
+    """One petrous bone (side ``sx``: -1 right, 1 left) as ``_petrous_pyramid`` draws it, in head-frame mm:
+    its axis from the apex ``p0`` by the clivus to the base ``p1`` by the mastoid (the back face, where the
+    posterior fossa carves it), its half-width across the axis from ``r_apex`` to ``r_base`` at the level of
+    its widest section, its ridge ``top``, its density, and the inner ear's parts in front of the back face:
+    ``vestibule``, ``cochlea``, the lateral semicircular ``canal`` (a ring of 3 mm), the internal auditory
+    canal ``iac`` (from the back face to the vestibule) and the ``middle_ear``, each (x, y, z) or a pair of
+    points, at the level of that side's external auditory canal. From a generator of the head's own."""
+    sub = head_rng(head, PETROUS + (sx > 0))
+    r_apex, r_base = float(sub.uniform(3.0, 4.5)), float(sub.uniform(9.0, 13.0))
+    top, bone = float(sub.uniform(2.0, 7.0)), float(sub.uniform(1500, 2000))
+    p0 = np.array([sx * 0.15 * head.a, -0.02 * head.b])
+    p1 = np.array([sx * 0.75 * head.a, 0.20 * head.b])
+    axis = p1 - p0
+    along = axis / np.hypot(*axis)
+    back = np.array([-along[1], along[0]])
+    back = back if back[1] > 0 else -back  # across the axis, towards the back of the head
+    z = ears(head)[int(sx > 0)].canal_z
+
+    def at(t: float, aside: float, dz: float) -> tuple[float, float, float]:
+        q = p0 + t * axis + aside * back
+        return float(q[0]), float(q[1]), float(z + dz)
+
+    return dict(p0=(float(p0[0]), float(p0[1])), p1=(float(p1[0]), float(p1[1])), r_apex=r_apex, r_base=r_base,
+                top=top, low=PETROUS_LOW, bone=bone, angle=float(np.arctan2(along[1], along[0])),
+                vestibule=at(0.62, -4.0, 1.0), cochlea=at(0.52, -8.0, -1.0), canal=at(0.70, -3.5, 2.0),
+                iac=(at(0.38, 1.0, 3.0), at(0.56, -4.0, 3.0)), middle_ear=at(0.82, -6.0, 0.0))
+
+
+PETROUS_LOW = -32.0  # mm: the pyramid's lowest level; its widest section lies half-way up to its ridge
+INNER_EAR_HU = 25.0  # the labyrinth's fluid
+
+
+def _petrous_pyramid(cv: _Canvas, s: _Band, sx: int) -> None:
+    """One petrous temporal bone (``petrous_plan``): a pyramid of the densest bone in the head, its base at
+    the side by the mastoid and its apex by the clivus, running back and out between the middle and
+    posterior fossae (the cavity, drawn later, carves its faces), its ridge on top; inside it the inner ear
+    (cochlea, vestibule and lateral semicircular canal, fluid in bone), the internal auditory canal, and
+    the middle ear's air at the end of the external canal. Each of these takes a slice by the share of its
+    slab it fills, so thin slices show them and thick ones a hint (until 6 Dec 2026 the petrous ridge was
+    a bar 9 mm across with nothing inside)."""
+    head, w, fr = cv.head, cv.w, cv.fr
+    plan = petrous_plan(head, sx)
+    X, Y = s.X[0], s.Y[0]
+    p0, p1 = np.array(plan["p0"]), np.array(plan["p1"])
+    axis = p1 - p0
+    t = np.clip(((X - p0[0]) * axis[0] + (Y - p0[1]) * axis[1]) / float(axis @ axis), 0, 1)
+    dist = np.hypot(X - p0[0] - t * axis[0], Y - p0[1] - t * axis[1])
+    prof = s.profile(plan["low"], plan["top"])
+    half = (plan["r_apex"] + (plan["r_base"] - plan["r_apex"]) * t)[None] * prof
+    paint(s.hu, s.tissue, plan["bone"], ramp(dist[None] - half, w) * (prof > 0.05), BONE)
+    angle = plan["angle"]
+    for k, z in enumerate(s.z[:, 0, 0]):
+        z = float(z)
+        h, ts = s.hu[k], s.tissue[k]
+        x, y, zc = plan["vestibule"]
+        if (share := slab_share(z, fr.thickness, zc, 2.0)) > 0:
+            paint(h, ts, INNER_EAR_HU, share * ellipse(X, Y, x, y, 2.4, 1.7, w, angle=angle))
+        x, y, zc = plan["cochlea"]
+        if (share := slab_share(z, fr.thickness, zc, 2.5)) > 0:
+            paint(h, ts, INNER_EAR_HU, share * ellipse(X, Y, x, y, 2.6, 2.2, w))
+        x, y, zc = plan["canal"]
+        if (share := slab_share(z, fr.thickness, zc, 0.5)) > 0:
+            paint(h, ts, INNER_EAR_HU, share * ramp(np.abs(np.hypot(X - x, Y - y) - 3.0) - 0.5, w))
+        (x0, y0, zc), (x1, y1, _) = plan["iac"]
+        if (share := slab_share(z, fr.thickness, zc, 2.2)) > 0:  # nerves and CSF
+            paint(h, ts, 15.0, share * capsule(X, Y, x0, y0, x1, y1, 2.2, w))
+        x, y, zc = plan["middle_ear"]
+        if (share := slab_share(z, fr.thickness, zc, 3.0)) > 0:
+            paint(h, ts, -950.0, share * ellipse(X, Y, x, y, 2.5, 4.5, w, angle=angle + np.pi / 2), SINUS)
+
+
+def _mastoid(cv: _Canvas, depth, sx: int) -> None:
+    """One mastoid: bone behind the external auditory canal, riddled with air cells of a few millimetres
+    (``air_cells``) between thin septa, outside the cranial cavity; smaller in a child, and solid bone
+    before about 3 years. From a generator of the head's own (until 6 Dec 2026 the cells were a regular lattice of
+    dots, the same in every head)."""
+    head, fr, w = cv.head, cv.fr, cv.w
+    size = 0.4 + 0.6 * float(head.mastoid)
+    centre = (sx * MASTOID_X * head.a, MASTOID_Y * head.b, MASTOID_Z)
+    half = tuple(size * h for h in MASTOID_HALF)
+    idx = np.nonzero(np.abs(fr.z - centre[2]) < half[2] + fr.thickness / 2)[0]
+    sub = head_rng(head, MASTOID_CELLS + (sx > 0))
+    bone, septum = float(sub.uniform(900, 1400)), float(sub.uniform(0.4, 0.9))
+    cells = air_cells(sub, centre, half, float(sub.uniform(4.0, 6.5)))
+    X, Y = cv.X[0], cv.Y[0]
+    for i in idx:
+        z = float(fr.z[i])
+        f = float(np.sqrt(max(1 - ((z - centre[2]) / half[2]) ** 2, 0.0)))
+        share = slab_share(z, fr.thickness, centre[2], half[2])
+        if f <= 0.05 and share <= 0:
+            continue
+        f = max(f, 0.3)  # a slab that only grazes the region takes a little of it (``share``)
+        region = ellipse(X, Y, centre[0], centre[1], half[0] * f, half[1] * f, w) * np.float32(share)
+        hu, tissue = cv.hu[i], cv.tissue[i]
+        outside = (depth[i] < -1.5) & np.isin(tissue, (BONE, SINUS))  # in the temporal bone, not the scalp
+        paint(hu, tissue, bone, region * outside, BONE)
+        if head.mastoid > 0.4:  # cells from about 3 years
+            air = _cell_air(cells, X, Y, z, fr.thickness, w, region > 0, septum)
+            paint(hu, tissue, -950.0, region * air * (depth[i] < -2.5) * outside, SINUS)
 
 def _upper_neck(cv: _Canvas) -> None:
     """Below the foramen magnum: the atlas and axis around the spinal canal and cord, and the pharynx."""
