@@ -1212,7 +1212,12 @@ def test_mandible_is_rami_beside_the_maxillary_sinuses_and_an_arch_below():
     ramus = (0.62 * head.a * np.sqrt(1 - (0.05 / 0.62) ** 2), -0.40 * head.b)  # on the U, behind the sinus
     fr, sinus_level = _face_level(head, -40.0)
     _, teeth_level = _face_level(head, -58.0)
-    assert _at(fr, sinus_level.hu[0], *front) < -500  # the maxillary sinus's air
+    on_u = [(sx * 0.62 * head.a * np.sin(t), -0.35 * head.b - 0.62 * head.b * np.cos(t))
+            for t in np.linspace(0.2, 1.3, 23) for sx in (-1, 1)]
+    level = np.full((1, 1, 1), -40.0, np.float32)
+    in_sinus = [q for q in on_u if min(an.maxillary_distance(head, sx, np.float32(q[0]), np.float32(q[1]), level).item()
+                                       for sx in (-1, 1)) < -2.0]
+    assert len(in_sinus) >= 3 and all(_at(fr, sinus_level.hu[0], *q) < -500 for q in in_sinus)  # the sinus's air
     assert _at(fr, sinus_level.tissue[0], *ramus) == an.BONE
     assert _at(fr, teeth_level.tissue[0], *front) == an.BONE
 
@@ -1246,8 +1251,8 @@ def test_mastoid_air_cells_are_a_foam_of_uneven_cells_outside_the_cavity(monkeyp
     """An adult's mastoid, cut by a 1 mm slice at its middle level: air cells (under -500 HU) of uneven size
     between septa of bone, some 30-90% of the region air, never inside the cranial cavity; the two sides'
     cells differ and a second build of the same head draws the same ones. A young child's (``mastoid``
-    0.4 or less, under about 3 years) has bone and no cells. The pass takes no draw of the series' generator: without it the
-    pixels away from the mastoids are unchanged."""
+    0.4 or less, under about 3 years) has bone and no cells. The pass takes no draw of the series' generator:
+    without it the pixels away from the mastoids are unchanged."""
     head = an.sample_head(np.random.default_rng([7, 1]))
     fr = an.Frame(rows=500, cols=500, spacing=0.4, thickness=1.0, z=np.array([an.MASTOID_Z], np.float32),
                   angle=0.0, shift=(0.0, 0.0))
@@ -1311,7 +1316,8 @@ def test_petrous_bone_widens_to_its_base_and_holds_the_inner_ear():
                     q = p0 + t * (p1 - p0)
                     want = (plan["r_apex"] + (plan["r_base"] - plan["r_apex"]) * t) * prof
                     for sign in (-1, 1):
-                        reach = [d for d in np.arange(0, 20, 0.1) if _at(fr, band.hu[0], *(q + sign * d * across)) > 1000]
+                        reach = [d for d in np.arange(0, 20, 0.1)
+                                 if _at(fr, band.hu[0], *(q + sign * d * across)) > 1000]
                         assert max(reach) == pytest.approx(want, abs=0.5)
                     assert _at(fr, band.hu[0], *q) == pytest.approx(plan["bone"], abs=1.0)
                 x, y, z = plan["vestibule"]
@@ -1355,6 +1361,127 @@ def test_mandibular_condyle_stands_in_front_of_the_ear_canal(monkeypatch):
     monkeypatch.setattr(an, "_mandibular_condyles", lambda *a, **k: None)
     _, b = _face_level(head, clear)
     assert np.array_equal(a.hu, b.hu)
+
+
+def test_maxillary_sinus_is_a_rounded_triangle_in_a_thin_wall():
+    """Mid-way up, each maxillary sinus is air inside a thin bony wall (the plan's density, its thickness)
+    and its back wall is straight: the air stops at a line running forward and out at the plan's angle,
+    which a plain ellipse would cross; where the plan thickens the lining, mucosa separates wall and air."""
+    for seed in range(6):
+        head = an.sample_head(np.random.default_rng([seed, 1]))
+        z = float(np.mean(an.MAXILLARY_LEVELS))
+        fr, a = _face_level(head, z)
+        for sx in (-1, 1):
+            plan = an.maxillary_plan(head, sx)
+            assert plan == an.maxillary_plan(head, sx)
+            d = an.maxillary_distance(head, sx, fr.X, fr.Y, np.full((1, 1, 1), z, np.float32))[0]
+            air = (d < -plan["mucosa"] - 1.0) & (a.depth[0] < -3) & (np.abs(fr.X[0]) > 16)  # clear of the nose
+            assert np.median(a.hu[0][air]) == pytest.approx(-950.0, abs=1.0)
+            wall = (d > 0.3) & (d < plan["wall"] - 0.3) & (np.abs(fr.X[0]) > 16)
+            if wall.any():
+                assert np.median(a.hu[0][wall]) == pytest.approx(plan["wall_hu"], abs=60.0)
+            if plan["mucosa"] > 2.0:
+                lining = (d < -0.6) & (d > -plan["mucosa"] + 0.6) & (np.abs(fr.X[0]) > 16)
+                assert np.median(a.hu[0][lining]) == pytest.approx(plan["mucosa_hu"], abs=5.0)
+            # the straight back wall: along the line 1 mm inside it the sinus is air, 1 mm outside it never
+            m = float(an.profile(np.float32(z), *an.MAXILLARY_LEVELS)) * plan["size"]
+            n = np.array([sx * np.sin(plan["angle"]), np.cos(plan["angle"])])
+            c = np.array([sx * 0.32 * head.a, -0.72 * head.b + 11.0 * m])
+            along = np.array([n[1], -n[0]])
+            for off, want_air in ((-1.5 - plan["mucosa"], True), (plan["wall"] + 1.5, False)):
+                pts = [c + off * n + t * along for t in np.linspace(-3, 3, 7)]
+                inside = [an.ellipse_distance(np.float32(q[0]), np.float32(q[1]), sx * 0.32 * head.a, -0.72 * head.b,
+                                              16.5 * m, 18.5 * m) < -2 for q in pts]
+                got = [_at(fr, a.hu[0], *q) < -500 for q, i in zip(pts, inside) if i and abs(q[0]) > 16]
+                assert got and all(g == want_air for g in got), (seed, sx, off, got)
+
+
+def test_occipital_bone_over_the_cerebellum_is_the_squama_not_a_ring():
+    """``occipital_thinning`` keeps the whole vault in front and high up, and behind the posterior fossa
+    leaves ``head.skull`` times the head's share (0.55-0.85) however thick the base has grown; on a slice
+    through the cerebellum the bone straight behind the cavity is that thick (within the inner table's
+    markings), with soft tissue, not bone, outside it."""
+    head = an.sample_head(np.random.default_rng([2, 1]))
+    share = an.occipital_thinning(head, np.float32(0.5 * head.b), np.float32(-30.0)) * (1 + 0.03 * 40)
+    assert 0.55 <= float(share) <= 0.85
+    assert float(an.occipital_thinning(head, np.float32(-20.0), np.float32(-30.0))) == pytest.approx(1.0)
+    assert float(an.occipital_thinning(head, np.float32(50.0), np.float32(30.0))) == pytest.approx(1.0)
+    fr, a = _face_level(head, -24.0, thickness=0.5)
+    thick = []
+    for x in (-12.0, -6.0, 6.0, 12.0):
+        col = int(round(x / fr.spacing + (fr.cols - 1) / 2))
+        back = np.nonzero(a.depth[0][:, col] > 0)[0].max()  # the cavity's last row straight back
+        run = 0
+        while a.hu[0][back + 1 + run, col] > 300:
+            run += 1
+        thick.append(run * fr.spacing)
+        assert a.hu[0][back + run + 3, col] < 100  # muscle outside it
+    assert np.median(thick) == pytest.approx(head.skull * float(share), abs=1.5)
+
+
+def test_nasopharynx_is_air_behind_the_choanae_in_front_of_the_clivus():
+    """At its middle level the nasopharynx is air behind the nasal cavity, with the plan's soft tissue
+    between it and the clivus, outside the cranial cavity."""
+    for seed in range(4):
+        head = an.sample_head(np.random.default_rng([seed, 1]))
+        plan = an.nasopharynx_plan(head)
+        z = float(np.mean(an.NASOPHARYNX_LEVELS))
+        fr, a = _face_level(head, z)
+        y_back = -0.05 * head.b - 9.0 - plan["back"]
+        assert _at(fr, a.hu[0], 0.0, y_back - plan["half_y"]) == pytest.approx(-1000.0, abs=1.0)
+        assert _at(fr, a.depth[0], 0.0, y_back - plan["half_y"]) < -2
+        assert _at(fr, a.hu[0], 0.0, y_back + min(plan["back"], 6.0) / 2) > -100  # the tissue on the clivus
+
+
+def test_zygomatic_arches_are_bars_of_bone_beside_the_face_at_the_ear_canals(monkeypatch):
+    """On the slice at the arches' level each side gains a bar of bone (the plan's density) running from the
+    cheekbone to the arch's root, outside the cranial cavity; a slice clear of them does not change."""
+    head = an.sample_head(np.random.default_rng([4, 1]))
+    plan = an.zygoma_plan(head)
+    assert plan == an.zygoma_plan(head)
+    fr, a = _face_level(head, plan["z"])
+    monkeypatch.setattr(an, "_zygomatic_arches", lambda *a, **k: None)
+    _, b = _face_level(head, plan["z"])
+    monkeypatch.undo()
+    gained = (a.hu[0] != b.hu[0])
+    assert (a.depth[0][gained] < -2.0).all()
+    for sx in (-1, 1):
+        side = gained & (np.sign(fr.X[0]) == sx)
+        assert a.hu[0][side].max() == pytest.approx(plan["hu"], abs=1.0)
+        ys = fr.Y[0][side & (a.hu[0] > 500)]
+        assert ys.min() < -0.62 * head.b and ys.max() > -0.10 * head.b - 1.0
+    clear = plan["z"] + plan["half_z"] + 1.0
+    _, c = _face_level(head, clear)
+    monkeypatch.setattr(an, "_zygomatic_arches", lambda *a, **k: None)
+    _, d = _face_level(head, clear)
+    assert np.array_equal(c.hu, d.hu)
+
+
+def test_fat_planes_run_between_the_muscles_below_the_vault(monkeypatch):
+    """Below the vault the soft tissue outside the skull gains thin planes of fat (the plan's density where a
+    plane fills the pixel) along the zero set of the plan's field, a few per cent of it, and the muscles a
+    few HU of variation; nothing changes in the cranial cavity, in the skin, or on a slice above the band."""
+    head = an.sample_head(np.random.default_rng([6, 1]))
+    plan = an.muscle_plan(head)
+    assert plan == an.muscle_plan(head) and 0.5 <= plan["thick"] <= 1.0
+    fr, a = _face_level(head, -30.0)
+    monkeypatch.setattr(an, "_muscle_planes", lambda *a, **k: None)
+    _, b = _face_level(head, -30.0)
+    _, b_high = _face_level(head, an.MUSCLE_TOP + 2.0)
+    monkeypatch.undo()
+    _, a_high = _face_level(head, an.MUSCLE_TOP + 2.0)
+    assert np.array_equal(a_high.hu, b_high.hu)
+    changed = a.hu[0] != b.hu[0]
+    assert (b.tissue[0][changed] == an.SOFT).all() and (a.depth[0][changed] < -2.0).all()
+    f, g = an._field(plan["planes"], fr.X[0], fr.Y[0], -30.0)
+    on_plane = changed & (np.abs(f) / g < plan["thick"] / 2 - 0.25)
+    assert np.allclose(a.hu[0][on_plane], plan["fat"], atol=0.5)
+    soft = (b.tissue[0] == an.SOFT) & (b.depth[0] < -2.0)
+    share = (a.tissue[0] == an.FAT)[soft].mean() - (b.tissue[0] == an.FAT)[soft].mean()
+    assert 0.005 < share < 0.15
+    between = changed & (np.abs(f) / g > plan["thick"] / 2 + 1.0)  # clear of the planes: the muscles' tone
+    tone = (a.hu[0] - b.hu[0])[between]
+    assert 0.5 < np.std(tone) and np.abs(tone).max() <= plan["tone_hu"] / 2
 
 def test_vault_is_thinner_on_the_sides_than_front_and_back():
     """Real vaults (CT-ICH, the GE head) are 5-8 mm thick over the forehead and occiput but 3.5-4.5 mm on

@@ -426,6 +426,9 @@ def build(head: HeadShape, fr: Frame, rng: np.random.Generator, mass: MassEffect
     _face_and_neck(head, fr, hu, tissue, depth, cv.w, rng)
     _mandibular_condyles(cv, vault, depth)
     _nasal_cavity(cv, vault, depth)
+    _nasopharynx(cv, depth)
+    _zygomatic_arches(cv, vault, depth)
+    _muscle_planes(cv, vault, depth)
     _teeth(cv)
     _middle_fossae(head, fr, hu, tissue, depth)
     _ears(cv, vault, depth)
@@ -793,6 +796,138 @@ def _nasal_cavity(cv: _Canvas, vault: _Vault, depth) -> None:
                 paint(hu, tissue, -1000.0, nostril * (tissue == SOFT), SINUS)
 
 
+NASOPHARYNX_LEVELS = (-46.0, -20.0)  # mm: from the soft palate up to the sphenoid's floor
+PHARYNX = 83  # ``head_rng`` tag of the nasopharynx and the zygomatic arches
+
+
+def nasopharynx_plan(head: HeadShape) -> dict:
+    """The airway behind the choanae (``_nasopharynx``): its half-width and half-depth (mm) at its middle
+    level, and the soft tissue in front of the clivus behind it (the adenoid pad and the prevertebral
+    muscles; thicker in a child), mm. From a generator of the head's own."""
+    sub = head_rng(head, PHARYNX)
+    child = head.scale < 1.0
+    return dict(half_x=float(sub.uniform(9.0, 14.0)), half_y=float(sub.uniform(4.5, 8.0)) * (0.6 if child else 1.0),
+                back=float(sub.uniform(6.0, 10.0)) * (1.5 if child else 1.0))
+
+
+def _nasopharynx(cv: _Canvas, depth) -> None:
+    """The nasopharynx: air behind the choanae (where the nasal cavity opens into it, so no wall between),
+    in front of the soft tissue that lies on the clivus and the atlas, from the soft palate up to the
+    sphenoid. Never in the cranial cavity (until 6 Dec 2026 no slice above the neck had an airway behind
+    the nose)."""
+    head, fr, w = cv.head, cv.fr, cv.w
+    plan = nasopharynx_plan(head)
+    X, Y = cv.X[0], cv.Y[0]
+    y_back = -0.05 * head.b - 9.0 - plan["back"]  # the clivus's front, less the soft tissue on it
+    lo, hi = NASOPHARYNX_LEVELS
+    for i in np.nonzero((fr.z > lo - fr.thickness) & (fr.z < hi + fr.thickness))[0]:
+        p = float(profile(np.float32(fr.z[i]), *NASOPHARYNX_LEVELS))
+        if p <= 0.05:
+            continue
+        hy = plan["half_y"] * p**0.5
+        air = ellipse(X, Y, 0.0, y_back - hy, plan["half_x"] * p**0.5, hy, w)
+        air = np.maximum(air, ellipse(X, Y, 0.0, NASAL_BACK * head.b, 6.0 * p**0.5, y_back - hy - NASAL_BACK * head.b,
+                                      w) * (Y > NASAL_BACK * head.b))  # the choanae, open into it
+        paint(cv.hu[i], cv.tissue[i], -1000.0, air * (depth[i] < -2.0) * (cv.tissue[i] != AIR), SINUS)
+
+
+def zygoma_plan(head: HeadShape) -> dict:
+    """The zygomatic arches (``_zygomatic_arches``): their middle level (mm; about the ear canals', the
+    Frankfort plane's), half-height, thickness, depth under the skin (mm) and density (HU)."""
+    sub = head_rng(head, PHARYNX + 1)
+    z = float(np.mean([e.canal_z for e in ears(head)])) + float(sub.uniform(-1.0, 2.0))
+    return dict(z=z, half_z=float(sub.uniform(3.5, 5.0)), thick=float(sub.uniform(2.5, 4.0)),
+                inset=float(sub.uniform(1.0, 3.0)), hu=float(sub.uniform(900, 1500)))
+
+
+def _zygomatic_arches(cv: _Canvas, vault: _Vault, depth) -> None:
+    """The zygomatic arches: on the slices at the level of the ear canals, a thin bar of bone under the skin
+    and fat on each side, from the cheekbone beside the maxillary sinus back to its root in front of the
+    condyle, bowed out as the head's side is; with the cheekbone's body in front (until 6 Dec 2026 the
+    sides of the face at that level were soft tissue)."""
+    head, fr, w = cv.head, cv.fr, cv.w
+    plan = zygoma_plan(head)
+    A_head, B_front, _ = _head_outline(cv, vault)
+    X, Y = cv.X[0], cv.Y[0]
+    y_front, y_root = -0.62 * head.b, -0.10 * head.b
+    for i, z in enumerate(fr.z):
+        share = slab_share(float(z), fr.thickness, plan["z"], plan["half_z"])
+        if share <= 0:
+            continue
+        a_i, b_i = float(A_head[i].item()), float(B_front[i].item())
+        x_skin = a_i * np.sqrt(np.clip(1 - (Y / b_i) ** 2, 0, 1))
+        x_out = x_skin - head.scalp - plan["inset"]  # the arch's outer face
+        d = np.abs(np.abs(X) - (x_out - plan["thick"] / 2)) - plan["thick"] / 2
+        span = ramp(np.maximum(y_front - Y, Y - y_root), w)  # only between the cheekbone and the root
+        bar = ramp(d, w) * span
+        for sx in (-1.0, 1.0):  # the cheekbone's body at the front end
+            xb = float(a_i * np.sqrt(max(1 - (y_front / b_i) ** 2, 0.0))) - head.scalp - plan["inset"] - 5.0
+            bar = np.maximum(bar, ellipse(X, Y, sx * xb, y_front, 6.0, 7.0, w, angle=-sx * 0.6))
+        keep = (depth[i] < -2.0) & np.isin(cv.tissue[i], (SOFT, FAT))
+        paint(cv.hu[i], cv.tissue[i], plan["hu"], bar * keep * np.float32(share), BONE)
+
+MUSCLE_PLANES = 89  # ``head_rng`` tag of the fat planes between the face's and neck's muscles
+MUSCLE_TOP = 12.0  # mm: below the vault, where the soft tissue outside the skull is muscle, not scalp
+
+
+def muscle_plan(head: HeadShape) -> dict:
+    """The fat planes between the muscles of the face and neck (``_muscle_planes``): the waves of a smooth
+    3-D field whose zero set they are (wave vectors (kx, ky, kz) in radians per mm, amplitudes, phases;
+    nearly horizontal, so the planes are sheets running up and down, as muscles do), the planes' thickness
+    (mm) and the fat's density, and the waves and size (HU) of the muscles' own variation between them.
+    From a generator of the head's own."""
+    sub = head_rng(head, MUSCLE_PLANES)
+
+    def waves(n: int, lo: float, hi: float) -> tuple:
+        lam = sub.uniform(lo, hi, n)
+        th = sub.uniform(0, 2 * np.pi, n)
+        tilt = sub.normal(0, 0.25, n)  # mostly horizontal wave vectors: sheets that run up and down
+        k = 2 * np.pi / lam
+        amp, phase = sub.uniform(0.5, 1.0, n), sub.uniform(0, 2 * np.pi, n)
+        return tuple(zip(k * np.cos(th), k * np.sin(th), k * tilt, amp, phase))
+
+    return dict(planes=waves(5, 35.0, 80.0), thick=float(sub.uniform(0.5, 1.0)), fat=float(sub.uniform(-100, -60)),
+                tone=waves(6, 25.0, 60.0), tone_hu=float(sub.uniform(3.0, 7.0)))
+
+
+def _field(waves, X, Y, z: float):
+    """A sum of plane waves at one level, and its in-plane gradient's magnitude."""
+    f = np.zeros(np.shape(X), np.float32)
+    gx = np.zeros_like(f)
+    gy = np.zeros_like(f)
+    for kx, ky, kz, amp, ph in waves:
+        arg = np.float32(kx) * X + np.float32(ky) * Y + np.float32(kz * z + ph)
+        f += np.float32(amp) * np.cos(arg)
+        sn = np.float32(amp) * np.sin(arg)
+        gx -= np.float32(kx) * sn
+        gy -= np.float32(ky) * sn
+    return f, np.sqrt(gx * gx + gy * gy)
+
+
+def _muscle_planes(cv: _Canvas, vault: _Vault, depth) -> None:
+    """Below the vault the soft tissue outside the skull is muscle (masseters, pterygoids, the neck's) in
+    sheets with thin planes of fat between them, which axial CT shows as dark lines meandering through the
+    grey, and the muscles differ a little in density from one to the next. Drawn on the soft tissue there,
+    clear of the skin, as the zero set of a smooth field (``muscle_plan``); until 6 Dec 2026 it was one
+    uniform grey with round islands of fat."""
+    head, fr, w = cv.head, cv.fr, cv.w
+    plan = muscle_plan(head)
+    A_head, B_front, B_back = _head_outline(cv, vault)
+    X, Y = cv.X[0], cv.Y[0]
+    for i in np.nonzero(fr.z < MUSCLE_TOP)[0]:
+        z = float(fr.z[i])
+        B = np.where(Y > 0, B_back[i], B_front[i])
+        inner = ellipse_distance(X, Y, 0, 0, A_head[i], B) < -(head.scalp + 1.0)
+        muscle = inner & (cv.tissue[i] == SOFT) & (depth[i] < -2.0)
+        if not muscle.any():
+            continue
+        f, g = _field(plan["planes"], X, Y, z)
+        dist = np.abs(f) / np.maximum(g, 1e-3)  # mm to the nearest plane, to first order
+        tone, _ = _field(plan["tone"], X, Y, z)
+        hu, tissue = cv.hu[i], cv.tissue[i]
+        hu += np.where(muscle, np.float32(plan["tone_hu"] / 2) * np.tanh(tone), 0).astype(np.float32)
+        paint(hu, tissue, plan["fat"], ramp(dist - plan["thick"] / 2, w) * muscle, FAT)
+
 TEETH_PER_SIDE = 7  # crowns from the midline back on each side of an arch
 
 
@@ -1076,6 +1211,23 @@ def _roughen_inner_table(cv: _Canvas, depth, rng: np.random.Generator) -> np.nda
 VAULT_MIN_MM = 1.2  # the thinnest the vault gets where the inner table's markings cut deep (temporal squama)
 
 
+OCCIPITAL = 79  # ``head_rng`` tag of the occipital bone's thickness over the cerebellum
+
+
+def occipital_thinning(head: HeadShape, Y, z):
+    """The share of the vault's thickness (``_Vault.thickness``, which grows towards the base) that the bone
+    keeps at each point of the levels ``z`` (k, 1, 1): 1 in front and high up; behind the head's centre
+    (fully from 0.4 b back) over the posterior fossa it falls to the occipital squama's own, 0.55-0.85 of
+    ``head.skull`` (drawn per head) however far the base has thickened: the squama over the cerebellar
+    hemispheres is thin, and what lies between it and the skin is the neck's muscles, not bone (until 6 Dec
+    2026 the bone there was more than twice the vault's thickness, a ring 12-16 mm thick round the posterior
+    fossa on every low slice). The skull's outline, and so the skin's, is unchanged."""
+    occ = float(head_rng(head, OCCIPITAL).uniform(0.55, 0.85))
+    k = 0.03 * np.clip(20.0 - z, 0, 40)  # the base's thickening (``_vault_outline``)
+    behind = np.clip(Y / (0.4 * head.b), 0, 1)
+    return ((1 + k * (1 - behind) + behind * (occ - 1) * np.clip(k / 0.6, 0, 1)) / (1 + k)).astype(np.float32)
+
+
 def _skull_vault(cv: _Canvas, vault: _Vault, depth, rough, rng: np.random.Generator) -> None:
     """Skull around the cavity: cortical bone from the inner table out to the vault's thickness (a cap
     above the inner vertex), thinner towards the sides as the outer contour is, with diploe between the
@@ -1087,6 +1239,7 @@ def _skull_vault(cv: _Canvas, vault: _Vault, depth, rough, rng: np.random.Genera
     the whole vault followed the markings, both edges 0.32 mm, and rippled under a smooth scalp."""
     hu, tissue, X, Y, w, slab = cv.hu, cv.tissue, cv.X, cv.Y, cv.w, cv.slab
     tb = vault.thickness * (1 - (1 - vault.side) * np.sin(cv.phi) ** 2)  # as the contour's offset goes
+    tb = tb * occipital_thinning(cv.head, Y, cv.z)
     cortical = float(rng.uniform(1300, 1800))
     diploe = float(rng.uniform(350, 700))
     capfrac = ellipse(X, Y, 0, 0, vault.A, vault.B, cv.smear) * vault.above
@@ -1114,12 +1267,7 @@ def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
         g = s.profile(-16, 2)
         paint(h_l, t_l, 12.0, ellipse(X, Y, sx * 0.38 * head.a, -0.95 * head.b, 11.5 * g, 11.5 * g, w), GLOBE)
         paint(h_l, t_l, 110.0, ellipse(X, Y, sx * 0.38 * head.a, -1.08 * head.b, 4 * g, 1.6 * g, w))
-        # maxillary sinus (lowest slices) and mastoid air cells
-        m = s.profile(-48, -14)
-        wall = 1.5 * (m > 0)
-        paint(h_l, t_l, 900.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m + wall, 17 * m + wall, w),
-              BONE)
-        paint(h_l, t_l, -950.0, ellipse(X, Y, sx * 0.32 * head.a, -0.72 * head.b, 15 * m, 17 * m, w), SINUS)
+        _maxillary_sinus(head, s, sx, w)
         # petrous pyramid: dense bone from the side towards the clivus, between middle and posterior fossae
         _petrous_pyramid(cv, s, sx)
     e = s.profile(-22, 10)
@@ -1288,6 +1436,48 @@ def _mastoid(cv: _Canvas, depth, sx: int) -> None:
         if head.mastoid > 0.4:  # cells from about 3 years
             air = _cell_air(cells, X, Y, z, fr.thickness, w, region > 0, septum)
             paint(hu, tissue, -950.0, region * air * (depth[i] < -2.5) * outside, SINUS)
+
+MAXILLARY = 71  # ``head_rng`` tag of the maxillary sinuses (the right's; the left's is one more)
+MAXILLARY_LEVELS = (-48.0, -14.0)  # mm: from the sinus's floor to its roof under the orbit
+
+
+def maxillary_plan(head: HeadShape, sx: int) -> dict:
+    """One maxillary sinus as ``_maxillary_sinus`` draws it: its size against the average, the angle
+    (radians) of its posterolateral wall from the coronal plane, the bony wall's thickness (mm) and
+    density, and the lining's thickness (0 in most heads; 1-5 mm of thickened mucosa in three in ten
+    sinuses) and density. From a generator of the head's own."""
+    sub = head_rng(head, MAXILLARY + (sx > 0))
+    plan = dict(size=float(sub.uniform(0.85, 1.15)), angle=float(np.deg2rad(sub.uniform(25, 45))),
+                wall=float(sub.uniform(0.8, 1.8)), wall_hu=float(sub.uniform(700, 1100)),
+                mucosa=0.0, mucosa_hu=float(sub.uniform(20, 45)))
+    if sub.random() < 0.3:
+        plan["mucosa"] = float(sub.uniform(1.0, 5.0))
+    return plan
+
+
+def maxillary_distance(head: HeadShape, sx: int, X, Y, z):
+    """Signed distance (mm, negative inside) to one maxillary sinus's air at levels ``z`` (k, 1, 1): an
+    ellipse cut behind by a straight posterolateral wall running forward and out, so that axially it is a
+    rounded triangle, widest in front (the medial wall is the nasal cavity's, drawn over it)."""
+    plan = maxillary_plan(head, sx)
+    m = profile(z, *MAXILLARY_LEVELS) * np.float32(plan["size"])
+    cx, cy = sx * 0.32 * head.a, -0.72 * head.b
+    d = ellipse_distance(X, Y, cx, cy, 16.5 * m + 1e-3, 18.5 * m + 1e-3)
+    n = (sx * np.sin(plan["angle"]), np.cos(plan["angle"]))  # out of the sinus through its back wall
+    back = (X - cx) * np.float32(n[0]) + (Y - (cy + 11.0 * m)) * np.float32(n[1])
+    return np.where(m > 0, np.maximum(d, back), np.float32(1e3)).astype(np.float32)
+
+
+def _maxillary_sinus(head: HeadShape, s: _Band, sx: int, w) -> None:
+    """One maxillary sinus (``maxillary_distance``, ``maxillary_plan``): a thin bony wall round air, lined
+    in some heads by thickened mucosa (until 6 Dec 2026 each sinus was an ellipse with a 1.5 mm wall, the
+    same shape in every head)."""
+    plan = maxillary_plan(head, sx)
+    d = maxillary_distance(head, sx, s.X, s.Y, s.z)
+    paint(s.hu, s.tissue, plan["wall_hu"], ramp(d - plan["wall"], w), BONE)
+    paint(s.hu, s.tissue, plan["mucosa_hu"], ramp(d, w), SOFT)
+    paint(s.hu, s.tissue, -950.0, ramp(d + plan["mucosa"], w), SINUS)
+
 
 def _upper_neck(cv: _Canvas) -> None:
     """Below the foramen magnum: the atlas and axis around the spinal canal and cord, and the pharynx."""
