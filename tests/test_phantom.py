@@ -1483,6 +1483,28 @@ def test_fat_planes_run_between_the_muscles_below_the_vault(monkeypatch):
     tone = (a.hu[0] - b.hu[0])[between]
     assert 0.5 < np.std(tone) and np.abs(tone).max() <= plan["tone_hu"] / 2
 
+
+def test_atlas_is_a_ring_round_the_dens_and_the_cord():
+    """Through the atlas (below the posterior fossa): the dens's marrow (350 HU) behind the anterior arch's
+    cortex (900 HU) with soft tissue between them, a lateral mass of bone on each side, the cord in the
+    canal's CSF behind the dens and the posterior arch's cortex behind the canal; below the atlas the axis's
+    body takes the dens's place and no anterior arch stands in front of it."""
+    head = an.sample_head(np.random.default_rng([2, 1]))
+    yc = an.SPINE_Y * head.b
+    fr, a = _face_level(head, an.C2_TOP + 1.0)
+    assert _at(fr, a.depth[0], 0.0, yc) < 0  # below the cranial cavity
+    assert _at(fr, a.hu[0], 0.0, yc - 15.0) == pytest.approx(350.0, abs=1.0)  # the dens
+    assert _at(fr, a.hu[0], 0.0, yc - 23.5) == pytest.approx(900.0, abs=1.0)  # the anterior arch
+    assert _at(fr, a.hu[0], 0.0, yc - 21.0) < 200  # the gap between them
+    for sx in (-1, 1):
+        assert _at(fr, a.hu[0], sx * 16.0, yc - 8.0) == pytest.approx(350.0, abs=1.0)  # a lateral mass
+    assert _at(fr, a.tissue[0], 0.0, yc + 4.0) == an.WHITE  # the cord
+    assert _at(fr, a.hu[0], 0.0, yc + 11.0) == pytest.approx(8.0, abs=1.0)  # CSF behind it
+    assert _at(fr, a.hu[0], 0.0, yc + 15.5) == pytest.approx(900.0, abs=1.0)  # the posterior arch
+    _, b = _face_level(head, an.C2_TOP - 2.0)
+    assert _at(fr, b.hu[0], 0.0, yc - 15.0) == pytest.approx(350.0, abs=1.0)  # the axis's body
+    assert _at(fr, b.hu[0], 0.0, yc - 23.5) < 200  # no anterior arch
+
 def test_vault_is_thinner_on_the_sides_than_front_and_back():
     """Real vaults (CT-ICH, the GE head) are 5-8 mm thick over the forehead and occiput but 3.5-4.5 mm on
     the sides, thinnest over the temporal fossae; the phantom's side share is ``head.squama`` (less a

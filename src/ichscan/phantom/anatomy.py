@@ -1479,18 +1479,38 @@ def _maxillary_sinus(head: HeadShape, s: _Band, sx: int, w) -> None:
     paint(s.hu, s.tissue, -950.0, ramp(d + plan["mucosa"], w), SINUS)
 
 
+# The upper cervical spine (``_upper_neck``): the spinal canal's centre SPINE_Y * b behind the head's centre;
+# the atlas's ring above C2_TOP mm, the axis's body below it.
+SPINE_Y = 0.24
+C2_TOP = -46.0
+
+
 def _upper_neck(cv: _Canvas) -> None:
-    """Below the foramen magnum: the atlas and axis around the spinal canal and cord, and the pharynx."""
+    """Below the foramen magnum: the atlas, a ring of bone (cortex over marrow) with its lateral masses at the
+    sides, the dens of the axis in the front of the ring just behind its anterior arch, and the spinal canal
+    with the cord behind the dens; below the atlas the axis's body in front of the canal and its laminae
+    round it; and the pharynx. (Until 6 Dec 2026 a disc of bone 30 mm across with the canal in its middle.)"""
     head, w = cv.head, cv.w
     neck = np.nonzero(cv.fr.z < -36)[0]
     if not len(neck):
         return
     s = cv.band(neck)
     X, Y, h_n, t_n = s.X, s.Y, s.hu, s.tissue
-    paint(h_n, t_n, 900.0, ellipse(X, Y, 0, 0.2 * head.b, 15.0, 13.0, w), BONE)  # atlas / axis
-    paint(h_n, t_n, 320.0, ellipse(X, Y, 0, 0.2 * head.b, 13.0, 11.0, w))
-    paint(h_n, t_n, 8.0, ellipse(X, Y, 0, 0.24 * head.b, 7.5, 7.0, w), CSF)  # canal
-    paint(h_n, t_n, head.white + 8, ellipse(X, Y, 0, 0.24 * head.b, 5.0, 4.0, w), WHITE)  # cord
+    yc = SPINE_Y * head.b
+    atlas = (s.z > C2_TOP).astype(np.float32)  # (k, 1, 1): 1 through the atlas, 0 below it
+    ring = ramp(np.abs(ellipse_distance(X, Y, 0, yc - 4.0, 18.0, 19.5)) - 1.8, w)  # the ring (the axis's laminae)
+    masses = np.maximum(ellipse(X, Y, -16.0, yc - 8.0, 6.0, 9.0, w), ellipse(X, Y, 16.0, yc - 8.0, 6.0, 9.0, w))
+    dens_r = 5.5 * atlas + 8.0 * (1 - atlas)  # the dens, or the axis's body below the atlas
+    dens = ellipse(X, Y, 0, yc - 15.0, dens_r, dens_r, w)
+    front = ring * (Y < yc - 10.0)  # the anterior arch: the atlas's only
+    bone = np.maximum(np.maximum(ring * (Y >= yc - 10.0) + front * atlas, masses * atlas), dens)
+    paint(h_n, t_n, 900.0, np.minimum(bone, 1.0), BONE)
+    paint(h_n, t_n, 350.0, np.maximum(ellipse(X, Y, 0, yc - 15.0, dens_r - 1.3, dens_r - 1.3, w),
+                                      np.maximum(ellipse(X, Y, -16.0, yc - 8.0, 4.7, 7.7, w),
+                                                 ellipse(X, Y, 16.0, yc - 8.0, 4.7, 7.7, w)) * atlas))  # marrow
+    canal = ellipse(X, Y, 0, yc + 3.0, 11.0, 10.0, w) * (1 - masses * atlas)
+    paint(h_n, t_n, 8.0, canal * (1 - dens), CSF)
+    paint(h_n, t_n, head.white + 8, ellipse(X, Y, 0, yc + 4.0, 5.5, 4.5, w), WHITE)  # cord
     paint(h_n, t_n, -900.0, ellipse(X, Y, 0, -0.35 * head.b, 9.0, 7.0, w), SINUS)  # pharynx
     cv.put(s)
 
@@ -2162,9 +2182,11 @@ def _middle_fossae(head: HeadShape, fr: Frame, hu, tissue, depth) -> None:
 
 
 def _face_and_neck(head: HeadShape, fr: Frame, hu, tissue, depth, w, rng: np.random.Generator) -> None:
-    """Below the skull base a head is not one soft-tissue block: fat between the muscles and around the
-    jaw, and the mandible: its rami beside the maxillary sinuses, and from the teeth down a U of bone in
-    front (until 6 Dec 2026 the U ran through the maxillary sinuses)."""
+    """Below the skull base a head is not one soft-tissue block: fat spaces between the muscles and around
+    the jaw (since 6 Dec 2026, afternoon, only the larger of the islands drawn, 14-18 mm across, where every
+    island was before; each is still drawn, so no later draw moves), and the mandible: its rami beside the
+    maxillary sinuses, and from the teeth down a U of bone in front (until 6 Dec 2026 the U ran through the
+    maxillary sinuses)."""
     idx = np.nonzero(fr.z < -8)[0]
     X, Y = fr.X[0], fr.Y[0]
     for i in idx:
@@ -2174,7 +2196,9 @@ def _face_and_neck(head: HeadShape, fr: Frame, hu, tissue, depth, w, rng: np.ran
                 x0, y0 = float(X[soft[0][j], soft[1][j]]), float(Y[soft[0][j], soft[1][j]])
                 r = float(rng.uniform(2.5, 9))
                 frac = ellipse(X, Y, x0, y0, r, r * float(rng.uniform(0.4, 1.0)), w, angle=float(rng.uniform(0, np.pi)))
-                paint(hu[i], tissue[i], float(rng.uniform(-110, -60)), frac * (tissue[i] == SOFT), FAT)
+                fat = float(rng.uniform(-110, -60))
+                if r > 7.0:  # only the larger islands: fat spaces (the planes between muscles: ``_muscle_planes``)
+                    paint(hu[i], tissue[i], fat, frac * (tissue[i] == SOFT), FAT)
         if fr.z[i] < -32:
             r_out = ellipse_distance(X, Y, 0, -0.35 * head.b, 0.62 * head.a, 0.62 * head.b)
             jaw = ramp(np.abs(r_out) - 3.5, w) * (Y < -0.25 * head.b)
