@@ -1222,7 +1222,6 @@ def test_mandible_is_rami_beside_the_maxillary_sinuses_and_an_arch_below():
     assert _at(fr, teeth_level.tissue[0], *front) == an.BONE
 
 
-
 def test_air_cells_meet_at_septa_of_the_given_thickness():
     """Two cells seeded 10 mm apart meet at a flat septum half-way: air beyond the septum (1.0), bone on the
     plane between them (0.0) and half air at its face (the ramp's middle); a foam's seed count follows the
@@ -1504,6 +1503,7 @@ def test_atlas_is_a_ring_round_the_dens_and_the_cord():
     _, b = _face_level(head, an.C2_TOP - 2.0)
     assert _at(fr, b.hu[0], 0.0, yc - 15.0) == pytest.approx(350.0, abs=1.0)  # the axis's body
     assert _at(fr, b.hu[0], 0.0, yc - 23.5) < 200  # no anterior arch
+
 
 def test_vault_is_thinner_on_the_sides_than_front_and_back():
     """Real vaults (CT-ICH, the GE head) are 5-8 mm thick over the forehead and occiput but 3.5-4.5 mm on

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from ichscan.phantom.geometry import (capsule, ellipse, ellipse_distance, metal_streaks, paint, ramp,
                                      segment_distance, wrap_angle)
@@ -866,6 +867,7 @@ def _zygomatic_arches(cv: _Canvas, vault: _Vault, depth) -> None:
         keep = (depth[i] < -2.0) & np.isin(cv.tissue[i], (SOFT, FAT))
         paint(cv.hu[i], cv.tissue[i], plan["hu"], bar * keep * np.float32(share), BONE)
 
+
 MUSCLE_PLANES = 89  # ``head_rng`` tag of the fat planes between the face's and neck's muscles
 MUSCLE_TOP = 12.0  # mm: below the vault, where the soft tissue outside the skull is muscle, not scalp
 
@@ -927,6 +929,7 @@ def _muscle_planes(cv: _Canvas, vault: _Vault, depth) -> None:
         hu, tissue = cv.hu[i], cv.tissue[i]
         hu += np.where(muscle, np.float32(plan["tone_hu"] / 2) * np.tanh(tone), 0).astype(np.float32)
         paint(hu, tissue, plan["fat"], ramp(dist - plan["thick"] / 2, w) * muscle, FAT)
+
 
 TEETH_PER_SIDE = 7  # crowns from the midline back on each side of an arch
 
@@ -1296,8 +1299,10 @@ def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
 # Tags of ``head_rng`` for the air cells and the petrous bones (the right side's; the left's is one more).
 MASTOID_CELLS, ETHMOID_CELLS, PETROUS = 53, 59, 61
 # Each mastoid's air cells in an adult: a region centred MASTOID_X * a to the side, MASTOID_Y * b behind the
-# head's centre and MASTOID_Z mm up, of half-axes MASTOID_HALF mm (a child's: smaller, with fewer cells).
+# head's centre and MASTOID_Z mm up, of half-axes MASTOID_HALF mm (a child's smaller, and solid bone at first).
 MASTOID_X, MASTOID_Y, MASTOID_Z, MASTOID_HALF = 0.78, 0.24, -16.0, (11.0, 13.0, 15.0)
+PETROUS_LOW = -32.0  # mm: the petrous pyramid's lowest level; its widest section lies half-way up to its ridge
+INNER_EAR_HU = 25.0  # the labyrinth's fluid
 
 
 def air_cells(rng: np.random.Generator, centre, half, cell_mm: float) -> np.ndarray:
@@ -1317,8 +1322,6 @@ def _cell_air(seeds: np.ndarray, X, Y, z: float, thickness: float, w, where, sep
     """Share of air in each pixel of one slice (X, Y: (H, W)) of the foam ``air_cells`` seeded, where
     ``where`` holds (0 elsewhere): air except on septa ``septum`` mm thick between neighbouring cells,
     averaged over the slice's slab (a thick slice blurs the septa into a grey honeycomb)."""
-    from scipy.spatial import cKDTree
-
     out = np.zeros(np.shape(X), np.float32)
     pick = np.nonzero(where)
     if not len(pick[0]):
@@ -1363,10 +1366,6 @@ def petrous_plan(head: HeadShape, sx: int) -> dict:
                 top=top, low=PETROUS_LOW, bone=bone, angle=float(np.arctan2(along[1], along[0])),
                 vestibule=at(0.62, -4.0, 1.0), cochlea=at(0.52, -8.0, -1.0), canal=at(0.70, -3.5, 2.0),
                 iac=(at(0.38, 1.0, 3.0), at(0.56, -4.0, 3.0)), middle_ear=at(0.82, -6.0, 0.0))
-
-
-PETROUS_LOW = -32.0  # mm: the pyramid's lowest level; its widest section lies half-way up to its ridge
-INNER_EAR_HU = 25.0  # the labyrinth's fluid
 
 
 def _petrous_pyramid(cv: _Canvas, s: _Band, sx: int) -> None:
@@ -1436,6 +1435,7 @@ def _mastoid(cv: _Canvas, depth, sx: int) -> None:
         if head.mastoid > 0.4:  # cells from about 3 years
             air = _cell_air(cells, X, Y, z, fr.thickness, w, region > 0, septum)
             paint(hu, tissue, -950.0, region * air * (depth[i] < -2.5) * outside, SINUS)
+
 
 MAXILLARY = 71  # ``head_rng`` tag of the maxillary sinuses (the right's; the left's is one more)
 MAXILLARY_LEVELS = (-48.0, -14.0)  # mm: from the sinus's floor to its roof under the orbit
