@@ -50,14 +50,29 @@ def test_demo_writes_table1_figure_and_report(demo_run):
 
 
 def test_demo_models_beat_chance_on_held_out_phantoms(demo_run):
+    """The demo's models learned something: on the ~200 held-out slices their ranking of `any` beats chance
+    far beyond what an untrained model reaches (one-sided Mann-Whitney p < 0.001; chance's AUC has an SD of
+    about 0.04 there), and the 16 held-out series are ranked better than chance. (16 series resolve a series
+    AUC only to about +-0.15: this 64 px model, 3 epochs on 40 studies, measured 0.67-0.73 on them across
+    generator versions and 0.69-0.70 on 40, so a fixed bar of 0.7 there tested the draw, not the model.)"""
+    from scipy.stats import mannwhitneyu
     from sklearn.metrics import roc_auc_score
 
     run = demo_run[0] / "run"
     truth = pd.read_csv(run / "phantoms" / "test" / "series_labels.csv").set_index("series_uid")
     pred = pd.read_csv(run / "predictions" / "test" / "series.csv").set_index("series_uid").loc[truth.index]
     auc = roc_auc_score(truth["any"], pred["prob_any"])
-    assert auc >= 0.7, auc  # an untrained model scores about 0.5 here
+    assert auc > 0.5, auc
     assert json.loads((run / "demo.json").read_text())["auc"]["any"] == pytest.approx(auc)
+    labels = pd.read_csv(run / "phantoms" / "test" / "labels.csv")
+    labels = labels[labels["ID"].str.endswith("_any")]
+    truth_slices = labels.set_index(labels["ID"].str[: -len("_any")])["Label"]
+    slices = pd.read_csv(run / "predictions" / "test" / "slices.csv").set_index("image_id")
+    joined = slices.join(truth_slices, how="inner")
+    assert len(joined) >= 150 and joined["Label"].nunique() == 2
+    p = mannwhitneyu(joined.loc[joined["Label"] == 1, "prob_any"], joined.loc[joined["Label"] == 0, "prob_any"],
+                     alternative="greater").pvalue
+    assert p < 1e-3, (p, roc_auc_score(joined["Label"], joined["prob_any"]))
 
 
 def test_predict_with_the_demo_model_uses_and_names_its_operating_points(demo_run, tmp_path, capsys):
