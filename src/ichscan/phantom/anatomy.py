@@ -66,9 +66,19 @@ class HeadShape:
     suture_gap: float = 0.5  # half-width (mm) of the sutures' fibrous gap: wider while the skull grows
 
 
-def head_rng(head: HeadShape, tag: int) -> np.random.Generator:
-    """A generator seeded by the head's own draws and ``tag`` (one per structure): the same for every study
-    of a patient, and drawing from it moves no other draw of a series."""
+# The structures drawn from a generator of the head's own (``head_rng``) and their tags; a structure with two
+# sides draws the right from its tag and the left from the next (``sx`` > 0), so no two may be adjacent.
+HEAD_RNG_TAGS = {"tentorium": 23, "ears": 29, "old_hypodensities": 31, "nasal": 37, "teeth": 41, "clip": 43,
+                 "mastoid": 53, "ethmoid": 59, "petrous": 61, "condyles": 67, "maxillary": 71, "occipital": 79,
+                 "nasopharynx": 83, "zygoma": 84, "muscles": 89}
+SIDED = ("mastoid", "petrous", "maxillary")
+
+
+def head_rng(head: HeadShape, name: str, sx: int = -1) -> np.random.Generator:
+    """A generator seeded by the head's own draws and the structure ``name`` (``HEAD_RNG_TAGS``; for a
+    structure in ``SIDED``, side ``sx``): the same for every study of a patient, and drawing from it moves no
+    other draw of a series."""
+    tag = HEAD_RNG_TAGS[name] + int(name in SIDED and sx > 0)
     return np.random.default_rng([int(head.a * 1e6) % 2**31, int(head.top * 1e4) % 2**31, tag])
 
 
@@ -454,13 +464,19 @@ def _blank_canvas(head: HeadShape, fr: Frame) -> _Canvas:
                    z=z, phi=np.arctan2(fr.X, -fr.Y), w=w, smear=smear, A=head.a * s, B=head.b * s)
 
 
+def base_thickening(z):
+    """How much thicker than ``head.skull`` the skull is at levels ``z``, as a share: none from 20 mm up,
+    3% more per mm below, at most 120% (40 mm below)."""
+    return 0.03 * np.clip(20.0 - z, 0, 40)
+
+
 def _vault_outline(cv: _Canvas) -> _Vault:
     """The skull's outer contour: the inner table plus the vault's thickness, which grows towards the base
     and is thinner on the sides (``head.squama``, thinnest over the temporal fossae); below the skull base
     the contour keeps its size there, and above the inner vertex it closes in a cap as thick as the vault."""
     head, z = cv.head, cv.z
     base = z < 12.0
-    tb = np.where(z < 20, head.skull * (1 + 0.03 * np.clip(20 - z, 0, 40)), head.skull)  # thicker at base
+    tb = head.skull * (1 + base_thickening(z))  # thicker at the base
     side = np.maximum(head.squama * (1 - 0.25 * temporal_share(head, z)), 0.3).astype(np.float32)
     A_out_sk = np.where(base, head.a * float(cranial_scale(head, np.float32(12.0))), cv.A) + tb * side
     B_out_sk = np.where(base, head.b * float(cranial_scale(head, np.float32(12.0))), cv.B) + tb
@@ -499,6 +515,12 @@ def _scalp(cv: _Canvas, vault: _Vault, rng: np.random.Generator) -> None:
     galea = 0.6 + 0.1 * head.scalp  # galea and pericranium, mm
     d_dense = ellipse_distance(X, Y, 0, 0, vault.A + galea + 0.5 * temporal, vault.B + galea)
     paint(hu, tissue, float(rng.uniform(35, 55)), np.minimum(ramp(d_dense, smear), under_skin), SOFT)
+
+
+def skin_half_width(a, b, y):
+    """|X| (mm) of the skin at ``y`` on a level whose outline has half-width ``a`` and half-length ``b``
+    (``_head_outline``); 0 beyond its length."""
+    return a * np.sqrt(np.clip(1 - (y / b) ** 2, 0, None))
 
 
 def _head_outline(cv: _Canvas, vault: _Vault):
@@ -542,7 +564,7 @@ def ears(head: HeadShape) -> tuple[Ear, Ear]:
     every study of a patient, and no other draw of a series changes with them. Sizes from anthropometry:
     auricles 55-65 mm high and 25-35 mm wide, standing out 10-45 degrees from the head, their middle about
     level with the canal, which lies at the skull base between the orbits' floor and the mastoid."""
-    sub = head_rng(head, 29)
+    sub = head_rng(head, "ears")
     z_c = float(sub.uniform(-22, -10))
     out = []
     for _ in range(2):  # the two sides differ a little, as they do
@@ -570,7 +592,7 @@ def _ears(cv: _Canvas, vault: _Vault, depth) -> None:
             a_i, b_i = float(A_head[i].item()), float(B_back[i].item())
             if abs(u) < 1:
                 y0 = ear.y_root + ear.lean * (z - ear.z_centre)
-                x_skin = a_i * np.sqrt(max(1 - (y0 / b_i) ** 2, 0.0))
+                x_skin = skin_half_width(a_i, b_i, y0)
                 length = ear.length * np.sqrt(1 - u * u)
                 # root (2 mm inside the skin, so that the flap meets it), out and back, then the rim curling in
                 out, back = np.sin(ear.angle), np.cos(ear.angle)
@@ -585,14 +607,23 @@ def _ears(cv: _Canvas, vault: _Vault, depth) -> None:
             share = slab_share(z, t, ear.canal_z, EAR_CANAL_RADIUS)
             if share > 0:
                 y_c = ear.y_root - 4.0
-                x_skin = a_i * np.sqrt(max(1 - (y_c / b_i) ** 2, 0.0))
+                x_skin = skin_half_width(a_i, b_i, y_c)
                 deep = x_skin - ear.canal_length + EAR_CANAL_RADIUS  # its rounded end reaches canal_length in
                 canal = capsule(X, Y, sx * (x_skin + 1.0), y_c, sx * deep, y_c - 3.0, EAR_CANAL_RADIUS, w)
                 paint(hu, tissue, -1000.0, canal * share * (depth[i] < -2.0), SINUS)
 
 
-CONDYLES = 67  # ``head_rng`` tag of the mandible's condyles
 RAMUS_TOP = -32.0  # mm: where ``_face_and_neck`` stops drawing the rami and the condylar processes take over
+
+
+CORTEX_MM = 1.3  # the cortical shell of the condyles and the upper cervical spine over their marrow
+
+
+def corticated(X, Y, cx, cy, a, b, w, angle=0.0):
+    """A bone of cortex over marrow: the fractions of each pixel inside the ellipse (the bone) and inside it
+    less ``CORTEX_MM`` (the marrow), to paint in that order."""
+    return (ellipse(X, Y, cx, cy, a, b, w, angle=angle),
+            ellipse(X, Y, cx, cy, np.maximum(a - CORTEX_MM, 0.1), np.maximum(b - CORTEX_MM, 0.1), w, angle=angle))
 
 
 def condyle_plan(head: HeadShape) -> dict:
@@ -601,7 +632,7 @@ def condyle_plan(head: HeadShape) -> dict:
     how far its long axis turns inwards and back (radians), and for each side (right, left) the level of its
     middle and how far behind the head's centre it lies (Y, mm): a little below and in front of that side's
     external auditory canal. From a generator of the head's own."""
-    sub = head_rng(head, CONDYLES)
+    sub = head_rng(head, "condyles")
     plan = dict(cortex=float(sub.uniform(1000, 1500)), marrow=float(sub.uniform(250, 450)),
                 half_ml=float(sub.uniform(8.0, 10.0)), half_ap=float(sub.uniform(4.0, 5.0)),
                 half_z=float(sub.uniform(4.0, 5.5)), inset=float(sub.uniform(12.0, 16.0)),
@@ -628,7 +659,7 @@ def _mandibular_condyles(cv: _Canvas, vault: _Vault, depth) -> None:
         for i in np.nonzero((fr.z > RAMUS_TOP - fr.thickness / 2) & (fr.z < top + half_z + fr.thickness / 2))[0]:
             z = float(fr.z[i])
             a_i, b_i = float(A_head[i].item()), float(B_back[i].item())
-            x_c = a_i * np.sqrt(max(1 - (y_c / b_i) ** 2, 0.0)) - inset
+            x_c = skin_half_width(a_i, b_i, y_c) - inset
             if z < top:  # the neck and the top of the ramus: a plate narrowing upwards
                 u = float(np.clip((z - RAMUS_TOP) / (top - RAMUS_TOP), 0, 1))
                 cx, cy = (1 - u) * low[0] + u * x_c, (1 - u) * low[1] + u * y_c
@@ -640,11 +671,9 @@ def _mandibular_condyles(cv: _Canvas, vault: _Vault, depth) -> None:
                 shape = (half_ml * max(f, 0.3), half_ap * max(f, 0.3), sx * turn)
                 share = slab_share(z, fr.thickness, top, half_z) if f < 0.3 else 1.0
             outside = (depth[i] < -2.0) & (cv.tissue[i] != AIR)
-            bone = ellipse(X, Y, sx * cx, cy, shape[0], shape[1], w, angle=shape[2]) * np.float32(share)
-            inner = ellipse(X, Y, sx * cx, cy, max(shape[0] - 1.3, 0.1), max(shape[1] - 1.3, 0.1), w,
-                            angle=shape[2]) * np.float32(share)
-            paint(cv.hu[i], cv.tissue[i], cortex, bone * outside, BONE)
-            paint(cv.hu[i], cv.tissue[i], marrow, inner * outside)
+            bone, inner = corticated(X, Y, sx * cx, cy, shape[0], shape[1], w, angle=shape[2])
+            paint(cv.hu[i], cv.tissue[i], cortex, bone * np.float32(share) * outside, BONE)
+            paint(cv.hu[i], cv.tissue[i], marrow, inner * np.float32(share) * outside)
 
 
 @dataclass(frozen=True)
@@ -666,7 +695,7 @@ def old_hypodensities(head: HeadShape) -> OldHypodensities:
     same for every study of a patient; no other draw changes). They come with age, as on CT of a general
     population: a territorial infarct in 5% of heads at 40 rising to 30% at 90, lacunes from 45 (on
     average 2.5 by 85), periventricular white-matter hypodensity from 55."""
-    sub = head_rng(head, 31)
+    sub = head_rng(head, "old_hypodensities")
     old = float(np.clip((head.age - 40) / 50, 0, 1))
     infarcts = []
     if sub.random() < 0.05 + 0.25 * old:
@@ -741,7 +770,7 @@ def nasal_plan(head: HeadShape) -> dict:
     """The head's nasal cavity (``_nasal_cavity``): its half-width at the widest (mm), the septum's bow (mm,
     signed), the side whose turbinates are swollen and by how much, and the densities of mucosa, the bony
     septum and walls, and the septal cartilage (HU)."""
-    sub = head_rng(head, 37)
+    sub = head_rng(head, "nasal")
     return {"half_mm": float(sub.uniform(10.5, 14.0)), "deviation_mm": float(sub.uniform(-3.5, 3.5)),
             "swollen": float(sub.choice((-1.0, 1.0))), "cycle": float(sub.uniform(1.0, 1.4)),
             "mucosa": float(sub.uniform(30, 50)), "bone": float(sub.uniform(400, 900)),
@@ -798,14 +827,13 @@ def _nasal_cavity(cv: _Canvas, vault: _Vault, depth) -> None:
 
 
 NASOPHARYNX_LEVELS = (-46.0, -20.0)  # mm: from the soft palate up to the sphenoid's floor
-PHARYNX = 83  # ``head_rng`` tag of the nasopharynx and the zygomatic arches
 
 
 def nasopharynx_plan(head: HeadShape) -> dict:
     """The airway behind the choanae (``_nasopharynx``): its half-width and half-depth (mm) at its middle
     level, and the soft tissue in front of the clivus behind it (the adenoid pad and the prevertebral
     muscles; thicker in a child), mm. From a generator of the head's own."""
-    sub = head_rng(head, PHARYNX)
+    sub = head_rng(head, "nasopharynx")
     child = head.scale < 1.0
     return dict(half_x=float(sub.uniform(9.0, 14.0)), half_y=float(sub.uniform(4.5, 8.0)) * (0.6 if child else 1.0),
                 back=float(sub.uniform(6.0, 10.0)) * (1.5 if child else 1.0))
@@ -835,7 +863,7 @@ def _nasopharynx(cv: _Canvas, depth) -> None:
 def zygoma_plan(head: HeadShape) -> dict:
     """The zygomatic arches (``_zygomatic_arches``): their middle level (mm; about the ear canals', the
     Frankfort plane's), half-height, thickness, depth under the skin (mm) and density (HU)."""
-    sub = head_rng(head, PHARYNX + 1)
+    sub = head_rng(head, "zygoma")
     z = float(np.mean([e.canal_z for e in ears(head)])) + float(sub.uniform(-1.0, 2.0))
     return dict(z=z, half_z=float(sub.uniform(3.5, 5.0)), thick=float(sub.uniform(2.5, 4.0)),
                 inset=float(sub.uniform(1.0, 3.0)), hu=float(sub.uniform(900, 1500)))
@@ -856,19 +884,18 @@ def _zygomatic_arches(cv: _Canvas, vault: _Vault, depth) -> None:
         if share <= 0:
             continue
         a_i, b_i = float(A_head[i].item()), float(B_front[i].item())
-        x_skin = a_i * np.sqrt(np.clip(1 - (Y / b_i) ** 2, 0, 1))
+        x_skin = skin_half_width(a_i, b_i, Y)
         x_out = x_skin - head.scalp - plan["inset"]  # the arch's outer face
         d = np.abs(np.abs(X) - (x_out - plan["thick"] / 2)) - plan["thick"] / 2
         span = ramp(np.maximum(y_front - Y, Y - y_root), w)  # only between the cheekbone and the root
         bar = ramp(d, w) * span
+        xb = float(skin_half_width(a_i, b_i, y_front)) - head.scalp - plan["inset"] - 5.0
         for sx in (-1.0, 1.0):  # the cheekbone's body at the front end
-            xb = float(a_i * np.sqrt(max(1 - (y_front / b_i) ** 2, 0.0))) - head.scalp - plan["inset"] - 5.0
             bar = np.maximum(bar, ellipse(X, Y, sx * xb, y_front, 6.0, 7.0, w, angle=-sx * 0.6))
         keep = (depth[i] < -2.0) & np.isin(cv.tissue[i], (SOFT, FAT))
         paint(cv.hu[i], cv.tissue[i], plan["hu"], bar * keep * np.float32(share), BONE)
 
 
-MUSCLE_PLANES = 89  # ``head_rng`` tag of the fat planes between the face's and neck's muscles
 MUSCLE_TOP = 12.0  # mm: below the vault, where the soft tissue outside the skull is muscle, not scalp
 
 
@@ -878,7 +905,7 @@ def muscle_plan(head: HeadShape) -> dict:
     nearly horizontal, so the planes are sheets running up and down, as muscles do), the planes' thickness
     (mm) and the fat's density, and the waves and size (HU) of the muscles' own variation between them.
     From a generator of the head's own."""
-    sub = head_rng(head, MUSCLE_PLANES)
+    sub = head_rng(head, "muscles")
 
     def waves(n: int, lo: float, hi: float) -> tuple:
         lam = sub.uniform(lo, hi, n)
@@ -892,18 +919,19 @@ def muscle_plan(head: HeadShape) -> dict:
                 tone=waves(6, 25.0, 60.0), tone_hu=float(sub.uniform(3.0, 7.0)))
 
 
-def _field(waves, X, Y, z: float):
-    """A sum of plane waves at one level, and its in-plane gradient's magnitude."""
+def _field(waves, X, Y, z: float, gradient: bool = True):
+    """A sum of plane waves at one level, and (with ``gradient``) its in-plane gradient's magnitude."""
     f = np.zeros(np.shape(X), np.float32)
     gx = np.zeros_like(f)
     gy = np.zeros_like(f)
     for kx, ky, kz, amp, ph in waves:
         arg = np.float32(kx) * X + np.float32(ky) * Y + np.float32(kz * z + ph)
         f += np.float32(amp) * np.cos(arg)
-        sn = np.float32(amp) * np.sin(arg)
-        gx -= np.float32(kx) * sn
-        gy -= np.float32(ky) * sn
-    return f, np.sqrt(gx * gx + gy * gy)
+        if gradient:
+            sn = np.float32(amp) * np.sin(arg)
+            gx -= np.float32(kx) * sn
+            gy -= np.float32(ky) * sn
+    return f, (np.sqrt(gx * gx + gy * gy) if gradient else None)
 
 
 def _muscle_planes(cv: _Canvas, vault: _Vault, depth) -> None:
@@ -925,7 +953,7 @@ def _muscle_planes(cv: _Canvas, vault: _Vault, depth) -> None:
             continue
         f, g = _field(plan["planes"], X, Y, z)
         dist = np.abs(f) / np.maximum(g, 1e-3)  # mm to the nearest plane, to first order
-        tone, _ = _field(plan["tone"], X, Y, z)
+        tone, _ = _field(plan["tone"], X, Y, z, gradient=False)
         hu, tissue = cv.hu[i], cv.tissue[i]
         hu += np.where(muscle, np.float32(plan["tone_hu"] / 2) * np.tanh(tone), 0).astype(np.float32)
         paint(hu, tissue, plan["fat"], ramp(dist - plan["thick"] / 2, w) * muscle, FAT)
@@ -950,7 +978,7 @@ def teeth_plan(head: HeadShape) -> dict:
     """The head's teeth (``_teeth``): the crowns' density, which crowns hold amalgam fillings (a set of
     (arch, index into ``tooth_centres``); in 20% of heads at 20 rising to 70% at 70), and the fillings'
     streaks (angles, HU)."""
-    sub = head_rng(head, 41)
+    sub = head_rng(head, "teeth")
     enamel = float(sub.uniform(1500, 2800))
     filled = set()
     if sub.random() < 0.2 + 0.5 * np.clip((head.age - 20) / 50, 0, 1):
@@ -1008,7 +1036,7 @@ def clip_plan(head: HeadShape) -> dict | None:
     """An aneurysm clip from an old operation, in 3% of adult heads (from 35), or None: its site (one of
     ``CLIP_SITES``, either side), the blades' angle, and the strength of its streaks; from a generator of
     the head's own."""
-    sub = head_rng(head, 43)
+    sub = head_rng(head, "clip")
     if head.age < 35 or sub.random() >= 0.03:
         return None
     site = str(sub.choice(sorted(CLIP_SITES)))
@@ -1214,9 +1242,6 @@ def _roughen_inner_table(cv: _Canvas, depth, rng: np.random.Generator) -> np.nda
 VAULT_MIN_MM = 1.2  # the thinnest the vault gets where the inner table's markings cut deep (temporal squama)
 
 
-OCCIPITAL = 79  # ``head_rng`` tag of the occipital bone's thickness over the cerebellum
-
-
 def occipital_thinning(head: HeadShape, Y, z):
     """The share of the vault's thickness (``_Vault.thickness``, which grows towards the base) that the bone
     keeps at each point of the levels ``z`` (k, 1, 1): 1 in front and high up; behind the head's centre
@@ -1225,8 +1250,8 @@ def occipital_thinning(head: HeadShape, Y, z):
     hemispheres is thin, and what lies between it and the skin is the neck's muscles, not bone (until 6 Dec
     2026 the bone there was more than twice the vault's thickness, a ring 12-16 mm thick round the posterior
     fossa on every low slice). The skull's outline, and so the skin's, is unchanged."""
-    occ = float(head_rng(head, OCCIPITAL).uniform(0.55, 0.85))
-    k = 0.03 * np.clip(20.0 - z, 0, 40)  # the base's thickening (``_vault_outline``)
+    occ = float(head_rng(head, "occipital").uniform(0.55, 0.85))
+    k = base_thickening(z)
     behind = np.clip(Y / (0.4 * head.b), 0, 1)
     return ((1 + k * (1 - behind) + behind * (occ - 1) * np.clip(k / 0.6, 0, 1)) / (1 + k)).astype(np.float32)
 
@@ -1278,7 +1303,7 @@ def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
     ey, (ea, eb) = ETHMOID_Y * head.b, ETHMOID_HALF
     paint(h_l, t_l, 700.0, ellipse(X, Y, 0, ey, ea * e + wall, eb * e + wall, w), BONE)
     eth = ellipse(X, Y, 0, ey, ea * e, eb * e, w)
-    cells = air_cells(head_rng(head, ETHMOID_CELLS), (0.0, ey, -6.0), (ea, eb, 16.0), 4.5)
+    cells = air_cells(head_rng(head, "ethmoid"), (0.0, ey, -6.0), (ea, eb, 16.0), 4.5)
     for k, i in enumerate(s.idx):  # ethmoid air cells: a labyrinth of thin bony septa
         eth[k] *= _cell_air(cells, X[0], Y[0], float(cv.fr.z[i]), cv.fr.thickness, w, eth[k] > 0)
     paint(h_l, t_l, -900.0, eth, SINUS)
@@ -1296,8 +1321,6 @@ def _skull_base(cv: _Canvas, depth, rng: np.random.Generator) -> None:
         _mastoid(cv, depth, sx)
 
 
-# Tags of ``head_rng`` for the air cells and the petrous bones (the right side's; the left's is one more).
-MASTOID_CELLS, ETHMOID_CELLS, PETROUS = 53, 59, 61
 # Each mastoid's air cells in an adult: a region centred MASTOID_X * a to the side, MASTOID_Y * b behind the
 # head's centre and MASTOID_Z mm up, of half-axes MASTOID_HALF mm (a child's smaller, and solid bone at first).
 MASTOID_X, MASTOID_Y, MASTOID_Z, MASTOID_HALF = 0.78, 0.24, -16.0, (11.0, 13.0, 15.0)
@@ -1305,20 +1328,20 @@ PETROUS_LOW = -32.0  # mm: the petrous pyramid's lowest level; its widest sectio
 INNER_EAR_HU = 25.0  # the labyrinth's fluid
 
 
-def air_cells(rng: np.random.Generator, centre, half, cell_mm: float) -> np.ndarray:
-    """Seeds (N, 3) in head-frame mm of a foam of air cells filling the ellipsoid at ``centre`` with
-    half-axes ``half``: each cell is the space nearer its seed than any other (a Voronoi foam), so cells
-    of uneven size and shape meet at thin flat septa, as pneumatized bone is built. About ``cell_mm``
-    across on average; seeded once per head, so every slice cuts the same cells."""
+def air_cells(rng: np.random.Generator, centre, half, cell_mm: float) -> cKDTree:
+    """The seeds in head-frame mm (a k-d tree of (N, 3) points, ``.data``) of a foam of air cells filling the
+    ellipsoid at ``centre`` with half-axes ``half``: each cell is the space nearer its seed than any other (a
+    Voronoi foam), so cells of uneven size and shape meet at thin flat septa, as pneumatized bone is built.
+    About ``cell_mm`` across on average; seeded once per head, so every slice cuts the same cells."""
     half = np.asarray(half, np.float64)
     volume = 4.0 / 3.0 * np.pi * float(np.prod(half))
     n = max(int(rng.poisson(6.0 * volume / (np.pi * cell_mm**3))), 2)
     u = rng.normal(size=(n, 3))
     u *= (rng.random(n) ** (1 / 3) / np.linalg.norm(u, axis=1))[:, None]  # uniform in the unit ball
-    return (np.asarray(centre, np.float64) + u * half).astype(np.float64)
+    return cKDTree(np.asarray(centre, np.float64) + u * half)
 
 
-def _cell_air(seeds: np.ndarray, X, Y, z: float, thickness: float, w, where, septum: float = 0.6) -> np.ndarray:
+def _cell_air(seeds: cKDTree, X, Y, z: float, thickness: float, w, where, septum: float = 0.6) -> np.ndarray:
     """Share of air in each pixel of one slice (X, Y: (H, W)) of the foam ``air_cells`` seeded, where
     ``where`` holds (0 elsewhere): air except on septa ``septum`` mm thick between neighbouring cells,
     averaged over the slice's slab (a thick slice blurs the septa into a grey honeycomb)."""
@@ -1326,13 +1349,12 @@ def _cell_air(seeds: np.ndarray, X, Y, z: float, thickness: float, w, where, sep
     pick = np.nonzero(where)
     if not len(pick[0]):
         return out
-    tree = cKDTree(seeds)
     m = int(np.clip(round(thickness / 1.5), 1, 5))
     xy = np.stack([np.asarray(X)[pick], np.asarray(Y)[pick]], axis=1).astype(np.float64)
     air = np.zeros(len(xy), np.float32)
     for k in range(m):
         zk = z - thickness / 2 + thickness * (k + 0.5) / m
-        d, _ = tree.query(np.column_stack([xy, np.full(len(xy), zk)]), k=2)
+        d, _ = seeds.query(np.column_stack([xy, np.full(len(xy), zk)]), k=2)
         gap = 0.5 * (d[:, 1] - d[:, 0])  # about the distance to the septum between the two nearest cells
         air += ramp(septum / 2 - gap, w)  # air beyond half a septum from the plane between the cells
     out[pick] = air / m
@@ -1347,7 +1369,7 @@ def petrous_plan(head: HeadShape, sx: int) -> dict:
     ``vestibule``, ``cochlea``, the lateral semicircular ``canal`` (a ring of 3 mm), the internal auditory
     canal ``iac`` (from the back face to the vestibule) and the ``middle_ear``, each (x, y, z) or a pair of
     points, at the level of that side's external auditory canal. From a generator of the head's own."""
-    sub = head_rng(head, PETROUS + (sx > 0))
+    sub = head_rng(head, "petrous", sx)
     r_apex, r_base = float(sub.uniform(3.0, 4.5)), float(sub.uniform(9.0, 13.0))
     top, bone = float(sub.uniform(2.0, 7.0)), float(sub.uniform(1500, 2000))
     p0 = np.array([sx * 0.15 * head.a, -0.02 * head.b])
@@ -1410,14 +1432,14 @@ def _petrous_pyramid(cv: _Canvas, s: _Band, sx: int) -> None:
 def _mastoid(cv: _Canvas, depth, sx: int) -> None:
     """One mastoid: bone behind the external auditory canal, riddled with air cells of a few millimetres
     (``air_cells``) between thin septa, outside the cranial cavity; smaller in a child, and solid bone
-    before about 3 years. From a generator of the head's own (until 6 Dec 2026 the cells were a regular lattice of
-    dots, the same in every head)."""
+    before about 3 years. From a generator of the head's own (until 6 Dec 2026 the cells were a regular
+    lattice of dots, the same in every head)."""
     head, fr, w = cv.head, cv.fr, cv.w
     size = 0.4 + 0.6 * float(head.mastoid)
     centre = (sx * MASTOID_X * head.a, MASTOID_Y * head.b, MASTOID_Z)
     half = tuple(size * h for h in MASTOID_HALF)
     idx = np.nonzero(np.abs(fr.z - centre[2]) < half[2] + fr.thickness / 2)[0]
-    sub = head_rng(head, MASTOID_CELLS + (sx > 0))
+    sub = head_rng(head, "mastoid", sx)
     bone, septum = float(sub.uniform(900, 1400)), float(sub.uniform(0.4, 0.9))
     cells = air_cells(sub, centre, half, float(sub.uniform(4.0, 6.5)))
     X, Y = cv.X[0], cv.Y[0]
@@ -1437,7 +1459,6 @@ def _mastoid(cv: _Canvas, depth, sx: int) -> None:
             paint(hu, tissue, -950.0, region * air * (depth[i] < -2.5) * outside, SINUS)
 
 
-MAXILLARY = 71  # ``head_rng`` tag of the maxillary sinuses (the right's; the left's is one more)
 MAXILLARY_LEVELS = (-48.0, -14.0)  # mm: from the sinus's floor to its roof under the orbit
 
 
@@ -1446,7 +1467,7 @@ def maxillary_plan(head: HeadShape, sx: int) -> dict:
     (radians) of its posterolateral wall from the coronal plane, the bony wall's thickness (mm) and
     density, and the lining's thickness (0 in most heads; 1-5 mm of thickened mucosa in three in ten
     sinuses) and density. From a generator of the head's own."""
-    sub = head_rng(head, MAXILLARY + (sx > 0))
+    sub = head_rng(head, "maxillary", sx)
     plan = dict(size=float(sub.uniform(0.85, 1.15)), angle=float(np.deg2rad(sub.uniform(25, 45))),
                 wall=float(sub.uniform(0.8, 1.8)), wall_hu=float(sub.uniform(700, 1100)),
                 mucosa=0.0, mucosa_hu=float(sub.uniform(20, 45)))
@@ -1499,15 +1520,14 @@ def _upper_neck(cv: _Canvas) -> None:
     yc = SPINE_Y * head.b
     atlas = (s.z > C2_TOP).astype(np.float32)  # (k, 1, 1): 1 through the atlas, 0 below it
     ring = ramp(np.abs(ellipse_distance(X, Y, 0, yc - 4.0, 18.0, 19.5)) - 1.8, w)  # the ring (the axis's laminae)
-    masses = np.maximum(ellipse(X, Y, -16.0, yc - 8.0, 6.0, 9.0, w), ellipse(X, Y, 16.0, yc - 8.0, 6.0, 9.0, w))
+    ring = ring * np.where(Y < yc - 10.0, atlas, 1.0)  # its anterior arch is the atlas's only
+    right, right_marrow = corticated(X, Y, -16.0, yc - 8.0, 6.0, 9.0, w)  # the lateral masses
+    left, left_marrow = corticated(X, Y, 16.0, yc - 8.0, 6.0, 9.0, w)
+    masses = np.maximum(right, left)
     dens_r = 5.5 * atlas + 8.0 * (1 - atlas)  # the dens, or the axis's body below the atlas
-    dens = ellipse(X, Y, 0, yc - 15.0, dens_r, dens_r, w)
-    front = ring * (Y < yc - 10.0)  # the anterior arch: the atlas's only
-    bone = np.maximum(np.maximum(ring * (Y >= yc - 10.0) + front * atlas, masses * atlas), dens)
-    paint(h_n, t_n, 900.0, np.minimum(bone, 1.0), BONE)
-    paint(h_n, t_n, 350.0, np.maximum(ellipse(X, Y, 0, yc - 15.0, dens_r - 1.3, dens_r - 1.3, w),
-                                      np.maximum(ellipse(X, Y, -16.0, yc - 8.0, 4.7, 7.7, w),
-                                                 ellipse(X, Y, 16.0, yc - 8.0, 4.7, 7.7, w)) * atlas))  # marrow
+    dens, dens_marrow = corticated(X, Y, 0, yc - 15.0, dens_r, dens_r, w)
+    paint(h_n, t_n, 900.0, np.maximum(np.maximum(ring, masses * atlas), dens), BONE)
+    paint(h_n, t_n, 350.0, np.maximum(dens_marrow, np.maximum(right_marrow, left_marrow) * atlas))
     canal = ellipse(X, Y, 0, yc + 3.0, 11.0, 10.0, w) * (1 - masses * atlas)
     paint(h_n, t_n, 8.0, canal * (1 - dens), CSF)
     paint(h_n, t_n, head.white + 8, ellipse(X, Y, 0, yc + 4.0, 5.5, 4.5, w), WHITE)  # cord
@@ -1946,7 +1966,7 @@ class Tentorium:
 def tentorium(head: HeadShape) -> Tentorium:
     """The head's tentorium, from a generator seeded by the head's own draws: the same for every study of
     a patient, and no other draw of a series changes with it."""
-    sub = head_rng(head, 23)
+    sub = head_rng(head, "tentorium")
     z_lat = float(sub.uniform(6, 11))
     return Tentorium(z_lat=z_lat, z_torc=z_lat + float(sub.uniform(1, 4)),
                      z_galen=head.widest - float(sub.uniform(6, 12)),
