@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ichscan.aggregation import SLICE_AGGREGATIONS, aggregate
+from ichscan.aggregation import (
+    PER_LABEL,
+    SLICE_AGGREGATIONS,
+    LabelAggregation,
+    aggregate,
+    evidence,
+    fit_platt,
+    sigmoid,
+)
 from ichscan.errors import DataError, IchscanError
 from ichscan.fileio import write_bytes, write_csv, write_json, write_npy, write_text
 from ichscan.labels import LABELS
@@ -97,7 +105,8 @@ class CrossvalOptions:
     tta: tuple[str, ...] = ("identity", "hflip")
     # The series aggregation of the thresholds, Table 1, the gain and the final model: None, the recipe's own
     # (``primary``); one of the aggregations computed; or "auto", the one whose out-of-fold series AUC for
-    # ``any`` is highest (``choose_aggregation``), with a nested estimate beside it.
+    # ``any`` is highest (``choose_aggregation``), with a nested estimate beside it; or "per_label", each
+    # label's best slice aggregation with its Platt map (``choose_per_label``), with a nested estimate beside it.
     aggregation: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +142,43 @@ def choose_aggregation(truth: np.ndarray, columns: dict[str, np.ndarray], method
     aucs = {m: float(roc_auc(y, columns[f"adapted_{m}"][rows, list(labels).index(AUTO_LABEL)])) for m in methods}
     order = [default, *[m for m in methods if m != default]]  # max() keeps the first of equals
     return max(order, key=lambda m: aucs[m]), aucs
+
+
+def choose_per_label(truth: np.ndarray, columns: dict[str, np.ndarray], evidences: dict[str, np.ndarray],
+                     methods: Sequence[str], default: str, labels: Sequence[str], top_k: int,
+                     rows: np.ndarray | None = None) -> tuple[list[LabelAggregation], dict[str, dict[str, float]]]:
+    """For each label, the slice aggregation of ``methods`` whose series probabilities
+    (``columns["adapted_<method>"]``, over ``rows``) rank that label best by AUC, ties to ``default``, with the
+    Platt map of its evidence (``evidences[method]``, series x labels) fitted on the same rows; ``default``
+    without a map where the rows hold no positive or no negative for the label. With each label's AUCs."""
+    from ichscan.metrics import roc_auc
+
+    rows = np.arange(len(truth)) if rows is None else rows
+    order = [default, *[m for m in methods if m != default]]  # max() keeps the first of equals
+    specs, aucs = [], {}
+    for j, name in enumerate(labels):
+        y = truth[rows, j]
+        if not 0 < y.sum() < len(y):
+            specs.append(LabelAggregation(default, top_k))
+            aucs[name] = {}
+            continue
+        aucs[name] = {m: float(roc_auc(y, columns[f"adapted_{m}"][rows, j])) for m in methods}
+        pick = max(order, key=lambda m: aucs[name][m])
+        specs.append(LabelAggregation(pick, top_k, fit_platt(evidences[pick][rows, j], y)))
+    return specs, aucs
+
+
+def apply_per_label(specs: Sequence[LabelAggregation], columns: dict[str, np.ndarray],
+                    evidences: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """The series probabilities (rows x labels) ``specs`` give: each label's Platt map of its aggregation's
+    evidence, or the aggregation's own probability where it has no map (``aggregate_per_label``'s numbers)."""
+    out = np.empty((len(rows), len(specs)))
+    for j, spec in enumerate(specs):
+        if spec.platt is None:
+            out[:, j] = columns[f"adapted_{spec.method}"][rows, j]
+        else:
+            out[:, j] = sigmoid(spec.platt[0] * evidences[spec.method][rows, j] + spec.platt[1])
+    return out
 
 
 @dataclass
@@ -343,9 +389,9 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
         raise IchscanError("a series head needs --keep-start 0: the blend with the starting model, which has "
                            "no series head, is aggregated by the mean of the top k slices")
     computed = _aggregations(options)
-    if options.aggregation not in (None, "auto", *computed):  # said now, not after every fold has trained
+    if options.aggregation not in (None, "auto", PER_LABEL, *computed):  # said now, not after every fold trained
         raise IchscanError(f"--aggregation {options.aggregation}: this cross-validation computes "
-                           f"{', '.join(computed)}, or auto"
+                           f"{', '.join(computed)}, or auto, or {PER_LABEL}"
                            + (" (context needs the series head: --keep-start 0)"
                               if options.aggregation == "context" else ""))
     _refuse_another_run(out, resume)  # before phantoms are drawn for --replay auto
@@ -498,7 +544,9 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     if baseline is not None:
         for method in SLICE_AGGREGATIONS:
             columns[f"baseline_{method}"] = _series_probs(items, baseline, method, options.top_k)
-    chosen, auto = _resolve_aggregation(options, truth, columns, fold_table["fold"].to_numpy(), labels)
+    evidences = {m: np.stack([evidence(oof_slice[s.rows], m, options.top_k) for s in items])
+                 for m in SLICE_AGGREGATIONS} if options.aggregation == PER_LABEL else {}
+    chosen, auto = _resolve_aggregation(options, truth, columns, fold_table["fold"].to_numpy(), labels, evidences)
     for key, probs in columns.items():
         for j, name in enumerate(labels):
             table[f"{key}_{name}"] = probs[:, j]
@@ -598,7 +646,11 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
                 "metrics": {"crossval": os.fspath(out), "oof_series": summary},
                 "operating_points": points.to_dict(),
                 "aggregation": {"method": chosen, "top_k": options.top_k,
-                                **({"chosen_on": "out-of-fold series AUC of any (ichscan crossval --aggregation auto)"}
+                                **({"labels": auto["labels"],
+                                    "chosen_on": "out-of-fold series AUC of each label, Platt maps fitted on the "
+                                                 "same series (ichscan crossval --aggregation per_label)"}
+                                   if chosen == PER_LABEL else
+                                   {"chosen_on": "out-of-fold series AUC of any (ichscan crossval --aggregation auto)"}
                                    if auto is not None else {})},
                 "trained_on": f"{os.fspath(data)}: {len(targets)} series, {config.label_level} labels, fine-tuned "
                               f"from {original_init or 'scratch'} (ichscan crossval)"
@@ -644,12 +696,17 @@ def model_windows(config: TrainConfig) -> list[dict[str, Any]]:
 
 
 def _resolve_aggregation(options: CrossvalOptions, truth: np.ndarray, columns: dict[str, np.ndarray],
-                         folds: np.ndarray, labels: Sequence[str]) -> tuple[str, dict[str, Any] | None]:
+                         folds: np.ndarray, labels: Sequence[str], evidences: dict[str, np.ndarray] | None = None
+                         ) -> tuple[str, dict[str, Any] | None]:
     """The aggregation the run goes on with, and for ``auto`` what chose it: each aggregation's OOF AUC, the
     choice on every fold's complement and the nested estimate, whose probabilities are added to ``columns``
-    as ``adapted_auto`` (each fold's series by the aggregation chosen without them)."""
+    as ``adapted_auto`` (each fold's series by the aggregation chosen without them). ``per_label`` adds
+    ``adapted_per_label`` (choices and maps made on all the OOF series) and ``adapted_per_label_nested``
+    (each fold's series by the choices and maps made on the other folds' OOF series alone)."""
     methods = [k.split("_", 1)[1] for k in columns if k.startswith("adapted_") and k != "adapted_auto"]
     wanted = options.aggregation or options.primary
+    if wanted == PER_LABEL:
+        return PER_LABEL, _resolve_per_label(options, truth, columns, folds, labels, evidences or {})
     if wanted != "auto":  # run_crossval refused any other before training
         return wanted, None
     chosen, aucs = choose_aggregation(truth, columns, methods, options.primary, labels)
@@ -671,6 +728,39 @@ def _resolve_aggregation(options: CrossvalOptions, truth: np.ndarray, columns: d
         "nested_auc_any": float(roc_auc(y, nested[:, j])) if 0 < y.sum() < len(y) else None,
         "nested": "each fold's series scored by the aggregation chosen on the other folds' out-of-fold series "
                   "(adapted_auto in comparison.csv and oof_series.csv)",
+    }
+
+
+def _resolve_per_label(options: CrossvalOptions, truth: np.ndarray, columns: dict[str, np.ndarray],
+                       folds: np.ndarray, labels: Sequence[str], evidences: dict[str, np.ndarray]) -> dict[str, Any]:
+    from ichscan.metrics import roc_auc
+
+    methods = [m for m in SLICE_AGGREGATIONS if f"adapted_{m}" in columns]
+    default = options.primary if options.primary in methods else "topk"
+    everything = np.arange(len(truth))
+    specs, aucs = choose_per_label(truth, columns, evidences, methods, default, labels, options.top_k)
+    nested = np.zeros((len(truth), len(labels)))
+    per_fold = {}
+    for k in sorted(set(int(f) for f in folds)):
+        inside = np.flatnonzero(folds == k)
+        fold_specs, _ = choose_per_label(truth, columns, evidences, methods, default, labels, options.top_k,
+                                         np.flatnonzero(folds != k))
+        nested[inside] = apply_per_label(fold_specs, columns, evidences, inside)
+        per_fold[str(k)] = {name: spec.to_dict() for name, spec in zip(labels, fold_specs)}
+    columns[f"adapted_{PER_LABEL}"] = apply_per_label(specs, columns, evidences, everything)
+    columns[f"adapted_{PER_LABEL}_nested"] = nested
+
+    def auc(j, probs):
+        y = truth[:, j]
+        return float(roc_auc(y, probs[:, j])) if 0 < y.sum() < len(y) else None
+
+    return {
+        "method": PER_LABEL, "default": default, "by": "out-of-fold series AUC of each label",
+        "labels": {name: spec.to_dict() for name, spec in zip(labels, specs)},
+        "auc": aucs, "folds": per_fold,
+        "nested_auc": {name: auc(j, nested) for j, name in enumerate(labels)},
+        "nested": "each fold's series scored by the aggregations chosen and the Platt maps fitted on the other "
+                  "folds' out-of-fold series alone (adapted_per_label_nested in comparison.csv and oof_series.csv)",
     }
 
 
@@ -705,7 +795,25 @@ def _markdown(record: dict[str, Any], comparison: pd.DataFrame, ev: Any, slice_e
         lines += ["## The gain over the starting model, paired on the same series (`gain.md`)", "",
                   comparison_markdown(gain)]
     chosen = chosen or options.primary
-    if auto is not None:
+    if auto is not None and auto.get("method") == PER_LABEL:
+        def named(spec):
+            return spec["method"] + (f" of {spec['top_k']}" if spec["method"] == "topk" else "")
+
+        lines += ["## Each label's aggregation, chosen on these series (`--aggregation per_label`, "
+                  "`aggregation.json`)", "",
+                  "| label | chosen (Platt map a, b) | out-of-fold AUC of each | nested AUC | chosen without each fold |",
+                  "|---|---|---|---|---|"]
+        for name, spec in auto["labels"].items():
+            platt = f" ({spec['platt'][0]:.3f}, {spec['platt'][1]:.3f})" if "platt" in spec else ""
+            each = ", ".join(f"{m} {a:.3f}" for m, a in auto["auc"][name].items()) or "NA"
+            nested = auto["nested_auc"][name]
+            folds = ", ".join(f"{k}: {named(v[name])}" for k, v in auto["folds"].items())
+            lines.append(f"| {name} | {named(spec)}{platt} | {each} | {'NA' if nested is None else f'{nested:.3f}'} "
+                         f"| {folds} |")
+        lines += ["", "Chosen and calibrated on the series they are judged by, `adapted per_label` flatters itself; "
+                  "`adapted per_label_nested` scores each fold's series by the choices and maps made without them.",
+                  ""]
+    elif auto is not None:
         folds = ", ".join(f"{k}: {v['chosen']}" for k, v in auto["folds"].items())
         nested = f"{auto['nested_auc_any']:.3f}" if auto["nested_auc_any"] is not None else "NA"
         lines += ["## The aggregation, chosen on these series (`--aggregation auto`, `aggregation.json`)", "",

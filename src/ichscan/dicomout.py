@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ichscan import __version__
+from ichscan.aggregation import describe_aggregation
 from ichscan.errors import IchscanError
 from ichscan.labels import LABELS
 
@@ -277,8 +278,8 @@ def _build_sr(prediction: Any, keys: dict[str, tuple[Any, Any]], predictor: Any,
     series_uid = str(prediction.series_uid)
     described = predictor.describe()
     common = [f"model sha256 {model_hash}", f"members {len(described['members'])}",
-              f"aggregation {described['aggregation']}"
-              + (f" of {described['top_k']}" if described["aggregation"] == "topk" else ""),
+              "aggregation " + describe_aggregation(described["aggregation"], described["top_k"],
+                                                     predictor.label_aggregation, LABELS),
               f"tta {'+'.join(described['tta'])}", "decision: present when probability >= threshold"]
     groups = []
     for label in LABELS:

@@ -80,10 +80,12 @@ def register(subparsers) -> None:
                    help="with --keep-start 0: no series head, aggregate slices by maximum")
     s.add_argument("--head", choices=("gru", "conv"), default="gru", help="series head kind (default gru)")
     s.add_argument("--head-epochs", type=int, default=40)
-    s.add_argument("--aggregation", choices=("auto", "max", "topk", "noisy_or", "context"),
+    s.add_argument("--aggregation", choices=("auto", "per_label", "max", "topk", "noisy_or", "context"),
                    help="series aggregation of the thresholds, Table 1 and the final model (default: the recipe's: "
                         "top-3 with --keep-start, else the series head's); auto: the one whose out-of-fold series "
-                        "AUC for any is highest, with a nested estimate (aggregation.json)")
+                        "AUC for any is highest; per_label: for each label the one whose out-of-fold AUC for it is "
+                        "highest, Platt-calibrated on the same series; each with a nested estimate "
+                        "(aggregation.json)")
     s.add_argument("--threshold-method", choices=("youden", "sensitivity"), default="youden")
     s.add_argument("--bootstrap", type=int, default=1000, help="patient-bootstrap resamples (default 1000)")
     s.add_argument("--no-final", action="store_true", help="skip the final model on all of DATA")

@@ -144,6 +144,7 @@ class _NotHeadWarnings(logging.Handler):
 def run(args) -> int:
     import os
 
+    from ichscan.aggregation import describe_aggregation
     from ichscan.errors import IchscanError
     from ichscan.model import BUNDLED, resolve_checkpoint
     from ichscan.predict import Predictor, predict_path
@@ -175,7 +176,8 @@ def run(args) -> int:
     elif predictor.trained_on:
         print(f"the model was trained on {predictor.trained_on}", file=sys.stderr)
     thresholds, thresholds_from = run_thresholds(args.thresholds, predictor.operating_points)
-    aggregation = predictor.aggregation + (f" of {predictor.top_k}" if predictor.aggregation == "topk" else "")
+    aggregation = describe_aggregation(predictor.aggregation, predictor.top_k, predictor.label_aggregation,
+                                       predictor.labels)
     if args.aggregation is None and predictor.aggregation != "max":
         aggregation += " (the model's choice)"
     print(f"model: {len(predictor.describe()['members'])} checkpoint(s), {predictor.image_size} px, "

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ichscan.aggregation import AGGREGATIONS, aggregate
+from ichscan.aggregation import AGGREGATIONS, PER_LABEL, LabelAggregation, aggregate, aggregate_per_label
 from ichscan.dicom import SkippedFile
 from ichscan.errors import CheckpointError, IchscanError, PixelDataError, SeriesError
 from ichscan.fileio import escape_undecodable
@@ -340,13 +340,20 @@ class Predictor:
         folded: Sequence[bool] | None = None,
         adapt_bn: float | None = None,
         slab_mm: float | None = None,
+        label_aggregation: Sequence[LabelAggregation] | None = None,
     ):
         import torch
 
         if tuple(ensemble.labels) != LABELS:
             raise CheckpointError(f"a Predictor's ensemble must output {', '.join(LABELS)} in that order")
-        if aggregation not in AGGREGATIONS:
+        if aggregation not in (*AGGREGATIONS, PER_LABEL):
             raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
+        if (aggregation == PER_LABEL) != (label_aggregation is not None):
+            raise ValueError("aggregation 'per_label' and label_aggregation (one LabelAggregation per label) go "
+                             "together")
+        if label_aggregation is not None and len(label_aggregation) != len(LABELS):
+            raise ValueError(f"label_aggregation: {len(label_aggregation)} entries for {len(LABELS)} labels")
+        self.label_aggregation = tuple(label_aggregation) if label_aggregation is not None else None
         if int(top_k) < 1:
             raise ValueError(f"top_k {top_k}: expected a positive number of slices")
         if aggregation == "context":
@@ -421,6 +428,10 @@ class Predictor:
             heads = all(getattr(m.model, "series_head", None) is not None for m in ensemble.members)
             chosen = manifest.aggregation or {"method": "context" if heads else "max"}
             kwargs["aggregation"] = chosen["method"]
+            if chosen["method"] == PER_LABEL:  # each label its own aggregation and Platt map (ichscan crossval)
+                from ichscan.aggregation import label_aggregations
+
+                kwargs["label_aggregation"] = label_aggregations(chosen, LABELS, path, error=CheckpointError)
             if chosen["method"] == "topk" and kwargs.get("top_k") is None:
                 kwargs["top_k"] = chosen.get("top_k", 3)
         if kwargs.get("top_k") is None:
@@ -466,6 +477,8 @@ class Predictor:
             "precision": self.precision,
             "aggregation": self.aggregation,
             "top_k": self.top_k,
+            **({"label_aggregation": {name: spec.to_dict() for name, spec in zip(LABELS, self.label_aggregation)}}
+               if self.label_aggregation is not None else {}),
             "batch_size": self.batch_size,
             "device": str(self.device),
             "compile": self.compile,
@@ -669,6 +682,8 @@ class Predictor:
         if self.aggregation == "context":  # the series head's own series probabilities (predict_arrays kept them)
             return (np.asarray(self._series_probs, dtype=np.float64),
                     np.argmax(np.asarray(slice_probs, dtype=np.float64), axis=0))
+        if self.label_aggregation is not None:
+            return aggregate_per_label(slice_probs, self.label_aggregation)
         return aggregate(slice_probs, self.aggregation, self.top_k)
 
     def _assemble(self, series, kept, read_probs, bad, slab_of=None) -> SeriesPrediction:
