@@ -801,7 +801,8 @@ def _markdown(record: dict[str, Any], comparison: pd.DataFrame, ev: Any, slice_e
 
         lines += ["## Each label's aggregation, chosen on these series (`--aggregation per_label`, "
                   "`aggregation.json`)", "",
-                  "| label | chosen (Platt map a, b) | out-of-fold AUC of each | nested AUC | chosen without each fold |",
+                  "| label | chosen (Platt map a, b) | out-of-fold AUC of each | nested AUC "
+                  "| chosen without each fold |",
                   "|---|---|---|---|---|"]
         for name, spec in auto["labels"].items():
             platt = f" ({spec['platt'][0]:.3f}, {spec['platt'][1]:.3f})" if "platt" in spec else ""
