@@ -144,6 +144,7 @@ def test_structured_report_holds_the_predictions(setup):
                      if item.ConceptNameCodeSequence[0].CodeValue in ("111001", "111003")]
             assert names == ["ichscan", __version__]
             assert f"model sha256 {model_hash}" in parameters and f"threshold {THRESHOLD!r}" in parameters
+            assert "aggregation topk of 3" in parameters  # the bundle's, as ichscan predict prints it
         texts = [item.TextValue for item in ds.ContentSequence if item.ValueType == "CONTAINER"
                  and item.ConceptNameCodeSequence[0].CodeValue == "C0034375" for item in item.ContentSequence]
         assert texts[0] == DISCLAIMER and any("synthetic phantoms" in t for t in texts)
