@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from ichscan.aggregation import SLICE_AGGREGATIONS
+from ichscan.aggregation import PER_LABEL, SLICE_AGGREGATIONS
 from ichscan.cli._args import non_negative_float
 from ichscan.dicom import CTSeries, find_series
 from ichscan.errors import IchscanError
@@ -141,6 +141,8 @@ def _aucs(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float | None]:
 
 def _reaggregated(p: SeriesPrediction, method: str, top_k: int) -> SeriesPrediction:
     if method == p.aggregation:  # the predictor's own (context: the series head's, not from slices)
+        return p
+    if method == PER_LABEL:  # a per-label model's own choice, set beside the --against model's own aggregation
         return p
     probs, _ = aggregate(p.read_probs, method, top_k)  # key slices do not depend on the method
     return dataclasses.replace(p, probs=probs, aggregation=method)

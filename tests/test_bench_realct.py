@@ -236,6 +236,29 @@ def test_against_another_model_the_paired_difference_is_the_two_reports_differen
     assert row["boot_low"] <= row["diff"] <= row["boot_high"]
 
 
+def test_a_per_label_model_against_another_is_paired_with_its_own_aggregation(bench, ckpt, work, tmp_path,
+                                                                               capsys):
+    """A model recording a per-label aggregation (as ichscan crossval --aggregation per_label writes one)
+    against one that does not: its ``per_label`` series are set beside the other model's own aggregation
+    (max for a bare checkpoint), and the paired difference is the two reports' difference."""
+    from ichscan.model import write_ensemble
+
+    doc = {"method": "per_label", "top_k": 3,
+           "labels": {n: {"method": "noisy_or" if n == "any" else "max", "platt": [1.0, 0.0]} for n in LABELS}}
+    manifest = write_ensemble(tmp_path / "per_label.json", [ckpt], extra={"aggregation": doc})
+    rc, report = _run(bench, capsys, "--checkpoint", manifest, "--work", work, "--limit", LIMIT, "--against", ckpt,
+                      "--batch-size", 32, "--aggregation", "all")
+    assert rc == 0 and report["aggregations"][0] == "per_label"
+    against = report["against"]
+    assert against["ctich_dev"]["series_auc"]["per_label"] == against["ctich_dev"]["series_auc"]["max"]
+    # the same slices: any ranks as noisy-OR (a monotone map), every subtype as max
+    assert report["ctich_dev"]["series_auc"]["per_label"]["any"] == report["ctich_dev"]["series_auc"]["noisy_or"]["any"]
+    row = against["paired"]["series"]["per_label"]["per_label"][0]
+    assert row["label"] == "any"
+    assert row["diff"] == pytest.approx(report["ctich_dev"]["series_auc"]["noisy_or"]["any"]
+                                        - against["ctich_dev"]["series_auc"]["max"]["any"], abs=1e-12)
+
+
 def test_bundled_without_a_bundled_model_is_one_clear_error(bench, work, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ICHSCAN_BUNDLED_DIR", str(tmp_path))  # a folder without bundled.json
     assert bench.main(["--checkpoint", "bundled", "--work", str(work), "--limit", "1"]) == 1
