@@ -66,6 +66,24 @@ def test_platt_fit_equals_an_unpenalised_logistic_regression_and_sits_at_its_own
         fit_platt(x, np.zeros(6))
 
 
+def test_platt_fit_reaches_the_optimum_where_one_far_score_pulls_the_slope_flat():
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(1)
+    x = np.r_[rng.normal(-40, 0.01, 50), rng.normal(40, 0.01, 5), [1e4]]
+    y = np.r_[np.zeros(50), np.ones(6)]
+    t = np.where(y > 0, 7 / 8, 1 / 52)
+
+    def loss(w):
+        m = w[0] * x + w[1]
+        return float(np.sum(np.logaddexp(0, m) - t * m))
+
+    a, b = fit_platt(x, y)
+    ref = minimize(loss, [0.0, 0.0], method="Nelder-Mead", options={"xatol": 1e-12, "fatol": 1e-12, "maxiter": 20000})
+    assert loss([a, b]) <= ref.fun + 1e-9
+    assert (a, b) == pytest.approx(tuple(ref.x), rel=1e-5)
+
+
 def test_aggregate_per_label_applies_each_labels_method_and_map():
     p = np.full((2, len(LABELS)), 0.5)
     p[:, 1] = [0.2, 0.6]

@@ -130,13 +130,21 @@ def fit_platt(scores: np.ndarray, truth: np.ndarray, *, iterations: int = 100) -
     z = (x - mu) / sd
     w = np.zeros(2)  # (slope, intercept) on z
     design = np.stack([z, np.ones_like(z)], axis=1)
+
+    def loss(v):  # cross-entropy against the smoothed targets, written to stay finite
+        m = design @ v
+        return float(np.sum(np.logaddexp(0.0, m) - t * m))
+
     for _ in range(iterations):
         p = sigmoid(design @ w)
         grad = design.T @ (p - t)
         hess = design.T @ (design * (p * (1 - p))[:, None]) + 1e-9 * np.eye(2)
         step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-10:
+        current, shrink = loss(w), 1.0
+        while loss(w - shrink * step) > current and shrink > 1e-6:  # Newton, halved where it overshoots
+            shrink /= 2
+        w -= shrink * step
+        if np.abs(shrink * step).max() < 1e-10:
             break
     a = w[0] / sd
     return float(a), float(w[1] - a * mu)
