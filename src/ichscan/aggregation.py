@@ -91,6 +91,11 @@ class LabelAggregation:
             d["platt"] = [float(self.platt[0]), float(self.platt[1])]
         return d
 
+    def calibrated(self, evidence_values):
+        """The Platt map applied to this aggregation's ``evidence``: sigmoid(a * evidence + b)."""
+        a, b = self.platt
+        return sigmoid(a * np.asarray(evidence_values, dtype=np.float64) + b)
+
 
 def evidence(slice_probs: np.ndarray, method: str, top_k: int = 3) -> np.ndarray:
     """A series score (L,) that orders series as ``aggregate(..., method)`` does, on a scale a logistic map
@@ -162,7 +167,7 @@ def aggregate_per_label(slice_probs: np.ndarray, specs: Sequence[LabelAggregatio
         if spec.platt is None:
             probs[j] = aggregate(column, spec.method, spec.top_k)[0][0]
         else:
-            probs[j] = sigmoid(spec.platt[0] * evidence(column, spec.method, spec.top_k)[0] + spec.platt[1])
+            probs[j] = spec.calibrated(evidence(column, spec.method, spec.top_k)[0])
     return probs, np.argmax(p, axis=0)
 
 

@@ -40,9 +40,9 @@ from ichscan.aggregation import (
     SLICE_AGGREGATIONS,
     LabelAggregation,
     aggregate,
+    describe_aggregation,
     evidence,
     fit_platt,
-    sigmoid,
 )
 from ichscan.errors import DataError, IchscanError
 from ichscan.fileio import write_bytes, write_csv, write_json, write_npy, write_text
@@ -177,7 +177,7 @@ def apply_per_label(specs: Sequence[LabelAggregation], columns: dict[str, np.nda
         if spec.platt is None:
             out[:, j] = columns[f"adapted_{spec.method}"][rows, j]
         else:
-            out[:, j] = sigmoid(spec.platt[0] * evidences[spec.method][rows, j] + spec.platt[1])
+            out[:, j] = spec.calibrated(evidences[spec.method][rows, j])
     return out
 
 
@@ -797,7 +797,7 @@ def _markdown(record: dict[str, Any], comparison: pd.DataFrame, ev: Any, slice_e
     chosen = chosen or options.primary
     if auto is not None and auto.get("method") == PER_LABEL:
         def named(spec):
-            return spec["method"] + (f" of {spec['top_k']}" if spec["method"] == "topk" else "")
+            return describe_aggregation(spec["method"], spec.get("top_k", options.top_k))
 
         lines += ["## Each label's aggregation, chosen on these series (`--aggregation per_label`, "
                   "`aggregation.json`)", "",

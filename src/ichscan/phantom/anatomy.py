@@ -1476,11 +1476,12 @@ def maxillary_plan(head: HeadShape, sx: int) -> dict:
     return plan
 
 
-def maxillary_distance(head: HeadShape, sx: int, X, Y, z):
+def maxillary_distance(head: HeadShape, sx: int, X, Y, z, plan: dict | None = None):
     """Signed distance (mm, negative inside) to one maxillary sinus's air at levels ``z`` (k, 1, 1): an
     ellipse cut behind by a straight posterolateral wall running forward and out, so that axially it is a
-    rounded triangle, widest in front (the medial wall is the nasal cavity's, drawn over it)."""
-    plan = maxillary_plan(head, sx)
+    rounded triangle, widest in front (the medial wall is the nasal cavity's, drawn over it). ``plan``:
+    that sinus's ``maxillary_plan``, when the caller has it."""
+    plan = plan or maxillary_plan(head, sx)
     m = profile(z, *MAXILLARY_LEVELS) * np.float32(plan["size"])
     cx, cy = sx * 0.32 * head.a, -0.72 * head.b
     d = ellipse_distance(X, Y, cx, cy, 16.5 * m + 1e-3, 18.5 * m + 1e-3)
@@ -1494,7 +1495,7 @@ def _maxillary_sinus(head: HeadShape, s: _Band, sx: int, w) -> None:
     in some heads by thickened mucosa (until 6 Dec 2026 each sinus was an ellipse with a 1.5 mm wall, the
     same shape in every head)."""
     plan = maxillary_plan(head, sx)
-    d = maxillary_distance(head, sx, s.X, s.Y, s.z)
+    d = maxillary_distance(head, sx, s.X, s.Y, s.z, plan)
     paint(s.hu, s.tissue, plan["wall_hu"], ramp(d - plan["wall"], w), BONE)
     paint(s.hu, s.tissue, plan["mucosa_hu"], ramp(d, w), SOFT)
     paint(s.hu, s.tissue, -950.0, ramp(d + plan["mucosa"], w), SINUS)
@@ -2214,10 +2215,12 @@ def _face_and_neck(head: HeadShape, fr: Frame, hu, tissue, depth, w, rng: np.ran
         if len(soft[0]):
             for j in rng.integers(0, len(soft[0]), size=int(rng.integers(8, 20))):
                 x0, y0 = float(X[soft[0][j], soft[1][j]]), float(Y[soft[0][j], soft[1][j]])
-                r = float(rng.uniform(2.5, 9))
-                frac = ellipse(X, Y, x0, y0, r, r * float(rng.uniform(0.4, 1.0)), w, angle=float(rng.uniform(0, np.pi)))
-                fat = float(rng.uniform(-110, -60))
-                if r > 7.0:  # only the larger islands: fat spaces (the planes between muscles: ``_muscle_planes``)
+                # every island's four draws are taken, so that no later draw moves; only the larger are drawn
+                # (fat spaces; the planes between muscles are ``_muscle_planes``)
+                r, ratio, angle, fat = (float(rng.uniform(lo, hi)) for lo, hi in
+                                        ((2.5, 9), (0.4, 1.0), (0, np.pi), (-110, -60)))
+                if r > 7.0:
+                    frac = ellipse(X, Y, x0, y0, r, r * ratio, w, angle=angle)
                     paint(hu[i], tissue[i], fat, frac * (tissue[i] == SOFT), FAT)
         if fr.z[i] < -32:
             r_out = ellipse_distance(X, Y, 0, -0.35 * head.b, 0.62 * head.a, 0.62 * head.b)
