@@ -677,6 +677,109 @@ def test_fractures_leave_labels_and_blood_as_they_were(tmp_path):
     assert '"fractures": 0.5' in (tmp_path / "set" / "manifest.json").read_text()
 
 
+def test_injury_is_planned_for_bleeding_series_only_and_changes_nothing_else():
+    """--injury: a share of the bleeding series (never a clean one) gets the signs of a blow, planned from
+    their own stream, so every other draw of the set stays as it was; a twin keeps its source's blow."""
+    kw = dict(size=64, slices=(8, 10), prevalence="any=0.6", twins=0.5)
+    plans, plain = plan_dataset(600, 9, injury=0.7, **kw), plan_dataset(600, 9, **kw)
+    assert [dataclasses.replace(p, confounders={}) for p in plans] == [dataclasses.replace(p, confounders={})
+                                                                        for p in plain]
+    for p, q in zip(plans, plain):
+        assert {k: v for k, v in p.confounders.items() if k != "injury"} == q.confounders
+    sources = [p for p in plans if p.twin_of is None]
+    struck = np.array(["injury" in p.confounders for p in sources])
+    bleeding = np.array([bool(p.subtypes) for p in sources])
+    assert not struck[~bleeding].any()
+    assert 0.62 <= struck[bleeding].mean() <= 0.78
+    for p in sources:
+        if "injury" in p.confounders:
+            spec = p.confounders["injury"]
+            assert spec["subtypes"] == list(p.subtypes) and spec["lesion_stream"] == [9, 3, p.index]
+    twins = [p for p in plans if p.twin_of is not None]
+    assert twins and all(t.confounders == plans[t.twin_of].confounders for t in twins)
+    with pytest.raises(IchscanError, match="injury 1.5"):
+        plan_dataset(2, 6, size=64, slices=(8, 10), injury=1.5)
+
+
+def _struck(subtypes, coup_seed, twin=False, spec_seed=None):
+    """A head drawn as a phantom set draws series 0 of seed 5 (before the scanner), with ``subtypes`` and
+    the signs of a blow drawn from ``coup_seed`` (none for None); ``twin`` draws it lesion-free."""
+    from ichscan.phantom.series import _draw_head
+
+    head, rng = _own_streams(5)
+    fr = an.make_frame(rng, head, 24, 128, 128, 5.0)
+    spec = None if coup_seed is None else {"subtypes": list(subtypes), "lesion_stream": [5, 3, 0], "seed": coup_seed}
+    anat, masks, planned, drawn = _draw_head(head, () if twin else subtypes, rng, np.random.default_rng([5, 3, 0]),
+                                             fr, fr, {} if spec is None else {"injury": spec})
+    return head, fr, anat, masks, planned, drawn
+
+
+@pytest.mark.parametrize("subtype", ["subdural", "epidural"])
+def test_injury_lands_over_the_bleed_or_across_the_head_and_the_twin_shows_the_same_blow(subtype):
+    """The blow's swelling lies over the bleed (coup) or across the head from it (contrecoup), as its record
+    says; it adds scalp and breaks bone only outside the cranial cavity's blood, leaving masks and blood HU
+    as they were; and the lesion-free twin shows the very same swelling and fracture."""
+    from ichscan.phantom.geometry import wrap_angle
+
+    head, fr, plain, masks0, planned, _ = _struck((subtype,), None)
+    les = planned[0]
+    blood = masks0[subtype]
+    assert blood.sum() > 50
+    phi = np.arctan2(fr.X[0], -fr.Y[0])
+    seen = set()
+    for seed in range(12):
+        _, _, anat, masks, _, drawn = _struck((subtype,), seed)
+        inj = drawn["injury"]
+        assert inj["anchor"] == subtype
+        assert all(np.array_equal(masks[s], masks0[s]) for s in SUBTYPES)
+        assert np.array_equal(anat.hu[blood], plain.hu[blood])
+        changed = anat.hu != plain.hu
+        assert changed.any() and (anat.depth[changed] < 8.5).all()  # outside, or a depressed piece's reach
+        scalp = changed & (anat.depth < -head.skull * 1.2) & (plain.hu < 20) & (anat.hu >= 40)  # air turned scalp
+        if "swelling" in inj:
+            assert scalp.sum() > 30
+            centre = np.angle(np.exp(1j * phi[np.nonzero(scalp)[1:]]).mean())
+            expected = les.params["phi"] + (0.0 if inj["coup"] else np.pi)
+            assert abs(wrap_angle(centre - expected)) < 0.9, (seed, inj)
+        if "fracture" in inj:
+            assert inj["fracture"]["slices"] and inj["fracture"]["swelling_mm"] == 0.0
+        seen.add((inj["coup"], "fracture" in inj))
+        _, _, twin_plain, _, _, _ = _struck((subtype,), None, twin=True)
+        _, _, twin, twin_masks, _, twin_drawn = _struck((subtype,), seed, twin=True)
+        assert not any(m.any() for m in twin_masks.values())
+        assert twin_drawn["injury"] == inj
+        # the same voxels, so the same blow; apart only where the source differs from its twin anyway (its
+        # blood, its mass effect, an epidural's own fracture and swelling), where the twin's piece or air
+        # may reach and the source's may not
+        own = plain.hu != twin_plain.hu
+        assert np.array_equal((twin.hu != twin_plain.hu) & ~own, changed & ~own)
+        assert (changed & ~own).any()
+    # each way of showing a blow occurs: coup, and for a subdural contrecoup; with and without a fracture
+    assert (True, True) in seen and (True, False) in seen
+    assert (subtype == "epidural") == (not any(not c for c, _ in seen))
+
+
+def test_injury_needs_a_traumatic_bleed():
+    """A hypertensive bleed of the basal ganglia or blood only in the basal cisterns is not a blow's: the
+    series records no anchor and its head is drawn as without the option; a convexity contusion is."""
+    from ichscan.phantom import lesions
+
+    les = lesions.Lesion("intraparenchymal", "basal_ganglia", 30.0, 8.0, 70.0, 1.0, {"x": 20.0, "y": 0.0})
+    assert lesions.impact(les) is None
+    assert lesions.impact(lesions.Lesion("subarachnoid", "basal", 20.0, 10.0, 70.0, 1.0, {"site": "basal"})) is None
+    contusion = lesions.Lesion("intraparenchymal", "contusion", 40.0, 6.0, 70.0, -1.0,
+                               {"site": "convexity", "foci": [[-50.0, 0.0, 41.0, 5.0, 5.0, 0.2]]})
+    phi, z, coup = lesions.impact(contusion)
+    assert phi == pytest.approx(-np.pi / 2) and z == 41.0 and coup == lesions.COUP["convexity_contusion"]
+    from ichscan.phantom.series import draw_injury
+
+    head, fr, anat, _, _, _ = _struck(("intraventricular",), None)
+    before = anat.hu.copy()
+    spec = {"subtypes": ["intraventricular"], "lesion_stream": [5, 3, 0], "seed": 3}
+    assert draw_injury(spec, head, fr, fr, anat) == {"anchor": None}
+    assert np.array_equal(anat.hu, before)
+
+
 def test_export_round_trip_keeps_the_brain_window_and_coarsens_the_rest():
     """Values a reader can check: inside the brain window HU come back to within a grey level (120/255 =
     0.47 HU) on flat regions; air floors at the bone window's lower edge (700 - 3200/2 = -900 HU); bone
@@ -737,6 +840,7 @@ def test_export_stores_a_share_of_series_and_changes_nothing_else(tmp_path):
     ("--export", "1.5", lambda s: set(s["export"]) == {"brain", "bone", "quality", "pixel_mm"}),
     ("--fractures", "-0.1", lambda s: "fracture" in s["confounders"]),
     ("--children", "2", lambda s: s["head"]["age"] < 18 and s["head"]["scale"] < 1),
+    ("--injury", "1.01", lambda s: ("injury" in s["confounders"]) == bool(s["subtypes_planned"])),
 ])
 def test_cli_share_option_is_recorded_and_refused_out_of_range(tmp_path, capsys, flag, bad, drawn):
     import json

@@ -16,6 +16,7 @@ examples:
   ichscan phantom --out rnd --studies 50 --seed 7 --randomize-outside 0.5   # random texture beyond the skull
   ichscan phantom --out rnd2 --studies 50 --seed 7 --randomize-outside 0.5 --outside-margin 25-40  # keep the skull
   ichscan phantom --out broken --studies 50 --seed 8 --fractures 0.3   # skull fractures, bleed or not
+  ichscan phantom --out struck --studies 50 --seed 8 --injury 0.7      # the blow's signs over traumatic bleeds
   ichscan phantom --out young --studies 50 --seed 8 --children 0.5     # half the patients children of 2-17
 
 Writes images/ID_<hex>.dcm (or <patient>/<study>/<series>/ with --layout series), labels.csv in the
@@ -71,6 +72,9 @@ def register(subparsers) -> None:
                                     "texture, so that a model learns to ignore it (for training)", "none"),
             ("--fractures", "with a skull fracture of the vault drawn apart from any bleed (lucent line, "
                             "sometimes depressed, scalp swelling, air)", "only some epidurals' own"),
+            ("--injury", "with a bleed whose head also shows where it was struck (a scalp swelling, often a "
+                         "fracture, over the bleed or across the head from it; kept in its twin)",
+             "only some epidurals' own"),
             ("--children", "who are children of 2-17 years (a smaller head, a thin vault with wide "
                            "sutures, no atrophy, sinuses still pneumatizing; no adult calcification)", "adults only")):
         p.add_argument(flag, type=float, default=0.0, metavar="SHARE",

@@ -175,14 +175,22 @@ def scalp_haematoma(hu: np.ndarray, tissue: np.ndarray, depth: np.ndarray, head:
                     rng: np.random.Generator) -> dict:
     """A swelling of the scalp (40-70 HU dome over the vault) from a blow to the head: outside the skull,
     so not intracranial haemorrhage, and as common in injured heads without a bleed as with one."""
-    X, Y = fr.X[0], fr.Y[0]
-    phi = np.arctan2(X, -Y)
     centre = float(rng.uniform(-np.pi, np.pi))
     half = float(rng.uniform(0.35, 0.9))
     z0 = float(rng.uniform(head.widest - 20, head.top - 10))
     z_half = float(rng.uniform(12, 35))
     height = float(rng.uniform(4, 16))
     value = float(rng.uniform(40, 70))
+    return scalp_swelling(hu, tissue, depth, head, fr, centre, half, z0, z_half, height, value)
+
+
+def scalp_swelling(hu: np.ndarray, tissue: np.ndarray, depth: np.ndarray, head: HeadShape, fr: Frame,
+                   centre: float, half: float, z0: float, z_half: float, height: float, value: float) -> dict:
+    """A dome of ``value`` HU on the scalp, ``height`` mm at its top: centred at angle ``centre`` (radians
+    from the front, positive to the patient's left) and level ``z0``, reaching ``half`` radians around the
+    head and ``z_half`` mm up and down. It only adds: tissue denser than it stays as it was."""
+    X, Y = fr.X[0], fr.Y[0]
+    phi = np.arctan2(X, -Y)
     for i in np.nonzero(np.abs(fr.z - z0) < z_half)[0]:
         zi = float(np.sqrt(max(0.0, 1 - ((fr.z[i] - z0) / z_half) ** 2)))
         dphi = np.abs(np.angle(np.exp(1j * (phi - centre)))) / half
@@ -215,6 +223,12 @@ def draw_fracture(rng: np.random.Generator) -> dict:
     }
 
 
+def fracture_levels(head: HeadShape) -> tuple[float, float]:
+    """The levels (mm) that a fracture's ``height`` 0 and 1 stand for: the temporal squama, and the vault
+    a little below the vertex."""
+    return -10.0, head.top - 12.0
+
+
 def skull_fracture(hu: np.ndarray, tissue: np.ndarray, depth: np.ndarray, head: HeadShape, fr: Frame,
                    spec: dict, keep: np.ndarray | None = None) -> dict:
     """Draw the fracture ``spec`` (``draw_fracture``) into the series: a lucent line through the vault's
@@ -227,7 +241,7 @@ def skull_fracture(hu: np.ndarray, tissue: np.ndarray, depth: np.ndarray, head: 
     phi = np.arctan2(X, -Y)
     w = max(fr.spacing, 0.35)
     radians_per_mm = spec["slope"] / max(float(np.median(r)), 1.0)  # the line's drift around the head, per mm up
-    z_lo, z_hi = -10.0, head.top - 12.0
+    z_lo, z_hi = fracture_levels(head)
     z0 = z_lo + spec["height"] * (z_hi - z_lo)
     z_half = float(spec["z_half"])
     depressed = float(spec["depressed_mm"])

@@ -195,7 +195,7 @@ ADULT_CALCIFICATION = {"pineal": (0.8, (120.0, 700.0)), "choroid": (0.85, (120.0
 
 # Options that apply to a share of series, as plan_dataset's keywords and the stamp's arguments; each is
 # recorded only when used, so that sets made before it existed still resume.
-SHARE_OPTIONS = ("calcification", "export", "randomize_outside", "fractures", "children")
+SHARE_OPTIONS = ("calcification", "export", "randomize_outside", "fractures", "children", "injury")
 
 
 def _parse_share(what: str, value: float) -> float:
@@ -245,6 +245,17 @@ def _draw_fracture(seed: int, index: int, share: float) -> dict:
     return {} if r is None else {"fracture": draw_fracture(r)}
 
 
+def _draw_injury(seed: int, index: int, share: float, subtypes: tuple[str, ...]) -> dict:
+    """Under ``--injury share``, whether a bleeding series' head shows where it was struck
+    (``series.draw_injury``): the series' subtypes and the stream its lesions are planned from, so that a
+    lesion-free twin, which keeps its source's confounders, places the same blow on the same head."""
+    r = _chosen(seed, 11, index, share)
+    if r is None or not subtypes:
+        return {}
+    return {"injury": {"subtypes": list(subtypes), "lesion_stream": [int(seed), 3, int(index)],
+                       "seed": int(r.integers(2**31))}}
+
+
 def _draw_child(seed: int, patient: int, share: float) -> float | None:
     """A patient's age in years when ``--children share`` makes them a child (2-17, uniform), else None.
     Drawn per patient, so that each of their studies (and a twin) shows the same head."""
@@ -270,7 +281,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                  twins: float = 0.0, pitch: float = 0.0, calcification: float = 0.0,
                  export: float = 0.0, randomize_outside: float = 0.0,
                  outside_margin: float | str | tuple[float, float] = DEFAULT_MARGIN,
-                 fractures: float = 0.0, children: float = 0.0) -> list[SeriesPlan]:
+                 fractures: float = 0.0, children: float = 0.0, injury: float = 0.0) -> list[SeriesPlan]:
     """Every series of the set, decided from the seed alone (one series per study). ``thickness`` is the
     slice thickness and spacing in mm, or a (low, high) range drawn per series.
 
@@ -302,7 +313,14 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     ``children`` (0 to 1) is the share of patients who are children of 2-17 years (``anatomy.child_head``:
     a smaller head, a thin vault with wide sutures, no atrophy, sinuses still pneumatizing), as head CT after
     injury is often of a child; their series carry no ``calcification`` (adult heads only). Each option
-    draws from its own stream, so a set keeps every other draw when one is added."""
+    draws from its own stream, so a set keeps every other draw when one is added.
+
+    ``injury`` (0 to 1) is the share of bleeding series whose head also shows where it was struck, as
+    traumatic bleeds of every kind come with a swollen scalp and often a fracture, not only epidurals:
+    a scalp swelling and sometimes a fracture over the bleed (coup) or opposite it (contrecoup), placed
+    from its first traumatic lesion (``series.draw_injury``; bleeds that are not traumatic, such as a
+    hypertensive bleed or blood in the basal cisterns alone, get none). A twin keeps its source's blow,
+    so that the signs of the blow are not the signs of the blood."""
     _parse_share("twins", twins)
     export = _parse_share("export", export)
     randomize_outside = _parse_share("randomize_outside", randomize_outside)
@@ -312,6 +330,7 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
     calcification = _parse_share("calcification", calcification)
     fractures = _parse_share("fractures", fractures)
     children = _parse_share("children", children)
+    injury = _parse_share("injury", injury)
     if studies < 1:
         raise IchscanError(f"studies must be at least 1 (got {studies})")
     lo, hi = int(slices[0]), int(slices[1])
@@ -375,6 +394,9 @@ def plan_dataset(studies: int, seed: int, *, size: int = 512, slices: tuple[int,
                 pitch=tilt[0], roll=tilt[1], export=_draw_export(seed, i, export),
                 outside=_draw_outside(seed, i, randomize_outside, margin), child=child,
             ))
+            if injury:
+                plans[-1] = dataclasses.replace(plans[-1], confounders={
+                    **plans[-1].confounders, **_draw_injury(seed, i, injury, plans[-1].subtypes)})
             src = plans[-1]
             if twins and src.subtypes and len(plans) < studies and rng.random() < twins:
                 plans.append(_twin(src, len(plans), seen))
@@ -617,7 +639,7 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
                      calcification: float = 0.0, export: float = 0.0,
                      randomize_outside: float = 0.0,
                      outside_margin: float | str | tuple[float, float] = DEFAULT_MARGIN,
-                     fractures: float = 0.0, children: float = 0.0) -> DatasetSummary:
+                     fractures: float = 0.0, children: float = 0.0, injury: float = 0.0) -> DatasetSummary:
     """Write a phantom set under ``out`` (see docs/phantom.md); ``progress(n)`` is told of n more slices.
 
     Resumes: series an interrupted run finished are kept and only the rest drawn, and the files come out
@@ -634,10 +656,11 @@ def generate_dataset(out, studies: int, seed: int, size: int = 512, slices: tupl
     plans = plan_dataset(studies, seed, size=size, slices=slices, thickness=thickness, prevalence=prevalence,
                          twins=twins, pitch=pitch, calcification=calcification, export=export,
                          randomize_outside=randomize_outside, outside_margin=outside_margin, fractures=fractures,
-                         children=children)
+                         children=children, injury=injury)
     stamp = _stamp(studies, seed, size, slices, thickness, prevalence, layout, masks, twins, pitch,
                    calcification=calcification, export=export, randomize_outside=randomize_outside,
-                   outside_margin=outside_margin, fractures=fractures, children=children)
+                   outside_margin=outside_margin, fractures=fractures, children=children,
+                   injury=injury)
     with lock_folder(out_p):
         summary = None if overwrite else _finished_set(out_p, stamp, plans, layout, masks)
         if summary is None:

@@ -303,6 +303,31 @@ def _plan_contusion(head: HeadShape, fr: Frame, side: float, lobes, oedema, rng:
                       "focus_hu": [float(rng.uniform(52, 82)) for _ in foci]})
 
 
+# Where the head was struck, for the bleeds a blow makes: an epidural lies under the blow (its artery torn
+# by the fracture); subdurals, contusions and subarachnoid blood of the convexity lie under it (coup) or
+# across the head from it (contrecoup), the basal contusions of the frontal and temporal lobes mostly from a
+# blow to the back of the head. Each subtype's share of coup, for ``impact``.
+COUP = {"epidural": 1.0, "subdural": 0.5, "convexity_contusion": 0.7, "basal_contusion": 0.4, "subarachnoid": 0.6}
+IMPACT_ORDER = ("epidural", "subdural", "intraparenchymal", "subarachnoid")  # the first found places the blow
+
+
+def impact(les: Lesion) -> tuple[float, float, float] | None:
+    """``(phi, z, coup)`` for a traumatic lesion against the vault: its angle around the head (radians from
+    the front, positive to the patient's left) and level, and the chance that the blow landed over it
+    rather than across the head. None for bleeds that are not a blow's: a hypertensive or lobar bleed,
+    blood in the basal cisterns or the Sylvian fissure, a subdural along the falx or the tentorium."""
+    p = les.params
+    if les.subtype == "epidural" or (les.subtype == "subdural" and "phi" in p):
+        return float(p["phi"]), float(les.z), COUP[les.subtype]
+    if les.subtype == "intraparenchymal" and les.kind == "contusion":
+        x, y, z = p["foci"][0][:3]
+        coup = COUP["convexity_contusion" if p["site"] == "convexity" else "basal_contusion"]
+        return float(np.arctan2(x, -y)), float(z), coup
+    if les.subtype == "subarachnoid" and p.get("site") == "sulcal":
+        return float(p["phi"]), float(les.z), COUP["subarachnoid"]
+    return None
+
+
 def _dural_layer(les: Lesion, head: HeadShape, X, Y):
     """Where a subdural along the tentorium or the falx lies in plane, the same on every slice: for the
     tentorium, the leaf's level under each point (blood on its upper face, on one side, thickest halfway

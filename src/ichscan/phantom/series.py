@@ -11,11 +11,14 @@ from ichscan.labels import SUBTYPES
 from ichscan.phantom import anatomy as an
 from ichscan.phantom import artifacts, lesions, oblique
 from ichscan.phantom.anatomy import Frame, HeadShape
+from ichscan.phantom.geometry import wrap_angle
 
 # Painted in this order; a later lesion covers an earlier one where they meet.
 PAINT_ORDER = ("subarachnoid", "intraventricular", "intraparenchymal", "subdural", "epidural")
 CONFOUNDERS = ("pineal", "choroid", "basal_ganglia", "falx", "metal", "motion")
 SCALP_HAEMATOMA = 0.25  # share of series with a scalp swelling, bleed or not (head injury without ICH is common)
+INJURY_SWELLING = 0.85  # share of blows (``draw_injury``) that swell the scalp
+INJURY_FRACTURE = {"epidural": 0.85, "other": 0.45}  # ... that break the vault, by the bleed that places them
 
 
 @dataclass
@@ -125,6 +128,9 @@ def _draw_head(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Genera
         blood = np.logical_or.reduce([masks[s] for s in SUBTYPES])
         drawn["fracture"] = artifacts.skull_fracture(anat.hu, anat.tissue, anat.depth, head, fr,
                                                      confounders["fracture"], keep=blood)
+    if confounders.get("injury"):  # from the plan's own numbers: no draw of ``rng`` is taken
+        blood = np.logical_or.reduce([masks[s] for s in SUBTYPES])
+        drawn["injury"] = draw_injury(confounders["injury"], head, plan_fr, fr, anat, keep=blood)
     if rng.random() < 0.85:
         drawn["holder"] = artifacts.head_holder(anat.hu, anat.tissue, head, fr, rng)
     artifacts.beam_hardening(anat.hu, head, fr, anat, float(rng.uniform(5, 25)))
@@ -134,3 +140,41 @@ def _draw_head(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Genera
     artifacts.subcalvarial_brightening(anat.hu, anat, amplitude, float(rng.uniform(1.0, 5.0)),
                                        rise=artifacts.vertex_rise(head, fr))
     return anat, masks, planned, drawn
+
+
+def draw_injury(spec: dict, head: HeadShape, plan_fr: Frame, fr: Frame, anat: an.Anatomy,
+                keep: np.ndarray | None = None) -> dict:
+    """The signs of the blow that made a series' bleed (``dataset._draw_injury``'s ``spec``): a swelling of
+    the scalp, a fracture of the vault, or both, over the bleed or across the head from it
+    (``lesions.impact``). The lesions are planned again from their own stream, as the series planned them
+    first, so a lesion-free twin places the same blow; the draws here come from ``spec["seed"]`` alone. No
+    voxel of ``keep`` (the blood) changes. Returns what was drawn, or ``{"anchor": None}`` when none of
+    the series' bleeds is a blow's."""
+    lrng = np.random.default_rng([int(v) for v in spec["lesion_stream"]])
+    planned = [lesions.plan_lesion(s, head, plan_fr, lrng) for s in sorted(spec["subtypes"], key=PAINT_ORDER.index)]
+    anchor = next((les for name in lesions.IMPACT_ORDER for les in planned
+                   if les.subtype == name and lesions.impact(les) is not None), None)
+    if anchor is None:
+        return {"anchor": None}
+    phi, z, coup_share = lesions.impact(anchor)
+    r = np.random.default_rng(int(spec["seed"]))
+    coup = bool(r.random() < coup_share)
+    phi = float(wrap_angle(np.float64(phi + (0.0 if coup else np.pi) + r.normal(0, 0.2))))
+    z = float(np.clip(z + r.normal(0, 8), 0.0, head.top - 15))
+    swelling = dict(half=float(r.uniform(0.3, 0.8)), z_half=float(r.uniform(12, 30)), height=float(r.uniform(4, 14)),
+                    value=float(r.uniform(40, 70)))
+    fracture = artifacts.draw_fracture(r)
+    swells = bool(r.random() < INJURY_SWELLING)
+    breaks = bool(r.random() < INJURY_FRACTURE["epidural" if anchor.subtype == "epidural" else "other"])
+    out = {"anchor": anchor.subtype if anchor.subtype != "intraparenchymal" else "contusion", "coup": coup,
+           "phi": round(phi, 3), "z": round(z, 1)}
+    if swells or not breaks:
+        out["swelling"] = artifacts.scalp_swelling(anat.hu, anat.tissue, anat.depth, head, fr, phi,
+                                                   swelling["half"], z, swelling["z_half"], swelling["height"],
+                                                   swelling["value"])
+    if breaks:
+        z_lo, z_hi = artifacts.fracture_levels(head)
+        fracture.update(phi=round(phi, 3), height=round(float(np.clip((z - z_lo) / (z_hi - z_lo), 0, 1)), 3),
+                        swelling_mm=0.0)
+        out["fracture"] = artifacts.skull_fracture(anat.hu, anat.tissue, anat.depth, head, fr, fracture, keep=keep)
+    return out
