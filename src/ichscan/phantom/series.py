@@ -124,12 +124,12 @@ def _draw_head(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Genera
         drawn["metal"] = artifacts.metal_shunt(anat.hu, anat.tissue, head, fr, rng)
     if rng.random() < SCALP_HAEMATOMA:
         drawn["scalp_haematoma"] = artifacts.scalp_haematoma(anat.hu, anat.tissue, anat.depth, head, fr, rng)
-    if confounders.get("fracture"):  # drawn from the plan's own numbers: no draw of ``rng`` is taken
-        blood = np.logical_or.reduce([masks[s] for s in SUBTYPES])
+    # A fracture and a blow are drawn from the plan's own numbers (no draw of ``rng`` is taken), never on blood.
+    blood = np.logical_or.reduce([masks[s] for s in SUBTYPES]) if {"fracture", "injury"} & set(confounders) else None
+    if confounders.get("fracture"):
         drawn["fracture"] = artifacts.skull_fracture(anat.hu, anat.tissue, anat.depth, head, fr,
                                                      confounders["fracture"], keep=blood)
-    if confounders.get("injury"):  # from the plan's own numbers: no draw of ``rng`` is taken
-        blood = np.logical_or.reduce([masks[s] for s in SUBTYPES])
+    if confounders.get("injury"):
         drawn["injury"] = draw_injury(confounders["injury"], head, plan_fr, fr, anat, keep=blood)
     if rng.random() < 0.85:
         drawn["holder"] = artifacts.head_holder(anat.hu, anat.tissue, head, fr, rng)
@@ -152,11 +152,11 @@ def draw_injury(spec: dict, head: HeadShape, plan_fr: Frame, fr: Frame, anat: an
     the series' bleeds is a blow's."""
     lrng = np.random.default_rng([int(v) for v in spec["lesion_stream"]])
     planned = [lesions.plan_lesion(s, head, plan_fr, lrng) for s in sorted(spec["subtypes"], key=PAINT_ORDER.index)]
-    anchor = next((les for name in lesions.IMPACT_ORDER for les in planned
-                   if les.subtype == name and lesions.impact(les) is not None), None)
+    struck = [(les, lesions.impact(les)) for name in lesions.IMPACT_ORDER for les in planned if les.subtype == name]
+    anchor, place = next(((les, at) for les, at in struck if at is not None), (None, None))
     if anchor is None:
         return {"anchor": None}
-    phi, z, coup_share = lesions.impact(anchor)
+    phi, z, coup_share = place
     r = np.random.default_rng(int(spec["seed"]))
     coup = bool(r.random() < coup_share)
     phi = float(wrap_angle(np.float64(phi + (0.0 if coup else np.pi) + r.normal(0, 0.2))))
