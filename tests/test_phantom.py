@@ -726,6 +726,7 @@ def test_injury_lands_over_the_bleed_or_across_the_head_and_the_twin_shows_the_s
     blood = masks0[subtype]
     assert blood.sum() > 50
     phi = np.arctan2(fr.X[0], -fr.Y[0])
+    twin_plain = _struck((subtype,), None, twin=True)[2]
     seen = set()
     for seed in range(12):
         _, _, anat, masks, _, drawn = _struck((subtype,), seed)
@@ -744,7 +745,6 @@ def test_injury_lands_over_the_bleed_or_across_the_head_and_the_twin_shows_the_s
         if "fracture" in inj:
             assert inj["fracture"]["slices"] and inj["fracture"]["swelling_mm"] == 0.0
         seen.add((inj["coup"], "fracture" in inj))
-        _, _, twin_plain, _, _, _ = _struck((subtype,), None, twin=True)
         _, _, twin, twin_masks, _, twin_drawn = _struck((subtype,), seed, twin=True)
         assert not any(m.any() for m in twin_masks.values())
         assert twin_drawn["injury"] == inj
