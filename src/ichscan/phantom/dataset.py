@@ -245,6 +245,12 @@ def _draw_fracture(seed: int, index: int, share: float) -> dict:
     return {} if r is None else {"fracture": draw_fracture(r)}
 
 
+def lesion_stream(seed: int, index: int) -> list[int]:
+    """The seed sequence series ``index`` draws its lesions from (``render_series``; ``--injury`` plans them
+    again from it)."""
+    return [int(seed), 3, int(index)]
+
+
 def _draw_injury(seed: int, index: int, share: float, subtypes: tuple[str, ...]) -> dict:
     """Under ``--injury share``, whether a bleeding series' head shows where it was struck
     (``series.draw_injury``): the series' subtypes and the stream its lesions are planned from, so that a
@@ -252,7 +258,7 @@ def _draw_injury(seed: int, index: int, share: float, subtypes: tuple[str, ...])
     r = _chosen(seed, 11, index, share)
     if r is None or not subtypes:
         return {}
-    return {"injury": {"subtypes": list(subtypes), "lesion_stream": [int(seed), 3, int(index)],
+    return {"injury": {"subtypes": list(subtypes), "lesion_stream": lesion_stream(seed, index),
                        "seed": int(r.integers(2**31))}}
 
 
@@ -434,7 +440,7 @@ def render_series(plan: SeriesPlan) -> PhantomSeries:
     """Draw one planned series in memory (no files)."""
     scan = plan.index if plan.twin_of is None else plan.twin_of
     rng = np.random.default_rng([plan.seed, 2, scan])
-    lesion_rng = np.random.default_rng([plan.seed, 3, plan.index])
+    lesion_rng = np.random.default_rng(lesion_stream(plan.seed, plan.index))
     enc = writer.ENCODINGS[plan.encoding]
     ps = make_series(head_for(plan), plan.subtypes, rng, n=plan.n_slices, rows=plan.rows, cols=plan.cols,
                      thickness=plan.thickness, confounders=plan.confounders, hu_range=enc.hu_range,

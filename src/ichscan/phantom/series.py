@@ -94,13 +94,19 @@ def make_series(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Gener
                          head=head, lesions=planned, confounders=drawn, noise_sigma=sigma)
 
 
+def plan_lesions(subtypes, head: HeadShape, plan_fr: Frame, rng: np.random.Generator) -> list[lesions.Lesion]:
+    """Every lesion of ``subtypes`` planned, in paint order, each from ``rng`` in turn: as a series plans
+    them first (before any that found no room is planned again), and as ``draw_injury`` plans them again."""
+    return [lesions.plan_lesion(s, head, plan_fr, rng) for s in sorted(subtypes, key=PAINT_ORDER.index)]
+
+
 def _draw_head(head: HeadShape, subtypes: tuple[str, ...], rng: np.random.Generator, lrng: np.random.Generator,
                plan_fr: Frame, fr: Frame, confounders: dict):
     """The object before the scanner sees it, on ``fr``'s slices: anatomy, lesions (placed on the levels
     ``plan_fr`` covers), metal, scalp, holder, beam hardening and subcalvarial brightening. Returns the
     anatomy (with ``tissue0``, the tissue codes before lesions), the lesion masks, the lesions and what was
     drawn besides."""
-    planned = [lesions.plan_lesion(s, head, plan_fr, lrng) for s in sorted(subtypes, key=PAINT_ORDER.index)]
+    planned = plan_lesions(subtypes, head, plan_fr, lrng)
     pushes = [m for m in (les.mass_effect(head) for les in planned) if m is not None]
     mass = max(pushes, key=lambda m: m.mm) if pushes else None
     calc = {k: v for k, v in confounders.items() if k in ("pineal", "choroid", "basal_ganglia", "falx")}
@@ -150,8 +156,8 @@ def draw_injury(spec: dict, head: HeadShape, plan_fr: Frame, fr: Frame, anat: an
     first, so a lesion-free twin places the same blow; the draws here come from ``spec["seed"]`` alone. No
     voxel of ``keep`` (the blood) changes. Returns what was drawn, or ``{"anchor": None}`` when none of
     the series' bleeds is a blow's."""
-    lrng = np.random.default_rng([int(v) for v in spec["lesion_stream"]])
-    planned = [lesions.plan_lesion(s, head, plan_fr, lrng) for s in sorted(spec["subtypes"], key=PAINT_ORDER.index)]
+    stream = np.random.default_rng([int(v) for v in spec["lesion_stream"]])
+    planned = plan_lesions(spec["subtypes"], head, plan_fr, stream)
     struck = [(les, lesions.impact(les)) for name in lesions.IMPACT_ORDER for les in planned if les.subtype == name]
     anchor, place = next(((les, at) for les, at in struck if at is not None), (None, None))
     if anchor is None:
