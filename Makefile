@@ -17,8 +17,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ichscan demo --out runs/demo
 
+# The test files spread over the cores, one file per process at a time (module fixtures are drawn once), at most
+# 4 processes (each holds torch and a few phantom series in memory). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
