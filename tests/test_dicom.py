@@ -150,10 +150,17 @@ def test_undecodable_pixels_say_so_in_one_line(testdata):
     assert "\n" not in str(err.value) and "misplaced marker" in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["test-SR.dcm", "rtplan.dcm", "DICOMDIR"])
-def test_objects_without_pixels(testdata, name):
-    with pytest.raises(NoPixelDataError, match="no pixel data"):
-        read_slice(testdata(name))
+@pytest.mark.parametrize("name, what", [
+    ("test-SR.dcm", "SOP class Comprehensive SR Storage"),
+    ("rtplan.dcm", "SOP class RT Plan Storage"),
+    ("DICOMDIR", "a DICOMDIR, an index of other files"),
+    ("priv_SQ.dcm", "SOP class MR Image Storage"),  # named only by its file meta, and no pixels
+    ("empty_charset_LEI.dcm", "no SOP class named"),
+])
+def test_objects_without_pixels(testdata, name, what):
+    with pytest.raises(NoPixelDataError) as err:
+        read_slice(testdata(name), allow_non_ct=True)
+    assert str(err.value).endswith(f"no pixel data ({what}); nothing to read here")
 
 
 @pytest.mark.parametrize("pixels", [True, False])

@@ -471,11 +471,18 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def _what_object(ds: Dataset) -> str:
+    """What a file without pixels holds, for the error: its SOP class (the dataset's, else the file meta's), a
+    DICOMDIR, or that it names none."""
+    if "DirectoryRecordSequence" in ds:
+        return "a DICOMDIR, an index of other files"
+    sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID")
+    return f"SOP class {UID(sop).name}" if sop else "no SOP class named"
+
+
 def _check_image(ds: Dataset, path: str, allow_non_ct: bool) -> None:
     if not any(t in ds for t in _PIXEL_TAGS):
-        sop = ds.get("SOPClassUID")
-        kind = UID(sop).name if sop else ("DICOMDIR" if "DirectoryRecordSequence" in ds else "object")
-        raise NoPixelDataError(f"no pixel data (a {kind}, not an image); nothing to read here", path)
+        raise NoPixelDataError(f"no pixel data ({_what_object(ds)}); nothing to read here", path)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if samples != 1 or not photometric.startswith("MONOCHROME"):
