@@ -272,9 +272,9 @@ def test_ensemble_with_takes_run_folders_and_manifests(tmp_path, phantoms):
     assert [m["checkpoint"] for m in manifest["members"]] == ["../a/best.json"] * 3 + ["best.json"]
 
 
-@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tmp_path, phantoms):
-    """DDP through torchrun (gloo on CPU): trains, stops, resumes, writes once."""
+    """DDP through torchrun (gloo on CPU): trains, stops, resumes, writes once. (20 s; in `make test` since the
+    suite runs on every core, so that CI runs the distributed path.)"""
     import subprocess
     import sys
 
