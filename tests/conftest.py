@@ -12,12 +12,10 @@ import pytest
 # A value the user set is kept.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    try:
-        _CORES = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        _CORES = os.cpu_count() or 1
+    from ichscan.hardware import cpu_count  # no torch import
+
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(_var, str(max(1, _CORES // _WORKERS)))
+        os.environ.setdefault(_var, str(max(1, cpu_count() // _WORKERS)))
 
 
 @pytest.fixture
