@@ -476,7 +476,7 @@ def _what_object(ds: Dataset) -> str:
     DICOMDIR, or that it names none."""
     if "DirectoryRecordSequence" in ds:
         return "a DICOMDIR, an index of other files"
-    sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID")
+    sop = ds.get("SOPClassUID") or (getattr(ds, "file_meta", None) or {}).get("MediaStorageSOPClassUID")
     return f"SOP class {UID(sop).name}" if sop else "no SOP class named"
 
 
