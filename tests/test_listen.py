@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from ichscan.errors import IchscanError
+from ichscan.model import resolve_checkpoint
 from ichscan.node import (
     FINAL,
     INSTANCES,
@@ -281,6 +282,31 @@ def check_results(pacs: Pacs, study: Study, record: dict) -> None:
     assert len(values) == len(logged)
     for v, p in zip(values, logged):
         assert math.isclose(v, p, rel_tol=1e-9, abs_tol=1e-12), (v, p)
+    # Borderline calls (ichscan.thresholds): the log names the labels the SR marks Equivocal, and `any` is among
+    # them exactly when its probability lies inside the bundled model's interval for it
+    points = json.loads(Path(resolve_checkpoint("bundled")).read_text())["operating_points"]
+    t, (lo, hi) = points["thresholds"]["any"], points["details"]["any"]["threshold_ci"]
+    marked = {round(probabilities_of(sr, ANY_CODE)[0], 9): sorted(equivocal_labels(sr)) for sr in srs.values()}
+    for p in record["predictions"]:
+        assert sorted(p["borderline"]) == marked[round(p["any"], 9)]
+        assert ("any" in p["borderline"]) == (min(lo, t) <= p["any"] < max(hi, t))
+
+
+def equivocal_labels(item) -> set[str]:
+    """The labels whose TID 1501 group carries Certainty of Finding (DCM 111012) = Equivocal (SCT 42425007)."""
+    from ichscan.dicomout import FINDINGS
+
+    by_code = {v[1]: k for k, v in FINDINGS.items()}
+    out = set()
+    children = list(item.get("ContentSequence", []))
+    codes = [(c.ConceptNameCodeSequence[0].CodeValue, c.ConceptCodeSequence[0].CodeValue) for c in children
+             if c.get("ValueType") == "CODE"]
+    finding = [v for name, v in codes if name == "121071"]  # DCM Finding
+    if finding and ("111012", "42425007") in codes:
+        out.add(by_code[finding[0]])
+    for c in children:
+        out |= equivocal_labels(c)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

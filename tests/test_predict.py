@@ -240,9 +240,11 @@ def test_batch_outputs_follow_the_contract(tmp_path, ckpt, phantoms):
     assert all(Path(f).is_file() and Path(f).stem == i for f, i in zip(slices.path, slices.image_id))
     series = pd.read_csv(run.outputs["series"])
     assert list(series.columns) == (["patient_id", "study_uid", "series_uid", "n_slices"]
-                                    + [f"{k}_{n}" for k in ("prob", "pred", "key_slice") for n in LABELS]
+                                    + [f"{k}_{n}" for k in ("prob", "pred", "borderline", "key_slice") for n in LABELS]
                                     + ["trained_on"])
     assert set(series.trained_on) == {"not recorded"}  # the test checkpoint does not say
+    # nor does it carry intervals for its thresholds (0.5 by default): no call is marked either way
+    assert series[[f"borderline_{n}" for n in LABELS]].isna().all().all()
     assert len(series) == 4 and series.n_slices.sum() == len(slices)
     for _, row in series.iterrows():  # max over slices, key slice = argmax
         own = slices[slices.series_uid == row.series_uid]

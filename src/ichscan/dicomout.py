@@ -7,12 +7,14 @@ copied from the source slices, which are never modified):
   per label: the finding as a coded concept, its probability (DCM 122157 "Probability", UCUM
   ``{probability}``), the decision at the run's threshold as a qualitative evaluation (SCT Present /
   Absent), the key slice as the group's source image, and the algorithm (TID 4019: "ichscan", its version,
-  the model's sha256 and the threshold as parameters). A "Qualitative Evaluations" container (TID 1500 row
-  12) holds the text "research use, not for diagnosis". Unverified, preliminary.
+  the model's sha256 and the threshold, with its interval where the thresholds carry one, as parameters);
+  a borderline call (``ichscan.thresholds.ThresholdIntervals``) is also marked "Equivocal" (DCM 111012
+  "Certainty of Finding"). A "Qualitative Evaluations" container (TID 1500 row 12) holds the text "research
+  use, not for diagnosis". Unverified, preliminary.
 * ``key_<label>.dcm`` for each finding called positive (none when nothing is called): a Secondary Capture,
   RGB, of the key slice in the blood window (80/200) with the Grad-CAM heat map (``ichscan.heatmap``)
-  blended on, and the finding, its probability and "RESEARCH USE - NOT FOR DIAGNOSIS" burned in below the
-  image (Burned In Annotation YES).
+  blended on, and the finding, its probability (with BORDERLINE and the interval for a borderline call) and
+  "RESEARCH USE - NOT FOR DIAGNOSIS" burned in below the image (Burned In Annotation YES).
 
 Every UID made here is derived from (source series UID, model sha256, ichscan version, object kind), so
 reprocessing a series makes the same objects: a PACS replaces them rather than storing duplicates. A file
@@ -256,7 +258,7 @@ def _source_item(s: Any, header: Any):
 
 
 def _build_sr(prediction: Any, keys: dict[str, tuple[Any, Any]], predictor: Any, thresholds: Mapping[str, float],
-              decisions: Mapping[str, bool], model_hash: str, when) -> Any:
+              decisions: Mapping[str, bool], model_hash: str, when, intervals: Any = None) -> Any:
     import highdicom as hd
     from highdicom.sr import (
         AlgorithmIdentification,
@@ -285,16 +287,23 @@ def _build_sr(prediction: Any, keys: dict[str, tuple[Any, Any]], predictor: Any,
     for label in LABELS:
         s, header = keys[label]
         t = float(thresholds.get(label, 0.5))
-        algorithm = AlgorithmIdentification(name="ichscan", version=__version__,
-                                            parameters=common + [f"threshold {t!r}"])
+        zone = intervals.zone(label, t) if intervals is not None else None
+        parameters = common + [f"threshold {t!r}"]
+        if zone is not None:
+            parameters.append(f"threshold {intervals.level:.0%} interval {zone[0]!r} to {zone[1]!r} (a probability "
+                              "inside it is a borderline call)")
+        algorithm = AlgorithmIdentification(name="ichscan", version=__version__, parameters=parameters)
         probability = Measurement(name=codes.DCM.Probability, value=float(prediction.prob(label)),
                                   unit=CodedConcept(*PROBABILITY_UNIT))
-        decision = QualitativeEvaluation(_code(label), codes.SCT.Present if decisions[label] else codes.SCT.Absent)
+        evaluations = [QualitativeEvaluation(_code(label),
+                                             codes.SCT.Present if decisions[label] else codes.SCT.Absent)]
+        if zone is not None and intervals.borderline(label, prediction.prob(label), t):
+            evaluations.append(QualitativeEvaluation(codes.DCM.CertaintyOfFinding, codes.SCT.Equivocal))
         groups.append(MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=result_uid(series_uid, model_hash, f"tracking-{label}"),
                                                    identifier=f"ichscan {label}"),
             finding_type=_code(label), algorithm_id=algorithm, measurements=[probability],
-            qualitative_evaluations=[decision], source_images=[_source_item(s, header)]))
+            qualitative_evaluations=evaluations, source_images=[_source_item(s, header)]))
     device = DeviceObserverIdentifyingAttributes(uid=result_uid("device", model_hash, "device"), name="ichscan",
                                                  manufacturer_name=MANUFACTURER, model_name=f"ichscan {__version__}")
     context = ObservationContext(observer_device_context=ObserverContext(codes.DCM.Device, device))
@@ -337,7 +346,8 @@ def _build_sr(prediction: Any, keys: dict[str, tuple[Any, Any]], predictor: Any,
 
 
 def _build_key_image(prediction: Any, label: str, s: Any, header: Any, hu: np.ndarray, heat: np.ndarray,
-                     threshold: float, number: int, model_hash: str, when, sources: Sequence[Any] = ()) -> Any:
+                     threshold: float, number: int, model_hash: str, when, sources: Sequence[Any] = (),
+                     borderline: str | None = None) -> Any:
     from highdicom.sc import SCImage
     from pydicom.dataset import Dataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -349,6 +359,8 @@ def _build_key_image(prediction: Any, label: str, s: Any, header: Any, hu: np.nd
              (f"key {prediction.slab_text(key.index)}{z}; heat map: Grad-CAM, ichscan {__version__}",
               (200, 200, 200)),
              (BURNED_IN_WARNING, (255, 170, 0))]
+    if borderline:
+        lines.insert(1, (f"BORDERLINE: inside the threshold's {borderline}", (255, 170, 0)))
     pixels = key_image_pixels(hu, heat, lines)
     orientation = _patient_orientation(getattr(s, "orientation", None))
     series_uid = str(prediction.series_uid)
@@ -478,12 +490,15 @@ def _first_line(err: BaseException) -> str:
 
 
 def write_dicom_results(prediction: Any, series: Any, predictor: Any, out_dir: str | os.PathLike, *,
-                        thresholds: Mapping[str, float]) -> list[Path]:
+                        thresholds: Mapping[str, float], intervals: Any = None) -> list[Path]:
     """Write the DICOM results of one series to ``out_dir/<series>/``; returns the paths of its objects.
 
     ``prediction`` (an ``ichscan.predict.SeriesPrediction``) of ``series`` (its ``ichscan.dicom.CTSeries``,
     headers-only is enough) by ``predictor``, called at ``thresholds`` ({label: t}; 0.5 where a label has
     none): the structured report ``sr.dcm`` and a key image ``key_<label>.dcm`` per finding called positive.
+    With ``intervals`` (``ichscan.thresholds.ThresholdIntervals``), each threshold's interval is one more
+    algorithm parameter, and a borderline call gets a second qualitative evaluation (DCM 111012 "Certainty of
+    Finding" = SCT 42425007 "Equivocal") and a line on its key image saying so.
     Objects already there unchanged are not rewritten (their paths are still returned); key images of
     findings no longer called are removed. Everything is built before the first file is written, so a
     failure leaves the series' earlier objects as they were; it is one ``IchscanError`` line naming the file.
@@ -513,7 +528,8 @@ def write_dicom_results(prediction: Any, series: Any, predictor: Any, out_dir: s
     images: dict[tuple[str, ...], np.ndarray] = {}  # one decode per key slice or slab, however many findings share it
     source = str(slices["any"].path)
     try:
-        objects = {folder / SR_NAME: _build_sr(prediction, keys, predictor, thresholds, decisions, model_hash, when)}
+        objects = {folder / SR_NAME: _build_sr(prediction, keys, predictor, thresholds, decisions, model_hash, when,
+                                               intervals)}
         for number, label in enumerate(LABELS, start=1):  # instance numbers fixed by label, whatever is called
             if not decisions[label]:
                 continue
@@ -524,9 +540,12 @@ def write_dicom_results(prediction: Any, series: Any, predictor: Any, out_dir: s
                 images[shown] = slab_mean([_hu(t) for t in read[label]])
             hu = images[shown]
             heat = grad_cam(predictor, hu, label, spacing=s.spacing)
+            t = float(thresholds.get(label, 0.5))
             objects[folder / KEY_PATTERN.format(label=label)] = _build_key_image(
-                prediction, label, s, header, hu, heat, float(thresholds.get(label, 0.5)), number, model_hash, when,
-                sources=read[label])
+                prediction, label, s, header, hu, heat, t, number, model_hash, when, sources=read[label],
+                borderline=(intervals.describe(label, t)
+                            if intervals is not None and intervals.borderline(label, prediction.prob(label), t)
+                            else None))
         encoded = {path: _encoded(ds, path, when) for path, ds in objects.items()}
     except IchscanError:
         raise

@@ -392,7 +392,7 @@ class Node:
                  thresholds: dict[str, float] | str | os.PathLike | None = None, patient_ids: Any = None,
                  on_record: Callable[[dict], None] | None = None):
         from ichscan.predict.batch import predict_path as predict
-        from ichscan.thresholds import run_thresholds
+        from ichscan.thresholds import read_thresholds_file, run_thresholds
 
         if "dicom_out" not in inspect.signature(predict).parameters:
             raise IchscanError("this ichscan's predict_path cannot write DICOM results (no dicom_out parameter); "
@@ -402,6 +402,9 @@ class Node:
         self.predictor = predictor
         self.rules = rules
         self.thresholds, self.thresholds_from = run_thresholds(thresholds, getattr(predictor, "operating_points", None))
+        # a file is read once, here: its thresholds and intervals hold for every study, whatever becomes of it
+        self._thresholds_given = (read_thresholds_file(thresholds) if isinstance(thresholds, (str, os.PathLike))
+                                  else thresholds)
         self._predict = predict
         self._patient_ids = patient_ids
         self._on_record = on_record
@@ -684,7 +687,7 @@ class Node:
     def _predict_study(self, folder: Path, study: dict, outcome: dict) -> Path:
         try:
             run = self._predict(folder / INSTANCES, folder / PREDICT, self.predictor, rules=self.rules,
-                                thresholds=self.thresholds, dicom_out=folder / RESULTS,
+                                thresholds=self._thresholds_given, dicom_out=folder / RESULTS,
                                 patient_ids=self._patient_ids)
         except Exception as err:
             log.warning("study %s failed: %s", folder.name, err, exc_info=not isinstance(err, IchscanError))
@@ -712,8 +715,11 @@ class Node:
         return target
 
     def _summarise(self, run: Any) -> dict:
+        intervals = getattr(run, "intervals", None)
         series = [{"series": self.keys.series(p.series_uid), "slices": p.n_slices, "any": p.prob("any"),
-                   "decisions": p.decisions(self.thresholds)} for p in run.predictions]
+                   "decisions": p.decisions(self.thresholds),
+                   "borderline": [n for n, v in p.borderline(self.thresholds, intervals).items() if v]}
+                  for p in run.predictions]
         uids = {p.series_uid for p in run.predictions} | {r.series_uid for r in run.rejected}
         uids |= {f.series_uid for f in run.failed if f.series_uid}
         return {

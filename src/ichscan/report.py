@@ -522,6 +522,8 @@ _PRED_CSS = """
 .pbar{position:relative;display:inline-block;width:120px;height:10px;background:#eee;vertical-align:middle}
 .pbar .fill{position:absolute;left:0;top:0;bottom:0;background:#4a7fb5}
 .pbar .tick{position:absolute;top:-3px;bottom:-3px;width:2px;background:#c33}
+.pbar .zone{position:absolute;top:-3px;bottom:-3px;background:rgba(230,150,0,.35)}
+.borderline{color:#b36b00;font-weight:bold}
 td.FP,td.FN{background:#fde2e2;color:#a11;font-weight:700} td.TP{color:#176c2e} td.TN{color:#666}
 img.keyslice{height:160px;image-rendering:pixelated;background:#000} img.strip{width:360px}
 img.calib{max-width:100%} .sorter button{margin-right:.5em} .capped{color:#a33}
@@ -664,6 +666,7 @@ def predictions_report(
     image_size: int = 160,
     digits: int = 3,
     predictor: Any | None = None,
+    intervals: Any | None = None,
 ) -> str:
     """A self-contained HTML page of ``ichscan predict`` results: one section per series.
 
@@ -676,6 +679,8 @@ def predictions_report(
     counted from 1. Patient IDs are shown as the predictions hold them (pseudonyms unless kept). With
     ``predictor`` (the ``ichscan.predict.Predictor`` that made the predictions) each key slice gets one more
     panel: the finding's Grad-CAM heat map on the blood window (``ichscan.heatmap``), as in the DICOM key images.
+    With ``intervals`` (``ichscan.thresholds.ThresholdIntervals``) each bar shades its threshold's interval and
+    a borderline call, made or not, says "borderline".
     """
     from ichscan.dicom import find_series, read_slice, read_slices
     from ichscan.errors import IchscanError
@@ -749,17 +754,25 @@ def predictions_report(
         truth = (labels or {}).get(p.series_uid)
         called = _called(p, thresholds)
         decisions = p.decisions(dict(thresholds))
+        borderline = p.borderline(dict(thresholds), intervals)
         rows = []
         for j, name in enumerate(p.labels):
             prob, t = float(p.probs[j]), float(thresholds.get(name, 0.5))
             key = p.key_slice(name)
             outcome = _outcome(int(truth[name]), decisions[name]) if truth is not None else ""
+            zone = intervals.zone(name, t) if intervals is not None else None
+            shade = (f"<span class=\"zone\" style=\"left:{100 * zone[0]:.1f}%;width:{100 * (zone[1] - zone[0]):.1f}%\">"
+                     "</span>" if zone is not None else "")
+            bar_title = f"threshold {t:.3g}" + (f", {intervals.describe(name, t)}" if zone is not None else "")
+            call = "called" if decisions[name] else ""
+            if borderline[name]:
+                call = f"<span class=\"borderline\">{call + ', ' if call else ''}borderline</span>"
             rows.append(
                 f"<tr class=\"{'pos' if decisions[name] else ''}\"><td>{esc(name)}</td><td>{prob:.{digits}f}</td>"
-                f"<td><span class=\"pbar\" title=\"threshold {t:.3g}\"><span class=\"fill\" "
+                f"<td><span class=\"pbar\" title=\"{esc(bar_title)}\">{shade}<span class=\"fill\" "
                 f"style=\"width:{100 * min(max(prob, 0.0), 1.0):.1f}%\"></span><span class=\"tick\" "
                 f"style=\"left:{100 * min(max(t, 0.0), 1.0):.1f}%\"></span></span></td><td>{t:.3g}</td>"
-                f"<td>{'called' if decisions[name] else ''}</td><td>{key.index + 1} of {p.n_slices}</td>"
+                f"<td>{call}</td><td>{key.index + 1} of {p.n_slices}</td>"
                 + (f"<td>{'yes' if truth[name] else 'no'}</td><td class=\"{outcome}\">{outcome}</td>"
                    if truth is not None else "") + "</tr>")
         truth_head = "<th>truth</th><th>call vs truth</th>" if truth is not None else ""
@@ -775,7 +788,8 @@ def predictions_report(
             slab = [p.image_ids[i] for i in p.slab_members(key.index) if i != key.index]
             figures.append(key_image(key.image_id, caption, name, slab))
         strip = _img(_strip_png(p, thresholds), "slice probability per label (dashed: threshold)", 'class="strip"')
-        verdict = ", ".join(n for n in called if decisions[n]) or "no hemorrhage called"
+        verdict = ", ".join(n + (" (borderline)" if borderline[n] else "") for n in called if decisions[n]) \
+            or "no hemorrhage called" + (" (borderline)" if borderline.get("any") else "")
         ids = " &middot; ".join(esc(f"{k} {v}") for k, v in (("patient", p.patient_id), ("study", p.study_uid)) if v)
         note = ""
         if p.skipped:
@@ -796,6 +810,12 @@ def predictions_report(
         "series predicted": str(len(preds)),
         "model trained on": trained_on or "not named by the model's manifest",
         "thresholds": ", ".join(f"{k} {float(v):.3g}" for k, v in thresholds.items()),
+        "borderline calls": (f"the probability lies inside its threshold's {intervals.level:.0%} interval (shaded on "
+                             "each bar; the thresholds chosen on resampled validation cases), so an operating point "
+                             "chosen on other cases could call it the other way; "
+                             + ", ".join(f"{k} {z[0]:.3g}-{z[1]:.3g}" for k, v in thresholds.items()
+                                         if (z := intervals.zone(k, float(v))) is not None)
+                             if intervals is not None else "not marked: the thresholds carry no interval"),
         "key slice windows": window_names + ("; last panel: the finding's Grad-CAM heat map (ichscan.heatmap) on "
                                              "the blood window 80/200" if predictor is not None else ""),
         "labels": (f"{sum(p.series_uid in labels for p in preds)} of {len(preds)} series labelled"

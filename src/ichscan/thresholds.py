@@ -13,6 +13,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,9 @@ def check_thresholds(given: Any, source: str | os.PathLike | None, labels: Seque
     return out
 
 
-def load_thresholds(path: str | os.PathLike, labels: Sequence[str] = LABELS) -> dict[str, float]:
-    """Thresholds for every label from a thresholds file; ``DataError`` naming the file when unusable.
-    A label the file leaves out gets 0.5, with a warning."""
+def read_thresholds_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A thresholds file's whole document (thresholds, method, details), its shape checked; ``DataError``
+    naming the file when unusable."""
     try:
         doc = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -74,6 +75,13 @@ def load_thresholds(path: str | os.PathLike, labels: Sequence[str] = LABELS) -> 
         raise DataError(f"not a readable JSON thresholds file ({err})", path) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("thresholds"), dict):
         raise DataError(f"expected JSON {FORMAT_HINT}", path)
+    return doc
+
+
+def load_thresholds(path: str | os.PathLike, labels: Sequence[str] = LABELS) -> dict[str, float]:
+    """Thresholds for every label from a thresholds file; ``DataError`` naming the file when unusable.
+    A label the file leaves out gets 0.5, with a warning."""
+    doc = read_thresholds_file(path)
     given = check_thresholds(doc["thresholds"], path, labels)
     left_out = [name for name in labels if name not in given]
     if left_out:
@@ -90,13 +98,21 @@ def check_operating_points(doc: Any, source: str | os.PathLike, *, error: type[E
     if not isinstance(doc, Mapping):
         raise error(f"operating_points must be {FORMAT_HINT}", source)
     check_thresholds(doc.get("thresholds"), source, error=error)
+    threshold_intervals(doc, source, error=error)
     return dict(doc)
 
 
-def run_thresholds(given: Mapping[str, float] | str | os.PathLike | None, operating_points: Mapping | None = None
+def _is_document(given: Any) -> bool:
+    return isinstance(given, Mapping) and isinstance(given.get("thresholds"), Mapping)
+
+
+def run_thresholds(given: Mapping[str, Any] | str | os.PathLike | None, operating_points: Mapping | None = None
                    ) -> tuple[dict[str, float], str]:
-    """(thresholds, where they come from) for a prediction run: ``given`` ({label: t} or a thresholds file)
-    first, else the model's ``operating_points``, else 0.5 for every label."""
+    """(thresholds, where they come from) for a prediction run: ``given`` ({label: t}, a thresholds file, or
+    a thresholds file's document as ``read_thresholds_file`` gives it) first, else the model's
+    ``operating_points``, else 0.5 for every label."""
+    if _is_document(given):
+        return {**default_thresholds(), **check_thresholds(given["thresholds"], None)}, "given"
     if isinstance(given, Mapping):
         return dict(given), "given"
     if given is not None:
@@ -107,3 +123,85 @@ def run_thresholds(given: Mapping[str, float] | str | os.PathLike | None, operat
         chosen_on = operating_points.get("chosen_on")
         return thresholds, f"the model's operating points ({method}{f', chosen on {chosen_on}' if chosen_on else ''})"
     return default_thresholds(), f"{DEFAULT_THRESHOLD:g} (default)"
+
+
+@dataclass(frozen=True)
+class ThresholdIntervals:
+    """How far each label's operating point could have fallen: the interval of the thresholds the same rule
+    chooses on resampled validation patients (``threshold_ci`` in a thresholds file's ``details``, as
+    ``ichscan thresholds --bootstrap`` and the bundled model's JSON carry it), at ``level`` (0.95).
+
+    A series is *borderline* for a label when its probability lies between the lowest and the highest
+    threshold of that interval and the chosen threshold itself (``lo <= prob < hi`` with the threshold
+    inside): an operating point chosen on another, equally valid draw of validation cases could call it the
+    other way. It says how firm the call is, not how likely the finding: the call is still ``prob >= t``.
+    """
+
+    bounds: Mapping[str, tuple[float, float]]
+    level: float = 0.95
+
+    def zone(self, label: str, threshold: float) -> tuple[float, float] | None:
+        """The probabilities whose call depends on the draw: [low, high) with ``threshold`` inside."""
+        if label not in self.bounds:
+            return None
+        lo, hi = self.bounds[label]
+        return min(lo, threshold), max(hi, threshold)
+
+    def borderline(self, label: str, prob: float, threshold: float) -> bool | None:
+        """None where the label has no interval."""
+        zone = self.zone(label, threshold)
+        if zone is None:
+            return None
+        return bool(zone[0] <= prob < zone[1])
+
+    def describe(self, label: str, threshold: float) -> str:
+        """"95% interval 0.462-0.743" (the zone, ``zone``); "no interval" where the label has none."""
+        zone = self.zone(label, threshold)
+        if zone is None:
+            return "no interval"
+        return f"{self.level:.0%} interval {zone[0]:.3f}-{zone[1]:.3f}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"level": self.level, "intervals": {k: [float(lo), float(hi)] for k, (lo, hi) in self.bounds.items()},
+                "rule": "borderline when min(low, threshold) <= prob < max(high, threshold)"}
+
+
+def threshold_intervals(doc: Mapping[str, Any] | None, source: str | os.PathLike | None = None, *,
+                        error: type[Exception] = DataError) -> ThresholdIntervals | None:
+    """The ``threshold_ci`` of each label in a thresholds document's ``details`` (a file, or a model's
+    ``operating_points``); None when no label has one. An interval that is not two numbers in [0, 1] with
+    low <= high is an ``error`` naming ``source``; labels with ``threshold_ci`` null (too few resamples with
+    both classes) or without details have none. The labels must agree on the level."""
+    if not doc or not isinstance(doc.get("details"), Mapping):
+        return None
+    bounds, levels = {}, set()
+    for name, d in doc["details"].items():
+        if name not in LABELS or not isinstance(d, Mapping) or d.get("threshold_ci") is None:
+            continue
+        ci = d["threshold_ci"]
+        ok = (isinstance(ci, (list, tuple)) and len(ci) == 2
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      and 0.0 <= v <= 1.0 for v in ci) and ci[0] <= ci[1])
+        if not ok:
+            raise error(f"threshold_ci of {name} is {ci!r}, not [low, high] within [0, 1]", source)
+        bounds[name] = (float(ci[0]), float(ci[1]))
+        levels.add(float(d.get("threshold_ci_level", 0.95)))
+    if not bounds:
+        return None
+    if len(levels) > 1:
+        raise error(f"threshold_ci levels differ between labels ({sorted(levels)})", source)
+    return ThresholdIntervals(bounds, levels.pop())
+
+
+def run_intervals(given: Mapping[str, Any] | str | os.PathLike | None, operating_points: Mapping | None = None
+                  ) -> ThresholdIntervals | None:
+    """The intervals of the thresholds ``run_thresholds`` picks for the same arguments: a thresholds file's,
+    else (nothing given) the model's operating points'; None for thresholds given as numbers, the 0.5
+    default, or a source that carries none."""
+    if _is_document(given):
+        return threshold_intervals(given)
+    if isinstance(given, Mapping):
+        return None
+    if given is not None:
+        return threshold_intervals(read_thresholds_file(given), given)
+    return threshold_intervals(operating_points, "the model's operating_points")

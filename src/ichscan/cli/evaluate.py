@@ -111,6 +111,7 @@ def _series_report(args, ev, trained_on):
     from ichscan.errors import DataError
     from ichscan.predict import load_predictions
     from ichscan.report import write_predictions_report
+    from ichscan.thresholds import run_intervals
     from ichscan.windows import PAPER_WINDOWS, get_windows
 
     if ev.level != "series":
@@ -123,7 +124,13 @@ def _series_report(args, ev, trained_on):
     evaluated = set(map(str, ev.ids))
     predictions = [p for p in load_predictions(doc_path) if p.series_uid in evaluated]
     truth = {str(uid): dict(zip(ev.labels, map(int, row))) for uid, row in zip(ev.ids, ev.y_true)}
+    try:  # a number for every label carries no interval; a thresholds file may
+        float(args.thresholds)
+        intervals = None
+    except ValueError:
+        intervals = run_intervals(args.thresholds)
     return write_predictions_report(Path(args.out) / "series_report.html", predictions, ev.thresholds,
+                                    intervals=intervals,
                                     windows=get_windows(config.get("windows") or PAPER_WINDOWS),
                                     folder=args.dicom, labels=truth, trained_on=trained_on,
                                     title="ichscan evaluation: series")

@@ -149,7 +149,7 @@ def run(args) -> int:
     from ichscan.model import BUNDLED, resolve_checkpoint
     from ichscan.predict import Predictor, predict_path
     from ichscan.privacy import Pseudonymizer
-    from ichscan.thresholds import run_thresholds
+    from ichscan.thresholds import run_intervals, run_thresholds
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):  # before anything is loaded or printed
         raise IchscanError("is a file; --out needs a folder (a new one, or one this command wrote before)", args.out)
@@ -176,6 +176,7 @@ def run(args) -> int:
     elif predictor.trained_on:
         print(f"the model was trained on {predictor.trained_on}", file=sys.stderr)
     thresholds, thresholds_from = run_thresholds(args.thresholds, predictor.operating_points)
+    intervals = run_intervals(args.thresholds, predictor.operating_points)
     aggregation = describe_aggregation(predictor.aggregation, predictor.top_k, predictor.label_aggregation,
                                        predictor.labels)
     if args.aggregation is None and predictor.aggregation != "max":
@@ -186,8 +187,10 @@ def run(args) -> int:
           + (f", batch norms adapted to each series (N = {predictor.adapt_bn:g})" if predictor.adapt_bn is not None
              else "")
           + (f", thin series read as {predictor.slab_mm:g} mm slabs" if predictor.slab_mm else ""), file=sys.stderr)
-    print(f"thresholds: {thresholds_from}: " + ", ".join(f"{n} {t:.4g}" for n, t in thresholds.items()),
-          file=sys.stderr)
+    print(f"thresholds: {thresholds_from}: " + ", ".join(
+        f"{n} {t:.4g}" + (f" ({intervals.level:.0%} interval {z[0]:.3g}-{z[1]:.3g})"
+                          if intervals is not None and (z := intervals.zone(n, t)) is not None else "")
+        for n, t in thresholds.items()), file=sys.stderr)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -238,11 +241,11 @@ def run(args) -> int:
         return 0
     if done == 0:
         print("no series predicted; see skipped.csv", file=sys.stderr)
-    _print_findings(result.predictions, thresholds)
+    _print_findings(result.predictions, result.thresholds, result.intervals)
     if predictor.trained_on and done:
         print(f"(model trained on {predictor.trained_on})")
     if args.html and done:
-        code = _write_html(args, result, predictor, thresholds)
+        code = _write_html(args, result, predictor)
         if code:
             return code
     for name, path in result.outputs.items():
@@ -252,7 +255,7 @@ def run(args) -> int:
     return 0 if done else 1
 
 
-def _write_html(args, result, predictor, thresholds) -> int:
+def _write_html(args, result, predictor) -> int:
     """``--out/report.html``; with ``--labels``, joined on series_uid as ``ichscan evaluate`` joins them."""
     from pathlib import Path
 
@@ -269,21 +272,29 @@ def _write_html(args, result, predictor, thresholds) -> int:
             return 1
         truth = {str(uid): dict(zip(data.labels, map(int, row))) for uid, row in zip(data.ids, data.y_true)}
     result.outputs["html"] = write_predictions_report(
-        Path(args.out) / "report.html", result.predictions, thresholds, windows=predictor.windows,
+        Path(args.out) / "report.html", result.predictions, result.thresholds, intervals=result.intervals,
+        windows=predictor.windows,
         folder=args.input, labels=truth, trained_on=predictor.trained_on, title="ichscan predictions",
         predictor=predictor)
     return 0
 
 
-def _print_findings(predictions, thresholds, limit: int = 20) -> None:
-    """One line per series; slices counted from 1 (slice k of N), as the report and render count them."""
+def _print_findings(predictions, thresholds, intervals=None, limit: int = 20) -> None:
+    """One line per series; slices counted from 1 (slice k of N), as the report and render count them. A
+    borderline call (``ichscan.thresholds.ThresholdIntervals``) says so."""
     from ichscan.geometry import spacing_summary
 
+    any_borderline = False
     for p in predictions[:limit]:
         found = [name for name, yes in p.decisions(thresholds).items() if yes and name != "any"]
+        borderline = p.borderline(thresholds, intervals)
+        any_borderline |= any(borderline.values())
         any_p = p.prob("any")
         text = ", ".join(f"{n} {p.prob(n):.2f} (slice {p.key_slice(n).index + 1} of {p.n_slices})"
-                         for n in found) or "no subtype"
+                         + (" borderline" if borderline[n] else "") for n in found) or "no subtype"
+        near = [n for n in p.labels if n != "any" and n not in found and borderline[n]]
+        if near:
+            text += "; not called, borderline: " + ", ".join(f"{n} {p.prob(n):.2f}" for n in near)
         notes = []
         z = [v for v in p.z if v is not None]
         summary = spacing_summary(z if len(z) == p.n_slices else None)
@@ -293,6 +304,11 @@ def _print_findings(predictions, thresholds, limit: int = 20) -> None:
         if p.skipped:
             notes.append(f"{len(p.skipped)} slice(s) left out: unreadable")
         note = f" [scored with {'; '.join(notes)}]" if notes else ""
-        print(f"series {p.series_uid} ({p.n_slices} slices): any {any_p:.2f}; {text}{note}")
+        print(f"series {p.series_uid} ({p.n_slices} slices): any {any_p:.2f}"
+              f"{' borderline' if borderline['any'] else ''}; {text}{note}")
     if len(predictions) > limit:
         print(f"... {len(predictions) - limit} more series in series.csv")
+    if any_borderline:
+        print(f"borderline: the probability lies inside its threshold's {intervals.level:.0%} interval, so an "
+              "operating point chosen on other validation cases could call it the other way "
+              "(borderline_<label> in series.csv)")

@@ -28,7 +28,7 @@ from ichscan.predict.outputs import SeriesPrediction, write_outputs
 from ichscan.predict.predictor import Predictor
 from ichscan.predict.selection import RejectedSeries, SelectionRules, select_series
 from ichscan.privacy import Pseudonymizer
-from ichscan.thresholds import run_thresholds
+from ichscan.thresholds import ThresholdIntervals, run_intervals, run_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ class PredictRun:
     outputs: dict[str, Path] = field(default_factory=dict)
     # DICOM results (``dicom_out``): every object of every predicted series, resumed ones included
     dicom_files: list[Path] = field(default_factory=list)
+    # What the calls were made at (``run_thresholds``), and how firm each is (``run_intervals``; None without)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    intervals: ThresholdIntervals | None = None
 
 
 _SAFE = re.compile(r"[^0-9A-Za-z._-]")
@@ -129,7 +132,8 @@ def predict_path(
     run with the same configuration; outputs are written when all series are done. ``max_series``
     stops after that many newly predicted series (``complete=False``; rerun to go on). Bad files and
     series that fail are reported in ``skipped``/``failed`` and the rest predicted. ``thresholds``
-    (a dict or a file) overrides the operating points the model carries; 0.5 where neither says.
+    (a dict or a file) overrides the operating points the model carries; 0.5 where neither says. Where
+    they carry intervals (``run_intervals``), every output flags the borderline calls.
     ``out_dir`` is locked while the run writes it, and refused when it holds another input's or
     configuration's results, unless ``restart``. Patients are named in every output by ``patient_ids``
     (default: a pseudonymous key, ``ichscan.privacy``; ``Pseudonymizer(keep=True)`` keeps the PatientID).
@@ -148,14 +152,15 @@ def predict_path(
                         patient_ids=patient_ids or Pseudonymizer(), submission=submission, dicom_out=dicom_out)
 
 
-def _write_dicom(dicom_out, pairs, predictor, thresholds, failed: list[SkippedFile]) -> list[Path]:
+def _write_dicom(dicom_out, pairs, predictor, thresholds, intervals, failed: list[SkippedFile]) -> list[Path]:
     """DICOM results of each (series, prediction); a series that fails is added to ``failed``, the rest go on."""
     from ichscan.dicomout import write_dicom_results
 
     written: list[Path] = []
     for s, p in pairs:
         try:
-            written.extend(write_dicom_results(p, s, predictor, dicom_out, thresholds=thresholds))
+            written.extend(write_dicom_results(p, s, predictor, dicom_out, thresholds=thresholds,
+                                               intervals=intervals))
         except IchscanError as err:
             failed.append(SkippedFile(str(err.path or s.series_uid), f"DICOM results not written: {err.reason}",
                                       type(err).__name__, str(s.series_uid)))
@@ -173,6 +178,7 @@ def _predict(path, out_dir, predictor, *, rules, thresholds, progress, max_serie
              prefetch, patient_ids: Pseudonymizer, submission: bool | None, dicom_out=None) -> PredictRun:
     from ichscan.dicom import find_series
 
+    intervals = run_intervals(thresholds, predictor.operating_points)
     thresholds, thresholds_from = run_thresholds(thresholds, predictor.operating_points)
     rules = rules or SelectionRules()
     scan = find_series(path, pixels=False, allow_non_ct=allow_non_ct)
@@ -246,13 +252,14 @@ def _predict(path, out_dir, predictor, *, rules, thresholds, progress, max_serie
     predicted = [s for s in selected if _work_name(s) in done]
     predictions = [SeriesPrediction.from_dict(json.loads(json.dumps(done[_work_name(s)].to_dict())))
                    for s in predicted]
-    dicom_files = (_write_dicom(dicom_out, zip(predicted, predictions), predictor, thresholds, failed)
+    dicom_files = (_write_dicom(dicom_out, zip(predicted, predictions), predictor, thresholds, intervals, failed)
                    if dicom_out is not None else [])
     skipped_all = skipped + [item for p in predictions for item in p.skipped]
     run = PredictRun(Path(out_dir) if out_dir is not None else None, predictions, rejected, skipped_all, failed,
-                     n_predicted, n_resumed, complete, dicom_files=dicom_files)
+                     n_predicted, n_resumed, complete, dicom_files=dicom_files, thresholds=thresholds,
+                     intervals=intervals)
     if complete and out_dir is not None:
         run.outputs = write_outputs(out_dir, predictions, thresholds=thresholds, rejected=rejected,
                                     skipped=skipped_all + failed, config=config, thresholds_from=thresholds_from,
-                                    trained_on=predictor.trained_on, submission=submission)
+                                    trained_on=predictor.trained_on, submission=submission, intervals=intervals)
     return run

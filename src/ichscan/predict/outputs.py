@@ -20,7 +20,7 @@ from ichscan.errors import DataError
 from ichscan.fileio import escape_undecodable, write_csv, write_text
 from ichscan.labels import LABELS, RSNA_CSV_ORDER
 from ichscan.predict.selection import RejectedSeries
-from ichscan.thresholds import default_thresholds
+from ichscan.thresholds import ThresholdIntervals, default_thresholds
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,14 @@ class SeriesPrediction:
         thresholds = thresholds or {}
         return {name: bool(self.probs[i] >= thresholds.get(name, 0.5)) for i, name in enumerate(self.labels)}
 
+    def borderline(self, thresholds: dict[str, float] | None = None,
+                   intervals: ThresholdIntervals | None = None) -> dict[str, bool | None]:
+        """Per label, whether the call at ``thresholds`` is one an operating point chosen on other validation
+        cases could reverse (``ThresholdIntervals.borderline``); None for a label without an interval."""
+        thresholds = thresholds or {}
+        return {name: (intervals.borderline(name, float(self.probs[i]), thresholds.get(name, 0.5))
+                       if intervals is not None else None) for i, name in enumerate(self.labels)}
+
     def to_dict(self) -> dict:
         """JSON-ready; floats keep full precision so ``from_dict`` gives back the same arrays."""
         return {
@@ -149,6 +157,14 @@ def _printable(item: SkippedFile) -> SkippedFile:
     return dataclasses.replace(item, path=escape_undecodable(item.path), reason=escape_undecodable(item.reason))
 
 
+def _borderline_names(p: SeriesPrediction, thresholds: dict[str, float], intervals: ThresholdIntervals | None
+                      ) -> list[str] | None:
+    """The labels whose call is borderline; None when the thresholds carry no interval."""
+    if intervals is None:
+        return None
+    return [name for name, v in p.borderline(thresholds, intervals).items() if v]
+
+
 def _kaggle_id(image_id: str, label: str) -> str:
     return f"{image_id}_{label}" if image_id.startswith("ID_") else f"ID_{image_id}_{label}"
 
@@ -170,9 +186,11 @@ def slice_table(predictions: Sequence[SeriesPrediction]):
 
 
 def series_table(predictions: Sequence[SeriesPrediction], thresholds: dict[str, float] | None = None,
-                 trained_on: str | None = None):
+                 trained_on: str | None = None, intervals: ThresholdIntervals | None = None):
     """One row per series; ``trained_on`` (what the model saw, e.g. "synthetic phantoms ...") on every row, so
-    that whoever reads the file alone is told."""
+    that whoever reads the file alone is told. ``borderline_<label>`` is 1 where the call could go the other
+    way at an operating point chosen on other validation cases (``SeriesPrediction.borderline``), 0 where it
+    could not, empty where the thresholds carry no interval."""
     import pandas as pd
 
     thresholds = thresholds or default_thresholds()
@@ -181,12 +199,18 @@ def series_table(predictions: Sequence[SeriesPrediction], thresholds: dict[str, 
         row = {"patient_id": p.patient_id, "study_uid": p.study_uid, "series_uid": p.series_uid, "n_slices": p.n_slices}
         row.update({f"prob_{name}": float(p.probs[j]) for j, name in enumerate(p.labels)})
         row.update({f"pred_{name}": int(v) for name, v in p.decisions(thresholds).items()})
+        row.update({f"borderline_{name}": None if v is None else int(v)
+                    for name, v in p.borderline(thresholds, intervals).items()})
         row.update({f"key_slice_{k.label}": k.image_id for k in p.key_slices})
         row["trained_on"] = trained_on or "not recorded"
         rows.append(row)
     columns = (["patient_id", "study_uid", "series_uid", "n_slices"] + [f"prob_{n}" for n in LABELS]
-               + [f"pred_{n}" for n in LABELS] + [f"key_slice_{n}" for n in LABELS] + ["trained_on"])
-    return pd.DataFrame(rows, columns=columns)
+               + [f"pred_{n}" for n in LABELS] + [f"borderline_{n}" for n in LABELS]
+               + [f"key_slice_{n}" for n in LABELS] + ["trained_on"])
+    frame = pd.DataFrame(rows, columns=columns)
+    for name in LABELS:  # 0/1 with gaps, not floats
+        frame[f"borderline_{name}"] = frame[f"borderline_{name}"].astype("Int64")
+    return frame
 
 
 def submission_table(predictions: Sequence[SeriesPrediction]):
@@ -207,11 +231,12 @@ def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPredic
                   thresholds: dict[str, float] | None = None, rejected: Sequence[RejectedSeries] = (),
                   skipped: Sequence[SkippedFile] = (), config: dict | None = None,
                   thresholds_from: str | None = None, trained_on: str | None = None,
-                  submission: bool | None = None) -> dict[str, Path]:
+                  submission: bool | None = None, intervals: ThresholdIntervals | None = None) -> dict[str, Path]:
     """Write slices.csv, series.csv, predictions.json, skipped.csv and (``submission``) submission.csv;
     returns paths.
 
-    ``thresholds_from`` (see ``run_thresholds``) is recorded in predictions.json beside the thresholds;
+    ``thresholds_from`` (see ``run_thresholds``) is recorded in predictions.json beside the thresholds, and
+    ``intervals`` (see ``run_intervals``) as ``threshold_intervals`` with each series' ``borderline`` labels;
     ``trained_on`` there and in series.csv. ``submission`` (Kaggle ``ID,Label``): None writes it for RSNA
     layout input only (every image id ``ID_<hex>``), where the competition format means something."""
     import pandas as pd
@@ -229,14 +254,16 @@ def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPredic
         "config": config or {},
         "thresholds": thresholds,
         **({"thresholds_from": thresholds_from} if thresholds_from else {}),
-        "series": [dict(p.to_dict(), n_slices=p.n_slices, decisions=p.decisions(thresholds)) for p in predictions],
+        "threshold_intervals": None if intervals is None else intervals.to_dict(),
+        "series": [dict(p.to_dict(), n_slices=p.n_slices, decisions=p.decisions(thresholds),
+                        borderline=_borderline_names(p, thresholds, intervals)) for p in predictions],
         "rejected": [dataclasses.asdict(r) for r in rejected],
         "skipped": [dataclasses.asdict(s) for s in skipped],
     }
     # Every table is made before the first file is written, so a failure leaves no half set of outputs.
     frames = {
         "slices": slice_table(predictions),
-        "series": series_table(predictions, thresholds, trained_on),
+        "series": series_table(predictions, thresholds, trained_on, intervals),
         "submission": submission_table(predictions),
         "skipped": pd.DataFrame(skipped_rows, columns=["kind", "path", "series_uid", "reason"]),
     }
