@@ -144,6 +144,36 @@ def test_predictor_matches_plain_fp32_eager_and_bf16_within_tolerance(tmp_path, 
         assert k.z == pytest.approx(series.slices[k.index].position[2])
 
 
+def test_fp32_prediction_runs_in_ieee_fp32_and_restores_the_settings(tmp_path, ckpt):
+    # PyTorch lets cuDNN convolutions use TF32 by default: fp32 prediction turns that off for its forward passes
+    # only (a GPU then gives a CPU's fp32 numbers); bf16 runs under autocast and leaves the settings alone.
+    from ichscan.hardware import ieee_fp32
+
+    conv = torch.backends.cudnn.conv
+    before = (conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    with ieee_fp32():
+        assert conv.fp32_precision == torch.backends.cudnn.rnn.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    with pytest.raises(RuntimeError), ieee_fp32():
+        raise RuntimeError("a failed forward pass")
+    assert (conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision,
+            torch.backends.cuda.matmul.fp32_precision) == before
+
+    write_series(tmp_path, n=2)
+    series = find_series(tmp_path).series[0]
+    for precision, expected in (("fp32", "ieee"), ("bf16", before[0])):
+        predictor = Predictor.from_checkpoint(ckpt, tta="none", precision=precision)
+        seen = []
+        hook = predictor.ensemble.members[0].model.register_forward_pre_hook(
+            lambda *_: seen.append((conv.fp32_precision, torch.get_autocast_dtype("cpu")
+                                    if torch.is_autocast_enabled("cpu") else None)))
+        predictor.predict_series(series)
+        hook.remove()
+        assert seen and {s[0] for s in seen} == {expected}, precision
+        assert {s[1] for s in seen} == ({None} if precision == "fp32" else {torch.bfloat16})
+        assert conv.fp32_precision == before[0]
+
+
 def test_compiled_predictor_equals_eager_for_series_of_any_length(tmp_path, ckpt):
     # torch.compile (Inductor, weights frozen) with a dynamic batch: series of 5 and 3 slices in batches
     # of 4 images leave last batches of several sizes; one compile serves them all, same probabilities.

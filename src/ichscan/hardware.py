@@ -6,7 +6,9 @@ imported only when a CUDA device is asked about, so ingest can call :func:`cpu_c
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -62,3 +64,35 @@ def autocast_dtype(precision: str):
     import torch
 
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """fp32 computed as IEEE single precision for the span of the block, the settings before it back after.
+
+    PyTorch lets cuDNN convolutions use TF32 by default on GPUs that have it (Ampere and later): 10 bits of
+    mantissa instead of 23, about 1e-3 off in a probability, so "fp32" on such a GPU would not give the
+    numbers fp32 gives on a CPU. Inside this block cuDNN convolutions and RNNs and CUDA matmuls use IEEE fp32
+    (``torch.backends.*.fp32_precision = "ieee"``; the older ``allow_tf32`` flags where torch has no such
+    setting). Nothing changes on a CPU, whose fp32 is IEEE already."""
+    import torch
+
+    b = torch.backends
+    targets = [t for t in (getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None),
+                           getattr(b.cuda, "matmul", None)) if t is not None and hasattr(t, "fp32_precision")]
+    if targets:
+        saved = [t.fp32_precision for t in targets]
+        try:
+            for t in targets:
+                t.fp32_precision = "ieee"
+            yield
+        finally:
+            for t, value in zip(targets, saved):
+                t.fp32_precision = value
+        return
+    saved_flags = (b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32)
+    try:
+        b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = False
+        yield
+    finally:
+        b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = saved_flags

@@ -23,7 +23,7 @@ from ichscan.dicom import SkippedFile
 from ichscan.errors import CheckpointError, IchscanError, PixelDataError, SeriesError
 from ichscan.fileio import escape_undecodable
 from ichscan.geometry import position_along
-from ichscan.hardware import autocast_dtype, resolve_precision
+from ichscan.hardware import autocast_dtype, ieee_fp32, resolve_precision
 from ichscan.labels import LABELS
 from ichscan.predict.outputs import KeySlice, SeriesPrediction
 from ichscan.windows import PAPER_WINDOWS
@@ -502,13 +502,18 @@ class Predictor:
         return np.stack([window_image(hu, windows, size, np.uint8, spacing) for hu in images])
 
     # -- model ------------------------------------------------------------------------------------
-    def _forward(self, model, x):
+    def _precision(self):
+        """The block a forward pass runs in: autocast to bf16 / fp16, or IEEE fp32 (no TF32 on a GPU, so that
+        fp32 gives a GPU the numbers it gives a CPU; ``hardware.ieee_fp32``)."""
         import torch
 
         if self._autocast is not None:
-            with torch.autocast(device_type=self.device.type, dtype=self._autocast):
-                return model(x).float()
-        return model(x).float()
+            return torch.autocast(device_type=self.device.type, dtype=self._autocast)
+        return ieee_fp32()
+
+    def _forward(self, model, x):
+        with self._precision():
+            return model(x).float()
 
     def _runner(self, i: int, member: EnsembleMember):
         """What runs member ``i``: the model, or its compiled form once ``compile`` asked for it."""
@@ -610,16 +615,14 @@ class Predictor:
                 with self._adapted(member, x_all, views):
                     for start in range(0, n, chunk):
                         batch = self._view_batch(x_all[start:start + chunk], views)
-                        if self._autocast is not None:
-                            with torch.autocast(device_type=self.device.type, dtype=self._autocast):
-                                logits, emb = model.forward_with_embedding(batch)
-                        else:
+                        with self._precision():
                             logits, emb = model.forward_with_embedding(batch)
                         m = min(chunk, n - start)
                         rows_logits.append(logits.float().reshape(len(views), m, -1).mean(0))
                         rows_emb.append(emb.float().reshape(len(views), m, -1).mean(0))
                 logits_sum, emb_sum = torch.cat(rows_logits), torch.cat(rows_emb)  # (N, L), (N, D): one series
-                slice_logits, series_logits = model.series_context(emb_sum, logits_sum)
+                with ieee_fp32():  # the series head runs in fp32 whatever the backbone ran in
+                    slice_logits, series_logits = model.series_context(emb_sum, logits_sum)
                 slice_parts.append(torch.sigmoid(slice_logits).double().cpu().numpy())
                 series_parts.append(torch.sigmoid(series_logits).double().cpu().numpy())
         probs = self.ensemble.average(slice_parts)
