@@ -66,6 +66,8 @@ def test_intervals_are_read_from_a_thresholds_document_and_checked(tmp_path):
     mixed["details"]["subdural"]["threshold_ci_level"] = 0.9
     with pytest.raises(DataError, match="levels differ"):
         threshold_intervals(mixed)
+    with pytest.raises(DataError, match="threshold_ci_level of any is 95, not a number between 0 and 1"):
+        threshold_intervals(_doc({"any": 0.5}, {"any": [0.4, 0.6]}, level=95))
     # a checkpoint's operating points are checked when the model is loaded, as a CheckpointError
     with pytest.raises(CheckpointError, match="threshold_ci of any"):
         check_operating_points(_doc({"any": 0.5}, {"any": [0.7, 0.2]}), "model.json", error=CheckpointError)

@@ -184,8 +184,11 @@ def threshold_intervals(doc: Mapping[str, Any] | None, source: str | os.PathLike
                       and 0.0 <= v <= 1.0 for v in ci) and ci[0] <= ci[1])
         if not ok:
             raise error(f"threshold_ci of {name} is {ci!r}, not [low, high] within [0, 1]", source)
+        level = d.get("threshold_ci_level", 0.95)
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
+            raise error(f"threshold_ci_level of {name} is {level!r}, not a number between 0 and 1 (0.95)", source)
         bounds[name] = (float(ci[0]), float(ci[1]))
-        levels.add(float(d.get("threshold_ci_level", 0.95)))
+        levels.add(float(level))
     if not bounds:
         return None
     if len(levels) > 1:
