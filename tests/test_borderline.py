@@ -1,6 +1,6 @@
-"""Borderline calls: a probability inside the interval of its operating point (``ichscan.thresholds``), flagged in
-every output of ``ichscan predict`` (series.csv, predictions.json, the console, report.html, the SR and key
-images) and in the node's log."""
+"""How ``ichscan predict`` calls findings, in every output (series.csv, predictions.json, the console, report.html,
+the SR and key images, the node's log): borderline calls, a probability inside the interval of its operating
+point (``ichscan.thresholds``); and hierarchical calls, a subtype only where ``any`` is called."""
 
 from __future__ import annotations
 
@@ -245,3 +245,31 @@ def test_evaluate_series_report_marks_borderline_calls_from_a_thresholds_file(ru
     assert main([*base, "--thresholds", "0.2", "--out", str(tmp_path / "ev2")]) == 0  # a number: no interval
     html = (tmp_path / "ev2" / "series_report.html").read_text()
     assert 'class="borderline"' not in html.split("</style>")[1] and "not marked" in html
+
+
+def test_a_subtype_above_its_threshold_is_not_called_where_any_is_not(runs, tmp_path, capsys):
+    root, a, b, doc = runs
+    first = pd.read_csv(root / "plain" / "series.csv").set_index("series_uid")
+    assert first.loc[b, "prob_any"] > first.loc[a, "prob_any"] + 0.01
+    thresholds = {n: 0.0 for n in LABELS}  # every subtype above its point in both series
+    thresholds["any"] = float(first.loc[a, "prob_any"]) + 1e-6  # A's any just below its point, B's above
+    path = tmp_path / "thr.json"
+    path.write_text(json.dumps({"method": "fixed", "thresholds": thresholds}))
+    out, dicom = tmp_path / "out", tmp_path / "dicom"
+    assert main(["predict", str(root / "data"), "--checkpoint", "bundled", "--no-progress", "--precision", "fp32",
+                 "--out", str(out), "--thresholds", str(path), "--dicom-out", str(dicom)]) == 0
+    captured = capsys.readouterr()
+    series = pd.read_csv(out / "series.csv").set_index("series_uid")
+    assert (series.loc[a, [f"pred_{n}" for n in LABELS]] == 0).all()
+    assert (series.loc[b, [f"pred_{n}" for n in LABELS]] == 1).all()
+    pj = {s["series_uid"]: s for s in json.loads((out / "predictions.json").read_text())["series"]}
+    assert pj[a]["withheld"] == list(LABELS[1:]) and pj[b]["withheld"] == []
+    assert "any is positive" in json.loads((out / "predictions.json").read_text())["call_rule"]
+    line = next(x for x in captured.out.splitlines() if x.startswith(f"series {a} "))
+    assert "no subtype; above their thresholds but not called, any is not: epidural" in line
+    groups = _groups(pydicom.dcmread(next(dicom.glob(f"{a}-*/sr.dcm"))))
+    absent = {n for n, items in groups.items()
+              if any(i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeMeaning == "Absent" for i in items)}
+    assert absent == set(LABELS)  # the SR of A says Absent for every finding, subtypes included
+    assert [f.name for f in next(dicom.glob(f"{a}-*")).iterdir()] == ["sr.dcm"]  # and no key image
+    assert len(list(next(dicom.glob(f"{b}-*")).glob("key_*.dcm"))) == len(LABELS)

@@ -144,6 +144,28 @@ def test_predictor_matches_plain_fp32_eager_and_bf16_within_tolerance(tmp_path, 
         assert k.z == pytest.approx(series.slices[k.index].position[2])
 
 
+def test_calls_are_hierarchical_a_subtype_only_where_any_is_called():
+    from ichscan.predict.outputs import SeriesPrediction
+
+    def series(probs):
+        return SeriesPrediction("1.2.3", None, None, LABELS, np.array([probs], dtype=np.float32),
+                                np.array(probs, dtype=np.float64), (), ("1.2.3.1",), ("ID_a",), (0.0,))
+
+    t = {"any": 0.6, "epidural": 0.1, "intraparenchymal": 0.2, "intraventricular": 0.5, "subarachnoid": 0.3,
+         "subdural": 0.4}
+    quiet = series([0.59, 0.41, 0.05, 0.5, 0.1, 0.39])  # any just below its point; epidural, IVH above theirs
+    assert quiet.above(t) == {"any": False, "epidural": True, "intraparenchymal": False, "intraventricular": True,
+                              "subarachnoid": False, "subdural": False}
+    assert not any(quiet.decisions(t).values())
+    assert quiet.withheld(t) == ["epidural", "intraventricular"]
+    called = series([0.6, 0.41, 0.05, 0.5, 0.1, 0.39])  # any at its point: the subtypes above theirs are called
+    assert called.decisions(t) == {"any": True, "epidural": True, "intraparenchymal": False,
+                                   "intraventricular": True, "subarachnoid": False, "subdural": False}
+    assert called.withheld(t) == []
+    # `any` alone may be called: a bleed of no subtype above its point
+    assert series([0.9, 0.0, 0.0, 0.0, 0.0, 0.0]).decisions(t)["any"] is True
+
+
 def test_fp32_prediction_runs_in_ieee_fp32_and_restores_the_settings(tmp_path, ckpt):
     # PyTorch lets cuDNN convolutions use TF32 by default: fp32 prediction turns that off for its forward passes
     # only (a GPU then gives a CPU's fp32 numbers); bf16 runs under autocast and leaves the settings alone.
@@ -281,7 +303,8 @@ def test_batch_outputs_follow_the_contract(tmp_path, ckpt, phantoms):
         for name in LABELS:
             assert row[f"prob_{name}"] == pytest.approx(own[f"prob_{name}"].max(), abs=1e-7)
             assert row[f"key_slice_{name}"] == own.loc[own[f"prob_{name}"].idxmax(), "image_id"]
-            assert row[f"pred_{name}"] == int(row[f"prob_{name}"] >= 0.5)
+            # hierarchical calls: a subtype only where `any` is called (docs/predict.md#hierarchy)
+            assert row[f"pred_{name}"] == int(row[f"prob_{name}"] >= 0.5 and row["prob_any"] >= 0.5)
     sub = pd.read_csv(run.outputs["submission"])
     assert list(sub.columns) == ["ID", "Label"] and len(sub) == 6 * len(slices)
     first = slices.iloc[0]

@@ -282,7 +282,8 @@ def _build_sr(prediction: Any, keys: dict[str, tuple[Any, Any]], predictor: Any,
     common = [f"model sha256 {model_hash}", f"members {len(described['members'])}",
               "aggregation " + describe_aggregation(described["aggregation"], described["top_k"],
                                                      predictor.label_aggregation, LABELS),
-              f"tta {'+'.join(described['tta'])}", "decision: present when probability >= threshold"]
+              f"tta {'+'.join(described['tta'])}",
+              "decision: present when probability >= threshold; a subtype only where intracranial hemorrhage is"]
     groups = []
     for label in LABELS:
         s, header = keys[label]

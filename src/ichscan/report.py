@@ -563,10 +563,11 @@ def _strip_png(pred, thresholds: Mapping[str, float]) -> bytes:
     fig = Figure(figsize=(4.5, 0.55 * len(pred.labels) + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(pred.labels), 1, sharex=True, squeeze=False).ravel()
+    called = pred.decisions(dict(thresholds))
     for j, (ax, name) in enumerate(zip(axes, pred.labels)):
         t = float(thresholds.get(name, 0.5))
         probs = pred.slice_probs[:, j]
-        ax.plot(x, probs, "-o", ms=2, lw=1, color="C3" if pred.probs[j] >= t else "C0")
+        ax.plot(x, probs, "-o", ms=2, lw=1, color="C3" if called[name] else "C0")
         ax.axhline(t, ls="--", lw=0.8, color="0.4")
         ax.set_ylim(-0.05, 1.05)
         ax.set_yticks([0, 1])
@@ -644,7 +645,7 @@ def _confusion_rows(truth: Mapping[str, Mapping[str, int]], predictions, thresho
     for name in labels:
         t = float(thresholds.get(name, 0.5))
         y = np.array([int(truth[p.series_uid][name]) for p in labelled], dtype=float)
-        called = np.array([p.prob(name) >= t for p in labelled], dtype=float)
+        called = np.array([p.decisions(dict(thresholds))[name] for p in labelled], dtype=float)
         c = confusion_counts(y, called)
         npv = c.tn / (c.tn + c.fn) if c.tn + c.fn else math.nan
         rows.append({"label": name, "threshold": t, "n": len(labelled), "tp": int(c.tp), "fp": int(c.fp),
@@ -755,6 +756,7 @@ def predictions_report(
         called = _called(p, thresholds)
         decisions = p.decisions(dict(thresholds))
         borderline = p.borderline(dict(thresholds), intervals)
+        withheld = p.withheld(dict(thresholds))
         rows = []
         for j, name in enumerate(p.labels):
             prob, t = float(p.probs[j]), float(thresholds.get(name, 0.5))
@@ -764,7 +766,8 @@ def predictions_report(
             shade = (f"<span class=\"zone\" style=\"left:{100 * zone[0]:.1f}%;width:{100 * (zone[1] - zone[0]):.1f}%\">"
                      "</span>" if zone is not None else "")
             bar_title = f"threshold {t:.3g}" + (f", {intervals.describe(name, t)}" if zone is not None else "")
-            call = "called" if decisions[name] else ""
+            call = "called" if decisions[name] else ("above its threshold; not called, any is not"
+                                                     if name in withheld else "")
             if borderline[name]:
                 call = f"<span class=\"borderline\">{call + ', ' if call else ''}borderline</span>"
             rows.append(
@@ -843,7 +846,8 @@ def predictions_report(
                          'class="calib"')
         evaluation = (
             f"<h2>Against the labels</h2><p class=\"caption\">Series-level, {len(labelled)} labelled series; a "
-            "finding is called when its probability is at or above its threshold. NA: no series to divide by. "
+            "finding is called when its probability is at or above its threshold, a subtype only where "
+            "<code>any</code> is called. NA: no series to divide by. "
             "Small sets give unstable numbers; <code>ichscan evaluate</code> adds confidence intervals.</p>"
             f"<table class=\"conf\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{calib}")
     cap_note = (f"<p class=\"capped\">Showing the {len(shown)} series with the highest <code>any</code> "

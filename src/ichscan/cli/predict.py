@@ -292,7 +292,11 @@ def _print_findings(predictions, thresholds, intervals=None, limit: int = 20) ->
         any_p = p.prob("any")
         text = ", ".join(f"{n} {p.prob(n):.2f} (slice {p.key_slice(n).index + 1} of {p.n_slices})"
                          + (" borderline" if borderline[n] else "") for n in found) or "no subtype"
-        near = [n for n in p.labels if n != "any" and n not in found and borderline[n]]
+        withheld = p.withheld(thresholds)
+        near = [n for n in p.labels if n != "any" and n not in found and n not in withheld and borderline[n]]
+        if withheld:
+            text += "; above their thresholds but not called, any is not: " + ", ".join(
+                f"{n} {p.prob(n):.2f}" + (" borderline" if borderline[n] else "") for n in withheld)
         if near:
             text += "; not called, borderline: " + ", ".join(f"{n} {p.prob(n):.2f}" for n in near)
         notes = []

@@ -94,10 +94,23 @@ class SeriesPrediction:
     def key_slice(self, label: str) -> KeySlice:
         return self.key_slices[self.labels.index(label)]
 
-    def decisions(self, thresholds: dict[str, float] | None = None) -> dict[str, bool]:
-        """Positive or not per label at ``thresholds`` (0.5 where a label has none)."""
+    def above(self, thresholds: dict[str, float] | None = None) -> dict[str, bool]:
+        """Per label, whether its probability reaches its own threshold (0.5 where a label has none)."""
         thresholds = thresholds or {}
         return {name: bool(self.probs[i] >= thresholds.get(name, 0.5)) for i, name in enumerate(self.labels)}
+
+    def decisions(self, thresholds: dict[str, float] | None = None) -> dict[str, bool]:
+        """The calls at ``thresholds``, hierarchical (``CALL_RULE``): ``any`` where its probability reaches its
+        threshold; a subtype where its own does and ``any`` is called, so that no output says "no intracranial
+        hemorrhage" beside "epidural hemorrhage" (docs/predict.md#hierarchy)."""
+        above = self.above(thresholds)
+        gate = above.get("any", True)
+        return {name: yes and (name == "any" or gate) for name, yes in above.items()}
+
+    def withheld(self, thresholds: dict[str, float] | None = None) -> list[str]:
+        """Subtypes whose probability reaches their threshold but are not called, ``any`` not being called."""
+        calls = self.decisions(thresholds)
+        return [name for name, yes in self.above(thresholds).items() if yes and not calls[name]]
 
     def borderline(self, thresholds: dict[str, float] | None = None,
                    intervals: ThresholdIntervals | None = None) -> dict[str, bool | None]:
@@ -150,6 +163,10 @@ class SeriesPrediction:
 
     def _paths(self) -> tuple[str, ...]:
         return self.paths if len(self.paths) == self.n_slices else ("",) * self.n_slices
+
+
+CALL_RULE = ("any: positive when prob >= threshold; a subtype: positive when its prob >= its threshold and any is "
+             "positive")
 
 
 def _printable(item: SkippedFile) -> SkippedFile:
@@ -254,9 +271,11 @@ def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPredic
         "config": config or {},
         "thresholds": thresholds,
         **({"thresholds_from": thresholds_from} if thresholds_from else {}),
+        "call_rule": CALL_RULE,
         "threshold_intervals": None if intervals is None else intervals.to_dict(),
         "series": [dict(p.to_dict(), n_slices=p.n_slices, decisions=p.decisions(thresholds),
-                        borderline=_borderline_names(p, thresholds, intervals)) for p in predictions],
+                        withheld=p.withheld(thresholds), borderline=_borderline_names(p, thresholds, intervals))
+                   for p in predictions],
         "rejected": [dataclasses.asdict(r) for r in rejected],
         "skipped": [dataclasses.asdict(s) for s in skipped],
     }
