@@ -15,8 +15,9 @@ predicted under ``SelectionRules.permissive()`` and ``selection`` in the JSON sa
   every series' probabilities (``series``), so each number can be recomputed from the JSON; and
   ``negatives``, where the false alarms lie: the top-k slices of the series without a bleed by fifth of the
   series (foot to head), and the subtype leading on each one's brightest slice.
-* ``ge_normal``: the six probabilities, the slice that drove each one (index, z, InstanceNumber), and whether
-  ``any`` stays below the ``any`` threshold the model carries (or ``--thresholds`` gives; null without).
+* ``ge_normal``: the six probabilities, the slice that drove each one (index, z, InstanceNumber), whether
+  ``any`` stays below the ``any`` threshold the model carries (or ``--thresholds`` gives; null without), and
+  ``calls``: what ``ichscan predict`` would call there, withhold and mark borderline.
 * ``against`` (with ``--against CKPT``, e.g. ``bundled``): the same for a second model on the same series,
   and ``paired``: the checkpoint against it as ``ichscan compare`` computes it (``ichscan.comparison``),
   per aggregation on the series (DeLong and a paired patient bootstrap) and on the slices (the bootstrap).
@@ -53,7 +54,7 @@ from ichscan.errors import IchscanError
 from ichscan.labels import LABELS
 from ichscan.metrics import join_series_labels, join_slice_labels, weighted_log_loss
 from ichscan.model import resolve_checkpoint
-from ichscan.thresholds import run_thresholds
+from ichscan.thresholds import ThresholdIntervals, run_intervals, run_thresholds
 from ichscan.predict import (
     AGGREGATIONS,
     Predictor,
@@ -233,7 +234,7 @@ def negatives_report(predictions: list[SeriesPrediction], any_label: dict[str, i
 
 
 def ge_report(p: SeriesPrediction, series: CTSeries, methods: Sequence[str], top_k: int,
-              thresholds: dict | None) -> dict:
+              thresholds: dict | None, intervals: ThresholdIntervals | None = None) -> dict:
     instance = {str(s.sop_uid): s.instance_number for s in series.slices}
     z = series.z
     steps = np.abs(np.diff(z)) if z is not None and len(z) > 1 else None
@@ -250,7 +251,18 @@ def ge_report(p: SeriesPrediction, series: CTSeries, methods: Sequence[str], top
                                 "image_id": k.image_id, "prob": k.prob} for k in p.key_slices},
         "any_threshold": t_any,
         "any_below_threshold": None if t_any is None else {m: probs[m]["any"] < t_any for m in methods},
+        # what `ichscan predict` would say of this normal head at those thresholds: the findings it calls
+        # (hierarchical), the subtypes above their thresholds it withholds, the borderline calls (null without
+        # intervals)
+        "calls": None if thresholds is None else {m: _calls(_reaggregated(p, m, top_k), thresholds, intervals)
+                                                  for m in methods},
     }
+
+
+def _calls(p: SeriesPrediction, thresholds: dict, intervals: ThresholdIntervals | None) -> dict:
+    borderline = p.borderline(thresholds, intervals)
+    return {"called": [n for n, yes in p.decisions(thresholds).items() if yes], "withheld": p.withheld(thresholds),
+            "borderline": None if intervals is None else [n for n, yes in borderline.items() if yes]}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -277,9 +289,10 @@ def measure(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - t0
     # The thresholds `ichscan predict` would use, but null rather than 0.5 when the model carries none:
     # "below a threshold nobody chose" would read like a result.
-    thresholds, thresholds_from = None, None
+    thresholds, thresholds_from, intervals = None, None, None
     if args.thresholds or predictor.operating_points:
         thresholds, thresholds_from = run_thresholds(args.thresholds, predictor.operating_points)
+        intervals = run_intervals(args.thresholds, predictor.operating_points)
 
     ctich_scan, ge_scan = find_series(data / "images"), find_series(realct / "ge-normal")
     ctich = list(ctich_scan.series)[: args.limit]  # find_series sorts by patient: --limit is reproducible
@@ -353,7 +366,7 @@ def measure(args: argparse.Namespace) -> dict:
             "files_skipped": len(ctich_scan.skipped),
             **ctich_result,
         },
-        "ge_normal": ge_report(ge_preds[0], ge, methods, predictor.top_k, thresholds),
+        "ge_normal": ge_report(ge_preds[0], ge, methods, predictor.top_k, thresholds, intervals),
         **({} if against is None else {"against": against}),
     }
 

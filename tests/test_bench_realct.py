@@ -162,7 +162,7 @@ def test_ge_normal_and_checkpoint(limited, ckpt):
         assert 0 <= key["index"] < 28 and key["prob"] == pytest.approx(ge["probs"]["max"][name])
         assert key["instance_number"] == key["index"] + 1  # the GE files are numbered from the skull base up
         assert key["z"] is not None
-    assert ge["any_threshold"] is None and ge["any_below_threshold"] is None
+    assert ge["any_threshold"] is None and ge["any_below_threshold"] is None and ge["calls"] is None
     assert report["thresholds"] is None
     weights = ckpt.with_suffix(".safetensors")
     assert report["checkpoint"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -172,7 +172,8 @@ def test_operating_points_carried_by_the_checkpoint(bench, ckpt, work, tmp_path,
     """A checkpoint JSON with operating points: the `any` threshold is used; the conversion is reused."""
     _, first, _ = limited
     meta = json.loads(ckpt.read_text())
-    meta["operating_points"] = {"method": "manual", "thresholds": {"any": 0.999}}
+    meta["operating_points"] = {"method": "manual", "thresholds": {"any": 0.999, "epidural": 0.0},
+                                "details": {"any": {"threshold_ci": [0.5, 0.9995], "threshold_ci_level": 0.95}}}
     carrying = tmp_path / "carrying.json"
     shutil.copy(ckpt.with_suffix(".safetensors"), carrying.with_suffix(".safetensors"))
     carrying.write_text(json.dumps(dict(meta, weights=carrying.with_suffix(".safetensors").name)))
@@ -182,6 +183,16 @@ def test_operating_points_carried_by_the_checkpoint(bench, ckpt, work, tmp_path,
     ge = report["ge_normal"]
     assert ge["any_threshold"] == 0.999
     assert ge["any_below_threshold"] == {"max": ge["probs"]["max"]["any"] < 0.999}
+    # what predict would say: epidural (threshold 0) is called only where any is (hierarchical calls)
+    probs, t = ge["probs"]["max"], report["thresholds"]
+    above = [n for n in LABELS[1:] if probs[n] >= t[n]]  # the others' threshold: 0.5
+    assert "epidural" in above
+    calls = ge["calls"]["max"]
+    if probs["any"] < 0.999:
+        assert calls["called"] == [] and calls["withheld"] == above
+    else:
+        assert calls["called"] == ["any", *above] and calls["withheld"] == []
+    assert calls["borderline"] == (["any"] if 0.5 <= probs["any"] < 0.9995 else [])
     # same weights, same slices: the same GE probabilities as the first run
     assert ge["probs"]["max"] == pytest.approx(first["ge_normal"]["probs"]["max"], abs=1e-9)
 
