@@ -165,8 +165,10 @@ def test_the_console_and_the_html_report_say_borderline(runs, capsys):
     lo, hi = doc["details"]["any"]["threshold_ci"]
     assert f"any {t_any:.4g} (95% interval {lo:.3g}-{hi:.3g})" in captured.err
     lines = {line.split()[1]: line for line in captured.out.splitlines() if line.startswith("series ")}
-    assert " borderline;" in lines[a] and "not called, borderline: subdural" in lines[b]
-    assert " borderline;" not in lines[b] and "not called" not in lines[a]
+    assert f"any {float(pd.read_csv(root / 'marked' / 'series.csv').set_index('series_uid').loc[a, 'prob_any']):.3f}" \
+        " (called, borderline);" in lines[a]
+    assert "not called, borderline: subdural" in lines[b] and "(called);" in lines[b]
+    assert "not called" not in lines[a]
     assert "borderline: the probability lies inside its threshold's 95% interval" in captured.out
 
     html = (root / "marked" / "report.html").read_text()

@@ -280,13 +280,15 @@ def _write_html(args, result, predictor) -> int:
 
 
 def _print_findings(predictions, thresholds, intervals=None, limit: int = 20) -> None:
-    """One line per series; slices counted from 1 (slice k of N), as the report and render count them. A
-    borderline call (``ichscan.thresholds.ThresholdIntervals``) says so."""
+    """One line per series: ``any`` and whether it is called, then the subtypes called; slices counted from 1
+    (slice k of N), as the report and render count them. A borderline call (``ichscan.thresholds.
+    ThresholdIntervals``) says so, and so does a subtype withheld because ``any`` is not called."""
     from ichscan.geometry import spacing_summary
 
     any_borderline = False
     for p in predictions[:limit]:
-        found = [name for name, yes in p.decisions(thresholds).items() if yes and name != "any"]
+        calls = p.decisions(thresholds)
+        found = [name for name, yes in calls.items() if yes and name != "any"]
         borderline = p.borderline(thresholds, intervals)
         any_borderline |= any(borderline.values())
         any_p = p.prob("any")
@@ -308,8 +310,8 @@ def _print_findings(predictions, thresholds, intervals=None, limit: int = 20) ->
         if p.skipped:
             notes.append(f"{len(p.skipped)} slice(s) left out: unreadable")
         note = f" [scored with {'; '.join(notes)}]" if notes else ""
-        print(f"series {p.series_uid} ({p.n_slices} slices): any {any_p:.2f}"
-              f"{' borderline' if borderline['any'] else ''}; {text}{note}")
+        status = ("called" if calls["any"] else "not called") + (", borderline" if borderline["any"] else "")
+        print(f"series {p.series_uid} ({p.n_slices} slices): any {any_p:.3f} ({status}); {text}{note}")
     if len(predictions) > limit:
         print(f"... {len(predictions) - limit} more series in series.csv")
     if any_borderline:
