@@ -275,3 +275,27 @@ def test_a_subtype_above_its_threshold_is_not_called_where_any_is_not(runs, tmp_
     assert absent == set(LABELS)  # the SR of A says Absent for every finding, subtypes included
     assert [f.name for f in next(dicom.glob(f"{a}-*")).iterdir()] == ["sr.dcm"]  # and no key image
     assert len(list(next(dicom.glob(f"{b}-*")).glob("key_*.dcm"))) == len(LABELS)
+
+
+def test_evaluate_with_hierarchical_calls_counts_what_predict_called(runs, tmp_path):
+    root, a, b, doc = runs
+    first = pd.read_csv(root / "plain" / "series.csv").set_index("series_uid")
+    thresholds = {n: 0.0 for n in LABELS}
+    thresholds["any"] = float(first.loc[a, "prob_any"]) + 1e-6  # A's any not called, B's called
+    path = tmp_path / "thr.json"
+    path.write_text(json.dumps({"method": "fixed", "thresholds": thresholds}))
+    assert main(["predict", str(root / "data"), "--checkpoint", "bundled", "--no-progress", "--precision", "fp32",
+                 "--out", str(tmp_path / "pred"), "--thresholds", str(path)]) == 0
+    series = pd.read_csv(tmp_path / "pred" / "series.csv")
+    base = ["evaluate", "--pred", str(tmp_path / "pred" / "series.csv"), "--labels",
+            str(root / "data" / "series_labels.csv"), "--thresholds", str(path), "--bootstrap", "0", "--quiet"]
+    counted = {}
+    for calls in ("independent", "hierarchical"):
+        assert main([*base, "--calls", calls, "--out", str(tmp_path / calls)]) == 0
+        table = json.loads((tmp_path / calls / "table1.json").read_text())
+        assert table["calls"] == calls
+        counted[calls] = {r["label"]: r["tp"] + r["fp"] for r in table["per_label"]}
+    for name in LABELS[1:]:  # threshold 0: both series above it; only B's called
+        assert counted["independent"][name] == 2 and counted["hierarchical"][name] == 1
+    # the calls evaluate counted with --calls hierarchical are the pred_ columns predict wrote
+    assert counted["hierarchical"] == {n: int(series[f"pred_{n}"].sum()) for n in LABELS}

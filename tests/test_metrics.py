@@ -91,6 +91,36 @@ def test_evaluate_point_estimates_agree_with_sklearn():
     assert [r.label for r in ev.per_label] == list(LABELS)
 
 
+def test_hierarchical_calls_agree_with_sklearn_on_gated_calls_and_leave_auc_alone():
+    rng = np.random.default_rng(12)
+    y = (rng.random((400, 6)) < 0.25).astype(int)
+    p = np.clip(0.3 * y + 0.7 * rng.random((400, 6)), 0.001, 0.999)
+    thresholds = dict(zip(LABELS, (0.5, 0.4, 0.45, 0.5, 0.55, 0.6)))
+    ind = m.evaluate(y, p, thresholds=thresholds, n_bootstrap=0)
+    hier = m.evaluate(y, p, thresholds=thresholds, n_bootstrap=0, calls="hierarchical")
+    gate = p[:, 0] >= thresholds["any"]
+    assert 0 < gate.sum() < len(gate)
+    for j, name in enumerate(LABELS):
+        pred = ((p[:, j] >= thresholds[name]) & (gate | (j == 0))).astype(int)
+        row = hier[name]
+        assert row.tp + row.fp == pred.sum()
+        assert row.acc.value == pytest.approx(skm.accuracy_score(y[:, j], pred), abs=1e-9)
+        assert row.prec.value == pytest.approx(skm.precision_score(y[:, j], pred), abs=1e-9)
+        assert row.rec.value == pytest.approx(skm.recall_score(y[:, j], pred), abs=1e-9)
+        assert row.auc.value == ind[name].auc.value and row.log_loss.value == ind[name].log_loss.value
+    assert hier["any"].tp == ind["any"].tp and hier["epidural"].tp + hier["epidural"].fp < \
+        ind["epidural"].tp + ind["epidural"].fp  # some epidural calls withdrawn, any untouched
+    assert hier.to_dict()["calls"] == "hierarchical" and "any is positive" in hier.to_dict()["decision_rule"]
+    from ichscan.report import table1_caption
+
+    assert "a subtype only where any is called too" in table1_caption(hier)
+    assert "a subtype only" not in table1_caption(ind)
+    with pytest.raises(ValueError, match="calls must be one of"):
+        m.evaluate(y, p, calls="gated")
+    with pytest.raises(ValueError, match="need the label 'any'"):
+        m.evaluate(y[:, 1:], p[:, 1:], labels=LABELS[1:], calls="hierarchical")
+
+
 def test_evaluate_rejects_bad_input():
     with pytest.raises(ValueError, match="no rows"):
         m.evaluate(np.zeros((0, 6)), np.zeros((0, 6)))

@@ -35,7 +35,7 @@ import pandas as pd
 from ichscan.errors import DataError
 from ichscan.fileio import write_text
 from ichscan.labels import LABELS, loss_weights
-from ichscan.thresholds import load_thresholds, resolve_thresholds
+from ichscan.thresholds import CALL_RULES, load_thresholds, resolve_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +315,7 @@ class Evaluation:
     ci: float = 0.95
     seed: int = 0
     source: dict[str, Any] = field(default_factory=dict)
+    calls: str = "independent"  # thresholds.CALL_RULES
 
     def __getitem__(self, label: str) -> LabelMetrics:
         for row in self.per_label:
@@ -336,7 +337,8 @@ class Evaluation:
             "bootstrap": {"n": self.n_bootstrap, "ci": self.ci, "seed": self.seed, "method": "percentile"},
             "labels": list(self.labels),
             "thresholds": dict(self.thresholds),
-            "decision_rule": "positive when prob >= threshold",
+            "calls": self.calls,
+            "decision_rule": CALL_RULES[self.calls],
             "weighted_log_loss": self.weighted_log_loss.to_dict(),
             "loss_weights": dict(zip(self.labels, loss_weights(self.labels))),
             "eps": EPS,
@@ -415,12 +417,16 @@ def evaluate(
     seed: int = 0,
     level: str = "rows",
     source: Mapping[str, Any] | None = None,
+    calls: str = "independent",
 ) -> Evaluation:
     """Table 1 for ``(n, len(labels))`` truth and probabilities (arrays or DataFrames with label columns).
 
     ``groups`` gives each row's patient; the bootstrap resamples patients with replacement
     (``n_bootstrap`` times, ``np.random.default_rng(seed)``) and reports percentile ``ci`` intervals.
     Without ``groups`` each row is its own unit. Labels lacking a class give NA, with the reason.
+    ``calls`` (``thresholds.CALL_RULES``): ``independent``, each label at its threshold alone, as the paper's
+    Table 1; ``hierarchical``, a subtype only where ``any`` is called too, as ``ichscan predict`` calls
+    (needs ``any`` among the labels). ACC, PREC and REC follow it; AUC and LOG_LOSS do not depend on calls.
     """
     labels = tuple(labels)
     y = _as_matrix(y_true, labels, "y_true")
@@ -448,7 +454,15 @@ def evaluate(
         unit = "patient"
     ids_arr = np.arange(n).astype(str) if ids is None else np.asarray(ids).astype(str)
     t = resolve_thresholds(thresholds, labels)
+    if calls not in CALL_RULES:
+        raise ValueError(f"calls must be one of {', '.join(CALL_RULES)}, got {calls!r}")
+    if calls == "hierarchical" and "any" not in labels:
+        raise ValueError("hierarchical calls need the label 'any'")
+    call_rule = calls
     calls = (p >= np.array([t[name] for name in labels])).astype(np.float64)
+    if call_rule == "hierarchical":  # thresholds.hierarchical_calls, for every row at once
+        gate = calls[:, labels.index("any")].copy()
+        calls *= np.where(np.array([name == "any" for name in labels]), 1.0, gate[:, None])
 
     # Per-row quantities that every resample re-weights.
     ll = _row_log_loss(y, p)
@@ -503,7 +517,7 @@ def evaluate(
         labels=labels, per_label=tuple(rows), weighted_log_loss=wll, thresholds=t,
         y_true=y.astype(np.int8), y_prob=p, groups=groups_arr, ids=ids_arr, level=level,
         resampling_unit=unit, n_units=n_units, n_bootstrap=n_bootstrap, ci=ci, seed=seed,
-        source=dict(source or {}),
+        source=dict(source or {}), calls=call_rule,
     )
 
 
@@ -951,6 +965,7 @@ def evaluate_files(
     ci: float = 0.95,
     seed: int = 0,
     labels: Sequence[str] = LABELS,
+    calls: str = "independent",
 ) -> Evaluation:
     """``load_eval_data`` then ``evaluate``; ``thresholds`` may also be the path of a thresholds file."""
     data = load_eval_data(pred_path, labels_path, level=level, groups_path=groups_path, labels=labels)
@@ -958,7 +973,7 @@ def evaluate_files(
         thresholds = parse_thresholds(os.fspath(thresholds), labels)
     return evaluate(data.y_true, data.y_prob, groups=data.groups, ids=data.ids, labels=data.labels,
                     thresholds=thresholds, n_bootstrap=n_bootstrap, ci=ci, seed=seed, level=data.level,
-                    source=data.source)
+                    source=data.source, calls=calls)
 
 
 def choose_thresholds_files(

@@ -102,7 +102,8 @@ def table1_caption(ev: Evaluation) -> str:
         at = "per-label thresholds " + ", ".join(f"{k} {threshold_text(v)}" for k, v in ev.thresholds.items())
     text = (f"Table 1. {ev.level.capitalize()}-level results on {ev.n} {rows}"
             + (f" from {ev.n_units} patients" if ev.resampling_unit == "patient" else "")
-            + f"; a finding is called when its probability is at or above the {at}.")
+            + f"; a finding is called when its probability is at or above the {at}"
+            + (", a subtype only where any is called too." if ev.calls == "hierarchical" else "."))
     if ev.n_bootstrap:
         text += (f" Brackets: {ev.ci:.0%} percentile bootstrap CI, {ev.n_bootstrap} resamples of {units}"
                  f" (seed {ev.seed}).")

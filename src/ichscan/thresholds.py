@@ -26,6 +26,21 @@ DEFAULT_THRESHOLD = 0.5
 FORMAT_HINT = '{"method": ..., "thresholds": {label: threshold}}'
 
 
+# How probabilities at thresholds become calls. "independent": each label alone (the paper's Table 1).
+# "hierarchical": a subtype only where `any` is called too (`ichscan predict`'s calls, docs/predict.md#hierarchy).
+CALL_RULES = {
+    "independent": "positive when prob >= threshold",
+    "hierarchical": "any: positive when prob >= threshold; a subtype: positive when its prob >= its threshold "
+                    "and any is positive",
+}
+
+
+def hierarchical_calls(above: Mapping[str, bool]) -> dict[str, bool]:
+    """{label: called} from {label: prob >= its threshold}: a subtype stays called only where ``any`` is."""
+    gate = bool(above.get("any", True))
+    return {name: bool(yes) and (name == "any" or gate) for name, yes in above.items()}
+
+
 def default_thresholds(labels: Sequence[str] = LABELS) -> dict[str, float]:
     return {name: DEFAULT_THRESHOLD for name in labels}
 

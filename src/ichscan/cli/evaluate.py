@@ -18,7 +18,9 @@ examples:
 series_uid. --level slice (the competition's): predict's slices.csv or a Kaggle submission against RSNA
 labels (ID_<image>_<label>,Label), joined on image_id. --level auto picks by the columns.
 A finding is called when prob >= threshold; the pred_<label> columns of series.csv are not used, so the
-table always follows --thresholds. CIs resample patients (patient_id from the files or --groups).
+table always follows --thresholds. Each label is called alone, as the paper's Table 1; --calls
+hierarchical calls a subtype only where any is called too, as ichscan predict does. CIs resample
+patients (patient_id from the files or --groups).
 
 outputs in --out: table1.md, table1.csv, table1.json, roc.png, roc.svg (and report.html with --html;
 series_report.html, the key slices of every series marked TP/FP/FN/TN, with --html --dicom FOLDER).
@@ -40,6 +42,9 @@ def register(subparsers) -> None:
                    help="series or slice evaluation (default auto: by the files' columns)")
     p.add_argument("--thresholds", default="0.5",
                    help="a number for every label, or a thresholds JSON from `ichscan thresholds` (default 0.5)")
+    p.add_argument("--calls", choices=("independent", "hierarchical"), default="independent",
+                   help="independent: each label at its threshold alone, as the paper's Table 1 (default); "
+                        "hierarchical: a subtype only where any is called too, as ichscan predict calls")
     p.add_argument("--groups", help="CSV/Parquet with image_id and patient_id (slice level, when the "
                                     "predictions and labels carry no patient_id)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
@@ -73,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("--ci must lie between 0 and 1, e.g. 0.95")
     thresholds = parse_thresholds(args.thresholds)
     ev = evaluate_files(args.pred, args.labels, level=args.level, groups_path=args.groups,
-                        thresholds=thresholds, n_bootstrap=args.bootstrap, ci=args.ci, seed=args.seed)
+                        thresholds=thresholds, n_bootstrap=args.bootstrap, ci=args.ci, seed=args.seed,
+                        calls=args.calls)
     if args.dicom and not args.html:
         raise DataError("--dicom goes with --html (it adds series_report.html)", args.dicom)
     trained_on = _trained_on(args.pred)

@@ -20,7 +20,7 @@ from ichscan.errors import DataError
 from ichscan.fileio import escape_undecodable, write_csv, write_text
 from ichscan.labels import LABELS, RSNA_CSV_ORDER
 from ichscan.predict.selection import RejectedSeries
-from ichscan.thresholds import ThresholdIntervals, default_thresholds
+from ichscan.thresholds import CALL_RULES, ThresholdIntervals, default_thresholds, hierarchical_calls
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,7 @@ class SeriesPrediction:
         """The calls at ``thresholds``, hierarchical (``CALL_RULE``): ``any`` where its probability reaches its
         threshold; a subtype where its own does and ``any`` is called, so that no output says "no intracranial
         hemorrhage" beside "epidural hemorrhage" (docs/predict.md#hierarchy)."""
-        above = self.above(thresholds)
-        gate = above.get("any", True)
-        return {name: yes and (name == "any" or gate) for name, yes in above.items()}
+        return hierarchical_calls(self.above(thresholds))
 
     def withheld(self, thresholds: dict[str, float] | None = None) -> list[str]:
         """Subtypes whose probability reaches their threshold but are not called, ``any`` not being called."""
@@ -165,8 +163,7 @@ class SeriesPrediction:
         return self.paths if len(self.paths) == self.n_slices else ("",) * self.n_slices
 
 
-CALL_RULE = ("any: positive when prob >= threshold; a subtype: positive when its prob >= its threshold and any is "
-             "positive")
+CALL_RULE = CALL_RULES["hierarchical"]
 
 
 def _printable(item: SkippedFile) -> SkippedFile:
