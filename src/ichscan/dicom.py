@@ -146,6 +146,7 @@ class CTSlice:
     study_uid: str = ""
     series_uid: str = ""
     sop_uid: str = ""
+    frame_of_reference_uid: str = ""  # the scan's coordinate system: every reconstruction of one scan shares it
     position: tuple[float, float, float] | None = None
     orientation: tuple[float, float, float, float, float, float] | None = None
     spacing: tuple[float, float] | None = None  # (row, column) mm
@@ -804,6 +805,7 @@ def _slices_from(ds: Dataset, src: _Source, pixels: bool) -> list[CTSlice]:
         study_uid=str(ds.get("StudyInstanceUID", "")),
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         sop_uid=str(ds.get("SOPInstanceUID", "")),
+        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
         rows=int(ds.get("Rows", 0) or 0),
         columns=int(ds.get("Columns", 0) or 0),
         kernel=" ".join(str(v) for v in _as_list(ds.get("ConvolutionKernel"))),

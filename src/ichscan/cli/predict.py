@@ -83,6 +83,9 @@ def register(subparsers) -> None:
     s.add_argument("--not-head-ok", action="store_true",
                    help="predict series that fail the head check too (no skull ring in their images, or metadata "
                         "naming another body part), each with a warning; their probabilities mean nothing")
+    s.add_argument("--every-reconstruction", action="store_true",
+                   help="predict every reconstruction of a scan (a bone kernel beside the soft one, thin slices "
+                        "beside thick); default: only the least noisy, the others rejected naming it")
     s.add_argument("--all-series", action="store_true",
                    help="no selection rules, no head check: predict every series (an RSNA test folder needs every "
                         "image)")
@@ -126,6 +129,7 @@ def _rules(args):
         exclude_descriptions=(tuple(args.exclude_description) if args.exclude_description
                               else base.exclude_descriptions),
         not_head_ok=args.not_head_ok,
+        one_per_scan=not args.every_reconstruction,
     )
 
 

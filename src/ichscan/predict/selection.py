@@ -52,6 +52,11 @@ HEAD_DIAMETER_MM = (80.0, 220.0)
 # inside that outline that is brain density (not lung, not fat).
 MIN_BONE_OUTLINE = 0.6
 MIN_BRAIN_FILL = 0.8
+# Two series are reconstructions of one scan when they share study, frame of reference (where both name one)
+# and plane (normals within SAME_PLANE_DEGREES) and their z ranges overlap by half the shorter one or more.
+SAME_PLANE_DEGREES = 5.0
+MIN_Z_OVERLAP = 0.5
+NOISE_SLICES = 3  # slices from the middle of a series read to measure its pixel noise
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,10 @@ class SelectionRules:
     word of ``not_head_words`` in BodyPartExamined, SeriesDescription or ProtocolName unless one of
     ``head_words`` is there too (a "HEAD AND CHEST" series is judged by its images). ``not_head_ok``
     predicts a series that fails it too, with a warning, instead of rejecting it.
+
+    ``one_per_scan``: of several series that are reconstructions of one scan (``same_scan``: a soft-tissue
+    and a bone kernel, thin and thick slices), only the one with the least pixel noise (``pixel_noise``) is
+    predicted, the reconstruction the model was made for; the others are rejected, naming it.
     """
 
     min_slices: int = 10
@@ -84,12 +93,13 @@ class SelectionRules:
     not_head_words: tuple[str, ...] = NOT_HEAD_WORDS
     head_check_slices: int = 8
     min_head_fraction: float = 0.5
+    one_per_scan: bool = True
 
     @classmethod
     def permissive(cls) -> SelectionRules:
         """Predict every series that has at least one slice (an RSNA test folder needs all images)."""
         return cls(min_slices=1, require_axial=False, max_tilt=None, modalities=(),
-                   exclude_image_types=(), exclude_descriptions=(), head_check=False)
+                   exclude_image_types=(), exclude_descriptions=(), head_check=False, one_per_scan=False)
 
 
 @dataclass(frozen=True)
@@ -267,4 +277,100 @@ def select_series(series: Iterable[Any], rules: SelectionRules | None = None) ->
             selected.append(s)
         else:
             rejected.append(RejectedSeries(s.patient_id, s.study_uid, s.series_uid, len(s.slices), *reason))
+    if rules.one_per_scan:
+        kept, others = _one_per_scan(selected)
+        selected = [s for s in selected if id(s) in kept]
+        rejected += others
     return selected, rejected
+
+
+# ---------------------------------------------------------------------------------------- one per scan
+
+
+def same_scan(a: Any, b: Any) -> bool:
+    """Whether series ``a`` and ``b`` are reconstructions of one scan: the same study, the same frame of
+    reference where both name one, the same plane (normals within ``SAME_PLANE_DEGREES``) and z ranges that
+    overlap by ``MIN_Z_OVERLAP`` of the shorter one. Series without geometry are never the same scan."""
+    if not a.slices or not b.slices or str(a.study_uid) != str(b.study_uid):
+        return False
+    fa = getattr(a.slices[0], "frame_of_reference_uid", "")
+    fb = getattr(b.slices[0], "frame_of_reference_uid", "")
+    if fa and fb and fa != fb:
+        return False
+    na, nb = a.slices[0].normal, b.slices[0].normal
+    if na is None or nb is None or float(abs(np.dot(na, nb))) < np.cos(np.deg2rad(SAME_PLANE_DEGREES)):
+        return False
+    za, zb = a.z, b.z
+    if za is None or zb is None:
+        return False
+    if float(np.dot(na, nb)) < 0:  # opposite normals: the same axis, counted the other way
+        zb = -zb
+    (a0, a1), (b0, b1) = sorted((za.min(), za.max())), sorted((zb.min(), zb.max()))
+    overlap = min(a1, b1) - max(a0, b0)
+    shorter = min(a1 - a0, b1 - b0)
+    return bool(overlap >= MIN_Z_OVERLAP * shorter) if shorter > 0 else bool(overlap >= 0)
+
+
+def pixel_noise(hu: np.ndarray) -> float | None:
+    """Pixel-to-pixel noise of one slice in HU: the standard deviation that white noise of this size would
+    have, from the differences of horizontal neighbours in brain-density tissue (both pixels where a 5x5
+    mean lies in ``BRAIN_HU``): their standard deviation / sqrt(2), over the differences within three
+    robust standard deviations (1.4826 x the median absolute deviation, at least 1 HU) of their median, so
+    that anatomy's few edges barely move it. A sharp (bone) kernel or a thin slice gives more; None
+    without such tissue."""
+    from scipy import ndimage
+
+    hu = np.asarray(hu, dtype=np.float32)
+    smooth = ndimage.uniform_filter(hu, 5)
+    tissue = (smooth >= BRAIN_HU[0]) & (smooth <= BRAIN_HU[1])
+    pair = tissue[:, 1:] & tissue[:, :-1]
+    if pair.sum() < 200:
+        return None
+    d = (hu[:, 1:] - hu[:, :-1])[pair]
+    centre = np.median(d)
+    spread = max(1.4826 * float(np.median(np.abs(d - centre))), 1.0)
+    core = d[np.abs(d - centre) <= 3.0 * spread]
+    return float(core.std() / np.sqrt(2.0))
+
+
+def series_noise(series: Any) -> float | None:
+    """The median ``pixel_noise`` of up to ``NOISE_SLICES`` slices from the middle of ``series``."""
+    n = len(series.slices)
+    middle = np.linspace(n // 3, max(n // 3, n - 1 - n // 3), NOISE_SLICES).round()
+    chosen = [series.slices[i] for i in sorted({int(i) for i in middle})]
+    values = [v for _, hu in iter_hu(chosen, allow_non_ct=True) if not isinstance(hu, IchscanError)
+              for v in [pixel_noise(hu)] if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def _one_per_scan(selected: list) -> tuple[set[int], list[RejectedSeries]]:
+    """(ids of the series kept, the others rejected): one series per group of ``same_scan`` reconstructions,
+    the least noisy (ties and series without a measure: the first in order)."""
+    groups: list[list] = []
+    for s in selected:
+        home = next((g for g in groups if any(same_scan(s, t) for t in g)), None)
+        if home is None:
+            groups.append([s])
+        else:
+            home.append(s)
+    kept, rejected = set(), []
+    for group in groups:
+        if len(group) == 1:
+            kept.add(id(group[0]))
+            continue
+        noise = {id(s): series_noise(s) for s in group}
+        best = min(group, key=lambda s: (noise[id(s)] is None, noise[id(s)] or 0.0))
+        kept.add(id(best))
+
+        def said(s):
+            return "noise not measured" if noise[id(s)] is None else f"pixel noise {noise[id(s)]:.1f} HU"
+
+        for s in group:
+            if s is best:
+                continue
+            detail = (f"another reconstruction of the same scan is predicted: series {best.series_uid} "
+                      f"({len(best.slices)} slices, {said(best)}); this one has {said(s)} (a sharper kernel or "
+                      "thinner slices than the model was made for)")
+            rejected.append(RejectedSeries(s.patient_id, s.study_uid, s.series_uid, len(s.slices), "one_per_scan",
+                                           detail))
+    return kept, rejected
