@@ -132,8 +132,8 @@ def predict_path(
     run with the same configuration; outputs are written when all series are done. ``max_series``
     stops after that many newly predicted series (``complete=False``; rerun to go on). Bad files and
     series that fail are reported in ``skipped``/``failed`` and the rest predicted. ``thresholds``
-    (a dict or a file) overrides the operating points the model carries; 0.5 where neither says. Where
-    they carry intervals (``run_intervals``), every output flags the borderline calls.
+    ({label: t}, a thresholds file, or its document) overrides the operating points the model carries; 0.5
+    where neither says. Where they carry intervals (``run_intervals``), every output flags the borderline calls.
     ``out_dir`` is locked while the run writes it, and refused when it holds another input's or
     configuration's results, unless ``restart``. Patients are named in every output by ``patient_ids``
     (default: a pseudonymous key, ``ichscan.privacy``; ``Pseudonymizer(keep=True)`` keeps the PatientID).

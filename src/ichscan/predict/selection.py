@@ -346,13 +346,15 @@ def series_noise(series: Any) -> float | None:
 def _one_per_scan(selected: list) -> tuple[set[int], list[RejectedSeries]]:
     """(ids of the series kept, the others rejected): one series per group of ``same_scan`` reconstructions,
     the least noisy (ties and series without a measure: the first in order)."""
-    groups: list[list] = []
+    by_study: dict[str, list[list]] = {}  # a study's groups: only series of one study can be one scan
     for s in selected:
-        home = next((g for g in groups if any(same_scan(s, t) for t in g)), None)
+        groups_of_study = by_study.setdefault(str(s.study_uid), [])
+        home = next((g for g in groups_of_study if any(same_scan(s, t) for t in g)), None)
         if home is None:
-            groups.append([s])
+            groups_of_study.append([s])
         else:
             home.append(s)
+    groups = [g for study in by_study.values() for g in study]
     kept, rejected = set(), []
     for group in groups:
         if len(group) == 1:
