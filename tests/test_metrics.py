@@ -71,11 +71,16 @@ def test_undefined_metrics_are_nan_not_errors():
     assert math.isnan(m.precision([1, 0], [0, 0]))
 
 
-def test_evaluate_point_estimates_agree_with_sklearn():
-    rng = np.random.default_rng(11)
+def six_label_case(seed: int):
+    """400 rows of the six labels, a quarter positive, scores that separate them somewhat; and thresholds."""
+    rng = np.random.default_rng(seed)
     y = (rng.random((400, 6)) < 0.25).astype(int)
     p = np.clip(0.3 * y + 0.7 * rng.random((400, 6)), 0.001, 0.999)
-    thresholds = dict(zip(LABELS, (0.5, 0.4, 0.45, 0.5, 0.55, 0.6)))
+    return y, p, dict(zip(LABELS, (0.5, 0.4, 0.45, 0.5, 0.55, 0.6)))
+
+
+def test_evaluate_point_estimates_agree_with_sklearn():
+    y, p, thresholds = six_label_case(11)
     ev = m.evaluate(y, p, thresholds=thresholds, n_bootstrap=0)
     for j, name in enumerate(LABELS):
         row, pred = ev[name], (p[:, j] >= thresholds[name]).astype(int)
@@ -92,10 +97,7 @@ def test_evaluate_point_estimates_agree_with_sklearn():
 
 
 def test_hierarchical_calls_agree_with_sklearn_on_gated_calls_and_leave_auc_alone():
-    rng = np.random.default_rng(12)
-    y = (rng.random((400, 6)) < 0.25).astype(int)
-    p = np.clip(0.3 * y + 0.7 * rng.random((400, 6)), 0.001, 0.999)
-    thresholds = dict(zip(LABELS, (0.5, 0.4, 0.45, 0.5, 0.55, 0.6)))
+    y, p, thresholds = six_label_case(12)
     ind = m.evaluate(y, p, thresholds=thresholds, n_bootstrap=0)
     hier = m.evaluate(y, p, thresholds=thresholds, n_bootstrap=0, calls="hierarchical")
     gate = p[:, 0] >= thresholds["any"]
