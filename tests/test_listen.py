@@ -496,6 +496,26 @@ def test_two_associations_at_once(shared, phantoms, tmp_path):
 
 @needs_dcmtk
 @needs_results
+def test_a_scan_sent_as_two_reconstructions_is_predicted_once(shared, phantoms, tmp_path):
+    """A study holding one scan twice (the second noisier, as thin slices or a sharper kernel make it): the node
+    predicts the smoother, logs the other as rejected (one_per_scan) and sends one SR."""
+    from _dicomfactory import reconstruct_series
+
+    _, pacs, node = shared
+    study = phantoms[4]
+    reconstruct_series(study.files[0].parent, tmp_path / "noisy", grain_hu=6.0)
+    noisy = sorted((tmp_path / "noisy").glob("*.dcm"))
+    assert storescu(node.port, [*study.files, *noisy]).returncode == 0
+    record = wait_final(node.spool, study.key, node)
+    assert record["status"] == "done", record
+    assert record["series"] == 2 and len(record["predictions"]) == 1
+    assert [r["rule"] for r in record["rejected"]] == ["one_per_scan"]
+    assert record["rejected"][0]["slices"] == len(noisy)
+    check_results(pacs, study, record)  # one SR, for the series predicted
+
+
+@needs_dcmtk
+@needs_results
 def test_unusable_study_goes_to_failed(shared, phantoms, tmp_path):
     _, pacs, node = shared
     bad = unusable_study(phantoms[3], tmp_path / "bad")

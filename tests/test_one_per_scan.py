@@ -5,47 +5,17 @@ The bone kernel is made from a phantom series as a scanner's sharp kernel looks:
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from _dicomfactory import reconstruct_series
 from pydicom.uid import generate_uid
-from scipy import ndimage
 
 from ichscan.cli import main
 from ichscan.dicom import find_series
 from ichscan.predict import SelectionRules, select_series
 from ichscan.predict.selection import pixel_noise, same_scan, series_noise
-
-
-def _reconstruct(src: Path, dst: Path, *, sharpen: bool, frame_uid: str | None = None, shift_mm: float = 0.0,
-                 seed: int = 0) -> str:
-    """Another series of ``src``'s scan (same study): new series and instance UIDs; with ``sharpen``, each slice
-    as a bone kernel gives it (unsharp mask and 20 HU of grain); another frame of reference or z if asked."""
-    rng = np.random.default_rng(seed)
-    series_uid = generate_uid()
-    dst.mkdir(parents=True)
-    for f in sorted(src.glob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        if sharpen:
-            slope, icpt = float(ds.RescaleSlope), float(ds.RescaleIntercept)
-            hu = ds.pixel_array.astype(np.float64) * slope + icpt
-            sharp = hu + 1.5 * (hu - ndimage.gaussian_filter(hu, 1.0)) + rng.normal(0, 20, hu.shape)
-            sharp = np.where(hu < -900, hu, sharp)
-            info = np.iinfo(ds.pixel_array.dtype)
-            ds.PixelData = np.clip(np.rint((sharp - icpt) / slope), info.min, info.max).astype(
-                ds.pixel_array.dtype).tobytes()
-            ds.ConvolutionKernel = "H70s"
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        if frame_uid is not None:
-            ds.FrameOfReferenceUID = frame_uid
-        if shift_mm:
-            x, y, z = (float(v) for v in ds.ImagePositionPatient)
-            ds.ImagePositionPatient = [x, y, z + shift_mm]
-        ds.save_as(dst / f.name, enforce_file_format=True)
-    return series_uid
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +27,7 @@ def scan(tmp_path_factory):
                      prevalence="any=0.0")
     soft_dir = next((root / "data").rglob("*.dcm")).parent
     soft_uid = str(pydicom.dcmread(next(soft_dir.glob("*.dcm"))).SeriesInstanceUID)
-    bone_uid = _reconstruct(soft_dir, root / "bone", sharpen=True)
+    bone_uid = reconstruct_series(soft_dir, root / "bone", unsharp=1.5, grain_hu=20.0)
     return root, soft_dir, soft_uid, bone_uid
 
 
@@ -94,8 +64,8 @@ def test_other_scans_are_not_reconstructions_of_this_one(scan, tmp_path):
     root, soft_dir, soft_uid, _ = scan
     soft = find_series(soft_dir).series[0]
     # another frame of reference (another scan of the same study), or the same one further up the body
-    _reconstruct(soft_dir, tmp_path / "f", sharpen=True, frame_uid=generate_uid())
-    _reconstruct(soft_dir, tmp_path / "z", sharpen=True, shift_mm=200.0)
+    reconstruct_series(soft_dir, tmp_path / "f", unsharp=1.5, grain_hu=20.0, frame_uid=generate_uid())
+    reconstruct_series(soft_dir, tmp_path / "z", unsharp=1.5, grain_hu=20.0, shift_mm=200.0)
     other_frame, moved = find_series(tmp_path / "f").series[0], find_series(tmp_path / "z").series[0]
     assert not same_scan(soft, other_frame) and not same_scan(soft, moved)
     selected, rejected = select_series([soft, other_frame, moved], SelectionRules(min_slices=3))

@@ -73,6 +73,8 @@ def register(subparsers) -> None:
                    help="read thin series as slabs of about MM, as for predict (default 0: every slice as it is)")
     m.add_argument("--not-head-ok", action="store_true",
                    help="predict series that fail the head check too (with a warning in the node's output)")
+    m.add_argument("--every-reconstruction", action="store_true",
+                   help="predict every reconstruction of a scan, as for predict (default: only the least noisy)")
     p.add_argument("--shutdown-grace", type=_seconds, default=60.0,
                    help="on SIGTERM/Ctrl-C, seconds to let the study being predicted finish (default 60); "
                         "past that it is left in SPOOL/processing and redone at the next start")
@@ -141,7 +143,7 @@ def run(args) -> int:
         allowed_callers=tuple(args.allow_caller or ()), retry_delay=args.retry_delay,
         retry_max_delay=args.retry_max_delay, send_attempts=args.send_attempts,
         network_timeout=args.network_timeout, keep_instances=args.keep_instances)
-    rules = SelectionRules(not_head_ok=args.not_head_ok)
+    rules = SelectionRules(not_head_ok=args.not_head_ok, one_per_scan=not args.every_reconstruction)
     node = Node(config, predictor, rules=rules, thresholds=args.thresholds,
                 on_record=lambda record: print(describe_outcome(record), flush=True))
     print(f"thresholds: {node.thresholds_from}", file=sys.stderr)
