@@ -23,7 +23,13 @@ key images with heat maps, in the patient's study, under the real patient identi
 Patients are named by a pseudonymous key (see the README's privacy section) unless --keep-patient-id.
 Finished series are kept in --out/work; rerunning the same command resumes where an interrupted run stopped.
 A series that does not look like a head CT (no skull ring in its images, or a body part such as CHEST) is
-rejected, since the model would score it all the same; --not-head-ok predicts it with a warning.
+rejected, since the model would score it all the same; --not-head-ok predicts it with a warning. Of a scan
+reconstructed more than once (a bone kernel beside the soft one, thin slices beside thick) only the least
+noisy reconstruction is predicted; --every-reconstruction predicts them all.
+Calls: any at its threshold; a subtype at its own, only where any is called (a subtype above its threshold
+where any is not is reported as withheld). Where the thresholds carry their bootstrap intervals (the
+bundled model's do), a call inside its interval is marked borderline: another equally valid choice of
+operating point could reverse it.
 Research software, not a medical device.
 """
 
