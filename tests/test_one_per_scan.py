@@ -4,6 +4,7 @@ The bone kernel is made from a phantom series as a scanner's sharp kernel looks:
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -14,8 +15,9 @@ from pydicom.uid import generate_uid
 
 from ichscan.cli import main
 from ichscan.dicom import find_series
+from ichscan.geometry import same_scan
 from ichscan.predict import SelectionRules, select_series
-from ichscan.predict.selection import pixel_noise, same_scan, series_noise
+from ichscan.predict.selection import pixel_noise, series_noise
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +87,17 @@ def test_predict_says_which_reconstruction_it_read(scan, tmp_path, capsys):
     assert "1 series predicted (0 resumed), 1 rejected" in err
     assert main([*base, "--out", str(tmp_path / "both"), "--every-reconstruction"]) == 0
     assert "2 series predicted (0 resumed), 0 rejected" in capsys.readouterr().err
+
+
+def test_inspect_names_the_reconstructions_of_one_scan_from_headers_alone(scan, tmp_path, capsys):
+    root, soft_dir, soft_uid, bone_uid = scan
+    folder = tmp_path / "study"
+    shutil.copytree(soft_dir, folder / "soft")
+    shutil.copytree(root / "bone", folder / "bone")
+    assert main(["inspect", str(folder), "--json"]) == 0
+    info = {s["series_uid"]: s for s in json.loads(capsys.readouterr().out)["series"]}
+    first, second = (soft_uid, bone_uid) if list(info).index(soft_uid) == 0 else (bone_uid, soft_uid)
+    assert info[first]["same_scan_as"] is None and info[second]["same_scan_as"] == first
+    assert info[bone_uid]["kernel"] == "H70s"
+    assert main(["inspect", str(folder)]) == 0
+    assert "note: series #2 is another reconstruction of the scan in series #1" in capsys.readouterr().out

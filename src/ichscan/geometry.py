@@ -98,3 +98,33 @@ def spacing_summary(z: Sequence[float] | np.ndarray | None, thicknesses: Iterabl
         if hi - min(t) > SPACING_TOLERANCE_MM:
             out["gap_mm"] = round(hi - min(t), 3)
     return out
+
+
+# Two series are reconstructions of one scan (a soft-tissue and a bone kernel, thin and thick slices) when they
+# share study, frame of reference (where both name one) and plane within this many degrees, and their z ranges
+# overlap by this share of the shorter one or more.
+SAME_SCAN_PLANE_DEG = 5.0
+SAME_SCAN_Z_OVERLAP = 0.5
+
+
+def same_scan(a, b) -> bool:
+    """Whether series ``a`` and ``b`` (``ichscan.dicom.CTSeries``) are reconstructions of one scan: the same
+    study, the same frame of reference where both name one, the same plane (normals within
+    ``SAME_SCAN_PLANE_DEG``) and z ranges that overlap by ``SAME_SCAN_Z_OVERLAP`` of the shorter one. Series
+    without geometry are never the same scan."""
+    if not a.slices or not b.slices or str(a.study_uid) != str(b.study_uid):
+        return False
+    fa = getattr(a.slices[0], "frame_of_reference_uid", "")
+    fb = getattr(b.slices[0], "frame_of_reference_uid", "")
+    if fa and fb and fa != fb:
+        return False
+    na, nb = a.slices[0].normal, b.slices[0].normal
+    if na is None or nb is None or not same_plane(na, nb, SAME_SCAN_PLANE_DEG):
+        return False
+    za, zb = a.z, b.z
+    if za is None or zb is None:
+        return False
+    a0, a1, b0, b1 = float(za.min()), float(za.max()), float(zb.min()), float(zb.max())
+    overlap = min(a1, b1) - max(a0, b0)
+    shorter = min(a1 - a0, b1 - b0)
+    return bool(overlap >= SAME_SCAN_Z_OVERLAP * shorter) if shorter > 0 else bool(overlap >= 0)

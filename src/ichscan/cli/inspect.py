@@ -67,13 +67,15 @@ def _warnings(summary: dict) -> list[str]:
 
 
 def scan_to_dict(path: str, scan, patient_ids=None) -> dict:
-    from ichscan.geometry import spacing_summary
+    from ichscan.geometry import same_scan, spacing_summary
     from ichscan.privacy import Pseudonymizer
 
     patient_ids = patient_ids or Pseudonymizer()
     series = []
-    for s in scan.series:
+    for i, s in enumerate(scan.series):
         first = s.slices[0]
+        # another reconstruction of an earlier series' scan: ichscan predict reads only the least noisy of them
+        scan_of = next((t.series_uid for t in scan.series[:i] if same_scan(t, s)), None)
         summary = spacing_summary(s.z, (x.thickness for x in s.slices))
         series.append(
             {
@@ -100,6 +102,7 @@ def scan_to_dict(path: str, scan, patient_ids=None) -> dict:
                 "tilt_degrees": s.tilt_degrees,
                 "fixes": list(s.fixes),
                 "kernel": first.kernel,
+                "same_scan_as": scan_of,
                 "window": [first.window_center, first.window_width],
                 "skipped": len(s.skipped),
             }
@@ -131,19 +134,25 @@ def run(args) -> int:
         return 0 if scan.usable else 1
     if info["series"]:
         header = ["#", "series UID", "patient", "mod", "slices", "size", "pixel mm", "spacing mm", "thick mm",
-                  "ordered by", "tilt", "fixes", "description"]
+                  "kernel", "ordered by", "tilt", "fixes", "description"]
         rows = [
             [i + 1, s["series_uid"], s["patient_id"] or "-", s["modality"] or "-", s["n_slices"],
              f"{s['rows']}x{s['columns']}",
              _fmt(s["pixel_spacing"], ".3f"), _range(s["slice_spacing_range"]), _range(s["thickness_range"]),
-             s["ordered_by"], _fmt(s["tilt_degrees"], ".1f"), ",".join(s["fixes"]) or "-", s["description"] or "-"]
+             s["kernel"] or "-", s["ordered_by"], _fmt(s["tilt_degrees"], ".1f"), ",".join(s["fixes"]) or "-",
+             s["description"] or "-"]
             for i, s in enumerate(info["series"])
         ]
         print(f"{len(rows)} series in {args.path}")
         print(_table(rows, header))
+        number = {s["series_uid"]: i + 1 for i, s in enumerate(info["series"])}
         for i, s in enumerate(info["series"]):
             for warning in s["warnings"]:
                 print(f"warning: series #{i + 1}: {warning}")
+            if s["same_scan_as"]:
+                print(f"note: series #{i + 1} is another reconstruction of the scan in series "
+                      f"#{number[s['same_scan_as']]}; ichscan predict reads only the least noisy of them "
+                      "(--every-reconstruction: all)")
     else:
         print(f"no usable CT series in {args.path}")
     if scan.skipped:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ichscan.dicom import LOCALIZER_IMAGE_TYPES, iter_hu
 from ichscan.errors import IchscanError
-from ichscan.geometry import obliquity_degrees
+from ichscan.geometry import obliquity_degrees, same_scan
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ HEAD_DIAMETER_MM = (80.0, 220.0)
 # inside that outline that is brain density (not lung, not fat).
 MIN_BONE_OUTLINE = 0.6
 MIN_BRAIN_FILL = 0.8
-# Two series are reconstructions of one scan when they share study, frame of reference (where both name one)
-# and plane (normals within SAME_PLANE_DEGREES) and their z ranges overlap by half the shorter one or more.
-SAME_PLANE_DEGREES = 5.0
-MIN_Z_OVERLAP = 0.5
 NOISE_SLICES = 3  # slices from the middle of a series read to measure its pixel noise
 
 
@@ -75,9 +71,10 @@ class SelectionRules:
     ``head_words`` is there too (a "HEAD AND CHEST" series is judged by its images). ``not_head_ok``
     predicts a series that fails it too, with a warning, instead of rejecting it.
 
-    ``one_per_scan``: of several series that are reconstructions of one scan (``same_scan``: a soft-tissue
-    and a bone kernel, thin and thick slices), only the one with the least pixel noise (``pixel_noise``) is
-    predicted, the reconstruction the model was made for; the others are rejected, naming it.
+    ``one_per_scan``: of several series that are reconstructions of one scan (``geometry.same_scan``: a
+    soft-tissue and a bone kernel, thin and thick slices), only the one with the least pixel noise
+    (``pixel_noise``) is predicted, the reconstruction the model was made for; the others are rejected,
+    naming it.
     """
 
     min_slices: int = 10
@@ -285,30 +282,6 @@ def select_series(series: Iterable[Any], rules: SelectionRules | None = None) ->
 
 
 # ---------------------------------------------------------------------------------------- one per scan
-
-
-def same_scan(a: Any, b: Any) -> bool:
-    """Whether series ``a`` and ``b`` are reconstructions of one scan: the same study, the same frame of
-    reference where both name one, the same plane (normals within ``SAME_PLANE_DEGREES``) and z ranges that
-    overlap by ``MIN_Z_OVERLAP`` of the shorter one. Series without geometry are never the same scan."""
-    if not a.slices or not b.slices or str(a.study_uid) != str(b.study_uid):
-        return False
-    fa = getattr(a.slices[0], "frame_of_reference_uid", "")
-    fb = getattr(b.slices[0], "frame_of_reference_uid", "")
-    if fa and fb and fa != fb:
-        return False
-    na, nb = a.slices[0].normal, b.slices[0].normal
-    if na is None or nb is None or float(abs(np.dot(na, nb))) < np.cos(np.deg2rad(SAME_PLANE_DEGREES)):
-        return False
-    za, zb = a.z, b.z
-    if za is None or zb is None:
-        return False
-    if float(np.dot(na, nb)) < 0:  # opposite normals: the same axis, counted the other way
-        zb = -zb
-    (a0, a1), (b0, b1) = sorted((za.min(), za.max())), sorted((zb.min(), zb.max()))
-    overlap = min(a1, b1) - max(a0, b0)
-    shorter = min(a1 - a0, b1 - b0)
-    return bool(overlap >= MIN_Z_OVERLAP * shorter) if shorter > 0 else bool(overlap >= 0)
 
 
 def pixel_noise(hu: np.ndarray) -> float | None:
