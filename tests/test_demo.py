@@ -82,7 +82,11 @@ def test_predict_with_the_demo_model_uses_and_names_its_operating_points(demo_ru
                  str(tmp_path / "p"), "--no-progress", "--min-slices", "3"]) == 0
     assert "operating points (youden, chosen on validation phantoms" in capsys.readouterr().err
     doc = json.loads((tmp_path / "p" / "predictions.json").read_text())
-    assert doc["thresholds"] == json.loads((run / "thresholds.json").read_text())["thresholds"]
+    chosen = json.loads((run / "thresholds.json").read_text())
+    assert doc["thresholds"] == chosen["thresholds"]
+    # and so do their bootstrap intervals: the demo model's predictions mark borderline calls
+    intervals = {k: d["threshold_ci"] for k, d in chosen["details"].items() if d.get("threshold_ci")}
+    assert "any" in intervals and doc["threshold_intervals"]["intervals"] == intervals
 
 
 def test_demo_pastes_results_into_readme(demo_run):

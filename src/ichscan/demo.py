@@ -170,9 +170,12 @@ def _run_demo(out_dir: str | os.PathLike, config: DemoConfig | None, *,
 
     # 4. Operating points on validation, then the paper's evaluation on the held-out test phantoms.
     t0 = time.perf_counter()
+    # with their bootstrap intervals, as `ichscan thresholds` chooses them: predictions by the ensemble then
+    # mark borderline calls (docs/predict.md#borderline); the thresholds themselves do not depend on it
     points = choose_thresholds_files(out / "predictions" / "val" / "series.csv",
                                      out / "phantoms" / "val" / "series_labels.csv",
-                                     level="series", method=config.threshold_method)
+                                     level="series", method=config.threshold_method,
+                                     n_bootstrap=config.n_bootstrap, seed=config.seed)
     thresholds_path = save_thresholds(points, out / "thresholds.json")
     # The operating points travel with the model: `ichscan predict --checkpoint .../ensemble.json` uses them.
     chosen = dict(points.to_dict(), chosen_on=f"validation phantoms ({config.val_studies} studies)")
