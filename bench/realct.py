@@ -260,9 +260,8 @@ def ge_report(p: SeriesPrediction, series: CTSeries, methods: Sequence[str], top
 
 
 def _calls(p: SeriesPrediction, thresholds: dict, intervals: ThresholdIntervals | None) -> dict:
-    borderline = p.borderline(thresholds, intervals)
     return {"called": [n for n, yes in p.decisions(thresholds).items() if yes], "withheld": p.withheld(thresholds),
-            "borderline": None if intervals is None else [n for n, yes in borderline.items() if yes]}
+            "borderline": p.borderline_labels(thresholds, intervals)}
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -258,7 +258,8 @@ def _source_item(s: Any, header: Any):
 
 
 def _build_sr(prediction: Any, keys: dict[str, tuple[Any, Any]], predictor: Any, thresholds: Mapping[str, float],
-              decisions: Mapping[str, bool], model_hash: str, when, intervals: Any = None) -> Any:
+              decisions: Mapping[str, bool], model_hash: str, when, intervals: Any = None,
+              borderline: Mapping[str, bool | None] | None = None) -> Any:
     import highdicom as hd
     from highdicom.sr import (
         AlgorithmIdentification,
@@ -298,7 +299,7 @@ def _build_sr(prediction: Any, keys: dict[str, tuple[Any, Any]], predictor: Any,
                                   unit=CodedConcept(*PROBABILITY_UNIT))
         evaluations = [QualitativeEvaluation(_code(label),
                                              codes.SCT.Present if decisions[label] else codes.SCT.Absent)]
-        if zone is not None and intervals.borderline(label, prediction.prob(label), t):
+        if (borderline or {}).get(label):
             evaluations.append(QualitativeEvaluation(codes.DCM.CertaintyOfFinding, codes.SCT.Equivocal))
         groups.append(MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=result_uid(series_uid, model_hash, f"tracking-{label}"),
@@ -514,6 +515,7 @@ def write_dicom_results(prediction: Any, series: Any, predictor: Any, out_dir: s
     out = Path(out_dir)
     folder = _folder(out, prediction)
     decisions = prediction.decisions(dict(thresholds))
+    borderline = prediction.borderline(dict(thresholds), intervals)
     read = _key_slices(prediction, series)
     slices = {label: members[0] for label, members in read.items()}
     model_hash = model_sha256(predictor)
@@ -530,7 +532,7 @@ def write_dicom_results(prediction: Any, series: Any, predictor: Any, out_dir: s
     source = str(slices["any"].path)
     try:
         objects = {folder / SR_NAME: _build_sr(prediction, keys, predictor, thresholds, decisions, model_hash, when,
-                                               intervals)}
+                                               intervals, borderline)}
         for number, label in enumerate(LABELS, start=1):  # instance numbers fixed by label, whatever is called
             if not decisions[label]:
                 continue
@@ -544,9 +546,7 @@ def write_dicom_results(prediction: Any, series: Any, predictor: Any, out_dir: s
             t = float(thresholds.get(label, 0.5))
             objects[folder / KEY_PATTERN.format(label=label)] = _build_key_image(
                 prediction, label, s, header, hu, heat, t, number, model_hash, when, sources=read[label],
-                borderline=(intervals.describe(label, t)
-                            if intervals is not None and intervals.borderline(label, prediction.prob(label), t)
-                            else None))
+                borderline=intervals.describe(label, t) if borderline[label] else None)
         encoded = {path: _encoded(ds, path, when) for path, ds in objects.items()}
     except IchscanError:
         raise

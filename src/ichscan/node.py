@@ -718,7 +718,7 @@ class Node:
         intervals = getattr(run, "intervals", None)
         series = [{"series": self.keys.series(p.series_uid), "slices": p.n_slices, "any": p.prob("any"),
                    "decisions": p.decisions(self.thresholds),
-                   "borderline": [n for n, v in p.borderline(self.thresholds, intervals).items() if v]}
+                   "borderline": p.borderline_labels(self.thresholds, intervals) or []}
                   for p in run.predictions]
         uids = {p.series_uid for p in run.predictions} | {r.series_uid for r in run.rejected}
         uids |= {f.series_uid for f in run.failed if f.series_uid}

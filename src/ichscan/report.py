@@ -642,11 +642,12 @@ def _confusion_rows(truth: Mapping[str, Mapping[str, int]], predictions, thresho
     from ichscan.metrics import confusion_counts
 
     labelled = [p for p in predictions if p.series_uid in truth]
+    calls = [p.decisions(dict(thresholds)) for p in labelled]  # each series' calls, once
     rows = []
     for name in labels:
         t = float(thresholds.get(name, 0.5))
         y = np.array([int(truth[p.series_uid][name]) for p in labelled], dtype=float)
-        called = np.array([p.decisions(dict(thresholds))[name] for p in labelled], dtype=float)
+        called = np.array([c[name] for c in calls], dtype=float)
         c = confusion_counts(y, called)
         npv = c.tn / (c.tn + c.fn) if c.tn + c.fn else math.nan
         rows.append({"label": name, "threshold": t, "n": len(labelled), "tp": int(c.tp), "fp": int(c.fp),

@@ -118,6 +118,13 @@ class SeriesPrediction:
         return {name: (intervals.borderline(name, float(self.probs[i]), thresholds.get(name, 0.5))
                        if intervals is not None else None) for i, name in enumerate(self.labels)}
 
+    def borderline_labels(self, thresholds: dict[str, float] | None = None,
+                          intervals: ThresholdIntervals | None = None) -> list[str] | None:
+        """The labels whose call is borderline (``borderline``); None when there are no intervals."""
+        if intervals is None:
+            return None
+        return [name for name, yes in self.borderline(thresholds, intervals).items() if yes]
+
     def to_dict(self) -> dict:
         """JSON-ready; floats keep full precision so ``from_dict`` gives back the same arrays."""
         return {
@@ -169,14 +176,6 @@ CALL_RULE = CALL_RULES["hierarchical"]
 def _printable(item: SkippedFile) -> SkippedFile:
     """A skipped file as UTF-8 text can hold it: any file name must reach skipped.csv and the JSON."""
     return dataclasses.replace(item, path=escape_undecodable(item.path), reason=escape_undecodable(item.reason))
-
-
-def _borderline_names(p: SeriesPrediction, thresholds: dict[str, float], intervals: ThresholdIntervals | None
-                      ) -> list[str] | None:
-    """The labels whose call is borderline; None when the thresholds carry no interval."""
-    if intervals is None:
-        return None
-    return [name for name, v in p.borderline(thresholds, intervals).items() if v]
 
 
 def _kaggle_id(image_id: str, label: str) -> str:
@@ -271,7 +270,7 @@ def write_outputs(out_dir: str | os.PathLike, predictions: Sequence[SeriesPredic
         "call_rule": CALL_RULE,
         "threshold_intervals": None if intervals is None else intervals.to_dict(),
         "series": [dict(p.to_dict(), n_slices=p.n_slices, decisions=p.decisions(thresholds),
-                        withheld=p.withheld(thresholds), borderline=_borderline_names(p, thresholds, intervals))
+                        withheld=p.withheld(thresholds), borderline=p.borderline_labels(thresholds, intervals))
                    for p in predictions],
         "rejected": [dataclasses.asdict(r) for r in rejected],
         "skipped": [dataclasses.asdict(s) for s in skipped],
