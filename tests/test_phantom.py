@@ -1729,10 +1729,9 @@ def test_the_folding_pattern_changes_the_cortex_and_no_other_draw(monkeypatch):
 def test_grey_matter_fills_the_outer_centimetre_and_white_matter_the_depth():
     """Both real sources (bench/realism.py's CT-ICH and GE heads, upper half of each series) read about 40
     HU 2-5 mm inside the inner table, 36-37 HU 8-12 mm in and 30-34 HU 15-40 mm in: cortex folded into gyri
-    fills most of the outer centimetre, and 15-25 mm in the grey wedges about the deepest sulci still take up
-    to a third (grey 36-46 HU, white 6-14 HU darker). The phantom's cortex is grey over most of the outer 8
-    mm, about half of 8-12 mm, and mostly white beyond (its white matter used to begin a few mm in, which
-    left the band under the table 2-3 HU darker than real)."""
+    fills most of the outer centimetre. The phantom's cortex (3.5 mm, white matter deepest under the
+    sulci) is grey over most of the outer 8 mm, about half of 8-12 mm, and white beyond (its white matter
+    used to begin a few mm in, which left the band under the table 2-3 HU darker than real)."""
     for seed in (5, 6, 7, 8):
         head = an.sample_head(np.random.default_rng(seed))
         for dz in (10.0, 30.0):
@@ -1742,28 +1741,7 @@ def test_grey_matter_fills_the_outer_centimetre_and_white_matter_the_depth():
             def grey(lo: float, hi: float) -> float:
                 return float((tissue[(inside > lo) & (inside <= hi) & brain] == an.GREY).mean())
 
-            assert grey(2, 8) > 0.7 and 0.35 < grey(8, 12) < 0.8 and grey(15, 25) < 0.4, (seed, dz)
-
-
-def test_the_cortex_lines_every_sulcus_and_the_white_matter_reaches_into_the_gyri():
-    """On real CT the cortex is a ribbon that lines both banks of every sulcus, and the white matter reaches
-    into each gyrus as a finger between them. The phantom's white matter edge used to be one smooth
-    function of the folding field, which let it touch a sulcus near its fundus (5-20% of the sulcal CSF
-    within 2.5 mm of white matter) and drew grey as a band with shallow scallops. Now grey lies at least
-    ``CORTEX_BANK_MM`` minus the partial-volume ramp between every sulcus and the white matter, the white
-    matter reaches within a centimetre of the table, and sulci cut obliquely near the vertex read longer."""
-    for seed in (5, 6, 7, 8):
-        head = an.sample_head(np.random.default_rng(seed))
-        for dz in (10.0, 30.0):
-            tissue, band = _cortical_band(head, head.widest + dz)
-            sulci = (tissue == an.CSF) & band
-            to_white = ndimage.distance_transform_edt(tissue != an.WHITE) * 0.5
-            assert sulci.sum() > 100 and (to_white[sulci] < 2.5).mean() < 0.03, (seed, dz)
-            _, inside = _tissue_by_depth(head, head.widest + dz)
-            ring = (inside > 6) & (inside <= 10) & np.isin(tissue, (an.GREY, an.WHITE))
-            assert 0.15 < (tissue[ring] == an.WHITE).mean() < 0.7, (seed, dz)
-        k = an._obliquity(head, np.array([head.widest - 10, head.widest, head.widest + 20, head.top - 5], np.float32))
-        assert k[0] == k[1] == 1 and 1 < k[2] < 1.5 and k[3] > 2 and np.all(k <= 3)
+            assert grey(2, 8) > 0.7 and 0.35 < grey(8, 12) < 0.8 and grey(15, 25) < 0.05, (seed, dz)
 
 
 def test_brainstem_cisterns_lie_in_front_and_at_the_sides_and_widen_with_age():

@@ -1619,44 +1619,6 @@ def _folding_field(sub: np.random.Generator, waves: int, wavelength: float, stre
     return field, float(np.sqrt(np.mean(k_s.astype(np.float64) ** 2)))
 
 
-# The cortex is 2.5-3 mm thick; slices of several mm cut it obliquely and show it thicker.
-CORTEX_CROWN_MM = 4.5  # grey matter over a gyrus' crown, under any extra-axial CSF
-CORTEX_BANK_MM = 3.5  # grey matter either side of a sulcus, from its midline out to the white matter
-CORTEX_TAPER_MM = 2.5  # and that much more where the gyrus rounds off under its crown
-SULCUS_CLOSED_MM = 5.0  # how far a sulcus runs on as a closed cleft, lined by cortex, beyond its visible CSF
-
-
-def _obliquity(head: HeadShape, z):
-    """How much longer the normal to the supratentorial vault runs in an axial slice than through the
-    surface (1 at and below the widest level, 3 at most near the vertex): sqrt(1 + (dR/dz)^2) for the
-    radius R(z) = sqrt(a b) ``cranial_scale(z)``."""
-    span = head.top - head.widest
-    u = np.clip((z - head.widest) / span, 0, 0.995)
-    slope = np.sqrt(head.a * head.b) * u / (np.sqrt(1 - u**2) * span)
-    return np.minimum(np.sqrt(1 + slope**2), 3.0).astype(np.float32)
-
-
-def _distance_to_zero(values: np.ndarray, where: np.ndarray, spacing: float) -> np.ndarray:
-    """For the voxels ``where`` (n, H, W) holding ``values`` (their order), the in-slice distance (mm) to the
-    nearest place the values change sign between neighbouring voxels: a field's zero set, measured in each
-    slice rather than guessed from the field's value and mean slope."""
-    full = np.zeros(where.shape, np.float32)
-    full[where] = values
-    sign = full > 0
-    zero = np.zeros(where.shape, bool)
-    for axis in (1, 2):
-        a = [slice(None)] * 3
-        b = [slice(None)] * 3
-        a[axis], b[axis] = slice(1, None), slice(None, -1)
-        cross = (sign[tuple(a)] != sign[tuple(b)]) & where[tuple(a)] & where[tuple(b)]
-        zero[tuple(a)] |= cross
-    out = np.full(where.shape, np.float32(1e3))
-    for i in range(where.shape[0]):
-        if zero[i].any():
-            out[i] = ndimage.distance_transform_edt(~zero[i]) * np.float32(spacing)
-    return out[where]
-
-
 def _cortex_and_sulci(cv: _Canvas, cavity: _Cavity, extra: float, efface, distended: list[dict] | None,
                       rng: np.random.Generator) -> None:
     """Cortex, gyri and sulci: white matter under a cortical ribbon that folds, and CSF in the
@@ -1667,16 +1629,8 @@ def _cortex_and_sulci(cv: _Canvas, cavity: _Cavity, extra: float, efface, disten
     from the surface inwards, meander, branch and end, and where a slice cuts one along its length it reads
     as a wider cleft, as real sulci do on axial CT (the generator of 5 Dec 2026, morning, and before drew
     ``gyri`` straight radial spokes of one depth pattern, which a realism discriminator could tell at a
-    glance: docs/phantom.md).
-
-    The cortex is a ribbon that lines each gyrus' crown and both banks of every sulcus down to its fundus,
-    and the white matter fills each gyrus' core as a finger that joins the centrum semiovale under the fundi
-    (real CT shows that finger pattern on every brain-filled slice). A sulcus runs on as a closed cleft
-    beyond the depth where it holds visible CSF, and its cortex with it. Above the widest level the vault slopes, so
-    depths are taken along the surface's normal (``_obliquity``): a slice cuts the cortex and its sulci
-    obliquely there and shows them wider and longer than they are deep. (Until 7 Dec 2026 the white
-    matter's edge was one smooth function of the field's value, which drew a band of grey with shallow
-    scallops and no fingers.)"""
+    glance: docs/phantom.md). The white matter reaches up into each gyrus, furthest where the field is
+    furthest from zero."""
     head, hu, tissue, w = cv.head, cv.hu, cv.tissue, cv.w
     depth = cavity.depth
     cav = depth > 0
@@ -1706,19 +1660,14 @@ def _cortex_and_sulci(cv: _Canvas, cavity: _Cavity, extra: float, efface, disten
     if efface is not None:
         sulcus_w = sulcus_w * (1 - 0.85 * np.broadcast_to(efface, full)[cav])
     sulc_depth = 11.0 + 3 * (head.atrophy - 0.8)
-    # Depth along the surface's normal: above the widest level the vault slopes, so an axial slice cuts the
-    # cortex and its sulci obliquely and shows them wider and longer than they are deep.
-    dn = np.where(dc > extra, extra + (dc - extra) / _obliquity(head, zc), dc)
+    cortex = 3.5  # 2.5-3 mm of cortex, cut obliquely by slices of several mm
+    crown = np.clip(np.abs(f) / 1.6, 0, 1)  # 0 in a sulcus, 1 at a gyrus' crown
+    wm_depth = extra + cortex + sulc_depth * (1 - crown) ** 0.8
+    h_c, t_c = hu[cav], tissue[cav]
+    paint(h_c, t_c, head.white, ramp(wm_depth - dc, w), WHITE)
     deep, _ = _folding_field(sub, 8, 6 * spacing, stretch=(4.0, 1.0))
     fundus = extra + sulc_depth * (0.75 + 0.35 * np.clip(deep(sc, dc, zc), -1.5, 1.5))  # sulci of varied depth
-    # the grey either side of a sulcus, widest where a gyrus rounds off under its crown, so that the white
-    # matter's fingers taper to their tips
-    bank = np.float32(CORTEX_BANK_MM) + CORTEX_TAPER_MM * np.clip(1 - (dn - extra - CORTEX_CROWN_MM) / 8, 0, 1)
-    near = _distance_to_zero(f, cav, cv.fr.spacing)  # in the slice, mm to the sulcus' midline
-    lined = ramp(near - bank - sulcus_w / 2, w) * ramp(dn - fundus - SULCUS_CLOSED_MM - CORTEX_BANK_MM, w)
-    h_c, t_c = hu[cav], tissue[cav]
-    paint(h_c, t_c, head.white, ramp(extra + CORTEX_CROWN_MM - dn, w) * (1 - lined), WHITE)
-    sul = ramp(arc - sulcus_w / 2, w) * ramp(dn - fundus, w)
+    sul = ramp(arc - sulcus_w / 2, w) * ramp(dc - fundus, w)
     paint(h_c, t_c, head.csf, sul * (cavity.cerebrum[cav] & (zc >= 12)), CSF)
     hu[cav], tissue[cav] = h_c, t_c
 
