@@ -22,6 +22,8 @@ from ichscan.model import BUNDLED, read_manifest, resolve_checkpoint
 from ichscan.thresholds import (
     ThresholdIntervals,
     check_operating_points,
+    load_thresholds,
+    read_thresholds_file,
     run_intervals,
     run_thresholds,
     threshold_intervals,
@@ -85,6 +87,16 @@ def test_intervals_follow_the_thresholds_a_run_uses(tmp_path):
     loaded = json.loads(path.read_text())
     assert dict(run_intervals(loaded, own).bounds) == {"any": (0.2, 0.4)}
     assert run_thresholds(loaded, own)[0]["any"] == 0.3 and run_thresholds(loaded, own)[0]["epidural"] == 0.5
+    # read with read_thresholds_file, the document still names its file: where the thresholds came from, and
+    # in the one-line error of a bad value (a run reads the file once and hands the document on)
+    doc = read_thresholds_file(path)
+    assert run_thresholds(doc, own) == (load_thresholds(path), str(path)) == ({**dict.fromkeys(LABELS, 0.5),
+                                                                                "any": 0.3}, str(path))
+    assert dict(run_intervals(doc, own).bounds) == {"any": (0.2, 0.4)}
+    path.write_text(json.dumps(_doc({"any": 1.3}, {"any": [0.2, 0.4]})))
+    with pytest.raises(DataError) as err:
+        run_thresholds(read_thresholds_file(path), own)
+    assert str(path) in str(err.value) and "threshold for any is 1.3" in str(err.value)
 
 
 def test_the_bundled_model_carries_an_interval_for_every_label():
@@ -150,6 +162,7 @@ def test_series_csv_and_predictions_json_say_which_calls_are_borderline(runs, ca
     assert series.loc[a, "pred_any"] == 1 and series.loc[b, "pred_subdural"] == 0  # called / not called
     pj = json.loads((root / "marked" / "predictions.json").read_text())
     assert pj["threshold_intervals"]["level"] == 0.95
+    assert pj["thresholds_from"] == str(root / "marked.json")  # the file, read once by the command, is named
     assert pj["threshold_intervals"]["intervals"]["any"] == doc["details"]["any"]["threshold_ci"]
     assert "intraparenchymal" not in pj["threshold_intervals"]["intervals"]
     assert {s["series_uid"]: set(s["borderline"]) for s in pj["series"]} == expected

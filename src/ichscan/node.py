@@ -401,10 +401,11 @@ class Node:
         self.config = config
         self.predictor = predictor
         self.rules = rules
-        self.thresholds, self.thresholds_from = run_thresholds(thresholds, getattr(predictor, "operating_points", None))
         # a file is read once, here: its thresholds and intervals hold for every study, whatever becomes of it
         self._thresholds_given = (read_thresholds_file(thresholds) if isinstance(thresholds, (str, os.PathLike))
                                   else thresholds)
+        self.thresholds, self.thresholds_from = run_thresholds(self._thresholds_given,
+                                                               getattr(predictor, "operating_points", None))
         self._predict = predict
         self._patient_ids = patient_ids
         self._on_record = on_record

@@ -79,7 +79,16 @@ def check_thresholds(given: Any, source: str | os.PathLike | None, labels: Seque
     return out
 
 
-def read_thresholds_file(path: str | os.PathLike) -> dict[str, Any]:
+class ThresholdsDocument(dict):
+    """A thresholds file's JSON document (``read_thresholds_file``), which remembers the file it was read from
+    (``path``), so that a file read once can be handed on and still be named where it is used."""
+
+    def __init__(self, doc: Mapping[str, Any], path: str | os.PathLike | None = None):
+        super().__init__(doc)
+        self.path = None if path is None else str(path)
+
+
+def read_thresholds_file(path: str | os.PathLike) -> ThresholdsDocument:
     """A thresholds file's whole document (thresholds, method, details), its shape checked; ``DataError``
     naming the file when unusable."""
     try:
@@ -90,18 +99,21 @@ def read_thresholds_file(path: str | os.PathLike) -> dict[str, Any]:
         raise DataError(f"not a readable JSON thresholds file ({err})", path) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("thresholds"), dict):
         raise DataError(f"expected JSON {FORMAT_HINT}", path)
-    return doc
+    return ThresholdsDocument(doc, path)
 
 
-def load_thresholds(path: str | os.PathLike, labels: Sequence[str] = LABELS) -> dict[str, float]:
-    """Thresholds for every label from a thresholds file; ``DataError`` naming the file when unusable.
-    A label the file leaves out gets 0.5, with a warning."""
-    doc = read_thresholds_file(path)
-    given = check_thresholds(doc["thresholds"], path, labels)
-    left_out = [name for name in labels if name not in given]
+def load_thresholds(given: str | os.PathLike | Mapping[str, Any], labels: Sequence[str] = LABELS
+                    ) -> dict[str, float]:
+    """Thresholds for every label from a thresholds file, or its document as ``read_thresholds_file`` gives
+    it; ``DataError`` naming the file when unusable. A label the file leaves out gets 0.5, with a warning."""
+    doc = given if _is_document(given) else read_thresholds_file(given)
+    source = getattr(doc, "path", None)
+    checked = check_thresholds(doc["thresholds"], source, labels)
+    left_out = [name for name in labels if name not in checked]
     if left_out:
-        log.warning("%s: no threshold for %s; using %g", path, ", ".join(left_out), DEFAULT_THRESHOLD)
-    return {**default_thresholds(labels), **given}
+        log.warning("%s: no threshold for %s; using %g", source or "thresholds", ", ".join(left_out),
+                    DEFAULT_THRESHOLD)
+    return {**default_thresholds(labels), **checked}
 
 
 def check_operating_points(doc: Any, source: str | os.PathLike, *, error: type[Exception] = DataError
@@ -127,7 +139,7 @@ def run_thresholds(given: Mapping[str, Any] | str | os.PathLike | None, operatin
     a thresholds file's document as ``read_thresholds_file`` gives it) first, else the model's
     ``operating_points``, else 0.5 for every label."""
     if _is_document(given):
-        return {**default_thresholds(), **check_thresholds(given["thresholds"], None)}, "given"
+        return load_thresholds(given), getattr(given, "path", None) or "given"
     if isinstance(given, Mapping):
         return dict(given), "given"
     if given is not None:
@@ -217,7 +229,7 @@ def run_intervals(given: Mapping[str, Any] | str | os.PathLike | None, operating
     else (nothing given) the model's operating points'; None for thresholds given as numbers, the 0.5
     default, or a source that carries none."""
     if _is_document(given):
-        return threshold_intervals(given)
+        return threshold_intervals(given, getattr(given, "path", None))
     if isinstance(given, Mapping):
         return None
     if given is not None:
