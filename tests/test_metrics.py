@@ -270,6 +270,59 @@ def test_bootstrap_weighted_auc_matches_sklearn_sample_weight():
         pytest.approx(skm.log_loss(y, p, sample_weight=w), abs=1e-9)
 
 
+# ---- which bleed it is: subtype AUC among the rows with any bleed ---------------------------------
+
+
+def bleeds_only_told_apart_from_none(seed: int, n: int = 300):
+    """Half the rows bleed, each bleed of random subtypes; every subtype's score says only *that* a row bleeds
+    (all bleeds above all bleed-free rows), nothing of which bleed: plain AUC near 1, among bleeds near 0.5."""
+    rng = np.random.default_rng(seed)
+    y = np.zeros((n, 6), dtype=int)
+    y[:, 0] = rng.random(n) < 0.5
+    y[:, 1:] = (rng.random((n, 5)) < 0.4) & (y[:, :1] == 1)
+    p = np.where(y[:, :1] == 1, 0.6 + 0.4 * rng.random((n, 6)), 0.5 * rng.random((n, 6)))
+    return y, p
+
+
+def test_auc_among_bleeds_is_sklearns_on_the_bleeding_rows():
+    y, p = bleeds_only_told_apart_from_none(3)
+    ev = m.evaluate(y, p, n_bootstrap=0)
+    bleed = y[:, 0] == 1
+    assert ev["any"].auc_given_any is None  # `any` among bleeds is one class: not reported at all
+    for j, name in enumerate(LABELS[1:], 1):
+        row = ev[name]
+        assert row.auc.value > 0.8  # the plain AUC credits telling bleed from none...
+        expected = skm.roc_auc_score(y[bleed, j], p[bleed, j])
+        assert row.auc_given_any.value == pytest.approx(expected, abs=1e-12)
+        assert abs(row.auc_given_any.value - 0.5) < 0.12  # ...which says nothing of which bleed it is
+    # a model that does tell them apart: each subtype's score high exactly where it is present
+    good = np.where(y == 1, 0.9, 0.1)
+    assert all(r.auc_given_any.value == 1.0 for r in m.evaluate(y, good, n_bootstrap=0).per_label[1:])
+    # in the JSON, beside Table 1's metrics
+    d = ev.to_dict()["per_label"]
+    assert "auc_given_any" not in d[0] and d[1]["auc_given_any"]["value"] == ev["epidural"].auc_given_any.value
+    assert m.evaluate(y[:, 1:], p[:, 1:], labels=LABELS[1:], n_bootstrap=0)["epidural"].auc_given_any is None
+
+
+def test_auc_among_bleeds_na_with_reason_and_patient_ci():
+    y, p = bleeds_only_told_apart_from_none(4)
+    y[:, 1] = 0  # epidural: never present
+    y[:, 2] = y[:, 0]  # intraparenchymal: in every bleed
+    groups = np.arange(len(y)) // 3
+    ev = m.evaluate(y, p, groups=groups, n_bootstrap=200, seed=1)
+    assert ev["epidural"].auc_given_any.na and "no positive cases of epidural" in ev["epidural"].auc_given_any.reason
+    iph = ev["intraparenchymal"].auc_given_any
+    assert iph.na and "every case of any has intraparenchymal" in iph.reason
+    assert ev["intraparenchymal"].auc.value is not None  # its plain AUC (bleed against none) is defined
+    sah = ev["subarachnoid"].auc_given_any
+    assert sah.low <= sah.value <= sah.high and sah.n_resamples == 200
+    # one resample by hand: the patient weights, with the bleed-free rows weighted 0
+    w = next(m.patient_resamples(groups.astype(str), 1, 1))
+    bleed = y[:, 0].astype(float)
+    assert m.roc_auc(y[:, 4], p[:, 4], w * bleed) == pytest.approx(
+        skm.roc_auc_score(y[:, 4], p[:, 4], sample_weight=w * bleed), abs=1e-12)
+
+
 # ---- operating points ----------------------------------------------------------------------------
 
 

@@ -42,6 +42,14 @@ def test_markdown_table(ev):
     assert re.search(r"^\[\d\] epidural AUC: no positive cases of epidural: AUC undefined$", md, re.M)
     assert "Weighted log loss" in md and f"{ev.weighted_log_loss.value:.3f}" in md
     assert "120 series from 60 patients" in md and "per-label thresholds" in md
+    # which bleed it is, below the table: each subtype's AUC among the series with any bleed
+    given = next(line for line in lines if line.startswith("Which bleed it is"))
+    n_bleed = int(ev.y_true[:, 0].sum())
+    assert f"among the {n_bleed} series with any bleed" in given
+    iph = ev["intraparenchymal"].auc_given_any
+    assert f"intraparenchymal {iph.value:.3f} ({iph.low:.3f}–{iph.high:.3f})" in given
+    assert "epidural NA (no positive cases of epidural: AUC among bleeds undefined)" in given
+    assert [cell.split(" ")[0] for cell in given.split("other bleeds): ", 1)[1].split("; ")] == list(LABELS[1:])
 
 
 def test_a_threshold_near_1_or_0_is_not_printed_as_1_or_0():
@@ -63,6 +71,10 @@ def test_csv_and_json_carry_numbers_and_cis(ev, tmp_path):
             assert table.loc[name, "auc"] == pytest.approx(row.auc.value, rel=1e-5)
             assert table.loc[name, "auc_low"] == pytest.approx(row.auc.low, rel=1e-5)
     assert np.isnan(table.loc["epidural", "auc"]) and "AUC undefined" in table.loc["epidural", "auc_note"]
+    given = ev["subdural"].auc_given_any
+    assert table.loc["subdural", "auc_given_any"] == pytest.approx(given.value, rel=1e-5)
+    assert table.loc["subdural", "auc_given_any_high"] == pytest.approx(given.high, rel=1e-5)
+    assert np.isnan(table.loc["any", "auc_given_any"]) and np.isnan(table.loc["weighted_log_loss", "auc_given_any"])
     assert table.loc["weighted_log_loss", "log_loss"] == pytest.approx(ev.weighted_log_loss.value, rel=1e-5)
     doc = json.loads(paths["json"].read_text())
     assert doc["weighted_log_loss"]["value"] == pytest.approx(ev.weighted_log_loss.value)
@@ -109,6 +121,8 @@ def test_html_report_is_one_file(ev, tmp_path):
     assert "image not readable" in text  # a missing image is reported in place, not fatal
     assert "Findings: <b>subdural</b>" in text
     assert "Table 1" in text and "not a medical device" in text
+    sdh = ev["subdural"].auc_given_any
+    assert "<p>Which bleed it is:" in text and f"subdural {sdh.value:.3f} ({sdh.low:.3f}" in text
     assert "href=" not in text  # nothing linked from outside
 
 

@@ -13,6 +13,10 @@ Definitions used throughout (``docs/evaluation.md`` has the long form):
   mean over rows: ``L = mean_i [ sum_l w_l * ll_il / sum_l w_l ]``.
 * Undefined values are NA (``None``) with a reason: AUC and REC need a positive case, AUC needs a negative
   one, PREC needs a positive call. Nothing here raises because a label lacks a class.
+* AUC among bleeds (``auc_given_any``, subtypes only): the subtype's AUC over the rows whose ``any`` label
+  is 1, so it says whether the model tells *which* bleed it is, not whether there is one. A subtype's plain
+  AUC mixes the two: bleed-free rows are most of its negatives, and a model that ranks every bleed above
+  every bleed-free row scores well on each subtype while knowing nothing of which it is.
 * 95% CIs are percentile intervals over bootstrap resamples of *patients*: each resample draws as many
   patients as there are, with replacement, and takes all of their rows; rows of one patient never split.
 """
@@ -272,6 +276,7 @@ class LabelMetrics:
     rec: Estimate
     auc: Estimate
     log_loss: Estimate
+    auc_given_any: Estimate | None = None  # subtypes only, where ``any`` is among the labels
 
     @property
     def pos_pct(self) -> float:
@@ -289,6 +294,8 @@ class LabelMetrics:
         }
         for name in METRICS:
             out[name] = getattr(self, name).to_dict()
+        if self.auc_given_any is not None:
+            out["auc_given_any"] = self.auc_given_any.to_dict()
         return out
 
 
@@ -489,12 +496,22 @@ def evaluate(
             ])
         return out, float(w @ wll_row / total)
 
+    # Each subtype's AUC among the rows with a bleed (any = 1): weights zero the bleed-free rows.
+    given = [j for j, name in enumerate(labels) if name != "any"] if "any" in labels else []
+    bleed = y[:, labels.index("any")] if given else None
+
+    def stats_given(w: np.ndarray) -> np.ndarray:
+        return np.array([auc_ranked(ranked[j][0], ranked[j][1], y[:, j], w * bleed) for j in given])
+
     point, point_wll = stats(np.ones(n))
+    point_given = stats_given(np.ones(n))
     n_units = len(pd.unique(groups_arr))
     boot = np.full((n_bootstrap, len(labels), len(METRICS)), np.nan)
     boot_wll = np.full(n_bootstrap, np.nan)
+    boot_given = np.full((n_bootstrap, len(given)), np.nan)
     for b, w in enumerate(patient_resamples(groups_arr, n_bootstrap, seed)):
         boot[b], boot_wll[b] = stats(w)
+        boot_given[b] = stats_given(w)
 
     rows = []
     for j, name in enumerate(labels):
@@ -507,6 +524,16 @@ def evaluate(
                 continue
             low, high, k, why = percentile_ci(boot[:, j, m], ci, n_bootstrap)
             est[metric] = Estimate(float(point[j, m]), low, high, why, k)
+        if j in given:
+            g = given.index(j)
+            n_with = int(np.sum(bleed * y[:, j]))
+            n_without = int(np.sum(bleed * (1 - y[:, j])))
+            if n_with == 0 or n_without == 0:
+                why = f"no positive cases of {name}" if n_with == 0 else f"every case of any has {name}"
+                est["auc_given_any"] = Estimate(None, reason=f"{why}: AUC among bleeds undefined")
+            else:
+                low, high, k, why = percentile_ci(boot_given[:, g], ci, n_bootstrap)
+                est["auc_given_any"] = Estimate(float(point_given[g]), low, high, why, k)
         rows.append(LabelMetrics(
             label=name, threshold=t[name], n=n, pos=int(c.tp + c.fn), neg=int(c.tn + c.fp),
             tp=int(c.tp), fp=int(c.fp), fn=int(c.fn), tn=int(c.tn), **est,

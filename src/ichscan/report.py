@@ -117,6 +117,21 @@ def _weighted_line(ev: Evaluation, digits: int) -> str:
             f"{format_estimate(ev.weighted_log_loss, digits)}")
 
 
+def given_any_line(ev: Evaluation, digits: int = 3) -> str | None:
+    """One line of each subtype's AUC among the rows with a bleed (``LabelMetrics.auc_given_any``): whether
+    the model tells which bleed it is, which Table 1's AUC, mostly bleed against no bleed, does not say.
+    None where no label has it (no ``any`` among the labels)."""
+    rows = [r for r in ev.per_label if r.auc_given_any is not None]
+    if not rows:
+        return None
+    n_bleed = int(ev.y_true[:, ev.labels.index("any")].sum())
+    unit, _ = _unit_words(ev)
+    cells = [f"{r.label} " + (format_estimate(r.auc_given_any, digits) if not r.auc_given_any.na
+                              else f"NA ({r.auc_given_any.reason})") for r in rows]
+    return (f"Which bleed it is: each subtype's AUC among the {n_bleed} {unit} with any bleed (0.5: it cannot "
+            f"tell that subtype from the other bleeds): " + "; ".join(cells))
+
+
 def table1_markdown(ev: Evaluation, digits: int = 3) -> str:
     """Table 1 in Markdown with its caption, the weighted log loss and a note for every NA."""
     frame = table1_frame(ev, digits)
@@ -131,6 +146,9 @@ def table1_markdown(ev: Evaluation, digits: int = 3) -> str:
             out.append(f"{text} [{mark}]" if mark else str(text))
         lines.append("| " + " | ".join(out) + " |")
     lines += ["", _weighted_line(ev, digits)]
+    given = given_any_line(ev, digits)
+    if given:
+        lines += ["", given]
     if notes:
         lines += [""] + [f"[{i + 1}] {cell}: {reason}" for i, (cell, reason) in enumerate(notes)]
     return "\n".join(lines) + "\n"
@@ -147,6 +165,9 @@ def table1_records(ev: Evaluation) -> list[dict[str, Any]]:
             est = getattr(row, name)
             rec.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high,
                         f"{name}_note": est.reason})
+        g = row.auc_given_any or Estimate(None)  # ``any`` itself has none
+        rec.update({"auc_given_any": g.value, "auc_given_any_low": g.low, "auc_given_any_high": g.high,
+                    "auc_given_any_note": g.reason})
         records.append(rec)
     w = ev.weighted_log_loss
     records.append({"label": "weighted_log_loss", "n": ev.n, "log_loss": w.value, "log_loss_low": w.low,
@@ -486,7 +507,8 @@ def html_report(
         f"<table class=\"summary\">{dl}</table>"
         f"<h2>Table 1</h2><p class=\"caption\">{esc(table1_caption(ev))}</p>{_table1_html(ev, digits)}"
         f"<p>{esc(_weighted_line(ev, digits).replace('`', ''))}</p>"
-        f"<h2>Figure 1</h2>{figure}"
+        + (f"<p>{esc(given)}</p>" if (given := given_any_line(ev, digits)) else "")
+        + f"<h2>Figure 1</h2>{figure}"
         + (f"<h2>Series ({len(entries)})</h2>{sections}" if entries else "")
         + "</body></html>\n"
     )
