@@ -85,9 +85,14 @@ def main(argv=None) -> int:
 
     comparison = pd.read_csv(out / "cv" / "comparison.csv")
     replay = json.loads((out / "cv" / "crossval.json").read_text())["config"]["replay"]
-    auc = {f"{r['model']}_{r['aggregation']}": {c[4:]: (None if pd.isna(r[c]) else round(float(r[c]), 4))
-                                                  for c in comparison.columns if c.startswith("auc_")}
-           for _, r in comparison.iterrows()}
+
+    def by_row(prefix: str) -> dict:
+        """comparison.csv's columns ``<prefix><label>``, per model and aggregation (None where NA)."""
+        return {f"{r['model']}_{r['aggregation']}": {c[len(prefix):]: None if pd.isna(r[c]) else round(float(r[c]), 4)
+                                                      for c in comparison.columns if c.startswith(prefix)}
+                for _, r in comparison.iterrows()}
+
+    auc, bleeding = by_row("auc_"), by_row("bleeding_auc_")
     print(json.dumps({
         "benchmark": "ichscan crossval (site adaptation by patient-grouped cross-validation)",
         "data": os.fspath(args.data),
@@ -110,6 +115,7 @@ def main(argv=None) -> int:
         "aggregation": (json.loads((out / "cv" / "aggregation.json").read_text())
                         if (out / "cv" / "aggregation.json").exists() else args.aggregation or "the recipe's"),
         "oof_series_auc": auc,
+        "oof_series_auc_among_bleeding": bleeding,  # each subtype among the bleeding series: which bleed
         "final_model": os.fspath(result.final) if result.final else None,
     }, indent=2))
     return 0

@@ -140,6 +140,12 @@ def _aucs(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float | None]:
     return {name: _auc(y_true[:, j], y_prob[:, j]) for j, name in enumerate(LABELS)}
 
 
+def _aucs_among_bleeding(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float | None]:
+    """Each subtype's AUC over the rows with any bleed: whether the model tells which bleed it is."""
+    bleed = y_true[:, LABELS.index("any")] == 1
+    return {name: _auc(y_true[bleed, j], y_prob[bleed, j]) for j, name in enumerate(LABELS) if name != "any"}
+
+
 def _reaggregated(p: SeriesPrediction, method: str, top_k: int) -> SeriesPrediction:
     if method == p.aggregation:  # the predictor's own (context: the series head's, not from slices)
         return p
@@ -174,12 +180,13 @@ def ctich_report(predictions: list[SeriesPrediction], data: Path, dump: Path, me
     """Metrics for the CT-ICH series, through the same files and readers ``ichscan evaluate`` uses."""
     write_outputs(dump, predictions, thresholds=thresholds, config=config)
     slices = join_slice_labels(dump / "slices.csv", data / "labels.csv")
-    series_auc, series_wll, per_series = {}, {}, {}
+    series_auc, series_given, series_wll, per_series = {}, {}, {}, {}
     for method in methods:
         path = dump / f"series_{method}.csv"
         _write_csv(path, series_table([_reaggregated(p, method, top_k) for p in predictions], thresholds))
         ev = join_series_labels(path, data / "series_labels.csv")
         series_auc[method] = _aucs(ev.y_true, ev.y_prob)
+        series_given[method] = _aucs_among_bleeding(ev.y_true, ev.y_prob)
         series_wll[method] = float(weighted_log_loss(ev.y_true, ev.y_prob))
         for uid, y, p in zip(ev.ids, ev.y_true, ev.y_prob):
             row = per_series.setdefault(str(uid), {"labels": {n: int(v) for n, v in zip(LABELS, y)}, "probs": {}})
@@ -191,10 +198,13 @@ def ctich_report(predictions: list[SeriesPrediction], data: Path, dump: Path, me
         "n_slices": int(sum(p.n_slices for p in predictions)),
         "n_positive_series": {n: int(v) for n, v in zip(LABELS, truth.sum(axis=0))},
         "series_auc": series_auc,
+        # each subtype among the bleeding series only: which bleed, not whether (0.5: it cannot tell)
+        "series_auc_among_bleeding": series_given,
         "series_weighted_log_loss": series_wll,
         "n_slices_joined": int(len(slices.ids)),
         "n_positive_slices": {n: int(v) for n, v in zip(LABELS, slices.y_true.sum(axis=0))},
         "slice_auc": _aucs(slices.y_true, slices.y_prob),
+        "slice_auc_among_bleeding": _aucs_among_bleeding(slices.y_true, slices.y_prob),
         "slice_weighted_log_loss": float(weighted_log_loss(slices.y_true, slices.y_prob)),
         # where the false alarms lie, for reading a model, not scoring it
         "negatives": negatives_report(predictions, {u: r["labels"]["any"] for u, r in per_series.items()}, top_k),

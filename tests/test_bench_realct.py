@@ -126,6 +126,14 @@ def test_series_metrics_recomputed_from_the_printed_probabilities(limited, work)
             else:
                 assert got == pytest.approx(roc_auc_score(y[:, j], p[:, j]), abs=1e-12)
                 assert got == pytest.approx(roc_auc(y[:, j], p[:, j]), abs=1e-12)  # ichscan's own AUC agrees
+        bleed = y[:, 0] == 1  # each subtype among the bleeding series alone
+        for j, name in enumerate(LABELS[1:], 1):
+            got = ct["series_auc_among_bleeding"][method][name]
+            if y[bleed, j].min() == y[bleed, j].max():
+                assert got is None, (method, name)
+            else:
+                assert got == pytest.approx(roc_auc_score(y[bleed, j], p[bleed, j]), abs=1e-12)
+        assert "any" not in ct["series_auc_among_bleeding"][method]
         assert ct["series_weighted_log_loss"][method] == pytest.approx(_wll(y, p), rel=1e-9)
 
 
@@ -144,6 +152,11 @@ def test_slice_metrics_and_max_aggregation_from_the_dumped_slices(limited, work)
     for j, name in enumerate(LABELS):
         expected = None if y[:, j].min() == y[:, j].max() else roc_auc_score(y[:, j], p[:, j])
         assert ct["slice_auc"][name] == (None if expected is None else pytest.approx(expected, abs=1e-12))
+    bleed = y[:, 0] == 1
+    for j, name in enumerate(LABELS[1:], 1):
+        expected = None if y[bleed, j].min() == y[bleed, j].max() else roc_auc_score(y[bleed, j], p[bleed, j])
+        got = ct["slice_auc_among_bleeding"][name]
+        assert got == (None if expected is None else pytest.approx(expected, abs=1e-12))
     for s in ct["series"]:  # max over a series' slices is its `max` probability
         mine = p[[r["series_uid"] == s["series_uid"] for r in rows]]
         assert len(mine) == s["n_slices"]

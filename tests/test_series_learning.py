@@ -367,6 +367,15 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
     for row in comparison[comparison["aggregation"] != "slices"].itertuples():
         recomputed = roc_auc_score(series["true_any"], series[f"{row.model}_{row.aggregation}_any"])
         assert recomputed == pytest.approx(row.auc_any, abs=1e-4), (row.model, row.aggregation)
+        bleed = series["true_any"] == 1  # which bleed it is: a subtype among the bleeding series alone
+        for name in LABELS[1:]:
+            y = series.loc[bleed, f"true_{name}"]
+            got = getattr(row, f"bleeding_auc_{name}")
+            if 0 < y.sum() < len(y):
+                expect = roc_auc_score(y, series.loc[bleed, f"{row.model}_{row.aggregation}_{name}"])
+                assert got == pytest.approx(expect, abs=1e-4), (row.model, row.aggregation, name)
+            else:
+                assert np.isnan(got)
     # the gain over the starting model, paired on the same series: the adapted model's head against the
     # starting model's top-3 (it has no head), as ichscan compare computes it
     gain = json.loads((out / "gain.json").read_text())
@@ -376,6 +385,7 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
                                             - roc_auc_score(series["true_any"], series["baseline_topk_any"]))
     assert any_row["boot_low"] <= any_row["diff"] <= any_row["boot_high"]
     assert "The gain over the starting model" in (out / "crossval.md").read_text()
+    assert "Which bleed it is: each subtype's AUC among the bleeding series" in (out / "crossval.md").read_text()
     final = read_checkpoint_meta(result.final)
     assert final.operating_points["thresholds"] == pytest.approx(result.thresholds)
     assert final.record["aggregation"]["method"] == "context" and final.record["series_head"]["kind"] == "gru"

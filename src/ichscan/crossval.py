@@ -567,12 +567,23 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     # ---- comparison, Table 1, Figure 1, thresholds
     from ichscan.metrics import roc_auc, weighted_log_loss
 
+    def aucs(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+        """``auc_<label>``, then ``bleeding_auc_<subtype>``: each subtype among the rows with any bleed
+        alone (docs/evaluation.md: which bleed it is, not whether); NaN without both classes."""
+        out = {f"auc_{name}": roc_auc(y[:, j], probs[:, j]) if 0 < y[:, j].sum() < len(y) else float("nan")
+               for j, name in enumerate(labels)}
+        if "any" in labels:
+            bleed = y[:, labels.index("any")] == 1
+            for j, name in enumerate(labels):
+                if name != "any":
+                    yb = y[bleed, j]
+                    out[f"bleeding_auc_{name}"] = (roc_auc(yb, probs[bleed, j]) if 0 < yb.sum() < len(yb)
+                                                   else float("nan"))
+        return out
+
     rows = []
     for key, probs in columns.items():
-        row = {"model": key.split("_", 1)[0], "aggregation": key.split("_", 1)[1]}
-        for j, name in enumerate(labels):
-            y = truth[:, j]
-            row[f"auc_{name}"] = roc_auc(y, probs[:, j]) if 0 < y.sum() < len(y) else float("nan")
+        row = {"model": key.split("_", 1)[0], "aggregation": key.split("_", 1)[1], **aucs(truth, probs)}
         row["weighted_log_loss"] = weighted_log_loss(truth, np.clip(probs, 0, 1), labels=labels)
         rows.append(row)
     known = ~np.isnan(slice_truth).any(axis=1)
@@ -580,10 +591,7 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
         for key, probs in (("adapted", oof_slice), ("baseline", baseline)):
             if probs is None:
                 continue
-            row = {"model": key, "aggregation": "slices"}
-            for j, name in enumerate(labels):
-                y = slice_truth[known, j]
-                row[f"auc_{name}"] = roc_auc(y, probs[known, j]) if 0 < y.sum() < len(y) else float("nan")
+            row = {"model": key, "aggregation": "slices", **aucs(slice_truth[known], probs[known])}
             row["weighted_log_loss"] = weighted_log_loss(slice_truth[known], probs[known], labels=labels)
             rows.append(row)
     comparison = pd.DataFrame(rows)
@@ -785,6 +793,15 @@ def _markdown(record: dict[str, Any], comparison: pd.DataFrame, ev: Any, slice_e
         cells = [f"{row[c]:.3f}" if pd.notna(row[c]) else "NA" for c in comparison.columns if c.startswith("auc_")]
         lines.append(f"| {row['model']} | {row['aggregation']} | " + " | ".join(cells)
                      + f" | {row['weighted_log_loss']:.4f} |")
+    given = [c for c in comparison.columns if c.startswith("bleeding_auc_")]
+    if given:
+        lines += ["", "Which bleed it is: each subtype's AUC among the bleeding series (or slices) alone "
+                  "(0.5: it cannot tell that subtype from the other bleeds; docs/evaluation.md).", "",
+                  "| model | aggregation | " + " | ".join(c[len("bleeding_auc_"):] for c in given) + " |",
+                  "|---|---|" + "---|" * len(given)]
+        for _, row in comparison.iterrows():
+            lines.append(f"| {row['model']} | {row['aggregation']} | "
+                         + " | ".join(f"{row[c]:.3f}" if pd.notna(row[c]) else "NA" for c in given) + " |")
     adapted = ("fine-tuned per fold" if not options.keep_start else
                f"fine-tuned per fold and averaged with the starting model as it is (its share {options.keep_start:g})")
     lines += ["", f"`baseline`: the starting model without adaptation; `adapted`: {adapted}. `slices`: "
