@@ -304,6 +304,24 @@ def test_auc_among_bleeds_is_sklearns_on_the_bleeding_rows():
     assert m.evaluate(y[:, 1:], p[:, 1:], labels=LABELS[1:], n_bootstrap=0)["epidural"].auc_given_any is None
 
 
+def test_subtype_auc_is_the_count_weighted_mean_of_against_clean_and_among_bleeds():
+    # A subtype's negatives are bleed-free rows and other bleeds; its AUC is exactly the mean of its AUC
+    # against each part, weighted by their counts, so Table 1's subtype AUC splits into "whether" and "which".
+    rng = np.random.default_rng(8)
+    y = np.zeros((240, 6), dtype=int)
+    y[:, 0] = rng.random(240) < 0.45
+    y[:, 1:] = (rng.random((240, 5)) < 0.35) & (y[:, :1] == 1)
+    p = np.round(np.clip(0.4 * y[:, :1] + 0.15 * y + 0.5 * rng.random((240, 6)), 0, 1), 2)  # ties too
+    ev = m.evaluate(y, p, n_bootstrap=0)
+    clean = y[:, 0] == 0
+    for j, name in enumerate(LABELS[1:], 1):
+        pos, other = y[:, j] == 1, (y[:, 0] == 1) & (y[:, j] == 0)
+        keep = pos | clean
+        against_clean = skm.roc_auc_score(y[keep, j], p[keep, j])
+        mixed = (clean.sum() * against_clean + other.sum() * ev[name].auc_given_any.value) / (clean.sum() + other.sum())
+        assert ev[name].auc.value == pytest.approx(mixed, abs=1e-12), name
+
+
 def test_auc_among_bleeds_na_with_reason_and_patient_ci():
     y, p = bleeds_only_told_apart_from_none(4)
     y[:, 1] = 0  # epidural: never present
