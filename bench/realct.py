@@ -54,7 +54,7 @@ from ichscan.errors import IchscanError
 from ichscan.labels import LABELS
 from ichscan.metrics import join_series_labels, join_slice_labels, weighted_log_loss
 from ichscan.model import resolve_checkpoint
-from ichscan.thresholds import ThresholdIntervals, read_thresholds_file, run_intervals, run_thresholds
+from ichscan.thresholds import ThresholdIntervals, run_points, run_thresholds
 from ichscan.predict import (
     AGGREGATIONS,
     Predictor,
@@ -300,9 +300,8 @@ def measure(args: argparse.Namespace) -> dict:
     # "below a threshold nobody chose" would read like a result.
     thresholds, thresholds_from, intervals = None, None, None
     if args.thresholds or predictor.operating_points:
-        given = read_thresholds_file(args.thresholds) if args.thresholds else None  # read once
-        thresholds, thresholds_from = run_thresholds(given, predictor.operating_points)
-        intervals = run_intervals(given, predictor.operating_points)
+        points = run_points(args.thresholds, predictor.operating_points)  # a file read once
+        thresholds, thresholds_from, intervals = points.thresholds, points.source, points.intervals
 
     ctich_scan, ge_scan = find_series(data / "images"), find_series(realct / "ge-normal")
     ctich = list(ctich_scan.series)[: args.limit]  # find_series sorts by patient: --limit is reproducible

@@ -25,6 +25,7 @@ from ichscan.thresholds import (
     load_thresholds,
     read_thresholds_file,
     run_intervals,
+    run_points,
     run_thresholds,
     threshold_intervals,
 )
@@ -97,6 +98,24 @@ def test_intervals_follow_the_thresholds_a_run_uses(tmp_path):
     with pytest.raises(DataError) as err:
         run_thresholds(read_thresholds_file(path), own)
     assert str(path) in str(err.value) and "threshold for any is 1.3" in str(err.value)
+
+
+def test_run_points_reads_a_file_once_and_hands_on_its_document(tmp_path):
+    own = _doc({"any": 0.6}, {"any": [0.5, 0.7]})
+    path = tmp_path / "thr.json"
+    path.write_text(json.dumps(_doc({"any": 0.3}, {"any": [0.2, 0.4]})))
+    points = run_points(path, own)
+    path.unlink()  # nothing later reads the file again: the document carries thresholds, intervals and name
+    assert points.thresholds == {**dict.fromkeys(LABELS, 0.5), "any": 0.3} and points.source == str(path)
+    assert dict(points.intervals.bounds) == {"any": (0.2, 0.4)}
+    assert run_points(points.given, own) == points  # what a later step is handed gives the same again
+    model = run_points(None, own)  # nothing given: the model's operating points and their intervals
+    assert model.thresholds["any"] == 0.6 and dict(model.intervals.bounds) == {"any": (0.5, 0.7)}
+    numbers = run_points({"any": 0.4}, own)
+    assert (numbers.thresholds, numbers.source, numbers.intervals) == ({"any": 0.4}, "given", None)
+    with pytest.raises(DataError) as err:  # a missing file: one line naming it
+        run_points(path, own)
+    assert str(path) in str(err.value)
 
 
 def test_the_bundled_model_carries_an_interval_for_every_label():

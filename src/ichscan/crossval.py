@@ -569,16 +569,11 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
 
     def aucs(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         """``auc_<label>``, then ``bleeding_auc_<subtype>``: each subtype among the rows with any bleed
-        alone (docs/evaluation.md: which bleed it is, not whether); NaN without both classes."""
-        out = {f"auc_{name}": roc_auc(y[:, j], probs[:, j]) if 0 < y[:, j].sum() < len(y) else float("nan")
-               for j, name in enumerate(labels)}
-        if "any" in labels:
-            bleed = y[:, labels.index("any")] == 1
-            for j, name in enumerate(labels):
-                if name != "any":
-                    yb = y[bleed, j]
-                    out[f"bleeding_auc_{name}"] = (roc_auc(yb, probs[bleed, j]) if 0 < yb.sum() < len(yb)
-                                                   else float("nan"))
+        alone (docs/evaluation.md: which bleed it is, not whether); NaN without both classes (``roc_auc``)."""
+        out = {f"auc_{name}": roc_auc(y[:, j], probs[:, j]) for j, name in enumerate(labels)}
+        bleed = y[:, labels.index("any")] == 1 if "any" in labels else None
+        out.update({f"bleeding_auc_{name}": roc_auc(y[bleed, j], probs[bleed, j])
+                    for j, name in enumerate(labels) if bleed is not None and name != "any"})
         return out
 
     rows = []

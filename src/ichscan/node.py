@@ -392,7 +392,7 @@ class Node:
                  thresholds: dict[str, float] | str | os.PathLike | None = None, patient_ids: Any = None,
                  on_record: Callable[[dict], None] | None = None):
         from ichscan.predict.batch import predict_path as predict
-        from ichscan.thresholds import read_thresholds_file, run_thresholds
+        from ichscan.thresholds import run_points
 
         if "dicom_out" not in inspect.signature(predict).parameters:
             raise IchscanError("this ichscan's predict_path cannot write DICOM results (no dicom_out parameter); "
@@ -402,10 +402,8 @@ class Node:
         self.predictor = predictor
         self.rules = rules
         # a file is read once, here: its thresholds and intervals hold for every study, whatever becomes of it
-        self._thresholds_given = (read_thresholds_file(thresholds) if isinstance(thresholds, (str, os.PathLike))
-                                  else thresholds)
-        self.thresholds, self.thresholds_from = run_thresholds(self._thresholds_given,
-                                                               getattr(predictor, "operating_points", None))
+        points = run_points(thresholds, getattr(predictor, "operating_points", None))
+        self._thresholds_given, self.thresholds, self.thresholds_from = points.given, points.thresholds, points.source
         self._predict = predict
         self._patient_ids = patient_ids
         self._on_record = on_record

@@ -235,3 +235,24 @@ def run_intervals(given: Mapping[str, Any] | str | os.PathLike | None, operating
     if given is not None:
         return threshold_intervals(read_thresholds_file(given), given)
     return threshold_intervals(operating_points, "the model's operating_points")
+
+
+@dataclass(frozen=True)
+class RunPoints:
+    """What a prediction run calls at (``run_points``): the thresholds, where they come from, their intervals
+    (None without), and ``given`` as later steps are to be handed it (a file's document, read once)."""
+
+    thresholds: dict[str, float]
+    source: str
+    intervals: ThresholdIntervals | None
+    given: Any
+
+
+def run_points(given: Mapping[str, Any] | str | os.PathLike | None, operating_points: Mapping | None = None
+               ) -> RunPoints:
+    """``run_thresholds`` and ``run_intervals`` for the same arguments, a thresholds file read once: what is
+    called at and how firm each call is hold for the whole run, whatever becomes of the file meanwhile."""
+    if isinstance(given, (str, os.PathLike)):
+        given = read_thresholds_file(given)
+    thresholds, source = run_thresholds(given, operating_points)
+    return RunPoints(thresholds, source, run_intervals(given, operating_points), given)

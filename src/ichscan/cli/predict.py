@@ -159,7 +159,7 @@ def run(args) -> int:
     from ichscan.model import BUNDLED, resolve_checkpoint
     from ichscan.predict import Predictor, predict_path
     from ichscan.privacy import Pseudonymizer
-    from ichscan.thresholds import read_thresholds_file, run_intervals, run_thresholds
+    from ichscan.thresholds import run_points
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):  # before anything is loaded or printed
         raise IchscanError("is a file; --out needs a folder (a new one, or one this command wrote before)", args.out)
@@ -186,9 +186,8 @@ def run(args) -> int:
     elif predictor.trained_on:
         print(f"the model was trained on {predictor.trained_on}", file=sys.stderr)
     # the file read once: what is printed here is what the run calls at, whatever becomes of the file
-    given = read_thresholds_file(args.thresholds) if args.thresholds else None
-    thresholds, thresholds_from = run_thresholds(given, predictor.operating_points)
-    intervals = run_intervals(given, predictor.operating_points)
+    points = run_points(args.thresholds, predictor.operating_points)
+    thresholds, thresholds_from, intervals = points.thresholds, points.source, points.intervals
     aggregation = describe_aggregation(predictor.aggregation, predictor.top_k, predictor.label_aggregation,
                                        predictor.labels)
     if args.aggregation is None and predictor.aggregation != "max":
@@ -220,7 +219,7 @@ def run(args) -> int:
     selection_log = logging.getLogger("ichscan.predict.selection")
     selection_log.addHandler(not_head)
     try:
-        result = predict_path(args.input, args.out, predictor, rules=_rules(args), thresholds=given,
+        result = predict_path(args.input, args.out, predictor, rules=_rules(args), thresholds=points.given,
                               progress=progress, max_series=args.max_series, restart=args.restart,
                               allow_non_ct=args.any_modality, patient_ids=Pseudonymizer(keep=args.keep_patient_id),
                               submission=True if args.submission else None, dicom_out=args.dicom_out)

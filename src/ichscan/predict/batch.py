@@ -28,7 +28,7 @@ from ichscan.predict.outputs import SeriesPrediction, write_outputs
 from ichscan.predict.predictor import Predictor
 from ichscan.predict.selection import RejectedSeries, SelectionRules, select_series
 from ichscan.privacy import Pseudonymizer
-from ichscan.thresholds import ThresholdIntervals, read_thresholds_file, run_intervals, run_thresholds
+from ichscan.thresholds import ThresholdIntervals, run_points
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +178,8 @@ def _predict(path, out_dir, predictor, *, rules, thresholds, progress, max_serie
              prefetch, patient_ids: Pseudonymizer, submission: bool | None, dicom_out=None) -> PredictRun:
     from ichscan.dicom import find_series
 
-    if isinstance(thresholds, (str, os.PathLike)):  # read once: the thresholds and their intervals
-        thresholds = read_thresholds_file(thresholds)
-    intervals = run_intervals(thresholds, predictor.operating_points)
-    thresholds, thresholds_from = run_thresholds(thresholds, predictor.operating_points)
+    points = run_points(thresholds, predictor.operating_points)  # a file read once
+    thresholds, thresholds_from, intervals = points.thresholds, points.source, points.intervals
     rules = rules or SelectionRules()
     scan = find_series(path, pixels=False, allow_non_ct=allow_non_ct)
     skipped = list(scan.skipped)
