@@ -53,3 +53,21 @@ def test_evaluate_reports_data_errors(tmp_path, capsys):
     assert "ichscan evaluate: error:" in err and "series_pred.csv" in err and "2 of 42 series" in err
     assert main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--thresholds", "2"]) == 1
     assert "thresholds must lie in [0, 1]" in capsys.readouterr().err
+
+
+def test_thresholds_youden_median_through_the_command_line(tmp_path, capsys):
+    """--method youden-median writes the median point with Youden's own beside it; without resamples it is
+    one line saying what it needs, and no file."""
+    pred, labels, *_ = write_series(tmp_path, n=80, seed=2)
+    thr = tmp_path / "median.json"
+    assert main(["thresholds", "--pred", str(pred), "--labels", str(labels), "--method", "youden-median",
+                 "--bootstrap", "300", "--out", str(thr)]) == 0
+    doc = json.loads(thr.read_text())
+    d = doc["details"]["any"]
+    assert doc["method"] == "youden-median" and d["median_of"] == 300
+    assert d["threshold_ci"][0] <= doc["thresholds"]["any"] <= d["threshold_ci"][1] and 0 < d["youden_point"] < 1
+    capsys.readouterr()
+    assert main(["thresholds", "--pred", str(pred), "--labels", str(labels), "--method", "youden-median",
+                 "--bootstrap", "0", "--out", str(tmp_path / "none.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs --bootstrap > 0" in err[0] and not (tmp_path / "none.json").exists()

@@ -75,3 +75,15 @@ def test_a_fixed_aggregation_is_taken_as_given_and_one_not_computed_is_refused_b
     assert not (tmp_path / "cv").exists()
     assert "aggregation" not in CrossvalOptions().to_dict()  # earlier runs' records resume as they were
     assert CrossvalOptions(aggregation="auto").to_dict()["aggregation"] == "auto"
+
+
+def test_youden_median_without_resamples_is_refused_before_training(tmp_path):
+    from ichscan.crossval import run_crossval
+    from ichscan.errors import IchscanError
+    from ichscan.train import TrainConfig
+
+    config = TrainConfig.from_preset("finetune", arch="resnet10t", image_size=32, epochs=1)
+    options = CrossvalOptions(threshold_method="youden-median", n_bootstrap=0)
+    with pytest.raises(IchscanError, match="youden-median .* needs --bootstrap > 0"):  # no data read
+        run_crossval(config, tmp_path / "nowhere", tmp_path / "cv", options=options)
+    assert not (tmp_path / "cv").exists()

@@ -388,6 +388,9 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     if options.keep_start and options.series_head:
         raise IchscanError("a series head needs --keep-start 0: the blend with the starting model, which has "
                            "no series head, is aggregated by the mean of the top k slices")
+    if options.threshold_method == "youden-median" and not options.n_bootstrap:  # said now, not after the folds
+        raise IchscanError("--threshold-method youden-median is the median over resampled patients; it needs "
+                           "--bootstrap > 0")
     computed = _aggregations(options)
     if options.aggregation not in (None, "auto", PER_LABEL, *computed):  # said now, not after every fold trained
         raise IchscanError(f"--aggregation {options.aggregation}: this cross-validation computes "

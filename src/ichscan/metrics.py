@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-15
 METRICS: tuple[str, ...] = ("acc", "prec", "rec", "auc", "log_loss")
-THRESHOLD_METHODS: tuple[str, ...] = ("youden", "sensitivity")
+THRESHOLD_METHODS: tuple[str, ...] = ("youden", "youden-median", "sensitivity")
 
 # --------------------------------------------------------------------------------------------------
 # Metric arithmetic. Every function takes optional sample weights: the bootstrap expresses a resample
@@ -606,8 +606,8 @@ def choose_threshold(
         if not 0.0 < target <= 1.0:
             raise ValueError(f"target sensitivity must lie in (0, 1], got {target}")
         i = int(np.flatnonzero(tpr >= target - 1e-12)[0])
-    else:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(THRESHOLD_METHODS)}")
+    else:  # youden-median resamples this function; it is choose_thresholds'
+        raise ValueError(f"unknown method {method!r}; expected youden or sensitivity")
     t = float(np.clip(thr[i], 0.0, 1.0))
     return t, {"sensitivity": float(tpr[i]), "specificity": float(1.0 - fpr[i]),
                "youden_j": float(tpr[i] - fpr[i]), "auc": roc_auc(y, s),
@@ -639,22 +639,37 @@ def choose_thresholds(
     row its own patient when None; ``patient_resamples`` with ``seed``). On a few dozen validation series
     Youden's J is often nearly flat over a wide range of thresholds, and the interval shows how far the
     chosen point could have fallen with other cases.
+
+    ``youden-median`` (needs ``n_bootstrap`` > 0): each label's threshold is the median of the thresholds
+    Youden's J chooses on those resamples, a bagged Youden point; the details keep the single sample's
+    choice as ``youden_point``. Where J is nearly flat the single argmax lands anywhere on the plateau, and
+    which end depends on a few cases; the median of the resamples' choices depends on them less.
     """
     labels = tuple(labels)
     if method not in THRESHOLD_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(THRESHOLD_METHODS)}")
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be 0 or more, got {n_bootstrap}")
+    if method == "youden-median" and n_bootstrap == 0:
+        raise ValueError("method youden-median is the median of Youden's choices over resampled patients; "
+                         "it needs n_bootstrap > 0 (e.g. 1000)")
+    # youden-median resamples Youden's J itself; the interval is always of the single-sample rule's choices
+    rule = "youden" if method == "youden-median" else method
     y = _as_matrix(y_true, labels, "y_true")
     p = _as_matrix(y_prob, labels, "y_prob")
     units = np.arange(len(y)) if groups is None else groups
     thresholds, details, notes = {}, {}, {}
     for j, name in enumerate(labels):
         try:
-            thresholds[name], details[name] = choose_threshold(y[:, j], p[:, j], method=method, target=target)
+            thresholds[name], details[name] = choose_threshold(y[:, j], p[:, j], method=rule, target=target)
             if n_bootstrap:
-                details[name].update(_threshold_interval(y[:, j], p[:, j], units, n_bootstrap, seed, method,
-                                                         target, ci))
+                chosen = _bootstrap_choices(y[:, j], p[:, j], units, n_bootstrap, seed, rule, target)
+                details[name].update(_threshold_interval(chosen, n_bootstrap, ci))
+            if method == "youden-median":
+                thresholds[name], note = _median_point(y[:, j], p[:, j], thresholds[name], chosen, details[name])
+                if note:
+                    notes[name] = note
+                    log.warning("threshold for %s: %s", name, note)
             if details[name]["auc"] <= 0.5:
                 notes[name] = (f"unreliable: the scores do not separate {name} here (AUC "
                                f"{details[name]['auc']:.3f}, {details[name]['positives']} positive of "
@@ -671,14 +686,39 @@ def choose_thresholds(
                            details=details, notes=notes, source=dict(source or {}))
 
 
-def _threshold_interval(y: np.ndarray, s: np.ndarray, groups, n_bootstrap: int, seed: int, method: str,
-                        target: float, ci: float) -> dict[str, Any]:
-    """The ``ci`` interval of the thresholds chosen on each of ``patient_resamples(groups, n_bootstrap, seed)``
-    (the same resamples for every label); a resample without both classes defines none."""
+def _bootstrap_choices(y: np.ndarray, s: np.ndarray, groups, n_bootstrap: int, seed: int, method: str,
+                       target: float) -> np.ndarray:
+    """The threshold ``method`` chooses on each of ``patient_resamples(groups, n_bootstrap, seed)`` (the same
+    resamples for every label); NaN where a resample lacks a positive or a negative case."""
     chosen = np.full(n_bootstrap, np.nan)
     for k, w in enumerate(patient_resamples(groups, n_bootstrap, seed)):
         with contextlib.suppress(ValueError):
             chosen[k] = choose_threshold(y, s, method=method, target=target, sample_weight=w)[0]
+    return chosen
+
+
+def _median_point(y: np.ndarray, s: np.ndarray, single: float, chosen: np.ndarray, details: dict[str, Any]
+                  ) -> tuple[float, str | None]:
+    """``youden-median``'s threshold: the median of the resamples' Youden choices (``chosen``). Youden's J is
+    often nearly flat over a wide range, so the single sample's argmax (``single``) jumps between far-apart
+    thresholds from one validation draw to the next, and the median of the resamples' choices is meant to
+    move less (docs/training.md measures how much).
+    ``details`` gain ``youden_point`` (``single``) and ``median_of`` and describe the median's operating point
+    on the whole sample. Where fewer than half the resamples choose a threshold, ``single`` is kept, noted."""
+    valid = chosen[~np.isnan(chosen)]
+    details["youden_point"] = single
+    if valid.size < max(2, chosen.size // 2):
+        return single, (f"youden-median: only {valid.size} of {chosen.size} resamples chose a threshold; "
+                        "Youden's own point kept")
+    t = float(np.median(valid))
+    called = s >= t
+    sens, spec = float(called[y == 1].mean()), float(1.0 - called[y == 0].mean())
+    details.update(sensitivity=sens, specificity=spec, youden_j=sens + spec - 1.0, median_of=int(valid.size))
+    return t, None
+
+
+def _threshold_interval(chosen: np.ndarray, n_bootstrap: int, ci: float) -> dict[str, Any]:
+    """The ``ci`` interval of the thresholds chosen on the resamples (``_bootstrap_choices``)."""
     low, high, n_valid, why = percentile_ci(chosen, ci, n_bootstrap)
     out: dict[str, Any] = {"threshold_ci": None if low is None else [low, high], "threshold_ci_level": ci,
                            "threshold_bootstrap": n_valid}

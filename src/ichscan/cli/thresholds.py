@@ -15,6 +15,8 @@ examples:
       (the operating points travel with the model: ichscan predict --checkpoint run/ensemble.json uses them)
 
 youden: the threshold maximising sensitivity + specificity - 1 on the validation set.
+youden-median: the median of the thresholds Youden's J chooses on the --bootstrap resamples of the
+  validation patients (a bagged Youden point: it depends less on a few cases where J is nearly flat).
 sensitivity: the highest threshold whose validation sensitivity is at least --target.
 Each threshold comes with the interval in which the same method's choice falls when the validation
 patients are resampled (--bootstrap): on a few dozen series it is often wide, and then the point chosen
@@ -35,7 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--pred", required=True, help="validation predictions (series.csv, slices.csv, submission)")
     p.add_argument("--labels", required=True, help="labels for them (series_labels.csv or RSNA ID,Label)")
     p.add_argument("--level", choices=("auto", "series", "slice"), default="auto", help="default auto")
-    p.add_argument("--method", choices=("youden", "sensitivity"), default="youden", help="default youden")
+    p.add_argument("--method", choices=("youden", "youden-median", "sensitivity"), default="youden",
+                   help="default youden")
     p.add_argument("--target", type=float, default=0.9, help="sensitivity for --method sensitivity (default 0.9)")
     p.add_argument("--default", type=float, default=0.5, help="threshold for labels that cannot be tuned")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
@@ -60,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("--default must lie in [0, 1]")
     if args.bootstrap < 0:
         raise DataError("--bootstrap must be 0 or more")
+    if args.method == "youden-median" and args.bootstrap == 0:
+        raise DataError("--method youden-median is the median over resampled patients; it needs --bootstrap > 0")
     if not 0.0 < args.ci < 1.0:
         raise DataError("--ci must lie between 0 and 1, e.g. 0.95")
     points = choose_thresholds_files(args.pred, args.labels, level=args.level, method=args.method,
