@@ -22,7 +22,9 @@ def test_thresholds_then_evaluate(tmp_path, capsys, caplog):
     assert doc["method"] == "sensitivity" and doc["target"] == 0.8 and set(doc["thresholds"]) == set(LABELS)
     lo, hi = doc["details"]["any"]["threshold_ci"]  # by default, 1000 resamples of the validation patients
     assert 0.0 <= lo <= hi <= 1.0 and doc["details"]["any"]["threshold_bootstrap"] == 1000
-    assert "95% CI of the threshold" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "95% CI of the threshold" in printed
+    assert f"median {doc['details']['any']['threshold_median']:.4f}" in printed
     assert main(["thresholds", "--pred", str(pred), "--labels", str(labels), "--bootstrap", "-1",
                  "--out", str(tmp_path / "t2.json")]) == 1
     err = capsys.readouterr().err.strip().splitlines()

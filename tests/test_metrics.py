@@ -617,6 +617,10 @@ def test_youden_median_is_the_median_of_youdens_choices_on_copied_resamples():
     t = points.thresholds["any"]
     d = points.details["any"]
     assert t == pytest.approx(np.median(by_hand)) and d["median_of"] == 60
+    assert d["threshold_median"] == pytest.approx(t)  # youden's own file carries the same median beside its point
+    plain = m.choose_thresholds(np.c_[y], np.c_[p], labels=("any",), n_bootstrap=60, seed=3, groups=groups)
+    assert plain.details["any"]["threshold_median"] == pytest.approx(t)
+    assert plain.thresholds["any"] == pytest.approx(d["youden_point"])
     assert d["youden_point"] == pytest.approx(brute_force(y, p, "youden"))
     assert d["sensitivity"] == pytest.approx(m.recall(y, p >= t))
     assert d["specificity"] == pytest.approx(((p < t) & (y == 0)).sum() / (y == 0).sum())

@@ -718,10 +718,13 @@ def _median_point(y: np.ndarray, s: np.ndarray, single: float, chosen: np.ndarra
 
 
 def _threshold_interval(chosen: np.ndarray, n_bootstrap: int, ci: float) -> dict[str, Any]:
-    """The ``ci`` interval of the thresholds chosen on the resamples (``_bootstrap_choices``)."""
+    """The ``ci`` interval of the thresholds chosen on the resamples (``_bootstrap_choices``), and their
+    median (``threshold_median``): a point at one end of its interval, far from the median, is the draw's
+    more than the model's (what ``youden-median`` uses as the point)."""
     low, high, n_valid, why = percentile_ci(chosen, ci, n_bootstrap)
     out: dict[str, Any] = {"threshold_ci": None if low is None else [low, high], "threshold_ci_level": ci,
-                           "threshold_bootstrap": n_valid}
+                           "threshold_bootstrap": n_valid,
+                           "threshold_median": None if low is None else float(np.nanmedian(chosen))}
     if why:
         out["threshold_ci_note"] = why
     return out

@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
                else points.notes[name])
         if d and d.get("threshold_ci"):
             lo, hi = d["threshold_ci"]
-            how += f"; {d['threshold_ci_level']:.0%} CI of the threshold {lo:.4f}-{hi:.4f} over resampled patients"
+            how += (f"; {d['threshold_ci_level']:.0%} CI of the threshold {lo:.4f}-{hi:.4f} over resampled patients, "
+                    f"median {d['threshold_median']:.4f}")
         print(f"{name:17s} {t:.4f}  ({how})" + (f"\n{'':17s} note: {points.notes[name]}"
                                                   if d and name in points.notes else ""))
     print(f"wrote {path}")
