@@ -86,7 +86,10 @@ def register(subparsers) -> None:
                         "AUC for any is highest; per_label: for each label the one whose out-of-fold AUC for it is "
                         "highest, Platt-calibrated on the same series; each with a nested estimate "
                         "(aggregation.json)")
-    s.add_argument("--threshold-method", choices=("youden", "youden-median", "sensitivity"), default="youden")
+    s.add_argument("--threshold-method", choices=("youden", "youden-median", "sensitivity"), default="youden",
+                   help="how the out-of-fold operating points are chosen (default youden; youden-median, the "
+                        "median of Youden's choices over resampled patients, moves less on a few dozen series: "
+                        "docs/evaluation.md)")
     s.add_argument("--bootstrap", type=int, default=1000, help="patient-bootstrap resamples (default 1000)")
     s.add_argument("--no-final", action="store_true", help="skip the final model on all of DATA")
     s.add_argument("--no-baseline", action="store_true", help="skip scoring the starting model")
