@@ -66,7 +66,7 @@ def test_thresholds_youden_median_through_the_command_line(tmp_path, capsys):
                  "--bootstrap", "300", "--out", str(thr)]) == 0
     doc = json.loads(thr.read_text())
     d = doc["details"]["any"]
-    assert doc["method"] == "youden-median" and d["median_of"] == 300
+    assert doc["method"] == "youden-median" and d["threshold_bootstrap"] == 300
     assert d["threshold_ci"][0] <= doc["thresholds"]["any"] <= d["threshold_ci"][1] and 0 < d["youden_point"] < 1
     capsys.readouterr()
     assert main(["thresholds", "--pred", str(pred), "--labels", str(labels), "--method", "youden-median",

@@ -616,7 +616,7 @@ def test_youden_median_is_the_median_of_youdens_choices_on_copied_resamples():
         by_hand.append(brute_force(y[rows], p[rows], "youden"))
     t = points.thresholds["any"]
     d = points.details["any"]
-    assert t == pytest.approx(np.median(by_hand)) and d["median_of"] == 60
+    assert t == pytest.approx(np.median(by_hand)) and d["threshold_bootstrap"] == 60
     assert d["threshold_median"] == pytest.approx(t)  # youden's own file carries the same median beside its point
     plain = m.choose_thresholds(np.c_[y], np.c_[p], labels=("any",), n_bootstrap=60, seed=3, groups=groups)
     assert plain.details["any"]["threshold_median"] == pytest.approx(t)
