@@ -28,6 +28,8 @@ import sys
 
 import numpy as np
 
+from ichscan.labels import LABELS
+
 METHODS = ("youden", "youden-median")
 
 
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", required=True, help="its series_labels.csv")
     ap.add_argument("--test-pred", required=True, help="series.csv of the set they are scored on")
     ap.add_argument("--test-labels", required=True, help="its series_labels.csv")
-    ap.add_argument("--label", default="any")
+    ap.add_argument("--label", default="any", choices=LABELS)
     ap.add_argument("--n", type=int, default=41, help="series per validation draw (default 41, ctich-dev's)")
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--bootstrap", type=int, default=300, help="resamples for youden-median (default 300)")
