@@ -87,3 +87,20 @@ def test_youden_median_without_resamples_is_refused_before_training(tmp_path):
     with pytest.raises(IchscanError, match="youden-median .* needs --bootstrap > 0"):  # no data read
         run_crossval(config, tmp_path / "nowhere", tmp_path / "cv", options=options)
     assert not (tmp_path / "cv").exists()
+
+
+def test_operating_points_table_gives_each_threshold_its_interval_median_and_notes():
+    from ichscan.crossval import _points_markdown
+    from ichscan.metrics import choose_thresholds
+
+    rng = np.random.default_rng(0)
+    y = np.zeros((40, 2), int)
+    y[:20, 0] = 1  # the second label has no positive case: it keeps the default, with a note
+    p = np.c_[np.clip(0.3 * y[:, 0] + 0.7 * rng.random(40), 0, 1), rng.random(40)]
+    points = choose_thresholds(y, p, labels=("any", "epidural"), n_bootstrap=100, seed=1)
+    lines = _points_markdown(points)
+    d = points.details["any"]
+    assert (f"| any | {points.thresholds['any']:.3f} | {d['threshold_ci'][0]:.3f}-{d['threshold_ci'][1]:.3f} | "
+            f"{d['threshold_median']:.3f} | {d['sensitivity']:.3f} | {d['specificity']:.3f} |") in lines
+    assert "| epidural | 0.500 | NA | NA | NA | NA |" in lines
+    assert any(line.startswith("epidural: kept default 0.5") for line in lines)

@@ -393,6 +393,11 @@ def test_crossval_out_of_fold_predictions_never_see_the_patient(phantom_sets, tm
     assert thresholds["source"]["predictions"] == "out-of-fold series"
     assert thresholds["details"]["any"]["threshold_bootstrap"] <= 20  # resampled patients, as Table 1's CIs
     assert "threshold_ci" in thresholds["details"]["any"]
+    d = thresholds["details"]["any"]  # crossval.md's operating points are thresholds.json's, to 3 decimals
+    ci = "NA" if not d["threshold_ci"] else f"{d['threshold_ci'][0]:.3f}-{d['threshold_ci'][1]:.3f}"
+    median = "NA" if d["threshold_median"] is None else f"{d['threshold_median']:.3f}"
+    assert (f"| any | {thresholds['thresholds']['any']:.3f} | {ci} | {median} | {d['sensitivity']:.3f} | "
+            f"{d['specificity']:.3f} |") in (out / "crossval.md").read_text()
     table = (out / "table1_series.md").read_text()
     assert "any" in table and (out / "roc_series.png").is_file() and (out / "crossval.md").is_file()
     # resume: a finished cross-validation reruns from its files, to the same numbers

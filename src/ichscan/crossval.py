@@ -770,6 +770,31 @@ def _resolve_per_label(options: CrossvalOptions, truth: np.ndarray, columns: dic
     }
 
 
+def _points_markdown(points: Any) -> list[str]:
+    """The operating points of ``thresholds.json`` as a table: each label's threshold, the interval and median
+    of the thresholds the same rule chose on resampled patients, and the out-of-fold sensitivity and
+    specificity at it. On a site's few dozen series the interval is often wide; a threshold far from the
+    median, at one end of it, is where these series put it more than where the model would."""
+    def num(v):
+        return "NA" if v is None else f"{v:.3f}"
+
+    lines = ["## Operating points (`thresholds.json`)", "",
+             "| label | threshold | 95% interval over resampled patients | their median | sensitivity | "
+             "specificity |", "|---|---|---|---|---|---|"]
+    for name, t in points.thresholds.items():
+        d = points.details.get(name)
+        if not d:
+            lines.append(f"| {name} | {t:.3f} | NA | NA | NA | NA |")
+            continue
+        ci = d.get("threshold_ci")
+        lines.append(f"| {name} | {t:.3f} | {'NA' if not ci else f'{ci[0]:.3f}-{ci[1]:.3f}'} | "
+                     f"{num(d.get('threshold_median'))} | {num(d.get('sensitivity'))} | {num(d.get('specificity'))} |")
+    notes = [f"{name}: {note}" for name, note in points.notes.items()]
+    return lines + ([""] + notes if notes else []) + [
+        "", "Sensitivity and specificity are at the threshold on these same out-of-fold series (optimistic). "
+        "`--threshold-method youden-median` takes the median as the point (docs/evaluation.md)."]
+
+
 def _markdown(record: dict[str, Any], comparison: pd.DataFrame, ev: Any, slice_ev: Any, points: Any,
               options: CrossvalOptions, table1_markdown: Callable[[Any], str], gain: Any = None,
               chosen: str | None = None, auto: dict[str, Any] | None = None) -> str:
@@ -839,7 +864,8 @@ def _markdown(record: dict[str, Any], comparison: pd.DataFrame, ev: Any, slice_e
                   f"aggregation chosen on the other folds (folds {folds}), is `auto` above: `any` {nested}.", ""]
     lines += [f"## Table 1: out-of-fold series, aggregation `{chosen}`", "",
               f"Thresholds ({points.method}) chosen on these same out-of-fold predictions: ACC, PREC and REC at "
-              "them are optimistic; AUC and log loss do not depend on them.", "", table1_markdown(ev)]
+              "them are optimistic; AUC and log loss do not depend on them.", "", table1_markdown(ev), "",
+              *_points_markdown(points)]
     if slice_ev is not None:
         lines += ["", "## Table 1: out-of-fold slices (threshold 0.5)", "", table1_markdown(slice_ev)]
     return "\n".join(lines) + "\n"
