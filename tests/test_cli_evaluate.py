@@ -72,4 +72,5 @@ def test_thresholds_youden_median_through_the_command_line(tmp_path, capsys):
     assert main(["thresholds", "--pred", str(pred), "--labels", str(labels), "--method", "youden-median",
                  "--bootstrap", "0", "--out", str(tmp_path / "none.json")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "needs --bootstrap > 0" in err[0] and not (tmp_path / "none.json").exists()
+    assert len(err) == 1 and "--method youden-median" in err[0] and "--bootstrap > 0" in err[0]
+    assert not (tmp_path / "none.json").exists()

@@ -84,7 +84,7 @@ def test_youden_median_without_resamples_is_refused_before_training(tmp_path):
 
     config = TrainConfig.from_preset("finetune", arch="resnet10t", image_size=32, epochs=1)
     options = CrossvalOptions(threshold_method="youden-median", n_bootstrap=0)
-    with pytest.raises(IchscanError, match="youden-median .* needs --bootstrap > 0"):  # no data read
+    with pytest.raises(IchscanError, match="--threshold-method youden-median .* needs resamples"):  # no data read
         run_crossval(config, tmp_path / "nowhere", tmp_path / "cv", options=options)
     assert not (tmp_path / "cv").exists()
 

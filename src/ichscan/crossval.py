@@ -370,7 +370,7 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
                  data_progress: Callable[[str, int, int], None] | None = None) -> CrossvalResult:
     """Cross-validate ``config`` on ``data`` and train the final model (see the module docstring)."""
     from ichscan.data import assign_folds
-    from ichscan.metrics import choose_thresholds, evaluate
+    from ichscan.metrics import choose_thresholds, evaluate, threshold_method_problem
     from ichscan.model import save_checkpoint
     from ichscan.report import table1_markdown, write_roc, write_table1
 
@@ -388,9 +388,8 @@ def run_crossval(config: TrainConfig, data: str | os.PathLike, out_dir: str | os
     if options.keep_start and options.series_head:
         raise IchscanError("a series head needs --keep-start 0: the blend with the starting model, which has "
                            "no series head, is aggregated by the mean of the top k slices")
-    if options.threshold_method == "youden-median" and not options.n_bootstrap:  # said now, not after the folds
-        raise IchscanError("--threshold-method youden-median is the median over resampled patients; it needs "
-                           "--bootstrap > 0")
+    if problem := threshold_method_problem(options.threshold_method, options.n_bootstrap):  # now, not after folds
+        raise IchscanError(f"--threshold-method {problem}")
     computed = _aggregations(options)
     if options.aggregation not in (None, "auto", PER_LABEL, *computed):  # said now, not after every fold trained
         raise IchscanError(f"--aggregation {options.aggregation}: this cross-validation computes "

@@ -614,6 +614,15 @@ def choose_threshold(
                "positives": int(y.sum()), "negatives": int(y.size - y.sum())}
 
 
+def threshold_method_problem(method: str, n_bootstrap: int) -> str | None:
+    """Why ``choose_thresholds`` cannot use ``method`` with ``n_bootstrap`` resamples, or None: the one check
+    that callers (``ichscan thresholds``, ``ichscan crossval`` before any fold trains) make early."""
+    if method == "youden-median" and n_bootstrap == 0:
+        return ("youden-median is the median of Youden's choices over resampled patients; it needs resamples "
+                "(--bootstrap > 0, e.g. 1000)")
+    return None
+
+
 def choose_thresholds(
     y_true,
     y_prob,
@@ -650,9 +659,8 @@ def choose_thresholds(
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(THRESHOLD_METHODS)}")
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be 0 or more, got {n_bootstrap}")
-    if method == "youden-median" and n_bootstrap == 0:
-        raise ValueError("method youden-median is the median of Youden's choices over resampled patients; "
-                         "it needs n_bootstrap > 0 (e.g. 1000)")
+    if problem := threshold_method_problem(method, n_bootstrap):
+        raise ValueError(problem)
     # youden-median resamples Youden's J itself; the interval is always of the single-sample rule's choices
     rule = "youden" if method == "youden-median" else method
     y = _as_matrix(y_true, labels, "y_true")

@@ -53,7 +53,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ichscan.errors import DataError
-    from ichscan.metrics import choose_thresholds_files, save_thresholds
+    from ichscan.metrics import choose_thresholds_files, save_thresholds, threshold_method_problem
 
     if os.path.isdir(args.out):
         raise DataError("is a folder; --out needs a JSON file name, e.g. thresholds.json", args.out)
@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("--default must lie in [0, 1]")
     if args.bootstrap < 0:
         raise DataError("--bootstrap must be 0 or more")
-    if args.method == "youden-median" and args.bootstrap == 0:
-        raise DataError("--method youden-median is the median over resampled patients; it needs --bootstrap > 0")
+    if problem := threshold_method_problem(args.method, args.bootstrap):
+        raise DataError(f"--method {problem}")
     if not 0.0 < args.ci < 1.0:
         raise DataError("--ci must lie between 0 and 1, e.g. 0.95")
     points = choose_thresholds_files(args.pred, args.labels, level=args.level, method=args.method,
