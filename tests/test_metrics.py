@@ -262,6 +262,65 @@ def test_bootstrap_resamples_patients_not_rows():
             assert (r4.high - r4.low) < 0.75 * (a.high - a.low), (name, metric)
 
 
+def test_patient_resamples_number_patients_by_sorted_id():
+    """The first draw of seed 7 by hand: rng.integers picks patient indices, and index 0 is the smallest ID
+    ("a"), whatever row it first appears in."""
+    groups = ["c", "a", "c", "b", "a"]
+    picks = np.random.default_rng(7).integers(0, 3, 3)  # indices into the sorted IDs a, b, c
+    counts = {pid: int((picks == k).sum()) for k, pid in enumerate("abc")}
+    assert next(m.patient_resamples(groups, 1, 7)).tolist() == [counts[g] for g in groups]
+    ints = next(m.patient_resamples([30, 10, 20, 10], 1, 7))  # numbers sort as numbers: 10, 20, 30
+    assert ints.tolist() == [int((picks == k).sum()) for k in (2, 0, 1, 0)]
+
+
+def rounded(obj, digits: int = 12):
+    """Floats to 12 significant digits, recursively (dataclasses as dicts): summing the same numbers in another
+    order may change the last bit, nothing more."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    if isinstance(obj, float) and math.isfinite(obj) and obj != 0:
+        return round(obj, digits - 1 - int(math.floor(math.log10(abs(obj)))))
+    return obj
+
+
+def test_bootstrap_intervals_do_not_depend_on_row_order(tmp_path):
+    """The same series in another row order (a shuffled predictions file, labels sorted otherwise) give the
+    same Table 1 intervals, threshold intervals and paired-comparison intervals (to rounding of the sums)."""
+    from ichscan.comparison import compare
+
+    y, p, g = clustered(2)
+    order = np.random.default_rng(0).permutation(len(y))
+    a = m.evaluate(y, p, groups=g, n_bootstrap=200, seed=0)
+    b = m.evaluate(y[order], p[order], groups=g[order], n_bootstrap=200, seed=0)
+    assert rounded(a.per_label) == rounded(b.per_label)
+    assert rounded(a.weighted_log_loss) == rounded(b.weighted_log_loss)
+    ta = m.choose_thresholds(y, p, groups=g, n_bootstrap=200, seed=0)
+    tb = m.choose_thresholds(y[order], p[order], groups=g[order], n_bootstrap=200, seed=0)
+    assert ta.thresholds == tb.thresholds and rounded(ta.details) == rounded(tb.details)
+    q = np.clip(p + 0.1 * np.random.default_rng(1).standard_normal(p.shape), 0, 1)
+    ca = compare(y, p, q, groups=g, n_bootstrap=200, seed=0)
+    cb = compare(y[order], p[order], q[order], groups=g[order], n_bootstrap=200, seed=0)
+    assert rounded(ca.to_dict()["per_label"]) == rounded(cb.to_dict()["per_label"])
+    # through the files ichscan evaluate reads: predictions reversed, labels sorted by series
+    uid = [f"1.2.3.{i}" for i in range(len(y))]
+    pred = pd.DataFrame({"series_uid": uid, **{f"prob_{n}": p[:, j] for j, n in enumerate(LABELS)}})
+    truth = pd.DataFrame({"patient_id": g, "series_uid": uid, **{n: y[:, j] for j, n in enumerate(LABELS)}})
+    pred.to_csv(tmp_path / "pred.csv", index=False)
+    truth.to_csv(tmp_path / "labels.csv", index=False)
+    pred.iloc[::-1].to_csv(tmp_path / "pred_reversed.csv", index=False)
+    truth.sort_values("series_uid").to_csv(tmp_path / "labels_sorted.csv", index=False)
+    fa = m.evaluate_files(tmp_path / "pred.csv", tmp_path / "labels.csv", n_bootstrap=200)
+    fb = m.evaluate_files(tmp_path / "pred_reversed.csv", tmp_path / "labels_sorted.csv", n_bootstrap=200)
+    assert rounded(fa.per_label) == rounded(fb.per_label)
+    assert fa["any"].auc.low < fa["any"].auc.value < fa["any"].auc.high
+
+
 def test_bootstrap_weighted_auc_matches_sklearn_sample_weight():
     # A resample is a weight vector; check the weighted AUC/log loss used inside the bootstrap directly.
     y, p, w = random_case(9, ties=True)

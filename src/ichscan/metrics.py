@@ -185,8 +185,12 @@ def weighted_log_loss_rows(y: np.ndarray, p: np.ndarray, *, labels: Sequence[str
 def patient_resamples(groups, n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
     """Row weights of ``n_bootstrap`` resamples of patients (``np.random.default_rng(seed)``): each draws as
     many patients as there are, with replacement, and a patient drawn k times weighs all of its rows k.
-    ``groups`` gives each row's patient. The one resampling scheme of Table 1 and of paired comparisons."""
-    codes, uniques = pd.factorize(np.asarray(groups))
+    ``groups`` gives each row's patient. The one resampling scheme of Table 1 and of paired comparisons.
+
+    Patients are numbered in sorted order of their IDs, not in the order their rows come, so the same
+    rows in another order (a shuffled or re-sorted file) give the same resamples and the same intervals."""
+    ids = np.asarray(groups)
+    codes, uniques = pd.factorize(ids.astype(str) if ids.dtype == object else ids, sort=True)
     n_units = len(uniques)
     rng = np.random.default_rng(seed)
     for _ in range(n_bootstrap):
