@@ -74,3 +74,43 @@ def test_thresholds_youden_median_through_the_command_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--method youden-median" in err[0] and "--bootstrap > 0" in err[0]
     assert not (tmp_path / "none.json").exists()
+
+
+def test_thresholds_pool_several_validation_sets(tmp_path, capsys):
+    """Two validation sets, each joined to its own labels, give the points and intervals of one file holding
+    both; a series in both sets, or a prediction file without its label file, is one line and no file."""
+    from test_metrics import rounded
+
+    a, b, both = tmp_path / "a", tmp_path / "b", tmp_path / "both"
+    for d in (a, b, both):
+        d.mkdir()
+    pa, la, *_ = write_series(a, n=60, seed=1)
+    pb, lb, *_ = write_series(b, n=50, seed=2)
+    for path in (pb, lb):  # the second set's own series and patients
+        t = pd.read_csv(path, dtype=str)
+        t["series_uid"] = "2." + t["series_uid"]
+        t["patient_id"] = "Q" + t["patient_id"]
+        t.to_csv(path, index=False)
+    pd.concat([pd.read_csv(pa), pd.read_csv(pb)]).to_csv(both / "pred.csv", index=False)
+    pd.concat([pd.read_csv(la), pd.read_csv(lb)]).to_csv(both / "labels.csv", index=False)
+    common = ["--bootstrap", "200", "--out"]
+    assert main(["thresholds", "--pred", str(pa), str(pb), "--labels", str(la), str(lb), *common,
+                 str(tmp_path / "pooled.json")]) == 0
+    assert main(["thresholds", "--pred", str(both / "pred.csv"), "--labels", str(both / "labels.csv"), *common,
+                 str(tmp_path / "one.json")]) == 0
+    assert main(["thresholds", "--pred", str(pa), "--labels", str(la), *common, str(tmp_path / "a.json")]) == 0
+    pooled, one, first = (json.loads((tmp_path / n).read_text()) for n in ("pooled.json", "one.json", "a.json"))
+    assert pooled["thresholds"] == one["thresholds"] and rounded(pooled["details"]) == rounded(one["details"])
+    assert pooled["details"]["any"]["positives"] + pooled["details"]["any"]["negatives"] == 110
+    assert first["details"]["any"]["positives"] + first["details"]["any"]["negatives"] == 60
+    assert pooled["source"]["pred"] == [str(pa), str(pb)] and pooled["source"]["n"] == 110
+    capsys.readouterr()
+    assert main(["thresholds", "--pred", str(pa), str(both / "pred.csv"), "--labels", str(la),
+                 str(both / "labels.csv"), *common, str(tmp_path / "twice.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1.2.3." in err[0] and "two of the pooled sets" in err[0]
+    assert main(["thresholds", "--pred", str(pa), str(pb), "--labels", str(la), *common,
+                 str(tmp_path / "unpaired.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 prediction file(s) and 1 label file(s)" in err[0]
+    assert not (tmp_path / "twice.json").exists() and not (tmp_path / "unpaired.json").exists()

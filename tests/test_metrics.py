@@ -321,6 +321,22 @@ def test_bootstrap_intervals_do_not_depend_on_row_order(tmp_path):
     assert fa["any"].auc.low < fa["any"].auc.value < fa["any"].auc.high
 
 
+def test_pooled_sets_need_one_level_and_keep_patient_ids_only_where_all_have_them():
+    y, p, g = clustered(3)
+    half = len(y) // 2
+    part = lambda sl, level, groups: m.EvalData(level=level, ids=np.array([f"s{i}" for i in range(len(y))])[sl],
+                                                y_true=y[sl], y_prob=p[sl], groups=groups,
+                                                source={"pred": f"{level}.csv", "key": "series_uid"})
+    first, second = part(slice(0, half), "series", g[:half]), part(slice(half, None), "series", g[half:])
+    pooled = m.pool_eval_data([first, second])
+    assert pooled.ids.tolist() == [f"s{i}" for i in range(len(y))] and pooled.groups.tolist() == g.tolist()
+    assert m.pool_eval_data([first, part(slice(half, None), "series", None)]).groups is None
+    with pytest.raises(DataError, match="cannot pool series-level and slice-level"):
+        m.pool_eval_data([first, part(slice(half, None), "slice", None)])
+    with pytest.raises(DataError, match="s0 is in two of the pooled sets"):
+        m.pool_eval_data([first, first])
+
+
 def test_bootstrap_weighted_auc_matches_sklearn_sample_weight():
     # A resample is a weight vector; check the weighted AUC/log loss used inside the bootstrap directly.
     y, p, w = random_case(9, ties=True)

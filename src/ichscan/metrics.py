@@ -1056,9 +1056,43 @@ def evaluate_files(
                     source=data.source, calls=calls)
 
 
+def pool_eval_data(parts: Sequence[EvalData]) -> EvalData:
+    """Several validation sets as one, rows in the order given: each set joined on its own, then stacked.
+
+    Operating points chosen on more cases move less (one draw of 400 phantom series moved the bundle's `any`
+    point by 0.15; docs/training.md). The sets must share a level; an ID (series or image) in two of them is
+    refused, since that case would count twice. A patient ID found in two sets is one patient, resampled as
+    one; where any set lacks patient IDs, none are used (each row its own unit), as for one set without."""
+    parts = list(parts)
+    if len(parts) == 1:
+        return parts[0]
+    levels = {d.level for d in parts}
+    if len(levels) > 1:
+        raise DataError(f"cannot pool series-level and slice-level predictions ({', '.join(sorted(levels))})",
+                        parts[0].source.get("pred", "predictions"))
+    ids = np.concatenate([d.ids for d in parts])
+    seen: dict[str, int] = {}
+    for k, d in enumerate(parts):
+        for i in d.ids:
+            if seen.setdefault(str(i), k) != k:
+                raise DataError(f"{parts[0].source.get('key', 'id')} {i} is in two of the pooled sets "
+                                f"({parts[seen[str(i)]].source.get('pred')} and this one); pool distinct cases",
+                                d.source.get("pred", "predictions"))
+    groups = None if any(d.groups is None for d in parts) else np.concatenate([d.groups for d in parts])
+    if groups is None and any(d.groups is not None for d in parts):
+        log.warning("some pooled sets have no patient IDs: the bootstrap resamples rows for all of them")
+    sources = [dict(d.source) for d in parts]
+    return EvalData(
+        level=parts[0].level, ids=ids, y_true=np.concatenate([d.y_true for d in parts]),
+        y_prob=np.concatenate([d.y_prob for d in parts]), groups=groups, labels=parts[0].labels,
+        source={"pred": [s.get("pred") for s in sources], "labels": [s.get("labels") for s in sources],
+                "key": sources[0].get("key"), "pooled": sources, "n_matched": int(len(ids))},
+    )
+
+
 def choose_thresholds_files(
-    pred_path: str | os.PathLike,
-    labels_path: str | os.PathLike,
+    pred_path: str | os.PathLike | Sequence[str | os.PathLike],
+    labels_path: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     level: str = "auto",
     method: str = "youden",
@@ -1070,8 +1104,14 @@ def choose_thresholds_files(
     seed: int = 0,
 ) -> OperatingPoints:
     """``load_eval_data`` on validation files, then ``choose_thresholds`` (its bootstrap resampling the files'
-    patients); save with ``save_thresholds``."""
-    data = load_eval_data(pred_path, labels_path, level=level, labels=labels)
+    patients); save with ``save_thresholds``. Several prediction files with their label files, paired in
+    order, are joined each on its own and pooled (``pool_eval_data``)."""
+    preds = [pred_path] if isinstance(pred_path, (str, os.PathLike)) else list(pred_path)
+    truths = [labels_path] if isinstance(labels_path, (str, os.PathLike)) else list(labels_path)
+    if len(preds) != len(truths) or not preds:
+        raise DataError(f"{len(preds)} prediction file(s) and {len(truths)} label file(s): give one label file "
+                        "per prediction file, in the same order")
+    data = pool_eval_data([load_eval_data(p, t, level=level, labels=labels) for p, t in zip(preds, truths)])
     return choose_thresholds(data.y_true, data.y_prob, labels=data.labels, method=method, target=target,
                              default=default, source={**data.source, "level": data.level, "n": len(data.ids)},
                              n_bootstrap=n_bootstrap, ci=ci, seed=seed, groups=data.groups)

@@ -13,6 +13,8 @@ examples:
   ichscan evaluate --pred test/series.csv --labels series_labels.csv --thresholds thresholds.json
   ichscan thresholds --pred val/series.csv --labels series_labels.csv --model run/ensemble.json
       (the operating points travel with the model: ichscan predict --checkpoint run/ensemble.json uses them)
+  ichscan thresholds --pred v1/series.csv v2/series.csv --labels v1/series_labels.csv v2/series_labels.csv
+      (several validation sets pooled, each joined to its own labels: more cases, a steadier point)
 
 youden: the threshold maximising sensitivity + specificity - 1 on the validation set.
 youden-median: the median of the thresholds Youden's J chooses on the --bootstrap resamples of the
@@ -34,8 +36,10 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pred", required=True, help="validation predictions (series.csv, slices.csv, submission)")
-    p.add_argument("--labels", required=True, help="labels for them (series_labels.csv or RSNA ID,Label)")
+    p.add_argument("--pred", required=True, nargs="+", metavar="PRED",
+                   help="validation predictions (series.csv, slices.csv, submission); several are pooled")
+    p.add_argument("--labels", required=True, nargs="+", metavar="LABELS",
+                   help="labels for them (series_labels.csv or RSNA ID,Label), one per --pred file, same order")
     p.add_argument("--level", choices=("auto", "series", "slice"), default="auto", help="default auto")
     p.add_argument("--method", choices=("youden", "youden-median", "sensitivity"), default="youden",
                    help="default youden")
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         from ichscan.model import set_operating_points
 
-        chosen = dict(points.to_dict(), chosen_on=f"validation predictions {args.pred}")
+        chosen = dict(points.to_dict(), chosen_on=f"validation predictions {' + '.join(args.pred)}")
         print(f"operating points stored in {set_operating_points(args.model, chosen)}")
     for name, t in points.thresholds.items():
         d = points.details.get(name)
