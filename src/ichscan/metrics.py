@@ -1071,13 +1071,12 @@ def pool_eval_data(parts: Sequence[EvalData]) -> EvalData:
         raise DataError(f"cannot pool series-level and slice-level predictions ({', '.join(sorted(levels))})",
                         parts[0].source.get("pred", "predictions"))
     ids = np.concatenate([d.ids for d in parts])
-    seen: dict[str, int] = {}
-    for k, d in enumerate(parts):
-        for i in d.ids:
-            if seen.setdefault(str(i), k) != k:
-                raise DataError(f"{parts[0].source.get('key', 'id')} {i} is in two of the pooled sets "
-                                f"({parts[seen[str(i)]].source.get('pred')} and this one); pool distinct cases",
-                                d.source.get("pred", "predictions"))
+    again = pd.Index(ids.astype(str)).duplicated()  # each set's own IDs are unique already (_unique_ids)
+    if again.any():
+        i = int(np.argmax(again))
+        where = [d.source.get("pred") for d in parts if str(ids[i]) in set(d.ids.astype(str))]
+        raise DataError(f"{parts[0].source.get('key', 'id')} {ids[i]} is in two of the pooled sets ({where[0]} "
+                        "and this one); pool distinct cases", where[-1])
     groups = None if any(d.groups is None for d in parts) else np.concatenate([d.groups for d in parts])
     if groups is None and any(d.groups is not None for d in parts):
         log.warning("some pooled sets have no patient IDs: the bootstrap resamples rows for all of them")
