@@ -774,8 +774,7 @@ def _points_markdown(points: Any) -> list[str]:
     of the thresholds the same rule chose on resampled patients, and the out-of-fold sensitivity and
     specificity at it. On a site's few dozen series the interval is often wide; a threshold far from the
     median, at one end of it, is where these series put it more than where the model would."""
-    def num(v):
-        return "NA" if v is None else f"{v:.3f}"
+    from ichscan.report import format_number as num
 
     lines = ["## Operating points (`thresholds.json`)", "",
              "| label | threshold | 95% interval over resampled patients | their median | sensitivity | "

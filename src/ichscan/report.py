@@ -37,7 +37,8 @@ ImageSource = Union[bytes, str, os.PathLike]
 # --------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int) -> str:
+def format_number(value: float | None, digits: int = 3) -> str:
+    """A number to `digits` decimals, "NA" for None or NaN: how every table ichscan writes shows a number."""
     return "NA" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
@@ -46,8 +47,9 @@ def format_estimate(est: Estimate, digits: int = 3) -> str:
     if est.value is None:
         return "NA"
     if est.low is None or est.high is None:
-        return _fmt(est.value, digits)
-    return f"{_fmt(est.value, digits)} ({_fmt(est.low, digits)}\u2013{_fmt(est.high, digits)})"
+        return format_number(est.value, digits)
+    value, low, high = (format_number(v, digits) for v in (est.value, est.low, est.high))
+    return f"{value} ({low}\u2013{high})"
 
 
 def _notes(ev: Evaluation) -> list[tuple[str, str]]:
@@ -206,8 +208,9 @@ def _jsonable(obj: Any) -> Any:
 
 def _auc_legend(est: Estimate, ci: float, digits: int) -> str:
     if est.low is None or est.high is None:
-        return _fmt(est.value, digits)
-    return f"{_fmt(est.value, digits)} ({ci:.0%} CI {_fmt(est.low, digits)}\u2013{_fmt(est.high, digits)})"
+        return format_number(est.value, digits)
+    value, low, high = (format_number(v, digits) for v in (est.value, est.low, est.high))
+    return f"{value} ({ci:.0%} CI {low}\u2013{high})"
 
 
 def roc_figure(ev: Evaluation, *, digits: int = 3, ncols: int = 3):
@@ -858,7 +861,7 @@ def predictions_report(
             f"<tr data-label=\"{esc(r['label'])}\"><td>{esc(r['label'])}</td><td>{r['threshold']:.3g}</td>"
             f"<td>{r['n']}</td><td class=\"tp\">{r['tp']}</td><td class=\"fp\">{r['fp']}</td>"
             f"<td class=\"fn\">{r['fn']}</td><td class=\"tn\">{r['tn']}</td>"
-            + "".join(f"<td class=\"{k}\">{_fmt(r[k], digits)}</td>"
+            + "".join(f"<td class=\"{k}\">{format_number(r[k], digits)}</td>"
                       for k in ("sensitivity", "specificity", "ppv", "npv")) + "</tr>"
             for r in conf)
         labelled = [p for p in preds if p.series_uid in labels]
