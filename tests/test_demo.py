@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 import pandas as pd
@@ -109,3 +110,72 @@ def test_demo_refuses_other_settings_in_the_same_folder(demo_run, capsys):
     changed = [a if a != "8" else "9" for a in argv]
     assert main(changed) == 1
     assert "other settings" in capsys.readouterr().err
+
+
+def test_demo_plans_whole_epochs_when_they_fit_and_keeps_its_plan(demo_run):
+    """The test demo is far inside the 15-minute budget: whole epochs, the probe's step time recorded, and a
+    rerun reads the plan it made instead of measuring again. A folder stamped before the budget existed
+    (no ``minutes`` or ``precision`` in demo_config.json) resumes as the defaults."""
+    out, argv = demo_run
+    run = out / "run"
+    plan = json.loads((run / "models" / "plan.json").read_text())
+    assert plan["max_steps_per_epoch"] is None and plan["budget_seconds"] == 900
+    assert 0 < plan["seconds_per_step"] < 60 and plan["predicted_seconds"] < 900
+    for name in ("model_a", "model_b"):
+        assert json.loads((run / "models" / name / "config.json").read_text())["max_steps_per_epoch"] is None
+    assert json.loads((run / "demo.json").read_text())["training_plan"] == plan
+    stamp = run / "demo_config.json"
+    old = json.loads(stamp.read_text())
+    assert old["minutes"] == 15.0 and old["precision"] == "auto"
+    stamp.write_text(json.dumps({k: v for k, v in old.items() if k not in ("minutes", "precision")}))
+    before = (run / "models" / "plan.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (run / "models" / "plan.json").stat().st_mtime_ns == before
+    assert json.loads(stamp.read_text()) == old
+
+
+def test_plan_training_by_hand():
+    """The plan's arithmetic with numbers a person can redo: 900 s budget, 100 s gone, 2 models x 4 epochs,
+    50 validation and 560 prediction batches. Everything but training costs
+    100 + 8*50*0.3*s + 560*0.3*1.5*s + 30 s; training fills 0.93 * 900 = 837 s with the rest."""
+    from ichscan.demo import plan_training
+
+    common = dict(budget_seconds=900.0, elapsed_seconds=100.0, steps_per_epoch=280, epochs=4, models=2,
+                  val_batches=50, predict_batches=560)
+    # 0.5 s per step: the rest costs 100 + 60 + 126 + 30 = 316 s; (837 - 316) / (8 * 0.5) = 130.25 -> 130 steps
+    plan = plan_training(seconds_per_step=0.5, **common)
+    assert plan.max_steps_per_epoch == 130 and plan.steps_per_epoch == 280
+    assert plan.predicted_seconds == pytest.approx(316 + 8 * 130 * 0.5)
+    assert plan.share == pytest.approx(130 / 280) and "130 of 280 steps per epoch" in plan.note
+    # 0.1 s per step: 100 + 12 + 25.2 + 30 = 167.2 s, and all 8 * 280 steps (224 s) fit
+    plan = plan_training(seconds_per_step=0.1, **common)
+    assert plan.max_steps_per_epoch is None and plan.share == 1.0
+    assert plan.predicted_seconds == pytest.approx(167.2 + 224)
+    # 2 s per step: the rest alone (874 s) is over the margin: a quarter of each epoch (70 steps), said plainly
+    plan = plan_training(seconds_per_step=2.0, **common)
+    assert plan.max_steps_per_epoch == 70 and "cannot be met" in plan.note
+    assert plan.predicted_seconds == pytest.approx(874 + 8 * 70 * 2.0)
+    # no budget: whole epochs, nothing predicted
+    plan = plan_training(seconds_per_step=None, **{**common, "budget_seconds": None})
+    assert plan.max_steps_per_epoch is None and plan.predicted_seconds is None
+
+
+def test_demo_over_budget_trains_a_share_of_each_epoch(tmp_path):
+    """A budget the cores cannot meet: each model trains the planned steps per epoch and no more (its
+    metrics record the global step), the report says so, and the plan says the budget will be exceeded."""
+    pytest.importorskip("torch")
+    from ichscan.demo import DemoConfig, run_demo
+
+    config = DemoConfig(train_studies=12, val_studies=4, test_studies=6, size=64, slices=(12, 14), epochs=2,
+                        workers=1, minutes=0.05, n_bootstrap=50)
+    result = run_demo(tmp_path / "run", config)
+    plan = json.loads((tmp_path / "run" / "models" / "plan.json").read_text())
+    slices = json.loads((tmp_path / "run" / "phantoms" / "train" / "manifest.json").read_text())["counts"]["slices"]
+    assert plan["steps_per_epoch"] == slices // 32 >= 4  # batch 32, the quick preset's
+    assert plan["max_steps_per_epoch"] == -(-plan["steps_per_epoch"] // 4) < plan["steps_per_epoch"]
+    assert "cannot be met" in plan["note"] and plan["budget_seconds"] == pytest.approx(3.0)
+    for name in ("model_a", "model_b"):
+        metrics = [json.loads(line) for line in (tmp_path / "run" / "models" / name / "metrics.jsonl").open()]
+        assert [m["global_step"] for m in metrics] == [plan["max_steps_per_epoch"], 2 * plan["max_steps_per_epoch"]]
+    assert f"{plan['max_steps_per_epoch'] / plan['steps_per_epoch']:.0%} of each epoch's steps" \
+        in html.unescape(result.report.read_text())

@@ -21,6 +21,11 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int, help="phantom and training image size in pixels (default 128)")
     p.add_argument("--slices", help="slices per series, MIN-MAX (default 24-32)")
     p.add_argument("--epochs", type=int, help="epochs per model (default: the quick preset's)")
+    p.add_argument("--minutes", type=float,
+                   help="time budget of the whole demo (default 15): where whole epochs would not fit, each epoch "
+                        "trains a random share of its steps, measured and planned before training; 0: no budget")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="training and prediction precision (default auto: bf16 where the CPU has it natively)")
     p.add_argument("--workers", type=int, help="processes for generation and indexing (default: all cores)")
     p.add_argument("--restart", action="store_true", help="discard an earlier demo run in --out")
     p.add_argument("--readme", metavar="README.md",
@@ -32,12 +37,17 @@ def run(args) -> int:
     import dataclasses
 
     from ichscan.demo import DemoConfig, run_demo, update_readme
+    from ichscan.errors import IchscanError
 
     overrides = {k: v for k, v in dict(seed=args.seed, train_studies=args.train_studies,
                                         val_studies=args.val_studies, test_studies=args.test_studies,
                                         size=args.size, epochs=args.epochs, workers=args.workers,
-                                        slices=_range(args.slices)).items()
+                                        precision=args.precision, slices=_range(args.slices)).items()
                  if v is not None}
+    if args.minutes is not None:
+        if not args.minutes >= 0:
+            raise IchscanError(f"--minutes {args.minutes}: expected 0 (no budget) or more")
+        overrides["minutes"] = args.minutes or None
     config = dataclasses.replace(DemoConfig(), **overrides)
     start = time.perf_counter()
 
