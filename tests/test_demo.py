@@ -161,21 +161,32 @@ def test_plan_training_by_hand():
 
 
 def test_demo_over_budget_trains_a_share_of_each_epoch(tmp_path):
-    """A budget the cores cannot meet: each model trains the planned steps per epoch and no more (its
-    metrics record the global step), the report says so, and the plan says the budget will be exceeded."""
+    """A budget already spent (it began two minutes before the call, as when `make demo` installs first, and
+    is one minute long): each model trains the planned steps per epoch and no more (its metrics record the
+    global step), the report says so, and the plan says the budget will be exceeded."""
     pytest.importorskip("torch")
+    import time
+
     from ichscan.demo import DemoConfig, run_demo
 
     config = DemoConfig(train_studies=12, val_studies=4, test_studies=6, size=64, slices=(12, 14), epochs=2,
-                        workers=1, minutes=0.05, n_bootstrap=50)
-    result = run_demo(tmp_path / "run", config)
+                        workers=1, minutes=1.0, n_bootstrap=50)
+    result = run_demo(tmp_path / "run", config, started_at=time.time() - 120)
     plan = json.loads((tmp_path / "run" / "models" / "plan.json").read_text())
+    assert plan["predicted_seconds"] > 120 + 30  # the two minutes before the call and FIXED_SECONDS at least
     slices = json.loads((tmp_path / "run" / "phantoms" / "train" / "manifest.json").read_text())["counts"]["slices"]
     assert plan["steps_per_epoch"] == slices // 32 >= 4  # batch 32, the quick preset's
     assert plan["max_steps_per_epoch"] == -(-plan["steps_per_epoch"] // 4) < plan["steps_per_epoch"]
-    assert "cannot be met" in plan["note"] and plan["budget_seconds"] == pytest.approx(3.0)
+    assert "cannot be met" in plan["note"] and plan["budget_seconds"] == 60
     for name in ("model_a", "model_b"):
         metrics = [json.loads(line) for line in (tmp_path / "run" / "models" / name / "metrics.jsonl").open()]
         assert [m["global_step"] for m in metrics] == [plan["max_steps_per_epoch"], 2 * plan["max_steps_per_epoch"]]
     assert f"{plan['max_steps_per_epoch'] / plan['steps_per_epoch']:.0%} of each epoch's steps" \
         in html.unescape(result.report.read_text())
+
+
+def test_demo_refuses_a_start_that_is_not_a_recent_moment(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "run"), "--started-at", "12"]) == 1
+    err = capsys.readouterr().err
+    assert "--started-at 12: expected a moment of the last 24 hours" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -147,21 +147,28 @@ class DemoResult:
 
 
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *,
-             say: Callable[[str], None] | None = None, restart: bool = False) -> DemoResult:
+             say: Callable[[str], None] | None = None, restart: bool = False,
+             started_at: float | None = None) -> DemoResult:
     """Run (or resume) the demo under ``out_dir``; ``say`` receives one line per step. Two demos never
-    write one folder at once (``fileio.lock_folder``)."""
+    write one folder at once (``fileio.lock_folder``). ``started_at`` (seconds since the epoch, as
+    ``time.time()``): when the time budget began, if before this call (``make demo`` passes the moment it
+    started, so that installing counts); by default, now."""
     from ichscan.fileio import lock_folder
+
+    started = time.perf_counter()
+    if started_at is not None:
+        started -= max(0.0, time.time() - started_at)
 
     if restart and Path(out_dir).exists():
         with lock_folder(out_dir):  # not while another demo is writing it
             pass
         shutil.rmtree(out_dir)
     with lock_folder(out_dir):
-        return _run_demo(out_dir, config, say=say)
+        return _run_demo(out_dir, config, say=say, started=started)
 
 
 def _run_demo(out_dir: str | os.PathLike, config: DemoConfig | None, *,
-              say: Callable[[str], None] | None) -> DemoResult:
+              say: Callable[[str], None] | None, started: float) -> DemoResult:
     from ichscan.data import find_images_dir
     from ichscan.metrics import choose_thresholds_files, evaluate_files, save_thresholds
     from ichscan.phantom import generate_dataset
@@ -170,7 +177,6 @@ def _run_demo(out_dir: str | os.PathLike, config: DemoConfig | None, *,
     from ichscan.train import PRESET_REASONS, RunInputs, TrainConfig, run_training
 
     config = config or DemoConfig()
-    started = time.perf_counter()
     say = say or (lambda line: log.info("%s", line))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

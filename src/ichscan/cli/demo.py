@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--minutes", type=float,
                    help="time budget of the whole demo (default 15): where whole epochs would not fit, each epoch "
                         "trains a random share of its steps, measured and planned before training; 0: no budget")
+    p.add_argument("--started-at", type=float, metavar="SECONDS",
+                   help="when the time budget began, in seconds since 1970 (date +%%s): make demo passes the "
+                        "moment it started, so that installing counts (default: now)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="training and prediction precision (default auto: bf16 where the CPU has it natively)")
     p.add_argument("--workers", type=int, help="processes for generation and indexing (default: all cores)")
@@ -39,6 +42,9 @@ def run(args) -> int:
     from ichscan.demo import DemoConfig, run_demo, update_readme
     from ichscan.errors import IchscanError
 
+    if args.started_at is not None and not 0 <= time.time() - args.started_at < 86400:
+        raise IchscanError(f"--started-at {args.started_at:.0f}: expected a moment of the last 24 hours "
+                           "(seconds since 1970, as date +%s prints)")
     overrides = {k: v for k, v in dict(seed=args.seed, train_studies=args.train_studies,
                                         val_studies=args.val_studies, test_studies=args.test_studies,
                                         size=args.size, epochs=args.epochs, workers=args.workers,
@@ -55,7 +61,7 @@ def run(args) -> int:
         print(f"[{time.perf_counter() - start:6.0f} s] {line}", file=sys.stderr, flush=True)
 
     say("ichscan demo -- research software, not a medical device; phantoms say nothing about patients")
-    result = run_demo(args.out, config, say=say, restart=args.restart)
+    result = run_demo(args.out, config, say=say, restart=args.restart, started_at=args.started_at)
     print(result.table1.read_text())
     aucs = ", ".join(f"{k} {'NA' if v is None else f'{v:.3f}'}" for k, v in result.aucs.items())
     say(f"series-level AUC on held-out phantoms: {aucs}")
