@@ -145,6 +145,7 @@ def test_plan_training_by_hand():
     # 0.5 s per step: the rest costs 100 + 60 + 126 + 30 = 316 s; (837 - 316) / (8 * 0.5) = 130.25 -> 130 steps
     plan = plan_training(seconds_per_step=0.5, **common)
     assert plan.max_steps_per_epoch == 130 and plan.steps_per_epoch == 280
+    assert plan.elapsed_seconds == 100.0
     assert plan.predicted_seconds == pytest.approx(316 + 8 * 130 * 0.5)
     assert plan.share == pytest.approx(130 / 280) and "130 of 280 steps per epoch" in plan.note
     # 0.1 s per step: 100 + 12 + 25.2 + 30 = 167.2 s, and all 8 * 280 steps (224 s) fit
@@ -173,7 +174,8 @@ def test_demo_over_budget_trains_a_share_of_each_epoch(tmp_path):
                         workers=1, minutes=1.0, n_bootstrap=50)
     result = run_demo(tmp_path / "run", config, started_at=time.time() - 120)
     plan = json.loads((tmp_path / "run" / "models" / "plan.json").read_text())
-    assert plan["predicted_seconds"] > 120 + 30  # the two minutes before the call and FIXED_SECONDS at least
+    # the two minutes before the call count, and FIXED_SECONDS comes on top
+    assert plan["elapsed_seconds"] >= 120 and plan["predicted_seconds"] > plan["elapsed_seconds"] + 30
     slices = json.loads((tmp_path / "run" / "phantoms" / "train" / "manifest.json").read_text())["counts"]["slices"]
     assert plan["steps_per_epoch"] == slices // 32 >= 4  # batch 32, the quick preset's
     assert plan["max_steps_per_epoch"] == -(-plan["steps_per_epoch"] // 4) < plan["steps_per_epoch"]

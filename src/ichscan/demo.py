@@ -87,6 +87,7 @@ class TrainingPlan:
     predicted_seconds: float | None  # the whole demo's predicted time with this plan
     budget_seconds: float | None
     note: str
+    elapsed_seconds: float | None = None  # of the budget, when the plan was made (phantoms, caches, probe)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,7 +112,8 @@ def plan_training(*, budget_seconds: float | None, elapsed_seconds: float, secon
     if steps_per_epoch < 1 or epochs < 1 or models < 1:
         raise ValueError("a training plan needs at least one step, epoch and model")
     if budget_seconds is None or seconds_per_step is None:
-        return TrainingPlan(steps_per_epoch, None, seconds_per_step, None, budget_seconds, "no time budget")
+        return TrainingPlan(steps_per_epoch, None, seconds_per_step, None, budget_seconds, "no time budget",
+                            elapsed_seconds)
     s = seconds_per_step
     epochs_run = models * epochs
     other = (elapsed_seconds + epochs_run * val_batches * FORWARD_SHARE * s
@@ -123,7 +125,7 @@ def plan_training(*, budget_seconds: float | None, elapsed_seconds: float, secon
     fit = math.floor((BUDGET_MARGIN * budget_seconds - other) / (epochs_run * s))
     if fit >= steps_per_epoch:
         return TrainingPlan(steps_per_epoch, None, s, total(steps_per_epoch), budget_seconds,
-                            f"whole epochs fit the {budget_seconds / 60:g}-minute budget")
+                            f"whole epochs fit the {budget_seconds / 60:g}-minute budget", elapsed_seconds)
     floor_steps = max(1, math.ceil(MIN_EPOCH_SHARE * steps_per_epoch))
     steps = max(fit, floor_steps)
     note = (f"{steps} of {steps_per_epoch} steps per epoch ({steps / steps_per_epoch:.0%}), a random share "
@@ -132,7 +134,7 @@ def plan_training(*, budget_seconds: float | None, elapsed_seconds: float, secon
     if fit < floor_steps:
         note += (f"; the budget cannot be met on these cores (at least {MIN_EPOCH_SHARE:.0%} of each epoch "
                  f"is trained: about {total(steps) / 60:.1f} minutes in all)")
-    return TrainingPlan(steps_per_epoch, steps, s, total(steps), budget_seconds, note)
+    return TrainingPlan(steps_per_epoch, steps, s, total(steps), budget_seconds, note, elapsed_seconds)
 
 
 @dataclass
@@ -222,8 +224,10 @@ def _run_demo(out_dir: str | os.PathLike, config: DemoConfig | None, *,
     inputs = RunInputs(data=out / "phantoms" / "train", val_data=out / "phantoms" / "val",
                        cache=out / "cache" / "train", val_cache=out / "cache" / "val", io_workers=config.workers)
     plan = _training_plan(out, config, base, inputs, started)
-    say(f"training plan: {plan.note}" + (f" (whole demo predicted {plan.predicted_seconds / 60:.1f} min)"
-                                         if plan.predicted_seconds is not None else ""))
+    said = [f"{plan.elapsed_seconds:.0f} s of the budget gone"] if plan.elapsed_seconds is not None else []
+    if plan.predicted_seconds is not None:
+        said.append(f"the whole demo predicted to take {plan.predicted_seconds / 60:.1f} min")
+    say(f"training plan: {plan.note}" + (f" ({'; '.join(said)})" if said else ""))
     base = dataclasses.replace(base, max_steps_per_epoch=plan.max_steps_per_epoch)
     members: list[Path] = []
     for k, model_seed in enumerate(config.model_seeds):
