@@ -35,10 +35,11 @@ test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu -rs
 
 # Speed benchmarks. bench/realct.py measures a checkpoint on real CT kept outside the repository,
-# bench/crossval.py cross-validates on such data (--data), and bench/operating_point.py scores operating
-# points on two sets of predictions (--pred, --test-pred); run those by hand.
+# bench/crossval.py cross-validates on such data (--data), bench/operating_point.py scores operating
+# points on two sets of predictions (--pred, --test-pred), and bench/demo.py times a whole demo against its
+# 15 minutes (--out); run those by hand.
 bench: $(STAMP)
-	for b in bench/*.py; do case $$b in bench/realct.py|bench/crossval.py|bench/operating_point.py) continue;; esac; \
+	for b in bench/*.py; do case $$b in bench/realct.py|bench/crossval.py|bench/operating_point.py|bench/demo.py) continue;; esac; \
 		echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
