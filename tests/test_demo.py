@@ -187,8 +187,14 @@ def test_demo_over_budget_trains_a_share_of_each_epoch(tmp_path):
         in html.unescape(result.report.read_text())
 
 
-def test_demo_refuses_a_start_that_is_not_a_recent_moment(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "run"), "--started-at", "12"]) == 1
+@pytest.mark.parametrize("argv, message", [
+    (["--started-at", "12"], "--started-at 12: expected a moment of the last 24 hours"),
+    (["--epochs", "0"], "--epochs 0: expected 1 or more"),
+    (["--train-studies", "0"], "--train-studies 0: expected 1 or more"),
+    (["--minutes", "-1"], "--minutes -1.0: expected 0 (no budget) or more"),
+])
+def test_demo_refuses_bad_settings_in_one_line_before_it_starts(tmp_path, capsys, argv, message):
+    assert main(["demo", "--out", str(tmp_path / "run"), *argv]) == 1
     err = capsys.readouterr().err
-    assert "--started-at 12: expected a moment of the last 24 hours" in err and len(err.strip().splitlines()) == 1
+    assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()

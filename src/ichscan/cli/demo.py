@@ -45,6 +45,10 @@ def run(args) -> int:
     if args.started_at is not None and not 0 <= time.time() - args.started_at < 86400:
         raise IchscanError(f"--started-at {args.started_at:.0f}: expected a moment of the last 24 hours "
                            "(seconds since 1970, as date +%s prints)")
+    for name in ("epochs", "train_studies", "val_studies", "test_studies", "size", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise IchscanError(f"--{name.replace('_', '-')} {value}: expected 1 or more")
     overrides = {k: v for k, v in dict(seed=args.seed, train_studies=args.train_studies,
                                         val_studies=args.val_studies, test_studies=args.test_studies,
                                         size=args.size, epochs=args.epochs, workers=args.workers,
