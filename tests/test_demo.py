@@ -112,7 +112,7 @@ def test_demo_refuses_other_settings_in_the_same_folder(demo_run, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
-def test_demo_plans_whole_epochs_when_they_fit_and_keeps_its_plan(demo_run):
+def test_demo_plans_whole_epochs_when_they_fit_and_keeps_its_plan(demo_run, capsys):
     """The test demo is far inside the 15-minute budget: whole epochs, the probe's step time recorded, and a
     rerun reads the plan it made instead of measuring again. A folder stamped before the budget existed
     (no ``minutes`` or ``precision`` in demo_config.json) resumes as the defaults."""
@@ -129,8 +129,10 @@ def test_demo_plans_whole_epochs_when_they_fit_and_keeps_its_plan(demo_run):
     assert old["minutes"] == 15.0 and old["precision"] == "auto"
     stamp.write_text(json.dumps({k: v for k, v in old.items() if k not in ("minutes", "precision")}))
     before = (run / "models" / "plan.json").stat().st_mtime_ns
+    capsys.readouterr()
     assert main(argv) == 0
     assert (run / "models" / "plan.json").stat().st_mtime_ns == before
+    assert "training plan, as made when this demo first trained: whole epochs fit" in capsys.readouterr().err
     assert json.loads(stamp.read_text()) == old
 
 

@@ -223,11 +223,13 @@ def _run_demo(out_dir: str | os.PathLike, config: DemoConfig | None, *,
     # Each image is decoded and windowed once, by all cores, into a uint8 cache both models read.
     inputs = RunInputs(data=out / "phantoms" / "train", val_data=out / "phantoms" / "val",
                        cache=out / "cache" / "train", val_cache=out / "cache" / "val", io_workers=config.workers)
+    kept = (out / "models" / "plan.json").is_file()
     plan = _training_plan(out, config, base, inputs, started)
     said = [f"{plan.elapsed_seconds:.0f} s of the budget gone"] if plan.elapsed_seconds is not None else []
     if plan.predicted_seconds is not None:
         said.append(f"the whole demo predicted to take {plan.predicted_seconds / 60:.1f} min")
-    say(f"training plan: {plan.note}" + (f" ({'; '.join(said)})" if said else ""))
+    say(f"training plan{', as made when this demo first trained' if kept else ''}: {plan.note}"
+        + (f" ({'; '.join(said)})" if said else ""))
     base = dataclasses.replace(base, max_steps_per_epoch=plan.max_steps_per_epoch)
     members: list[Path] = []
     for k, model_seed in enumerate(config.model_seeds):
