@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ichscan.demo import DemoConfig, run_demo
+    from ichscan.demo import DemoConfig, TrainingPlan, run_demo
     from ichscan.hardware import cpu_bf16_support, cpu_count, resolve_precision
 
     out = Path(args.out)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = json.loads((out / "models" / "plan.json").read_text())
     demo = json.loads((out / "demo.json").read_text())
     budget = args.minutes * 60
-    share = 1.0 if plan["max_steps_per_epoch"] is None else plan["max_steps_per_epoch"] / plan["steps_per_epoch"]
+    share = TrainingPlan(**plan).share
     print(json.dumps({
         "benchmark": "ichscan demo (phantoms, two quick models, TTA ensemble, Table 1) against its time budget",
         "machine": {"cpu_count": cpu_count(), "torch_threads": torch.get_num_threads(),

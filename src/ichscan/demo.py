@@ -223,8 +223,7 @@ def _run_demo(out_dir: str | os.PathLike, config: DemoConfig | None, *,
     # Each image is decoded and windowed once, by all cores, into a uint8 cache both models read.
     inputs = RunInputs(data=out / "phantoms" / "train", val_data=out / "phantoms" / "val",
                        cache=out / "cache" / "train", val_cache=out / "cache" / "val", io_workers=config.workers)
-    kept = (out / "models" / "plan.json").is_file()
-    plan = _training_plan(out, config, base, inputs, started)
+    plan, kept = _training_plan(out, config, base, inputs, started)
     said = [f"{plan.elapsed_seconds:.0f} s of the budget gone"] if plan.elapsed_seconds is not None else []
     if plan.predicted_seconds is not None:
         said.append(f"the whole demo predicted to take {plan.predicted_seconds / 60:.1f} min")
@@ -311,18 +310,20 @@ def _run_demo(out_dir: str | os.PathLike, config: DemoConfig | None, *,
 _STAMPED_SINCE_START = ("minutes", "precision")  # DemoConfig fields added after demo folders existed
 
 
-def _training_plan(out: Path, config: DemoConfig, base, inputs, started: float) -> TrainingPlan:
-    """The plan this demo made when its training began (``models/plan.json``), or a new one: the datasets are
-    cached, a few training steps measured (when there is a budget) and :func:`plan_training` asked."""
+def _training_plan(out: Path, config: DemoConfig, base, inputs, started: float) -> tuple[TrainingPlan, bool]:
+    """(the plan, True) as this demo made it when its training began (``models/plan.json``), or (a new one,
+    False): the datasets are cached, a few training steps measured (when there is a budget) and
+    :func:`plan_training` asked."""
     from ichscan.predict import resolve_tta
     from ichscan.train import prepare_datasets
 
     path = out / "models" / "plan.json"
     if path.is_file():
-        return TrainingPlan(**json.loads(path.read_text()))
+        return TrainingPlan(**json.loads(path.read_text())), True
     models = out / "models"
     if models.is_dir() and any(models.glob("model_*/config.json")):  # begun by a demo that made no plans
-        return TrainingPlan(0, None, None, None, None, "no time budget (training began before plans were made)")
+        return TrainingPlan(0, None, None, None, None,
+                            "no time budget (training began before plans were made)"), False
     train_set, val_set, _ = prepare_datasets(base, inputs, report=lambda line: log.info("%s", line))
     batch = base.batch_size
     steps_per_epoch = max(1, len(train_set) // batch)  # as ichscan.train.train counts them
@@ -335,7 +336,7 @@ def _training_plan(out: Path, config: DemoConfig, base, inputs, started: float) 
                          val_batches=math.ceil(len(val_set) / batch) if val_set is not None else 0,
                          predict_batches=math.ceil(views / batch))
     write_json(path, plan.to_dict(), indent=1)
-    return plan
+    return plan, False
 
 
 def _probe_seconds_per_step(config, train_set, scratch: Path, steps: int = 12, warmup: int = 3) -> float:

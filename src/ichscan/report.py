@@ -42,14 +42,15 @@ def format_number(value: float | None, digits: int = 3) -> str:
     return "NA" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def format_estimate(est: Estimate, digits: int = 3) -> str:
-    """``0.912 (0.871-0.944)``; ``NA`` when undefined; the point alone when there is no CI."""
+def format_estimate(est: Estimate, digits: int = 3, *, interval: str = "") -> str:
+    """``0.912 (0.871-0.944)``, ``interval`` before the bounds (``0.912 (95% CI 0.871-0.944)``); ``NA`` when
+    undefined; the point alone when there is no CI."""
     if est.value is None:
         return "NA"
     if est.low is None or est.high is None:
         return format_number(est.value, digits)
     value, low, high = (format_number(v, digits) for v in (est.value, est.low, est.high))
-    return f"{value} ({low}\u2013{high})"
+    return f"{value} ({interval}{low}\u2013{high})"
 
 
 def _notes(ev: Evaluation) -> list[tuple[str, str]]:
@@ -206,13 +207,6 @@ def _jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def _auc_legend(est: Estimate, ci: float, digits: int) -> str:
-    if est.low is None or est.high is None:
-        return format_number(est.value, digits)
-    value, low, high = (format_number(v, digits) for v in (est.value, est.low, est.high))
-    return f"{value} ({ci:.0%} CI {low}\u2013{high})"
-
-
 def roc_figure(ev: Evaluation, *, digits: int = 3, ncols: int = 3):
     """Figure 1: one ROC panel per label (``any`` first), AUC and CI in each legend, operating point marked.
 
@@ -239,7 +233,8 @@ def roc_figure(ev: Evaluation, *, digits: int = 3, ncols: int = 3):
                     wrap=True, transform=ax.transAxes)
             continue
         fpr, tpr, _ = roc_curve(ev.y_true[:, j], ev.y_prob[:, j])
-        ax.plot(fpr, tpr, lw=2, color="C0", label=f"AUC {_auc_legend(row.auc, ev.ci, digits)}")
+        legend = format_estimate(row.auc, digits, interval=f"{ev.ci:.0%} CI ")
+        ax.plot(fpr, tpr, lw=2, color="C0", label=f"AUC {legend}")
         spec = row.tn / row.neg
         ax.plot([1 - spec], [row.tp / row.pos], "o", color="C3", ms=6,
                 label=f"threshold {row.threshold:.3g}: sens {row.tp / row.pos:.2f}, spec {spec:.2f}")
