@@ -70,7 +70,7 @@ class HeadShape:
 # sides draws the right from its tag and the left from the next (``sx`` > 0), so no two may be adjacent.
 HEAD_RNG_TAGS = {"tentorium": 23, "ears": 29, "old_hypodensities": 31, "nasal": 37, "teeth": 41, "clip": 43,
                  "mastoid": 53, "ethmoid": 59, "petrous": 61, "condyles": 67, "maxillary": 71, "occipital": 79,
-                 "nasopharynx": 83, "zygoma": 84, "muscles": 89}
+                 "nasopharynx": 83, "zygoma": 84, "muscles": 89, "temporal_squama": 97}
 SIDED = ("mastoid", "petrous", "maxillary")
 
 
@@ -1256,6 +1256,26 @@ def occipital_thinning(head: HeadShape, Y, z):
     return ((1 + k * (1 - behind) + behind * (occ - 1) * np.clip(k / 0.6, 0, 1)) / (1 + k)).astype(np.float32)
 
 
+TEMPORAL_SQUAMA_MM = (1.2, 3.0)  # the squamous temporal bone's thickness over the temporal lobe, drawn per head
+
+
+def temporal_squama_mm(head: HeadShape) -> float:
+    """The head's temporal squama (head-frame mm): 1.2-3 mm of the patient's, from a generator of its own."""
+    return float(head_rng(head, "temporal_squama").uniform(*TEMPORAL_SQUAMA_MM)) / head.scale
+
+
+def temporal_thinning(head: HeadShape, phi, z, tb):
+    """The vault's thickness ``tb`` (head-frame mm, at angles ``phi`` from straight ahead on the levels ``z``)
+    with the temporal squama thinned to its own thickness (``temporal_squama_mm``): fully where the temporalis
+    lies on every level (``temporal_share``) and from about 25 degrees of straight out to the side, none from
+    45 degrees, whatever the base's thickening; never thicker than ``tb``. The squamous temporal bone, the
+    lateral wall of the middle fossa, is the thinnest bone of the vault (about 1-3 mm); until 7 Dec 2026 the
+    phantom thickened it with the base to 2.5-6 mm. The skull's outline is unchanged: what the bone leaves is
+    the temporalis, which the scalp already lays on the bone."""
+    side = np.clip((np.sin(phi) ** 2 - 0.5) / 0.3, 0, 1) * temporal_share(head, z)
+    return (tb + side * (np.minimum(tb, np.float32(temporal_squama_mm(head))) - tb)).astype(np.float32)
+
+
 def _skull_vault(cv: _Canvas, vault: _Vault, depth, rough, rng: np.random.Generator) -> None:
     """Skull around the cavity: cortical bone from the inner table out to the vault's thickness (a cap
     above the inner vertex), thinner towards the sides as the outer contour is, with diploe between the
@@ -1267,7 +1287,7 @@ def _skull_vault(cv: _Canvas, vault: _Vault, depth, rough, rng: np.random.Genera
     the whole vault followed the markings, both edges 0.32 mm, and rippled under a smooth scalp."""
     hu, tissue, X, Y, w, slab = cv.hu, cv.tissue, cv.X, cv.Y, cv.w, cv.slab
     tb = vault.thickness * (1 - (1 - vault.side) * np.sin(cv.phi) ** 2)  # as the contour's offset goes
-    tb = tb * occipital_thinning(cv.head, Y, cv.z)
+    tb = temporal_thinning(cv.head, cv.phi, cv.z, tb * occipital_thinning(cv.head, Y, cv.z))
     cortical = float(rng.uniform(1300, 1800))
     diploe = float(rng.uniform(350, 700))
     capfrac = ellipse(X, Y, 0, 0, vault.A, vault.B, cv.smear) * vault.above
