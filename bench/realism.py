@@ -14,6 +14,9 @@ the same way: ``ichscan.dicom.find_series`` -> ``CTSeries.volume()`` (HU) -> the
   each source's median, 5th/95th percentiles and share of intracranial pixels in 50-90 HU.
 * ``inner_table``: the width of the brain-to-bone transition at the inner table along rays (partial volume
   of the vault cut obliquely), by third of each series: median, 90th percentile, share of rays >= 3 mm.
+* ``vault``: the vault's width and peak HU along rays from the intracranial mask's centroid (the first run
+  of bone, over 300 HU, beyond it), by third of each series and by direction in the image (straight ahead,
+  the sides, straight back): at the discriminator's 128 px a thin bone is grey, a thick one white.
 * ``nps``: noise power spectrum from flat brain patches (fully inside the mask, mean 15-45 HU, a fitted
   plane subtracted), radially averaged in cycles/mm (PixelSpacing); noise std, mean frequency, peak
   frequency and the distance between the normalised curves.
@@ -138,6 +141,75 @@ def inner_table_widths(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
         if len(brain):
             out.append((bone[0] - brain[-1]) * step_mm)
     return np.asarray(out, float)
+
+
+VAULT_RAYS = 36
+VAULT_STEP_MM = 0.25
+# directions in the image (radians from +x, rows growing backwards in a head scanned face up): within 30
+# degrees of straight ahead, of either side, of straight back
+VAULT_SECTORS = {"front": (1.5 * np.pi,), "sides": (0.0, np.pi), "back": (0.5 * np.pi,)}
+VAULT_SECTOR_HALF = np.pi / 6
+
+
+def vault_widths(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], *, rays: int = VAULT_RAYS,
+                 step_mm: float = VAULT_STEP_MM, bone_above: float = 300.0) -> np.ndarray:
+    """(ray angle in radians, width in mm, peak HU) of the vault on ``rays`` rays out from the centroid of
+    ``mask`` (the intracranial pixels): the first run of samples over ``bone_above`` HU once the ray has
+    left the mask, sampled every ``step_mm`` (bilinear). A ray that meets no bone gives nothing; a run still
+    open at the image's edge is not a vault and gives nothing. (0, 3) without a mask."""
+    if not mask.any():
+        return np.zeros((0, 3))
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    r = np.arange(0.0, np.hypot(*hu.shape) * min(spacing), step_mm)
+    out = []
+    for ang in np.linspace(0, 2 * np.pi, rays, endpoint=False):
+        py, px = cy + np.sin(ang) * r / spacing[0], cx + np.cos(ang) * r / spacing[1]
+        keep = (py >= 0) & (py <= hu.shape[0] - 1) & (px >= 0) & (px <= hu.shape[1] - 1)
+        py, px = py[keep], px[keep]
+        inside = mask[np.rint(py).astype(int), np.rint(px).astype(int)]
+        left = np.nonzero(inside)[0]
+        if not len(left):
+            continue
+        prof = ndi.map_coordinates(hu.astype(np.float32), [py, px], order=1)[left[-1]:]
+        bone = np.nonzero(prof > bone_above)[0]
+        if not len(bone):
+            continue
+        end = np.nonzero(prof[bone[0]:] <= bone_above)[0]
+        if not len(end):
+            continue
+        run = prof[bone[0]:bone[0] + end[0]]
+        out.append((ang, end[0] * step_mm, float(run.max())))
+    return np.asarray(out, float).reshape(-1, 3)
+
+
+def vault_sector(angles: np.ndarray) -> np.ndarray:
+    """Each angle's ``VAULT_SECTORS`` name ('' between them)."""
+    names = np.full(np.shape(angles), "", dtype=object)
+    for name, centres in VAULT_SECTORS.items():
+        for c in centres:
+            off = np.abs((np.asarray(angles) - c + np.pi) % (2 * np.pi) - np.pi)
+            names[off <= VAULT_SECTOR_HALF] = name
+    return names
+
+
+def vault_summary(slices: list) -> dict:
+    """Per third of the series (``LEVEL_BANDS``) and direction (``VAULT_SECTORS``): rays, the 10th, 25th,
+    50th and 75th percentiles of the vault's width (mm) and the median peak HU, from (level, rays) per slice
+    (``vault_widths``' rows)."""
+    out = {}
+    for k, band in enumerate(LEVEL_BANDS):
+        rows = [v for lv, v in slices if level_third(lv) == k and len(v)]
+        rows = np.concatenate(rows) if rows else np.zeros((0, 3))
+        sector = vault_sector(rows[:, 0])
+        out[band] = {}
+        for name in VAULT_SECTORS:
+            sel = rows[sector == name]
+            out[band][name] = ({"rays": int(len(sel)),
+                                "width_mm_p10_p25_p50_p75": [round(float(q), 2) for q in
+                                                             np.percentile(sel[:, 1], [10, 25, 50, 75])],
+                                "peak_hu_median": round(float(np.median(sel[:, 2])), 1)} if len(sel) else None)
+    return out
 
 
 CAVITY_BANDS = ((0.0, 0.0), (0.0, 40.0), (40.0, 100.0), (100.0, np.inf))  # cm2 of intracranial mask
@@ -284,6 +356,7 @@ class SourceStats:
     cavity_cm2: list = field(default_factory=list)  # each slice's intracranial mask area
     ends_cm2: list = field(default_factory=list)  # per series, (first, last) slice's head_section_cm2
     inner_table: list = field(default_factory=list)  # (level, cavity cm2, widths in mm) of the slices with a mask
+    vault: list = field(default_factory=list)  # (level, vault_widths rows) of the slices with a mask
 
 
 def slice_features(inside: np.ndarray, patches: np.ndarray, f: np.ndarray, profile: np.ndarray) -> list[float]:
@@ -391,6 +464,7 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
             st.cavity_cm2.append(float(mask.sum()) * float(spacing[0]) * float(spacing[1]) / 100.0)
             if inside.size:
                 st.inner_table.append((st.levels[-1], st.cavity_cm2[-1], inner_table_widths(hu, mask, spacing)))
+                st.vault.append((st.levels[-1], vault_widths(hu, mask, spacing)))
             if st.slices in window_at:
                 shown = region_view(hu, mask, spacing, region, cranium_mm)
                 st.images[st.slices] = window_image(shown, PAPER_WINDOWS, image_size, np.uint8)
@@ -1001,6 +1075,13 @@ def main() -> None:
                       f"at least {INNER_TABLE_WIDE_MM} mm wide. By third of each series (foot to head), and by "
                       "the slice's intracranial area (by_cavity_area)",
             "per_source": {s.name: inner_table_summary(s.inner_table) for s in sources},
+        },
+        "vault": {
+            "method": f"{VAULT_RAYS} rays from the intracranial mask's centroid, sampled every {VAULT_STEP_MM} mm "
+                      "(bilinear): the first run over 300 HU beyond the mask, its width and peak HU; by third of "
+                      "each series and by direction in the image, within 30 degrees of straight ahead (up), the "
+                      "sides, straight back (down)",
+            "per_source": {s.name: vault_summary(s.vault) for s in sources},
         },
         "nps": {
             "method": f"{args.nps_patch}x{args.nps_patch} px patches on a grid, fully intracranial, mean 15-45 HU, "

@@ -343,6 +343,40 @@ def test_real_ge_series_masks_brain(realism):
     assert st.patches > 50 and 2 < nps["noise_std_hu"] < 15
 
 
+def test_vault_width_is_the_first_bone_beyond_the_brain_by_direction(realism):
+    """A brain disc (30 HU, radius 50 mm) in a bone ring (1200 HU) 6 mm thick straight ahead and behind
+    and 2 mm at the sides (each within 35 degrees), scalp (40 HU) and, 10 mm further out, a head holder's
+    bone-dense arc behind (which must not count): each direction's median width is the ring's there to
+    within 0.5 mm (0.25 mm steps, bilinear, 0.5 mm pixels), its peak 1200 HU. By third, a slice at 0.1
+    counts as lower; no mask, no rays."""
+    spacing = (0.5, 0.5)
+    yy, xx = (np.mgrid[:320, :320] - 159.5) * 0.5
+    r = np.hypot(yy, xx)
+    theta = np.arctan2(yy, xx)  # 2 mm of bone beyond r = 50 within 35 degrees of the sides, 6 mm ahead and behind
+    reach = np.where(np.abs(np.sin(theta)) < np.sin(np.deg2rad(35)), 52.0,
+                     np.where(np.abs(np.cos(theta)) < np.sin(np.deg2rad(35)), 56.0, 54.0))
+    outer = r / reach
+    hu = np.full(r.shape, -1000.0)
+    hu[np.hypot(xx / 60.0, yy / 64.0) < 1] = 40.0
+    hu[(np.abs(np.hypot(xx, yy) - 72.0) < 1.0) & (yy > 40)] = 600.0  # the holder, behind
+    hu[outer < 1] = 1200.0
+    hu[r < 50] = 30.0
+    mask = r < 45
+    rows = realism.vault_widths(hu, mask, spacing)
+    assert len(rows) == realism.VAULT_RAYS
+    sector = realism.vault_sector(rows[:, 0])
+    for name, want in (("front", 6.0), ("back", 6.0), ("sides", 2.0)):
+        sel = rows[sector == name]
+        assert len(sel) >= 5 and abs(float(np.median(sel[:, 1])) - want) <= 0.5, (name, sel[:, 1])
+        assert np.all(np.abs(sel[:, 2] - 1200.0) < 1.0)
+    summary = realism.vault_summary([(0.1, rows)])
+    assert summary["middle_third"]["sides"] is None
+    low = summary["lower_third"]
+    assert low["sides"]["rays"] == int((sector == "sides").sum())
+    assert abs(low["sides"]["width_mm_p10_p25_p50_p75"][2] - 2.0) <= 0.5 and low["back"]["peak_hu_median"] == 1200.0
+    assert realism.vault_widths(hu, np.zeros(r.shape, bool), spacing).shape == (0, 3)
+
+
 def test_inner_table_width_is_the_dense_band_between_brain_and_bone(realism):
     """A brain disc (30 HU, radius 50 mm) under a band of 90 HU ``w`` mm wide, then 8 mm of bone (1200 HU) and
     air: every ray reads ``w`` to within 1 mm, its median within 0.5 mm (0.5 mm steps, nearest of 0.5 mm
