@@ -637,7 +637,8 @@ def test_skull_fracture_breaks_the_vault_and_leaves_the_blood_alone():
     assert gap.sum() > 10
     inside = changed & (anat.depth > 0.5) & (anat.hu > 300)
     assert inside.sum() > 5  # the depressed piece: bone where brain was
-    assert (anat.hu[changed & (anat.depth < -head.skull * 1.2) & (hu0 < 20)] >= 30.0).all()  # swelling, not air
+    # swelling (or the skin that the depressed piece brings in from further out), not air or fat
+    assert (anat.hu[changed & (anat.depth < -head.skull * 1.2) & (hu0 < 20)] >= 20.0).all()
     air = changed & (anat.hu <= -700) & (anat.depth > 0)
     assert air.any() and (anat.tissue[air] == an.AIR).all()  # pneumocephalus just inside the table
 
@@ -1007,7 +1008,13 @@ def test_scalp_is_fat_under_the_skin_and_thicker_over_the_temporal_fossae():
     assert 5.0 <= front_mm <= 7.5  # the scalp's 6 mm, give or take the partial-volume ramp
     assert -80 <= front_hu <= -20  # fat and septa: 80% of -110..-70 HU over skin of 30-50
     assert side_mm - front_mm == pytest.approx(5.0, abs=1.5)  # the temporalis on this level, all of it
-    assert side_hu < 0  # muscle on the bone, fat over it
+    # muscle on the bone, fat over it, then the skin (``skin_mm``); since the skin is 1.6-2.8 mm, not 1.2, the
+    # median across the whole scalp is no longer fat's, so read its layers
+    side = _ray(_level(dataclasses.replace(base, scalp_fat=0.8, temporalis=5.0), base.widest + 5.0), np.pi / 2)
+    start = _outer_bone(side)[1] + 1
+    layers = side[start:start + np.nonzero(side[start:] < -500)[0][0]]
+    assert np.median(layers[:int(3.0 / RAY_MM)]) > 20 and np.median(layers[-int(1.0 / RAY_MM):]) > 0
+    assert (layers < -40).sum() * RAY_MM >= 1.0
     assert got["lean"]["front"][1] > 20 and got["lean"]["side"][0] == pytest.approx(front_mm, abs=1.0)
     assert an.temporal_share(base, base.widest + 5.0) == 1.0 and an.temporal_share(base, base.widest + 35.0) == 0.0
 
@@ -1541,6 +1548,39 @@ def test_occipital_bone_over_the_cerebellum_is_the_squama_not_a_ring():
         thick.append(run * fr.spacing)
         assert a.hu[0][back + run + 3, col] < 100  # muscle outside it
     assert np.median(thick) == pytest.approx(head.skull * float(share), abs=1.5)
+
+
+def test_skin_is_a_layer_of_soft_tissue_before_the_fat(monkeypatch):
+    """Out to the side on a level above the temporalis, the scalp reads from the air inwards: the skin
+    (``skin_mm``, 1.6-2.8 mm drawn per head) at soft-tissue density, then the subcutaneous fat, where the
+    first sample under 0 HU lies. With the old 1.2 mm the fat began sooner; the outline and everything
+    deeper than the skin are the same."""
+    drawn = []
+    for seed in range(4):
+        head = an.sample_head(np.random.default_rng([seed, 1]))
+        skin = an.skin_mm(head)
+        assert an.SKIN_MM[0] <= skin <= an.SKIN_MM[1] and skin == an.skin_mm(head)
+        drawn.append(skin)
+        z = head.widest + 45.0  # above the temporalis: skin, fat, galea, bone
+        assert an.temporal_share(head, np.float32(z)) == 0.0
+        fr, new = _face_level(head, z, spacing=0.2, size=1000)
+        with monkeypatch.context() as m:
+            m.setattr(an, "skin_mm", lambda head: 1.2)
+            _, old = _face_level(head, z, spacing=0.2, size=1000)
+        row = (fr.rows - 1) // 2
+        for a in (new, old):
+            outline = np.nonzero(a.hu[0][row] > -500)[0][[0, -1]]
+            assert np.array_equal(outline, np.nonzero(new.hu[0][row] > -500)[0][[0, -1]])
+        edge = np.nonzero(new.hu[0][row] > -500)[0][-1]  # the skin's outer edge, out to the patient's left
+        inward = lambda a: a.hu[0][row, edge - np.arange(int(8.0 / fr.spacing))]
+        assert 25 <= float(inward(new)[int(round(skin / 2 / fr.spacing))]) <= 55  # the skin
+        # where it ends: the first sample below 0 HU inwards (fat, or the thin scalp's dense layer bordering it)
+        ends = lambda a: np.nonzero(inward(a)[1:] < 0)[0][0] * fr.spacing + fr.spacing
+        assert skin - 0.4 <= ends(new) <= skin + 0.6, (seed, skin, ends(new))
+        assert ends(old) <= 1.2 + 0.6
+        deeper = np.abs(fr.X[0]) < np.abs(fr.X[0][row, edge]) - skin - 1.0
+        assert np.array_equal(new.hu[0][deeper & (np.abs(fr.Y[0]) < 5)], old.hu[0][deeper & (np.abs(fr.Y[0]) < 5)])
+    assert max(drawn) - min(drawn) > 0.3
 
 
 def test_temporal_squama_is_thin_under_the_temporalis_and_the_outline_stays(monkeypatch):

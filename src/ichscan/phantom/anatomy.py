@@ -70,7 +70,8 @@ class HeadShape:
 # sides draws the right from its tag and the left from the next (``sx`` > 0), so no two may be adjacent.
 HEAD_RNG_TAGS = {"tentorium": 23, "ears": 29, "old_hypodensities": 31, "nasal": 37, "teeth": 41, "clip": 43,
                  "mastoid": 53, "ethmoid": 59, "petrous": 61, "condyles": 67, "maxillary": 71, "occipital": 79,
-                 "nasopharynx": 83, "zygoma": 84, "muscles": 89, "temporal_squama": 97}
+                 "nasopharynx": 83, "zygoma": 84, "muscles": 89, "temporal_squama": 97,
+                 "skin": 101}
 SIDED = ("mastoid", "petrous", "maxillary")
 
 
@@ -495,7 +496,7 @@ def temporal_share(head: HeadShape, z):
 
 def _scalp(cv: _Canvas, vault: _Vault, rng: np.random.Generator) -> None:
     """The head's outline: scalp over the skull's outer contour (narrower in the neck), thicker on the sides
-    over the temporal fossae, and the nose. In layers: skin outside, subcutaneous fat (``head.scalp_fat``
+    over the temporal fossae, and the nose. In layers: skin outside (``skin_mm``), subcutaneous fat (``head.scalp_fat``
     of it fat, the rest fibrous septa) under it, and on the bone a dense layer: galea and pericranium, and
     the temporalis on the sides. Everything within is painted over later."""
     head, z, X, Y, w, smear = cv.head, cv.z, cv.X, cv.Y, cv.w, cv.smear
@@ -509,12 +510,22 @@ def _scalp(cv: _Canvas, vault: _Vault, rng: np.random.Generator) -> None:
     d_head = ellipse_distance(X, Y, 0, 0, A_head, B_head)  # one distance, offset for the scalp's layers
     scalp = np.maximum(ramp(d_head, smear), nose)
     paint(hu, tissue, float(rng.uniform(30, 50)), scalp, SOFT)
-    under_skin = ramp(d_head + 1.2, smear)
+    under_skin = ramp(d_head + skin_mm(head), smear)
     fat = under_skin * np.float32(head.scalp_fat) * np.clip(1.0 - 0.4 * np.float32(above), 0, 1)
     paint(hu, tissue, float(rng.uniform(-110, -70)), fat)
     galea = 0.6 + 0.1 * head.scalp  # galea and pericranium, mm
     d_dense = ellipse_distance(X, Y, 0, 0, vault.A + galea + 0.5 * temporal, vault.B + galea)
     paint(hu, tissue, float(rng.uniform(35, 55)), np.minimum(ramp(d_dense, smear), under_skin), SOFT)
+
+
+SKIN_MM = (1.6, 2.8)  # the skin's thickness (epidermis and dense dermis), drawn per head
+
+
+def skin_mm(head: HeadShape) -> float:
+    """The head's skin (head-frame mm): 1.6-2.8 mm of the patient's, from a generator of its own. Both real
+    sources show 1.5-2.5 mm of soft-tissue density under the air before any fat; until 7 Dec 2026 the phantom
+    drew 1.2 mm, which the edge's ramps and the scanner's blur left as nothing."""
+    return float(head_rng(head, "skin").uniform(*SKIN_MM)) / head.scale
 
 
 def skin_half_width(a, b, y):
