@@ -17,6 +17,8 @@ the same way: ``ichscan.dicom.find_series`` -> ``CTSeries.volume()`` (HU) -> the
 * ``vault``: the vault's width and peak HU along rays from the intracranial mask's centroid (the first run
   of bone, over 300 HU, beyond it), by third of each series and by direction in the image (straight ahead,
   the sides, straight back): at the discriminator's 128 px a thin bone is grey, a thick one white.
+* ``scalp``: the median HU by millimetre in from the skin (the head's edge) along rays where bone lies
+  under it, by third of each series: the skin, the fat under it and the vault.
 * ``nps``: noise power spectrum from flat brain patches (fully inside the mask, mean 15-45 HU, a fitted
   plane subtracted), radially averaged in cycles/mm (PixelSpacing); noise std, mean frequency, peak
   frequency and the distance between the normalised curves.
@@ -212,6 +214,56 @@ def vault_summary(slices: list) -> dict:
     return out
 
 
+SCALP_RAYS = 72
+SCALP_STEP_MM = 0.5
+SCALP_DEPTH_MM = 8.0  # how far in from the skin the profile reads
+SCALP_BONE_MM = 12.0  # a ray counts only if bone (> 400 HU) lies within this of the skin: scalp over the vault
+
+
+def scalp_profiles(hu: np.ndarray, spacing: tuple[float, float], *, rays: int = SCALP_RAYS,
+                   step_mm: float = SCALP_STEP_MM, depth_mm: float = SCALP_DEPTH_MM,
+                   bone_mm: float = SCALP_BONE_MM) -> np.ndarray:
+    """HU (bilinear) every ``step_mm`` from the skin inwards, to ``depth_mm``, on ``rays`` rays out from the
+    centre of the head (the largest region over -300 HU, holes filled): the skin is the ray's last sample in
+    that region. Only rays with bone (over 400 HU) within ``bone_mm`` of the skin count (the scalp over the
+    vault, not the face, neck or ears). (k, depth_mm / step_mm + 1); (0, ...) without a head."""
+    n = int(round(depth_mm / step_mm)) + 1
+    body, count = ndi.label(hu > -300)
+    if count == 0:
+        return np.zeros((0, n))
+    body = ndi.binary_fill_holes(body == 1 + int(np.argmax(np.bincount(body.ravel())[1:])))
+    cy, cx = ndi.center_of_mass(body)
+    r = np.arange(0.0, np.hypot(*hu.shape) * min(spacing), step_mm)
+    out = []
+    for ang in np.linspace(0, 2 * np.pi, rays, endpoint=False):
+        py, px = cy + np.sin(ang) * r / spacing[0], cx + np.cos(ang) * r / spacing[1]
+        keep = (py >= 0) & (py <= hu.shape[0] - 1) & (px >= 0) & (px <= hu.shape[1] - 1)
+        py, px = py[keep], px[keep]
+        inside = np.nonzero(body[np.rint(py).astype(int), np.rint(px).astype(int)])[0]
+        if len(inside) == 0 or inside[-1] < n:
+            continue
+        prof = ndi.map_coordinates(hu.astype(np.float32), [py, px], order=1)
+        edge = inside[-1]
+        if not (prof[edge - int(round(bone_mm / step_mm)):edge + 1] > 400).any():
+            continue
+        out.append(prof[edge - np.arange(n)])
+    return np.asarray(out, float).reshape(-1, n)
+
+
+def scalp_summary(slices: list) -> dict:
+    """Per third of the series (``LEVEL_BANDS``): rays and the median HU at each ``SCALP_STEP_MM`` in from
+    the skin, from (level, ``scalp_profiles`` rows) per slice."""
+    out = {}
+    for k, band in enumerate(LEVEL_BANDS):
+        rows = [p for lv, p in slices if level_third(lv) == k and len(p)]
+        out[band] = ({"rays": int(sum(len(p) for p in rows)),
+                      "median_hu": [round(float(v), 1) for v in np.median(np.concatenate(rows), axis=0)]}
+                     if rows else None)
+    steps = int(round(SCALP_DEPTH_MM / SCALP_STEP_MM)) + 1
+    out["mm_in_from_skin"] = [round(i * SCALP_STEP_MM, 2) for i in range(steps)]
+    return out
+
+
 CAVITY_BANDS = ((0.0, 0.0), (0.0, 40.0), (40.0, 100.0), (100.0, np.inf))  # cm2 of intracranial mask
 
 
@@ -357,6 +409,7 @@ class SourceStats:
     ends_cm2: list = field(default_factory=list)  # per series, (first, last) slice's head_section_cm2
     inner_table: list = field(default_factory=list)  # (level, cavity cm2, widths in mm) of the slices with a mask
     vault: list = field(default_factory=list)  # (level, vault_widths rows) of the slices with a mask
+    scalp: list = field(default_factory=list)  # (level, scalp_profiles rows) of the slices with a mask
 
 
 def slice_features(inside: np.ndarray, patches: np.ndarray, f: np.ndarray, profile: np.ndarray) -> list[float]:
@@ -465,6 +518,7 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
             if inside.size:
                 st.inner_table.append((st.levels[-1], st.cavity_cm2[-1], inner_table_widths(hu, mask, spacing)))
                 st.vault.append((st.levels[-1], vault_widths(hu, mask, spacing)))
+                st.scalp.append((st.levels[-1], scalp_profiles(hu, spacing)))
             if st.slices in window_at:
                 shown = region_view(hu, mask, spacing, region, cranium_mm)
                 st.images[st.slices] = window_image(shown, PAPER_WINDOWS, image_size, np.uint8)
@@ -1082,6 +1136,13 @@ def main() -> None:
                       "each series and by direction in the image, within 30 degrees of straight ahead (up), the "
                       "sides, straight back (down)",
             "per_source": {s.name: vault_summary(s.vault) for s in sources},
+        },
+        "scalp": {
+            "method": f"{SCALP_RAYS} rays from the head's centre (the largest region over -300 HU): HU every "
+                      f"{SCALP_STEP_MM} mm in from the skin (the ray's last sample in it), on rays with bone (over "
+                      f"400 HU) within {SCALP_BONE_MM:g} mm of the skin; the median at each depth, by third of each "
+                      "series, on the slices with an intracranial mask",
+            "per_source": {s.name: scalp_summary(s.scalp) for s in sources},
         },
         "nps": {
             "method": f"{args.nps_patch}x{args.nps_patch} px patches on a grid, fully intracranial, mean 15-45 HU, "

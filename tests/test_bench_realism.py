@@ -377,6 +377,36 @@ def test_vault_width_is_the_first_bone_beyond_the_brain_by_direction(realism):
     assert realism.vault_widths(hu, np.zeros(r.shape, bool), spacing).shape == (0, 3)
 
 
+def test_scalp_profile_reads_skin_fat_and_bone_in_from_the_head_s_edge(realism):
+    """A head of discs (0.5 mm pixels): brain inside 60 mm, bone to 66, fat (-90 HU) to 69, skin (40 HU) to
+    71, air beyond, and 20 mm further out a head holder's dense arc behind (not the head, not counted): every
+    ray reads the skin 0.5-1 mm in from its edge (its last sample in the head), fat at 2.5-3.5 mm and bone
+    at 6 mm; rays with no bone within 12 mm of the skin (a flap of soft tissue 20 mm thick on one side) are
+    left out. By third, a slice at level 0.5 counts as middle; no head, no rays."""
+    spacing = (0.5, 0.5)
+    yy, xx = (np.mgrid[:360, :360] - 179.5) * 0.5
+    r = np.hypot(yy, xx)
+    hu = np.full(r.shape, -1000.0)
+    hu[(np.abs(r - 90.0) < 1.0) & (yy > 30)] = 600.0  # the holder
+    hu[r < 71] = 40.0
+    hu[(r < 91) & (xx > 0) & (np.abs(yy) < 8)] = 40.0  # a thick flap out to one side: no bone under its skin
+    hu[r < 69] = -90.0
+    hu[r < 66] = 1200.0
+    hu[r < 60] = 30.0
+    rows = realism.scalp_profiles(hu, spacing)
+    assert 60 <= len(rows) < realism.SCALP_RAYS  # the rays through the flap are out
+    mm = np.arange(rows.shape[1]) * realism.SCALP_STEP_MM
+    med = np.median(rows, axis=0)
+    assert np.all(np.abs(med[(mm >= 0.5) & (mm <= 1.0)] - 40.0) < 1.0)
+    assert np.all(np.abs(med[(mm >= 2.5) & (mm <= 3.5)] + 90.0) < 1.0)
+    assert abs(med[mm == 6.0][0] - 1200.0) < 1.0
+    summary = realism.scalp_summary([(0.5, rows)])
+    assert summary["lower_third"] is None and summary["middle_third"]["rays"] == len(rows)
+    assert summary["mm_in_from_skin"][:3] == [0.0, 0.5, 1.0]
+    assert summary["middle_third"]["median_hu"][2] == pytest.approx(40.0, abs=1)
+    assert realism.scalp_profiles(np.full((50, 50), -1000.0), spacing).shape[0] == 0
+
+
 def test_inner_table_width_is_the_dense_band_between_brain_and_bone(realism):
     """A brain disc (30 HU, radius 50 mm) under a band of 90 HU ``w`` mm wide, then 8 mm of bone (1200 HU) and
     air: every ray reads ``w`` to within 1 mm, its median within 0.5 mm (0.5 mm steps, nearest of 0.5 mm
