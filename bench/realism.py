@@ -153,6 +153,18 @@ VAULT_SECTORS = {"front": (1.5 * np.pi,), "sides": (0.0, np.pi), "back": (0.5 * 
 VAULT_SECTOR_HALF = np.pi / 6
 
 
+def _rays(shape: tuple[int, int], centre: tuple[float, float], spacing: tuple[float, float], rays: int,
+          step_mm: float):
+    """For each of ``rays`` angles (radians from +x) out from ``centre`` (row, column): the angle and the
+    fractional (row, column) of its samples every ``step_mm`` (PixelSpacing's mm) while they lie in the image."""
+    cy, cx = centre
+    r = np.arange(0.0, np.hypot(*shape) * min(spacing), step_mm)
+    for ang in np.linspace(0, 2 * np.pi, rays, endpoint=False):
+        py, px = cy + np.sin(ang) * r / spacing[0], cx + np.cos(ang) * r / spacing[1]
+        keep = (py >= 0) & (py <= shape[0] - 1) & (px >= 0) & (px <= shape[1] - 1)
+        yield ang, py[keep], px[keep]
+
+
 def vault_widths(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float], *, rays: int = VAULT_RAYS,
                  step_mm: float = VAULT_STEP_MM, bone_above: float = 300.0) -> np.ndarray:
     """(ray angle in radians, width in mm, peak HU) of the vault on ``rays`` rays out from the centroid of
@@ -162,13 +174,8 @@ def vault_widths(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float],
     if not mask.any():
         return np.zeros((0, 3))
     ys, xs = np.nonzero(mask)
-    cy, cx = ys.mean(), xs.mean()
-    r = np.arange(0.0, np.hypot(*hu.shape) * min(spacing), step_mm)
     out = []
-    for ang in np.linspace(0, 2 * np.pi, rays, endpoint=False):
-        py, px = cy + np.sin(ang) * r / spacing[0], cx + np.cos(ang) * r / spacing[1]
-        keep = (py >= 0) & (py <= hu.shape[0] - 1) & (px >= 0) & (px <= hu.shape[1] - 1)
-        py, px = py[keep], px[keep]
+    for ang, py, px in _rays(hu.shape, (ys.mean(), xs.mean()), spacing, rays, step_mm):
         inside = mask[np.rint(py).astype(int), np.rint(px).astype(int)]
         left = np.nonzero(inside)[0]
         if not len(left):
@@ -232,13 +239,8 @@ def scalp_profiles(hu: np.ndarray, spacing: tuple[float, float], *, rays: int = 
     if count == 0:
         return np.zeros((0, n))
     body = ndi.binary_fill_holes(body == 1 + int(np.argmax(np.bincount(body.ravel())[1:])))
-    cy, cx = ndi.center_of_mass(body)
-    r = np.arange(0.0, np.hypot(*hu.shape) * min(spacing), step_mm)
     out = []
-    for ang in np.linspace(0, 2 * np.pi, rays, endpoint=False):
-        py, px = cy + np.sin(ang) * r / spacing[0], cx + np.cos(ang) * r / spacing[1]
-        keep = (py >= 0) & (py <= hu.shape[0] - 1) & (px >= 0) & (px <= hu.shape[1] - 1)
-        py, px = py[keep], px[keep]
+    for _, py, px in _rays(hu.shape, ndi.center_of_mass(body), spacing, rays, step_mm):
         inside = np.nonzero(body[np.rint(py).astype(int), np.rint(px).astype(int)])[0]
         if len(inside) == 0 or inside[-1] < n:
             continue
