@@ -257,7 +257,8 @@ def test_the_models_aggregation_is_used_unless_one_is_asked_for(tmp_path):
 # the thicker scalp over the occiput left both as they were; the point spread's tail of 6 Dec 2026, morning:
 # 0.9973 and 0.192, subdural 0.161; the skull base, face and neck of 6 Dec 2026, afternoon: 0.9972 and 0.185,
 # subdural 0.157; the bundle of 7 Dec 2026, a gentler step (a quarter share) on the same generator: 0.998 and
-# 0.146, subdural 0.116).
+# 0.146, subdural 0.116; the thin temporal squama and the skin of 7 Dec 2026, afternoon, left both as they were:
+# 0.998 and 0.146, subdural 0.117).
 SHIPPED_PHANTOM_ANY = {"bleed": 0.998, "twin": 0.146}
 
 
