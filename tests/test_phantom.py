@@ -999,18 +999,19 @@ def test_scalp_is_fat_under_the_skin_and_thicker_over_the_temporal_fossae():
     import dataclasses
 
     base = dataclasses.replace(an.sample_head(np.random.default_rng(5)), scalp=6.0)
-    got = {}
+    got, side_rays = {}, {}
     for name, fat, temporalis in (("fatty", 0.8, 5.0), ("lean", 0.0, 0.0)):
         hu = _level(dataclasses.replace(base, scalp_fat=fat, temporalis=temporalis), base.widest + 5.0)
-        got[name] = {"front": _scalp_profile(_ray(hu, 0.0)), "side": _scalp_profile(_ray(hu, np.pi / 2))}
+        side_rays[name] = _ray(hu, np.pi / 2)
+        got[name] = {"front": _scalp_profile(_ray(hu, 0.0)), "side": _scalp_profile(side_rays[name])}
     front_mm, front_hu = got["fatty"]["front"]
-    side_mm, side_hu = got["fatty"]["side"]
+    side_mm = got["fatty"]["side"][0]
     assert 5.0 <= front_mm <= 7.5  # the scalp's 6 mm, give or take the partial-volume ramp
     assert -80 <= front_hu <= -20  # fat and septa: 80% of -110..-70 HU over skin of 30-50
     assert side_mm - front_mm == pytest.approx(5.0, abs=1.5)  # the temporalis on this level, all of it
     # muscle on the bone, fat over it, then the skin (``skin_mm``); since the skin is 1.6-2.8 mm, not 1.2, the
     # median across the whole scalp is no longer fat's, so read its layers
-    side = _ray(_level(dataclasses.replace(base, scalp_fat=0.8, temporalis=5.0), base.widest + 5.0), np.pi / 2)
+    side = side_rays["fatty"]
     start = _outer_bone(side)[1] + 1
     layers = side[start:start + np.nonzero(side[start:] < -500)[0][0]]
     assert np.median(layers[:int(3.0 / RAY_MM)]) > 20 and np.median(layers[-int(1.0 / RAY_MM):]) > 0
