@@ -321,3 +321,21 @@ def test_negatives_report_from_the_dumped_slices(limited, work):
     assert neg["n_series"] == len(clean) == 2 and neg["top_k"] == 3
     assert neg["top_slices_by_fifth"] == by_fifth and sum(by_fifth) == 6
     assert neg["brightest_slice"]["leading_subtype"] == leading
+
+
+def test_the_shipped_bundle_reads_the_normal_head_as_it_records(bench, work, capsys, monkeypatch):
+    """The number the bundle's README and `measured` give for the normal GE head (issue 9's T5): its top-3
+    `any` in fp32, below the `any` point and below that point's whole interval, so nothing is called there
+    and `any` is not borderline."""
+    from ichscan.model import BUNDLED_DIR_ENV, bundled_checkpoint, read_manifest
+
+    monkeypatch.delenv(BUNDLED_DIR_ENV, raising=False)
+    manifest = read_manifest(bundled_checkpoint())
+    rc, report = _run(bench, capsys, "--checkpoint", "bundled", "--work", work, "--limit", "1",
+                      "--aggregation", "topk")
+    ge = report["ge_normal"]
+    got = ge["probs"]["topk"]["any"]
+    assert rc == 0 and got == pytest.approx(manifest.info["measured"]["realct_ge_normal_any"], abs=0.001)
+    low = manifest.operating_points["details"]["any"]["threshold_ci"][0]
+    assert got < low <= manifest.thresholds["any"] and ge["any_below_threshold"] == {"topk": True}
+    assert ge["calls"]["topk"]["called"] == [] and "any" not in ge["calls"]["topk"]["borderline"]

@@ -213,6 +213,12 @@ def test_shipped_bundle(monkeypatch):
     assert manifest.operating_points.get("method")
     for key in ("recipe", "seeds", "ichscan_version", "git_commit"):
         assert manifest.info.get(key), key
+    # what the README's tables were made with: the mean of the top 3 slices, and an interval round each point
+    # (predict marks calls inside it borderline)
+    assert (manifest.aggregation["method"], manifest.aggregation["top_k"]) == ("topk", 3)
+    for label in LABELS:
+        low, high = manifest.operating_points["details"][label]["threshold_ci"]
+        assert low <= manifest.thresholds[label] <= high, label
 
 
 def test_the_models_aggregation_is_used_unless_one_is_asked_for(tmp_path):
