@@ -301,6 +301,36 @@ def test_subarachnoid_sites_and_coverage_are_drawn_without_moving_the_plan():
         assert abs(sites[site] / conv - share) < 0.07, (site, sites[site] / conv)
 
 
+def test_small_subarachnoid_blood_keeps_its_site_and_spans_few_slices():
+    """About half of all subarachnoid lesions are small, at every site: the same site, coverage and centre
+    as the plan drew, 6-16 mm along z instead of 20-50, a convexity lesion over 10-25 degrees of half-arc;
+    painted into a 5 mm series, a small lesion's blood lies on at most four slices and a wide one's reaches
+    further. The extent is drawn last from the site's own generator, so the site test above holds as it was."""
+    from ichscan.phantom import lesions
+
+    rng = np.random.default_rng(3)
+    head = an.sample_head(rng)
+    fr = an.make_frame(rng, head, 36, 64, 64, 5.0)
+    small = Counter()
+    for s in range(400):
+        les = lesions.plan_lesion("subarachnoid", head, fr, np.random.default_rng(s))
+        small[les.params["extent"]] += 1
+        if les.params["extent"] == "small":
+            assert 3.0 <= les.z_half <= 8.0
+            if les.params["site"] == "sulcal":
+                assert np.rad2deg(les.params["phi_half"]) <= 25.0 + 1e-9
+        else:
+            assert les.z_half >= 10.0
+    assert abs(small["small"] / 400 - lesions.SAH_SMALL) < 0.07, small
+
+    spans = {}
+    for extent in ("small", "wide"):
+        ps, _ = _lesion_and_twin("subarachnoid", 12, lambda les, e=extent: les.params["site"] == "sulcal"
+                                 and les.params["extent"] == e, 34, 160)
+        spans[extent] = int(ps.masks["subarachnoid"].any(axis=(1, 2)).sum())
+    assert 1 <= spans["small"] <= 4 < spans["wide"], spans
+
+
 @pytest.mark.parametrize("site", ["sulcal", "interhemispheric", "sylvian", "basal"])
 def test_subarachnoid_blood_is_patchy_and_fills_its_csf_as_partial_volume(site):
     """Against the lesion-free twin (same scan, same noise): the blood is denser than the CSF it replaces
@@ -310,7 +340,8 @@ def test_subarachnoid_blood_is_patchy_and_fills_its_csf_as_partial_volume(site):
     from ichscan.phantom import lesions
 
     # head 12: each site's lesion holds 50 or more voxels there, enough to measure the grey rim around it
-    ps, twin = _lesion_and_twin("subarachnoid", 12, lambda les: les.params["site"] == site, 34, 160)
+    ps, twin = _lesion_and_twin("subarachnoid", 12, lambda les: les.params["site"] == site
+                                and les.params["extent"] == "wide", 34, 160)
     les = ps.lesions[0]
     assert les.params["site"] == site  # planned once: it found CSF to fill
     m = ps.masks["subarachnoid"]
@@ -347,7 +378,8 @@ def test_subarachnoid_patches_hold_their_coverage_of_the_reach(site):
 
     head, rng = _own_streams(14)
     fr = an.make_frame(rng, head, 34, 160, 160, 5.0)
-    lseed = _lesion_seed("subarachnoid", head, fr, lambda les: les.params["site"] == site)
+    lseed = _lesion_seed("subarachnoid", head, fr,
+                         lambda les: les.params["site"] == site and les.params["extent"] == "wide")
     les = lesions.plan_lesion("subarachnoid", head, fr, np.random.default_rng(lseed))
     distended = [dict(les.params, z=les.z, z_half=les.z_half)] if les.kind == "convexity" else None  # as drawn
     anat = an.build(head, fr, rng, distended=distended)

@@ -176,6 +176,14 @@ SAH_SITES = {"sulcal": 0.6, "interhemispheric": 0.25, "sylvian": 0.15}
 SAH_FISSURE_MM = 6.0  # interhemispheric blood lies within this of the midline
 SAH_PATCH_MM = (14.0, 32.0)
 SAH_PATCH_WAVES = 10
+# Traumatic SAH is most often a small amount of blood: a few sulci, part of a fissure or of a cistern, seen
+# on one to three 5 mm slices. This share of lesions (of every site) is drawn that small: ``SAH_SMALL_Z_MM``
+# of half-height (the whole lesion 6-16 mm along z), and a convexity lesion over ``SAH_SMALL_DEG`` of
+# half-arc or a fissure's ``SAH_SMALL_FISSURE`` of the head's half-length; the rest keep the wide extents.
+SAH_SMALL = 0.5
+SAH_SMALL_Z_MM = (3.0, 8.0)
+SAH_SMALL_DEG = (10.0, 25.0)
+SAH_SMALL_FISSURE = (0.08, 0.18)
 
 
 def _subarachnoid_site(les: Lesion, head: HeadShape, fr: Frame) -> Lesion:
@@ -187,7 +195,7 @@ def _subarachnoid_site(les: Lesion, head: HeadShape, fr: Frame) -> Lesion:
     if les.kind == "basal":
         p["coverage"] = float(sr.uniform(0.6, 1.0))
         p["site"] = "basal"
-        return Lesion(les.subtype, les.kind, z, les.z_half, les.hu, les.side, p)
+        return _extent(Lesion(les.subtype, les.kind, z, les.z_half, les.hu, les.side, p), head, sr)
     p["coverage"] = float(sr.uniform(0.35, 0.9))
     site = str(sr.choice(list(SAH_SITES), p=list(SAH_SITES.values())))
     p["site"] = site
@@ -200,7 +208,24 @@ def _subarachnoid_site(les: Lesion, head: HeadShape, fr: Frame) -> Lesion:
         p["y_half"] = float(sr.uniform(0.15, 0.35) * head.b)
     elif site == "sylvian":  # at the levels of the fissure, under the widest section
         z = _vault_range(head, fr, 10, head.widest + 2, sr, les.z_half)
-    return Lesion(les.subtype, les.kind, z, les.z_half, les.hu, les.side, p)
+    return _extent(Lesion(les.subtype, les.kind, z, les.z_half, les.hu, les.side, p), head, sr)
+
+
+def _extent(les: Lesion, head: HeadShape, sr: np.random.Generator) -> Lesion:
+    """Small (a share ``SAH_SMALL``) or wide, drawn last from the site's generator, so that the site, its
+    coverage and its level are what they were before small lesions existed. A small lesion keeps its centre
+    and shrinks along z and, on the convexity, across it."""
+    p = dict(les.params)
+    if sr.random() >= SAH_SMALL:
+        p["extent"] = "wide"
+        return Lesion(les.subtype, les.kind, les.z, les.z_half, les.hu, les.side, p)
+    p["extent"] = "small"
+    z_half = min(les.z_half, float(sr.uniform(*SAH_SMALL_Z_MM)))
+    if p["site"] == "sulcal":
+        p["phi_half"] = min(p["phi_half"], float(np.deg2rad(sr.uniform(*SAH_SMALL_DEG))))
+    elif p["site"] == "interhemispheric":
+        p["y_half"] = min(p["y_half"], float(sr.uniform(*SAH_SMALL_FISSURE)) * head.b)
+    return Lesion(les.subtype, les.kind, les.z, z_half, les.hu, les.side, p)
 
 
 def _patch_field(seed: int, X, Y, z: float) -> np.ndarray:
