@@ -301,11 +301,12 @@ def test_subarachnoid_sites_and_coverage_are_drawn_without_moving_the_plan():
         assert abs(sites[site] / conv - share) < 0.07, (site, sites[site] / conv)
 
 
-def test_small_subarachnoid_blood_keeps_its_site_and_spans_few_slices():
+def test_small_subarachnoid_blood_keeps_its_site_and_spans_few_slices(monkeypatch):
     """About half of all subarachnoid lesions are small, at every site: the same site, coverage and centre
     as the plan drew, 6-16 mm along z instead of 20-50, a convexity lesion over 10-25 degrees of half-arc;
     painted into a 5 mm series, a small lesion's blood lies on at most four slices and a wide one's reaches
-    further. The extent is drawn last from the site's own generator, so the site test above holds as it was."""
+    further. The extent is drawn last from the site's own generator, so the site test above holds as it was,
+    and the same seed planned with every lesion wide and with every lesion small differs only in extent."""
     from ichscan.phantom import lesions
 
     rng = np.random.default_rng(3)
@@ -322,6 +323,18 @@ def test_small_subarachnoid_blood_keeps_its_site_and_spans_few_slices():
         else:
             assert les.z_half >= 10.0
     assert abs(small["small"] / 400 - lesions.SAH_SMALL) < 0.07, small
+
+    for s in range(40):
+        planned = {}
+        for share in (0.0, 1.0):
+            monkeypatch.setattr(lesions, "SAH_SMALL", share)
+            planned[share] = lesions.plan_lesion("subarachnoid", head, fr, np.random.default_rng(s))
+        wide, tiny = planned[0.0], planned[1.0]
+        assert (tiny.kind, tiny.z, tiny.side, tiny.hu) == (wide.kind, wide.z, wide.side, wide.hu)
+        assert {k: tiny.params[k] for k in ("site", "coverage", "patch_seed")} == \
+            {k: wide.params[k] for k in ("site", "coverage", "patch_seed")}
+        assert tiny.z_half < wide.z_half and (wide.params["extent"], tiny.params["extent"]) == ("wide", "small")
+    monkeypatch.undo()
 
     spans = {}
     for extent in ("small", "wide"):
