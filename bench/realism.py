@@ -19,6 +19,10 @@ the same way: ``ichscan.dicom.find_series`` -> ``CTSeries.volume()`` (HU) -> the
   the sides, straight back): at the discriminator's 128 px a thin bone is grey, a thick one white.
 * ``scalp``: the median HU by millimetre in from the skin (the head's edge) along rays where bone lies
   under it, by third of each series: the skin, the fat under it and the vault.
+* ``small_bands``: each slice at the discriminator's size (HU resized as its windows are), the share of its
+  pixels at -20..20 HU (skin, soft tissue), 130..229 (thin, partial-volumed bone: grey in every paper
+  window) and 230 up; per mille by third, and the AUC of each share alone for phantom against ctich-dev
+  slices (and the GE head against ctich-dev): one-number tells a person can read.
 * ``nps``: noise power spectrum from flat brain patches (fully inside the mask, mean 15-45 HU, a fitted
   plane subtracted), radially averaged in cycles/mm (PixelSpacing); noise std, mean frequency, peak
   frequency and the distance between the normalised curves.
@@ -266,6 +270,54 @@ def scalp_summary(slices: list) -> dict:
     return out
 
 
+# HU bands counted on each slice at the discriminator's scale: soft tissue and skin, partial-volumed bone
+# (every paper window is white from 230 HU up, so thin bone is what shows grey), and bone.
+SMALL_BANDS = {"-20_to_20": (-20.0, 20.0), "130_to_229": (130.0, 229.0), "230_up": (230.0, np.inf)}
+
+
+def small_band_shares(hu: np.ndarray, size: int) -> list[float]:
+    """The slice's HU resized to ``size`` as ``window_image`` resizes a window (longer side to ``size``,
+    bilinear, padded with air), and the share of all its pixels in each of ``SMALL_BANDS``: what the
+    discriminator's input holds of each, as one number per band."""
+    from ichscan.windows import AIR_HU, resize_keep_aspect
+
+    small = resize_keep_aspect(np.asarray(hu, np.float32), int(size), float(AIR_HU))
+    return [float(((small >= lo) & (small <= hi)).mean()) for lo, hi in SMALL_BANDS.values()]
+
+
+def small_band_summary(sources: list, reference: str = "ctich_dev") -> dict:
+    """Per source and third of the series: the mean per mille of pixels in each band; and for each other
+    source, the AUC of that one number per slice for the source against ``reference`` (0.5: no tell; below
+    0.5: the source holds fewer such pixels), all slices and by third."""
+    by = {s.name: (np.array(s.levels, float), np.array(s.small_bands, float).reshape(-1, len(SMALL_BANDS)))
+          for s in sources}
+    out = {"per_mille": {}, f"auc_against_{reference}": {}}
+    for name, (lv, v) in by.items():
+        thirds = level_third(lv)
+        out["per_mille"][name] = {
+            band: {"all": round(1000 * float(v[:, j].mean()), 1) if len(v) else None,
+                   **{t: round(1000 * float(v[thirds == k, j].mean()), 1) if (thirds == k).any() else None
+                      for k, t in enumerate(LEVEL_BANDS)}}
+            for j, band in enumerate(SMALL_BANDS)}
+    if reference not in by:
+        return out
+    rlv, rv = by[reference]
+    rthirds = level_third(rlv)
+    for name, (lv, v) in by.items():
+        if name == reference:
+            continue
+        thirds = level_third(lv)
+        res = {}
+        for j, band in enumerate(SMALL_BANDS):
+            def auc(a, b):
+                return round(float(roc_auc_score([1] * len(a) + [0] * len(b), np.r_[a, b])), 3) \
+                    if len(a) and len(b) else None
+            res[band] = {"all": auc(v[:, j], rv[:, j]),
+                         **{t: auc(v[thirds == k, j], rv[rthirds == k, j]) for k, t in enumerate(LEVEL_BANDS)}}
+        out[f"auc_against_{reference}"][name] = res
+    return out
+
+
 CAVITY_BANDS = ((0.0, 0.0), (0.0, 40.0), (40.0, 100.0), (100.0, np.inf))  # cm2 of intracranial mask
 
 
@@ -412,6 +464,7 @@ class SourceStats:
     inner_table: list = field(default_factory=list)  # (level, cavity cm2, widths in mm) of the slices with a mask
     vault: list = field(default_factory=list)  # (level, vault_widths rows) of the slices with a mask
     scalp: list = field(default_factory=list)  # (level, scalp_profiles rows) of the slices with a mask
+    small_bands: list = field(default_factory=list)  # each slice's small_band_shares, in ``levels``' order
 
 
 def slice_features(inside: np.ndarray, patches: np.ndarray, f: np.ndarray, profile: np.ndarray) -> list[float]:
@@ -516,6 +569,7 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
             st.features.append(slice_features(inside, ps, f, profile))
             st.groups.append(f"{name}:{series.patient_id}")
             st.levels.append(i / max(len(vol) - 1, 1))
+            st.small_bands.append(small_band_shares(hu, image_size))
             st.cavity_cm2.append(float(mask.sum()) * float(spacing[0]) * float(spacing[1]) / 100.0)
             if inside.size:
                 st.inner_table.append((st.levels[-1], st.cavity_cm2[-1], inner_table_widths(hu, mask, spacing)))
@@ -1145,6 +1199,12 @@ def main() -> None:
                       f"400 HU) within {SCALP_BONE_MM:g} mm of the skin; the median at each depth, by third of each "
                       "series, on the slices with an intracranial mask",
             "per_source": {s.name: scalp_summary(s.scalp) for s in sources},
+        },
+        "small_bands": {
+            "method": f"each slice's HU resized to {args.image_size} px as the discriminator's windows are "
+                      "(bilinear, air padding); the share of all its pixels in each HU band; per mille by third "
+                      "of each series, and the AUC of that one number for each source against ctich-dev slices",
+            **small_band_summary(sources),
         },
         "nps": {
             "method": f"{args.nps_patch}x{args.nps_patch} px patches on a grid, fully intracranial, mean 15-45 HU, "

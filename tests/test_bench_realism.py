@@ -434,3 +434,36 @@ def test_inner_table_width_is_the_dense_band_between_brain_and_bone(realism):
     assert by_area[">=100cm2"]["share_wide"] == 0.0 and by_area["0-40cm2"]["share_wide"] == 1.0
     assert by_area["40-100cm2"] is None and "none" not in by_area
     assert realism.inner_table_widths(hu, np.zeros(r.shape, bool), spacing).size == 0
+
+
+def test_small_band_shares_count_the_discriminator_s_pixels_in_each_hu_band(realism):
+    """A 512 px slice of air with a 256 px square of 0 HU and, inside it, a 128 px square of 180 HU: resized
+    to 128 px the squares are 64 and 32 px wide, so the shares are 3/16 of the pixels in -20..20 HU and 1/16
+    in 130..229, less what the resampling's blurred edges (under two pixel rows round each square) leave
+    between bands, and none at 230 and up. A non-square slice is padded
+    with air to a square, as the discriminator's windows are. The summary: per mille by third, and the
+    AUC of each band for a source against ctich-dev (here every phantom slice holds less soft tissue: 0)."""
+    from types import SimpleNamespace
+
+    hu = np.full((512, 512), -1000.0)
+    hu[128:384, 128:384] = 0.0
+    hu[192:320, 192:320] = 180.0
+    soft, thin, bone = realism.small_band_shares(hu, 128)
+    edges = 2 * 4 * (64 + 32) / 128**2  # two pixel rows round both squares
+    assert 3 / 16 - edges < soft <= 3 / 16 and 1 / 16 - edges < thin <= 1 / 16
+    assert bone == 0.0
+    wide = np.full((256, 512), -1000.0)
+    wide[:, :256] = 0.0  # half the slice, a quarter of the padded square
+    assert realism.small_band_shares(wide, 128)[0] == pytest.approx(0.25, abs=2 / 128)
+
+    def source(name, shares):
+        return SimpleNamespace(name=name, levels=[0.1, 0.5, 0.9] * 2, small_bands=[list(v) for v in shares])
+
+    real = source("ctich_dev", [(0.06, 0.03, 0.1)] * 6)
+    phantom = source("phantom", [(0.02, 0.03, 0.1)] * 6)
+    out = realism.small_band_summary([phantom, real])
+    assert out["per_mille"]["ctich_dev"]["-20_to_20"] == {"all": 60.0, "lower_third": 60.0,
+                                                          "middle_third": 60.0, "upper_third": 60.0}
+    auc = out["auc_against_ctich_dev"]["phantom"]
+    assert auc["-20_to_20"]["all"] == 0.0 and auc["130_to_229"]["middle_third"] == 0.5
+    assert "ctich_dev" not in out["auc_against_ctich_dev"]
