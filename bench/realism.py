@@ -270,9 +270,10 @@ def scalp_summary(slices: list) -> dict:
     return out
 
 
-# HU bands counted on each slice at the discriminator's scale: soft tissue and skin, partial-volumed bone
-# (every paper window is white from 230 HU up, so thin bone is what shows grey), and bone.
-SMALL_BANDS = {"-20_to_20": (-20.0, 20.0), "130_to_229": (130.0, 229.0), "230_up": (230.0, np.inf)}
+# HU bands counted on each slice at the discriminator's scale, each [low, high) so that the resized (no longer
+# whole) HU fall in one band or between bands only where a gap is meant: soft tissue and skin, partial-volumed
+# bone (every paper window is white from 230 HU up, so thin bone is what shows grey), and bone.
+SMALL_BANDS = {"-20_to_20": (-20.0, 20.5), "130_to_229": (130.0, 230.0), "230_up": (230.0, np.inf)}
 
 
 def small_band_shares(hu: np.ndarray, size: int) -> list[float]:
@@ -282,39 +283,37 @@ def small_band_shares(hu: np.ndarray, size: int) -> list[float]:
     from ichscan.windows import AIR_HU, resize_keep_aspect
 
     small = resize_keep_aspect(np.asarray(hu, np.float32), int(size), float(AIR_HU))
-    return [float(((small >= lo) & (small <= hi)).mean()) for lo, hi in SMALL_BANDS.values()]
+    return [float(((small >= lo) & (small < hi)).mean()) for lo, hi in SMALL_BANDS.values()]
+
+
+def _slice_auc(a: np.ndarray, b: np.ndarray) -> float | None:
+    """AUC of one per-slice number for ``a``'s slices (positive) against ``b``'s; None if either is empty."""
+    if not (len(a) and len(b)):
+        return None
+    return round(float(roc_auc_score(np.r_[np.ones(len(a)), np.zeros(len(b))], np.r_[a, b])), 3)
 
 
 def small_band_summary(sources: list, reference: str = "ctich_dev") -> dict:
     """Per source and third of the series: the mean per mille of pixels in each band; and for each other
     source, the AUC of that one number per slice for the source against ``reference`` (0.5: no tell; below
     0.5: the source holds fewer such pixels), all slices and by third."""
-    by = {s.name: (np.array(s.levels, float), np.array(s.small_bands, float).reshape(-1, len(SMALL_BANDS)))
-          for s in sources}
-    out = {"per_mille": {}, f"auc_against_{reference}": {}}
-    for name, (lv, v) in by.items():
-        thirds = level_third(lv)
-        out["per_mille"][name] = {
-            band: {"all": round(1000 * float(v[:, j].mean()), 1) if len(v) else None,
-                   **{t: round(1000 * float(v[thirds == k, j].mean()), 1) if (thirds == k).any() else None
-                      for k, t in enumerate(LEVEL_BANDS)}}
-            for j, band in enumerate(SMALL_BANDS)}
-    if reference not in by:
-        return out
-    rlv, rv = by[reference]
-    rthirds = level_third(rlv)
-    for name, (lv, v) in by.items():
-        if name == reference:
+    by = {}
+    for s in sources:  # per source: (all slices, then each third) -> the slices' band shares
+        v = np.array(s.small_bands, float).reshape(-1, len(SMALL_BANDS))
+        thirds = level_third(np.array(s.levels, float))
+        by[s.name] = {"all": v, **{t: v[thirds == k] for k, t in enumerate(LEVEL_BANDS)}}
+    out = {"per_mille": {name: {band: {part: round(1000 * float(v[:, j].mean()), 1) if len(v) else None
+                                       for part, v in parts.items()}
+                                for j, band in enumerate(SMALL_BANDS)}
+                         for name, parts in by.items()},
+           f"auc_against_{reference}": {}}
+    ref = by.get(reference)
+    for name, parts in by.items():
+        if ref is None or name == reference:
             continue
-        thirds = level_third(lv)
-        res = {}
-        for j, band in enumerate(SMALL_BANDS):
-            def auc(a, b):
-                return round(float(roc_auc_score([1] * len(a) + [0] * len(b), np.r_[a, b])), 3) \
-                    if len(a) and len(b) else None
-            res[band] = {"all": auc(v[:, j], rv[:, j]),
-                         **{t: auc(v[thirds == k, j], rv[rthirds == k, j]) for k, t in enumerate(LEVEL_BANDS)}}
-        out[f"auc_against_{reference}"][name] = res
+        out[f"auc_against_{reference}"][name] = {
+            band: {part: _slice_auc(v[:, j], ref[part][:, j]) for part, v in parts.items()}
+            for j, band in enumerate(SMALL_BANDS)}
     return out
 
 

@@ -455,6 +455,10 @@ def test_small_band_shares_count_the_discriminator_s_pixels_in_each_hu_band(real
     wide = np.full((256, 512), -1000.0)
     wide[:, :256] = 0.0  # half the slice, a quarter of the padded square
     assert realism.small_band_shares(wide, 128)[0] == pytest.approx(0.25, abs=2 / 128)
+    # resized HU are not whole: 229.6 is thin bone (grey in every window), 230 bone, 20.3 soft tissue
+    assert realism.small_band_shares(np.full((128, 128), 229.6), 128) == [0.0, 1.0, 0.0]
+    assert realism.small_band_shares(np.full((128, 128), 230.0), 128) == [0.0, 0.0, 1.0]
+    assert realism.small_band_shares(np.full((128, 128), 20.3), 128) == [1.0, 0.0, 0.0]
 
     def source(name, shares):
         return SimpleNamespace(name=name, levels=[0.1, 0.5, 0.9] * 2, small_bands=[list(v) for v in shares])

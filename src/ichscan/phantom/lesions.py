@@ -9,7 +9,7 @@ intraparenchymal blood to grey and white matter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -215,17 +215,15 @@ def _extent(les: Lesion, head: HeadShape, sr: np.random.Generator) -> Lesion:
     """Small (a share ``SAH_SMALL``) or wide, drawn last from the site's generator, so that the site, its
     coverage and its level are what they were before small lesions existed. A small lesion keeps its centre
     and shrinks along z and, on the convexity, across it."""
-    p = dict(les.params)
     if sr.random() >= SAH_SMALL:
-        p["extent"] = "wide"
-        return Lesion(les.subtype, les.kind, les.z, les.z_half, les.hu, les.side, p)
-    p["extent"] = "small"
+        return replace(les, params=dict(les.params, extent="wide"))
+    p = dict(les.params, extent="small")
     z_half = min(les.z_half, float(sr.uniform(*SAH_SMALL_Z_MM)))
     if p["site"] == "sulcal":
         p["phi_half"] = min(p["phi_half"], float(np.deg2rad(sr.uniform(*SAH_SMALL_DEG))))
     elif p["site"] == "interhemispheric":
         p["y_half"] = min(p["y_half"], float(sr.uniform(*SAH_SMALL_FISSURE)) * head.b)
-    return Lesion(les.subtype, les.kind, les.z, z_half, les.hu, les.side, p)
+    return replace(les, z_half=z_half, params=p)
 
 
 def _patch_field(seed: int, X, Y, z: float) -> np.ndarray:
