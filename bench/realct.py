@@ -54,7 +54,7 @@ from ichscan.errors import IchscanError
 from ichscan.labels import LABELS
 from ichscan.metrics import join_series_labels, join_slice_labels, weighted_log_loss
 from ichscan.model import resolve_checkpoint
-from ichscan.thresholds import ThresholdIntervals, run_points, run_thresholds
+from ichscan.thresholds import ThresholdIntervals, run_points
 from ichscan.predict import (
     AGGREGATIONS,
     Predictor,
@@ -333,9 +333,10 @@ def measure(args: argparse.Namespace) -> dict:
         if base_failed or not base_ge:
             raise IchscanError("the --against model failed on series the checkpoint predicted", base_ckpt)
         # its own operating points: --thresholds was chosen for the checkpoint, not for this model
-        base_thresholds = (run_thresholds(None, base_predictor.operating_points)[0]
-                           if base_predictor.operating_points else None)
-        base = (base_ckpt, base_predictor, base_preds, base_ge[0], base_thresholds)
+        base_points = run_points(None, base_predictor.operating_points) if base_predictor.operating_points else None
+        base = (base_ckpt, base_predictor, base_preds, base_ge[0],
+                None if base_points is None else base_points.thresholds,
+                None if base_points is None else base_points.intervals)
 
     config = dict(predictor.describe(), rules=dataclasses.asdict(rules))
     with tempfile.TemporaryDirectory(prefix="ichscan-realct-") as tmp:
@@ -385,7 +386,7 @@ def against_report(base, data: Path, dump: Path, methods: Sequence[str], top_k: 
     checkpoint against it, paired, from both models' files in ``dump``."""
     from ichscan.comparison import compare_files
 
-    ckpt, predictor, preds, ge_pred, thresholds = base
+    ckpt, predictor, preds, ge_pred, thresholds, intervals = base
     config = dict(predictor.describe())
     result = ctich_report(preds, data, dump / "against-ctich-dev", methods, top_k, thresholds, config)
     names = ("against", "checkpoint")
@@ -396,7 +397,7 @@ def against_report(base, data: Path, dump: Path, methods: Sequence[str], top_k: 
                                       data / "labels.csv", level="slice", names=names).to_dict()}
     return {"checkpoint": describe_checkpoint(ckpt, predictor), "thresholds": thresholds,
             "ctich_dev": {k: v for k, v in result.items() if k != "series"},
-            "ge_normal": ge_report(ge_pred, ge, methods, top_k, thresholds), "paired": paired}
+            "ge_normal": ge_report(ge_pred, ge, methods, top_k, thresholds, intervals), "paired": paired}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

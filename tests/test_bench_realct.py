@@ -234,6 +234,24 @@ def test_against_itself_every_paired_difference_is_zero(bench, ckpt, work, tmp_p
     assert slices["diff"] == 0.0 and slices["p_value"] is None and "not independent" in slices["reason"]
 
 
+def test_against_model_keeps_its_own_points_and_their_intervals(bench, ckpt, work, tmp_path, capsys):
+    """--against a model that carries operating points with an interval: its GE calls are judged at its own
+    `any` threshold and marked borderline from its own interval, as the checkpoint's would be (not null)."""
+    meta = json.loads(ckpt.read_text())
+    meta["operating_points"] = {"method": "manual", "thresholds": {"any": 0.999},
+                                "details": {"any": {"threshold_ci": [0.5, 0.9995], "threshold_ci_level": 0.95}}}
+    carrying = tmp_path / "carrying.json"
+    shutil.copy(ckpt.with_suffix(".safetensors"), carrying.with_suffix(".safetensors"))
+    carrying.write_text(json.dumps(dict(meta, weights=carrying.with_suffix(".safetensors").name)))
+    rc, report = _run(bench, capsys, "--checkpoint", ckpt, "--work", work, "--limit", 1, "--against", carrying,
+                      "--batch-size", 32)
+    assert rc == 0 and report["thresholds"] is None and report["ge_normal"]["calls"] is None
+    ge = report["against"]["ge_normal"]
+    assert report["against"]["thresholds"]["any"] == 0.999 and ge["any_threshold"] == 0.999
+    p_any = ge["probs"]["max"]["any"]
+    assert ge["calls"]["max"]["borderline"] == (["any"] if 0.5 <= p_any < 0.9995 else [])
+
+
 def test_against_another_model_the_paired_difference_is_the_two_reports_difference(bench, ckpt, work, tmp_path,
                                                                                      capsys):
     """Against a different model, each paired difference is this checkpoint's AUC less the other's, both
