@@ -334,9 +334,7 @@ def measure(args: argparse.Namespace) -> dict:
             raise IchscanError("the --against model failed on series the checkpoint predicted", base_ckpt)
         # its own operating points: --thresholds was chosen for the checkpoint, not for this model
         base_points = run_points(None, base_predictor.operating_points) if base_predictor.operating_points else None
-        base = (base_ckpt, base_predictor, base_preds, base_ge[0],
-                None if base_points is None else base_points.thresholds,
-                None if base_points is None else base_points.intervals)
+        base = (base_ckpt, base_predictor, base_preds, base_ge[0], base_points)
 
     config = dict(predictor.describe(), rules=dataclasses.asdict(rules))
     with tempfile.TemporaryDirectory(prefix="ichscan-realct-") as tmp:
@@ -386,7 +384,8 @@ def against_report(base, data: Path, dump: Path, methods: Sequence[str], top_k: 
     checkpoint against it, paired, from both models' files in ``dump``."""
     from ichscan.comparison import compare_files
 
-    ckpt, predictor, preds, ge_pred, thresholds, intervals = base
+    ckpt, predictor, preds, ge_pred, points = base
+    thresholds, intervals = (None, None) if points is None else (points.thresholds, points.intervals)
     config = dict(predictor.describe())
     result = ctich_report(preds, data, dump / "against-ctich-dev", methods, top_k, thresholds, config)
     names = ("against", "checkpoint")
