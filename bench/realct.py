@@ -244,7 +244,7 @@ def negatives_report(predictions: list[SeriesPrediction], any_label: dict[str, i
 
 
 def ge_report(p: SeriesPrediction, series: CTSeries, methods: Sequence[str], top_k: int,
-              thresholds: dict | None, intervals: ThresholdIntervals | None = None) -> dict:
+              thresholds: dict | None, intervals: ThresholdIntervals | None) -> dict:
     instance = {str(s.sop_uid): s.instance_number for s in series.slices}
     z = series.z
     steps = np.abs(np.diff(z)) if z is not None and len(z) > 1 else None

@@ -69,6 +69,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from ichscan.cavity import enclosed_by_bone
+from ichscan.windows import AIR_HU, PAPER_WINDOWS, resize_keep_aspect, window_image
 
 log = logging.getLogger("bench.realism")
 
@@ -280,8 +281,6 @@ def small_band_shares(hu: np.ndarray, size: int) -> list[float]:
     """The slice's HU resized to ``size`` as ``window_image`` resizes a window (longer side to ``size``,
     bilinear, padded with air), and the share of all its pixels in each of ``SMALL_BANDS``: what the
     discriminator's input holds of each, as one number per band."""
-    from ichscan.windows import AIR_HU, resize_keep_aspect
-
     small = resize_keep_aspect(np.asarray(hu, np.float32), int(size), float(AIR_HU))
     return [float(((small >= lo) & (small < hi)).mean()) for lo, hi in SMALL_BANDS.values()]
 
@@ -535,8 +534,6 @@ def scan_source(name: str, series_list, *, patch: int, image_size: int = 128, wi
     running index is in ``window_at`` are also kept as the three paper windows at ``image_size``, of the
     region ``region_view`` names: the whole slice, the cranial contents alone, or the cranium (contents,
     vault and scalp) without what lies beyond, to ask where phantoms give themselves away."""
-    from ichscan.windows import PAPER_WINDOWS, window_image
-
     st = SourceStats(name)
     window_at = set(int(i) for i in window_at)
     edges = np.arange(0, NPS_MAX + NPS_BIN / 2, NPS_BIN)
